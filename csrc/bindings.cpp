@@ -1,0 +1,35 @@
+// The one bindings file: op schemas for torch.library, and a pybind11 module reporting how _C was built.
+// Device kernels register their implementations with TORCH_LIBRARY_IMPL next to their sources.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(flagdit_kernels, m) {
+  // Packs latents (C, [F,] H, W) into (total_tokens, C*p*p) token rows; zeros at placeholder rows.
+  m.def(
+      "pack_patches(Tensor[] latents, int patch_size, bool nextline, bool nextframe, bool channels_last, "
+      "SymInt total_tokens) -> Tensor");
+  // Reads token rows (T, C*p*p) back into latents; item_shapes holds (ndim, F, H, W) per item.
+  m.def(
+      "unpack_patches(Tensor tokens, int[] item_shapes, int patch_size, int channels, bool nextline, "
+      "bool nextframe, bool channels_last) -> Tensor[]");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef FLAGDIT_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["torch"] = TORCH_VERSION;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "flagdit_kernels compiled ops (registered under torch.ops.flagdit_kernels)";
+  m.def("build_info", &build_info, "How this extension was built: {'cuda': bool, 'torch': str}");
+}

@@ -1,0 +1,144 @@
+// CPU pack/unpack: gathers latent patches into packed token rows and back, parallel over tokens.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "token_layout.h"
+
+namespace flagdit {
+namespace {
+
+struct Batch {
+  std::vector<ItemGeometry> items;
+  std::vector<int64_t> starts;  // first packed token of each item, plus the total at the end
+};
+
+Batch make_batch(const std::vector<std::vector<int64_t>>& fhw, int64_t p, bool nextline, bool nextframe) {
+  Batch b;
+  b.starts.push_back(0);
+  for (const auto& s : fhw) {
+    b.items.push_back(ItemGeometry::make(s[0], s[1], s[2], p, nextline, nextframe));
+    b.starts.push_back(b.starts.back() + b.items.back().tokens);
+  }
+  return b;
+}
+
+int64_t item_of(const Batch& b, int64_t token) {
+  return std::upper_bound(b.starts.begin(), b.starts.end(), token) - b.starts.begin() - 1;
+}
+
+// Strides of a latent as (C, F, H, W), a 3-D (C, H, W) latent getting a frame stride of 0.
+std::vector<int64_t> cfhw_strides(const at::Tensor& t) {
+  if (t.dim() == 4) return t.strides().vec();
+  return {t.stride(0), 0, t.stride(1), t.stride(2)};
+}
+
+constexpr int64_t kGrain = 64;
+
+at::Tensor pack_patches_cpu(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
+                            int64_t total_tokens) {
+  TORCH_CHECK(!latents.empty(), "pack_patches: latents must not be empty");
+  const int64_t channels = latents[0].size(0);
+  std::vector<std::vector<int64_t>> fhw;
+  for (const auto& x : latents) {
+    TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "pack_patches: latents must be (C, H, W) or (C, F, H, W)");
+    TORCH_CHECK(x.size(0) == channels && x.scalar_type() == latents[0].scalar_type(),
+                "pack_patches: latents must share channels and dtype");
+    if (x.dim() == 3) {
+      fhw.push_back({1, x.size(1), x.size(2)});
+    } else {
+      fhw.push_back({x.size(1), x.size(2), x.size(3)});
+    }
+  }
+  const Batch batch = make_batch(fhw, p, nextline, nextframe);
+  TORCH_CHECK(batch.starts.back() == total_tokens, "pack_patches: total_tokens disagrees with the shapes");
+  const int64_t width = channels * p * p;
+  at::Tensor out = at::empty({total_tokens, width}, latents[0].options());
+  std::vector<std::vector<int64_t>> strides;
+  for (const auto& x : latents) strides.push_back(cfhw_strides(x));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pack_patches_cpu", [&] {
+    std::vector<const scalar_t*> src;
+    for (const auto& x : latents) src.push_back(x.data_ptr<scalar_t>());
+    scalar_t* dst_base = out.data_ptr<scalar_t>();
+    at::parallel_for(0, total_tokens, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t token = begin; token < end; ++token) {
+        scalar_t* dst = dst_base + token * width;
+        const int64_t i = item_of(batch, token);
+        const TokenPlace place = locate(batch.items[i], token - batch.starts[i]);
+        if (place.kind != kPatch) {
+          std::fill(dst, dst + width, scalar_t(0));
+          continue;
+        }
+        const auto& s = strides[i];
+        const scalar_t* frame = src[i] + place.frame * s[1];
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          for (int64_t ph = 0; ph < p; ++ph) {
+            const scalar_t* line = frame + ch * s[0] + (place.row * p + ph) * s[2] + place.col * p * s[3];
+            for (int64_t pw = 0; pw < p; ++pw) {
+              dst[vector_offset(ch, ph, pw, p, channels, channels_last)] = line[pw * s[3]];
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> unpack_patches_cpu(const at::Tensor& tokens, at::IntArrayRef item_shapes, int64_t p,
+                                           int64_t channels, bool nextline, bool nextframe, bool channels_last) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == channels * p * p,
+              "unpack_patches: tokens must be (T, out_channels * p * p)");
+  TORCH_CHECK(item_shapes.size() % 4 == 0, "unpack_patches: item_shapes holds (ndim, F, H, W) per item");
+  std::vector<std::vector<int64_t>> fhw;
+  std::vector<at::Tensor> outs;
+  for (size_t k = 0; k < item_shapes.size(); k += 4) {
+    const int64_t f = item_shapes[k + 1], h = item_shapes[k + 2], w = item_shapes[k + 3];
+    fhw.push_back({f, h, w});
+    outs.push_back(item_shapes[k] == 4 ? at::empty({channels, f, h, w}, tokens.options())
+                                       : at::empty({channels, h, w}, tokens.options()));
+  }
+  const Batch batch = make_batch(fhw, p, nextline, nextframe);
+  TORCH_CHECK(batch.starts.back() == tokens.size(0), "unpack_patches: tokens.shape[0] disagrees with the shapes");
+  const int64_t row_stride = tokens.stride(0), col_stride = tokens.stride(1);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "unpack_patches_cpu", [&] {
+    std::vector<scalar_t*> dst;
+    for (auto& o : outs) dst.push_back(o.data_ptr<scalar_t>());
+    const scalar_t* src_base = tokens.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens.size(0), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t token = begin; token < end; ++token) {
+        const int64_t i = item_of(batch, token);
+        const ItemGeometry& g = batch.items[i];
+        const TokenPlace place = locate(g, token - batch.starts[i]);
+        if (place.kind != kPatch) continue;
+        const scalar_t* src = src_base + token * row_stride;
+        const int64_t plane = g.height * g.width, channel_stride = g.frames * plane;
+        scalar_t* frame = dst[i] + place.frame * plane;
+        for (int64_t ch = 0; ch < channels; ++ch) {
+          for (int64_t ph = 0; ph < p; ++ph) {
+            scalar_t* line = frame + ch * channel_stride + (place.row * p + ph) * g.width + place.col * p;
+            for (int64_t pw = 0; pw < p; ++pw) {
+              line[pw] = src[vector_offset(ch, ph, pw, p, channels, channels_last) * col_stride];
+            }
+          }
+        }
+      }
+    });
+  });
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flagdit_kernels, CPU, m) {
+  m.impl("pack_patches", &pack_patches_cpu);
+  m.impl("unpack_patches", &unpack_patches_cpu);
+}
+
+}  // namespace flagdit

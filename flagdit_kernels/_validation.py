@@ -1,0 +1,105 @@
+"""Input checks shared by the public ops: each raises a ValueError/TypeError naming the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    min_ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype, other: str) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {other} has {dtype}; they must match")
+
+
+def check_cu_seqlens(
+    name: str,
+    cu_seqlens: object,
+    total: int,
+    device: torch.device,
+    *,
+    total_name: str = "the token count",
+    sync: bool = True,
+) -> torch.Tensor:
+    """Checks a flash-attn style offsets vector: int32, 1-D, >= 2 entries, 0 first, non-decreasing, last == total.
+
+    ``sync=False`` skips the value checks that need a device-to-host copy (the hot path on GPU can opt out).
+    """
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    assert isinstance(cu_seqlens, torch.Tensor)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must hold at least 2 offsets (batch + 1), got {cu_seqlens.numel()}")
+    if sync:
+        values = cu_seqlens.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        if any(b < a for a, b in pairwise(values)):
+            raise ValueError(f"{name} must be non-decreasing, got {values}")
+        if values[-1] != total:
+            raise ValueError(f"{name}[-1] must equal {total_name} ({total}), got {values[-1]}")
+    return cu_seqlens
+
+
+def check_per_sample(
+    name: str,
+    t: object,
+    x: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    """Checks a per-sample modulation tensor against x's layout and returns it ready to broadcast.
+
+    Layouts: packed ``x (T, D)`` + ``cu_seqlens`` takes ``(B, D)``; padded ``x (B, L, D)`` takes ``(B, D)``;
+    otherwise the tensor must broadcast to ``x`` as it is.
+    """
+    check_tensor(name, t, device=x.device)
+    assert isinstance(t, torch.Tensor)
+    d = x.shape[-1]
+    if cu_seqlens is not None:
+        check_shape(name, t, (cu_seqlens.numel() - 1, d))
+    elif x.dim() == 3 and t.dim() == 2:
+        check_shape(name, t, (x.shape[0], d))
+    else:
+        try:
+            torch.broadcast_shapes(t.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(t.shape)} does not broadcast to x of shape {tuple(x.shape)}; "
+                "use (B, D) with padded (B, L, D) x, or (B, D) with packed (T, D) x and cu_seqlens"
+            ) from None
+        if t.shape[-1] != d:
+            raise ValueError(f"{name} must end in the feature size {d}, got shape {tuple(t.shape)}")
+    return t

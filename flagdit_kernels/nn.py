@@ -1,0 +1,150 @@
+"""Drop-in modules over the fused ops, with Lumina-T2X / diffusers / apex parameter names."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops.attention import varlen_attention
+from .ops.norms import rms_norm, rms_norm_modulate
+from .ops.rope import qk_norm_rope
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a ``weight`` parameter (Lumina-T2X ``RMSNorm``, apex ``FusedRMSNorm``, diffusers names)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True, backend: str | None = None):
+        super().__init__()
+        self.eps = eps
+        self.backend = backend
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0] if self.weight is not None else 'no affine'}, eps={self.eps}"
+
+
+class ModulatedRMSNorm(RMSNorm):
+    """``rms_norm(x) * (1 + scale) + shift`` with per-sample scale/shift (adaLN), one fused pass."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return rms_norm_modulate(x, self.weight, scale, shift, self.eps, cu_seqlens, backend=self.backend)
+
+
+class QKNormRoPE(nn.Module):
+    """QK-norm + RoPE for q ``(..., H, Dh)`` and k ``(..., Hkv, Dh)``; ``q_norm`` / ``k_norm`` submodules.
+
+    ``norm="layer_norm"``: LayerNorm over H*Dh (Flag-DiT, Lumina-Next); ``"rms_norm"``: per-head RMSNorm
+    (Lumina-Image-2.0); ``None``: RoPE only.
+    """
+
+    def __init__(
+        self,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        norm: str | None = "layer_norm",
+        eps: float = 1e-5,
+        interleaved: bool = True,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.norm, self.eps, self.interleaved, self.backend = norm, eps, interleaved, backend
+        if norm == "layer_norm":
+            self.q_norm = nn.LayerNorm(n_heads * head_dim, eps=eps)
+            self.k_norm = nn.LayerNorm(n_kv_heads * head_dim, eps=eps)
+        elif norm == "rms_norm":
+            self.q_norm = RMSNorm(head_dim, eps=eps)
+            self.k_norm = RMSNorm(head_dim, eps=eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return qk_norm_rope(
+            q, k, freqs, self.q_norm, self.k_norm, self.norm, self.eps, self.interleaved, backend=self.backend
+        )
+
+
+class GatedVarlenAttention(nn.Module):
+    """Lumina-T2X attention over packed tokens: wq/wk/wv/wo, QK LayerNorm, RoPE, and (with ``y_dim``) the
+    zero-initialized tanh-gated text cross-attention (``wk_y``, ``wv_y``, ``ky_norm``, ``gate``).
+
+    Parameter names and shapes follow Lumina-T2X's ``Attention`` so its state_dicts load strictly.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        qk_norm: bool = True,
+        y_dim: int = 0,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = dim // n_heads
+        self.backend = backend
+        q_width, kv_width = n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(dim, q_width, bias=False)
+        self.wk = nn.Linear(dim, kv_width, bias=False)
+        self.wv = nn.Linear(dim, kv_width, bias=False)
+        self.y_dim = y_dim
+        if y_dim > 0:
+            self.wk_y = nn.Linear(y_dim, kv_width, bias=False)
+            self.wv_y = nn.Linear(y_dim, kv_width, bias=False)
+            self.gate = nn.Parameter(torch.zeros(n_heads))
+        self.wo = nn.Linear(q_width, dim, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = nn.LayerNorm(q_width)
+            self.k_norm = nn.LayerNorm(kv_width)
+            if y_dim > 0:
+                self.ky_norm = nn.LayerNorm(kv_width)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        freqs: torch.Tensor,
+        y: torch.Tensor | None = None,
+        y_cu_seqlens: torch.Tensor | None = None,
+        y_max_seqlen: int | None = None,
+        softmax_scale: float | None = None,
+    ) -> torch.Tensor:
+        """x ``(T, dim)`` packed by ``cu_seqlens``; y ``(Tt, y_dim)`` caption features packed by ``y_cu_seqlens``."""
+        t = x.shape[0]
+        q = self.wq(x).view(t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(t, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)
+        norm = "layer_norm" if self.qk_norm else None
+        q_norm = self.q_norm if self.qk_norm else None
+        k_norm = self.k_norm if self.qk_norm else None
+        q, k = qk_norm_rope(q, k, freqs, q_norm, k_norm, norm, backend=self.backend)
+        text = {}
+        if self.y_dim > 0 and y is not None:
+            ky = self.wk_y(y)
+            if self.qk_norm:
+                ky = self.ky_norm(ky)
+            text = dict(
+                text_k=ky.view(-1, self.n_kv_heads, self.head_dim),
+                text_v=self.wv_y(y).view(-1, self.n_kv_heads, self.head_dim),
+                text_cu_seqlens=y_cu_seqlens,
+                text_max_seqlen=y_max_seqlen,
+                gate=self.gate,
+            )
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, backend=self.backend, **text)
+        return self.wo(out.flatten(1))

@@ -1,0 +1,167 @@
+"""Public rotary embedding ops: ``rope_freqs``, ``apply_rope``, ``qk_norm_rope``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _dispatch
+from .. import reference as ref
+from .._validation import check_shape, check_tensor
+
+NORMS = ("layer_norm", "rms_norm", None)
+MAX_HEAD_DIM = 256
+
+_dispatch.register("rope_freqs", "reference", ref.rope_freqs, devices=("cpu", "cuda"))
+_dispatch.register("apply_rope", "reference", ref.apply_rope, devices=("cpu", "cuda"))
+_dispatch.register("qk_norm_rope", "reference", ref.qk_norm_rope, devices=("cpu", "cuda"))
+
+
+def check_head_dim(name: str, head_dim: int) -> None:
+    if head_dim % 2 or not 2 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head_dim must be even and in [2, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def rope_freqs(
+    head_dim: int,
+    positions: torch.Tensor,
+    axes_dims: Sequence[int] | None = None,
+    theta: float = 10000.0,
+    linear_factor: float = 1.0,
+    ntk_factor: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Rotary (cos, sin) table, float32 ``(T, head_dim // 2, 2)``, built on positions' device.
+
+    ``positions`` ``(T,)`` gives 1D RoPE (Lumina-T2X). ``(T, n_axes)`` with ``axes_dims`` (even, summing to
+    head_dim) splits the pairs into consecutive per-axis groups (Lumina-Image-2.0); ``(T, 2)`` without it
+    alternates axes, pair k using axis k % 2 and frequency index k // 2 (Lumina-Next). ``ntk_factor``
+    multiplies theta; ``linear_factor`` divides positions.
+    """
+    if not isinstance(head_dim, int):
+        raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
+    check_head_dim("rope_freqs", head_dim)
+    check_tensor("positions", positions, ndim=(1, 2), dtypes=None)
+    if positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be an integer or float tensor, got {positions.dtype}")
+    for name, value in (("theta", theta), ("linear_factor", linear_factor), ("ntk_factor", ntk_factor)):
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if axes_dims is not None:
+        axes_dims = tuple(int(d) for d in axes_dims)
+        if positions.dim() != 2 or positions.shape[1] != len(axes_dims):
+            raise ValueError(
+                f"positions must be (T, {len(axes_dims)}) for axes_dims={axes_dims}, got {tuple(positions.shape)}"
+            )
+        if sum(axes_dims) != head_dim or any(d <= 0 or d % 2 for d in axes_dims):
+            raise ValueError(f"axes_dims must be positive even sizes summing to head_dim={head_dim}, got {axes_dims}")
+    elif positions.dim() == 2 and positions.shape[1] not in (1, 2):
+        raise ValueError(
+            f"positions of shape {tuple(positions.shape)} need axes_dims; without it positions must be "
+            "(T,) for 1D or (T, 2) for 2D alternating axes"
+        )
+    elif positions.dim() == 2 and positions.shape[1] == 2 and head_dim % 4:
+        raise ValueError(f"2D alternating RoPE needs head_dim divisible by 4, got {head_dim}")
+    _, fn = _dispatch.resolve("rope_freqs", positions.device, backend)
+    return fn(head_dim, positions, axes_dims, theta, linear_factor, ntk_factor)
+
+
+def check_freqs(freqs: object, x_name: str, x: torch.Tensor) -> torch.Tensor:
+    """freqs must be float32 (tokens..., Dh/2, 2) matching x's token layout."""
+    check_tensor("freqs", freqs, ndim=(3, 4), dtypes=(torch.float32, torch.float64), device=x.device)
+    assert isinstance(freqs, torch.Tensor)
+    half = x.shape[-1] // 2
+    if x.dim() == 3:
+        check_shape("freqs", freqs, (x.shape[0], half, 2))
+    elif freqs.dim() == 3:
+        check_shape("freqs", freqs, (x.shape[1], half, 2))
+    else:
+        check_shape("freqs", freqs, (x.shape[0], x.shape[1], half, 2))
+    return freqs
+
+
+def _check_heads(name: str, x: object, device: torch.device | None = None) -> torch.Tensor:
+    check_tensor(name, x, ndim=(3, 4), device=device)
+    assert isinstance(x, torch.Tensor)
+    check_head_dim(name, x.shape[-1])
+    return x
+
+
+def apply_rope(
+    x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True, *, backend: str | None = None
+) -> torch.Tensor:
+    """Rotates x ``(T, H, Dh)`` or ``(B, L, H, Dh)`` by ``freqs`` (from :func:`rope_freqs`; for 4-D x either
+    ``(L, Dh/2, 2)`` shared by the batch or ``(B, L, Dh/2, 2)``). ``interleaved`` rotates pairs (2i, 2i+1)
+    (Lumina's complex multiply), else halves (i, i + Dh/2) (Llama/HF). fp32 math, output in x's dtype.
+    """
+    _check_heads("x", x)
+    check_freqs(freqs, "x", x)
+    _, fn = _dispatch.resolve("apply_rope", x.device, backend)
+    return fn(x, freqs, interleaved)
+
+
+def _norm_params(name: str, norm_arg, norm: str | None, width: int, device: torch.device):
+    """(weight, bias, eps or None) from a (weight, bias) tuple, a norm module, or None."""
+    if norm_arg is None:
+        return None, None, None
+    if isinstance(norm_arg, torch.nn.Module):
+        weight, bias = getattr(norm_arg, "weight", None), getattr(norm_arg, "bias", None)
+        eps = getattr(norm_arg, "eps", None)
+        eps = eps if isinstance(eps, (int, float)) else None
+    elif isinstance(norm_arg, (tuple, list)) and len(norm_arg) == 2:
+        (weight, bias), eps = norm_arg, None
+    else:
+        raise TypeError(f"{name} must be a (weight, bias) tuple, a norm module or None, got {type(norm_arg).__name__}")
+    for part, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(f"{name} {part}", t, ndim=1, device=device)
+            check_shape(f"{name} {part}", t, (width,))
+    if norm is None and (weight is not None or bias is not None):
+        raise ValueError(f"{name} has parameters but norm=None")
+    return weight, bias, eps
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    freqs: torch.Tensor,
+    q_norm=None,
+    k_norm=None,
+    norm: str | None = "layer_norm",
+    eps: float = 1e-5,
+    interleaved: bool = True,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK-norm then RoPE, fused: returns ``(q_out, k_out)`` in q's dtype (fp32 math).
+
+    ``norm="layer_norm"`` normalizes across all heads (LayerNorm over H*Dh, Flag-DiT / Lumina-Next; params
+    ``(H*Dh,)``), ``"rms_norm"`` per head (Lumina-Image-2.0; params ``(Dh,)``), ``None`` skips it. ``q_norm``
+    / ``k_norm`` are ``(weight, bias)`` tuples (either may be None) or modules (their ``eps`` wins).
+    k may have fewer heads than q (GQA). q/k may be strided views of a fused QKV projection.
+    """
+    _check_heads("q", q)
+    _check_heads("k", k, device=q.device)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must match q in every dim but heads: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"q heads ({q.shape[-2]}) must be a multiple of k heads ({k.shape[-2]})")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; they must match")
+    check_freqs(freqs, "q", q)
+    per_head = norm == "rms_norm"
+    qw, qb, q_eps = _norm_params(
+        "q_norm", q_norm, norm, q.shape[-1] if per_head else q.shape[-2] * q.shape[-1], q.device
+    )
+    kw, kb, k_eps = _norm_params(
+        "k_norm", k_norm, norm, k.shape[-1] if per_head else k.shape[-2] * k.shape[-1], q.device
+    )
+    eps = q_eps if q_eps is not None else eps
+    if k_eps is not None and k_eps != eps:
+        raise ValueError(f"q_norm and k_norm must share eps, got {eps} and {k_eps}")
+    _, fn = _dispatch.resolve("qk_norm_rope", q.device, backend)
+    return fn(q, k, freqs, (qw, qb), (kw, kb), norm, eps, interleaved)

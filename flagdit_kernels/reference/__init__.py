@@ -1,0 +1,24 @@
+"""The PyTorch definition of every op: the spec the kernels are tested against and the fallback anywhere.
+
+These functions assume validated inputs; the public wrappers in ``flagdit_kernels`` check them first.
+"""
+
+from .attention import proportional_scale, varlen_attention
+from .norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
+from .packing import Packed, pack, token_layout, unpack
+from .rope import apply_rope, qk_norm_rope, rope_freqs
+
+__all__ = [
+    "Packed",
+    "apply_rope",
+    "gated_residual_rms_norm",
+    "pack",
+    "proportional_scale",
+    "qk_norm_rope",
+    "rms_norm",
+    "rms_norm_modulate",
+    "rope_freqs",
+    "token_layout",
+    "unpack",
+    "varlen_attention",
+]

@@ -1,0 +1,75 @@
+"""Variable-length packed attention with Lumina's zero-initialized tanh-gated text cross-attention.
+
+Per sequence b: ``out = softmax(q_b k_b^T * s) v_b + tanh(gate[h]) * softmax(q_b kt_b^T / sqrt(Dh)) vt_b``,
+with RoPE (interleaved) applied to q and k when ``freqs`` is given and never to text keys. Softmax in fp32
+(fp64 for fp64 inputs), one rounding to q's dtype at the end. This loops over sequences on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import pairwise
+
+import torch
+
+from .rope import rotate
+
+
+def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
+    """Lumina-Next's resolution-extrapolation softmax scale ``sqrt(log_base(seqlen) / head_dim)``."""
+    return math.sqrt(math.log(seqlen, base_seqlen) / head_dim)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense attention of q (Lq, H, D) over k, v (Lk, Hkv, D) with GQA head sharing."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    *,
+    text_k: torch.Tensor | None = None,
+    text_v: torch.Tensor | None = None,
+    text_cu_seqlens: torch.Tensor | None = None,
+    text_max_seqlen: int | None = None,
+    gate: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    head_dim = q.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if freqs is not None:
+        # Rotated q/k are rounded to the input dtype, as the attention kernels see them.
+        q = rotate(q.float(), freqs, interleaved=True).to(q.dtype)
+        k = rotate(k.float(), freqs, interleaved=True).to(k.dtype)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    with_text = text_k is not None
+    if with_text:
+        assert text_v is not None and text_cu_seqlens is not None and gate is not None
+        tka, tva = text_k.to(acc), text_v.to(acc)
+        text_offsets = text_cu_seqlens.tolist()
+        text_gate = torch.tanh(gate.to(acc)).view(1, -1, 1)
+    offsets = cu_seqlens.tolist()
+    outputs = []
+    for b, (start, end) in enumerate(pairwise(offsets)):
+        if end == start:
+            continue
+        qb = qa[start:end]
+        out = _attend(qb, ka[start:end], va[start:end], scale)
+        if with_text:
+            t0, t1 = text_offsets[b], text_offsets[b + 1]
+            if t1 > t0:
+                out = out + text_gate * _attend(qb, tka[t0:t1], tva[t0:t1], 1.0 / math.sqrt(head_dim))
+        outputs.append(out)
+    if not outputs:
+        return q.new_empty(q.shape)
+    return torch.cat(outputs).to(q.dtype)

@@ -1,0 +1,61 @@
+"""RMSNorm and its DiT fusions, as Lumina-T2X computes them.
+
+RMSNorm normalizes in fp32 and rounds to the input dtype before the weight multiply; the modulation and the
+gated residual are applied in fp32 to that rounded value and rounded once more at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_sample_index(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Sample index of every packed token, found on the device (no host sync)."""
+    tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+
+
+def per_token(t: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Broadcasts a per-sample ``(B, D)`` tensor to x's tokens (packed or padded layout)."""
+    if cu_seqlens is not None:
+        return t[token_sample_index(cu_seqlens, x.shape[0])]
+    if x.dim() == 3 and t.dim() == 2:
+        return t.unsqueeze(1)
+    return t
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if weight is None:
+        return normed
+    return (normed.float() * weight.float()).to(x.dtype)
+
+
+def rms_norm_modulate(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    out = rms_norm(x, weight, eps).float() * (1 + per_token(scale, x, cu_seqlens).float())
+    if shift is not None:
+        out = out + per_token(shift, x, cu_seqlens).float()
+    return out.to(x.dtype)
+
+
+def gated_residual_rms_norm(
+    residual: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor | None,
+    gate: torch.Tensor,
+    eps: float = 1e-5,
+    tanh_gate: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    g = per_token(gate, h, cu_seqlens).float()
+    if tanh_gate:
+        g = torch.tanh(g)
+    return (residual.float() + g * rms_norm(h, weight, eps).float()).to(residual.dtype)
