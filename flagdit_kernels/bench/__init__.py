@@ -1,0 +1,6 @@
+"""Benchmark cases shared by ``flagdit-bench`` and the pytest-benchmark suites in ``benchmarks/``.
+
+Each op family has a module (``norms``, ``rope``, ``attention``, ``packing``) with a ``cases(quick, device)``
+function returning :class:`~flagdit_kernels.bench.cases.Case` objects: one shape, one direction, and a
+builder per implementation (our backends and the baselines users know).
+"""
