@@ -1,0 +1,17 @@
+"""flagdit-bench prints a real table (CPU, quick shapes) and writes its JSON."""
+
+import json
+
+from flagdit_kernels.bench.cli import main
+
+
+def test_cli_prints_a_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["--families", "packing", "--rep-ms", "5", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "measured ceilings: copy" in text
+    assert "pack" in text and "python loop" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["ms"] > 0 for r in rows)
+    assert {r["impl"] for r in rows} >= {"reference", "python loop"}
