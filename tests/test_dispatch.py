@@ -66,3 +66,20 @@ def test_backend_info_says_what_is_there():
     assert info["torch"] == torch.__version__
     assert set(info["ops"]) >= {"rms_norm", "pack", "varlen_attention"}
     assert info["extension"] == "loaded" or info["extension"].startswith("missing: ")
+
+
+def test_without_the_extension_everything_runs_on_the_reference():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; sys.modules['flagdit_kernels._C'] = None\n"
+        "import flagdit_kernels as fk\n"
+        "info = fk.backend_info()\n"
+        "assert info['extension'].startswith('missing: '), info['extension']\n"
+        "assert fk.available_backends('pack', 'cpu') == ['reference']\n"
+        "x = torch.randn(3, 4, 4)\n"
+        "p = fk.pack([x], 2)\n"
+        "assert torch.equal(fk.unpack(p.patches, p, 3, channels_last=False)[0], x)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
