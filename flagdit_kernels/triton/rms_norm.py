@@ -43,6 +43,10 @@ MODE_GATED = 2  # y = residual + act(gate) * rms_norm(x) * weight
 # tile stays around this many elements (enough loads in flight per SM without spilling registers).
 FWD_TILE_ELEMS = 4096
 MAX_FWD_ROWS = 16
+# A backward program walks its rows in [ROWS, BLOCK_D] tiles of about this many elements: two rows at a time
+# for D in 2048..4096 doubles the bytes in flight per program over a row-at-a-time loop.
+BWD_TILE_ELEMS = 8192
+MAX_BWD_ROWS = 16
 # Backward programs per SM on the GPU: each walks a contiguous block of rows and keeps fp32 partial sums of
 # the parameter gradients in registers; 2 per SM keeps every SM busy while the partial buffers stay ~1% of
 # the row traffic (for D = 2304: 264 x 2304 x 4 B = 2.4 MB vs ~450 MB of x / dy / dx).
@@ -197,11 +201,13 @@ def _bwd_kernel(
     SEG2: tl.constexpr,
     PACKED: tl.constexpr,
     TANH: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
+    """One program walks rows [pid * rows_per_prog, ...) in [ROWS, BLOCK_D] tiles."""
     pid = tl.program_id(0)
-    row_start = pid.to(tl.int64) * rows_per_prog  # int64 rows: the loop variable below inherits it
+    row_start = pid.to(tl.int64) * rows_per_prog  # int64 rows: the loop variables below inherit it
     row_end = tl.minimum(row_start + rows_per_prog, n_rows)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -219,16 +225,20 @@ def _bwd_kernel(
     else:
         cur = row_start // L
 
-    for r in range(row_start, row_end):
-        b = r // L
-        l = r - b * L
-        x = tl.load(x_ptr + b * sx_b + l * sx_l + cols, mask=cmask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + b * sdy_b + l * sdy_l + cols, mask=cmask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + r)
-        xhat = x * rstd
+    for r0 in range(row_start, row_end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        mask = rmask[:, None] & cmask[None, :]
+        b = rows // L
+        l = rows - b * L
+        x = tl.load(x_ptr + (b * sx_b + l * sx_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + (b * sdy_b + l * sdy_l)[:, None] + cols[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        xhat = x * rstd[:, None]
         n = xhat.to(x_dtype).to(tl.float32)  # the rounded normalized value the forward multiplied
         if HAS_W:
-            a = (n * w).to(x_dtype).to(tl.float32)
+            a = (n * w[None, :]).to(x_dtype).to(tl.float32)
         else:
             a = n
 
@@ -236,12 +246,14 @@ def _bwd_kernel(
             da = dy
         else:
             if PACKED:
-                s = tl.minimum(tl.sum((ends <= r).to(tl.int32), axis=0), n_samples - 1)
-                off1 = s * s1_b  # s1_b arrives as int64 when the strides need it
+                s = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+                s = tl.minimum(s, n_samples - 1)
+                off1 = s.to(tl.int64) * s1_b
             else:
                 s = b
                 off1 = b * s1_b + l * s1_l
-            p1 = tl.load(p1_ptr + off1 + cols, mask=cmask, other=0.0).to(tl.float32)
+            p1 = tl.load(p1_ptr + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            # Masked rows load zeros, so every contribution below is zero there.
             if MODE == 1:
                 da = dy * (1.0 + p1)
                 g1 = dy * a  # d scale
@@ -255,34 +267,39 @@ def _bwd_kernel(
                     g1 = dy * a
                 da = dy * act
                 g2 = g1  # unused
-            # Nested on purpose: the outer test is a compile-time constant, the inner one a runtime branch.
-            if SEG1 or SEG2:  # noqa: SIM102
-                if s != cur:  # the sample changed inside this program's rows: flush its partial sums
+            if SEG1 or SEG2:
+                # The tile's rows belong to samples s_lo..s_hi (one in the common case). Sum each sample's
+                # rows into the running accumulator and flush it to slot (pid + sample) when the sample changes.
+                s_lo = tl.min(tl.where(rmask, s, 2147483647), axis=0)
+                s_hi = tl.max(tl.where(rmask, s, -1), axis=0)
+                for t in range(s_lo, s_hi + 1):
+                    if t != cur:
+                        if SEG1:
+                            tl.store(dp1_ptr + (pid + cur).to(tl.int64) * D + cols, p1_acc, mask=cmask)
+                            p1_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                        if SEG2:
+                            tl.store(dp2_ptr + (pid + cur).to(tl.int64) * D + cols, p2_acc, mask=cmask)
+                            p2_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                        cur = t
+                    sel = (s == t)[:, None]
                     if SEG1:
-                        tl.store(dp1_ptr + (pid + cur).to(tl.int64) * D + cols, p1_acc, mask=cmask)
-                        p1_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                        p1_acc += tl.sum(tl.where(sel, g1, 0.0), axis=0)
                     if SEG2:
-                        tl.store(dp2_ptr + (pid + cur).to(tl.int64) * D + cols, p2_acc, mask=cmask)
-                        p2_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-                    cur = s
-            if SEG1:
-                p1_acc += g1
-            elif MODE != 0:
-                tl.store(dp1_ptr + r * D + cols, g1, mask=cmask)
-            if SEG2:
-                p2_acc += g2
-            elif MODE == 1 and HAS_P2:
-                tl.store(dp2_ptr + r * D + cols, g2, mask=cmask)
+                        p2_acc += tl.sum(tl.where(sel, g2, 0.0), axis=0)
+            if not SEG1:
+                tl.store(dp1_ptr + rows[:, None] * D + cols[None, :], g1, mask=mask)
+            if MODE == 1 and HAS_P2 and not SEG2:
+                tl.store(dp2_ptr + rows[:, None] * D + cols[None, :], g2, mask=mask)
 
         if HAS_W:
-            dw_acc += da * n
-            dn = da * w
+            dw_acc += tl.sum(da * n, axis=0)
+            dn = da * w[None, :]
         else:
             dn = da
         # d/dx of x * rstd(x): rstd * (dn - xhat * mean(dn * xhat)); the roundings pass gradients straight.
-        c = tl.sum(dn * xhat, axis=0) / D
-        dx = (dn - xhat * c) * rstd
-        tl.store(dx_ptr + r * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=cmask)
+        c = tl.sum(dn * xhat, axis=1) / D
+        dx = (dn - xhat * c[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     if HAS_W:
         tl.store(dw_ptr + pid.to(tl.int64) * D + cols, dw_acc, mask=cmask)
@@ -499,6 +516,7 @@ def backward(
     dw_part = torch.empty((n_prog, d), device=dev, dtype=torch.float32) if weight is not None else rstd
     dp1, dp2 = grad_buffer(q1), grad_buffer(q2)
     block_d = triton.next_power_of_2(d)
+    rows = max(1, min(MAX_BWD_ROWS, BWD_TILE_ELEMS // block_d))
     dummy = x3
     _bwd_kernel[(n_prog,)](
         dy3,
@@ -529,9 +547,10 @@ def backward(
         SEG2=mode == MODE_MODULATE and q2 is not None and not q2.per_row,
         PACKED=packed,
         TANH=bool(tanh_gate),
+        ROWS=rows,
         BLOCK_D=block_d,
         BLOCK_B=block_b,
-        num_warps=_num_warps(block_d),
+        num_warps=_num_warps(rows * block_d),
     )
 
     def finish(q: _Param | None, buf: torch.Tensor) -> torch.Tensor | None:
