@@ -53,7 +53,9 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the last dim: ``round(x * rsqrt(mean(x^2) + eps)) * weight`` (fp32 math, Lumina rounding).
 
-    ``x`` is ``(..., D)`` (any strides in the leading dims); ``weight`` ``(D,)`` or None for no affine.
+    ``x`` is ``(..., D)``; ``weight`` ``(D,)`` or None for no affine (any float dtype: fp32 weights with bf16
+    activations are fine). The Triton and CUDA kernels read strided leading dims in place (a row slice of a
+    larger buffer, a transposed batch) and need a unit-stride last dim (otherwise they copy x once).
     """
     _check_norm_inputs("x", x, weight, eps)
     _, fn = _dispatch.resolve("rms_norm", x.device, backend)
@@ -73,7 +75,12 @@ def rms_norm_modulate(
     """``rms_norm(x, weight) * (1 + scale) + shift`` with per-sample scale/shift.
 
     Layouts: padded ``x (B, L, D)`` with ``scale (B, D)``; packed ``x (T, D)`` with ``scale (B, D)`` and
-    ``cu_seqlens`` int32 ``(B+1,)``; or any ``scale`` that broadcasts to ``x``.
+    ``cu_seqlens`` int32 ``(B+1,)`` (the kernels find each token's sample on the device); or any ``scale``
+    that broadcasts to ``x``. In the Triton kernels, parameters that are constant along L (``(B, D)``,
+    ``(B, 1, D)``, ``(D,)``) get their gradients from in-kernel per-sample partial sums; parameters that vary
+    along L (e.g. the same shape as x) get a per-row fp32 gradient reduced by ``Tensor.sum_to_size``, and
+    broadcast patterns that a ``(B, L)`` row view cannot express are materialized to x's shape first.
+    Values of ``cu_seqlens`` are checked on CPU tensors only (no host sync on the GPU path).
     """
     _check_norm_inputs("x", x, weight, eps)
     _check_packed("x", x, cu_seqlens)
