@@ -42,8 +42,10 @@ constexpr int kMaxVecs = 4;
 constexpr int kMaxVecsBwd = 2;
 // Aim for this many vectors per thread when sizing a block: enough loads in flight, several rows per SM.
 constexpr int kVecsPerThread = 2;
-// Blocks in flight per SM for the grid-stride loops.
-constexpr int kBlocksPerSm = 8;
+// Threads per SM the grid-stride loops aim to fill (Hopper/Ampere hold 2048). The backward aims at half:
+// its blocks also write (D,) fp32 dweight partials, and its registers (x and dy cached) limit residency anyway.
+constexpr int kFwdThreadsPerSm = 2048;
+constexpr int kBwdThreadsPerSm = 1024;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -250,9 +252,11 @@ int threads_for(int nvec) {
   return threads < kWarp ? kWarp : (threads > kMaxThreads ? kMaxThreads : threads);
 }
 
-int64_t grid_for(int64_t rows, int threads) {
+// Blocks for a grid-stride loop over rows: about what fits on the device at once (threads_per_sm / threads
+// per SM). The backward passes a smaller budget: every block writes one (D,) fp32 dweight partial.
+int64_t grid_for(int64_t rows, int threads, int threads_per_sm) {
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int per_sm = kBlocksPerSm * 1024 / threads > 0 ? kBlocksPerSm * 1024 / threads : 1;
+  const int per_sm = threads_per_sm / threads > 0 ? threads_per_sm / threads : 1;
   const int64_t cap = static_cast<int64_t>(sms) * per_sm;
   return rows < cap ? rows : cap;
 }
@@ -302,7 +306,7 @@ void launch_fwd(const at::Tensor& x2, const at::Tensor& w, at::Tensor& y, at::Te
                    (wp == nullptr || aligned(wp, sizeof(W) * kVec));
   const int nvec = vec ? D / kVec : D;
   const int threads = threads_for(nvec);
-  const int64_t grid = grid_for(rows, threads);
+  const int64_t grid = grid_for(rows, threads, kFwdThreadsPerSm);
   const cudaStream_t stream = current_stream(x2.device());
   if (vec) {
     rms_norm_fwd_kernel<T, W, kVec><<<grid, threads, 0, stream>>>(xp, wp, yp, rstd.data_ptr<float>(), rows, D,
@@ -392,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda_bwd(const at::Tensor& dy, const
                    aligned(x2.data_ptr(), 16) && aligned(dy2.data_ptr(), 16) && aligned(dx.data_ptr(), 16) &&
                    (!w.t.defined() || aligned(w.t.data_ptr(), w.t.element_size() * vec_elems));
   const int threads = threads_for(static_cast<int>(vec ? D / vec_elems : D));
-  const int64_t grid = grid_for(rows, threads);
+  const int64_t grid = grid_for(rows, threads, kBwdThreadsPerSm);
   at::Tensor dw_part = w.t.defined() ? at::empty({grid, D}, x.options().dtype(at::kFloat)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_cuda_bwd", [&] {
     if (w.is_float) {
