@@ -1,4 +1,9 @@
-"""RMSNorm family cases: Flag-DiT widths at 32768 tokens (GPU) or 2048 tokens (quick / CPU)."""
+"""RMSNorm family cases: Flag-DiT widths at 32768 tokens (GPU) or 2048 tokens (quick / CPU).
+
+Baselines: Lumina-T2X's eager code, ``torch.compile`` of it, ``F.rms_norm`` and, when ``liger_kernel`` imports
+(GPU only), Liger-Kernel's RMSNorm in its "llama" casting mode (Lumina's rounding). ``bytes`` is the DRAM floor:
+every token-sized tensor read or written once (weights and per-sample tensors are negligible).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,19 @@ def lumina_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) ->
     """Lumina-T2X's eager RMSNorm, the baseline users run today."""
     normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     return normed.type_as(x) * weight
+
+
+def liger_rms_norm(device: torch.device):
+    """Liger-Kernel's fused RMSNorm as ``fn(x, weight)``, or None when it is not installed / not on a GPU."""
+    if device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    except Exception:  # not installed, or an incompatible version
+        return None
+    # (X, W, eps, offset, casting_mode, in_place): "llama" rounds x * rstd to x's dtype before the weight
+    # multiply like Lumina; in_place=False keeps the fixed upstream gradient intact between timed steps.
+    return lambda x, w, eps=1e-5: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
 
 
 def _packed_batch(tokens: int, seqs: int, device) -> torch.Tensor:
@@ -40,13 +58,17 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
     elem = torch.tensor([], dtype=dtype).element_size()
     out: list[Case] = []
 
+    widths = (2304,) if quick else (2304, 3072, 4096)
+    liger = liger_rms_norm(device)
     tokens = 2048 if quick else 32768
-    for d in (2304,) if quick else (2304, 3072, 4096):
+    for d in widths:
         baselines = {
             "lumina eager": lumina_rms_norm,
             "torch.compile": torch.compile(lumina_rms_norm),
             "F.rms_norm": lambda x, w, d=d: F.rms_norm(x, (d,), w, 1e-5),
         }
+        if liger is not None:
+            baselines["liger"] = liger
         for direction, passes in (("fwd", 2), ("fwd+bwd", 5)):  # x, y; then x, dy, dx again
             out.append(
                 _case(
@@ -62,8 +84,17 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
                 )
             )
 
-    seqs, d = 8, 2304
-    tokens = 2048 if quick else 33200
+    # Packed batches of 8 sequences (the Lumina-Next sandwich norms): 33200 tokens at D = 2304 (the shape
+    # of the H200 baselines in DESIGN.md), 32768 tokens at the wider Flag-DiT widths.
+    seqs = 8
+    for d in widths:
+        tokens = 2048 if quick else (33200 if d == 2304 else 32768)
+        out.extend(_packed_cases(tokens, seqs, d, device, dtype, elem))
+    return out
+
+
+def _packed_cases(tokens: int, seqs: int, d: int, device, dtype, elem: int) -> list[Case]:
+    out: list[Case] = []
     cu = _packed_batch(tokens, seqs, device)
     sample = torch.repeat_interleave(torch.diff(cu).long())
 
@@ -79,14 +110,16 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
     def gated_ours(res, h, w, gate, backend):
         return ops.norms.gated_residual_rms_norm(res, h, w, gate, cu_seqlens=cu, backend=backend)
 
+    # (op, ours, eager, input shapes, fwd passes, fwd+bwd passes) over token-sized tensors:
+    # modulate: fwd reads x, writes y (2); bwd reads x, dy, writes dx (3).
+    # gated: fwd reads residual, h, writes y (3); bwd reads h, dy, writes dh (3); d residual is dy itself.
     specs = (
-        ("rms_norm_modulate", modulate_ours, modulate_eager, [(tokens, d), (d,), (seqs, d), (seqs, d)], 1),
-        ("gated_residual_rms_norm", gated_ours, gated_eager, [(tokens, d), (tokens, d), (d,), (seqs, d)], 2),
+        ("rms_norm_modulate", modulate_ours, modulate_eager, [(tokens, d), (d,), (seqs, d), (seqs, d)], 2, 5),
+        ("gated_residual_rms_norm", gated_ours, gated_eager, [(tokens, d), (tokens, d), (d,), (seqs, d)], 3, 6),
     )
-    for op, ours, eager, shapes, big in specs:
+    for op, ours, eager, shapes, fwd_passes, fwd_bwd_passes in specs:
         baselines = {"lumina eager": eager, "torch.compile": torch.compile(eager)}
-        # fwd reads the token-sized inputs and writes one output; bwd reads them and dy again, writes their grads.
-        for direction, passes in (("fwd", big + 1), ("fwd+bwd", 3 * big + 2)):
+        for direction, passes in (("fwd", fwd_passes), ("fwd+bwd", fwd_bwd_passes)):
             out.append(
                 _case(
                     op,

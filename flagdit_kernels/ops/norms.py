@@ -1,4 +1,11 @@
-"""Public RMSNorm family: ``rms_norm``, ``rms_norm_modulate``, ``gated_residual_rms_norm``."""
+"""Public RMSNorm family: ``rms_norm``, ``rms_norm_modulate``, ``gated_residual_rms_norm``.
+
+Backends: ``reference`` (PyTorch), ``triton`` (``flagdit_kernels/triton/rms_norm.py``; all three ops) and
+``cuda`` (``csrc/rms_norm_cuda.cu``; ``rms_norm`` only, when the extension was built with CUDA). The kernels
+are wrapped as ``torch.library`` custom ops (``flagdit_kernels::rms_norm_triton`` and friends, each with a
+fake impl and an autograd formula whose backward is again a custom op) so that ``torch.compile(fullgraph=True)``
+traces through them without graph breaks.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
+from .._extension import extension_error, extension_has_cuda
 from .._validation import check_cu_seqlens, check_per_sample, check_shape, check_tensor
 
 for _op, _fn in (
@@ -34,7 +42,10 @@ def _check_packed(x_name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | None)
         return
     if x.dim() != 2:
         raise ValueError(f"{x_name} must be packed (T, D) when cu_seqlens is given, got {tuple(x.shape)}")
-    check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device, total_name=f"{x_name}.shape[0]")
+    # The value checks copy cu_seqlens to the host: done for CPU tensors in eager mode only. On the GPU the
+    # kernels never read outside the (B, D) parameters whatever the offsets hold (sample indices are clamped).
+    sync = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device, total_name=f"{x_name}.shape[0]", sync=sync)
 
 
 def rms_norm(
@@ -42,7 +53,9 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the last dim: ``round(x * rsqrt(mean(x^2) + eps)) * weight`` (fp32 math, Lumina rounding).
 
-    ``x`` is ``(..., D)`` (any strides in the leading dims); ``weight`` ``(D,)`` or None for no affine.
+    ``x`` is ``(..., D)``; ``weight`` ``(D,)`` or None for no affine (any float dtype: fp32 weights with bf16
+    activations are fine). The Triton and CUDA kernels read strided leading dims in place (a row slice of a
+    larger buffer, a transposed batch) and need a unit-stride last dim (otherwise they copy x once).
     """
     _check_norm_inputs("x", x, weight, eps)
     _, fn = _dispatch.resolve("rms_norm", x.device, backend)
@@ -62,7 +75,12 @@ def rms_norm_modulate(
     """``rms_norm(x, weight) * (1 + scale) + shift`` with per-sample scale/shift.
 
     Layouts: padded ``x (B, L, D)`` with ``scale (B, D)``; packed ``x (T, D)`` with ``scale (B, D)`` and
-    ``cu_seqlens`` int32 ``(B+1,)``; or any ``scale`` that broadcasts to ``x``.
+    ``cu_seqlens`` int32 ``(B+1,)`` (the kernels find each token's sample on the device); or any ``scale``
+    that broadcasts to ``x``. In the Triton kernels, parameters that are constant along L (``(B, D)``,
+    ``(B, 1, D)``, ``(D,)``) get their gradients from in-kernel per-sample partial sums; parameters that vary
+    along L (e.g. the same shape as x) get a per-row fp32 gradient reduced by ``Tensor.sum_to_size``, and
+    broadcast patterns that a ``(B, L)`` row view cannot express are materialized to x's shape first.
+    Values of ``cu_seqlens`` are checked on CPU tensors only (no host sync on the GPU path).
     """
     _check_norm_inputs("x", x, weight, eps)
     _check_packed("x", x, cu_seqlens)
@@ -95,3 +113,259 @@ def gated_residual_rms_norm(
     check_per_sample("gate", gate, h, cu_seqlens)
     _, fn = _dispatch.resolve("gated_residual_rms_norm", h.device, backend)
     return fn(residual, h, weight, gate, eps, tanh_gate, cu_seqlens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton backend: custom ops over flagdit_kernels/triton/rms_norm.py.
+# Forward ops return (y, rstd); rstd (fp32, one per row) is saved for the backward and not differentiable.
+# Backward ops return an empty (0,) tensor for a gradient whose input is None (custom ops return tensors).
+
+Tensor = torch.Tensor
+_NONE = (0,)
+
+
+def _kernels():
+    from ..triton import rms_norm as kernels  # imported on first use: Triton is optional
+
+    return kernels
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(_NONE) if t is None else t
+
+
+def _fake_fwd(x: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((rows,), dtype=torch.float32)
+
+
+def _fake_grad(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(_NONE) if t is None else t.new_empty(t.shape)
+
+
+@torch.library.custom_op("flagdit_kernels::rms_norm_triton", mutates_args=())
+def _rms_norm_triton_op(x: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    return _kernels().forward(x, weight, eps)
+
+
+@_rms_norm_triton_op.register_fake
+def _(x, weight, eps):
+    return _fake_fwd(x, x.dtype)
+
+
+@torch.library.custom_op("flagdit_kernels::rms_norm_triton_bwd", mutates_args=())
+def _rms_norm_triton_bwd_op(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    dx, dw, _, _ = _kernels().backward(dy, x, weight, rstd)
+    return dx, _or_empty(dw, x)
+
+
+@_rms_norm_triton_bwd_op.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), _fake_grad(weight, x)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.flagdit_kernels.rms_norm_triton_bwd(dy, x, weight if ctx.has_weight else None, rstd)
+    return dx, (dw if ctx.has_weight else None), None
+
+
+_rms_norm_triton_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+@torch.library.custom_op("flagdit_kernels::rms_norm_modulate_triton", mutates_args=())
+def _modulate_triton_op(
+    x: Tensor, weight: Tensor | None, scale: Tensor, shift: Tensor | None, eps: float, cu_seqlens: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    k = _kernels()
+    return k.forward(x, weight, eps, mode=k.MODE_MODULATE, p1=scale, p2=shift, cu_seqlens=cu_seqlens)
+
+
+@_modulate_triton_op.register_fake
+def _(x, weight, scale, shift, eps, cu_seqlens):
+    return _fake_fwd(x, x.dtype)
+
+
+@torch.library.custom_op("flagdit_kernels::rms_norm_modulate_triton_bwd", mutates_args=())
+def _modulate_triton_bwd_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    scale: Tensor,
+    shift: Tensor | None,
+    rstd: Tensor,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    k = _kernels()
+    dx, dw, dscale, dshift = k.backward(
+        dy, x, weight, rstd, mode=k.MODE_MODULATE, p1=scale, p2=shift, cu_seqlens=cu_seqlens
+    )
+    return dx, _or_empty(dw, x), dscale, _or_empty(dshift, x)
+
+
+@_modulate_triton_bwd_op.register_fake
+def _(dy, x, weight, scale, shift, rstd, cu_seqlens):
+    return x.new_empty(x.shape), _fake_grad(weight, x), scale.new_empty(scale.shape), _fake_grad(shift, x)
+
+
+def _modulate_setup(ctx, inputs, output):
+    x, weight, scale, shift, _, cu_seqlens = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.has_weight, ctx.has_shift, ctx.packed = weight is not None, shift is not None, cu_seqlens is not None
+    ctx.save_for_backward(x, weight, scale, shift, output[1], cu_seqlens)
+
+
+def _modulate_backward(ctx, dy, _drstd):
+    x, weight, scale, shift, rstd, cu_seqlens = ctx.saved_tensors
+    dx, dw, dscale, dshift = torch.ops.flagdit_kernels.rms_norm_modulate_triton_bwd(
+        dy,
+        x,
+        weight if ctx.has_weight else None,
+        scale,
+        shift if ctx.has_shift else None,
+        rstd,
+        cu_seqlens if ctx.packed else None,
+    )
+    return dx, (dw if ctx.has_weight else None), dscale, (dshift if ctx.has_shift else None), None, None
+
+
+_modulate_triton_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
+
+
+@torch.library.custom_op("flagdit_kernels::gated_residual_rms_norm_triton", mutates_args=())
+def _gated_triton_op(
+    residual: Tensor,
+    h: Tensor,
+    weight: Tensor | None,
+    gate: Tensor,
+    eps: float,
+    tanh_gate: bool,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    k = _kernels()
+    return k.forward(
+        h, weight, eps, mode=k.MODE_GATED, p1=gate, residual=residual, tanh_gate=tanh_gate, cu_seqlens=cu_seqlens
+    )
+
+
+@_gated_triton_op.register_fake
+def _(residual, h, weight, gate, eps, tanh_gate, cu_seqlens):
+    return _fake_fwd(h, residual.dtype)
+
+
+@torch.library.custom_op("flagdit_kernels::gated_residual_rms_norm_triton_bwd", mutates_args=())
+def _gated_triton_bwd_op(
+    dy: Tensor,
+    h: Tensor,
+    weight: Tensor | None,
+    gate: Tensor,
+    rstd: Tensor,
+    tanh_gate: bool,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    k = _kernels()
+    dh, dw, dgate, _ = k.backward(
+        dy, h, weight, rstd, mode=k.MODE_GATED, p1=gate, tanh_gate=tanh_gate, cu_seqlens=cu_seqlens
+    )
+    return dh, _or_empty(dw, h), dgate
+
+
+@_gated_triton_bwd_op.register_fake
+def _(dy, h, weight, gate, rstd, tanh_gate, cu_seqlens):
+    return h.new_empty(h.shape), _fake_grad(weight, h), gate.new_empty(gate.shape)
+
+
+def _gated_setup(ctx, inputs, output):
+    _, h, weight, gate, _, ctx.tanh_gate, cu_seqlens = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.has_weight, ctx.packed = weight is not None, cu_seqlens is not None
+    ctx.save_for_backward(h, weight, gate, output[1], cu_seqlens)
+
+
+def _gated_backward(ctx, dy, _drstd):
+    h, weight, gate, rstd, cu_seqlens = ctx.saved_tensors
+    dh, dw, dgate = torch.ops.flagdit_kernels.gated_residual_rms_norm_triton_bwd(
+        dy, h, weight if ctx.has_weight else None, gate, rstd, ctx.tanh_gate, cu_seqlens if ctx.packed else None
+    )
+    # d residual = dy (the output has the residual's dtype and shape).
+    return dy, dh, (dw if ctx.has_weight else None), dgate, None, None, None
+
+
+_gated_triton_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+def _rms_norm_triton(x, weight, eps=1e-5):
+    return torch.ops.flagdit_kernels.rms_norm_triton(x, weight, float(eps))[0]
+
+
+def _rms_norm_modulate_triton(x, weight, scale, shift=None, eps=1e-5, cu_seqlens=None):
+    return torch.ops.flagdit_kernels.rms_norm_modulate_triton(x, weight, scale, shift, float(eps), cu_seqlens)[0]
+
+
+def _gated_residual_rms_norm_triton(residual, h, weight, gate, eps=1e-5, tanh_gate=True, cu_seqlens=None):
+    return torch.ops.flagdit_kernels.gated_residual_rms_norm_triton(
+        residual, h, weight, gate, float(eps), bool(tanh_gate), cu_seqlens
+    )[0]
+
+
+_triton = dict(devices=("cuda",), available=_dispatch.triton_installed, why_not=lambda: "triton is not installed")
+_dispatch.register("rms_norm", "triton", _rms_norm_triton, **_triton)
+_dispatch.register("rms_norm_modulate", "triton", _rms_norm_modulate_triton, **_triton)
+_dispatch.register("gated_residual_rms_norm", "triton", _gated_residual_rms_norm_triton, **_triton)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA C++ backend (csrc/rms_norm_cuda.cu): rms_norm only. The schemas exist only in a CUDA build of _C.
+
+
+def _register_cuda_autograd() -> None:
+    lib = torch.library
+
+    @lib.register_fake("flagdit_kernels::rms_norm_cuda_fwd")
+    def _(x, weight, eps):
+        return _fake_fwd(x, x.dtype)
+
+    @lib.register_fake("flagdit_kernels::rms_norm_cuda_bwd")
+    def _(dy, x, weight, rstd):
+        return x.new_empty(x.shape), _fake_grad(weight, x)
+
+    def backward(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.flagdit_kernels.rms_norm_cuda_bwd(dy, x, weight if ctx.has_weight else None, rstd)
+        return dx, (dw if ctx.has_weight else None), None
+
+    lib.register_autograd("flagdit_kernels::rms_norm_cuda_fwd", backward, setup_context=_rms_norm_setup)
+
+
+def _rms_norm_cuda(x, weight, eps=1e-5):
+    return torch.ops.flagdit_kernels.rms_norm_cuda_fwd(x, weight, float(eps))[0]
+
+
+if extension_has_cuda():
+    _register_cuda_autograd()
+_dispatch.register(
+    "rms_norm",
+    "cuda",
+    _rms_norm_cuda,
+    devices=("cuda",),
+    available=extension_has_cuda,
+    why_not=lambda: (
+        "the compiled extension was built without CUDA"
+        if extension_error() is None
+        else f"no compiled extension ({extension_error()})"
+    ),
+)
+
+# Default order on CUDA tensors. Not measured yet (no GPU in the session that wrote these kernels): the fused
+# Triton kernels go first because they read x once and fuse the modulation / gate; the CUDA C++ rms_norm is
+# the alternative. Revisit with benchmarks/ (flagdit_kernels.bench.norms) on the GPU and reorder if needed.
+_dispatch.set_preference("rms_norm", "cuda", ("triton", "cuda", "reference"))
+_dispatch.set_preference("rms_norm_modulate", "cuda", ("triton", "reference"))
+_dispatch.set_preference("gated_residual_rms_norm", "cuda", ("triton", "reference"))
