@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -46,6 +47,13 @@ def check_same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype, other: str)
         raise TypeError(f"{name} has dtype {t.dtype} but {other} has {dtype}; they must match")
 
 
+def values_checked(device: torch.device) -> bool:
+    """Whether checks that read tensor values on the host run for tensors on ``device`` (see check_cu_seqlens)."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type == "cpu" or os.environ.get("FLAGDIT_KERNELS_VALIDATE") == "1"
+
+
 def check_cu_seqlens(
     name: str,
     cu_seqlens: object,
@@ -53,12 +61,16 @@ def check_cu_seqlens(
     device: torch.device,
     *,
     total_name: str = "the token count",
-    sync: bool = True,
+    sync: bool | None = None,
 ) -> torch.Tensor:
     """Checks a flash-attn style offsets vector: int32, 1-D, >= 2 entries, 0 first, non-decreasing, last == total.
 
-    ``sync=False`` skips the value checks that need a device-to-host copy (the hot path on GPU can opt out).
+    The value checks copy the offsets to the host. ``sync=None`` (auto) runs them for CPU tensors in eager
+    mode, and for GPU tensors only when ``FLAGDIT_KERNELS_VALIDATE=1`` (a debugging aid: a device sync per
+    call); the GPU kernels stay memory-safe with bad offsets, their results are then meaningless.
     """
+    if sync is None:
+        sync = values_checked(device)
     check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
     assert isinstance(cu_seqlens, torch.Tensor)
     if cu_seqlens.numel() < 2:
