@@ -332,3 +332,16 @@ def test_unsupported_block_is_skipped_with_reason():
     assert [n for n, what in report.swapped.items() if "Block" in what] == ["layers.0"]
     assert "layers.1.norm1_context" in report.swapped  # the skipped block's RMSNorms still run fk.rms_norm
     assert "norm2 is not a bias-free diffusers RMSNorm" in report.skipped["layers.1"]
+
+
+def test_bench_case_quick():
+    from flagdit_kernels.bench import diffusers_lumina
+    from flagdit_kernels.bench.cases import Case
+
+    (case,) = diffusers_lumina.cases(True, DEVICE)
+    assert isinstance(case, Case) and case.op == "diffusers_lumina_next" and case.flops > 0
+    assert set(case.impls) >= {"fk patched", "diffusers eager"}
+    outputs = {label: build()() for label, build in case.impls.items() if label != "torch.compile"}
+    assert_rel_close(outputs["fk patched"], outputs["diffusers eager"], 1e-4, "bench case outputs")
+    # The 2B case's FLOP floor: ~29 TFLOP per 1024px CFG pair (matmuls ~22, attention ~7.4).
+    assert 25e12 < diffusers_lumina.forward_flops(diffusers_lumina.NEXT_2B) < 35e12
