@@ -318,6 +318,16 @@ def test_block_falls_back_to_diffusers_without_rotary_embedding():
     assert block._flagdit_kernels_patch.fallback_calls == 1
 
 
+def test_unpatch_one_kind():
+    model = lumina2_model()
+    report = fkd.patch(model, backend="reference")
+    norms = [n for n, what in report.swapped.items() if what.endswith("fk.rms_norm")]
+    assert norms == ["time_caption_embed.caption_embedder.0"]
+    assert list(unpatch(model, kinds=("rms_norm",)).restored) == norms
+    assert sum(is_patched(m) for m in model.modules()) == 4
+    assert len(unpatch(model).restored) == 4
+
+
 def test_patch_rejects_other_models():
     with pytest.raises(ValueError, match="found no LuminaNextDiTBlock or Lumina2TransformerBlock"):
         fkd.patch(nn.Sequential(nn.Linear(4, 4)))

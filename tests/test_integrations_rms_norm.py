@@ -222,3 +222,8 @@ def test_patch_rms_norm_mixed_dtype_keeps_original_promotion():
     out = norm(x)
     assert out.dtype == torch.float32  # Lumina's own rule: bf16 normed * fp32 weight
     assert norm._flagdit_kernels_patch.fallback_calls == 1
+
+
+def test_patch_rms_norm_rejects_non_modules():
+    with pytest.raises(TypeError, match="model must be a torch"):
+        patch_rms_norm([LuminaT2XRMSNorm(8)])

@@ -4,6 +4,10 @@ A patched module keeps its class, parameters, buffers, hooks and state_dict; onl
 ``forward`` is installed (``module.__dict__["forward"]``, which ``nn.Module.__call__`` finds before the class
 method) together with a small state record. Undoing deletes both and puts back an instance-level forward
 that was there before (accelerate's offload hooks install one), so the module is exactly what it was.
+
+Caveats: patch before adding accelerate / diffusers offload hooks (hooks added later wrap the patched forward;
+hooks added earlier are bypassed while patched). Save ``state_dict()`` (unchanged by patching); pickling a
+whole patched module is not supported (unpatch first).
 """
 
 from __future__ import annotations

@@ -115,6 +115,8 @@ def patch_rms_norm(model: nn.Module, backend: str | None = None) -> PatchReport:
     Patching twice is harmless; :func:`flagdit_kernels.integrations.unpatch` undoes it. Returns a
     :class:`PatchReport`: swapped modules, modules already patched, and RMSNorm-named modules left alone.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     for name, module in model.named_modules():
         label = type(module).__name__
