@@ -15,7 +15,7 @@ from torch import nn
 import flagdit_kernels as fk
 from flagdit_kernels.integrations import patch_rms_norm, unpatch
 
-OPS = ("rms_norm", "rms_norm_modulate", "gated_residual_rms_norm", "qk_norm_rope", "varlen_attention")
+OPS = ("rms_norm",)
 
 
 def _backends() -> list:
