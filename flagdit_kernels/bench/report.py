@@ -1,0 +1,318 @@
+"""``flagdit-bench report``: benchmark JSON -> a Markdown table and a PNG roofline chart.
+
+Reads pytest-benchmark JSON files (``pytest benchmarks/ --benchmark-json=FILE``; the figures come from each
+benchmark's ``extra_info``, written by ``benchmarks/test_ops.py``) or the JSON of ``flagdit-bench --json``.
+Writes
+
+- a Markdown file: a summary with one row per case (our best implementation, the best baseline, the
+  speed-up ours / best baseline) and a detail table with every implementation side by side (ms, GB/s,
+  TFLOP/s, share of the measured ceiling, ratio to the case's best baseline);
+- a PNG chart: achieved GB/s (memory-bound cases) and TFLOP/s (compute-bound cases) of every
+  implementation against the measured copy-bandwidth and matmul ceilings.
+
+Ours are the ``triton`` / ``cuda`` / ``cpu`` backends and labels starting with ``fk`` (whole-model
+cases); ``reference`` is our PyTorch spec and counts as neither ours nor a baseline; the rest are baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OUR_BACKENDS = ("triton", "cuda", "cpu")
+SPEC = ("reference",)
+
+
+def is_ours(impl: str) -> bool:
+    return impl in OUR_BACKENDS or impl.lower().startswith("fk")
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    direction: str
+    impl: str
+    ms: float | None
+    gbps: float | None = None
+    tflops: float | None = None
+    device: str = ""
+    error: str = ""
+
+    @property
+    def case(self) -> tuple[str, str, str]:
+        return (self.op, self.shape, self.direction)
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    copy_gbps: float | None = None
+    matmul_tflops: float | None = None
+    devices: set[str] = field(default_factory=set)
+    sources: list[str] = field(default_factory=list)
+    dates: set[str] = field(default_factory=set)
+
+
+def _num(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
+
+
+def _from_pytest_benchmark(data: dict, results: Results) -> None:
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        if "op" not in info or "impl" not in info:
+            continue  # not one of ours (or run with --benchmark-disable)
+        ms = _num(info.get("median_ms"))
+        if ms is None and _num((bench.get("stats") or {}).get("median")):
+            ms = bench["stats"]["median"] * 1e3
+        results.rows.append(
+            Row(
+                info["op"],
+                str(info.get("shape", "")),
+                info.get("direction", ""),
+                info["impl"],
+                ms,
+                _num(info.get("GBps")),
+                _num(info.get("TFLOPs")),
+                str(info.get("device", "")),
+            )
+        )
+        results.copy_gbps = results.copy_gbps or _num(info.get("copy_GBps"))
+        results.matmul_tflops = results.matmul_tflops or _num(info.get("matmul_TFLOPs"))
+        if info.get("device"):
+            results.devices.add(str(info["device"]))
+    if data.get("datetime"):
+        results.dates.add(str(data["datetime"])[:10])
+
+
+def _from_cli(data: dict, results: Results) -> None:
+    for r in data.get("rows", []):
+        results.rows.append(
+            Row(
+                r["op"],
+                str(r.get("shape", "")),
+                r.get("direction", ""),
+                r["impl"],
+                _num(r.get("ms")),
+                _num(r.get("GB/s")),
+                _num(r.get("TFLOP/s")),
+                str(data.get("device", "")),
+                r.get("error", ""),
+            )
+        )
+    results.copy_gbps = results.copy_gbps or _num(data.get("copy_GBps"))
+    results.matmul_tflops = results.matmul_tflops or _num(data.get("matmul_TFLOPs"))
+    if data.get("device"):
+        results.devices.add(str(data["device"]))
+
+
+def load(paths: Iterable[str | Path]) -> Results:
+    """Rows of every file; a later file's row replaces an earlier one for the same case and impl."""
+    results = Results()
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or not ("benchmarks" in data or "rows" in data):
+            raise ValueError(f"{path}: neither pytest-benchmark JSON ('benchmarks') nor flagdit-bench JSON ('rows')")
+        (_from_pytest_benchmark if "benchmarks" in data else _from_cli)(data, results)
+        results.sources.append(str(path))
+    latest: dict[tuple, Row] = {}
+    for row in results.rows:
+        latest[(*row.case, row.impl)] = row
+    results.rows = list(latest.values())
+    return results
+
+
+def _cases(rows: list[Row]) -> dict[tuple[str, str, str], list[Row]]:
+    cases: dict[tuple[str, str, str], list[Row]] = {}
+    for row in rows:
+        cases.setdefault(row.case, []).append(row)
+    for impls in cases.values():
+        impls.sort(key=lambda r: (not is_ours(r.impl), r.impl in SPEC, r.ms if r.ms else math.inf))
+    return cases
+
+
+def _best(rows: list[Row], ours: bool) -> Row | None:
+    pool = [r for r in rows if r.ms and is_ours(r.impl) == ours and r.impl not in SPEC]
+    return min(pool, key=lambda r: r.ms) if pool else None
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def _fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return ""
+    return f"{ms:.4f}" if ms < 0.1 else f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
+
+
+def _peak_pct(row: Row, results: Results) -> str:
+    if row.gbps and results.copy_gbps:
+        return f"{100 * row.gbps / results.copy_gbps:.0f}% copy"
+    if row.tflops and results.matmul_tflops:
+        return f"{100 * row.tflops / results.matmul_tflops:.0f}% matmul"
+    return ""
+
+
+def markdown(results: Results) -> str:
+    cases = _cases(results.rows)
+    lines = ["# flagdit-kernels benchmark report", ""]
+    device = ", ".join(sorted(results.devices)) or "unknown device"
+    lines.append(f"- device: {device}" + (f"; run date {', '.join(sorted(results.dates))}" if results.dates else ""))
+    if results.copy_gbps or results.matmul_tflops:
+        lines.append(
+            f"- measured ceilings: copy {_fmt(results.copy_gbps)} GB/s, matmul {_fmt(results.matmul_tflops, 2)} "
+            "TFLOP/s (same run)"
+        )
+    lines.append(f"- sources: {', '.join(f'`{s}`' for s in results.sources)}")
+    lines.append(
+        "- speed-up = best baseline ms / our ms (> 1: ours is faster); ours = triton / cuda / cpu backends "
+        "and `fk ...` labels; `reference` is our PyTorch spec, listed but not a baseline."
+    )
+    lines += ["", "## Summary", "", "| op | shape | dir | ours | ms | best baseline | ms | speed-up |"]
+    lines.append("| --- | --- | --- | --- | ---: | --- | ---: | ---: |")
+    for (op, shape, direction), rows in cases.items():
+        ours, base = _best(rows, True), _best(rows, False)
+        speedup = f"**{base.ms / ours.ms:.2f}x**" if ours and base else ""
+        lines.append(
+            f"| {op} | {shape} | {direction} | {ours.impl if ours else '-'} | {_fmt_ms(ours.ms) if ours else ''} | "
+            f"{base.impl if base else '-'} | {_fmt_ms(base.ms) if base else ''} | {speedup} |"
+        )
+    lines += ["", "## Every implementation", "", "| op | shape | dir | impl | ms | GB/s | TFLOP/s | of ceiling |"]
+    lines[-1] += " vs best baseline |"
+    lines.append("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for (op, shape, direction), rows in cases.items():
+        base = _best(rows, False)
+        for row in rows:
+            name = f"**{row.impl}**" if is_ours(row.impl) else row.impl
+            if row.error or not row.ms:
+                lines.append(f"| {op} | {shape} | {direction} | {name} | {row.error or 'no timing'} | | | | |")
+                continue
+            ratio = f"{base.ms / row.ms:.2f}x" if base else ""
+            lines.append(
+                f"| {op} | {shape} | {direction} | {name} | {_fmt_ms(row.ms)} | {_fmt(row.gbps)} | "
+                f"{_fmt(row.tflops, 2)} | {_peak_pct(row, results)} | {ratio} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# Colours: ours in strong blues/greens, the spec in grey, baselines in warm tones.
+_OURS_COLOURS = ("#1f4e9c", "#2a9d8f", "#6a4c93")
+_BASE_COLOURS = ("#e76f51", "#f4a261", "#e9c46a", "#b5838d", "#8d6e63", "#d62828")
+_SPEC_COLOUR = "#9e9e9e"
+
+
+def _impl_colours(impls: list[str]) -> dict[str, str]:
+    colours, n_ours, n_base = {}, 0, 0
+    for impl in impls:
+        if impl in SPEC:
+            colours[impl] = _SPEC_COLOUR
+        elif is_ours(impl):
+            colours[impl] = _OURS_COLOURS[n_ours % len(_OURS_COLOURS)]
+            n_ours += 1
+        else:
+            colours[impl] = _BASE_COLOURS[n_base % len(_BASE_COLOURS)]
+            n_base += 1
+    return colours
+
+
+def plot(results: Results, path: str | Path) -> None:
+    """Horizontal grouped bars: achieved GB/s (left) and TFLOP/s (right) per case, ceilings as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = _cases(results.rows)
+    panels = [
+        ("memory-bound: achieved GB/s", "gbps", results.copy_gbps, "copy"),
+        ("compute-bound: achieved TFLOP/s", "tflops", results.matmul_tflops, "matmul"),
+    ]
+    panels = [p for p in panels if any(getattr(r, p[1]) for r in results.rows)]
+    if not panels:
+        raise ValueError("no row has GB/s or TFLOP/s figures to plot")
+    impl_order = sorted(
+        {r.impl for r in results.rows}, key=lambda i: (not is_ours(i), i in SPEC, i)
+    )  # ours first, then baselines
+    colours = _impl_colours(impl_order)
+    heights = []
+    for _, attr, _, _ in panels:
+        n_bars = sum(len([r for r in rows if getattr(r, attr)]) for rows in cases.values())
+        heights.append(max(2.5, 0.32 * n_bars + 0.5 * len(cases)))
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(11, sum(heights) + 1.5), gridspec_kw={"height_ratios": heights}, squeeze=False
+    )
+    for ax, (title, attr, ceiling, ceiling_name) in zip(axes[:, 0], panels):
+        labels, ticks, y = [], [], 0.0
+        for (op, shape, direction), rows in cases.items():
+            bars = [r for r in rows if getattr(r, attr)]
+            if not bars:
+                continue
+            start = y
+            for row in bars:
+                value = getattr(row, attr)
+                ax.barh(y, value, height=0.8, color=colours[row.impl], edgecolor="black" if is_ours(row.impl) else None)
+                text = f" {row.impl}: {value:,.0f}" if value >= 10 else f" {row.impl}: {value:,.2f}"
+                ax.text(value, y, text, va="center", fontsize=7.5)
+                y += 1
+            ticks.append((start + y - 1) / 2)
+            labels.append(f"{op}\n{shape} {direction}")
+            ax.axhline(y - 0.5 + 0.25, color="#dddddd", linewidth=0.8)
+            y += 0.5
+        ax.set_yticks(ticks, labels, fontsize=8)
+        ax.invert_yaxis()
+        top = max(getattr(r, attr) or 0 for r in results.rows)
+        if ceiling:
+            ax.axvline(ceiling, color="black", linestyle="--", linewidth=1.2)
+            ax.text(ceiling, -0.9, f"measured {ceiling_name} ceiling {ceiling:,.0f}", ha="right", fontsize=8)
+            top = max(top, ceiling)
+        ax.set_xlim(0, top * 1.3)
+        ax.set_xlabel("GB/s (minimum DRAM bytes / time)" if attr == "gbps" else "TFLOP/s (useful FLOPs / time)")
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.grid(axis="x", color="#eeeeee")
+        ax.set_axisbelow(True)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i]) for i in impl_order]
+    fig.legend(handles, impl_order, loc="lower center", ncol=min(6, len(impl_order)), fontsize=8, frameon=False)
+    device = ", ".join(sorted(results.devices)) or "unknown device"
+    fig.suptitle(f"flagdit-kernels vs baselines on {device} (ours outlined)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flagdit-bench report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files or flagdit-bench --json files")
+    parser.add_argument("--md", default="benchmark_report.md", help="Markdown output ('-' for stdout)")
+    parser.add_argument("--png", default="benchmark_roofline.png", help="PNG output ('' to skip the plot)")
+    args = parser.parse_args(argv)
+    try:
+        results = load(args.json)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"flagdit-bench report: {exc}", file=sys.stderr)
+        return 2
+    if not results.rows:
+        print("flagdit-bench report: no benchmark rows with flagdit extra_info found", file=sys.stderr)
+        return 1
+    text = markdown(results)
+    if args.md == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.md).write_text(text)
+        print(f"wrote {args.md}")
+    if args.png:
+        plot(results, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,525 @@
+"""Runs diffusers' Lumina transformers on flagdit-kernels: ``patch(model)`` / ``unpatch(model)``.
+
+Supported: ``LuminaNextDiT2DModel`` (Lumina-Next, ``LuminaNextDiTBlock``) and ``Lumina2Transformer2DModel``
+(Lumina-Image-2.0, ``Lumina2TransformerBlock``). Each block's forward is replaced by one that
+
+- packs the block's tokens (padded ``(B, L, D)`` + mask) into the varlen layout ``(T, D)`` + ``cu_seqlens``
+  (a view when nothing is masked; the packing is computed once per mask tensor, not once per block),
+- runs adaLN + RMSNorm as ``fk.rms_norm_modulate``, the sandwich norms + tanh-gated residuals as
+  ``fk.gated_residual_rms_norm``, QK-norm + RoPE as ``fk.qk_norm_rope`` and attention as
+  ``fk.varlen_attention``: for Lumina-Next the self-attention and the gated caption cross-attention are one
+  call with the text branch (``text_k``/``text_v``/``gate``), for Lumina-2 a plain varlen call,
+- calls the block's own Linear / FeedForward modules (so LoRA and other module swaps keep working),
+- writes the result back into the padded layout; masked-out positions pass through unchanged (diffusers
+  never reads them: Lumina-2 slices them away, Lumina-Next has none).
+
+Parameters, buffers, module classes and the state_dict are untouched. The remaining RMSNorm modules (e.g.
+Lumina-2's caption embedder norm) are swapped by :func:`flagdit_kernels.integrations.patch_rms_norm`.
+
+Numerics: fp32 outputs match diffusers within rel-L2 1e-4; in bf16 our norms round once at the end where
+diffusers rounds after each elementwise step, and text-masked samples with no caption tokens give 0 for
+the caption attention where diffusers' masked SDPA gives NaN.
+
+Lumina-Next fusion needs ``attn2.to_q``/``attn2.norm_q`` equal to ``attn1.to_q``/``attn1.norm_q``, as in every
+converted checkpoint (both come from Lumina's single ``wq``/``q_norm``), and, when gradients are recorded for
+them, to be the same Parameters (``block.attn2.to_q = block.attn1.to_q`` ties them as Lumina does; the
+state_dict keeps both names). Otherwise the caption cross-attention keeps diffusers' own ``attn2`` (the rest
+is still ours), so training gradients stay diffusers'. The equality check is redone only when one of those
+weights changes (tracked by tensor version counters, no device sync).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.attention import varlen_attention
+from ..ops.norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
+from ..ops.rope import qk_norm_rope
+from ._patching import PatchReport, install, is_patched, state_of
+from ._patching import unpatch as _unpatch_all
+from .rmsnorm import patch_rms_norm
+
+NEXT_KIND = "diffusers.LuminaNextDiTBlock"
+LUMINA2_KIND = "diffusers.Lumina2TransformerBlock"
+KINDS = (NEXT_KIND, LUMINA2_KIND)
+
+__all__ = ["patch", "unpatch"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Padded <-> packed layout, computed once per mask tensor and shared by every block of a forward.
+
+
+@dataclass
+class Layout:
+    """Which tokens of a padded ``(B, L)`` batch are real: ``index`` into the flattened ``B*L`` tokens (None
+    when all are), ``cu_seqlens`` int32 ``(B+1,)`` and ``max_seqlen`` (a Python int)."""
+
+    batch: int
+    length: int
+    index: torch.Tensor | None
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.length if self.index is None else self.index.numel()
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, *rest)`` -> ``(T, *rest)``; a view when no token is masked and x is contiguous enough."""
+        flat = x.reshape(self.batch * self.length, *x.shape[2:])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`pack`; masked positions take ``like``'s values."""
+        if self.index is None:
+            return packed.view(like.shape)
+        flat = like.reshape(self.batch * self.length, *like.shape[2:])
+        return flat.index_copy(0, self.index, packed.to(like.dtype)).view(like.shape)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+
+
+class _LayoutCache:
+    """Small per-model cache keyed on tensor identity + version counter, so 24 blocks that receive the same
+    mask / rotary tensors pack them once (one host sync per mask for the lengths) and a mask edited in place
+    is noticed."""
+
+    def __init__(self, size: int = 8):
+        self._entries: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, key: tuple, tensors: tuple, build):
+        entry = self._entries.get(key)
+        if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
+            return entry[1]
+        value = build()
+        self._entries[key] = (tuple(weakref.ref(t) for t in tensors), value)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return value
+
+    def layout(self, mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Layout:
+        if mask is None:
+            key = ("none", batch, length, str(device))
+            return self.get(key, (), lambda: _full_layout(batch, length, device))
+        key = ("mask", id(mask), _version(mask), batch, length)
+        return self.get(key, (mask,), lambda: _mask_layout(mask, batch, length))
+
+    def freqs(self, rotary: torch.Tensor, layout: Layout) -> torch.Tensor:
+        key = ("freqs", id(rotary), _version(rotary), id(layout))
+        return self.get(key, (rotary, layout), lambda: _packed_freqs(rotary, layout))
+
+
+def _full_layout(batch: int, length: int, device: torch.device) -> Layout:
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * length
+    return Layout(batch, length, None, cu, length)
+
+
+def _mask_layout(mask: torch.Tensor, batch: int, length: int) -> Layout:
+    keep = mask.reshape(batch, length).bool()
+    lengths = keep.sum(1)
+    host = lengths.tolist()  # the one host sync per mask: max_seqlen must be a Python int
+    cu = torch.zeros(batch + 1, device=mask.device, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    index = None if all(n == length for n in host) else keep.flatten().nonzero().squeeze(1)
+    return Layout(batch, length, index, cu, max(host, default=0))
+
+
+def _packed_freqs(rotary: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """diffusers' complex ``freqs_cis`` ``(1 | B, L, Dh/2)`` -> our float32 (cos, sin) table ``(T, Dh/2, 2)``."""
+    table = torch.view_as_real(rotary.resolve_conj()) if rotary.is_complex() else rotary
+    table = table.to(torch.float32)
+    if table.dim() == 3:  # (L, Dh/2, 2): shared by the batch
+        table = table.unsqueeze(0)
+    table = table.expand(layout.batch, layout.length, *table.shape[2:])
+    return layout.pack(table).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+def _heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
+    heads = attn.heads
+    head_dim = q.shape[-1] // heads
+    return heads, k.shape[-1] // head_dim, head_dim
+
+
+def _norm_weight_dtypes_ok(x: torch.Tensor, *norms: nn.Module | None) -> bool:
+    for norm in norms:
+        weight = getattr(norm, "weight", None) if norm is not None else None
+        if weight is not None and weight.dtype != x.dtype:
+            return False
+    return True
+
+
+def _adaln(norm1: nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """LuminaRMSNormZero's projection: (scale_msa, gate_msa, scale_mlp, gate_mlp), each ``(B, D)``."""
+    return norm1.linear(norm1.silu(temb)).chunk(4, dim=1)
+
+
+def _qkv(attn: nn.Module, h: torch.Tensor, freqs: torch.Tensor, norm: str | None, backend):
+    q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+    heads, kv_heads, head_dim = _heads(attn, q, k)
+    t = h.shape[0]
+    q, k = qk_norm_rope(
+        q.view(t, heads, head_dim),
+        k.view(t, kv_heads, head_dim),
+        freqs,
+        attn.norm_q if norm else None,
+        attn.norm_k if norm else None,
+        norm=norm,
+        backend=backend,
+    )
+    return q, k, v.view(t, kv_heads, head_dim)
+
+
+def _is_layer_norm(module: nn.Module | None, width: int) -> bool:
+    return isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (width,)
+
+
+def _is_diffusers_rms_norm(module: nn.Module | None, width: int | None) -> bool:
+    """diffusers' ``RMSNorm`` without bias (with or without weight) over ``width`` features."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "RMSNorm"
+        and isinstance(getattr(module, "eps", None), float)
+        and getattr(module, "bias", None) is None
+        and (weight is None or width is None or tuple(weight.shape) == (width,))
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lumina-Next: LuminaNextDiTBlock.
+
+
+def _query_params(block: nn.Module) -> list[nn.Parameter]:
+    params = [block.attn1.to_q.weight, block.attn2.to_q.weight]
+    for norm in (block.attn1.norm_q, block.attn2.norm_q):
+        if norm is not None:
+            params.extend(norm.parameters())
+    return params
+
+
+def _same_module_params(a: nn.Module | None, b: nn.Module | None) -> tuple[bool, bool]:
+    """(equal values, same Parameter objects) for two modules' parameters and eps."""
+    if a is None or b is None:
+        return a is b, a is b
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    if pa.keys() != pb.keys() or getattr(a, "eps", None) != getattr(b, "eps", None):
+        return False, False
+    same = all(pa[n] is pb[n] for n in pa)
+    return same or all(pa[n].shape == pb[n].shape and torch.equal(pa[n], pb[n]) for n in pa), same
+
+
+def _fused_query(block: nn.Module) -> bool:
+    """Whether attn2's query may be taken from attn1 (one varlen_attention call with the text branch).
+
+    True when attn2.to_q / norm_q equal attn1's (converted checkpoints: both are Lumina's wq + q_norm) and
+    either they are the very same Parameters or no gradient is being recorded for them (with separate
+    copies, diffusers trains the two queries apart; a fused call could not split their gradients). The
+    value comparison is redone only when one of the tensors was modified (version counter) or replaced.
+    """
+    state = state_of(block)
+    params = _query_params(block)
+    stamp = tuple((id(p), _version(p)) for p in params)
+    if state.extra.get("tied_stamp") != stamp or any(s[1] is None for s in stamp):
+        with torch.no_grad():
+            eq_q, same_q = _same_module_params(block.attn1.to_q, block.attn2.to_q)
+            eq_n, same_n = _same_module_params(block.attn1.norm_q, block.attn2.norm_q)
+        state.extra.update(tied_stamp=stamp, tied=eq_q and eq_n, shared=same_q and same_n)
+    if not state.extra["tied"]:
+        return False
+    if state.extra["shared"] or not torch.is_grad_enabled():
+        return True
+    return not any(p.requires_grad for p in params)
+
+
+def _next_block_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_rotary_emb: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_mask: torch.Tensor,
+    temb: torch.Tensor,
+    cross_attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    state = state_of(self)
+    backend, cache = state.backend, state.extra["cache"]
+    if image_rotary_emb is None or not _norm_weight_dtypes_ok(
+        hidden_states, self.norm1.norm, self.norm2, self.ffn_norm1, self.ffn_norm2, self.norm1_context
+    ):
+        return state.call_original(
+            self,
+            hidden_states,
+            attention_mask,
+            image_rotary_emb,
+            encoder_hidden_states,
+            encoder_mask,
+            temb,
+            cross_attention_kwargs if cross_attention_kwargs is not None else {},
+        )
+    batch, length, _ = hidden_states.shape
+    img = cache.layout(attention_mask, batch, length, hidden_states.device)
+    txt = cache.layout(encoder_mask, batch, encoder_hidden_states.shape[1], hidden_states.device)
+    freqs = cache.freqs(image_rotary_emb, img)
+    cu = img.cu_seqlens
+
+    x = img.pack(hidden_states)
+    scale_msa, gate_msa, scale_mlp, gate_mlp = _adaln(self.norm1, temb)
+    h = rms_norm_modulate(x, self.norm1.norm.weight, scale_msa, eps=self.norm1.norm.eps, cu_seqlens=cu, backend=backend)
+
+    attn1, attn2 = self.attn1, self.attn2
+    norm = "layer_norm" if attn1.norm_q is not None else None
+    q, k, v = _qkv(attn1, h, freqs, norm, backend)
+    base = (cross_attention_kwargs or {}).get("base_sequence_length")
+    scale = attn1.scale * (math.sqrt(math.log(length, base)) if base is not None else 1.0)
+
+    y = rms_norm(txt.pack(encoder_hidden_states), self.norm1_context.weight, self.norm1_context.eps, backend=backend)
+    text_k, text_v = attn2.to_k(y), attn2.to_v(y)
+    if attn2.norm_k is not None:
+        text_k = attn2.norm_k(text_k)
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    text_k, text_v = text_k.view(-1, kv_heads, head_dim), text_v.view(-1, kv_heads, head_dim)
+
+    fused = _fused_query(self)
+    state.extra["last_path"] = "fused" if fused else "separate"
+    if fused:
+        out = varlen_attention(
+            q,
+            k,
+            v,
+            cu,
+            img.max_seqlen,
+            scale,
+            text_k=text_k,
+            text_v=text_v,
+            text_cu_seqlens=txt.cu_seqlens,
+            text_max_seqlen=txt.max_seqlen,
+            gate=self.gate,
+            backend=backend,
+        )
+    else:
+        # attn2 has its own query (weights or gradients): our self-attention plus diffusers' caption attention.
+        out = varlen_attention(q, k, v, cu, img.max_seqlen, scale, backend=backend)
+        cross = attn2(
+            hidden_states=img.unpack(h, torch.zeros_like(hidden_states)),
+            encoder_hidden_states=txt.unpack(y, torch.zeros_like(encoder_hidden_states)),
+            attention_mask=encoder_mask,
+            query_rotary_emb=image_rotary_emb,
+            key_rotary_emb=None,
+        )
+        out = out + img.pack(cross) * self.gate.tanh().view(1, -1, 1)
+    out = attn2.to_out[0](out.flatten(1))
+
+    x = gated_residual_rms_norm(x, out, self.norm2.weight, gate_msa, self.norm2.eps, cu_seqlens=cu, backend=backend)
+    h = rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, eps=self.ffn_norm1.eps, cu_seqlens=cu, backend=backend)
+    h = self.feed_forward(h)
+    x = gated_residual_rms_norm(
+        x, h, self.ffn_norm2.weight, gate_mlp, self.ffn_norm2.eps, cu_seqlens=cu, backend=backend
+    )
+    return img.unpack(x, hidden_states)
+
+
+def _next_block_unsupported(block: nn.Module) -> str:
+    attn1, attn2 = block.attn1, block.attn2
+    if type(block.norm1).__name__ != "LuminaRMSNormZero":
+        return f"norm1 is {type(block.norm1).__name__}, not LuminaRMSNormZero"
+    if not all(isinstance(m, nn.Linear) for m in (attn1.to_q, attn1.to_k, attn2.to_k)):
+        return "attn1.to_q / attn1.to_k / attn2.to_k are not Linear layers"
+    dim, width, kv_width = attn1.to_q.in_features, attn1.to_q.out_features, attn1.to_k.out_features
+    for name, norm, w in (
+        ("norm1.norm", block.norm1.norm, dim),
+        ("norm2", block.norm2, dim),
+        ("ffn_norm1", block.ffn_norm1, dim),
+        ("ffn_norm2", block.ffn_norm2, dim),
+        ("norm1_context", block.norm1_context, None),
+    ):
+        if not _is_diffusers_rms_norm(norm, w):
+            return f"{name} is not a bias-free diffusers RMSNorm"
+    if (attn1.norm_q is None) != (attn1.norm_k is None) or (
+        attn1.norm_q is not None
+        and not (_is_layer_norm(attn1.norm_q, width) and _is_layer_norm(attn1.norm_k, kv_width))
+    ):
+        return "attn1 QK-norm is not LayerNorm across heads"
+    if attn2.heads != attn1.heads or attn2.to_k.out_features != kv_width:
+        return "attn2 head layout differs from attn1"
+    head_dim = width // attn1.heads
+    if head_dim % 8 or not 16 <= head_dim <= 256:
+        return f"head_dim {head_dim} is outside fk.varlen_attention's range (multiples of 8 from 16 to 256)"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lumina-Image-2.0: Lumina2TransformerBlock (noise refiner, context refiner and joint layers).
+
+
+def _lumina2_block_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_rotary_emb: torch.Tensor | None,
+    temb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    state = state_of(self)
+    backend, cache = state.backend, state.extra["cache"]
+    first_norm = self.norm1.norm if self.modulation else self.norm1
+    if image_rotary_emb is None or not _norm_weight_dtypes_ok(
+        hidden_states, first_norm, self.norm2, self.ffn_norm1, self.ffn_norm2
+    ):
+        return state.call_original(self, hidden_states, attention_mask, image_rotary_emb, temb)
+    batch, length, _ = hidden_states.shape
+    lay = cache.layout(attention_mask, batch, length, hidden_states.device)
+    freqs = cache.freqs(image_rotary_emb, lay)
+    cu = lay.cu_seqlens
+
+    x = lay.pack(hidden_states)
+    if self.modulation:
+        scale_msa, gate_msa, scale_mlp, gate_mlp = _adaln(self.norm1, temb)
+        h = rms_norm_modulate(x, first_norm.weight, scale_msa, eps=first_norm.eps, cu_seqlens=cu, backend=backend)
+    else:
+        h = rms_norm(x, first_norm.weight, first_norm.eps, backend=backend)
+        gate_msa = gate_mlp = x.new_ones(batch, x.shape[1])
+
+    attn = self.attn
+    q, k, v = _qkv(attn, h, freqs, "rms_norm" if attn.norm_q is not None else None, backend)
+    out = varlen_attention(q, k, v, cu, lay.max_seqlen, attn.scale, backend=backend)
+    out = attn.to_out[1](attn.to_out[0](out.flatten(1)))
+
+    tanh_gate = bool(self.modulation)
+    x = gated_residual_rms_norm(x, out, self.norm2.weight, gate_msa, self.norm2.eps, tanh_gate, cu, backend=backend)
+    if self.modulation:
+        h = rms_norm_modulate(
+            x, self.ffn_norm1.weight, scale_mlp, eps=self.ffn_norm1.eps, cu_seqlens=cu, backend=backend
+        )
+    else:
+        h = rms_norm(x, self.ffn_norm1.weight, self.ffn_norm1.eps, backend=backend)
+    h = self.feed_forward(h)
+    x = gated_residual_rms_norm(
+        x, h, self.ffn_norm2.weight, gate_mlp, self.ffn_norm2.eps, tanh_gate, cu, backend=backend
+    )
+    return lay.unpack(x, hidden_states)
+
+
+def _lumina2_block_unsupported(block: nn.Module) -> str:
+    attn = block.attn
+    if not isinstance(attn.to_q, nn.Linear) or not isinstance(attn.to_k, nn.Linear):
+        return "attn.to_q / to_k are not Linear layers"
+    dim = attn.to_q.in_features
+    head_dim = attn.to_q.out_features // attn.heads
+    first = block.norm1.norm if block.modulation else block.norm1
+    if block.modulation and type(block.norm1).__name__ != "LuminaRMSNormZero":
+        return f"norm1 is {type(block.norm1).__name__}, not LuminaRMSNormZero"
+    for name, norm in (("norm1", first), ("norm2", block.norm2), ("ffn_norm1", block.ffn_norm1)):
+        if not _is_diffusers_rms_norm(norm, dim):
+            return f"{name} is not a bias-free diffusers RMSNorm"
+    if not _is_diffusers_rms_norm(block.ffn_norm2, dim):
+        return "ffn_norm2 is not a bias-free diffusers RMSNorm"
+    if (attn.norm_q is None) != (attn.norm_k is None) or (
+        attn.norm_q is not None
+        and not (_is_diffusers_rms_norm(attn.norm_q, head_dim) and _is_diffusers_rms_norm(attn.norm_k, head_dim))
+    ):
+        return "QK-norm is not a per-head diffusers RMSNorm"
+    if head_dim % 8 or not 16 <= head_dim <= 256:
+        return f"head_dim {head_dim} is outside fk.varlen_attention's range (multiples of 8 from 16 to 256)"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+_BLOCKS = {
+    "LuminaNextDiTBlock": (NEXT_KIND, _next_block_forward, _next_block_unsupported),
+    "Lumina2TransformerBlock": (LUMINA2_KIND, _lumina2_block_forward, _lumina2_block_unsupported),
+}
+_MODELS = ("LuminaNextDiT2DModel", "Lumina2Transformer2DModel")
+
+
+def patch(model: nn.Module, backend: str | None = None, rms_norms: bool = True) -> PatchReport:
+    """Swaps the norm / QK-norm + RoPE / attention work of a diffusers Lumina transformer onto our ops.
+
+    ``model``: a ``LuminaNextDiT2DModel`` or ``Lumina2Transformer2DModel`` (or any module holding their
+    blocks). ``backend``: the flagdit-kernels backend for every op (None: the default for the tensors'
+    device; "reference" / "triton" in tests). ``rms_norms``: also swap the RMSNorm modules outside the blocks
+    (:func:`patch_rms_norm`). Idempotent; undo with :func:`unpatch`. Returns what was swapped and skipped.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    report = PatchReport()
+    cache = _LayoutCache()  # one per patch call: shared by the blocks of this model
+    found = False
+    for name, module in model.named_modules():
+        spec = _BLOCKS.get(type(module).__name__)
+        if spec is None:
+            continue
+        found = True
+        kind, forward, unsupported = spec
+        if is_patched(module):
+            report.already[name] = state_of(module).kind
+            continue
+        why = unsupported(module)
+        if why:
+            report.skipped[name] = f"{type(module).__name__}: {why}"
+            continue
+        install(module, kind, forward, backend, cache=cache)
+        report.swapped[name] = _describe(module, kind)
+    if not found:
+        raise ValueError(
+            f"found no LuminaNextDiTBlock or Lumina2TransformerBlock in {type(model).__name__}; "
+            f"patch() supports diffusers' {' and '.join(_MODELS)}"
+        )
+    if rms_norms:
+        # Inside patched blocks the norms are already fused; patch the rest (caption embedder, refiners' ...).
+        outside = patch_rms_norm(_OutsideBlocks(model), backend=backend)
+        report.merge(outside)
+    return report
+
+
+def _describe(block: nn.Module, kind: str) -> str:
+    if kind == NEXT_KIND:
+        return (
+            "LuminaNextDiTBlock -> rms_norm_modulate, qk_norm_rope (LayerNorm across heads, 2D RoPE), "
+            "varlen_attention with gated caption cross-attention, gated_residual_rms_norm x2"
+        )
+    return (
+        f"Lumina2TransformerBlock{'' if block.modulation else ' (no modulation)'} -> "
+        f"{'rms_norm_modulate' if block.modulation else 'rms_norm'}, qk_norm_rope (per-head RMSNorm, 3D RoPE), "
+        "varlen_attention, gated_residual_rms_norm x2"
+    )
+
+
+class _OutsideBlocks(nn.Module):
+    """A view of ``model`` whose ``named_modules`` skips the patched blocks' subtrees (their norms are fused)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        skip: list[str] = []
+        for name, module in self._model.named_modules(remove_duplicate=remove_duplicate):
+            if any(name == s or name.startswith(s + ".") for s in skip):
+                continue
+            state = state_of(module)
+            if state is not None and state.kind in KINDS:
+                skip.append(name)
+                continue
+            yield name, module
+
+
+def unpatch(model: nn.Module) -> PatchReport:
+    """Restores every module under ``model`` that :func:`patch` (or ``patch_rms_norm``) changed."""
+    return _unpatch_all(model)
