@@ -4,7 +4,7 @@ Every op runs on the fastest backend available for its tensors' device; ``backen
 ``FLAGDIT_KERNELS_BACKEND`` environment variable override. ``fk.backend_info()`` says what is available.
 """
 
-from . import nn
+from . import integrations, nn
 from ._dispatch import BACKENDS, available_backends
 from ._info import backend_info
 from .ops.attention import proportional_scale, varlen_attention
@@ -21,6 +21,7 @@ __all__ = [
     "available_backends",
     "backend_info",
     "gated_residual_rms_norm",
+    "integrations",
     "nn",
     "pack",
     "proportional_scale",

@@ -47,7 +47,16 @@ def format_table(rows: list[dict], copy_gbs: float, mm_tflops: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flagdit-bench", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from .report import main as report_main
+
+        return report_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="flagdit-bench",
+        description=__doc__,
+        epilog="flagdit-bench report JSON... writes a Markdown table and a PNG",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small shapes (the default on CPU)")
