@@ -80,7 +80,7 @@ def test_apply_rope(dtype, interleaved, shape, batched):
 
 
 def test_apply_rope_float64_table_and_many_blocks(monkeypatch):
-    """Tiny tiles force several token and head blocks per launch; an fp64 table is accepted."""
+    """Tiny tiles split heads over several programs per token; an fp64 table is accepted."""
     monkeypatch.setattr(K, "ROPE_TILE_PAIRS", 16)
     x = fresh((9, 5, 40), torch.float32)
     freqs = freqs_for(40, 9).double()

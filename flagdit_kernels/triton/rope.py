@@ -26,8 +26,8 @@ import triton.language as tl
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 NORM_CODES = {None: NORM_NONE, "none": NORM_NONE, "layer_norm": NORM_LAYER, "rms_norm": NORM_RMS}
 
-# apply_rope: rotary pairs per program (x 2 elements). 2048 pairs = one H32 Dh128 token row: big enough to
-# amortize the freqs load and index math, small enough to stay in registers at 8 warps.
+# apply_rope: rotary pairs per program (x 2 elements); one program handles heads of one token. 2048 pairs =
+# one H32 Dh128 token row: big enough to amortize the freqs load and index math, small enough for registers.
 ROPE_TILE_PAIRS = 2048
 # qk_norm_rope, per-head or no norm: pairs per program when heads are split into blocks.
 QK_TILE_PAIRS = 2048
@@ -43,15 +43,48 @@ INTERPRETER_PROGRAMS = 3
 
 
 @triton.jit
-def _pair_index(p, HALF, INTERLEAVED: tl.constexpr):
-    """Element indices (within a head) of the two members of rotary pair p."""
+def _load_pairs(row_ptrs, col_stride, row_mask, HALF, INTERLEAVED: tl.constexpr, BLOCK_P: tl.constexpr):
+    """fp32 pair tiles (x0, x1), each (rows, BLOCK_P), of rows starting at ``row_ptrs`` (rows, 1).
+
+    Interleaved pairs are loaded as one contiguous row segment and split in registers, so loads stay
+    vectorized (a stride-2 gather would issue one 2-byte load per element); halves are two contiguous loads.
+    """
     if INTERLEAVED:
-        i0 = 2 * p
-        i1 = 2 * p + 1
+        d = tl.arange(0, 2 * BLOCK_P)
+        x = tl.load(row_ptrs + (d * col_stride)[None, :], mask=row_mask & (d < 2 * HALF)[None, :], other=0.0)
+        x = tl.reshape(x.to(tl.float32), (x.shape[0], BLOCK_P, 2))
+        x0, x1 = tl.split(x)
     else:
-        i0 = p
-        i1 = p + HALF
-    return i0, i1
+        p = tl.arange(0, BLOCK_P)
+        mask = row_mask & (p < HALF)[None, :]
+        x0 = tl.load(row_ptrs + (p * col_stride)[None, :], mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(row_ptrs + ((p + HALF) * col_stride)[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x0, x1
+
+
+@triton.jit
+def _store_pairs(row_ptrs, y0, y1, row_mask, HALF, INTERLEAVED: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Stores pair tiles (rows, BLOCK_P) into unit-stride rows starting at ``row_ptrs`` (rows, 1), cast to
+    the destination's dtype."""
+    dtype = row_ptrs.dtype.element_ty
+    if INTERLEAVED:
+        d = tl.arange(0, 2 * BLOCK_P)
+        y = tl.reshape(tl.join(y0, y1), (y0.shape[0], 2 * BLOCK_P))
+        tl.store(row_ptrs + d[None, :], y.to(dtype), mask=row_mask & (d < 2 * HALF)[None, :])
+    else:
+        p = tl.arange(0, BLOCK_P)
+        mask = row_mask & (p < HALF)[None, :]
+        tl.store(row_ptrs + p[None, :], y0.to(dtype), mask=mask)
+        tl.store(row_ptrs + (p + HALF)[None, :], y1.to(dtype), mask=mask)
+
+
+@triton.jit
+def _load_cos_sin(f_row, HALF, BLOCK_P: tl.constexpr):
+    """(cos, sin) of one token as (1, BLOCK_P) fp32 rows; padding pairs read 0 (their data is masked)."""
+    d = tl.arange(0, 2 * BLOCK_P)
+    f = tl.load(f_row + d, mask=d < 2 * HALF, other=0.0)
+    cos, sin = tl.split(tl.reshape(f, (BLOCK_P, 2)))
+    return cos[None, :], sin[None, :]
 
 
 @triton.jit
@@ -59,7 +92,6 @@ def _rope_kernel(
     x_ptr,
     f_ptr,
     out_ptr,
-    n_tokens,
     L,
     H,
     HALF,
@@ -71,51 +103,35 @@ def _rope_kernel(
     sf_l,
     INVERSE: tl.constexpr,
     INTERLEAVED: tl.constexpr,
-    BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """out = rotate(x) for a (BLOCK_T tokens, BLOCK_H heads, BLOCK_P pairs) tile; INVERSE rotates by -angle."""
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """out = rotate(x) for one token and BLOCK_H heads; INVERSE rotates by -angle. Grid (tokens, head blocks)."""
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // L
+    l = tok % L
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    p = tl.arange(0, BLOCK_P)
-    i0, i1 = _pair_index(p, HALF, INTERLEAVED)
-    t_ok = tok < n_tokens
-    p_ok = p < HALF
-    tok64 = tok.to(tl.int64)
-    b = tok64 // L
-    l = tok64 % L
-
-    f_row = f_ptr + (b * sf_b + l * sf_l)[:, None] + 2 * p[None, :]
-    f_mask = t_ok[:, None] & p_ok[None, :]
-    cos = tl.load(f_row, mask=f_mask, other=0.0)[:, None, :]
-    sin = tl.load(f_row + 1, mask=f_mask, other=0.0)[:, None, :]
+    row_mask = (h < H)[:, None]
+    cos, sin = _load_cos_sin(f_ptr + b * sf_b + l * sf_l, HALF, BLOCK_P)
     if INVERSE:
         sin = -sin
-
-    mask = f_mask[:, None, :] & (h < H)[None, :, None]
-    x_row = x_ptr + (b * sx_b + l * sx_l)[:, None, None] + (h * sx_h)[None, :, None]
-    x0 = tl.load(x_row + (i0 * sx_d)[None, None, :], mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(x_row + (i1 * sx_d)[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    x_rows = x_ptr + b * sx_b + l * sx_l + (h * sx_h)[:, None]
+    x0, x1 = _load_pairs(x_rows, sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
     y0 = x0 * cos - x1 * sin
     y1 = x0 * sin + x1 * cos
-
-    o_row = out_ptr + tok64[:, None, None] * (H * 2 * HALF) + (h * 2 * HALF)[None, :, None]
-    tl.store(o_row + i0[None, None, :], y0.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_row + i1[None, None, :], y1.to(out_ptr.dtype.element_ty), mask=mask)
+    o_rows = out_ptr + tok * (H * 2 * HALF) + (h * 2 * HALF)[:, None]
+    _store_pairs(o_rows, y0, y1, row_mask, HALF, INTERLEAVED, BLOCK_P)
 
 
 @triton.jit
-def _load_pair_params(ptr, h, i0, i1, mask, D, NORM: tl.constexpr):
+def _load_params(ptr, h, row_mask, HALF, NORM: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_P: tl.constexpr):
     """A norm parameter as (BLOCK_H, BLOCK_P) fp32 pair tiles: LayerNorm's span the row (H*Dh), RMSNorm's
     one head (Dh, the same for every head)."""
     if NORM == 1:
-        off = h[:, None] * D
+        rows = ptr + (h * 2 * HALF)[:, None]
     else:
-        off = h[:, None] * 0
-    v0 = tl.load(ptr + off + i0[None, :], mask=mask, other=0.0).to(tl.float32)
-    v1 = tl.load(ptr + off + i1[None, :], mask=mask, other=0.0).to(tl.float32)
-    return v0, v1
+        rows = ptr + (h * 0)[:, None]
+    return _load_pairs(rows, 1, row_mask, HALF, INTERLEAVED, BLOCK_P)
 
 
 @triton.jit
@@ -163,28 +179,20 @@ def _qk_fwd_rows(
 ):
     """Norm + RoPE + cast for tokens [start, end) of one tensor (q or k), heads [h0, h0 + BLOCK_H)."""
     h = h0 + tl.arange(0, BLOCK_H)
-    p = tl.arange(0, BLOCK_P)
-    i0, i1 = _pair_index(p, HALF, INTERLEAVED)
     D = 2 * HALF
-    p_ok = p < HALF
-    mask = (h < H)[:, None] & p_ok[None, :]
+    row_mask = (h < H)[:, None]
+    mask = row_mask & (tl.arange(0, BLOCK_P) < HALF)[None, :]
+    # Parameters stay in registers across the token loop.
     if HAS_W:
-        w0, w1 = _load_pair_params(w_ptr, h, i0, i1, mask, D, NORM)
+        w0, w1 = _load_params(w_ptr, h, row_mask, HALF, NORM, INTERLEAVED, BLOCK_P)
     if HAS_B:
-        b0, b1 = _load_pair_params(bias_ptr, h, i0, i1, mask, D, NORM)
-    x_cols0 = (h * sx_h)[:, None] + (i0 * sx_d)[None, :]
-    x_cols1 = (h * sx_h)[:, None] + (i1 * sx_d)[None, :]
-    o_cols0 = (h * D)[:, None] + i0[None, :]
-    o_cols1 = (h * D)[:, None] + i1[None, :]
+        b0, b1 = _load_params(bias_ptr, h, row_mask, HALF, NORM, INTERLEAVED, BLOCK_P)
     for t in range(start, end):
         bi = t // L
         li = t % L
-        x_row = x_ptr + bi * sx_b + li * sx_l
-        x0 = tl.load(x_row + x_cols0, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(x_row + x_cols1, mask=mask, other=0.0).to(tl.float32)
-        f_row = f_ptr + bi * sf_b + li * sf_l + 2 * p
-        cos = tl.load(f_row, mask=p_ok, other=0.0)[None, :]
-        sin = tl.load(f_row + 1, mask=p_ok, other=0.0)[None, :]
+        x_rows = x_ptr + bi * sx_b + li * sx_l + (h * sx_h)[:, None]
+        x0, x1 = _load_pairs(x_rows, sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
+        cos, sin = _load_cos_sin(f_ptr + bi * sf_b + li * sf_l, HALF, BLOCK_P)
         if NORM != 0:
             x0, x1, _ = _normalize(x0, x1, mask, H * D, D, eps, NORM)
         if HAS_W:
@@ -195,9 +203,7 @@ def _qk_fwd_rows(
             x1 = x1 + b1
         y0 = x0 * cos - x1 * sin
         y1 = x0 * sin + x1 * cos
-        o_row = out_ptr + t * (H * D)
-        tl.store(o_row + o_cols0, y0.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_row + o_cols1, y1.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_pairs(out_ptr + t * (H * D) + (h * D)[:, None], y0, y1, row_mask, HALF, INTERLEAVED, BLOCK_P)
 
 
 @triton.jit
@@ -298,32 +304,21 @@ def _qk_bwd_rows(
     and dx is the norm's backward of g = dn * w, with mean/rstd recomputed from x (nothing saved forward).
     """
     h = h0 + tl.arange(0, BLOCK_H)
-    p = tl.arange(0, BLOCK_P)
-    i0, i1 = _pair_index(p, HALF, INTERLEAVED)
     D = 2 * HALF
-    p_ok = p < HALF
-    mask = (h < H)[:, None] & p_ok[None, :]
+    row_mask = (h < H)[:, None]
+    mask = row_mask & (tl.arange(0, BLOCK_P) < HALF)[None, :]
     if HAS_W:
-        w0, w1 = _load_pair_params(w_ptr, h, i0, i1, mask, D, NORM)
+        w0, w1 = _load_params(w_ptr, h, row_mask, HALF, NORM, INTERLEAVED, BLOCK_P)
     acc_w0 = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
     acc_w1 = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
     acc_b0 = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
     acc_b1 = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
-    x_cols0 = (h * sx_h)[:, None] + (i0 * sx_d)[None, :]
-    x_cols1 = (h * sx_h)[:, None] + (i1 * sx_d)[None, :]
-    y_cols0 = (h * sy_h)[:, None] + (i0 * sy_d)[None, :]
-    y_cols1 = (h * sy_h)[:, None] + (i1 * sy_d)[None, :]
-    o_cols0 = (h * D)[:, None] + i0[None, :]
-    o_cols1 = (h * D)[:, None] + i1[None, :]
     for t in range(start, end):
         bi = t // L
         li = t % L
-        dy_row = dy_ptr + bi * sy_b + li * sy_l
-        dy0 = tl.load(dy_row + y_cols0, mask=mask, other=0.0).to(tl.float32)
-        dy1 = tl.load(dy_row + y_cols1, mask=mask, other=0.0).to(tl.float32)
-        f_row = f_ptr + bi * sf_b + li * sf_l + 2 * p
-        cos = tl.load(f_row, mask=p_ok, other=0.0)[None, :]
-        sin = tl.load(f_row + 1, mask=p_ok, other=0.0)[None, :]
+        dy_rows = dy_ptr + bi * sy_b + li * sy_l + (h * sy_h)[:, None]
+        dy0, dy1 = _load_pairs(dy_rows, sy_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
+        cos, sin = _load_cos_sin(f_ptr + bi * sf_b + li * sf_l, HALF, BLOCK_P)
         # Rotate the upstream gradient back by -angle (R^T).
         dn0 = dy0 * cos + dy1 * sin
         dn1 = dy1 * cos - dy0 * sin
@@ -331,9 +326,8 @@ def _qk_bwd_rows(
             dx0 = dn0
             dx1 = dn1
         else:
-            x_row = x_ptr + bi * sx_b + li * sx_l
-            x0 = tl.load(x_row + x_cols0, mask=mask, other=0.0).to(tl.float32)
-            x1 = tl.load(x_row + x_cols1, mask=mask, other=0.0).to(tl.float32)
+            x_rows = x_ptr + bi * sx_b + li * sx_l + (h * sx_h)[:, None]
+            x0, x1 = _load_pairs(x_rows, sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
             xh0, xh1, rstd = _normalize(x0, x1, mask, H * D, D, eps, NORM)
             if HAS_W:
                 acc_w0 += dn0 * xh0
@@ -356,28 +350,28 @@ def _qk_bwd_rows(
         if HAS_B:
             acc_b0 += dn0
             acc_b1 += dn1
-        o_row = dx_ptr + t * (H * D)
-        tl.store(o_row + o_cols0, dx0.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_row + o_cols1, dx1.to(dx_ptr.dtype.element_ty), mask=mask)
+        _store_pairs(dx_ptr + t * (H * D) + (h * D)[:, None], dx0, dx1, row_mask, HALF, INTERLEAVED, BLOCK_P)
 
     # Partial sums: LayerNorm params span the row, one partial row of H*Dh per program; RMSNorm params are
     # shared by all heads, so the head block is reduced here and a partial row holds Dh values.
     if NORM == 1:
-        p_cols0 = part_row * (H * D) + o_cols0
-        p_cols1 = part_row * (H * D) + o_cols1
         if HAS_W:
-            tl.store(dw_ptr + p_cols0, acc_w0, mask=mask)
-            tl.store(dw_ptr + p_cols1, acc_w1, mask=mask)
+            rows = dw_ptr + part_row * (H * D) + (h * D)[:, None]
+            _store_pairs(rows, acc_w0, acc_w1, row_mask, HALF, INTERLEAVED, BLOCK_P)
         if HAS_B:
-            tl.store(db_ptr + p_cols0, acc_b0, mask=mask)
-            tl.store(db_ptr + p_cols1, acc_b1, mask=mask)
+            rows = db_ptr + part_row * (H * D) + (h * D)[:, None]
+            _store_pairs(rows, acc_b0, acc_b1, row_mask, HALF, INTERLEAVED, BLOCK_P)
     else:
+        one_row = tl.full((1, 1), 1, tl.int1)
+        zero = tl.zeros((1, 1), dtype=tl.int32)
         if HAS_W:
-            tl.store(dw_ptr + part_row * D + i0, tl.sum(acc_w0, axis=0), mask=p_ok)
-            tl.store(dw_ptr + part_row * D + i1, tl.sum(acc_w1, axis=0), mask=p_ok)
+            sum_w0 = tl.sum(acc_w0, axis=0, keep_dims=True)
+            sum_w1 = tl.sum(acc_w1, axis=0, keep_dims=True)
+            _store_pairs(dw_ptr + part_row * D + zero, sum_w0, sum_w1, one_row, HALF, INTERLEAVED, BLOCK_P)
         if HAS_B:
-            tl.store(db_ptr + part_row * D + i0, tl.sum(acc_b0, axis=0), mask=p_ok)
-            tl.store(db_ptr + part_row * D + i1, tl.sum(acc_b1, axis=0), mask=p_ok)
+            sum_b0 = tl.sum(acc_b0, axis=0, keep_dims=True)
+            sum_b1 = tl.sum(acc_b1, axis=0, keep_dims=True)
+            _store_pairs(db_ptr + part_row * D + zero, sum_b0, sum_b1, one_row, HALF, INTERLEAVED, BLOCK_P)
 
 
 @triton.jit
@@ -503,12 +497,11 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True, i
     half = D // 2
     block_p = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(H), max(1, ROPE_TILE_PAIRS // block_p))
-    block_t = min(triton.next_power_of_2(n_tokens), max(1, ROPE_TILE_PAIRS // (block_h * block_p)))
-    grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(H, block_h))
+    grid = (n_tokens, triton.cdiv(H, block_h))
     _rope_kernel[grid](
-        x4, f, out, n_tokens, L, H, half, *x4.stride(), sf_b, sf_l,
-        INVERSE=inverse, INTERLEAVED=interleaved, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_P=block_p,
-        num_warps=_num_warps(block_t * block_h * block_p, 256, 1, 8),
+        x4, f, out, L, H, half, *x4.stride(), sf_b, sf_l,
+        INVERSE=inverse, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_P=block_p,
+        num_warps=_num_warps(block_h * block_p, 256, 1, 8),
     )  # fmt: skip
     return out
 
