@@ -8,10 +8,11 @@ Layout shared by every kernel in this file:
   gradients are freshly allocated and contiguous.
 - freqs holds float32 (cos, sin) per token and rotary pair: ``(L, Dh/2, 2)`` shared by the batch (batch
   stride 0) or ``(B, L, Dh/2, 2)``; any per-token rows work, which is what packed varlen sequences need.
-- Programs work on pair tiles ``(BLOCK_H, BLOCK_P)``: column p holds rotary pair p of each head, so every
-  element is loaded exactly once, as the first (x0) or second (x1) member of its pair. Pairs are adjacent
-  ``(2p, 2p+1)`` (interleaved: Lumina's complex multiply) or halves ``(p, p + Dh/2)`` (rotate-half:
-  Llama/HF). BLOCK_P is Dh/2 rounded up to a power of two; masks cover head dims such as 48, 72, 120.
+- Programs work on pair tiles ``(BLOCK_H, BLOCK_P)``: column p holds the first (x0) and second (x1) member
+  of rotary pair p of each head. Pairs are adjacent ``(2p, 2p+1)`` (interleaved: Lumina's complex multiply;
+  loaded as contiguous rows and split in registers) or halves ``(p, p + Dh/2)`` (rotate-half: Llama/HF;
+  two contiguous loads). Every element is read once, with vectorized loads. BLOCK_P is Dh/2 rounded up to a
+  power of two; masks cover head dims such as 48, 72, 120.
 - Math in fp32; stores cast to the output's dtype. The rotation by -angle (the transpose, used for the
   backward pass) is the same kernel with sin negated.
 """
@@ -513,7 +514,7 @@ def _head_block(heads: int, block_p: int, norm_code: int) -> int:
             raise ValueError(
                 f"qk_norm_rope (triton): LayerNorm across heads keeps a whole token row in one program; "
                 f"{heads} heads of head_dim {2 * block_p} or less pad to {2 * full * block_p} values, over the "
-                f"limit of {2 * MAX_ROW_PAIRS}. Use norm='rms_norm' or the reference backend for rows this wide."
+                f"limit of {2 * MAX_ROW_PAIRS}; use backend='reference' for rows this wide."
             )
         return full
     return min(full, max(1, QK_TILE_PAIRS // block_p))
