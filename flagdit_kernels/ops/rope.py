@@ -95,6 +95,8 @@ def apply_rope(
     """Rotates x ``(T, H, Dh)`` or ``(B, L, H, Dh)`` by ``freqs`` (from :func:`rope_freqs`; for 4-D x either
     ``(L, Dh/2, 2)`` shared by the batch or ``(B, L, Dh/2, 2)``). ``interleaved`` rotates pairs (2i, 2i+1)
     (Lumina's complex multiply), else halves (i, i + Dh/2) (Llama/HF). fp32 math, output in x's dtype.
+    x may be any strided view (e.g. sliced from a fused QKV projection): the Triton backend reads it in place,
+    with no unit-stride requirement; its output is contiguous. freqs gets no gradient.
     """
     _check_heads("x", x)
     check_freqs(freqs, "x", x)
