@@ -95,6 +95,8 @@ def apply_rope(
     """Rotates x ``(T, H, Dh)`` or ``(B, L, H, Dh)`` by ``freqs`` (from :func:`rope_freqs`; for 4-D x either
     ``(L, Dh/2, 2)`` shared by the batch or ``(B, L, Dh/2, 2)``). ``interleaved`` rotates pairs (2i, 2i+1)
     (Lumina's complex multiply), else halves (i, i + Dh/2) (Llama/HF). fp32 math, output in x's dtype.
+    x may be any strided view (e.g. sliced from a fused QKV projection): the Triton backend reads it in place,
+    with no unit-stride requirement; its output is contiguous. freqs gets no gradient.
     """
     _check_heads("x", x)
     check_freqs(freqs, "x", x)
@@ -165,3 +167,136 @@ def qk_norm_rope(
         raise ValueError(f"q_norm and k_norm must share eps, got {eps} and {k_eps}")
     _, fn = _dispatch.resolve("qk_norm_rope", q.device, backend)
     return fn(q, k, freqs, (qw, qb), (kw, kb), norm, eps, interleaved)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton backend: torch.library custom ops (opaque to torch.compile, with fake impls and autograd), so that
+# torch.compile(fullgraph=True) traces through them. Triton is imported only when a kernel runs.
+
+_TRITON_INSTALLED = _dispatch.triton_installed()  # a constant, so compiled code needs no import machinery
+
+
+def _kernels():
+    from ..triton import rope as kernels
+
+    return kernels
+
+
+def _empty_like_contiguous(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=dtype or x.dtype)
+
+
+@torch.library.custom_op("flagdit_kernels::apply_rope_triton", mutates_args=())
+def _apply_rope_op(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool, inverse: bool) -> torch.Tensor:
+    return _kernels().apply_rope(x, freqs, interleaved, inverse)
+
+
+@_apply_rope_op.register_fake
+def _(x, freqs, interleaved, inverse):
+    return _empty_like_contiguous(x)
+
+
+def _apply_rope_setup(ctx, inputs, output):
+    _, freqs, ctx.interleaved, ctx.inverse = inputs
+    ctx.save_for_backward(freqs)
+
+
+def _apply_rope_backward(ctx, grad):
+    # The rotation is orthogonal: its transpose is the rotation by -angle. freqs is a table built from
+    # integer positions and gets no gradient.
+    (freqs,) = ctx.saved_tensors
+    return _apply_rope_op(grad, freqs, ctx.interleaved, not ctx.inverse), None, None, None
+
+
+_apply_rope_op.register_autograd(_apply_rope_backward, setup_context=_apply_rope_setup)
+
+
+@torch.library.custom_op("flagdit_kernels::qk_norm_rope_triton", mutates_args=())
+def _qk_norm_rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    freqs: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    norm: str,
+    eps: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().qk_norm_rope_fwd(q, k, freqs, q_weight, q_bias, k_weight, k_bias, norm, eps, interleaved)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, freqs, q_weight, q_bias, k_weight, k_bias, norm, eps, interleaved):
+    return _empty_like_contiguous(q), _empty_like_contiguous(k, q.dtype)
+
+
+@torch.library.custom_op("flagdit_kernels::qk_norm_rope_backward_triton", mutates_args=())
+def _qk_norm_rope_backward_op(
+    dq_out: torch.Tensor,
+    dk_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    freqs: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    q_bias: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    k_bias: torch.Tensor | None,
+    norm: str,
+    eps: float,
+    interleaved: bool,
+) -> list[torch.Tensor]:
+    grads = _kernels().qk_norm_rope_bwd(
+        dq_out, dk_out, q, k, freqs, q_weight, q_bias, k_weight, k_bias, norm, eps, interleaved
+    )
+    # Custom ops cannot return None: an absent parameter's gradient comes back as an empty tensor.
+    return [q.new_empty(0) if g is None else g for g in grads]
+
+
+@_qk_norm_rope_backward_op.register_fake
+def _(dq_out, dk_out, q, k, freqs, q_weight, q_bias, k_weight, k_bias, norm, eps, interleaved):
+    params = (q_weight, q_bias, k_weight, k_bias)
+    return [_empty_like_contiguous(q), _empty_like_contiguous(k)] + [
+        q.new_empty(0) if p is None else _empty_like_contiguous(p) for p in params
+    ]
+
+
+def _qk_norm_rope_setup(ctx, inputs, output):
+    q, k, freqs, qw, qb, kw, kb, ctx.norm, ctx.eps, ctx.interleaved = inputs
+    ctx.has = tuple(t is not None for t in (qw, qb, kw, kb))
+    ctx.save_for_backward(q, k, freqs, qw, qb, kw, kb)
+
+
+def _qk_norm_rope_backward(ctx, dq_out, dk_out):
+    q, k, freqs, qw, qb, kw, kb = ctx.saved_tensors
+    dq_out = torch.zeros_like(q) if dq_out is None else dq_out
+    dk_out = torch.zeros_like(k) if dk_out is None else dk_out
+    dq, dk, dqw, dqb, dkw, dkb = _qk_norm_rope_backward_op(
+        dq_out, dk_out, q, k, freqs, qw, qb, kw, kb, ctx.norm, ctx.eps, ctx.interleaved
+    )
+    params = [g if has else None for g, has in zip((dqw, dqb, dkw, dkb), ctx.has)]
+    return dq, dk, None, *params, None, None, None
+
+
+_qk_norm_rope_op.register_autograd(_qk_norm_rope_backward, setup_context=_qk_norm_rope_setup)
+
+
+def _apply_rope_triton(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    return _apply_rope_op(x, freqs, interleaved, False)
+
+
+def _qk_norm_rope_triton(q, k, freqs, q_norm, k_norm, norm, eps, interleaved):
+    (qw, qb), (kw, kb) = q_norm, k_norm
+    return _qk_norm_rope_op(q, k, freqs, qw, qb, kw, kb, "none" if norm is None else norm, float(eps), interleaved)
+
+
+for _op, _fn in (("apply_rope", _apply_rope_triton), ("qk_norm_rope", _qk_norm_rope_triton)):
+    _dispatch.register(
+        _op,
+        "triton",
+        _fn,
+        devices=("cuda",),
+        available=lambda: _TRITON_INSTALLED,
+        why_not=lambda: "triton is not installed",
+    )

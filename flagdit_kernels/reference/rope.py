@@ -2,6 +2,7 @@
 
 Tables follow the Lumina codebases: frequencies and angles in fp32 for 1D (Lumina-T2X) and 2D alternating
 (Lumina-Next) positions, fp64 for per-axis groups (Lumina-Image-2.0); cos/sin are stored as fp32.
+Norm and rotation compute in fp32, or in fp64 for fp64 inputs (so tests get a true fp64 reference).
 """
 
 from __future__ import annotations
