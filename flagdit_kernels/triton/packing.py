@@ -1,0 +1,381 @@
+"""Triton pack / unpack: latents of any (C, [F,] H, W) size <-> packed token rows, one launch per batch.
+
+The latents of a batch are separate tensors, so a single launch cannot take them as kernel arguments. Instead
+the host writes a small int64 *item table* (``item_table``): per item its first packed token, the raw address
+of its latent (``tensor.data_ptr()``), its (C, F, H, W) element strides and its patch grid. The kernels load
+an item's address from the table and turn it into a typed pointer (``int64.to(tl.pointer_type(...))``), so
+every item is reached from one program grid over (token blocks, channel blocks). Each token finds its item by
+a branch-free binary search over the table's start column (``LOG2_ITEMS`` steps, table reads hit L1).
+
+Memory order: a block holds ``BLOCK_T`` consecutive tokens; consecutive patch tokens of a patch row read
+consecutive latent columns, so the latent side of a tile is laid out as ``(C, ph, token, pw)`` (last two dims
+contiguous along W) and the token side as ``(token, vector element)``; ``tl.permute`` between the two lets the
+compiler stage the transpose through shared memory so that both the latent reads and the token-row writes
+are coalesced.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows of the item table (an int64 (ITEM_FIELDS, B + 1) tensor; only START uses the B + 1-th column).
+START, ADDR, STRIDE_C, STRIDE_F, STRIDE_H, STRIDE_W, PATCH_ROWS, PATCH_COLS, PATCH_START = range(9)
+ITEM_FIELDS = 9
+
+
+@triton.jit
+def _find_item(starts, tokens, n_items, LOG2_ITEMS: tl.constexpr):
+    """Index of the item owning each token: the last i with starts[i] <= token (binary search, no branches)."""
+    item = tl.zeros_like(tokens)
+    for k in tl.static_range(LOG2_ITEMS - 1, -1, -1):
+        cand = item + (1 << k)
+        ok = cand < n_items
+        first = tl.load(starts + cand, mask=ok, other=0)
+        item = tl.where(ok & (first <= tokens), cand, item)
+    return item
+
+
+@triton.jit
+def _token_places(table, n_items, tokens, LOG2_ITEMS: tl.constexpr, NEXTLINE: tl.constexpr, NEXTFRAME: tl.constexpr):
+    """Item, (frame, row, col), patch flag and nextframe flag of each token (csrc/token_layout.h `locate`)."""
+    stride = n_items + 1
+    item = _find_item(table + START * stride, tokens, n_items, LOG2_ITEMS)
+    # Token counts fit in int32 (the element offsets computed later are int64).
+    rows = tl.load(table + PATCH_ROWS * stride + item).to(tl.int32)
+    cols = tl.load(table + PATCH_COLS * stride + item).to(tl.int32)
+    local = tokens - tl.load(table + START * stride + item).to(tl.int32)
+    row_len = cols + NEXTLINE
+    frame_len = rows * row_len
+    frame = local // (frame_len + NEXTFRAME)
+    in_frame = local - frame * (frame_len + NEXTFRAME)
+    row = in_frame // row_len
+    col = in_frame - row * row_len
+    is_patch = (in_frame < frame_len) & (col < cols)
+    is_frame_slot = in_frame == frame_len
+    return item, frame, row, col, cols, rows, is_patch, is_frame_slot
+
+
+@triton.jit
+def pack_kernel(
+    table,  # int64 (ITEM_FIELDS, n_items + 1), see module docstring
+    out,  # (total_tokens, C * P * P) token rows
+    positions,  # int32 (total_tokens, 3), written when WRITE_LAYOUT
+    kind,  # int8 (total_tokens,), written when WRITE_LAYOUT
+    patch_rows,  # int64 (patch tokens,), written when WRITE_LAYOUT
+    cu_seqlens,  # int32 (n_items + 1,), written when WRITE_LAYOUT
+    n_items,
+    total_tokens,
+    channels,
+    out_row_stride,
+    P: tl.constexpr,
+    P_BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    LOG2_ITEMS: tl.constexpr,
+    NEXTLINE: tl.constexpr,
+    NEXTFRAME: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    UNIT_W: tl.constexpr,
+    WRITE_LAYOUT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tokens < total_tokens
+    tokens = tl.where(in_range, tokens, total_tokens - 1)  # keep the table lookups in bounds
+    item, frame, row, col, cols, rows, is_patch, is_frame_slot = _token_places(
+        table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME
+    )
+    stride = n_items + 1
+
+    # Latent side: a (BLOCK_C, P_BLOCK, BLOCK_T, P_BLOCK) tile in (c, ph, token, pw) order.
+    elem = out.dtype.element_ty
+    base = tl.load(table + ADDR * stride + item).to(tl.pointer_type(elem))
+    s_c = tl.load(table + STRIDE_C * stride + item)
+    s_f = tl.load(table + STRIDE_F * stride + item)
+    s_h = tl.load(table + STRIDE_H * stride + item)
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ph = tl.arange(0, P_BLOCK)
+    pw = tl.arange(0, P_BLOCK)
+    token_off = frame.to(tl.int64) * s_f + (row * P).to(tl.int64) * s_h  # (BLOCK_T,)
+    if UNIT_W:
+        w_off = (col * P)[None, None, :, None] + pw[None, None, None, :]
+    else:
+        s_w = tl.load(table + STRIDE_W * stride + item)
+        w_off = ((col * P)[None, None, :, None] + pw[None, None, None, :]).to(tl.int64) * s_w[None, None, :, None]
+    src = (
+        base[None, None, :, None]
+        + ch[:, None, None, None].to(tl.int64) * s_c[None, None, :, None]
+        + ph[None, :, None, None].to(tl.int64) * s_h[None, None, :, None]
+        + token_off[None, None, :, None]
+        + w_off
+    )
+    load_mask = (
+        (is_patch & in_range)[None, None, :, None]
+        & (ch < channels)[:, None, None, None]
+        & (ph < P)[None, :, None, None]
+        & (pw < P)[None, None, None, :]
+    )
+    # Placeholder rows read nothing and are written as zeros.
+    vals = tl.load(src, mask=load_mask, other=0.0)
+
+    # Token side: rows of (C, ph, pw) or (ph, pw, C) ordered vectors.
+    row_base = tokens.to(tl.int64) * out_row_stride
+    if CHANNELS_LAST:
+        vals = tl.permute(vals, (2, 1, 3, 0))  # (token, ph, pw, c)
+        dst = (
+            row_base[:, None, None, None]
+            + ph[None, :, None, None] * (P * channels)
+            + pw[None, None, :, None] * channels
+            + ch[None, None, None, :]
+        )
+        store_mask = (
+            in_range[:, None, None, None]
+            & (ph < P)[None, :, None, None]
+            & (pw < P)[None, None, :, None]
+            & (ch < channels)[None, None, None, :]
+        )
+    else:
+        vals = tl.permute(vals, (2, 0, 1, 3))  # (token, c, ph, pw)
+        dst = (
+            row_base[:, None, None, None]
+            + ch[None, :, None, None] * (P * P)
+            + ph[None, None, :, None] * P
+            + pw[None, None, None, :]
+        )
+        store_mask = (
+            in_range[:, None, None, None]
+            & (ch < channels)[None, :, None, None]
+            & (ph < P)[None, None, :, None]
+            & (pw < P)[None, None, None, :]
+        )
+    tl.store(out + dst, vals, mask=store_mask)
+
+    if WRITE_LAYOUT:
+        if pid_c == 0:
+            # kind: 0 patch, 1 nextline, 2 nextframe; a placeholder's position is (frame, row, col) as located.
+            k = tl.where(is_patch, 0, tl.where(is_frame_slot, 2, 1)).to(tl.int8)
+            tl.store(kind + tokens, k, mask=in_range)
+            pos = positions + tokens.to(tl.int64) * 3
+            tl.store(pos, frame.to(tl.int32), mask=in_range)
+            tl.store(pos + 1, row.to(tl.int32), mask=in_range)
+            tl.store(pos + 2, col.to(tl.int32), mask=in_range)
+            patch_index = tl.load(table + PATCH_START * stride + item) + (frame * rows + row) * cols + col
+            tl.store(patch_rows + patch_index, tokens.to(tl.int64), mask=in_range & is_patch)
+            if pid_t == 0:
+                for b0 in range(0, n_items + 1, BLOCK_T):
+                    b = b0 + tl.arange(0, BLOCK_T)
+                    first = tl.load(table + START * stride + b, mask=b <= n_items)
+                    tl.store(cu_seqlens + b, first.to(tl.int32), mask=b <= n_items)
+
+
+@triton.jit
+def unpack_kernel(
+    table,  # int64 (ITEM_FIELDS, n_items + 1), addresses and strides of the output latents
+    tokens_ptr,  # (total_tokens, C * P * P) token rows, any strides
+    n_items,
+    total_tokens,
+    channels,
+    row_stride,
+    col_stride,
+    P: tl.constexpr,
+    P_BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    LOG2_ITEMS: tl.constexpr,
+    NEXTLINE: tl.constexpr,
+    NEXTFRAME: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    UNIT_W: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tokens < total_tokens
+    tokens = tl.where(in_range, tokens, total_tokens - 1)
+    item, frame, row, col, _, _, is_patch, _ = _token_places(table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME)
+    stride = n_items + 1
+    live = in_range & is_patch  # placeholder rows are dropped: neither read nor written
+    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ph = tl.arange(0, P_BLOCK)
+    pw = tl.arange(0, P_BLOCK)
+    row_base = tokens.to(tl.int64) * row_stride
+
+    # Token side: read rows in their vector order, then permute to the latent tile order (c, ph, token, pw).
+    if CHANNELS_LAST:
+        vec = ph[None, :, None, None] * (P * channels) + pw[None, None, :, None] * channels + ch[None, None, None, :]
+        mask = (
+            live[:, None, None, None]
+            & (ph < P)[None, :, None, None]
+            & (pw < P)[None, None, :, None]
+            & (ch < channels)[None, None, None, :]
+        )
+        vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
+        vals = tl.permute(vals, (3, 1, 0, 2))
+    else:
+        vec = ch[None, :, None, None] * (P * P) + ph[None, None, :, None] * P + pw[None, None, None, :]
+        mask = (
+            live[:, None, None, None]
+            & (ch < channels)[None, :, None, None]
+            & (ph < P)[None, None, :, None]
+            & (pw < P)[None, None, None, :]
+        )
+        vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
+        vals = tl.permute(vals, (1, 2, 0, 3))
+
+    elem = tokens_ptr.dtype.element_ty
+    base = tl.load(table + ADDR * stride + item).to(tl.pointer_type(elem))
+    s_c = tl.load(table + STRIDE_C * stride + item)
+    s_f = tl.load(table + STRIDE_F * stride + item)
+    s_h = tl.load(table + STRIDE_H * stride + item)
+    token_off = frame.to(tl.int64) * s_f + (row * P).to(tl.int64) * s_h
+    if UNIT_W:
+        w_off = (col * P)[None, None, :, None] + pw[None, None, None, :]
+    else:
+        s_w = tl.load(table + STRIDE_W * stride + item)
+        w_off = ((col * P)[None, None, :, None] + pw[None, None, None, :]).to(tl.int64) * s_w[None, None, :, None]
+    dst = (
+        base[None, None, :, None]
+        + ch[:, None, None, None].to(tl.int64) * s_c[None, None, :, None]
+        + ph[None, :, None, None].to(tl.int64) * s_h[None, None, :, None]
+        + token_off[None, None, :, None]
+        + w_off
+    )
+    store_mask = (
+        live[None, None, :, None]
+        & (ch < channels)[:, None, None, None]
+        & (ph < P)[None, :, None, None]
+        & (pw < P)[None, None, None, :]
+    )
+    tl.store(dst, vals, mask=store_mask)
+
+
+# ----------------------------------------------------------------------------------------------- host launchers
+
+
+def _cfhw_strides(t) -> tuple[int, int, int, int]:
+    """Element strides of a latent as (C, F, H, W); a (C, H, W) latent gets frame stride 0."""
+    return tuple(t.stride()) if t.dim() == 4 else (t.stride(0), 0, t.stride(1), t.stride(2))
+
+
+def item_table(latents, fhw, patch_size: int, nextline: bool, nextframe: bool, device):
+    """The int64 item table for tensors ``latents`` (their addresses and strides) of frame/height/width ``fhw``.
+
+    Returns ``(table, total_tokens, total_patches, unit_w)``; ``unit_w`` says every latent has W stride 1.
+    Built from shapes alone on the host (no device sync) and sent to the device in one small copy.
+    """
+    n = len(fhw)
+    cols = [[0] * (n + 1) for _ in range(ITEM_FIELDS)]
+    start = patches = 0
+    unit_w = True
+    for i, (t, (f, h, w)) in enumerate(zip(latents, fhw)):
+        rows, pcols = h // patch_size, w // patch_size
+        s_c, s_f, s_h, s_w = _cfhw_strides(t)
+        unit_w &= s_w == 1
+        for field, value in (
+            (START, start),
+            (ADDR, t.data_ptr()),
+            (STRIDE_C, s_c),
+            (STRIDE_F, s_f),
+            (STRIDE_H, s_h),
+            (STRIDE_W, s_w),
+            (PATCH_ROWS, rows),
+            (PATCH_COLS, pcols),
+            (PATCH_START, patches),
+        ):
+            cols[field][i] = value
+        start += f * rows * (pcols + int(nextline)) + (f - 1 if nextframe else 0)
+        patches += f * rows * pcols
+    cols[START][n] = start
+    table = torch.tensor(cols, dtype=torch.int64).to(device, non_blocking=True)
+    return table, start, patches, unit_w
+
+
+def _blocks(channels: int, patch_size: int) -> tuple[int, int, int]:
+    """(P_BLOCK, BLOCK_C, BLOCK_T): about 4096 elements per tile, at most 256 per token of one program."""
+    p_block = triton.next_power_of_2(patch_size)
+    block_c = min(triton.next_power_of_2(channels), max(1, 256 // (p_block * p_block)))
+    block_t = max(16, min(256, 4096 // (block_c * p_block * p_block)))
+    return p_block, block_c, block_t
+
+
+def _log2_items(n: int) -> int:
+    return max(0, (n - 1).bit_length())
+
+
+def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout):
+    """Launches :func:`pack_kernel` once for the batch. Returns ``patches`` or, with ``with_layout``,
+    ``(patches, positions, kind, patch_rows, cu_seqlens)``."""
+    x0 = latents[0]
+    channels = x0.shape[0]
+    table, total, n_patches, unit_w = item_table(latents, fhw, patch_size, nextline, nextframe, x0.device)
+    out = torch.empty(total, channels * patch_size * patch_size, device=x0.device, dtype=x0.dtype)
+    if with_layout:
+        positions = torch.empty(total, 3, device=x0.device, dtype=torch.int32)
+        kind = torch.empty(total, device=x0.device, dtype=torch.int8)
+        patch_rows = torch.empty(n_patches, device=x0.device, dtype=torch.int64)
+        cu = torch.empty(len(fhw) + 1, device=x0.device, dtype=torch.int32)
+    else:
+        positions = kind = patch_rows = cu = out  # unused: WRITE_LAYOUT=False compiles those stores away
+    p_block, block_c, block_t = _blocks(channels, patch_size)
+    grid = (triton.cdiv(total, block_t), triton.cdiv(channels, block_c))
+    pack_kernel[grid](
+        table,
+        out,
+        positions,
+        kind,
+        patch_rows,
+        cu,
+        len(fhw),
+        total,
+        channels,
+        out.stride(0),
+        P=patch_size,
+        P_BLOCK=p_block,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        LOG2_ITEMS=_log2_items(len(fhw)),
+        NEXTLINE=int(nextline),
+        NEXTFRAME=int(nextframe),
+        CHANNELS_LAST=channels_last,
+        UNIT_W=unit_w,
+        WRITE_LAYOUT=with_layout,
+    )
+    return (out, positions, kind, patch_rows, cu) if with_layout else out
+
+
+def unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last):
+    """Launches :func:`unpack_kernel` once for the batch; ``item_shapes`` holds (ndim, F, H, W) per item.
+    Returns new contiguous latents, one per item."""
+    dims = [tuple(item_shapes[i : i + 4]) for i in range(0, len(item_shapes), 4)]
+    outs = [
+        torch.empty((channels, f, h, w) if nd == 4 else (channels, h, w), device=tokens.device, dtype=tokens.dtype)
+        for nd, f, h, w in dims
+    ]
+    fhw = [(f, h, w) for _, f, h, w in dims]
+    table, total, _, _ = item_table(outs, fhw, patch_size, nextline, nextframe, tokens.device)
+    if total != tokens.shape[0]:
+        raise ValueError(f"tokens has {tokens.shape[0]} rows but the item shapes give {total} tokens")
+    p_block, block_c, block_t = _blocks(channels, patch_size)
+    grid = (triton.cdiv(total, block_t), triton.cdiv(channels, block_c))
+    unpack_kernel[grid](
+        table,
+        tokens,
+        len(fhw),
+        total,
+        channels,
+        tokens.stride(0),
+        tokens.stride(1),
+        P=patch_size,
+        P_BLOCK=p_block,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        LOG2_ITEMS=_log2_items(len(fhw)),
+        NEXTLINE=int(nextline),
+        NEXTFRAME=int(nextframe),
+        CHANNELS_LAST=channels_last,
+        UNIT_W=True,
+    )
+    return outs
