@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DEVICE, INTERPRETED, ON_GPU, compare_with_reference, fresh, poisoned_allocations
 
 import flagdit_kernels.ops.packing as packing
 from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 from flagdit_kernels.ops.embed import embed_packed
 from flagdit_kernels.reference.embed import embed_packed as embed_packed_reference
-from helpers import DEVICE, INTERPRETED, ON_GPU, compare_with_reference, fresh, poisoned_allocations
 
 P = 2
 C = 3

@@ -153,7 +153,7 @@ def pack_kernel(
         )
     tl.store(out + dst, vals, mask=store_mask)
 
-    if WRITE_LAYOUT:
+    if WRITE_LAYOUT:  # noqa: SIM102 (a constexpr gate: the stores below are compiled only when asked for)
         if pid_c == 0:
             # kind: 0 patch, 1 nextline, 2 nextframe; a placeholder's position is (frame, row, col) as located.
             k = tl.where(is_patch, 0, tl.where(is_frame_slot, 2, 1)).to(tl.int8)
