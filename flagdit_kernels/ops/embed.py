@@ -58,13 +58,14 @@ def _backward(ctx, grad):
 
 _triton_embed_packed.register_autograd(_backward, setup_context=_setup)
 
+_HAS_TRITON = _dispatch.triton_installed()  # looked up once, not per call
 _dispatch.register("embed_packed", "reference", _embed_reference, devices=("cpu", "cuda"))
 _dispatch.register(
     "embed_packed",
     "triton",
     _triton_embed_packed,
     devices=("cuda",),
-    available=_dispatch.triton_installed,
+    available=lambda: _HAS_TRITON,
     why_not=lambda: "triton is not installed",
 )
 

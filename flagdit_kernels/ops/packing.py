@@ -217,15 +217,81 @@ _register_pack_autograd(_triton_pack_patches, _triton_unpack_patches, layout=Fal
 _register_unpack_autograd(_triton_unpack_patches, _triton_pack_patches)
 
 
+# Eager twins of the custom ops above. A torch.library custom op costs tens of microseconds of Python per
+# call (dispatcher round trips through its Python autograd and device kernels), more than this launch-bound
+# op's whole GPU time on a mixed batch; outside torch.compile the same launchers run under these
+# autograd.Functions instead. Their backward passes call the twins again, so double backward works too.
+
+
+class _TritonPackLayout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, patch_size, nextline, nextframe, channels_last, *latents):
+        from ..triton import packing as tk
+
+        fhw = [frames_hw(tuple(x.shape)) for x in latents]
+        ctx.args = (_item_shapes([tuple(x.shape) for x in latents]), patch_size, nextline, nextframe, channels_last)
+        out = tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=True)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, *_int_grads):
+        item_shapes, p, nextline, nextframe, channels_last = ctx.args
+        channels = grad.shape[1] // p**2
+        grads = _TritonUnpack.apply(grad, item_shapes, p, channels, nextline, nextframe, channels_last)
+        return (None, None, None, None, *grads)
+
+
+class _TritonPackRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, patch_size, nextline, nextframe, channels_last, *latents):
+        from ..triton import packing as tk
+
+        fhw = [frames_hw(tuple(x.shape)) for x in latents]
+        ctx.args = (_item_shapes([tuple(x.shape) for x in latents]), patch_size, nextline, nextframe, channels_last)
+        return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        item_shapes, p, nextline, nextframe, channels_last = ctx.args
+        channels = grad.shape[1] // p**2
+        grads = _TritonUnpack.apply(grad, item_shapes, p, channels, nextline, nextframe, channels_last)
+        return (None, None, None, None, *grads)
+
+
+class _TritonUnpack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last):
+        from ..triton import packing as tk
+
+        ctx.args = (patch_size, nextline, nextframe, channels_last)
+        ctx.device, ctx.dtype = tokens.device, tokens.dtype
+        outs = tk.unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last)
+        ctx.shapes = [tuple(o.shape) for o in outs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        p, nextline, nextframe, channels_last = ctx.args
+        grads = [
+            torch.zeros(s, device=ctx.device, dtype=ctx.dtype) if g is None else g for g, s in zip(grads, ctx.shapes)
+        ]
+        return _TritonPackRows.apply(p, nextline, nextframe, channels_last, *grads), None, None, None, None, None, None
+
+
 def _pack_triton(latents, patch_size, nextline, nextframe, channels_last) -> Packed:
     shapes = [tuple(x.shape) for x in latents]
-    patches, positions, kind, rows, cu = _triton_pack_layout(latents, patch_size, nextline, nextframe, channels_last)
+    if torch.compiler.is_compiling():
+        out = _triton_pack_layout(latents, patch_size, nextline, nextframe, channels_last)
+    else:
+        out = _TritonPackLayout.apply(patch_size, nextline, nextframe, channels_last, *latents)
+    patches, positions, kind, rows, cu = out
     max_len = max(item_tokens(s, patch_size, nextline, nextframe) for s in shapes)
     return Packed(patches, cu, max_len, positions, kind, shapes, patch_size, nextline, nextframe, rows)
 
 
 def _unpack_triton(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
-    return _triton_unpack_patches(
+    args = (
         tokens,
         _item_shapes(packed.shapes),
         packed.patch_size,
@@ -234,6 +300,9 @@ def _unpack_triton(tokens, packed: Packed, out_channels, channels_last) -> list[
         packed.nextframe,
         channels_last,
     )
+    if torch.compiler.is_compiling():
+        return _triton_unpack_patches(*args)
+    return list(_TritonUnpack.apply(*args))
 
 
 # ------------------------------------------------------------------------------------------------------- cuda
@@ -265,12 +334,15 @@ _compiled = dict(
 )
 _dispatch.register("pack", "cpu", _pack_compiled, devices=("cpu",), **_compiled)
 _dispatch.register("unpack", "cpu", _unpack_compiled, devices=("cpu",), **_compiled)
-_triton = dict(available=_dispatch.triton_installed, why_not=lambda: "triton is not installed")
+# Looked up once: find_spec("triton") per call costs more than this op's GPU time on a small batch.
+_HAS_TRITON = _dispatch.triton_installed()
+_triton = dict(available=lambda: _HAS_TRITON, why_not=lambda: "triton is not installed")
 _dispatch.register("pack", "triton", _pack_triton, devices=("cuda",), **_triton)
 _dispatch.register("unpack", "triton", _unpack_triton, devices=("cuda",), **_triton)
 if extension_has_cuda():
     _register_cuda_layout_autograd()
-_cuda = dict(available=extension_has_cuda, why_not=lambda: "the compiled extension was built without CUDA")
+_HAS_CUDA_EXTENSION = extension_has_cuda()
+_cuda = dict(available=lambda: _HAS_CUDA_EXTENSION, why_not=lambda: "the compiled extension was built without CUDA")
 _dispatch.register("pack", "cuda", _pack_cuda, devices=("cuda",), **_cuda)
 _dispatch.register("unpack", "cuda", _unpack_compiled, devices=("cuda",), **_cuda)
 

@@ -16,6 +16,8 @@ are coalesced.
 
 from __future__ import annotations
 
+import array
+
 import torch
 import triton
 import triton.language as tl
@@ -268,28 +270,20 @@ def item_table(latents, fhw, patch_size: int, nextline: bool, nextframe: bool, d
     """
     n = len(fhw)
     cols = [[0] * (n + 1) for _ in range(ITEM_FIELDS)]
+    starts, addrs, s_c, s_f, s_h, s_w, rows, pcols, pstarts = cols
     start = patches = 0
-    unit_w = True
     for i, (t, (f, h, w)) in enumerate(zip(latents, fhw)):
-        rows, pcols = h // patch_size, w // patch_size
-        s_c, s_f, s_h, s_w = _cfhw_strides(t)
-        unit_w &= s_w == 1
-        for field, value in (
-            (START, start),
-            (ADDR, t.data_ptr()),
-            (STRIDE_C, s_c),
-            (STRIDE_F, s_f),
-            (STRIDE_H, s_h),
-            (STRIDE_W, s_w),
-            (PATCH_ROWS, rows),
-            (PATCH_COLS, pcols),
-            (PATCH_START, patches),
-        ):
-            cols[field][i] = value
-        start += f * rows * (pcols + int(nextline)) + (f - 1 if nextframe else 0)
-        patches += f * rows * pcols
-    cols[START][n] = start
-    table = torch.tensor(cols, dtype=torch.int64).to(device, non_blocking=True)
+        starts[i], pstarts[i], addrs[i] = start, patches, t.data_ptr()
+        s_c[i], s_f[i], s_h[i], s_w[i] = _cfhw_strides(t)
+        rows[i], pcols[i] = h // patch_size, w // patch_size
+        start += f * rows[i] * (pcols[i] + int(nextline)) + (f - 1 if nextframe else 0)
+        patches += f * rows[i] * pcols[i]
+    starts[n] = start
+    unit_w = all(v == 1 for v in s_w[:n])
+    # array -> frombuffer is several times cheaper than torch.tensor(list) on this launch-bound path. The
+    # host-to-device copy from pageable memory returns once the bytes are staged, so the array may go.
+    host = torch.frombuffer(array.array("q", [v for col in cols for v in col]), dtype=torch.int64)
+    table = host.to(device, non_blocking=True) if torch.device(device).type != "cpu" else host.clone()
     return table, start, patches, unit_w
 
 
