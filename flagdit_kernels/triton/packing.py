@@ -23,7 +23,11 @@ import triton
 import triton.language as tl
 
 # Rows of the item table (an int64 (ITEM_FIELDS, B + 1) tensor; only START uses the B + 1-th column).
-START, ADDR, STRIDE_C, STRIDE_F, STRIDE_H, STRIDE_W, PATCH_ROWS, PATCH_COLS, PATCH_START = range(9)
+# tl.constexpr so that kernels may read them as globals (compiled Triton rejects plain module ints; the
+# interpreter does not notice).
+START, ADDR, STRIDE_C, STRIDE_F, STRIDE_H, STRIDE_W, PATCH_ROWS, PATCH_COLS, PATCH_START = (
+    tl.constexpr(i) for i in range(9)
+)
 ITEM_FIELDS = 9
 
 
