@@ -325,3 +325,31 @@ def test_triton_agrees_with_compiled_backend(other):
     tokens = fresh((a.kind.shape[0], P * P * 2), torch.float32, seed=81)
     for x, y in zip(packing.unpack(tokens, a, 2, backend="triton"), packing.unpack(tokens, b, 2, backend=other)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", PACK_BACKENDS)
+def test_double_backward(backend):
+    # Pack's backward (an unpack) and unpack's backward (a pack) are differentiable too: the gradient of
+    # <grad_x(<pack(x), v>), w> with respect to v is pack(w) in both the kernel and the reference.
+    def second_order(fn_pack, fn_unpack):
+        x = [fresh(s, torch.float64, seed=90 + i).requires_grad_() for i, s in enumerate(MIXED[:3])]
+        patches = fn_pack(x)
+        v = fresh(patches.shape, torch.float64, seed=93).requires_grad_()
+        gx = torch.autograd.grad(patches, x, v, create_graph=True)
+        w = [fresh(g.shape, torch.float64, seed=94 + i) for i, g in enumerate(gx)]
+        (gv,) = torch.autograd.grad(gx, v, w)
+        packed = ref.pack([t.detach() for t in x], P)
+        t = fresh(patches.shape, torch.float64, seed=97).requires_grad_()
+        outs = fn_unpack(t, packed)
+        u = [fresh(o.shape, torch.float64, seed=98 + i).requires_grad_() for i, o in enumerate(outs)]
+        (gt,) = torch.autograd.grad(outs, t, u, create_graph=True)
+        gu = torch.autograd.grad(gt, u, fresh(gt.shape, torch.float64, seed=99))
+        return gv, gu
+
+    mine = second_order(
+        lambda x: packing.pack(x, P, backend=backend).patches,
+        lambda t, packed: packing.unpack(t, packed, C, channels_last=False, backend=backend),
+    )
+    want = second_order(lambda x: ref.pack(x, P).patches, lambda t, packed: ref.unpack(t, packed, C, False))
+    assert torch.equal(mine[0], want[0])
+    assert all(torch.equal(a, b) for a, b in zip(mine[1], want[1]))

@@ -60,7 +60,7 @@ def _token_places(table, n_items, tokens, LOG2_ITEMS: tl.constexpr, NEXTLINE: tl
     col = in_frame - row * row_len
     is_patch = (in_frame < frame_len) & (col < cols)
     is_frame_slot = in_frame == frame_len
-    return item, frame, row, col, cols, rows, is_patch, is_frame_slot
+    return item, local, frame, row, col, cols, rows, is_patch, is_frame_slot
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def pack_kernel(
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tokens < total_tokens
     tokens = tl.where(in_range, tokens, total_tokens - 1)  # keep the table lookups in bounds
-    item, frame, row, col, cols, rows, is_patch, is_frame_slot = _token_places(
+    item, local, frame, row, col, cols, rows, is_patch, is_frame_slot = _token_places(
         table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME
     )
     stride = n_items + 1
@@ -170,11 +170,9 @@ def pack_kernel(
             tl.store(pos + 2, col.to(tl.int32), mask=in_range)
             patch_index = tl.load(table + PATCH_START * stride + item) + (frame * rows + row) * cols + col
             tl.store(patch_rows + patch_index, tokens.to(tl.int64), mask=in_range & is_patch)
-            if pid_t == 0:
-                for b0 in range(0, n_items + 1, BLOCK_T):
-                    b = b0 + tl.arange(0, BLOCK_T)
-                    first = tl.load(table + START * stride + b, mask=b <= n_items)
-                    tl.store(cu_seqlens + b, first.to(tl.int32), mask=b <= n_items)
+            # cu_seqlens: the first token of every item writes its start; the last token writes the total.
+            tl.store(cu_seqlens + item, tokens, mask=in_range & (local == 0))
+            tl.store(cu_seqlens + n_items + 0 * tokens, tokens + 1, mask=in_range & (tokens == total_tokens - 1))
 
 
 @triton.jit
@@ -201,7 +199,7 @@ def unpack_kernel(
     tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tokens < total_tokens
     tokens = tl.where(in_range, tokens, total_tokens - 1)
-    item, frame, row, col, _, _, is_patch, _ = _token_places(table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME)
+    item, _, frame, row, col, _, _, is_patch, _ = _token_places(table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME)
     stride = n_items + 1
     live = in_range & is_patch  # placeholder rows are dropped: neither read nor written
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
