@@ -170,3 +170,13 @@ def test_emulated_strided_inputs(emu):
     outs = emulated_unpack(emu, tokens, want.shapes, 2, C)
     for o, w in zip(outs, ref.unpack(tokens.contiguous(), want, C)):
         assert torch.equal(o, w)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_emulated_power_of_two_channels_and_column_strided_tokens(emu, channels_last):
+    latents = [fresh((16, *s[1:]), torch.float32, seed=50 + i) for i, s in enumerate(MIXED[:4])]
+    want = _check_pack(emu, latents, 2, channels_last=channels_last)
+    tokens = fresh((4 * 16, want.kind.shape[0]), torch.float32, seed=55).t()  # column stride T
+    outs = emulated_unpack(emu, tokens, want.shapes, 2, 16, channels_last=channels_last)
+    for o, w in zip(outs, ref.unpack(tokens.contiguous(), want, 16, channels_last)):
+        assert torch.equal(o, w)

@@ -114,6 +114,31 @@ def test_other_patch_sizes(backend, p, shapes):
 
 
 @pytest.mark.parametrize("backend", PACK_BACKENDS)
+@pytest.mark.parametrize("channels", [4, 16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_power_of_two_channels(backend, channels, channels_last):
+    # Power-of-two channel counts make every token row one unpadded run (the kernels' 2-D row path, both orders).
+    shapes = [(channels, *s[1:]) for s in MIXED[:4]]
+    latents = _latents(shapes, seed=13)
+    mine = packing.pack(latents, P, channels_last=channels_last, backend=backend)
+    _assert_packed_equal(mine, ref.pack(latents, P, True, True, channels_last))
+    back = packing.unpack(mine.patches, mine, channels, channels_last=channels_last, backend=backend)
+    assert all(torch.equal(b, x) for b, x in zip(back, latents))
+
+
+@pytest.mark.parametrize("backend", PACK_BACKENDS)
+def test_unpack_column_strided_tokens(backend):
+    # Token vectors with a non-unit column stride (a transposed buffer).
+    packed = ref.pack(_latents(MIXED[:4]), P)
+    tokens = fresh((P * P * 4, packed.kind.shape[0]), torch.float32, seed=17).t()
+    assert tokens.stride(1) != 1
+    for channels_last in (False, True):
+        mine = packing.unpack(tokens, packed, 4, channels_last=channels_last, backend=backend)
+        for m, w in zip(mine, ref.unpack(tokens, packed, 4, channels_last)):
+            assert torch.equal(m, w)
+
+
+@pytest.mark.parametrize("backend", PACK_BACKENDS)
 def test_many_channels_span_channel_blocks(backend):
     # 150 channels with p=2 exceed one kernel tile's channel block: the grid's channel axis is exercised.
     latents = _latents([(150, 4, 6), (150, 2, 2, 2)], seed=5)

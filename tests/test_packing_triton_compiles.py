@@ -18,7 +18,18 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FLAGS = ("P", "P_BLOCK", "BLOCK_T", "BLOCK_C", "LOG2_ITEMS", "NEXTLINE", "NEXTFRAME", "CHANNELS_LAST", "UNIT_W")
+FLAGS = (
+    "P",
+    "P_BLOCK",
+    "BLOCK_T",
+    "BLOCK_C",
+    "LOG2_ITEMS",
+    "NEXTLINE",
+    "NEXTFRAME",
+    "CHANNELS_LAST",
+    "UNIT_W",
+    "FLAT_ROWS",
+)
 PACK_SIGNATURE = {
     "table": "*i64",
     "out": "*bf16",
@@ -68,9 +79,10 @@ def _compile_all() -> None:
 
     def flags(p, channels, channels_last, unit_w):
         p_block, block_c, block_t = packing_kernels._blocks(channels, p)
-        return dict(zip(FLAGS, (p, p_block, block_t, block_c, 3, 1, 1, channels_last, unit_w)))
+        flat = packing_kernels._flat_rows(channels, p, p_block, block_c, channels_last)
+        return dict(zip(FLAGS, (p, p_block, block_t, block_c, 3, 1, 1, channels_last, unit_w, flat)))
 
-    for p, channels, channels_last, unit_w in ((2, 16, False, True), (3, 5, True, False)):
+    for p, channels, channels_last, unit_w in ((2, 16, False, True), (3, 5, True, False)):  # flat, 4-D
         kernel = build(
             packing_kernels.pack_kernel,
             PACK_SIGNATURE,
@@ -78,7 +90,8 @@ def _compile_all() -> None:
             f"pack p={p}",
         )
         assert kernel.metadata.shared > 0  # the latent tile -> token rows transpose goes through shared memory
-    for p, channels, channels_last in ((2, 16, True), (1, 4, False)):
+    # (2, 16, *): a token row run per block (FLAT_ROWS); (3, *): padded patch tiles (4-D path).
+    for p, channels, channels_last in ((2, 16, True), (3, 4, False)):
         build(packing_kernels.unpack_kernel, UNPACK_SIGNATURE, flags(p, channels, channels_last, True), f"unpack p={p}")
     build(embed_kernels.placeholder_rows_kernel, EMBED_SIGNATURE, dict(BLOCK_T=32, BLOCK_D=256), "embed epilogue")
 

@@ -84,6 +84,7 @@ def pack_kernel(
     NEXTFRAME: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     UNIT_W: tl.constexpr,
+    FLAT_ROWS: tl.constexpr,
     WRITE_LAYOUT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -129,34 +130,46 @@ def pack_kernel(
 
     # Token side: rows of (C, ph, pw) or (ph, pw, C) ordered vectors.
     row_base = tokens.to(tl.int64) * out_row_stride
-    if CHANNELS_LAST:
-        vals = tl.permute(vals, (2, 1, 3, 0))  # (token, ph, pw, c)
-        dst = (
-            row_base[:, None, None, None]
-            + ph[None, :, None, None] * (P * channels)
-            + pw[None, None, :, None] * channels
-            + ch[None, None, None, :]
-        )
-        store_mask = (
-            in_range[:, None, None, None]
-            & (ph < P)[None, :, None, None]
-            & (pw < P)[None, None, :, None]
-            & (ch < channels)[None, None, None, :]
-        )
+    if FLAT_ROWS:
+        # This block's part of every token row is one contiguous run of BLOCK_C * P * P elements: store it as
+        # 2-D (token, run) so that the compiler sees the contiguity (4-D offsets hide it) and vectorizes.
+        if CHANNELS_LAST:
+            vals = tl.permute(vals, (2, 1, 3, 0))  # (token, ph, pw, c); here BLOCK_C == channels
+        else:
+            vals = tl.permute(vals, (2, 0, 1, 3))  # (token, c, ph, pw)
+        vals = tl.reshape(vals, (BLOCK_T, BLOCK_C * P * P))
+        run = tl.arange(0, BLOCK_C * P * P)
+        dst = row_base[:, None] + pid_c * (BLOCK_C * P * P) + run[None, :]
+        store_mask = in_range[:, None] & (run < (channels - pid_c * BLOCK_C) * (P * P))[None, :]
     else:
-        vals = tl.permute(vals, (2, 0, 1, 3))  # (token, c, ph, pw)
-        dst = (
-            row_base[:, None, None, None]
-            + ch[None, :, None, None] * (P * P)
-            + ph[None, None, :, None] * P
-            + pw[None, None, None, :]
-        )
-        store_mask = (
-            in_range[:, None, None, None]
-            & (ch < channels)[None, :, None, None]
-            & (ph < P)[None, None, :, None]
-            & (pw < P)[None, None, None, :]
-        )
+        if CHANNELS_LAST:
+            vals = tl.permute(vals, (2, 1, 3, 0))  # (token, ph, pw, c)
+            dst = (
+                row_base[:, None, None, None]
+                + ph[None, :, None, None] * (P * channels)
+                + pw[None, None, :, None] * channels
+                + ch[None, None, None, :]
+            )
+            store_mask = (
+                in_range[:, None, None, None]
+                & (ph < P)[None, :, None, None]
+                & (pw < P)[None, None, :, None]
+                & (ch < channels)[None, None, None, :]
+            )
+        else:
+            vals = tl.permute(vals, (2, 0, 1, 3))  # (token, c, ph, pw)
+            dst = (
+                row_base[:, None, None, None]
+                + ch[None, :, None, None] * (P * P)
+                + ph[None, None, :, None] * P
+                + pw[None, None, None, :]
+            )
+            store_mask = (
+                in_range[:, None, None, None]
+                & (ch < channels)[None, :, None, None]
+                & (ph < P)[None, None, :, None]
+                & (pw < P)[None, None, None, :]
+            )
     tl.store(out + dst, vals, mask=store_mask)
 
     if WRITE_LAYOUT:  # noqa: SIM102 (a constexpr gate: the stores below are compiled only when asked for)
@@ -193,6 +206,7 @@ def unpack_kernel(
     NEXTFRAME: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     UNIT_W: tl.constexpr,
+    FLAT_ROWS: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -208,26 +222,39 @@ def unpack_kernel(
     row_base = tokens.to(tl.int64) * row_stride
 
     # Token side: read rows in their vector order, then permute to the latent tile order (c, ph, token, pw).
-    if CHANNELS_LAST:
-        vec = ph[None, :, None, None] * (P * channels) + pw[None, None, :, None] * channels + ch[None, None, None, :]
-        mask = (
-            live[:, None, None, None]
-            & (ph < P)[None, :, None, None]
-            & (pw < P)[None, None, :, None]
-            & (ch < channels)[None, None, None, :]
-        )
-        vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
-        vals = tl.permute(vals, (3, 1, 0, 2))
+    if FLAT_ROWS:
+        # One contiguous run per token row for this block (see pack_kernel): a 2-D load the compiler vectorizes.
+        run = tl.arange(0, BLOCK_C * P * P)
+        mask = live[:, None] & (run < (channels - pid_c * BLOCK_C) * (P * P))[None, :]
+        cols = (pid_c * (BLOCK_C * P * P) + run).to(tl.int64) * col_stride
+        vals = tl.load(tokens_ptr + row_base[:, None] + cols[None, :], mask=mask)
+        if CHANNELS_LAST:
+            vals = tl.permute(tl.reshape(vals, (BLOCK_T, P, P, BLOCK_C)), (3, 1, 0, 2))
+        else:
+            vals = tl.permute(tl.reshape(vals, (BLOCK_T, BLOCK_C, P, P)), (1, 2, 0, 3))
     else:
-        vec = ch[None, :, None, None] * (P * P) + ph[None, None, :, None] * P + pw[None, None, None, :]
-        mask = (
-            live[:, None, None, None]
-            & (ch < channels)[None, :, None, None]
-            & (ph < P)[None, None, :, None]
-            & (pw < P)[None, None, None, :]
-        )
-        vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
-        vals = tl.permute(vals, (1, 2, 0, 3))
+        if CHANNELS_LAST:
+            vec = (
+                ph[None, :, None, None] * (P * channels) + pw[None, None, :, None] * channels + ch[None, None, None, :]
+            )
+            mask = (
+                live[:, None, None, None]
+                & (ph < P)[None, :, None, None]
+                & (pw < P)[None, None, :, None]
+                & (ch < channels)[None, None, None, :]
+            )
+            vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
+            vals = tl.permute(vals, (3, 1, 0, 2))
+        else:
+            vec = ch[None, :, None, None] * (P * P) + ph[None, None, :, None] * P + pw[None, None, None, :]
+            mask = (
+                live[:, None, None, None]
+                & (ch < channels)[None, :, None, None]
+                & (ph < P)[None, None, :, None]
+                & (pw < P)[None, None, None, :]
+            )
+            vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
+            vals = tl.permute(vals, (1, 2, 0, 3))
 
     elem = tokens_ptr.dtype.element_ty
     base = tl.load(table + ADDR * stride + item).to(tl.pointer_type(elem))
@@ -297,6 +324,11 @@ def _blocks(channels: int, patch_size: int) -> tuple[int, int, int]:
     return p_block, block_c, block_t
 
 
+def _flat_rows(channels: int, patch_size: int, p_block: int, block_c: int, channels_last: bool) -> bool:
+    """Whether a block's part of a token row is one contiguous run (no padding inside the tile's vector)."""
+    return p_block == patch_size and (not channels_last or block_c == channels)
+
+
 def _log2_items(n: int) -> int:
     return max(0, (n - 1).bit_length())
 
@@ -337,6 +369,7 @@ def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layo
         NEXTFRAME=int(nextframe),
         CHANNELS_LAST=channels_last,
         UNIT_W=unit_w,
+        FLAT_ROWS=_flat_rows(channels, patch_size, p_block, block_c, channels_last),
         WRITE_LAYOUT=with_layout,
     )
     return (out, positions, kind, patch_rows, cu) if with_layout else out
@@ -373,5 +406,8 @@ def unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, chann
         NEXTFRAME=int(nextframe),
         CHANNELS_LAST=channels_last,
         UNIT_W=True,
+        # A strided column view keeps the 4-D path: the 2-D one would gain nothing there and recomputes
+        # per-token table reads in its layout.
+        FLAT_ROWS=_flat_rows(channels, patch_size, p_block, block_c, channels_last) and tokens.stride(1) == 1,
     )
     return outs
