@@ -13,6 +13,12 @@
 #ifndef FLAGDIT_EMULATE_CUDA
 // Dynamic shared memory of a kernel, 16-byte aligned.
 #define FLAGDIT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+// Unrolling the lane loops lets each thread issue several independent global loads before their shared
+// stores: the bytes in flight per SM, not instruction count, bound a copy kernel.
+#define FLAGDIT_PRAGMA(x) _Pragma(#x)
+#define FLAGDIT_UNROLL(n) FLAGDIT_PRAGMA(unroll n)
+#else
+#define FLAGDIT_UNROLL(n)
 #endif
 
 namespace flagdit {
@@ -208,6 +214,7 @@ __global__ void __launch_bounds__(kThreads)
   const int line = n_tok * p;
   for (int cp = warp; cp < cb * p; cp += n_warps) {
     const int c = cp / p, ph = cp - c * p;
+    FLAGDIT_UNROLL(4)
     for (int q = lane; q < line; q += 32) {
       const int k = q / p, pw = q - k * p;
       const TokenSlot& s = slots[k];
@@ -225,6 +232,7 @@ __global__ void __launch_bounds__(kThreads)
   const int live = static_cast<int>(min64(tile_tokens, total - t0));
   for (int k = warp; k < live; k += n_warps) {
     word_t* row = out + (t0 + k) * out_row_stride;
+    FLAGDIT_UNROLL(4)
     for (int off = lane; off < width; off += 32) {
       row[vector_column(off, cb, c0, p, channels, channels_last)] = tile[k * stride + off];
     }
@@ -257,6 +265,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = warp; k < live; k += n_warps) {
     if (slots[k].base < 0) continue;
     const word_t* row = tokens + (t0 + k) * row_stride;
+    FLAGDIT_UNROLL(4)
     for (int off = lane; off < width; off += 32) {
       tile[k * stride + off] = row[vector_column(off, cb, c0, p, channels, channels_last) * col_stride];
     }
@@ -267,6 +276,7 @@ __global__ void __launch_bounds__(kThreads)
   const int line = n_tok * p;
   for (int cp = warp; cp < cb * p; cp += n_warps) {
     const int c = cp / p, ph = cp - c * p;
+    FLAGDIT_UNROLL(4)
     for (int q = lane; q < line; q += 32) {
       const int k = q / p, pw = q - k * p;
       const TokenSlot& s = slots[k];
