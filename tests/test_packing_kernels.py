@@ -378,3 +378,20 @@ def test_double_backward(backend):
     want = second_order(lambda x: ref.pack(x, P).patches, lambda t, packed: ref.unpack(t, packed, C, False))
     assert torch.equal(mine[0], want[0])
     assert all(torch.equal(a, b) for a, b in zip(mine[1], want[1]))
+
+
+@pytest.mark.skipif(not (INTERPRETED or ON_GPU), reason="triton runs only on a GPU or under TRITON_INTERPRET=1")
+def test_embed_packed_triton_compiles_fullgraph():
+    packed = ref.pack(_latents(MIXED[:2]), P)
+    weight = fresh((8, P * P * C), torch.float32, seed=100).requires_grad_()
+    table = fresh((2, 8), torch.float32, seed=101).requires_grad_()
+    fn = torch.compile(
+        lambda x, w, t: embed_packed(x, packed.kind, w, None, t, backend="triton").sum(),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    fn(packed.patches, weight, table).backward()
+    w2, t2 = weight.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
+    embed_packed_reference(packed.patches, packed.kind, w2, None, t2).sum().backward()
+    assert torch.allclose(weight.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(table.grad, t2.grad, rtol=1e-5, atol=1e-6)

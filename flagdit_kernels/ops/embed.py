@@ -17,6 +17,24 @@ from .._validation import check_shape, check_tensor
 from ..reference.embed import embed_packed as _embed_reference
 
 
+def _embed_forward(patches, kind, weight, bias, placeholder_embeddings):
+    from ..triton.embed import write_placeholder_rows
+
+    out = F.linear(patches, weight, bias)
+    write_placeholder_rows(out, kind, placeholder_embeddings.contiguous())
+    return out
+
+
+def _embed_backward(grad, patches, kind, weight, has_bias: bool, table_dtype):
+    sel = F.one_hot(kind.long(), 3).to(grad.dtype)  # (T, 3): patch, nextline, nextframe
+    is_patch = sel[:, :1]
+    sums = grad.t() @ sel  # (dim, 3): bias gradient, [nextline] and [nextframe] gradients
+    grad_patches = (grad @ weight) * is_patch
+    grad_weight = grad.t() @ (patches * is_patch)
+    grad_bias = sums[:, 0] if has_bias else None
+    return grad_patches, grad_weight, grad_bias, sums[:, 1:].t().to(table_dtype)
+
+
 @torch.library.custom_op("flagdit_kernels::triton_embed_packed", mutates_args=())
 def _triton_embed_packed(
     patches: torch.Tensor,
@@ -25,11 +43,7 @@ def _triton_embed_packed(
     bias: torch.Tensor | None,
     placeholder_embeddings: torch.Tensor,
 ) -> torch.Tensor:
-    from ..triton.embed import write_placeholder_rows
-
-    out = F.linear(patches, weight, bias)
-    write_placeholder_rows(out, kind, placeholder_embeddings.contiguous())
-    return out
+    return _embed_forward(patches, kind, weight, bias, placeholder_embeddings)
 
 
 @_triton_embed_packed.register_fake
@@ -46,24 +60,42 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     patches, kind, weight = ctx.saved_tensors
-    sel = F.one_hot(kind.long(), 3).to(grad.dtype)  # (T, 3): patch, nextline, nextframe
-    is_patch = sel[:, :1]
-    sums = grad.t() @ sel  # (dim, 3): bias gradient, [nextline] and [nextframe] gradients
-    grad_patches = (grad @ weight) * is_patch
-    grad_weight = grad.t() @ (patches * is_patch)
-    grad_bias = sums[:, 0] if ctx.has_bias else None
-    grad_table = sums[:, 1:].t().to(ctx.table_dtype)
+    grad_patches, grad_weight, grad_bias, grad_table = _embed_backward(
+        grad, patches, kind, weight, ctx.has_bias, ctx.table_dtype
+    )
     return grad_patches, None, grad_weight, grad_bias, grad_table
 
 
 _triton_embed_packed.register_autograd(_backward, setup_context=_setup)
+
+
+class _EmbedPacked(torch.autograd.Function):
+    """The eager twin of the custom op (a custom op's Python dispatch costs tens of microseconds a call)."""
+
+    @staticmethod
+    def forward(ctx, patches, kind, weight, bias, placeholder_embeddings):
+        ctx.save_for_backward(patches, kind, weight)
+        ctx.has_bias = bias is not None
+        ctx.table_dtype = placeholder_embeddings.dtype
+        return _embed_forward(patches, kind, weight, bias, placeholder_embeddings)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)
+
+
+def _embed_triton(patches, kind, weight, bias, placeholder_embeddings):
+    if torch.compiler.is_compiling():
+        return _triton_embed_packed(patches, kind, weight, bias, placeholder_embeddings)
+    return _EmbedPacked.apply(patches, kind, weight, bias, placeholder_embeddings)
+
 
 _HAS_TRITON = _dispatch.triton_installed()  # looked up once, not per call
 _dispatch.register("embed_packed", "reference", _embed_reference, devices=("cpu", "cuda"))
 _dispatch.register(
     "embed_packed",
     "triton",
-    _triton_embed_packed,
+    _embed_triton,
     devices=("cuda",),
     available=lambda: _HAS_TRITON,
     why_not=lambda: "triton is not installed",

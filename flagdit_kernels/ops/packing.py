@@ -96,10 +96,6 @@ def _unpack_compiled(tokens, packed: Packed, out_channels, channels_last) -> lis
 # gradient rows (placeholder rows are never read) and unpack's backward a pack (zeros at placeholder rows).
 
 
-def _fhw_of(item_shapes: list[int]) -> list[tuple[int, int, int]]:
-    return [tuple(item_shapes[i + 1 : i + 4]) for i in range(0, len(item_shapes), 4)]
-
-
 def _packed_len(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe: bool) -> tuple[int, int]:
     """(tokens, patch tokens) of a batch of latent shapes."""
     tokens = patches = 0
