@@ -317,10 +317,12 @@ def item_table(latents, fhw, patch_size: int, nextline: bool, nextframe: bool, d
 
 
 def _blocks(channels: int, patch_size: int) -> tuple[int, int, int]:
-    """(P_BLOCK, BLOCK_C, BLOCK_T): about 4096 elements per tile, at most 256 per token of one program."""
+    """(P_BLOCK, BLOCK_C, BLOCK_T): tiles of 4096 elements (8 KiB bf16: registers plus one shared-memory
+    transpose), each token contributing at most 256 (channel, ph, pw) elements (more channels: more programs
+    along the grid's channel axis), up to 256 tokens. Patch sizes above 64 make the tile larger than that."""
     p_block = triton.next_power_of_2(patch_size)
     block_c = min(triton.next_power_of_2(channels), max(1, 256 // (p_block * p_block)))
-    block_t = max(16, min(256, 4096 // (block_c * p_block * p_block)))
+    block_t = max(1, min(256, 4096 // (block_c * p_block * p_block)))
     return p_block, block_c, block_t
 
 
