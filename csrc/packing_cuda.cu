@@ -68,7 +68,9 @@ DeviceTable make_table(const std::vector<at::Tensor>& tensors, int64_t p, bool n
   const std::vector<ItemDesc> host = make_items(fhw, strides, addrs, p, nextline, nextframe, &table.total,
                                                 &table.patches);
   const int64_t bytes = static_cast<int64_t>(host.size() * sizeof(ItemDesc));
-  at::Tensor cpu = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  // Pinned staging: the copy is then asynchronous for certain (a pageable source may make the driver wait for
+  // the stream), and PyTorch's pinned allocator keeps the block until the copy has run.
+  at::Tensor cpu = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(cpu.data_ptr(), host.data(), bytes);
   table.storage = cpu.to(tensors[0].device(), /*non_blocking=*/true);
   table.items = reinterpret_cast<const ItemDesc*>(table.storage.data_ptr());

@@ -309,10 +309,13 @@ def item_table(latents, fhw, patch_size: int, nextline: bool, nextframe: bool, d
         patches += f * rows[i] * pcols[i]
     starts[n] = start
     unit_w = all(v == 1 for v in s_w[:n])
-    # array -> frombuffer is several times cheaper than torch.tensor(list) on this launch-bound path. The
-    # host-to-device copy from pageable memory returns once the bytes are staged, so the array may go.
+    # array -> frombuffer is several times cheaper than torch.tensor(list) on this launch-bound path. The copy
+    # goes through pinned memory so that it is asynchronous for certain (a pageable source may make the
+    # driver wait for the stream); PyTorch's pinned allocator keeps the block until the copy has run.
     host = torch.frombuffer(array.array("q", [v for col in cols for v in col]), dtype=torch.int64)
-    table = host.to(device, non_blocking=True) if torch.device(device).type != "cpu" else host.clone()
+    if torch.device(device).type == "cpu":
+        return host.clone(), start, patches, unit_w
+    table = host.pin_memory().to(device, non_blocking=True)
     return table, start, patches, unit_w
 
 
