@@ -8,6 +8,7 @@ from . import integrations, nn
 from ._dispatch import BACKENDS, available_backends
 from ._info import backend_info
 from .ops.attention import proportional_scale, varlen_attention
+from .ops.embed import embed_packed
 from .ops.norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
 from .ops.packing import Packed, pack, unpack
 from .ops.rope import apply_rope, qk_norm_rope, rope_freqs
@@ -20,6 +21,7 @@ __all__ = [
     "apply_rope",
     "available_backends",
     "backend_info",
+    "embed_packed",
     "gated_residual_rms_norm",
     "integrations",
     "nn",

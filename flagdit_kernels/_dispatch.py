@@ -13,6 +13,7 @@ Interpreted Triton is never a default (it is a correctness tool, orders of magni
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -34,6 +35,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -1,29 +1,54 @@
-"""Pack / unpack cases: a mixed batch of 8 latents (images of several aspect ratios and a video)."""
+"""Pack / unpack / embed_packed cases.
+
+- ``mixed8``: the issue's batch of 8 latents (16 channels; images of several aspect ratios and a 5-frame
+  video, about 6 MB in bf16). Launch-bound: the target is >= 10x the Python loop (Lumina-T2X's patchify +
+  [nextline] + cat, one item at a time), H200 baseline 0.33 ms.
+- ``large``: >= 256 MB moved (64 images of 16x256x256 bf16 plus videos), bandwidth-bound: the target is
+  >= 75% of the measured device-to-device copy bandwidth, judged against ``bytes`` (the floor below).
+
+Byte floors (``Case.bytes``): pack reads every latent element once and writes the packed rows (placeholder
+rows included, as zeros) plus the token layout (positions 12 B, kind 1 B per token, patch_rows 8 B per patch,
+cu_seqlens); unpack reads the patch rows and writes the latents; a backward adds the opposite direction
+(without the layout). The Python-loop baselines move more than that (the cat of per-item pieces).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .. import ops
-from .cases import Case, backend_impls
+from ..ops import embed as embed_ops
+from ..reference.packing import frames_hw
+from .cases import Case, backend_impls, forward_backward
+
+P = 2
+CHANNELS = 16
+
+
+def mixed_shapes(quick: bool) -> list[tuple[int, ...]]:
+    if quick:
+        return [(CHANNELS, 32, 32), (CHANNELS, 16, 48), (CHANNELS, 3, 16, 16), (CHANNELS, 8, 64)]
+    return [
+        (CHANNELS, 128, 128),
+        (CHANNELS, 64, 192),
+        (CHANNELS, 96, 96),
+        (CHANNELS, 5, 64, 64),
+        (CHANNELS, 256, 32),
+        (CHANNELS, 80, 120),
+        (CHANNELS, 112, 64),
+        (CHANNELS, 64, 64),
+    ]
+
+
+def large_shapes(quick: bool) -> list[tuple[int, ...]]:
+    if quick:
+        return [(CHANNELS, 64, 64)] * 4 + [(CHANNELS, 3, 32, 32)]
+    # 64 x 2 MiB images + 16 smaller ones + 8 videos of 9 frames: 149 MiB of bf16 latents, ~300 MiB moved.
+    return [(CHANNELS, 256, 256)] * 64 + [(CHANNELS, 128, 192)] * 16 + [(CHANNELS, 9, 128, 128)] * 8
 
 
 def mixed_batch(quick: bool, device, dtype) -> list[torch.Tensor]:
-    shapes = (
-        [(16, 32, 32), (16, 16, 48), (16, 3, 16, 16), (16, 8, 64)]
-        if quick
-        else [
-            (16, 128, 128),
-            (16, 64, 192),
-            (16, 96, 96),
-            (16, 5, 64, 64),
-            (16, 256, 32),
-            (16, 80, 120),
-            (16, 112, 64),
-            (16, 64, 64),
-        ]
-    )
-    return [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+    return [torch.randn(s, device=device, dtype=dtype) for s in mixed_shapes(quick)]
 
 
 def python_loop_pack(latents, p):
@@ -34,21 +59,109 @@ def python_loop_pack(latents, p):
         c, f, h, w = x.shape
         tokens = x.view(c, f, h // p, p, w // p, p).permute(1, 2, 4, 0, 3, 5).flatten(3)
         tokens = torch.cat([tokens, tokens.new_zeros(f, h // p, 1, c * p * p)], dim=2).flatten(1, 2)
-        rows.extend(tokens.unbind(0))
+        nextframe = tokens.new_zeros(1, c * p * p)
+        for i, frame in enumerate(tokens.unbind(0)):
+            rows.append(frame)
+            if i < f - 1:
+                rows.append(nextframe)
     return torch.cat(rows)
+
+
+def python_loop_unpack(tokens, shapes, p, channels):
+    """The baseline: Lumina-T2X's unpatchify, one item at a time (split, drop placeholders, permute)."""
+    outs, start = [], 0
+    for s in shapes:
+        f, h, w = frames_hw(s)
+        hp, wp = h // p, w // p
+        n = f * hp * (wp + 1) + f - 1
+        item = torch.cat([tokens[start : start + n], tokens.new_empty(1, tokens.shape[1])]).view(
+            f, hp * (wp + 1) + 1, -1
+        )
+        x = item[:, :-1].reshape(f, hp, wp + 1, p, p, channels)[:, :, :wp]
+        x = x.permute(5, 0, 1, 3, 2, 4).reshape(channels, f, h, w)
+        outs.append(x if len(s) == 4 else x.squeeze(1))
+        start += n
+    return outs
+
+
+def _floors(shapes, elem: int) -> tuple[int, int, int]:
+    """(latent bytes, packed-row bytes, layout bytes) of a batch."""
+    latent = sum(torch.Size(s).numel() for s in shapes) * elem
+    tokens = patches = 0
+    for s in shapes:
+        f, h, w = frames_hw(s)
+        tokens += f * (h // P) * (w // P + 1) + f - 1
+        patches += f * (h // P) * (w // P)
+    return latent, tokens * CHANNELS * P * P * elem, tokens * 13 + patches * 8 + 4 * (len(shapes) + 1)
+
+
+def _pack_unpack_cases(name: str, shapes, device, dtype) -> list[Case]:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    latent_bytes, row_bytes, layout_bytes = _floors(shapes, elem)
+    shape = f"{name}-{len(shapes)}items-{latent_bytes / 2**20:.1f}MiB"
+    out: list[Case] = []
+    for direction in ("fwd", "fwd+bwd"):
+        grad = direction == "fwd+bwd"
+        latents = [torch.randn(s, device=device, dtype=dtype).requires_grad_(grad) for s in shapes]
+        packed = ops.packing.pack([x.detach() for x in latents], P)
+        tokens = torch.randn(packed.patches.shape, device=device, dtype=dtype).requires_grad_(grad)
+
+        def timed(fn, inputs, grad=grad):
+            return forward_backward(fn, inputs) if grad else fn
+
+        def ours_pack(b, latents=latents, timed=timed):
+            return timed(lambda: ops.packing.pack(latents, P, backend=b).patches, latents)
+
+        def ours_unpack(b, tokens=tokens, packed=packed, timed=timed):
+            return timed(lambda: ops.packing.unpack(tokens, packed, CHANNELS, backend=b), [tokens])
+
+        pack_impls = backend_impls("pack", device, ours_pack)
+        pack_impls["python loop"] = lambda latents=latents, timed=timed: timed(
+            lambda: python_loop_pack(latents, P), latents
+        )
+        unpack_impls = backend_impls("unpack", device, ours_unpack)
+        unpack_impls["python loop"] = lambda tokens=tokens, timed=timed: timed(
+            lambda: python_loop_unpack(tokens, shapes, P, CHANNELS), [tokens]
+        )
+        # Backward of pack = unpack of the gradient rows; backward of unpack = pack (zeros at placeholders).
+        pack_bytes = latent_bytes + row_bytes + layout_bytes + (2 * latent_bytes if grad else 0)
+        unpack_bytes = 2 * latent_bytes + (latent_bytes + row_bytes if grad else 0)
+        out.append(Case("pack", shape, direction, pack_impls, bytes=pack_bytes))
+        out.append(Case("unpack", shape, direction, unpack_impls, bytes=unpack_bytes))
+    return out
+
+
+def _embed_cases(shapes, device, dtype, dim: int) -> list[Case]:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    packed = ops.packing.pack([torch.randn(s, device=device, dtype=dtype) for s in shapes], P)
+    total, width = packed.patches.shape
+    shape = f"T{total}-{width}to{dim}"
+    out: list[Case] = []
+    for direction in ("fwd", "fwd+bwd"):
+        grad = direction == "fwd+bwd"
+        args = [
+            packed.patches.clone().requires_grad_(grad),
+            (torch.randn(dim, width, device=device, dtype=dtype) * width**-0.5).requires_grad_(grad),
+            torch.randn(dim, device=device, dtype=dtype).requires_grad_(grad),
+            torch.randn(2, dim, device=device, dtype=dtype).requires_grad_(grad),
+        ]
+
+        def make(b, args=args, grad=grad):
+            patches, weight, bias, table = args
+            fn = lambda: embed_ops.embed_packed(patches, packed.kind, weight, bias, table, backend=b)
+            return forward_backward(fn, args) if grad else fn
+
+        impls = backend_impls("embed_packed", device, make)
+        # fwd: read patches + weight, write (T, dim); bwd: read grad twice-ish, write grad patches / weight.
+        fwd_bytes = (total * width + dim * width + total * dim) * elem
+        flops = 2 * total * width * dim * (3 if grad else 1)
+        out.append(Case("embed_packed", shape, direction, impls, bytes=fwd_bytes * (3 if grad else 1), flops=flops))
+    return out
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    latents = mixed_batch(quick, device, dtype)
-    packed = ops.packing.pack(latents, 2)
-    nbytes = 2 * sum(x.numel() for x in latents) * latents[0].element_size()
-    shape = f"{len(latents)}items-{nbytes // 2 // 1024}KiB"
-    tokens = torch.randn(packed.patches.shape[0], 4 * 16, device=device, dtype=dtype)
-    pack_impls = backend_impls("pack", device, lambda b: lambda: ops.packing.pack(latents, 2, backend=b))
-    pack_impls["python loop"] = lambda: lambda: python_loop_pack(latents, 2)
-    unpack_impls = backend_impls("unpack", device, lambda b: lambda: ops.packing.unpack(tokens, packed, 16, backend=b))
-    return [
-        Case("pack", shape, "fwd", pack_impls, bytes=nbytes),
-        Case("unpack", shape, "fwd", unpack_impls, bytes=nbytes),
-    ]
+    out = _pack_unpack_cases("mixed", mixed_shapes(quick), device, dtype)
+    out += _pack_unpack_cases("large", large_shapes(quick), device, dtype)
+    out += _embed_cases(mixed_shapes(quick), device, dtype, dim=256 if quick else 2304)
+    return out

@@ -6,9 +6,9 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._extension import extension, extension_error
+from .._extension import extension, extension_error, extension_has_cuda
 from .._validation import check_tensor
-from ..reference.packing import Packed, frames_hw, token_layout
+from ..reference.packing import Packed, frames_hw, item_tokens, token_layout
 
 
 def _item_shapes(shapes: list[tuple[int, ...]]) -> list[int]:
@@ -90,6 +90,237 @@ def _unpack_compiled(tokens, packed: Packed, out_channels, channels_last) -> lis
     )
 
 
+# ----------------------------------------------------------------------------------------------------- triton
+# torch.library custom ops around the Triton launchers (opaque to torch.compile: the launch reads data_ptr()s
+# of the latents into its item table, which a fake tensor has not got). Pack's backward is an unpack of the
+# gradient rows (placeholder rows are never read) and unpack's backward a pack (zeros at placeholder rows).
+
+
+def _packed_len(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe: bool) -> tuple[int, int]:
+    """(tokens, patch tokens) of a batch of latent shapes."""
+    tokens = patches = 0
+    for s in shapes:
+        f, h, w = frames_hw(s)
+        tokens += item_tokens(s, p, nextline, nextframe)
+        patches += f * (h // p) * (w // p)
+    return tokens, patches
+
+
+@torch.library.custom_op("flagdit_kernels::triton_pack_layout", mutates_args=())
+def _triton_pack_layout(
+    latents: list[torch.Tensor], patch_size: int, nextline: bool, nextframe: bool, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(patches, positions, kind, patch_rows, cu_seqlens) in one launch."""
+    from ..triton import packing as tk
+
+    fhw = [frames_hw(tuple(x.shape)) for x in latents]
+    return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=True)
+
+
+def _pack_layout_fake(latents, patch_size, nextline, nextframe, channels_last):
+    x0 = latents[0]
+    total, n_patches = _packed_len([tuple(x.shape) for x in latents], patch_size, nextline, nextframe)
+    return (
+        x0.new_empty(total, x0.shape[0] * patch_size**2),
+        x0.new_empty(total, 3, dtype=torch.int32),
+        x0.new_empty(total, dtype=torch.int8),
+        x0.new_empty(n_patches, dtype=torch.int64),
+        x0.new_empty(len(latents) + 1, dtype=torch.int32),
+    )
+
+
+_triton_pack_layout.register_fake(_pack_layout_fake)
+
+
+@torch.library.custom_op("flagdit_kernels::triton_pack_patches", mutates_args=())
+def _triton_pack_patches(
+    latents: list[torch.Tensor],
+    patch_size: int,
+    nextline: bool,
+    nextframe: bool,
+    channels_last: bool,
+    total_tokens: int,
+) -> torch.Tensor:
+    """Token rows only (the backward of unpack); same schema as the compiled ``pack_patches``."""
+    from ..triton import packing as tk
+
+    fhw = [frames_hw(tuple(x.shape)) for x in latents]
+    return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=False)
+
+
+@_triton_pack_patches.register_fake
+def _(latents, patch_size, nextline, nextframe, channels_last, total_tokens):
+    return latents[0].new_empty(total_tokens, latents[0].shape[0] * patch_size**2)
+
+
+@torch.library.custom_op("flagdit_kernels::triton_unpack_patches", mutates_args=())
+def _triton_unpack_patches(
+    tokens: torch.Tensor,
+    item_shapes: list[int],
+    patch_size: int,
+    channels: int,
+    nextline: bool,
+    nextframe: bool,
+    channels_last: bool,
+) -> list[torch.Tensor]:
+    from ..triton import packing as tk
+
+    return tk.unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last)
+
+
+@_triton_unpack_patches.register_fake
+def _(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last):
+    dims = [item_shapes[i : i + 4] for i in range(0, len(item_shapes), 4)]
+    return [tokens.new_empty((channels, f, h, w) if nd == 4 else (channels, h, w)) for nd, f, h, w in dims]
+
+
+def _register_pack_autograd(pack_op, unpack_op, layout: bool) -> None:
+    """Pack's backward = ``unpack_op`` of the gradient rows; with ``layout`` the op also returns int tensors."""
+
+    def setup(ctx, inputs, output):
+        latents, ctx.p, ctx.nextline, ctx.nextframe, ctx.channels_last = inputs[:5]
+        ctx.item_shapes = _item_shapes([tuple(x.shape) for x in latents])
+
+    def backward(ctx, grad, *_int_grads):
+        grads = unpack_op(
+            grad, ctx.item_shapes, ctx.p, grad.shape[1] // ctx.p**2, ctx.nextline, ctx.nextframe, ctx.channels_last
+        )
+        return (list(grads), None, None, None, None) + (() if layout else (None,))
+
+    torch.library.register_autograd(pack_op, backward, setup_context=setup)
+
+
+def _register_unpack_autograd(unpack_op, pack_op) -> None:
+    """Unpack's backward = ``pack_op`` of the latent gradients (missing ones are zeros)."""
+
+    def setup(ctx, inputs, output):
+        tokens, ctx.item_shapes, ctx.p, ctx.channels, ctx.nextline, ctx.nextframe, ctx.channels_last = inputs
+        ctx.total_tokens, ctx.device, ctx.dtype = tokens.shape[0], tokens.device, tokens.dtype
+        ctx.shapes = [tuple(o.shape) for o in output]
+
+    def backward(ctx, grads):
+        grads = [
+            torch.zeros(s, device=ctx.device, dtype=ctx.dtype) if g is None else g for g, s in zip(grads, ctx.shapes)
+        ]
+        grad = pack_op(grads, ctx.p, ctx.nextline, ctx.nextframe, ctx.channels_last, ctx.total_tokens)
+        return grad, None, None, None, None, None, None
+
+    torch.library.register_autograd(unpack_op, backward, setup_context=setup)
+
+
+_register_pack_autograd(_triton_pack_layout, _triton_unpack_patches, layout=True)
+_register_pack_autograd(_triton_pack_patches, _triton_unpack_patches, layout=False)
+_register_unpack_autograd(_triton_unpack_patches, _triton_pack_patches)
+
+
+# Eager twins of the custom ops above. A torch.library custom op costs tens of microseconds of Python per
+# call (dispatcher round trips through its Python autograd and device kernels), more than this launch-bound
+# op's whole GPU time on a mixed batch; outside torch.compile the same launchers run under these
+# autograd.Functions instead. Their backward passes call the twins again, so double backward works too.
+
+
+class _TritonPackLayout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, patch_size, nextline, nextframe, channels_last, *latents):
+        from ..triton import packing as tk
+
+        fhw = [frames_hw(tuple(x.shape)) for x in latents]
+        ctx.args = (_item_shapes([tuple(x.shape) for x in latents]), patch_size, nextline, nextframe, channels_last)
+        out = tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=True)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, *_int_grads):
+        item_shapes, p, nextline, nextframe, channels_last = ctx.args
+        channels = grad.shape[1] // p**2
+        grads = _TritonUnpack.apply(grad, item_shapes, p, channels, nextline, nextframe, channels_last)
+        return (None, None, None, None, *grads)
+
+
+class _TritonPackRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, patch_size, nextline, nextframe, channels_last, *latents):
+        from ..triton import packing as tk
+
+        fhw = [frames_hw(tuple(x.shape)) for x in latents]
+        ctx.args = (_item_shapes([tuple(x.shape) for x in latents]), patch_size, nextline, nextframe, channels_last)
+        return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        item_shapes, p, nextline, nextframe, channels_last = ctx.args
+        channels = grad.shape[1] // p**2
+        grads = _TritonUnpack.apply(grad, item_shapes, p, channels, nextline, nextframe, channels_last)
+        return (None, None, None, None, *grads)
+
+
+class _TritonUnpack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last):
+        from ..triton import packing as tk
+
+        ctx.args = (patch_size, nextline, nextframe, channels_last)
+        ctx.device, ctx.dtype = tokens.device, tokens.dtype
+        outs = tk.unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last)
+        ctx.shapes = [tuple(o.shape) for o in outs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        p, nextline, nextframe, channels_last = ctx.args
+        grads = [
+            torch.zeros(s, device=ctx.device, dtype=ctx.dtype) if g is None else g for g, s in zip(grads, ctx.shapes)
+        ]
+        return _TritonPackRows.apply(p, nextline, nextframe, channels_last, *grads), None, None, None, None, None, None
+
+
+def _pack_triton(latents, patch_size, nextline, nextframe, channels_last) -> Packed:
+    shapes = [tuple(x.shape) for x in latents]
+    if torch.compiler.is_compiling():
+        out = _triton_pack_layout(latents, patch_size, nextline, nextframe, channels_last)
+    else:
+        out = _TritonPackLayout.apply(patch_size, nextline, nextframe, channels_last, *latents)
+    patches, positions, kind, rows, cu = out
+    max_len = max(item_tokens(s, patch_size, nextline, nextframe) for s in shapes)
+    return Packed(patches, cu, max_len, positions, kind, shapes, patch_size, nextline, nextframe, rows)
+
+
+def _unpack_triton(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
+    args = (
+        tokens,
+        _item_shapes(packed.shapes),
+        packed.patch_size,
+        out_channels,
+        packed.nextline,
+        packed.nextframe,
+        channels_last,
+    )
+    if torch.compiler.is_compiling():
+        return _triton_unpack_patches(*args)
+    return list(_TritonUnpack.apply(*args))
+
+
+# ------------------------------------------------------------------------------------------------------- cuda
+
+
+def _register_cuda_layout_autograd() -> None:
+    """``pack_patches_layout`` (declared in csrc/packing_cuda.cu): fake shapes and its backward."""
+    torch.library.register_fake("flagdit_kernels::pack_patches_layout", _pack_layout_fake)
+    _register_pack_autograd(
+        "flagdit_kernels::pack_patches_layout", torch.ops.flagdit_kernels.unpack_patches, layout=True
+    )
+
+
+def _pack_cuda(latents, patch_size, nextline, nextframe, channels_last) -> Packed:
+    shapes = [tuple(x.shape) for x in latents]
+    patches, positions, kind, rows, cu = torch.ops.flagdit_kernels.pack_patches_layout(
+        latents, patch_size, nextline, nextframe, channels_last
+    )
+    max_len = max(item_tokens(s, patch_size, nextline, nextframe) for s in shapes)
+    return Packed(patches, cu, max_len, positions, kind, shapes, patch_size, nextline, nextframe, rows)
+
+
 _dispatch.register("pack", "reference", ref.pack, devices=("cpu", "cuda"))
 _dispatch.register("unpack", "reference", ref.unpack, devices=("cpu", "cuda"))
 if extension() is not None:
@@ -99,6 +330,17 @@ _compiled = dict(
 )
 _dispatch.register("pack", "cpu", _pack_compiled, devices=("cpu",), **_compiled)
 _dispatch.register("unpack", "cpu", _unpack_compiled, devices=("cpu",), **_compiled)
+# Looked up once: find_spec("triton") per call costs more than this op's GPU time on a small batch.
+_HAS_TRITON = _dispatch.triton_installed()
+_triton = dict(available=lambda: _HAS_TRITON, why_not=lambda: "triton is not installed")
+_dispatch.register("pack", "triton", _pack_triton, devices=("cuda",), **_triton)
+_dispatch.register("unpack", "triton", _unpack_triton, devices=("cuda",), **_triton)
+if extension_has_cuda():
+    _register_cuda_layout_autograd()
+_HAS_CUDA_EXTENSION = extension_has_cuda()
+_cuda = dict(available=lambda: _HAS_CUDA_EXTENSION, why_not=lambda: "the compiled extension was built without CUDA")
+_dispatch.register("pack", "cuda", _pack_cuda, devices=("cuda",), **_cuda)
+_dispatch.register("unpack", "cuda", _unpack_compiled, devices=("cuda",), **_cuda)
 
 
 def _check_latents(latents: object, patch_size: object) -> list[torch.Tensor]:

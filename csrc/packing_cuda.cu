@@ -1,0 +1,207 @@
+// CUDA pack/unpack: latents of any (C, [F,] H, W) size <-> packed token rows, one launch for the whole batch.
+//
+// The host describes the batch in a small device table of ItemDesc (first packed token, latent base address,
+// (C, F, H, W) element strides, ItemGeometry from token_layout.h), copied to the device with one small
+// asynchronous copy. A block owns `tile_tokens` consecutive tokens and `tile_channels` channels; it stages them
+// in shared memory so that both sides are coalesced:
+//   latent side : threads walk (channel, ph, token, pw) with pw fastest, i.e. along W inside a patch row;
+//   token side  : threads walk (token, vector element), i.e. along contiguous token rows.
+// Kernels move raw bits (2-, 4- or 8-byte words), so one instantiation serves every dtype of that width.
+// Placeholder rows are written as zeros by pack and skipped by unpack.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "packing_kernels.cuh"
+#include "token_layout.h"
+
+namespace flagdit {
+namespace {
+
+using namespace packing;  // NOLINT: the kernels and their table types
+
+// Host side ---------------------------------------------------------------------------------------------------
+// Only device-generic c10 headers are used (DeviceGuard, Stream): a CPU build of torch ships incomplete
+// c10/cuda headers, and CI compile-checks this file against those.
+
+cudaStream_t current_stream(const c10::Device& device) {
+  return static_cast<cudaStream_t>(
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle());
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+std::vector<int64_t> cfhw_strides(const at::Tensor& t) {
+  if (t.dim() == 4) return t.strides().vec();
+  return {t.stride(0), 0, t.stride(1), t.stride(2)};
+}
+
+struct DeviceTable {
+  at::Tensor storage;  // keeps the device copy alive until the launch is queued
+  const ItemDesc* items;
+  int64_t total, patches;
+};
+
+// The item table for `tensors` (latents for pack, freshly allocated outputs for unpack), on their device.
+DeviceTable make_table(const std::vector<at::Tensor>& tensors, int64_t p, bool nextline, bool nextframe) {
+  std::vector<int64_t> fhw, strides, addrs;
+  for (const at::Tensor& x : tensors) {
+    const bool video = x.dim() == 4;
+    fhw.insert(fhw.end(), {video ? x.size(1) : 1, x.size(video ? 2 : 1), x.size(video ? 3 : 2)});
+    const auto s = cfhw_strides(x);
+    strides.insert(strides.end(), s.begin(), s.end());
+    addrs.push_back(reinterpret_cast<int64_t>(x.data_ptr()));
+  }
+  DeviceTable table{};
+  const std::vector<ItemDesc> host = make_items(fhw, strides, addrs, p, nextline, nextframe, &table.total,
+                                                &table.patches);
+  const int64_t bytes = static_cast<int64_t>(host.size() * sizeof(ItemDesc));
+  // Pinned staging: the copy is then asynchronous for certain (a pageable source may make the driver wait for
+  // the stream), and PyTorch's pinned allocator keeps the block until the copy has run.
+  at::Tensor cpu = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(cpu.data_ptr(), host.data(), bytes);
+  table.storage = cpu.to(tensors[0].device(), /*non_blocking=*/true);
+  table.items = reinterpret_cast<const ItemDesc*>(table.storage.data_ptr());
+  return table;
+}
+
+void check_latents(at::TensorList latents, int64_t p) {
+  TORCH_CHECK(!latents.empty(), "pack_patches: latents must not be empty");
+  TORCH_CHECK(p >= 1 && p * p <= kTileElements, "pack_patches: patch_size must be in [1, 64]");
+  const at::Tensor& x0 = latents[0];
+  for (const auto& x : latents) {
+    TORCH_CHECK(x.is_cuda() && x.device() == x0.device(), "pack_patches: latents must be on one CUDA device");
+    TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "pack_patches: latents must be (C, H, W) or (C, F, H, W)");
+    TORCH_CHECK(x.size(0) == x0.size(0) && x.scalar_type() == x0.scalar_type(),
+                "pack_patches: latents must share channels and dtype");
+    const int64_t h = x.size(x.dim() - 2), w = x.size(x.dim() - 1);
+    TORCH_CHECK(h % p == 0 && w % p == 0 && h >= p && w >= p, "pack_patches: H and W must be multiples of p");
+  }
+}
+
+std::vector<at::Tensor> pack_impl(at::TensorList latents, int64_t p, bool nextline, bool nextframe,
+                                  bool channels_last, std::optional<int64_t> expect_tokens, bool layout) {
+  check_latents(latents, p);
+  const at::Tensor& x0 = latents[0];
+  c10::DeviceGuard guard(x0.device());
+  const std::vector<at::Tensor> items(latents.begin(), latents.end());
+  const DeviceTable table = make_table(items, p, nextline, nextframe);
+  if (expect_tokens) {
+    TORCH_CHECK(table.total == *expect_tokens, "pack_patches: total_tokens disagrees with the shapes");
+  }
+  const int64_t channels = x0.size(0), n_items = static_cast<int64_t>(items.size());
+  at::Tensor out = at::empty({table.total, channels * p * p}, x0.options());
+  std::vector<at::Tensor> result{out};
+  int32_t* positions = nullptr;
+  int8_t* kind = nullptr;
+  int64_t* patch_rows = nullptr;
+  int32_t* cu = nullptr;
+  if (layout) {
+    auto opts = x0.options();
+    result.push_back(at::empty({table.total, 3}, opts.dtype(at::kInt)));
+    result.push_back(at::empty({table.total}, opts.dtype(at::kChar)));
+    result.push_back(at::empty({table.patches}, opts.dtype(at::kLong)));
+    result.push_back(at::empty({n_items + 1}, opts.dtype(at::kInt)));
+    positions = result[1].data_ptr<int32_t>();
+    kind = result[2].data_ptr<int8_t>();
+    patch_rows = result[3].data_ptr<int64_t>();
+    cu = result[4].data_ptr<int32_t>();
+  }
+  if (table.total == 0) return result;
+  const Tiling tiling = make_tiling(channels, p);
+  const dim3 grid(static_cast<unsigned>((table.total + tiling.tokens - 1) / tiling.tokens),
+                  static_cast<unsigned>((channels + tiling.channels - 1) / tiling.channels));
+  const cudaStream_t stream = current_stream(x0.device());
+  const bool supported = dispatch_word_and_p(x0.element_size(), p, [&](auto word, auto pc) {
+    using word_t = decltype(word);
+    constexpr int P = decltype(pc)::value;
+    const size_t smem =
+        static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) * sizeof(word_t);
+    auto kernel = layout ? pack_kernel<word_t, P, true> : pack_kernel<word_t, P, false>;
+    kernel<<<grid, kThreads, smem, stream>>>(table.items, n_items, table.total, channels, p, channels_last,
+                                             tiling.tokens, tiling.channels,
+                                             reinterpret_cast<word_t*>(out.data_ptr()), out.stride(0), positions,
+                                             kind, patch_rows, cu);
+    check_launch("pack_patches");
+  });
+  TORCH_CHECK(supported, "pack_patches: unsupported element size ", x0.element_size());
+  return result;
+}
+
+at::Tensor pack_patches_cuda(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
+                             int64_t total_tokens) {
+  return pack_impl(latents, p, nextline, nextframe, channels_last, total_tokens, false)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_patches_layout_cuda(
+    at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last) {
+  auto r = pack_impl(latents, p, nextline, nextframe, channels_last, std::nullopt, true);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
+std::vector<at::Tensor> unpack_patches_cuda(const at::Tensor& tokens, at::IntArrayRef item_shapes, int64_t p,
+                                            int64_t channels, bool nextline, bool nextframe, bool channels_last) {
+  TORCH_CHECK(tokens.is_cuda(), "unpack_patches: tokens must be a CUDA tensor");
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == channels * p * p,
+              "unpack_patches: tokens must be (T, out_channels * p * p)");
+  TORCH_CHECK(p >= 1 && p * p <= kTileElements, "unpack_patches: patch_size must be in [1, 64]");
+  TORCH_CHECK(!item_shapes.empty() && item_shapes.size() % 4 == 0,
+              "unpack_patches: item_shapes holds (ndim, F, H, W) per item");
+  c10::DeviceGuard guard(tokens.device());
+  std::vector<at::Tensor> outs;
+  for (size_t k = 0; k < item_shapes.size(); k += 4) {
+    const int64_t f = item_shapes[k + 1], h = item_shapes[k + 2], w = item_shapes[k + 3];
+    outs.push_back(item_shapes[k] == 4 ? at::empty({channels, f, h, w}, tokens.options())
+                                       : at::empty({channels, h, w}, tokens.options()));
+  }
+  const DeviceTable table = make_table(outs, p, nextline, nextframe);
+  TORCH_CHECK(table.total == tokens.size(0), "unpack_patches: tokens.shape[0] disagrees with the shapes");
+  if (table.total == 0) return outs;
+  const Tiling tiling = make_tiling(channels, p);
+  const dim3 grid(static_cast<unsigned>((table.total + tiling.tokens - 1) / tiling.tokens),
+                  static_cast<unsigned>((channels + tiling.channels - 1) / tiling.channels));
+  const cudaStream_t stream = current_stream(tokens.device());
+  const int64_t n_items = static_cast<int64_t>(outs.size());
+  const bool supported = dispatch_word_and_p(tokens.element_size(), p, [&](auto word, auto pc) {
+    using word_t = decltype(word);
+    constexpr int P = decltype(pc)::value;
+    const size_t smem =
+        static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) * sizeof(word_t);
+    unpack_kernel<word_t, P><<<grid, kThreads, smem, stream>>>(
+        table.items, n_items, table.total, channels, p, channels_last, tiling.tokens, tiling.channels,
+        reinterpret_cast<const word_t*>(tokens.data_ptr()), tokens.stride(0), tokens.stride(1));
+    check_launch("unpack_patches");
+  });
+  TORCH_CHECK(supported, "unpack_patches: unsupported element size ", tokens.element_size());
+  return outs;
+}
+
+}  // namespace
+
+// pack_patches plus the token layout (positions, kind, patch_rows, cu_seqlens) from the same launch; the
+// public fk.pack uses it on CUDA. CUDA-only, so it is declared here rather than in bindings.cpp.
+TORCH_LIBRARY_FRAGMENT(flagdit_kernels, m) {
+  m.def(
+      "pack_patches_layout(Tensor[] latents, int patch_size, bool nextline, bool nextframe, bool channels_last) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flagdit_kernels, CUDA, m) {
+  m.impl("pack_patches", &pack_patches_cuda);
+  m.impl("pack_patches_layout", &pack_patches_layout_cuda);
+  m.impl("unpack_patches", &unpack_patches_cuda);
+}
+
+}  // namespace flagdit

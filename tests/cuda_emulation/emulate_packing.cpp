@@ -1,0 +1,135 @@
+// Runs the CUDA pack/unpack kernels of csrc/packing_kernels.cuh, unchanged, on the CPU: every block's threads
+// are std::threads meeting at a real barrier for __syncthreads(), shared memory is one buffer per block
+// (filled with 0xFF bytes so that reading an unwritten element shows up as NaN), blocks run one at a time.
+// Built by tests/test_packing_cuda_emulated.py with g++ into a shared library and called through ctypes.
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define FLAGDIT_EMULATE_CUDA
+namespace emu {
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+class Barrier {
+ public:
+  explicit Barrier(unsigned n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const unsigned gen = generation_;
+    if (++waiting_ == n_) {
+      waiting_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen != generation_; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  unsigned n_, waiting_ = 0, generation_ = 0;
+};
+
+inline thread_local Dim3 thread_idx;
+inline Dim3 block_idx, block_dim;
+inline std::vector<unsigned char> dynamic_smem;
+inline Barrier* barrier = nullptr;
+
+template <typename Body>
+void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Body body) {
+  block_dim = {threads, 1, 1};
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      block_idx = {bx, by, 0};
+      dynamic_smem.assign(smem_bytes + 16, 0xFF);
+      Barrier bar(threads);
+      barrier = &bar;
+      std::vector<std::thread> pool;
+      for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([t, &body] {
+          thread_idx = {t, 0, 0};
+          body();
+        });
+      }
+      for (auto& th : pool) th.join();
+    }
+  }
+}
+}  // namespace emu
+
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define __syncthreads() emu::barrier->wait()
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+#define FLAGDIT_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem.data()
+
+#include "packing_kernels.cuh"
+
+using namespace flagdit::packing;
+
+namespace {
+
+std::vector<int64_t> copy(const int64_t* p, size_t n) { return std::vector<int64_t>(p, p + n); }
+
+emu::Dim3 grid_of(int64_t total, int64_t channels, const Tiling& t) {
+  return {static_cast<unsigned>((total + t.tokens - 1) / t.tokens),
+          static_cast<unsigned>((channels + t.channels - 1) / t.channels), 1};
+}
+
+}  // namespace
+
+// fhw: (F, H, W) per item; strides: (C, F, H, W) element strides per item; addrs: latent addresses.
+// Returns the number of tokens, or -1 for an unsupported element size.
+extern "C" int64_t emu_pack(int64_t elem_size, int64_t n_items, const int64_t* fhw, const int64_t* strides,
+                            const int64_t* addrs, int64_t channels, int64_t p, int nextline, int nextframe,
+                            int channels_last, int layout, void* out, int64_t out_row_stride, int32_t* positions,
+                            int8_t* kind, int64_t* patch_rows, int32_t* cu_seqlens) {
+  int64_t total = 0, patches = 0;
+  const std::vector<ItemDesc> items = make_items(copy(fhw, 3 * n_items), copy(strides, 4 * n_items),
+                                                 copy(addrs, n_items), p, nextline, nextframe, &total, &patches);
+  const Tiling tiling = make_tiling(channels, p);
+  const bool ok = dispatch_word_and_p(elem_size, p, [&](auto word, auto pc) {
+    using word_t = decltype(word);
+    constexpr int P = decltype(pc)::value;
+    const size_t smem = static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) *
+                        sizeof(word_t);
+    emu::launch(grid_of(total, channels, tiling), kThreads, smem, [&] {
+      auto kernel = layout ? pack_kernel<word_t, P, true> : pack_kernel<word_t, P, false>;
+      kernel(items.data(), n_items, total, channels, p, channels_last, tiling.tokens, tiling.channels,
+             static_cast<word_t*>(out), out_row_stride, positions, kind, patch_rows, cu_seqlens);
+    });
+  });
+  return ok ? total : -1;
+}
+
+extern "C" int64_t emu_unpack(int64_t elem_size, int64_t n_items, const int64_t* fhw, const int64_t* strides,
+                              const int64_t* addrs, int64_t channels, int64_t p, int nextline, int nextframe,
+                              int channels_last, const void* tokens, int64_t row_stride, int64_t col_stride) {
+  int64_t total = 0, patches = 0;
+  const std::vector<ItemDesc> items = make_items(copy(fhw, 3 * n_items), copy(strides, 4 * n_items),
+                                                 copy(addrs, n_items), p, nextline, nextframe, &total, &patches);
+  const Tiling tiling = make_tiling(channels, p);
+  const bool ok = dispatch_word_and_p(elem_size, p, [&](auto word, auto pc) {
+    using word_t = decltype(word);
+    constexpr int P = decltype(pc)::value;
+    const size_t smem = static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) *
+                        sizeof(word_t);
+    emu::launch(grid_of(total, channels, tiling), kThreads, smem, [&] {
+      unpack_kernel<word_t, P>(items.data(), n_items, total, channels, p, channels_last, tiling.tokens,
+                               tiling.channels, static_cast<const word_t*>(tokens), row_stride, col_stride);
+    });
+  });
+  return ok ? total : -1;
+}

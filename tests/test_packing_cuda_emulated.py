@@ -1,0 +1,182 @@
+"""The CUDA pack/unpack kernels (csrc/packing_kernels.cuh), run unchanged on the CPU under a thread-level
+emulation (tests/cuda_emulation/emulate_packing.cpp: std::threads per block, a real barrier for
+__syncthreads, NaN-poisoned shared memory), against the reference. This checks the kernels' indexing,
+tiling, placeholder handling and layout outputs where no GPU is available; the at::Tensor glue in
+csrc/packing_cuda.cu is exercised only by the GPU tests in test_packing_kernels.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+from helpers import fresh
+
+from flagdit_kernels import reference as ref
+from flagdit_kernels.reference.packing import frames_hw, item_tokens
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+C = 3
+MIXED = [(C, 8, 12), (C, 12, 4), (C, 5, 6, 4), (C, 2, 2), (C, 20, 16), (C, 6, 6)]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CUDA emulation")
+    lib = tmp_path_factory.mktemp("emu") / "emulate_packing.so"
+    src = ROOT / "tests" / "cuda_emulation" / "emulate_packing.cpp"
+    subprocess.run(
+        [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", f"-I{ROOT / 'csrc'}", str(src), "-o", str(lib)],
+        check=True,
+    )
+    return ctypes.CDLL(str(lib))
+
+
+def _i64(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _table_args(tensors):
+    fhw = [v for x in tensors for v in frames_hw(tuple(x.shape))]
+    strides = [v for x in tensors for v in (x.stride() if x.dim() == 4 else (x.stride(0), 0, *x.stride()[1:]))]
+    return len(tensors), _i64(fhw), _i64(strides), _i64([x.data_ptr() for x in tensors])
+
+
+def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False):
+    x0 = latents[0]
+    shapes = [tuple(x.shape) for x in latents]
+    total = sum(item_tokens(s, p, nextline, nextframe) for s in shapes)
+    n_patches = sum(frames_hw(s)[0] * (frames_hw(s)[1] // p) * (frames_hw(s)[2] // p) for s in shapes)
+    nan = float("nan")
+    out = torch.full((total, x0.shape[0] * p * p), nan, dtype=x0.dtype)
+    positions = torch.full((total, 3), -7, dtype=torch.int32)
+    kind = torch.full((total,), -7, dtype=torch.int8)
+    patch_rows = torch.full((n_patches,), -7, dtype=torch.int64)
+    cu = torch.full((len(latents) + 1,), -7, dtype=torch.int32)
+    n, fhw, strides, addrs = _table_args(latents)
+    got = emu.emu_pack(
+        ctypes.c_int64(x0.element_size()),
+        ctypes.c_int64(n),
+        fhw,
+        strides,
+        addrs,
+        ctypes.c_int64(x0.shape[0]),
+        ctypes.c_int64(p),
+        int(nextline),
+        int(nextframe),
+        int(channels_last),
+        1,
+        ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_int64(out.stride(0)),
+        ctypes.c_void_p(positions.data_ptr()),
+        ctypes.c_void_p(kind.data_ptr()),
+        ctypes.c_void_p(patch_rows.data_ptr()),
+        ctypes.c_void_p(cu.data_ptr()),
+    )
+    assert got == total
+    return out, positions, kind, patch_rows, cu
+
+
+def emulated_unpack(emu, tokens, shapes, p, channels, nextline=True, nextframe=True, channels_last=True):
+    nan = float("nan")
+    outs = [
+        torch.full((channels, *s[1:]), nan, dtype=tokens.dtype) for s in shapes
+    ]  # contiguous, like the CUDA op's outputs
+    n, fhw, strides, addrs = _table_args(outs)
+    got = emu.emu_unpack(
+        ctypes.c_int64(tokens.element_size()),
+        ctypes.c_int64(n),
+        fhw,
+        strides,
+        addrs,
+        ctypes.c_int64(channels),
+        ctypes.c_int64(p),
+        int(nextline),
+        int(nextframe),
+        int(channels_last),
+        ctypes.c_void_p(tokens.data_ptr()),
+        ctypes.c_int64(tokens.stride(0)),
+        ctypes.c_int64(tokens.stride(1)),
+    )
+    assert got == tokens.shape[0]
+    return outs
+
+
+def _check_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False):
+    out, positions, kind, patch_rows, cu = emulated_pack(emu, latents, p, nextline, nextframe, channels_last)
+    want = ref.pack([x.contiguous() for x in latents], p, nextline, nextframe, channels_last)
+    assert torch.equal(out, want.patches)
+    assert torch.equal(positions, want.positions)
+    assert torch.equal(kind, want.kind)
+    assert torch.equal(patch_rows, want.patch_rows)
+    assert torch.equal(cu, want.cu_seqlens)
+    return want
+
+
+@pytest.mark.parametrize(("nextline", "nextframe"), [(True, True), (False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_emulated_pack_unpack_mixed(emu, nextline, nextframe, channels_last):
+    latents = [fresh(s, torch.float32, seed=i) for i, s in enumerate(MIXED)]
+    want = _check_pack(emu, latents, 2, nextline, nextframe, channels_last)
+    tokens = fresh((want.kind.shape[0], 4 * 5), torch.float32, seed=9)
+    outs = emulated_unpack(emu, tokens, want.shapes, 2, 5, nextline, nextframe, channels_last)
+    for o, w in zip(outs, ref.unpack(tokens, want, 5, channels_last)):
+        assert torch.equal(o, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_emulated_dtypes_round_trip(emu, dtype):
+    latents = [fresh(s, dtype, seed=20 + i) for i, s in enumerate(MIXED)]
+    want = _check_pack(emu, latents, 2)
+    outs = emulated_unpack(emu, want.patches, want.shapes, 2, C, channels_last=False)
+    assert all(torch.equal(o, x) for o, x in zip(outs, latents))
+
+
+@pytest.mark.parametrize(
+    ("p", "shapes"),
+    [
+        (1, [(5, 3, 7), (5, 2, 1, 4), (5, 1, 1)]),
+        (3, [(2, 6, 9), (2, 3, 3, 6), (2, 3, 3)]),
+        (4, [(3, 8, 4), (3, 4, 12)]),
+        (2, [(150, 4, 6), (150, 2, 2, 2)]),  # several channel blocks
+        (1, [(4, 40, 40)]),  # several token blocks for one item
+    ],
+)
+def test_emulated_patch_sizes_and_blocks(emu, p, shapes):
+    latents = [fresh(s, torch.float32, seed=30 + i) for i, s in enumerate(shapes)]
+    for channels_last in (False, True):
+        want = _check_pack(emu, latents, p, channels_last=channels_last)
+        outs = emulated_unpack(emu, want.patches, want.shapes, p, shapes[0][0], channels_last=channels_last)
+        assert all(torch.equal(o, x) for o, x in zip(outs, latents))
+
+
+def test_emulated_strided_inputs(emu):
+    latents = [
+        fresh((C, 12, 8), torch.float32, seed=40).transpose(1, 2),
+        fresh((C, 6, 13), torch.float32, seed=41)[:, :, 1:11],
+        fresh((5, C, 4, 6), torch.float32, seed=42).permute(1, 0, 2, 3),
+        fresh((C, 8, 6), torch.float32, seed=43)[:, ::2, :],
+    ]
+    for channels_last in (False, True):
+        want = _check_pack(emu, latents, 2, channels_last=channels_last)
+    wide = fresh((want.kind.shape[0], 4 * C + 5), torch.float32, seed=44)
+    tokens = wide[:, 2 : 2 + 4 * C]
+    outs = emulated_unpack(emu, tokens, want.shapes, 2, C)
+    for o, w in zip(outs, ref.unpack(tokens.contiguous(), want, C)):
+        assert torch.equal(o, w)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_emulated_power_of_two_channels_and_column_strided_tokens(emu, channels_last):
+    latents = [fresh((16, *s[1:]), torch.float32, seed=50 + i) for i, s in enumerate(MIXED[:4])]
+    want = _check_pack(emu, latents, 2, channels_last=channels_last)
+    tokens = fresh((4 * 16, want.kind.shape[0]), torch.float32, seed=55).t()  # column stride T
+    outs = emulated_unpack(emu, tokens, want.shapes, 2, 16, channels_last=channels_last)
+    for o, w in zip(outs, ref.unpack(tokens.contiguous(), want, 16, channels_last)):
+        assert torch.equal(o, w)
