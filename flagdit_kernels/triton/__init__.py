@@ -1,0 +1,1 @@
+"""Triton kernels (no autograd, no dispatch). Import a kernel module only when Triton is installed."""

@@ -1,0 +1,951 @@
+"""Flash-attention over packed variable-length sequences with Lumina's gated text cross-attention fused in.
+
+Layout (flash-attn varlen convention): q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)``, sequences delimited by
+``cu_seqlens`` (int32, ``(B+1,)``); text keys/values ``(Tt, Hkv, Dh)`` delimited per sample by
+``text_cu_seqlens``. Every tensor is read through its strides, so q/k/v may be views of one fused QKV
+projection (only the head-dim stride is assumed small; nothing is copied).
+
+Forward, one program per (block of BLOCK_M queries of one sequence, query head):
+  1. load the q tile (rotating it by RoPE in registers when ``freqs`` is given), pre-rounded to the input
+     dtype like the reference;
+  2. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, rotated as loaded;
+  3. a second online softmax with scale 1/sqrt(Dh) over the sample's text keys (never rotated);
+  4. write ``o_self + tanh(gate[h]) * o_text``, ``o_text`` (for the backward) and both log-sum-exps (log2 units).
+The grid's first axis covers ``cdiv(max_seqlen, BLOCK_M)`` blocks of every sequence; blocks past a sequence's
+end return at once (cheap next to a real block), so no host sync is needed beyond the Python int max_seqlen.
+
+Backward (deterministic, no atomics):
+  * ``_bwd_preprocess``: ``delta_self = rowsum(dO * o_self)`` with ``o_self = out - tg * o_text``,
+    ``r = rowsum(dO * o_text)``, ``delta_text = tg * r``; the caller sums ``r`` per head for d tanh(gate).
+  * ``_bwd_dkdv``: one program per (key block, sample, kv head) loops over the GQA group's query heads and the
+    sample's query blocks (the same kernel serves self keys, rotated, and text keys with dO scaled by tg);
+    dk is rotated back by the inverse RoPE before it is written.
+  * ``_bwd_dq``: one program per (query block, head) loops over self keys, then text keys; dq is rotated back.
+
+Head dims that are not powers of two (48, 72, 96) run with BLOCK_D = next power of two and masked loads.
+Row offsets are int64 so T * H * Dh may exceed 2^31.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autotuning. Under the interpreter one small fixed config keeps the CPU tests fast (and a single config means
+# the autotuner never benchmarks). On the GPU the configs below are ordinary flash-attention tiles that compile
+# with Triton 3.6 and newer; the pruner drops tiles too big for the head dim (registers / shared memory).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRETED:
+    FWD_CONFIGS = [_cfg(32, 32, 4, 1)]
+    DQ_CONFIGS = [_cfg(32, 32, 4, 1)]
+    DKDV_CONFIGS = [_cfg(32, 32, 4, 1)]
+else:
+    FWD_CONFIGS = [
+        _cfg(128, 64, 4, 3),
+        _cfg(128, 64, 8, 3),
+        _cfg(128, 128, 8, 3),
+        _cfg(128, 32, 4, 3),
+        _cfg(64, 64, 4, 3),
+        _cfg(64, 32, 4, 2),
+    ]
+    # dq: many query rows per program, short key tiles; dk/dv: the transpose.
+    DQ_CONFIGS = [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)]
+    DKDV_CONFIGS = [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keeps tiles whose q/k/v/acc footprint fits for this head dim (256 needs small tiles)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    keep = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= 128 * 128]
+    return keep or configs[-1:]
+
+
+def _autotune(configs, key):
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotate(
+    x,
+    f_ptr,
+    rows,
+    row_mask,
+    stride_ft,
+    stride_fi,
+    stride_fc,
+    INVERSE: tl.constexpr,
+    R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Interleaved RoPE of an (R, BLOCK_D) tile: pairs (2i, 2i+1) rotate by the angle of (token, i).
+
+    ``rows`` are absolute token indices (int64) into freqs ``(T, Dh/2, 2)`` holding (cos, sin). Returns fp32.
+    ``INVERSE`` rotates by -angle (the transpose), which maps a gradient in the rotated frame back.
+    """
+    HALF: tl.constexpr = BLOCK_D // 2
+    offs_i = tl.arange(0, HALF)
+    mask = row_mask[:, None] & (offs_i[None, :] < HEAD_DIM // 2)
+    ptrs = f_ptr + rows[:, None] * stride_ft + offs_i[None, :] * stride_fi
+    cos = tl.load(ptrs, mask=mask, other=0.0)
+    sin = tl.load(ptrs + stride_fc, mask=mask, other=0.0)
+    if INVERSE:
+        sin = -sin
+    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, HALF, 2)))
+    r0 = x0 * cos - x1 * sin
+    r1 = x0 * sin + x1 * cos
+    return tl.reshape(tl.join(r0, r1), (R, BLOCK_D))
+
+
+@triton.jit
+def _load_tile(
+    base,
+    rows,
+    row_mask,
+    stride_t,
+    stride_d,
+    offs_d,
+    d_mask,
+    f_ptr,
+    stride_ft,
+    stride_fi,
+    stride_fc,
+    ROPE: tl.constexpr,
+    R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Loads an (R, BLOCK_D) tile of rows ``rows`` (int64, relative to ``base``); zero outside the masks.
+    With ROPE the tile is rotated (token index = ``rows + f_row0`` folded into ``f_ptr``) and rounded back to the
+    input dtype, as the reference rounds its rotated q/k."""
+    x = tl.load(
+        base + rows[:, None] * stride_t + offs_d[None, :] * stride_d,
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if ROPE:
+        x = _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, False, R, HEAD_DIM, BLOCK_D).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _attend(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    f_ptr,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    stride_ft,
+    stride_fi,
+    stride_fc,
+    k_len,
+    qk_scale,
+    offs_d,
+    d_mask,
+    ROPE_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Online-softmax accumulation of q's attention over ``k_len`` keys (scores in log2 units)."""
+    for start_n in range(0, k_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_len
+        rows = offs_n.to(tl.int64)
+        k = _load_tile(
+            k_base,
+            rows,
+            n_mask,
+            stride_kt,
+            stride_kd,
+            offs_d,
+            d_mask,
+            f_ptr,
+            stride_ft,
+            stride_fi,
+            stride_fc,
+            ROPE_K,
+            BLOCK_N,
+            HEAD_DIM,
+            BLOCK_D,
+        )
+        v = tl.load(
+            v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # Every tile holds at least one real key, so m_new is finite and no row ever sees -inf - -inf.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@_autotune(FWD_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    TK,
+    TV,
+    TGATE,
+    FREQS,
+    OUT,
+    OTEXT,
+    LSE,
+    LSE_T,
+    CU,
+    TCU,
+    qk_scale,
+    text_qk_scale,
+    T,
+    H,
+    GROUP,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_tkt,
+    stride_tkh,
+    stride_tkd,
+    stride_tvt,
+    stride_tvh,
+    stride_tvd,
+    stride_ot,
+    stride_oh,
+    stride_ft,
+    stride_fi,
+    stride_fc,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    seq_start = tl.load(CU + b)
+    seq_len = tl.load(CU + b + 1) - seq_start
+    if pid_m * BLOCK_M >= seq_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    rows = offs_m.to(tl.int64)
+    start = seq_start.to(tl.int64)
+    f_ptr = FREQS + start * stride_ft
+    q = _load_tile(
+        Q + start * stride_qt + h * stride_qh,
+        rows,
+        m_mask,
+        stride_qt,
+        stride_qd,
+        offs_d,
+        d_mask,
+        f_ptr,
+        stride_ft,
+        stride_fi,
+        stride_fc,
+        ROPE,
+        BLOCK_M,
+        HEAD_DIM,
+        BLOCK_D,
+    )
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K + start * stride_kt + hk * stride_kh,
+        V + start * stride_vt + hk * stride_vh,
+        f_ptr,
+        stride_kt,
+        stride_kd,
+        stride_vt,
+        stride_vd,
+        stride_ft,
+        stride_fi,
+        stride_fc,
+        seq_len,
+        qk_scale,
+        offs_d,
+        d_mask,
+        ROPE,
+        BLOCK_N,
+        HEAD_DIM,
+        BLOCK_D,
+        DOT_PREC,
+    )
+    out = acc / l_i[:, None]
+    lse_off = h.to(tl.int64) * T + start + rows
+    tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
+    o_off = (start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    o_mask = m_mask[:, None] & d_mask[None, :]
+
+    if HAS_TEXT:
+        t_start = tl.load(TCU + b)
+        t_len = tl.load(TCU + b + 1) - t_start
+        t_start = t_start.to(tl.int64)
+        acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_t = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_t, m_t, l_t = _attend(
+            acc_t,
+            m_t,
+            l_t,
+            q,
+            TK + t_start * stride_tkt + hk * stride_tkh,
+            TV + t_start * stride_tvt + hk * stride_tvh,
+            f_ptr,
+            stride_tkt,
+            stride_tkd,
+            stride_tvt,
+            stride_tvd,
+            stride_ft,
+            stride_fi,
+            stride_fc,
+            t_len,
+            text_qk_scale,
+            offs_d,
+            d_mask,
+            False,
+            BLOCK_N,
+            HEAD_DIM,
+            BLOCK_D,
+            DOT_PREC,
+        )
+        # A sample without text tokens: l_t == 0 and acc_t == 0, so o_text is exactly 0 (never 0/0).
+        has = l_t > 0
+        o_text = acc_t / tl.where(has, l_t, 1.0)[:, None]
+        tl.store(LSE_T + lse_off, tl.where(has, m_t + tl.log2(tl.where(has, l_t, 1.0)), 0.0), mask=m_mask)
+        tl.store(OTEXT + o_off, o_text.to(OTEXT.dtype.element_ty), mask=o_mask)
+        out = out + tl.load(TGATE + h) * o_text
+    tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=o_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(
+    DO,
+    OUT,
+    OTEXT,
+    TGATE,
+    DELTA,
+    DELTA_T,
+    R,
+    T,
+    stride_dot,
+    stride_doh,
+    stride_dod,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Per (token, head): delta_self = sum_d dO * o_self, and with text r = sum_d dO * o_text, delta_text = tg*r."""
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_mask = rows < T
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = t_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    do = tl.load(
+        DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod, mask=mask, other=0.0
+    ).to(tl.float32)
+    o_off = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    o_self = tl.load(OUT + o_off, mask=mask, other=0.0).to(tl.float32)
+    out_off = h.to(tl.int64) * T + rows
+    if HAS_TEXT:
+        tg = tl.load(TGATE + h)
+        o_text = tl.load(OTEXT + o_off, mask=mask, other=0.0).to(tl.float32)
+        o_self = o_self - tg * o_text
+        r = tl.sum(do * o_text, 1)
+        tl.store(R + out_off, r, mask=t_mask)
+        tl.store(DELTA_T + out_off, tg * r, mask=t_mask)
+    tl.store(DELTA + out_off, tl.sum(do * o_self, 1), mask=t_mask)
+
+
+@_autotune(DQ_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
+@triton.jit
+def _bwd_dq(
+    Q,
+    K,
+    V,
+    TK,
+    TV,
+    TGATE,
+    FREQS,
+    DO,
+    DQ,
+    LSE,
+    LSE_T,
+    DELTA,
+    DELTA_T,
+    CU,
+    TCU,
+    qk_scale,
+    text_qk_scale,
+    sm_scale,
+    text_scale,
+    T,
+    H,
+    GROUP,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_tkt,
+    stride_tkh,
+    stride_tkd,
+    stride_tvt,
+    stride_tvh,
+    stride_tvd,
+    stride_dot,
+    stride_doh,
+    stride_dod,
+    stride_dqt,
+    stride_dqh,
+    stride_ft,
+    stride_fi,
+    stride_fc,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_TEXT: tl.constexpr,
+    ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    seq_start = tl.load(CU + b)
+    seq_len = tl.load(CU + b + 1) - seq_start
+    if pid_m * BLOCK_M >= seq_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    rows = offs_m.to(tl.int64)
+    start = seq_start.to(tl.int64)
+    f_ptr = FREQS + start * stride_ft
+    q = _load_tile(
+        Q + start * stride_qt + h * stride_qh,
+        rows,
+        m_mask,
+        stride_qt,
+        stride_qd,
+        offs_d,
+        d_mask,
+        f_ptr,
+        stride_ft,
+        stride_fi,
+        stride_fc,
+        ROPE,
+        BLOCK_M,
+        HEAD_DIM,
+        BLOCK_D,
+    )
+    do = tl.load(
+        DO + (start + rows)[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod,
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    lse_off = h.to(tl.int64) * T + start + rows
+    lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        1.0,
+        K + start * stride_kt + hk * stride_kh,
+        V + start * stride_vt + hk * stride_vh,
+        f_ptr,
+        stride_kt,
+        stride_kd,
+        stride_vt,
+        stride_vd,
+        stride_ft,
+        stride_fi,
+        stride_fc,
+        seq_len,
+        qk_scale,
+        offs_d,
+        d_mask,
+        ROPE,
+        BLOCK_N,
+        HEAD_DIM,
+        BLOCK_D,
+        DOT_PREC,
+    )
+    dq = dq * sm_scale
+    if HAS_TEXT:
+        t_start = tl.load(TCU + b)
+        t_len = tl.load(TCU + b + 1) - t_start
+        t_start = t_start.to(tl.int64)
+        lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0)
+        delta_t = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
+        dq_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq_t = _dq_inner(
+            dq_t,
+            q,
+            do,
+            lse_t,
+            delta_t,
+            tl.load(TGATE + h),
+            TK + t_start * stride_tkt + hk * stride_tkh,
+            TV + t_start * stride_tvt + hk * stride_tvh,
+            f_ptr,
+            stride_tkt,
+            stride_tkd,
+            stride_tvt,
+            stride_tvd,
+            stride_ft,
+            stride_fi,
+            stride_fc,
+            t_len,
+            text_qk_scale,
+            offs_d,
+            d_mask,
+            False,
+            BLOCK_N,
+            HEAD_DIM,
+            BLOCK_D,
+            DOT_PREC,
+        )
+        dq = dq + dq_t * text_scale
+    if ROPE:
+        dq = _rotate(dq, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, HEAD_DIM, BLOCK_D)
+    tl.store(
+        DQ + (start + rows)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    do_scale,
+    k_base,
+    v_base,
+    f_ptr,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    stride_ft,
+    stride_fi,
+    stride_fc,
+    k_len,
+    qk_scale,
+    offs_d,
+    d_mask,
+    ROPE_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dq (unscaled) += sum over keys of p * (dp - delta) k, with p recomputed from the saved log2-LSE and
+    dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
+    for start_n in range(0, k_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_len
+        rows = offs_n.to(tl.int64)
+        k = _load_tile(
+            k_base,
+            rows,
+            n_mask,
+            stride_kt,
+            stride_kd,
+            offs_d,
+            d_mask,
+            f_ptr,
+            stride_ft,
+            stride_fi,
+            stride_fc,
+            ROPE_K,
+            BLOCK_N,
+            HEAD_DIM,
+            BLOCK_D,
+        )
+        v = tl.load(
+            v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * do_scale
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@_autotune(DKDV_CONFIGS, key=["HEAD_DIM", "IS_TEXT", "ROPE", "DOT_PREC"])
+@triton.jit
+def _bwd_dkdv(
+    Q,
+    K,
+    V,
+    TGATE,
+    FREQS,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    CU,
+    CU_K,
+    qk_scale,
+    sm_scale,
+    T,
+    H,
+    GROUP,
+    H_KV,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_dot,
+    stride_doh,
+    stride_dod,
+    stride_dkt,
+    stride_dkh,
+    stride_ft,
+    stride_fi,
+    stride_fc,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_TEXT: tl.constexpr,
+    ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dk, dv of one block of keys (self keys, or a sample's text keys when IS_TEXT) for one kv head."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    hk = pid_bh % H_KV
+    k_start = tl.load(CU_K + b)
+    k_len = tl.load(CU_K + b + 1) - k_start
+    if pid_n * BLOCK_N >= k_len:
+        return
+    q_start = tl.load(CU + b)
+    q_len = tl.load(CU + b + 1) - q_start
+    q_start = q_start.to(tl.int64)
+    k_start = k_start.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < k_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    n_rows = offs_n.to(tl.int64)
+    f_ptr = FREQS + q_start * stride_ft
+    ROPE_K: tl.constexpr = ROPE and not IS_TEXT
+    k = _load_tile(
+        K + k_start * stride_kt + hk * stride_kh,
+        n_rows,
+        n_mask,
+        stride_kt,
+        stride_kd,
+        offs_d,
+        d_mask,
+        f_ptr,
+        stride_ft,
+        stride_fi,
+        stride_fc,
+        ROPE_K,
+        BLOCK_N,
+        HEAD_DIM,
+        BLOCK_D,
+    )
+    v = tl.load(
+        V + (k_start + n_rows)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :] * stride_vd,
+        mask=n_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        do_scale = 1.0
+        if IS_TEXT:
+            do_scale = tl.load(TGATE + h)
+        q_base = Q + q_start * stride_qt + h * stride_qh
+        do_base = DO + q_start * stride_dot + h * stride_doh
+        lse_base = h.to(tl.int64) * T + q_start
+        dv_h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, q_len, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < q_len
+            m_rows = offs_m.to(tl.int64)
+            q = _load_tile(
+                q_base,
+                m_rows,
+                m_mask,
+                stride_qt,
+                stride_qd,
+                offs_d,
+                d_mask,
+                f_ptr,
+                stride_ft,
+                stride_fi,
+                stride_fc,
+                ROPE,
+                BLOCK_M,
+                HEAD_DIM,
+                BLOCK_D,
+            )
+            do = tl.load(
+                do_base + m_rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            lse = tl.load(LSE + lse_base + m_rows, mask=m_mask, other=0.0)
+            delta = tl.load(DELTA + lse_base + m_rows, mask=m_mask, other=0.0)
+            # Transposed scores (keys x queries) so that dk/dv accumulate without transposing the big tiles.
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            p_t = tl.where(m_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+            dv_h += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * do_scale
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        dv += dv_h * do_scale
+    dk = dk * sm_scale
+    if ROPE_K:
+        dk = _rotate(dk, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, HEAD_DIM, BLOCK_D)
+    out_off = (k_start + n_rows)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
+    out_mask = n_mask[:, None] & d_mask[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers (plain tensors in, plain tensors out; autograd lives in flagdit_kernels/ops/attention.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs promise fp32 accuracy (DESIGN.md: rel-L2 < 1e-4), which TF32 cannot give.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _freq_args(freqs: torch.Tensor | None, q: torch.Tensor):
+    if freqs is None:
+        return q, (0, 0, 0)  # never dereferenced: ROPE is a constexpr False
+    return freqs, tuple(freqs.stride())
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    text_k: torch.Tensor | None,
+    text_v: torch.Tensor | None,
+    text_cu_seqlens: torch.Tensor | None,
+    tanh_gate: torch.Tensor | None,
+    freqs: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out, o_text, lse_self, lse_text)``; LSEs are fp32 ``(H, T)`` in log2 units; o_text and
+    lse_text are empty without text. ``tanh_gate`` is fp32 ``(H,)`` (the gate already through tanh)."""
+    T, H, D = q.shape
+    h_kv = k.shape[1]
+    batch = cu_seqlens.numel() - 1
+    has_text = text_k is not None
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    o_text = torch.empty((T, H, D) if has_text else (0,), dtype=q.dtype, device=q.device)
+    lse_t = torch.empty((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
+    if T == 0 or max_seqlen == 0:
+        return out, o_text, lse, lse_t
+    # Without text the text pointers are never dereferenced (HAS_TEXT is a constexpr); pass real tensors anyway
+    # so the launcher never sees a null pointer.
+    tk = text_k if has_text else k
+    tv = text_v if has_text else v
+    tcu = text_cu_seqlens if has_text else cu_seqlens
+    tg = tanh_gate if has_text else lse
+    ot = o_text if has_text else out
+    lt = lse_t if has_text else lse
+    f, f_strides = _freq_args(freqs, q)
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * H)
+    _fwd_kernel[grid](
+        q, k, v, tk, tv, tg, f, out, ot, lse, lt, cu_seqlens, tcu,
+        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H, H // h_kv,
+        *q.stride(), *k.stride(), *v.stride(), *tk.stride(), *tv.stride(), out.stride(0), out.stride(1),
+        *f_strides,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_TEXT=has_text, ROPE=freqs is not None,
+        DOT_PREC=_dot_precision(q.dtype),
+    )  # fmt: skip
+    return out, o_text, lse, lse_t
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    o_text: torch.Tensor,
+    lse: torch.Tensor,
+    lse_t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    text_k: torch.Tensor | None,
+    text_v: torch.Tensor | None,
+    text_cu_seqlens: torch.Tensor | None,
+    text_max_seqlen: int,
+    tanh_gate: torch.Tensor | None,
+    freqs: torch.Tensor | None,
+):
+    """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text).
+    d_tanh_gate is fp32 ``(H,)``: per-token partial sums written by the preprocess kernel, summed per head."""
+    T, H, D = q.shape
+    h_kv = k.shape[1]
+    batch = cu_seqlens.numel() - 1
+    has_text = text_k is not None
+    dev = q.device
+    dq = torch.empty((T, H, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((T, h_kv, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((T, h_kv, D), dtype=v.dtype, device=dev)
+    dtk = torch.zeros(text_k.shape, dtype=text_k.dtype, device=dev) if has_text else None
+    dtv = torch.zeros(text_v.shape, dtype=text_v.dtype, device=dev) if has_text else None
+    delta = torch.empty((H, T), dtype=torch.float32, device=dev)
+    delta_t = torch.empty((H, T), dtype=torch.float32, device=dev) if has_text else delta
+    r = torch.empty((H, T), dtype=torch.float32, device=dev) if has_text else delta
+    if T == 0 or max_seqlen == 0:
+        dgate = torch.zeros(H, dtype=torch.float32, device=dev) if has_text else None
+        return dq, dk, dv, dtk, dtv, dgate
+    block_d = _block_d(D)
+    tg = tanh_gate if has_text else delta
+    ot = o_text if has_text else out
+    block_t = 32 if INTERPRETED else 64
+    _bwd_preprocess[(triton.cdiv(T, block_t), H)](
+        dout, out, ot, tg, delta, delta_t, r, T,
+        *dout.stride(), out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, BLOCK_T=block_t,
+    )  # fmt: skip
+    f, f_strides = _freq_args(freqs, q)
+    tk = text_k if has_text else k
+    tv = text_v if has_text else v
+    tcu = text_cu_seqlens if has_text else cu_seqlens
+    prec = _dot_precision(q.dtype)
+    text_scale = 1.0 / math.sqrt(D)
+    rope = freqs is not None
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * H)
+    _bwd_dq[grid](
+        q, k, v, tk, tv, tg, f, dout, dq, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
+        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H, H // h_kv,
+        *q.stride(), *k.stride(), *v.stride(), *tk.stride(), *tv.stride(), *dout.stride(), dq.stride(0), dq.stride(1),
+        *f_strides,
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch * h_kv)
+    _bwd_dkdv[grid](
+        q, k, v, tg, f, dout, dk, dv, lse, delta, cu_seqlens, cu_seqlens,
+        softmax_scale * LOG2E, softmax_scale, T, H, H // h_kv, h_kv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dk.stride(0), dk.stride(1), *f_strides,
+        HEAD_DIM=D, BLOCK_D=block_d, IS_TEXT=False, ROPE=rope, DOT_PREC=prec,
+    )  # fmt: skip
+    dgate = None
+    if has_text:
+        if text_max_seqlen > 0:
+            grid = lambda meta: (triton.cdiv(text_max_seqlen, meta["BLOCK_N"]), batch * h_kv)
+            _bwd_dkdv[grid](
+                q, text_k, text_v, tg, f, dout, dtk, dtv, lse_t, delta_t, cu_seqlens, text_cu_seqlens,
+                text_scale * LOG2E, text_scale, T, H, H // h_kv, h_kv,
+                *q.stride(), *text_k.stride(), *text_v.stride(), *dout.stride(), dtk.stride(0), dtk.stride(1),
+                *f_strides,
+                HEAD_DIM=D, BLOCK_D=block_d, IS_TEXT=True, ROPE=rope, DOT_PREC=prec,
+            )  # fmt: skip
+        dgate = r.sum(dim=1)
+    return dq, dk, dv, dtk, dtv, dgate
