@@ -30,8 +30,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
 def copy_bandwidth_gbs(device_str: str) -> float:
     """Measured device-to-device copy bandwidth (read + write bytes / time), GB/s."""
     device = torch.device(device_str)
-    n = (1 << 30) if device.type == "cuda" else (1 << 24)
-    src = torch.randn(n // 2, dtype=torch.bfloat16, device=device)
+    # 2 GiB on GPU (far past L2); 128 MiB on CPU (past the last-level cache), read + written.
+    n, dtype = ((1 << 30), torch.bfloat16) if device.type == "cuda" else ((1 << 25), torch.float32)
+    src = torch.randn(n, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * src.element_size() / ms / 1e6
@@ -41,7 +42,7 @@ def copy_bandwidth_gbs(device_str: str) -> float:
 def matmul_tflops(device_str: str) -> float:
     """Measured bf16 matmul rate, TFLOP/s (fp32 on CPU, where bf16 GEMM is emulated)."""
     device = torch.device(device_str)
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     ms = time_ms(lambda: a @ b, device)

@@ -49,8 +49,8 @@ def varlen_attention(
     acc = torch.promote_types(q.dtype, torch.float32)
     if freqs is not None:
         # Rotated q/k are rounded to the input dtype, as the attention kernels see them.
-        q = rotate(q.float(), freqs, interleaved=True).to(q.dtype)
-        k = rotate(k.float(), freqs, interleaved=True).to(k.dtype)
+        q = rotate(q.to(acc), freqs, interleaved=True).to(q.dtype)
+        k = rotate(k.to(acc), freqs, interleaved=True).to(k.dtype)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     with_text = text_k is not None
     if with_text:

@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for low-precision inputs, fp64 stays fp64 (so float64 references and gradcheck are exact)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def token_sample_index(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Sample index of every packed token, found on the device (no host sync)."""
     tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
@@ -25,11 +30,12 @@ def per_token(t: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    xf = x.float()
+    acc = compute_dtype(x.dtype)
+    xf = x.to(acc)
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     if weight is None:
         return normed
-    return (normed.float() * weight.float()).to(x.dtype)
+    return (normed.to(acc) * weight.to(acc)).to(x.dtype)
 
 
 def rms_norm_modulate(
@@ -40,9 +46,10 @@ def rms_norm_modulate(
     eps: float = 1e-5,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    out = rms_norm(x, weight, eps).float() * (1 + per_token(scale, x, cu_seqlens).float())
+    acc = compute_dtype(x.dtype)
+    out = rms_norm(x, weight, eps).to(acc) * (1 + per_token(scale, x, cu_seqlens).to(acc))
     if shift is not None:
-        out = out + per_token(shift, x, cu_seqlens).float()
+        out = out + per_token(shift, x, cu_seqlens).to(acc)
     return out.to(x.dtype)
 
 
@@ -55,7 +62,8 @@ def gated_residual_rms_norm(
     tanh_gate: bool = True,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    g = per_token(gate, h, cu_seqlens).float()
+    acc = compute_dtype(h.dtype)
+    g = per_token(gate, h, cu_seqlens).to(acc)
     if tanh_gate:
         g = torch.tanh(g)
-    return (residual.float() + g * rms_norm(h, weight, eps).float()).to(residual.dtype)
+    return (residual.to(acc) + g * rms_norm(h, weight, eps).to(acc)).to(residual.dtype)

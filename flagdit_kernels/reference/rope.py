@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .norms import compute_dtype
+
 NormParams = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
@@ -45,14 +47,14 @@ def rope_freqs(
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()
 
 
-def _broadcast_freqs(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _broadcast_freqs(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin with a head axis added, so (T|L|B,L, Dh/2) broadcast against x viewed as (..., H, Dh/2)."""
-    return freqs[..., 0].float().unsqueeze(-2), freqs[..., 1].float().unsqueeze(-2)
+    return freqs[..., 0].to(dtype).unsqueeze(-2), freqs[..., 1].to(dtype).unsqueeze(-2)
 
 
 def rotate(xf: torch.Tensor, freqs: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """RoPE on an fp32 tensor (..., H, Dh); returns fp32."""
-    cos, sin = _broadcast_freqs(freqs)
+    """RoPE on an fp32 (or fp64) tensor (..., H, Dh); returns the same dtype."""
+    cos, sin = _broadcast_freqs(freqs, xf.dtype)
     if interleaved:
         pairs = xf.unflatten(-1, (-1, 2))
         x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -62,14 +64,15 @@ def rotate(xf: torch.Tensor, freqs: torch.Tensor, interleaved: bool) -> torch.Te
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
-    return rotate(x.float(), freqs, interleaved).to(x.dtype)
+    return rotate(x.to(compute_dtype(x.dtype)), freqs, interleaved).to(x.dtype)
 
 
 def _norm(x: torch.Tensor, params: NormParams, norm: str | None, eps: float) -> torch.Tensor:
     weight, bias = params
-    xf = x.float()
-    w = None if weight is None else weight.float()
-    b = None if bias is None else bias.float()
+    acc = compute_dtype(x.dtype)
+    xf = x.to(acc)
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
     if norm == "layer_norm":
         flat = xf.flatten(-2)
         return F.layer_norm(flat, flat.shape[-1:], w, b, eps).view_as(xf)

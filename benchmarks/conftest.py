@@ -1,0 +1,27 @@
+"""pytest-benchmark suites over the cases in ``flagdit_kernels.bench``.
+
+``pytest benchmarks/ --benchmark-only`` times every op x implementation (full DiT shapes on GPU, small
+shapes on CPU); ``--bench-quick`` / ``--bench-full`` force the size. With ``--benchmark-disable`` every case
+runs once, which is how CI keeps the suites from rotting.
+"""
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("flagdit")
+    group.addoption("--bench-quick", action="store_true", help="small shapes even on GPU")
+    group.addoption("--bench-full", action="store_true", help="DiT-sized shapes even on CPU")
+    group.addoption("--bench-device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def bench_settings(config) -> tuple[torch.device, bool]:
+    device = torch.device(config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = config.getoption("--bench-quick") or (device.type == "cpu" and not config.getoption("--bench-full"))
+    return device, quick
+
+
+@pytest.fixture(scope="session")
+def bench_device(request) -> torch.device:
+    return bench_settings(request.config)[0]
