@@ -82,26 +82,21 @@ def _autotune(configs, key):
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------------
+# Helpers. Kernel argument lists stay compact (fmt: off): one line per group of strides.
+# Loops over keys (or queries) run the full tiles without row masks and then at most one masked tail tile
+# (MASK_* constexpr), so the common path carries no per-element masking.
+# --------------------------------------------------------------------------------------------------------------
+
+# fmt: off
 
 
 @triton.jit
-def _rotate(
-    x,
-    f_ptr,
-    rows,
-    row_mask,
-    stride_ft,
-    stride_fi,
-    stride_fc,
-    INVERSE: tl.constexpr,
-    R: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
+            INVERSE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Interleaved RoPE of an (R, BLOCK_D) tile: pairs (2i, 2i+1) rotate by the angle of (token, i).
 
-    ``rows`` are absolute token indices (int64) into freqs ``(T, Dh/2, 2)`` holding (cos, sin). Returns fp32.
-    ``INVERSE`` rotates by -angle (the transpose), which maps a gradient in the rotated frame back.
+    ``rows`` are token indices (int64) into freqs ``(T, Dh/2, 2)`` holding (cos, sin), relative to ``f_ptr``.
+    ``INVERSE`` rotates by -angle (the transpose), which maps a gradient in the rotated frame back. Returns fp32.
     """
     HALF: tl.constexpr = BLOCK_D // 2
     offs_i = tl.arange(0, HALF)
@@ -112,104 +107,77 @@ def _rotate(
     if INVERSE:
         sin = -sin
     x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, HALF, 2)))
-    r0 = x0 * cos - x1 * sin
-    r1 = x0 * sin + x1 * cos
-    return tl.reshape(tl.join(r0, r1), (R, BLOCK_D))
+    return tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (R, BLOCK_D))
 
 
 @triton.jit
-def _load_tile(
-    base,
-    rows,
-    row_mask,
-    stride_t,
-    stride_d,
-    offs_d,
-    d_mask,
-    f_ptr,
-    stride_ft,
-    stride_fi,
-    stride_fc,
-    ROPE: tl.constexpr,
-    R: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Loads an (R, BLOCK_D) tile of rows ``rows`` (int64, relative to ``base``); zero outside the masks.
-    With ROPE the tile is rotated (token index = ``rows + f_row0`` folded into ``f_ptr``) and rounded back to the
-    input dtype, as the reference rounds its rotated q/k."""
-    x = tl.load(
-        base + rows[:, None] * stride_t + offs_d[None, :] * stride_d,
-        mask=row_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+def _row_mask(offs, n, MASKED: tl.constexpr, R: tl.constexpr):
+    """offs < n for a tail tile; a constant all-true mask (folded away by the compiler) for a full tile."""
+    if MASKED:
+        mask = offs < n
+    else:
+        mask = tl.full([R], 1, tl.int1)
+    return mask
+
+
+@triton.jit
+def _load_tile(base, rows, row_mask, stride_t, stride_d, offs_d, d_mask,
+               f_ptr, stride_ft, stride_fi, stride_fc,
+               ROPE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(R, BLOCK_D) tile of rows ``rows`` (int64, relative to ``base``), zero outside the masks. With ROPE it is
+    rotated and rounded back to the input dtype, as the reference rounds its rotated q/k."""
+    x = tl.load(base + rows[:, None] * stride_t + offs_d[None, :] * stride_d,
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if ROPE:
-        x = _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, False, R, HEAD_DIM, BLOCK_D).to(x.dtype)
+        x = _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
+                    False, R, HEAD_DIM, BLOCK_D).to(x.dtype)
     return x
 
 
 @triton.jit
-def _attend(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    f_ptr,
-    stride_kt,
-    stride_kd,
-    stride_vt,
-    stride_vd,
-    stride_ft,
-    stride_fi,
-    stride_fc,
-    k_len,
-    qk_scale,
-    offs_d,
-    d_mask,
-    ROPE_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """Online-softmax accumulation of q's attention over ``k_len`` keys (scores in log2 units)."""
-    for start_n in range(0, k_len, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_len
-        rows = offs_n.to(tl.int64)
-        k = _load_tile(
-            k_base,
-            rows,
-            n_mask,
-            stride_kt,
-            stride_kd,
-            offs_d,
-            d_mask,
-            f_ptr,
-            stride_ft,
-            stride_fi,
-            stride_fc,
-            ROPE_K,
-            BLOCK_N,
-            HEAD_DIM,
-            BLOCK_D,
-        )
-        v = tl.load(
-            v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-            mask=n_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+def _attend_tile(acc, m_i, l_i, q, k_base, v_base, f_ptr,
+                 stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                 start_n, k_len, qk_scale, offs_d, d_mask,
+                 MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = _row_mask(offs_n, k_len, MASK_N, BLOCK_N)
+    rows = offs_n.to(tl.int64)
+    k = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, offs_d, d_mask,
+                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D)
+    v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASK_N:
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile holds at least one real key, so m_new is finite and no row ever sees -inf - -inf.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    # Every tile holds at least one real key, so m_new is finite and no row ever computes -inf - -inf.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_base, v_base, f_ptr,
+            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+            k_len, qk_scale, offs_d, d_mask,
+            ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    """Online-softmax accumulation of q's attention over ``k_len`` keys: full tiles, then the tail."""
+    n_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, f_ptr,
+                                     stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                                     start_n, k_len, qk_scale, offs_d, d_mask,
+                                     False, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+    if n_full < k_len:
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, f_ptr,
+                                     stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                                     n_full, k_len, qk_scale, offs_d, d_mask,
+                                     True, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
     return acc, m_i, l_i
 
 
@@ -221,51 +189,17 @@ def _attend(
 @_autotune(FWD_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
 @triton.jit
 def _fwd_kernel(
-    Q,
-    K,
-    V,
-    TK,
-    TV,
-    TGATE,
-    FREQS,
-    OUT,
-    OTEXT,
-    LSE,
-    LSE_T,
-    CU,
-    TCU,
-    qk_scale,
-    text_qk_scale,
-    T,
-    H,
-    GROUP,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_tkt,
-    stride_tkh,
-    stride_tkd,
-    stride_tvt,
-    stride_tvh,
-    stride_tvd,
-    stride_ot,
-    stride_oh,
-    stride_ft,
-    stride_fi,
-    stride_fc,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_TEXT: tl.constexpr,
-    ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Q, K, V, TK, TV, TGATE, FREQS, OUT, OTEXT, LSE, LSE_T, CU, TCU,
+    qk_scale, text_qk_scale, T, H, GROUP,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_tkt, stride_tkh, stride_tkd,
+    stride_tvt, stride_tvh, stride_tvd,
+    stride_ot, stride_oh,
+    stride_ft, stride_fi, stride_fc,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -283,52 +217,16 @@ def _fwd_kernel(
     rows = offs_m.to(tl.int64)
     start = seq_start.to(tl.int64)
     f_ptr = FREQS + start * stride_ft
-    q = _load_tile(
-        Q + start * stride_qt + h * stride_qh,
-        rows,
-        m_mask,
-        stride_qt,
-        stride_qd,
-        offs_d,
-        d_mask,
-        f_ptr,
-        stride_ft,
-        stride_fi,
-        stride_fc,
-        ROPE,
-        BLOCK_M,
-        HEAD_DIM,
-        BLOCK_D,
-    )
+    q = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd, offs_d, d_mask,
+                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend(
-        acc,
-        m_i,
-        l_i,
-        q,
-        K + start * stride_kt + hk * stride_kh,
-        V + start * stride_vt + hk * stride_vh,
-        f_ptr,
-        stride_kt,
-        stride_kd,
-        stride_vt,
-        stride_vd,
-        stride_ft,
-        stride_fi,
-        stride_fc,
-        seq_len,
-        qk_scale,
-        offs_d,
-        d_mask,
-        ROPE,
-        BLOCK_N,
-        HEAD_DIM,
-        BLOCK_D,
-        DOT_PREC,
-    )
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K + start * stride_kt + hk * stride_kh,
+                            V + start * stride_vt + hk * stride_vh, f_ptr,
+                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                            seq_len, qk_scale, offs_d, d_mask, ROPE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
     out = acc / l_i[:, None]
     lse_off = h.to(tl.int64) * T + start + rows
     tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
@@ -342,35 +240,15 @@ def _fwd_kernel(
         acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_t = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_t, m_t, l_t = _attend(
-            acc_t,
-            m_t,
-            l_t,
-            q,
-            TK + t_start * stride_tkt + hk * stride_tkh,
-            TV + t_start * stride_tvt + hk * stride_tvh,
-            f_ptr,
-            stride_tkt,
-            stride_tkd,
-            stride_tvt,
-            stride_tvd,
-            stride_ft,
-            stride_fi,
-            stride_fc,
-            t_len,
-            text_qk_scale,
-            offs_d,
-            d_mask,
-            False,
-            BLOCK_N,
-            HEAD_DIM,
-            BLOCK_D,
-            DOT_PREC,
-        )
+        acc_t, m_t, l_t = _attend(acc_t, m_t, l_t, q, TK + t_start * stride_tkt + hk * stride_tkh,
+                                  TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
+                                  stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi, stride_fc,
+                                  t_len, text_qk_scale, offs_d, d_mask, False, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
         # A sample without text tokens: l_t == 0 and acc_t == 0, so o_text is exactly 0 (never 0/0).
         has = l_t > 0
-        o_text = acc_t / tl.where(has, l_t, 1.0)[:, None]
-        tl.store(LSE_T + lse_off, tl.where(has, m_t + tl.log2(tl.where(has, l_t, 1.0)), 0.0), mask=m_mask)
+        l_safe = tl.where(has, l_t, 1.0)
+        o_text = acc_t / l_safe[:, None]
+        tl.store(LSE_T + lse_off, tl.where(has, m_t + tl.log2(l_safe), 0.0), mask=m_mask)
         tl.store(OTEXT + o_off, o_text.to(OTEXT.dtype.element_ty), mask=o_mask)
         out = out + tl.load(TGATE + h) * o_text
     tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=o_mask)
@@ -383,23 +261,9 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess(
-    DO,
-    OUT,
-    OTEXT,
-    TGATE,
-    DELTA,
-    DELTA_T,
-    R,
-    T,
-    stride_dot,
-    stride_doh,
-    stride_dod,
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_TEXT: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    DO, OUT, OTEXT, TGATE, DELTA, DELTA_T, R, T,
+    stride_dot, stride_doh, stride_dod, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Per (token, head): delta_self = sum_d dO * o_self, and with text r = sum_d dO * o_text, delta_text = tg*r."""
     pid_t = tl.program_id(0)
@@ -408,78 +272,80 @@ def _bwd_preprocess(
     t_mask = rows < T
     offs_d = tl.arange(0, BLOCK_D)
     mask = t_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    do = tl.load(
-        DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod, mask=mask, other=0.0
-    ).to(tl.float32)
+    do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
     o_off = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     o_self = tl.load(OUT + o_off, mask=mask, other=0.0).to(tl.float32)
     out_off = h.to(tl.int64) * T + rows
     if HAS_TEXT:
         tg = tl.load(TGATE + h)
         o_text = tl.load(OTEXT + o_off, mask=mask, other=0.0).to(tl.float32)
-        o_self = o_self - tg * o_text
+        o_self = o_self - tg * o_text  # out = o_self + tg * o_text
         r = tl.sum(do * o_text, 1)
         tl.store(R + out_off, r, mask=t_mask)
         tl.store(DELTA_T + out_off, tg * r, mask=t_mask)
     tl.store(DELTA + out_off, tl.sum(do * o_self, 1), mask=t_mask)
 
 
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, do_scale, k_base, v_base, f_ptr,
+             stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+             start_n, k_len, qk_scale, offs_d, d_mask,
+             MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
+    dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = _row_mask(offs_n, k_len, MASK_N, BLOCK_N)
+    rows = offs_n.to(tl.int64)
+    k = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, offs_d, d_mask,
+                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D)
+    v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if MASK_N:
+        p = tl.where(n_mask[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * do_scale
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, do_scale, k_base, v_base, f_ptr,
+              stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+              k_len, qk_scale, offs_d, d_mask,
+              ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    n_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, do_scale, k_base, v_base, f_ptr,
+                      stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                      start_n, k_len, qk_scale, offs_d, d_mask, False, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+    if n_full < k_len:
+        dq = _dq_tile(dq, q, do, lse, delta, do_scale, k_base, v_base, f_ptr,
+                      stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                      n_full, k_len, qk_scale, offs_d, d_mask, True, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+    return dq
+
+
 @_autotune(DQ_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
 @triton.jit
 def _bwd_dq(
-    Q,
-    K,
-    V,
-    TK,
-    TV,
-    TGATE,
-    FREQS,
-    DO,
-    DQ,
-    LSE,
-    LSE_T,
-    DELTA,
-    DELTA_T,
-    CU,
-    TCU,
-    qk_scale,
-    text_qk_scale,
-    sm_scale,
-    text_scale,
-    T,
-    H,
-    GROUP,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_tkt,
-    stride_tkh,
-    stride_tkd,
-    stride_tvt,
-    stride_tvh,
-    stride_tvd,
-    stride_dot,
-    stride_doh,
-    stride_dod,
-    stride_dqt,
-    stride_dqh,
-    stride_ft,
-    stride_fi,
-    stride_fc,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_TEXT: tl.constexpr,
-    ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Q, K, V, TK, TV, TGATE, FREQS, DO, DQ, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
+    qk_scale, text_qk_scale, sm_scale, text_scale, T, H, GROUP,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_tkt, stride_tkh, stride_tkd,
+    stride_tvt, stride_tvh, stride_tvd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh,
+    stride_ft, stride_fi, stride_fc,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dq of one block of queries for one head: self keys (rotated), then text keys; rotated back at the end."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -496,59 +362,18 @@ def _bwd_dq(
     rows = offs_m.to(tl.int64)
     start = seq_start.to(tl.int64)
     f_ptr = FREQS + start * stride_ft
-    q = _load_tile(
-        Q + start * stride_qt + h * stride_qh,
-        rows,
-        m_mask,
-        stride_qt,
-        stride_qd,
-        offs_d,
-        d_mask,
-        f_ptr,
-        stride_ft,
-        stride_fi,
-        stride_fc,
-        ROPE,
-        BLOCK_M,
-        HEAD_DIM,
-        BLOCK_D,
-    )
-    do = tl.load(
-        DO + (start + rows)[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod,
-        mask=m_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    q = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd, offs_d, d_mask,
+                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D)
+    do = tl.load(DO + (start + rows)[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod,
+                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     lse_off = h.to(tl.int64) * T + start + rows
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        1.0,
-        K + start * stride_kt + hk * stride_kh,
-        V + start * stride_vt + hk * stride_vh,
-        f_ptr,
-        stride_kt,
-        stride_kd,
-        stride_vt,
-        stride_vd,
-        stride_ft,
-        stride_fi,
-        stride_fc,
-        seq_len,
-        qk_scale,
-        offs_d,
-        d_mask,
-        ROPE,
-        BLOCK_N,
-        HEAD_DIM,
-        BLOCK_D,
-        DOT_PREC,
-    )
+    dq = _dq_inner(dq, q, do, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
+                   V + start * stride_vt + hk * stride_vh, f_ptr,
+                   stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                   seq_len, qk_scale, offs_d, d_mask, ROPE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
     dq = dq * sm_scale
     if HAS_TEXT:
         t_start = tl.load(TCU + b)
@@ -557,154 +382,61 @@ def _bwd_dq(
         lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0)
         delta_t = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
         dq_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq_t = _dq_inner(
-            dq_t,
-            q,
-            do,
-            lse_t,
-            delta_t,
-            tl.load(TGATE + h),
-            TK + t_start * stride_tkt + hk * stride_tkh,
-            TV + t_start * stride_tvt + hk * stride_tvh,
-            f_ptr,
-            stride_tkt,
-            stride_tkd,
-            stride_tvt,
-            stride_tvd,
-            stride_ft,
-            stride_fi,
-            stride_fc,
-            t_len,
-            text_qk_scale,
-            offs_d,
-            d_mask,
-            False,
-            BLOCK_N,
-            HEAD_DIM,
-            BLOCK_D,
-            DOT_PREC,
-        )
+        dq_t = _dq_inner(dq_t, q, do, lse_t, delta_t, tl.load(TGATE + h), TK + t_start * stride_tkt + hk * stride_tkh,
+                         TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
+                         stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi, stride_fc,
+                         t_len, text_qk_scale, offs_d, d_mask, False, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
         dq = dq + dq_t * text_scale
     if ROPE:
         dq = _rotate(dq, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, HEAD_DIM, BLOCK_D)
-    tl.store(
-        DQ + (start + rows)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
+    tl.store(DQ + (start + rows)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _dq_inner(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    do_scale,
-    k_base,
-    v_base,
-    f_ptr,
-    stride_kt,
-    stride_kd,
-    stride_vt,
-    stride_vd,
-    stride_ft,
-    stride_fi,
-    stride_fc,
-    k_len,
-    qk_scale,
-    offs_d,
-    d_mask,
-    ROPE_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """dq (unscaled) += sum over keys of p * (dp - delta) k, with p recomputed from the saved log2-LSE and
-    dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
-    for start_n in range(0, k_len, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < k_len
-        rows = offs_n.to(tl.int64)
-        k = _load_tile(
-            k_base,
-            rows,
-            n_mask,
-            stride_kt,
-            stride_kd,
-            offs_d,
-            d_mask,
-            f_ptr,
-            stride_ft,
-            stride_fi,
-            stride_fc,
-            ROPE_K,
-            BLOCK_N,
-            HEAD_DIM,
-            BLOCK_D,
-        )
-        v = tl.load(
-            v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-            mask=n_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * do_scale
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    return dq
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
+               stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
+               start_m, q_len, qk_scale, do_scale, offs_d, d_mask,
+               MASK_M: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dv += p^T dO, dk (unscaled) += ds^T q over BLOCK_M queries, with transposed scores (keys x queries) so
+    nothing big is transposed. ``dv`` is left unscaled by do_scale (the caller scales it once per head)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_mask = _row_mask(offs_m, q_len, MASK_M, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    q = _load_tile(q_base, rows, m_mask, stride_qt, stride_qd, offs_d, d_mask,
+                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D)
+    do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=m_mask, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=m_mask, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    p_t = tl.exp2(s_t - lse[None, :])
+    if MASK_M:
+        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * do_scale
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
 
 
 @_autotune(DKDV_CONFIGS, key=["HEAD_DIM", "IS_TEXT", "ROPE", "DOT_PREC"])
 @triton.jit
 def _bwd_dkdv(
-    Q,
-    K,
-    V,
-    TGATE,
-    FREQS,
-    DO,
-    DK,
-    DV,
-    LSE,
-    DELTA,
-    CU,
-    CU_K,
-    qk_scale,
-    sm_scale,
-    T,
-    H,
-    GROUP,
-    H_KV,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_dot,
-    stride_doh,
-    stride_dod,
-    stride_dkt,
-    stride_dkh,
-    stride_ft,
-    stride_fi,
-    stride_fc,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    IS_TEXT: tl.constexpr,
-    ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Q, K, V, TGATE, FREQS, DO, DK, DV, LSE, DELTA, CU, CU_K,
+    qk_scale, sm_scale, T, H, GROUP, H_KV,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh,
+    stride_ft, stride_fi, stride_fc,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dk, dv of one block of keys (self keys, or a sample's text keys when IS_TEXT) for one kv head."""
+    """dk, dv of one block of keys (self keys, or a sample's text keys when IS_TEXT) for one kv head, summed over
+    the GQA group's query heads in a fixed order (deterministic)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
@@ -722,76 +454,35 @@ def _bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     n_rows = offs_n.to(tl.int64)
-    f_ptr = FREQS + q_start * stride_ft
+    f_ptr = FREQS + q_start * stride_ft  # self keys share the queries' token positions
     ROPE_K: tl.constexpr = ROPE and not IS_TEXT
-    k = _load_tile(
-        K + k_start * stride_kt + hk * stride_kh,
-        n_rows,
-        n_mask,
-        stride_kt,
-        stride_kd,
-        offs_d,
-        d_mask,
-        f_ptr,
-        stride_ft,
-        stride_fi,
-        stride_fc,
-        ROPE_K,
-        BLOCK_N,
-        HEAD_DIM,
-        BLOCK_D,
-    )
-    v = tl.load(
-        V + (k_start + n_rows)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :] * stride_vd,
-        mask=n_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    k = _load_tile(K + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, stride_kd, offs_d, d_mask,
+                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D)
+    v = tl.load(V + (k_start + n_rows)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :] * stride_vd,
+                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = (q_len // BLOCK_M) * BLOCK_M
     for g in range(GROUP):
         h = hk * GROUP + g
         do_scale = 1.0
         if IS_TEXT:
-            do_scale = tl.load(TGATE + h)
+            do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
         q_base = Q + q_start * stride_qt + h * stride_qh
         do_base = DO + q_start * stride_dot + h * stride_doh
-        lse_base = h.to(tl.int64) * T + q_start
+        lse_ptr = LSE + h.to(tl.int64) * T + q_start
+        delta_ptr = DELTA + h.to(tl.int64) * T + q_start
         dv_h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for start_m in range(0, q_len, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < q_len
-            m_rows = offs_m.to(tl.int64)
-            q = _load_tile(
-                q_base,
-                m_rows,
-                m_mask,
-                stride_qt,
-                stride_qd,
-                offs_d,
-                d_mask,
-                f_ptr,
-                stride_ft,
-                stride_fi,
-                stride_fc,
-                ROPE,
-                BLOCK_M,
-                HEAD_DIM,
-                BLOCK_D,
-            )
-            do = tl.load(
-                do_base + m_rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                mask=m_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            lse = tl.load(LSE + lse_base + m_rows, mask=m_mask, other=0.0)
-            delta = tl.load(DELTA + lse_base + m_rows, mask=m_mask, other=0.0)
-            # Transposed scores (keys x queries) so that dk/dv accumulate without transposing the big tiles.
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            p_t = tl.where(m_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
-            dv_h += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * do_scale
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        for start_m in range(0, m_full, BLOCK_M):
+            dk, dv_h = _dkdv_tile(dk, dv_h, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
+                                  stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
+                                  start_m, q_len, qk_scale, do_scale, offs_d, d_mask,
+                                  False, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D, DOT_PREC)
+        if m_full < q_len:
+            dk, dv_h = _dkdv_tile(dk, dv_h, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
+                                  stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
+                                  m_full, q_len, qk_scale, do_scale, offs_d, d_mask,
+                                  True, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D, DOT_PREC)
         dv += dv_h * do_scale
     dk = dk * sm_scale
     if ROPE_K:
@@ -801,6 +492,8 @@ def _bwd_dkdv(
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_mask)
 
+
+# fmt: on
 
 # --------------------------------------------------------------------------------------------------------------
 # Launchers (plain tensors in, plain tensors out; autograd lives in flagdit_kernels/ops/attention.py)
