@@ -108,6 +108,17 @@ def test_empty_text_and_zero_gate_give_exactly_self_attention():
         inputs["q"], inputs["k"], inputs["v"], cu, 20, gate=torch.zeros_like(inputs["gate"]), backend="triton", **text
     )
     assert torch.equal(zero_gate, self_only)  # Lumina's zero-initialized gate
+    # No sample has text: zero-token text tensors, output and q grad as without text, d gate exactly 0.
+    gate = inputs["gate"].clone().requires_grad_()
+    q = inputs["q"].clone().requires_grad_()
+    empty = dict(text_k=inputs["text_k"][:0], text_v=inputs["text_v"][:0], text_cu_seqlens=_offsets([0, 0]))
+    none = fk.varlen_attention(q, inputs["k"], inputs["v"], cu, 20, gate=gate, backend="triton", **empty)
+    assert torch.equal(none, self_only)
+    none.backward(torch.ones_like(none))
+    assert torch.equal(gate.grad, torch.zeros_like(gate))
+    q_plain = inputs["q"].clone().requires_grad_()
+    fk.varlen_attention(q_plain, inputs["k"], inputs["v"], cu, 20, backend="triton").sum().backward()
+    assert torch.equal(q.grad, q_plain.grad)
 
 
 def test_rope_in_kernel_matches_apply_rope_first():

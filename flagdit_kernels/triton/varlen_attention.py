@@ -98,15 +98,14 @@ def _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
     ``rows`` are token indices (int64) into freqs ``(T, Dh/2, 2)`` holding (cos, sin), relative to ``f_ptr``.
     ``INVERSE`` rotates by -angle (the transpose), which maps a gradient in the rotated frame back. Returns fp32.
     """
-    HALF: tl.constexpr = BLOCK_D // 2
-    offs_i = tl.arange(0, HALF)
+    offs_i = tl.arange(0, BLOCK_D // 2)
     mask = row_mask[:, None] & (offs_i[None, :] < HEAD_DIM // 2)
     ptrs = f_ptr + rows[:, None] * stride_ft + offs_i[None, :] * stride_fi
     cos = tl.load(ptrs, mask=mask, other=0.0)
     sin = tl.load(ptrs + stride_fc, mask=mask, other=0.0)
     if INVERSE:
         sin = -sin
-    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, HALF, 2)))
+    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, BLOCK_D // 2, 2)))
     return tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (R, BLOCK_D))
 
 
@@ -433,7 +432,7 @@ def _bwd_dkdv(
     stride_dkt, stride_dkh,
     stride_ft, stride_fi, stride_fc,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_TEXT: tl.constexpr, ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROPE_K: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one block of keys (self keys, or a sample's text keys when IS_TEXT) for one kv head, summed over
     the GQA group's query heads in a fixed order (deterministic)."""
@@ -455,7 +454,6 @@ def _bwd_dkdv(
     d_mask = offs_d < HEAD_DIM
     n_rows = offs_n.to(tl.int64)
     f_ptr = FREQS + q_start * stride_ft  # self keys share the queries' token positions
-    ROPE_K: tl.constexpr = ROPE and not IS_TEXT
     k = _load_tile(K + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, stride_kd, offs_d, d_mask,
                    f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D)
     v = tl.load(V + (k_start + n_rows)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :] * stride_vd,
@@ -542,8 +540,9 @@ def forward(
         return out, o_text, lse, lse_t
     # Without text the text pointers are never dereferenced (HAS_TEXT is a constexpr); pass real tensors anyway
     # so the launcher never sees a null pointer.
-    tk = text_k if has_text else k
-    tv = text_v if has_text else v
+    # Zero-token text (every sample empty) is never dereferenced either; avoid handing Triton a null pointer.
+    tk = text_k if has_text and text_k.numel() else k
+    tv = text_v if has_text and text_v.numel() else v
     tcu = text_cu_seqlens if has_text else cu_seqlens
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
@@ -608,8 +607,9 @@ def backward(
         HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, BLOCK_T=block_t,
     )  # fmt: skip
     f, f_strides = _freq_args(freqs, q)
-    tk = text_k if has_text else k
-    tv = text_v if has_text else v
+    # Zero-token text (every sample empty) is never dereferenced either; avoid handing Triton a null pointer.
+    tk = text_k if has_text and text_k.numel() else k
+    tv = text_v if has_text and text_v.numel() else v
     tcu = text_cu_seqlens if has_text else cu_seqlens
     prec = _dot_precision(q.dtype)
     text_scale = 1.0 / math.sqrt(D)
@@ -627,7 +627,7 @@ def backward(
         q, k, v, tg, f, dout, dk, dv, lse, delta, cu_seqlens, cu_seqlens,
         softmax_scale * LOG2E, softmax_scale, T, H, H // h_kv, h_kv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dk.stride(0), dk.stride(1), *f_strides,
-        HEAD_DIM=D, BLOCK_D=block_d, IS_TEXT=False, ROPE=rope, DOT_PREC=prec,
+        HEAD_DIM=D, BLOCK_D=block_d, IS_TEXT=False, ROPE=rope, ROPE_K=rope, DOT_PREC=prec,
     )  # fmt: skip
     dgate = None
     if has_text:
@@ -638,7 +638,7 @@ def backward(
                 text_scale * LOG2E, text_scale, T, H, H // h_kv, h_kv,
                 *q.stride(), *text_k.stride(), *text_v.stride(), *dout.stride(), dtk.stride(0), dtk.stride(1),
                 *f_strides,
-                HEAD_DIM=D, BLOCK_D=block_d, IS_TEXT=True, ROPE=rope, DOT_PREC=prec,
+                HEAD_DIM=D, BLOCK_D=block_d, IS_TEXT=True, ROPE=rope, ROPE_K=False, DOT_PREC=prec,
             )  # fmt: skip
         dgate = r.sum(dim=1)
     return dq, dk, dv, dtk, dtv, dgate
