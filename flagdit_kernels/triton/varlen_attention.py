@@ -6,11 +6,12 @@ Layout (flash-attn varlen convention): q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)``, s
 projection (only the head-dim stride is assumed small; nothing is copied).
 
 Forward, one program per (block of BLOCK_M queries of one sequence, query head):
-  1. load the q tile (rotating it by RoPE in registers when ``freqs`` is given), pre-rounded to the input
-     dtype like the reference;
-  2. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, rotated as loaded;
-  3. a second online softmax with scale 1/sqrt(Dh) over the sample's text keys (never rotated);
-  4. write ``o_self + tanh(gate[h]) * o_text``, ``o_text`` (for the backward) and both log-sum-exps (log2 units).
+  1. load the q tile (rotating it by RoPE in registers when ``freqs`` is given), rounded to the input dtype
+     like the reference;
+  2. online softmax with scale 1/sqrt(Dh) over the sample's text keys (never rotated); ``o_text`` is written
+     (the backward needs it) and kept in registers in the input dtype;
+  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, rotated as loaded;
+  4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (log2 units).
 The grid's first axis covers ``cdiv(max_seqlen, BLOCK_M)`` blocks of every sequence; blocks past a sequence's
 end return at once (cheap next to a real block), so no host sync is needed beyond the Python int max_seqlen.
 
@@ -55,17 +56,26 @@ if INTERPRETED:
     DQ_CONFIGS = [_cfg(32, 32, 4, 1)]
     DKDV_CONFIGS = [_cfg(32, 32, 4, 1)]
 else:
+    # Chosen from ptxas register/spill reports for sm_90 (Triton 3.9, bf16, Dh 128; no GPU was available to time
+    # them): 8 warps for 128-row tiles (4 warps spill the 128-row fp32 accumulator), small query tiles for dk/dv
+    # (dk and dv accumulators plus k and v stay resident for a whole program).
     FWD_CONFIGS = [
-        _cfg(128, 64, 4, 3),
         _cfg(128, 64, 8, 3),
-        _cfg(128, 128, 8, 3),
-        _cfg(128, 32, 4, 3),
+        _cfg(128, 64, 8, 4),
+        _cfg(128, 128, 8, 2),
+        _cfg(128, 32, 8, 3),
         _cfg(64, 64, 4, 3),
+        _cfg(64, 64, 8, 2),
         _cfg(64, 32, 4, 2),
     ]
-    # dq: many query rows per program, short key tiles; dk/dv: the transpose.
-    DQ_CONFIGS = [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)]
-    DKDV_CONFIGS = [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2)]
+    DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)]
+    DKDV_CONFIGS = [
+        _cfg(32, 128, 8, 2),
+        _cfg(32, 128, 8, 3),
+        _cfg(64, 128, 8, 2),
+        _cfg(32, 64, 8, 3),
+        _cfg(16, 128, 8, 2),
+    ]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -219,19 +229,13 @@ def _fwd_kernel(
     q = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd, offs_d, d_mask,
                    f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K + start * stride_kt + hk * stride_kh,
-                            V + start * stride_vt + hk * stride_vh, f_ptr,
-                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                            seq_len, qk_scale, offs_d, d_mask, ROPE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
-    out = acc / l_i[:, None]
     lse_off = h.to(tl.int64) * T + start + rows
-    tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
     o_off = (start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     o_mask = m_mask[:, None] & d_mask[None, :]
 
+    # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
+    # stays live in registers during the long self loop (keeping it costs ~50-75 registers a thread at 128-row
+    # tiles); it is read back for the final sum.
     if HAS_TEXT:
         t_start = tl.load(TCU + b)
         t_len = tl.load(TCU + b + 1) - t_start
@@ -246,10 +250,24 @@ def _fwd_kernel(
         # A sample without text tokens: l_t == 0 and acc_t == 0, so o_text is exactly 0 (never 0/0).
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
-        o_text = acc_t / l_safe[:, None]
+        o_text = (acc_t / l_safe[:, None]).to(OTEXT.dtype.element_ty)
         tl.store(LSE_T + lse_off, tl.where(has, m_t + tl.log2(l_safe), 0.0), mask=m_mask)
-        tl.store(OTEXT + o_off, o_text.to(OTEXT.dtype.element_ty), mask=o_mask)
-        out = out + tl.load(TGATE + h) * o_text
+        tl.store(OTEXT + o_off, o_text, mask=o_mask)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K + start * stride_kt + hk * stride_kh,
+                            V + start * stride_vt + hk * stride_vh, f_ptr,
+                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                            seq_len, qk_scale, offs_d, d_mask, ROPE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+    tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
+    out = acc / l_i[:, None]
+    if HAS_TEXT:
+        # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
+        tl.debug_barrier()
+        o_text = tl.load(OTEXT + o_off, mask=o_mask, other=0.0)
+        out = out + tl.load(TGATE + h) * o_text.to(tl.float32)
     tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=o_mask)
 
 
@@ -398,8 +416,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
                start_m, q_len, qk_scale, do_scale, offs_d, d_mask,
                MASK_M: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dv += p^T dO, dk (unscaled) += ds^T q over BLOCK_M queries, with transposed scores (keys x queries) so
-    nothing big is transposed. ``dv`` is left unscaled by do_scale (the caller scales it once per head)."""
+    """dv += (do_scale * p)^T dO, dk (unscaled) += ds^T q over BLOCK_M queries, with transposed scores
+    (keys x queries) so nothing big is transposed. do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_mask = _row_mask(offs_m, q_len, MASK_M, BLOCK_M)
     rows = offs_m.to(tl.int64)
@@ -413,7 +431,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
     p_t = tl.exp2(s_t - lse[None, :])
     if MASK_M:
         p_t = tl.where(m_mask[None, :], p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    # Folding do_scale into p keeps a single dv accumulator across the GQA group (a per-head one would spill).
+    dv += tl.dot((p_t * do_scale).to(do.dtype), do, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * do_scale
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
@@ -470,18 +489,16 @@ def _bwd_dkdv(
         do_base = DO + q_start * stride_dot + h * stride_doh
         lse_ptr = LSE + h.to(tl.int64) * T + q_start
         delta_ptr = DELTA + h.to(tl.int64) * T + q_start
-        dv_h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for start_m in range(0, m_full, BLOCK_M):
-            dk, dv_h = _dkdv_tile(dk, dv_h, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
                                   stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
                                   start_m, q_len, qk_scale, do_scale, offs_d, d_mask,
                                   False, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D, DOT_PREC)
         if m_full < q_len:
-            dk, dv_h = _dkdv_tile(dk, dv_h, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
                                   stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
                                   m_full, q_len, qk_scale, do_scale, offs_d, d_mask,
                                   True, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D, DOT_PREC)
-        dv += dv_h * do_scale
     dk = dk * sm_scale
     if ROPE_K:
         dk = _rotate(dk, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, HEAD_DIM, BLOCK_D)
