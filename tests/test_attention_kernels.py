@@ -208,8 +208,20 @@ def test_custom_op_schema():
     from flagdit_kernels.ops import attention as attn
 
     q = torch.randn(9, 2, 32, device=DEVICE)
-    cu = _offsets([4, 5])
-    torch.library.opcheck(attn._fwd_op, (q, q[:, :1], q[:, 1:], cu, 5, 0.2, None, None, None, 0, None, None))
+    k, v = q[:, :1], q[:, 1:]  # strided views
+    cu, tcu = _offsets([4, 5]), _offsets([2, 0])
+    tk, tv, tg = (
+        torch.randn(2, 1, 32, device=DEVICE),
+        torch.randn(2, 1, 32, device=DEVICE),
+        torch.rand(2, device=DEVICE) - 0.5,
+    )
+    freqs = fk.rope_freqs(32, torch.arange(9, device=DEVICE))
+    fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs)
+    torch.library.opcheck(attn._fwd_op, fwd_args)
+    torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, 0, None, None))
+    out, o_text, lse, lse_t = attn._fwd_op(*fwd_args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, o_text, lse, lse_t, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs)
+    torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
     assert "triton" in fk.available_backends("varlen_attention", DEVICE)
 
 
