@@ -238,3 +238,14 @@ def test_int64_offsets_large_packed_batch():
     expected = ref.varlen_attention(q[last], k[last], v[last], cu[:2], L)
     assert_rel_close(out[last], expected, TOLERANCE["attention"][dtype])
     assert math.isfinite(out.float().norm().item())
+
+
+@pytest.mark.skipif(not ON_GPU, reason="GPU-sized tiles (autotuned 64/128-row blocks) need a GPU")
+@pytest.mark.parametrize("head_dim", [128, 72])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_medium_packed_batch(head_dim, dtype):
+    # Several full 128-row tiles per sequence plus tails, a length-1 sequence, a sample without text, GQA 8 -> 2.
+    inputs, mine, reference = _case(
+        [1000, 2113, 77, 1], [128, 0, 50, 3], 8, 2, head_dim, dtype, rope=True, scale=0.9 / math.sqrt(head_dim)
+    )
+    compare_with_reference(mine, reference, inputs, dtype, family="attention")
