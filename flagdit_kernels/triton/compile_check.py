@@ -86,7 +86,7 @@ def variants(head_dims=(72, 128)) -> list[tuple[str, object, dict, int, int]]:
         out.append((label, kernel, dict(consts, **tiles), config.num_warps, config.num_stages))
 
     for d in head_dims:
-        common = dict(HEAD_DIM=d, BLOCK_D=va._block_d(d), DOT_PREC="tf32")
+        common = dict(HEAD_DIM=d, **va._chunks(d), DOT_PREC="tf32")
         for rope in (False, True):
             add(f"fwd D{d} text rope={rope}", va._fwd_kernel, va.FWD_CONFIGS[0], dict(common, HAS_TEXT=True, ROPE=rope))
             add(f"dq D{d} text rope={rope}", va._bwd_dq, va.DQ_CONFIGS[0], dict(common, HAS_TEXT=True, ROPE=rope))

@@ -23,7 +23,8 @@ Backward (deterministic, no atomics):
     dk is rotated back by the inverse RoPE before it is written.
   * ``_bwd_dq``: one program per (query block, head) loops over self keys, then text keys; dq is rotated back.
 
-Head dims that are not powers of two (48, 72, 96) run with BLOCK_D = next power of two and masked loads.
+Head dims that are not powers of two run as two power-of-two column chunks (72 = 64 + 16 padded to 80, 96 = 64 + 32,
+48 = 32 + 16) with masked loads, so the padding costs at most a few columns instead of the next power of two.
 Row offsets are int64 so T * H * Dh may exceed 2^31.
 """
 
@@ -80,7 +81,7 @@ else:
 
 def _prune(configs, named_args, **kwargs):
     """Keeps tiles whose q/k/v/acc footprint fits for this head dim (256 needs small tiles)."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    block_d = kwargs.get("D0", named_args.get("D0", 128)) + kwargs.get("D1", named_args.get("D1", 0))
     keep = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= 128 * 128]
     return keep or configs[-1:]
 
@@ -90,9 +91,13 @@ def _autotune(configs, key):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------
 # Helpers. Kernel argument lists stay compact (fmt: off): one line per group of strides.
+#
+# Head dim in two column chunks: D0 = the largest power of two <= Dh, D1 = the power of two covering the rest
+# (0 when Dh is a power of two), so Dh 72 runs as 64 + 16 (80 columns, not 128), 96 as 64 + 32 and 48 as 32 + 16.
+# Every tile is a pair (x0, x1); every matmul over the head dim is two dots into one accumulator, every matmul
+# producing head-dim columns writes two accumulators. With D1 == 0 the second chunk is a dead dummy.
+#
 # Loops over keys (or queries) run the full tiles without row masks and then at most one masked tail tile
 # (MASK_* constexpr), so the common path carries no per-element masking.
 # --------------------------------------------------------------------------------------------------------------
@@ -102,21 +107,19 @@ def _autotune(configs, key):
 
 @triton.jit
 def _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
-            INVERSE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Interleaved RoPE of an (R, BLOCK_D) tile: pairs (2i, 2i+1) rotate by the angle of (token, i).
-
-    ``rows`` are token indices (int64) into freqs ``(T, Dh/2, 2)`` holding (cos, sin), relative to ``f_ptr``.
-    ``INVERSE`` rotates by -angle (the transpose), which maps a gradient in the rotated frame back. Returns fp32.
-    """
-    offs_i = tl.arange(0, BLOCK_D // 2)
+            INVERSE: tl.constexpr, R: tl.constexpr, COL0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Interleaved RoPE of an (R, W) chunk holding head-dim columns [COL0, COL0 + W): pairs (2i, 2i+1) rotate by
+    the angle of (token, i). ``rows`` are token indices (int64) into freqs ``(T, Dh/2, 2)`` = (cos, sin), relative
+    to ``f_ptr``. ``INVERSE`` rotates by -angle (the transpose: maps a gradient back). Returns fp32."""
+    offs_i = COL0 // 2 + tl.arange(0, W // 2)
     mask = row_mask[:, None] & (offs_i[None, :] < HEAD_DIM // 2)
     ptrs = f_ptr + rows[:, None] * stride_ft + offs_i[None, :] * stride_fi
     cos = tl.load(ptrs, mask=mask, other=0.0)
     sin = tl.load(ptrs + stride_fc, mask=mask, other=0.0)
     if INVERSE:
         sin = -sin
-    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, BLOCK_D // 2, 2)))
-    return tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (R, BLOCK_D))
+    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, W // 2, 2)))
+    return tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (R, W))
 
 
 @triton.jit
@@ -130,34 +133,79 @@ def _row_mask(offs, n, MASKED: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, rows, row_mask, stride_t, stride_d, offs_d, d_mask,
-               f_ptr, stride_ft, stride_fi, stride_fc,
-               ROPE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(R, BLOCK_D) tile of rows ``rows`` (int64, relative to ``base``), zero outside the masks. With ROPE it is
-    rotated and rounded back to the input dtype, as the reference rounds its rotated q/k."""
-    x = tl.load(base + rows[:, None] * stride_t + offs_d[None, :] * stride_d,
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+def _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+                ROPE: tl.constexpr, R: tl.constexpr, COL0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = COL0 + tl.arange(0, W)
+    mask = row_mask[:, None]
+    if COL0 + W > HEAD_DIM:
+        mask = mask & (cols < HEAD_DIM)[None, :]
+    x = tl.load(base + rows[:, None] * stride_t + cols[None, :] * stride_d, mask=mask, other=0.0)
     if ROPE:
-        x = _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
-                    False, R, HEAD_DIM, BLOCK_D).to(x.dtype)
+        # Rotated in fp32 and rounded back to the input dtype, as the reference rounds its rotated q/k.
+        x = _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, False, R, COL0, W, HEAD_DIM).to(x.dtype)
     return x
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_base, v_base, f_ptr,
+def _load_tile(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+               ROPE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """(R, D0) and (R, D1) chunks of rows ``rows`` (int64, relative to ``base``), zero outside the masks."""
+    x0 = _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+                     ROPE, R, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        x1 = _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+                         ROPE, R, D0, D1, HEAD_DIM)
+    else:
+        x1 = _zeros_chunk(R, 0).to(x0.dtype)  # dummy, never used
+    return x0, x1
+
+
+@triton.jit
+def _zeros_chunk(R: tl.constexpr, W: tl.constexpr):
+    """fp32 zeros for a second-chunk accumulator; a (R, 16) dummy when there is no second chunk."""
+    if W > 0:
+        z = tl.zeros([R, W], dtype=tl.float32)
+    else:
+        z = tl.zeros([R, 16], dtype=tl.float32)
+    return z
+
+
+@triton.jit
+def _store_tile(base, rows, row_mask, stride_t, x0, x1, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr):
+    """Stores both chunks (unit head-dim stride: only our own outputs are written)."""
+    cols = tl.arange(0, D0)
+    tl.store(base + rows[:, None] * stride_t + cols[None, :], x0.to(base.dtype.element_ty), mask=row_mask[:, None])
+    if D1 > 0:
+        cols = D0 + tl.arange(0, D1)
+        tl.store(base + rows[:, None] * stride_t + cols[None, :], x1.to(base.dtype.element_ty),
+                 mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _scores(a0, a1, b0, b1, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """a @ b^T over the head dim, chunk by chunk into one fp32 accumulator."""
+    s = tl.dot(a0, tl.trans(b0), input_precision=DOT_PREC)
+    if D1 > 0:
+        s = tl.dot(a1, tl.trans(b1), s, input_precision=DOT_PREC)
+    return s
+
+
+@triton.jit
+def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
                  stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                 start_n, k_len, qk_scale, offs_d, d_mask,
+                 start_n, k_len, qk_scale,
                  MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                 D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = _row_mask(offs_n, k_len, MASK_N, BLOCK_N)
     rows = offs_n.to(tl.int64)
-    k = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, offs_d, d_mask,
-                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D)
-    v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, stride_vd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        False, BLOCK_N, HEAD_DIM, D0, D1)
+    s = _scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale
     if MASK_N:
         s = tl.where(n_mask[None, :], s, float("-inf"))
     # Every tile holds at least one real key, so m_new is finite and no row ever computes -inf - -inf.
@@ -165,29 +213,32 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, f_ptr,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, m_new, l_i
+    p = p.to(v0.dtype)
+    acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+    if D1 > 0:
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+    return acc0, acc1, m_new, l_i
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_base, v_base, f_ptr,
+def _attend(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-            k_len, qk_scale, offs_d, d_mask,
-            ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-            DOT_PREC: tl.constexpr):
+            k_len, qk_scale,
+            ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+            D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online-softmax accumulation of q's attention over ``k_len`` keys: full tiles, then the tail."""
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, f_ptr,
-                                     stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                                     start_n, k_len, qk_scale, offs_d, d_mask,
-                                     False, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
+                                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi,
+                                            stride_fc, start_n, k_len, qk_scale,
+                                            False, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if n_full < k_len:
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, f_ptr,
-                                     stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                                     n_full, k_len, qk_scale, offs_d, d_mask,
-                                     True, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
-    return acc, m_i, l_i
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
+                                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi,
+                                            stride_fc, n_full, k_len, qk_scale,
+                                            True, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    return acc0, acc1, m_i, l_i
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -207,7 +258,7 @@ def _fwd_kernel(
     stride_tvt, stride_tvh, stride_tvd,
     stride_ot, stride_oh,
     stride_ft, stride_fi, stride_fc,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -221,17 +272,13 @@ def _fwd_kernel(
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seq_len
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     rows = offs_m.to(tl.int64)
     start = seq_start.to(tl.int64)
     f_ptr = FREQS + start * stride_ft
-    q = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd, offs_d, d_mask,
-                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D)
-
+    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd,
+                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
     lse_off = h.to(tl.int64) * T + start + rows
-    o_off = (start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-    o_mask = m_mask[:, None] & d_mask[None, :]
+    o_base = start * stride_ot + h * stride_oh
 
     # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
     # stays live in registers during the long self loop (keeping it costs ~50-75 registers a thread at 128-row
@@ -240,35 +287,42 @@ def _fwd_kernel(
         t_start = tl.load(TCU + b)
         t_len = tl.load(TCU + b + 1) - t_start
         t_start = t_start.to(tl.int64)
-        acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+        acc1 = _zeros_chunk(BLOCK_M, D1)
         m_t = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_t, m_t, l_t = _attend(acc_t, m_t, l_t, q, TK + t_start * stride_tkt + hk * stride_tkh,
-                                  TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
-                                  stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi, stride_fc,
-                                  t_len, text_qk_scale, offs_d, d_mask, False, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
-        # A sample without text tokens: l_t == 0 and acc_t == 0, so o_text is exactly 0 (never 0/0).
+        acc0, acc1, m_t, l_t = _attend(acc0, acc1, m_t, l_t, q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
+                                       TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
+                                       stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi,
+                                       stride_fc, t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
-        o_text = (acc_t / l_safe[:, None]).to(OTEXT.dtype.element_ty)
         tl.store(LSE_T + lse_off, tl.where(has, m_t + tl.log2(l_safe), 0.0), mask=m_mask)
-        tl.store(OTEXT + o_off, o_text, mask=o_mask)
+        _store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
+                    HEAD_DIM, D0, D1)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = _zeros_chunk(BLOCK_M, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K + start * stride_kt + hk * stride_kh,
-                            V + start * stride_vt + hk * stride_vh, f_ptr,
-                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                            seq_len, qk_scale, offs_d, d_mask, ROPE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+    acc0, acc1, m_i, l_i = _attend(acc0, acc1, m_i, l_i, q0, q1, K + start * stride_kt + hk * stride_kh,
+                                   V + start * stride_vt + hk * stride_vh, f_ptr,
+                                   stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                                   seq_len, qk_scale, ROPE, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
-    out = acc / l_i[:, None]
+    out0 = acc0 / l_i[:, None]
+    out1 = acc1 / l_i[:, None]
     if HAS_TEXT:
         # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
         tl.debug_barrier()
-        o_text = tl.load(OTEXT + o_off, mask=o_mask, other=0.0)
-        out = out + tl.load(TGATE + h) * o_text.to(tl.float32)
-    tl.store(OUT + o_off, out.to(OUT.dtype.element_ty), mask=o_mask)
+        tg = tl.load(TGATE + h)
+        ot0, ot1 = _load_tile(OTEXT + o_base, rows, m_mask, stride_ot, 1, f_ptr, stride_ft, stride_fi, stride_fc,
+                              False, BLOCK_M, HEAD_DIM, D0, D1)
+        out0 = out0 + tg * ot0.to(tl.float32)
+        if D1 > 0:
+            out1 = out1 + tg * ot1.to(tl.float32)
+    _store_tile(OUT + o_base, rows, m_mask, stride_ot, out0, out1, HEAD_DIM, D0, D1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,45 +359,47 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, do_scale, k_base, v_base, f_ptr,
+def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
              stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-             start_n, k_len, qk_scale, offs_d, d_mask,
+             start_n, k_len, qk_scale,
              MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+             D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
     dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_mask = _row_mask(offs_n, k_len, MASK_N, BLOCK_N)
     rows = offs_n.to(tl.int64)
-    k = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, offs_d, d_mask,
-                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D)
-    v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    p = tl.exp2(s - lse[:, None])
+    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, stride_vd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        False, BLOCK_N, HEAD_DIM, D0, D1)
+    p = tl.exp2(_scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale - lse[:, None])
     if MASK_N:
         p = tl.where(n_mask[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * do_scale
-    ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dp = _scores(do0, do1, v0, v1, D1, DOT_PREC) * do_scale
+    ds = (p * (dp - delta[:, None])).to(k0.dtype)
+    dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+    return dq0, dq1
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, do_scale, k_base, v_base, f_ptr,
+def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
               stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-              k_len, qk_scale, offs_d, d_mask,
-              ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              k_len, qk_scale,
+              ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+              D1: tl.constexpr, DOT_PREC: tl.constexpr):
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, do_scale, k_base, v_base, f_ptr,
-                      stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                      start_n, k_len, qk_scale, offs_d, d_mask, False, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
+        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                            start_n, k_len, qk_scale, False, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if n_full < k_len:
-        dq = _dq_tile(dq, q, do, lse, delta, do_scale, k_base, v_base, f_ptr,
-                      stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                      n_full, k_len, qk_scale, offs_d, d_mask, True, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
-    return dq
+        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                            n_full, k_len, qk_scale, True, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    return dq0, dq1
 
 
 @_autotune(DQ_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
@@ -359,7 +415,7 @@ def _bwd_dq(
     stride_dot, stride_doh, stride_dod,
     stride_dqt, stride_dqh,
     stride_ft, stride_fi, stride_fc,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq of one block of queries for one head: self keys (rotated), then text keys; rotated back at the end."""
@@ -374,69 +430,78 @@ def _bwd_dq(
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seq_len
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     rows = offs_m.to(tl.int64)
     start = seq_start.to(tl.int64)
     f_ptr = FREQS + start * stride_ft
-    q = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd, offs_d, d_mask,
-                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D)
-    do = tl.load(DO + (start + rows)[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod,
-                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd,
+                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
+    do0, do1 = _load_tile(DO + start * stride_dot + h * stride_doh, rows, m_mask, stride_dot, stride_dod,
+                          f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_M, HEAD_DIM, D0, D1)
     lse_off = h.to(tl.int64) * T + start + rows
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
-                   V + start * stride_vt + hk * stride_vh, f_ptr,
-                   stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                   seq_len, qk_scale, offs_d, d_mask, ROPE, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
-    dq = dq * sm_scale
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = _zeros_chunk(BLOCK_M, D1)
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
+                         V + start * stride_vt + hk * stride_vh, f_ptr,
+                         stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                         seq_len, qk_scale, ROPE, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT:
         t_start = tl.load(TCU + b)
         t_len = tl.load(TCU + b + 1) - t_start
         t_start = t_start.to(tl.int64)
         lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0)
         delta_t = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
-        dq_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq_t = _dq_inner(dq_t, q, do, lse_t, delta_t, tl.load(TGATE + h), TK + t_start * stride_tkt + hk * stride_tkh,
-                         TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
-                         stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi, stride_fc,
-                         t_len, text_qk_scale, offs_d, d_mask, False, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PREC)
-        dq = dq + dq_t * text_scale
+        # One accumulator pair for both branches: dq = ts * (self * sm / ts + text), scaled once at the end.
+        dq0 = dq0 * (sm_scale / text_scale)
+        dq1 = dq1 * (sm_scale / text_scale)
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_t, delta_t, tl.load(TGATE + h),
+                             TK + t_start * stride_tkt + hk * stride_tkh, TV + t_start * stride_tvt + hk * stride_tvh,
+                             f_ptr, stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi, stride_fc,
+                             t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        dq0 = dq0 * text_scale
+        dq1 = dq1 * text_scale
+    else:
+        dq0 = dq0 * sm_scale
+        dq1 = dq1 * sm_scale
     if ROPE:
-        dq = _rotate(dq, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, HEAD_DIM, BLOCK_D)
-    tl.store(DQ + (start + rows)[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        dq0 = _rotate(dq0, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            dq1 = _rotate(dq1, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, D0, D1, HEAD_DIM)
+    _store_tile(DQ + start * stride_dqt + h * stride_dqh, rows, m_mask, stride_dqt, dq0, dq1, HEAD_DIM, D0, D1)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
+def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
                stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
-               start_m, q_len, qk_scale, do_scale, offs_d, d_mask,
+               start_m, q_len, qk_scale, do_scale,
                MASK_M: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+               D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dv += (do_scale * p)^T dO, dk (unscaled) += ds^T q over BLOCK_M queries, with transposed scores
     (keys x queries) so nothing big is transposed. do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_mask = _row_mask(offs_m, q_len, MASK_M, BLOCK_M)
     rows = offs_m.to(tl.int64)
-    q = _load_tile(q_base, rows, m_mask, stride_qt, stride_qd, offs_d, d_mask,
-                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D)
-    do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q0, q1 = _load_tile(q_base, rows, m_mask, stride_qt, stride_qd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        ROPE, BLOCK_M, HEAD_DIM, D0, D1)
+    do0, do1 = _load_tile(do_base, rows, m_mask, stride_dot, stride_dod, f_ptr, stride_ft, stride_fi, stride_fc,
+                          False, BLOCK_M, HEAD_DIM, D0, D1)
     lse = tl.load(lse_ptr + rows, mask=m_mask, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=m_mask, other=0.0)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-    p_t = tl.exp2(s_t - lse[None, :])
+    p_t = tl.exp2(_scores(k0, k1, q0, q1, D1, DOT_PREC) * qk_scale - lse[None, :])
     if MASK_M:
         p_t = tl.where(m_mask[None, :], p_t, 0.0)
     # Folding do_scale into p keeps a single dv accumulator across the GQA group (a per-head one would spill).
-    dv += tl.dot((p_t * do_scale).to(do.dtype), do, input_precision=DOT_PREC)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * do_scale
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    return dk, dv
+    pg = (p_t * do_scale).to(do0.dtype)
+    dv0 = tl.dot(pg, do0, dv0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dv1 = tl.dot(pg, do1, dv1, input_precision=DOT_PREC)
+    dp_t = _scores(v0, v1, do0, do1, D1, DOT_PREC) * do_scale
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+    dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
+    return dk0, dk1, dv0, dv1
 
 
 @_autotune(DKDV_CONFIGS, key=["HEAD_DIM", "IS_TEXT", "ROPE", "DOT_PREC"])
@@ -450,7 +515,7 @@ def _bwd_dkdv(
     stride_dot, stride_doh, stride_dod,
     stride_dkt, stride_dkh,
     stride_ft, stride_fi, stride_fc,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, IS_TEXT: tl.constexpr, ROPE: tl.constexpr,
     ROPE_K: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one block of keys (self keys, or a sample's text keys when IS_TEXT) for one kv head, summed over
@@ -469,16 +534,16 @@ def _bwd_dkdv(
     k_start = k_start.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < k_len
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
     n_rows = offs_n.to(tl.int64)
     f_ptr = FREQS + q_start * stride_ft  # self keys share the queries' token positions
-    k = _load_tile(K + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, stride_kd, offs_d, d_mask,
-                   f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, BLOCK_D)
-    v = tl.load(V + (k_start + n_rows)[:, None] * stride_vt + hk * stride_vh + offs_d[None, :] * stride_vd,
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    k0, k1 = _load_tile(K + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, stride_kd,
+                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_tile(V + k_start * stride_vt + hk * stride_vh, n_rows, n_mask, stride_vt, stride_vd,
+                        f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_N, HEAD_DIM, D0, D1)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk1 = _zeros_chunk(BLOCK_N, D1)
+    dv1 = _zeros_chunk(BLOCK_N, D1)
     m_full = (q_len // BLOCK_M) * BLOCK_M
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -490,33 +555,45 @@ def _bwd_dkdv(
         lse_ptr = LSE + h.to(tl.int64) * T + q_start
         delta_ptr = DELTA + h.to(tl.int64) * T + q_start
         for start_m in range(0, m_full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
-                                  stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
-                                  start_m, q_len, qk_scale, do_scale, offs_d, d_mask,
-                                  False, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D, DOT_PREC)
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
+                                            f_ptr, stride_qt, stride_qd, stride_dot, stride_dod, stride_ft,
+                                            stride_fi, stride_fc, start_m, q_len, qk_scale, do_scale,
+                                            False, ROPE, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
         if m_full < q_len:
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
-                                  stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
-                                  m_full, q_len, qk_scale, do_scale, offs_d, d_mask,
-                                  True, ROPE, BLOCK_M, HEAD_DIM, BLOCK_D, DOT_PREC)
-    dk = dk * sm_scale
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
+                                            f_ptr, stride_qt, stride_qd, stride_dot, stride_dod, stride_ft,
+                                            stride_fi, stride_fc, m_full, q_len, qk_scale, do_scale,
+                                            True, ROPE, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    dk0 = dk0 * sm_scale
+    dk1 = dk1 * sm_scale
     if ROPE_K:
-        dk = _rotate(dk, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, HEAD_DIM, BLOCK_D)
-    out_off = (k_start + n_rows)[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :]
-    out_mask = n_mask[:, None] & d_mask[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_mask)
+        dk0 = _rotate(dk0, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            dk1 = _rotate(dk1, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, D0, D1,
+                          HEAD_DIM)
+    out_base = k_start * stride_dkt + hk * stride_dkh
+    _store_tile(DK + out_base, n_rows, n_mask, stride_dkt, dk0, dk1, HEAD_DIM, D0, D1)
+    _store_tile(DV + out_base, n_rows, n_mask, stride_dkt, dv0, dv1, HEAD_DIM, D0, D1)
 
 
 # fmt: on
 
 # --------------------------------------------------------------------------------------------------------------
+
+
 # Launchers (plain tensors in, plain tensors out; autograd lives in flagdit_kernels/ops/attention.py)
 # --------------------------------------------------------------------------------------------------------------
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def _chunks(head_dim: int) -> dict:
+    """Head-dim chunks D0 (largest power of two <= Dh) and D1 (power of two >= 16 covering the rest, or 0)."""
+    d0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d0
+    return {"D0": max(d0, 16), "D1": max(16, triton.next_power_of_2(rest)) if rest else 0}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -571,7 +648,7 @@ def forward(
         softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H, H // h_kv,
         *q.stride(), *k.stride(), *v.stride(), *tk.stride(), *tv.stride(), out.stride(0), out.stride(1),
         *f_strides,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_TEXT=has_text, ROPE=freqs is not None,
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=freqs is not None,
         DOT_PREC=_dot_precision(q.dtype),
     )  # fmt: skip
     return out, o_text, lse, lse_t
@@ -637,14 +714,14 @@ def backward(
         softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H, H // h_kv,
         *q.stride(), *k.stride(), *v.stride(), *tk.stride(), *tv.stride(), *dout.stride(), dq.stride(0), dq.stride(1),
         *f_strides,
-        HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch * h_kv)
     _bwd_dkdv[grid](
         q, k, v, tg, f, dout, dk, dv, lse, delta, cu_seqlens, cu_seqlens,
         softmax_scale * LOG2E, softmax_scale, T, H, H // h_kv, h_kv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dk.stride(0), dk.stride(1), *f_strides,
-        HEAD_DIM=D, BLOCK_D=block_d, IS_TEXT=False, ROPE=rope, ROPE_K=rope, DOT_PREC=prec,
+        HEAD_DIM=D, **_chunks(D), IS_TEXT=False, ROPE=rope, ROPE_K=rope, DOT_PREC=prec,
     )  # fmt: skip
     dgate = None
     if has_text:
@@ -655,7 +732,7 @@ def backward(
                 text_scale * LOG2E, text_scale, T, H, H // h_kv, h_kv,
                 *q.stride(), *text_k.stride(), *text_v.stride(), *dout.stride(), dtk.stride(0), dtk.stride(1),
                 *f_strides,
-                HEAD_DIM=D, BLOCK_D=block_d, IS_TEXT=True, ROPE=rope, ROPE_K=False, DOT_PREC=prec,
+                HEAD_DIM=D, **_chunks(D), IS_TEXT=True, ROPE=rope, ROPE_K=False, DOT_PREC=prec,
             )  # fmt: skip
         dgate = r.sum(dim=1)
     return dq, dk, dv, dtk, dtv, dgate
