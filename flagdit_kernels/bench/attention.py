@@ -106,52 +106,56 @@ def _timed(fn, leaves: list[torch.Tensor], direction: str, grad_leaves: list[tor
 
 
 def _packed_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    heads, head_dim = (4, 64) if quick else (32, 128)
+    # Flag-DiT 5B/7B-like heads (H32 Dh128), and Lumina-Next 2B (H32, 8 kv heads, Dh 72: GQA + a padded head dim).
+    head_configs = [(4, 2, 64)] if quick else [(32, 32, 128), (32, 8, 72)]
     seqlens = [130, 66, 258, 33] if quick else [4160, 2112, 8256, 1056, 1040]
     text_len = 16 if quick else 128
     total = sum(seqlens)
     cu = _offsets(seqlens, device)
     text_cu = torch.arange(len(seqlens) + 1, dtype=torch.int32, device=device) * text_len
-    q = torch.randn(total, heads, head_dim, device=device, dtype=dtype)
-    k, v = torch.randn_like(q), torch.randn_like(q)
-    tk = torch.randn(len(seqlens) * text_len, heads, head_dim, device=device, dtype=dtype)
-    tv = torch.randn_like(tk)
-    gate = torch.randn(heads, device=device, dtype=dtype)
     flex = flex_document_attention(seqlens, device) if device.type == "cuda" else None
     out: list[Case] = []
-    for with_text in (False, True):
-        lens_t = [text_len if with_text else 0] * len(seqlens)
-        for direction in ("fwd", "fwd+bwd"):
-            leaves = [x.detach().clone().requires_grad_(direction != "fwd") for x in (q, k, v, tk, tv, gate)]
-            grads = leaves if with_text else leaves[:3]
+    for heads, kv_heads, head_dim in head_configs:
+        q = torch.randn(total, heads, head_dim, device=device, dtype=dtype)
+        k = torch.randn(total, kv_heads, head_dim, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        tk = torch.randn(len(seqlens) * text_len, kv_heads, head_dim, device=device, dtype=dtype)
+        tv = torch.randn_like(tk)
+        gate = torch.randn(heads, device=device, dtype=dtype)
+        for with_text in (False, True):
+            lens_t = [text_len if with_text else 0] * len(seqlens)
+            for direction in ("fwd", "fwd+bwd"):
+                leaves = [x.detach().clone().requires_grad_(direction != "fwd") for x in (q, k, v, tk, tv, gate)]
+                grads = leaves if with_text else leaves[:3]
 
-            def ours(q, k, v, tk, tv, gate, backend, with_text=with_text):
-                text = dict(text_k=tk, text_v=tv, text_cu_seqlens=text_cu, text_max_seqlen=text_len, gate=gate)
-                return ops.attention.varlen_attention(
-                    q, k, v, cu, max(seqlens), backend=backend, **(text if with_text else {})
-                )
-
-            impls = backend_impls(
-                "varlen_attention",
-                device,
-                lambda b, ours=ours, leaves=leaves, direction=direction, grads=grads: _timed(
-                    lambda *a: ours(*a, backend=b), leaves, direction, grads
-                ),
-            )
-            if not quick:
-                impls.pop("reference", None)  # a host loop over (H, L, L) fp32 score matrices: minutes, many GB
-            if not with_text:
-                impls["padded SDPA"] = lambda leaves=leaves, direction=direction: _timed(
-                    lambda q, k, v, *_: padded_sdpa(q, k, v, seqlens, max(seqlens)), leaves[:3], direction
-                )
-                if flex is not None:
-                    impls["flex docmask"] = lambda leaves=leaves, direction=direction: _timed(
-                        flex, leaves[:3], direction
+                def ours(q, k, v, tk, tv, gate, backend, with_text=with_text):
+                    text = dict(text_k=tk, text_v=tv, text_cu_seqlens=text_cu, text_max_seqlen=text_len, gate=gate)
+                    return ops.attention.varlen_attention(
+                        q, k, v, cu, max(seqlens), backend=backend, **(text if with_text else {})
                     )
-            mult = 1.0 if direction == "fwd" else FWD_BWD_FACTOR
-            flops = int(mult * attention_flops(seqlens, lens_t, heads, head_dim))
-            shape = f"packed{len(seqlens)}x{total}-H{heads}-D{head_dim}" + (f"-text{text_len}" if with_text else "")
-            out.append(Case("varlen_attention", shape, direction, impls, flops=flops))
+
+                impls = backend_impls(
+                    "varlen_attention",
+                    device,
+                    lambda b, ours=ours, leaves=leaves, direction=direction, grads=grads: _timed(
+                        lambda *a: ours(*a, backend=b), leaves, direction, grads
+                    ),
+                )
+                if not quick:
+                    impls.pop("reference", None)  # a host loop over (H, L, L) fp32 score matrices: minutes, GBs
+                if not with_text:
+                    impls["padded SDPA"] = lambda leaves=leaves, direction=direction: _timed(
+                        lambda a, b, c: padded_sdpa(a, b, c, seqlens, max(seqlens)), leaves[:3], direction
+                    )
+                    if flex is not None:
+                        impls["flex docmask"] = lambda leaves=leaves, direction=direction: _timed(
+                            flex, leaves[:3], direction
+                        )
+                mult = 1.0 if direction == "fwd" else FWD_BWD_FACTOR
+                flops = int(mult * attention_flops(seqlens, lens_t, heads, head_dim))
+                shape = f"packed{len(seqlens)}x{total}-H{heads}/{kv_heads}-D{head_dim}"
+                shape += f"-text{text_len}" if with_text else ""
+                out.append(Case("varlen_attention", shape, direction, impls, flops=flops))
     return out
 
 
