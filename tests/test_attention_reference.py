@@ -97,7 +97,7 @@ def test_reference_gradcheck_float64():
             q, k, v, cu, 3, 0.4, text_k=text_k, text_v=text_v, text_cu_seqlens=tcu, gate=gate, freqs=freqs
         )
 
-    assert torch.autograd.gradcheck(fn, tuple(x.values()))
+    assert torch.autograd.gradcheck(fn, tuple(x.values()), fast_mode=True)
 
 
 def test_proportional_scale():
