@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _dispatch
@@ -13,10 +15,19 @@ SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
 
 _dispatch.register("varlen_attention", "reference", ref.varlen_attention, devices=("cpu", "cuda"))
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def _check_head_dim(head_dim: int) -> None:
     if head_dim % 8 or not 16 <= head_dim <= 256:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+
+
+def _check_max_seqlen(name: str, max_seqlen: int, cu_seqlens: torch.Tensor) -> None:
+    """Kernels launch cdiv(max_seqlen, BLOCK) blocks per sequence: a too-small value would drop tokens."""
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    if max_seqlen < longest:
+        raise ValueError(f"{name} ({max_seqlen}) is smaller than the longest sequence ({longest})")
 
 
 def _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, num_seqs: int, hkv: int):
@@ -34,7 +45,10 @@ def _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, num_s
             raise ValueError(f"{name} must be (Tt, {hkv}, {q.shape[-1]}) like k, got {tuple(t.shape)}")
     if text_v.shape[0] != text_k.shape[0]:
         raise ValueError(f"text_v has {text_v.shape[0]} tokens but text_k has {text_k.shape[0]}")
-    check_cu_seqlens("text_cu_seqlens", text_cu_seqlens, text_k.shape[0], q.device, total_name="text_k.shape[0]")
+    sync = not torch.compiler.is_compiling()
+    check_cu_seqlens(
+        "text_cu_seqlens", text_cu_seqlens, text_k.shape[0], q.device, total_name="text_k.shape[0]", sync=sync
+    )
     if text_cu_seqlens.numel() != num_seqs + 1:
         raise ValueError(
             f"text_cu_seqlens must have {num_seqs + 1} entries (one text sequence per sample), "
@@ -42,6 +56,8 @@ def _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, num_s
         )
     if text_max_seqlen is not None and (not isinstance(text_max_seqlen, int) or text_max_seqlen < 0):
         raise ValueError(f"text_max_seqlen must be a non-negative int, got {text_max_seqlen!r}")
+    if text_max_seqlen is not None and sync:
+        _check_max_seqlen("text_max_seqlen", text_max_seqlen, text_cu_seqlens)
     check_tensor("gate", gate, ndim=1, device=q.device)
     check_shape("gate", gate, (q.shape[1],))
 
@@ -83,9 +99,13 @@ def varlen_attention(
         raise ValueError(f"k must be (T, Hkv, Dh) = ({q.shape[0]}, Hkv, {q.shape[2]}), got {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
-    check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device, total_name="q.shape[0]")
+    # Value checks of cu_seqlens copy to the host; under torch.compile they would break the graph.
+    sync = not torch.compiler.is_compiling()
+    check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device, total_name="q.shape[0]", sync=sync)
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if sync:
+        _check_max_seqlen("max_seqlen", max_seqlen, cu_seqlens)
     if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, cu_seqlens.numel() - 1, k.shape[1])
@@ -117,3 +137,147 @@ def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
     if not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     return ref.proportional_scale(seqlen, base_seqlen, head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton backend: torch.library custom ops (opaque to torch.compile, with fake impls) + autograd.
+# The kernels live in flagdit_kernels/triton/varlen_attention.py and are imported on first use only.
+# ----------------------------------------------------------------------------------------------------------------
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("flagdit_kernels::varlen_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    text_k: Tensor | None,
+    text_v: Tensor | None,
+    text_cu_seqlens: Tensor | None,
+    text_max_seqlen: int,
+    tanh_gate: Tensor | None,
+    freqs: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, o_text, lse_self, lse_text); the last three are saved for the backward."""
+    from ..triton import varlen_attention as kernels
+
+    return kernels.forward(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs
+    )
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, text_max_seqlen,
+              tanh_gate, freqs):  # fmt: skip
+    T, H, D = q.shape
+    has_text = text_k is not None
+    out = q.new_empty((T, H, D))
+    o_text = q.new_empty((T, H, D) if has_text else (0,))
+    lse = q.new_empty((H, T), dtype=torch.float32)
+    lse_t = q.new_empty((H, T) if has_text else (0,), dtype=torch.float32)
+    return out, o_text, lse, lse_t
+
+
+@torch.library.custom_op("flagdit_kernels::varlen_attention_bwd", mutates_args=())
+def _bwd_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    o_text: Tensor,
+    lse: Tensor,
+    lse_t: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    text_k: Tensor | None,
+    text_v: Tensor | None,
+    text_cu_seqlens: Tensor | None,
+    text_max_seqlen: int,
+    tanh_gate: Tensor | None,
+    freqs: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text."""
+    from ..triton import varlen_attention as kernels
+
+    dq, dk, dv, dtk, dtv, dtg = kernels.backward(
+        dout, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
+        text_k, text_v, text_cu_seqlens, text_max_seqlen, tanh_gate, freqs,
+    )  # fmt: skip
+    if text_k is None:
+        dtk, dtv, dtg = q.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dtk, dtv, dtg
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
+              text_cu_seqlens, text_max_seqlen, tanh_gate, freqs):  # fmt: skip
+    has_text = text_k is not None
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        text_k.new_empty(text_k.shape) if has_text else q.new_empty(0),
+        text_v.new_empty(text_v.shape) if has_text else q.new_empty(0),
+        q.new_empty((q.shape[1],) if has_text else (0,), dtype=torch.float32),
+    )
+
+
+def _fwd_setup(ctx, inputs, output):
+    (q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs) = inputs
+    out, o_text, lse, lse_t = output
+    ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs)
+    ctx.sizes = (max_seqlen, scale, text_max_seqlen)
+
+
+def _fwd_backward(ctx, dout, _d_o_text, _d_lse, _d_lse_t):
+    q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs = ctx.saved_tensors
+    max_seqlen, scale, text_max_seqlen = ctx.sizes
+    dq, dk, dv, dtk, dtv, dtg = _bwd_op(
+        dout, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
+        text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs,
+    )  # fmt: skip
+    if text_k is None:
+        dtk = dtv = dtg = None
+    return dq, dk, dv, None, None, None, dtk, dtv, None, None, dtg, None
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _varlen_attention_triton(
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, *, text_k=None, text_v=None, text_cu_seqlens=None,
+    text_max_seqlen=None, gate=None, freqs=None,
+):  # fmt: skip
+    """The Triton backend: one fused kernel per direction (self + gated text + RoPE); see the kernel module."""
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    tanh_gate = None
+    if text_k is not None:
+        if text_max_seqlen is None:  # one host sync; pass text_max_seqlen to avoid it
+            text_max_seqlen = int((text_cu_seqlens[1:] - text_cu_seqlens[:-1]).max())
+        # tanh in torch (H values): its autograd turns the kernel's d tanh(gate) into d gate.
+        tanh_gate = torch.tanh(gate.float())
+    if freqs is not None and freqs.dtype != torch.float32:
+        freqs = freqs.float()  # the reference rotates with fp32 tables too
+    out, _, _, _ = _fwd_op(
+        q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, text_max_seqlen or 0,
+        tanh_gate, freqs,
+    )  # fmt: skip
+    return out
+
+
+_dispatch.register(
+    "varlen_attention",
+    "triton",
+    _varlen_attention_triton,
+    devices=("cuda",),
+    available=_dispatch.triton_installed,
+    why_not=lambda: "triton is not installed",
+)

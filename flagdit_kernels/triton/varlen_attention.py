@@ -1,0 +1,738 @@
+"""Flash-attention over packed variable-length sequences with Lumina's gated text cross-attention fused in.
+
+Layout (flash-attn varlen convention): q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)``, sequences delimited by
+``cu_seqlens`` (int32, ``(B+1,)``); text keys/values ``(Tt, Hkv, Dh)`` delimited per sample by
+``text_cu_seqlens``. Every tensor is read through its strides, so q/k/v may be views of one fused QKV
+projection (only the head-dim stride is assumed small; nothing is copied).
+
+Forward, one program per (block of BLOCK_M queries of one sequence, query head):
+  1. load the q tile (rotating it by RoPE in registers when ``freqs`` is given), rounded to the input dtype
+     like the reference;
+  2. online softmax with scale 1/sqrt(Dh) over the sample's text keys (never rotated); ``o_text`` is written
+     (the backward needs it) and kept in registers in the input dtype;
+  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, rotated as loaded;
+  4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (log2 units).
+The grid's first axis covers ``cdiv(max_seqlen, BLOCK_M)`` blocks of every sequence; blocks past a sequence's
+end return at once (cheap next to a real block), so no host sync is needed beyond the Python int max_seqlen.
+
+Backward (deterministic, no atomics):
+  * ``_bwd_preprocess``: ``delta_self = rowsum(dO * o_self)`` with ``o_self = out - tg * o_text``,
+    ``r = rowsum(dO * o_text)``, ``delta_text = tg * r``; the caller sums ``r`` per head for d tanh(gate).
+  * ``_bwd_dkdv``: one program per (key block, sample, kv head) loops over the GQA group's query heads and the
+    sample's query blocks (the same kernel serves self keys, rotated, and text keys with dO scaled by tg);
+    dk is rotated back by the inverse RoPE before it is written.
+  * ``_bwd_dq``: one program per (query block, head) loops over self keys, then text keys; dq is rotated back.
+
+Head dims that are not powers of two run as two power-of-two column chunks (72 = 64 + 16 padded to 80, 96 = 64 + 32,
+48 = 32 + 16) with masked loads, so the padding costs at most a few columns instead of the next power of two.
+Row offsets are int64 so T * H * Dh may exceed 2^31.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autotuning. Under the interpreter one small fixed config keeps the CPU tests fast (and a single config means
+# the autotuner never benchmarks). On the GPU the configs below are ordinary flash-attention tiles that compile
+# with Triton 3.6 and newer; the pruner drops tiles too big for the head dim (registers / shared memory).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRETED:
+    FWD_CONFIGS = [_cfg(32, 32, 4, 1)]
+    DQ_CONFIGS = [_cfg(32, 32, 4, 1)]
+    DKDV_CONFIGS = [_cfg(32, 32, 4, 1)]
+else:
+    # Chosen from ptxas register/spill reports for sm_90 (Triton 3.9, bf16, Dh 128; no GPU was available to time
+    # them): 8 warps for 128-row tiles (4 warps spill the 128-row fp32 accumulator), small query tiles for dk/dv
+    # (dk and dv accumulators plus k and v stay resident for a whole program).
+    FWD_CONFIGS = [
+        _cfg(128, 64, 8, 3),
+        _cfg(128, 64, 8, 4),
+        _cfg(128, 128, 8, 2),
+        _cfg(128, 32, 8, 3),
+        _cfg(64, 64, 4, 3),
+        _cfg(64, 64, 8, 2),
+        _cfg(64, 32, 4, 2),
+    ]
+    DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)]
+    DKDV_CONFIGS = [
+        _cfg(32, 128, 8, 2),
+        _cfg(32, 128, 8, 3),
+        _cfg(64, 128, 8, 2),
+        _cfg(32, 64, 8, 3),
+        _cfg(16, 128, 8, 2),
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keeps tiles whose q/k/v/acc footprint fits for this head dim (256 needs small tiles)."""
+    block_d = kwargs.get("D0", named_args.get("D0", 128)) + kwargs.get("D1", named_args.get("D1", 0))
+    keep = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= 128 * 128]
+    return keep or configs[-1:]
+
+
+def _autotune(configs, key):
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers. Kernel argument lists stay compact (fmt: off): one line per group of strides.
+#
+# Head dim in two column chunks: D0 = the largest power of two <= Dh, D1 = the power of two covering the rest
+# (0 when Dh is a power of two), so Dh 72 runs as 64 + 16 (80 columns, not 128), 96 as 64 + 32 and 48 as 32 + 16.
+# Every tile is a pair (x0, x1); every matmul over the head dim is two dots into one accumulator, every matmul
+# producing head-dim columns writes two accumulators. With D1 == 0 the second chunk is a dead dummy.
+#
+# Loops over keys (or queries) run the full tiles without row masks and then at most one masked tail tile
+# (MASK_* constexpr), so the common path carries no per-element masking.
+# --------------------------------------------------------------------------------------------------------------
+
+# fmt: off
+
+
+@triton.jit
+def _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
+            INVERSE: tl.constexpr, R: tl.constexpr, COL0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Interleaved RoPE of an (R, W) chunk holding head-dim columns [COL0, COL0 + W): pairs (2i, 2i+1) rotate by
+    the angle of (token, i). ``rows`` are token indices (int64) into freqs ``(T, Dh/2, 2)`` = (cos, sin), relative
+    to ``f_ptr``. ``INVERSE`` rotates by -angle (the transpose: maps a gradient back). Returns fp32."""
+    offs_i = COL0 // 2 + tl.arange(0, W // 2)
+    mask = row_mask[:, None] & (offs_i[None, :] < HEAD_DIM // 2)
+    ptrs = f_ptr + rows[:, None] * stride_ft + offs_i[None, :] * stride_fi
+    cos = tl.load(ptrs, mask=mask, other=0.0)
+    sin = tl.load(ptrs + stride_fc, mask=mask, other=0.0)
+    if INVERSE:
+        sin = -sin
+    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (R, W // 2, 2)))
+    return tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (R, W))
+
+
+@triton.jit
+def _row_mask(offs, n, MASKED: tl.constexpr, R: tl.constexpr):
+    """offs < n for a tail tile; a constant all-true mask (folded away by the compiler) for a full tile."""
+    if MASKED:
+        mask = offs < n
+    else:
+        mask = tl.full([R], 1, tl.int1)
+    return mask
+
+
+@triton.jit
+def _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+                ROPE: tl.constexpr, R: tl.constexpr, COL0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = COL0 + tl.arange(0, W)
+    mask = row_mask[:, None]
+    if COL0 + W > HEAD_DIM:
+        mask = mask & (cols < HEAD_DIM)[None, :]
+    x = tl.load(base + rows[:, None] * stride_t + cols[None, :] * stride_d, mask=mask, other=0.0)
+    if ROPE:
+        # Rotated in fp32 and rounded back to the input dtype, as the reference rounds its rotated q/k.
+        x = _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, False, R, COL0, W, HEAD_DIM).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _load_tile(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+               ROPE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """(R, D0) and (R, D1) chunks of rows ``rows`` (int64, relative to ``base``), zero outside the masks."""
+    x0 = _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+                     ROPE, R, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        x1 = _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+                         ROPE, R, D0, D1, HEAD_DIM)
+    else:
+        x1 = _zeros_chunk(R, 0).to(x0.dtype)  # dummy, never used
+    return x0, x1
+
+
+@triton.jit
+def _zeros_chunk(R: tl.constexpr, W: tl.constexpr):
+    """fp32 zeros for a second-chunk accumulator; a (R, 16) dummy when there is no second chunk."""
+    if W > 0:
+        z = tl.zeros([R, W], dtype=tl.float32)
+    else:
+        z = tl.zeros([R, 16], dtype=tl.float32)
+    return z
+
+
+@triton.jit
+def _store_tile(base, rows, row_mask, stride_t, x0, x1, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr):
+    """Stores both chunks (unit head-dim stride: only our own outputs are written)."""
+    cols = tl.arange(0, D0)
+    tl.store(base + rows[:, None] * stride_t + cols[None, :], x0.to(base.dtype.element_ty), mask=row_mask[:, None])
+    if D1 > 0:
+        cols = D0 + tl.arange(0, D1)
+        tl.store(base + rows[:, None] * stride_t + cols[None, :], x1.to(base.dtype.element_ty),
+                 mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _scores(a0, a1, b0, b1, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """a @ b^T over the head dim, chunk by chunk into one fp32 accumulator."""
+    s = tl.dot(a0, tl.trans(b0), input_precision=DOT_PREC)
+    if D1 > 0:
+        s = tl.dot(a1, tl.trans(b1), s, input_precision=DOT_PREC)
+    return s
+
+
+@triton.jit
+def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
+                 stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                 start_n, k_len, qk_scale,
+                 MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = _row_mask(offs_n, k_len, MASK_N, BLOCK_N)
+    rows = offs_n.to(tl.int64)
+    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, stride_vd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        False, BLOCK_N, HEAD_DIM, D0, D1)
+    s = _scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale
+    if MASK_N:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    # Every tile holds at least one real key, so m_new is finite and no row ever computes -inf - -inf.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v0.dtype)
+    acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+    if D1 > 0:
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _attend(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
+            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+            k_len, qk_scale,
+            ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+            D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax accumulation of q's attention over ``k_len`` keys: full tiles, then the tail."""
+    n_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
+                                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi,
+                                            stride_fc, start_n, k_len, qk_scale,
+                                            False, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    if n_full < k_len:
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
+                                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi,
+                                            stride_fc, n_full, k_len, qk_scale,
+                                            True, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    return acc0, acc1, m_i, l_i
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@_autotune(FWD_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, TK, TV, TGATE, FREQS, OUT, OTEXT, LSE, LSE_T, CU, TCU,
+    qk_scale, text_qk_scale, T, H, GROUP,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_tkt, stride_tkh, stride_tkd,
+    stride_tvt, stride_tvh, stride_tvd,
+    stride_ot, stride_oh,
+    stride_ft, stride_fi, stride_fc,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    seq_start = tl.load(CU + b)
+    seq_len = tl.load(CU + b + 1) - seq_start
+    if pid_m * BLOCK_M >= seq_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    rows = offs_m.to(tl.int64)
+    start = seq_start.to(tl.int64)
+    f_ptr = FREQS + start * stride_ft
+    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd,
+                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
+    lse_off = h.to(tl.int64) * T + start + rows
+    o_base = start * stride_ot + h * stride_oh
+
+    # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
+    # stays live in registers during the long self loop (keeping it costs ~50-75 registers a thread at 128-row
+    # tiles); it is read back for the final sum.
+    if HAS_TEXT:
+        t_start = tl.load(TCU + b)
+        t_len = tl.load(TCU + b + 1) - t_start
+        t_start = t_start.to(tl.int64)
+        acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+        acc1 = _zeros_chunk(BLOCK_M, D1)
+        m_t = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc0, acc1, m_t, l_t = _attend(acc0, acc1, m_t, l_t, q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
+                                       TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
+                                       stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi,
+                                       stride_fc, t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
+        has = l_t > 0
+        l_safe = tl.where(has, l_t, 1.0)
+        tl.store(LSE_T + lse_off, tl.where(has, m_t + tl.log2(l_safe), 0.0), mask=m_mask)
+        _store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
+                    HEAD_DIM, D0, D1)
+
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = _zeros_chunk(BLOCK_M, D1)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0, acc1, m_i, l_i = _attend(acc0, acc1, m_i, l_i, q0, q1, K + start * stride_kt + hk * stride_kh,
+                                   V + start * stride_vt + hk * stride_vh, f_ptr,
+                                   stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                                   seq_len, qk_scale, ROPE, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
+    out0 = acc0 / l_i[:, None]
+    out1 = acc1 / l_i[:, None]
+    if HAS_TEXT:
+        # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
+        tl.debug_barrier()
+        tg = tl.load(TGATE + h)
+        ot0, ot1 = _load_tile(OTEXT + o_base, rows, m_mask, stride_ot, 1, f_ptr, stride_ft, stride_fi, stride_fc,
+                              False, BLOCK_M, HEAD_DIM, D0, D1)
+        out0 = out0 + tg * ot0.to(tl.float32)
+        if D1 > 0:
+            out1 = out1 + tg * ot1.to(tl.float32)
+    _store_tile(OUT + o_base, rows, m_mask, stride_ot, out0, out1, HEAD_DIM, D0, D1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(
+    DO, OUT, OTEXT, TGATE, DELTA, DELTA_T, R, T,
+    stride_dot, stride_doh, stride_dod, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Per (token, head): delta_self = sum_d dO * o_self, and with text r = sum_d dO * o_text, delta_text = tg*r."""
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_mask = rows < T
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = t_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    o_off = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    o_self = tl.load(OUT + o_off, mask=mask, other=0.0).to(tl.float32)
+    out_off = h.to(tl.int64) * T + rows
+    if HAS_TEXT:
+        tg = tl.load(TGATE + h)
+        o_text = tl.load(OTEXT + o_off, mask=mask, other=0.0).to(tl.float32)
+        o_self = o_self - tg * o_text  # out = o_self + tg * o_text
+        r = tl.sum(do * o_text, 1)
+        tl.store(R + out_off, r, mask=t_mask)
+        tl.store(DELTA_T + out_off, tg * r, mask=t_mask)
+    tl.store(DELTA + out_off, tl.sum(do * o_self, 1), mask=t_mask)
+
+
+@triton.jit
+def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+             stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+             start_n, k_len, qk_scale,
+             MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
+    dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = _row_mask(offs_n, k_len, MASK_N, BLOCK_N)
+    rows = offs_n.to(tl.int64)
+    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, stride_vd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        False, BLOCK_N, HEAD_DIM, D0, D1)
+    p = tl.exp2(_scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale - lse[:, None])
+    if MASK_N:
+        p = tl.where(n_mask[None, :], p, 0.0)
+    dp = _scores(do0, do1, v0, v1, D1, DOT_PREC) * do_scale
+    ds = (p * (dp - delta[:, None])).to(k0.dtype)
+    dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit
+def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+              stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+              k_len, qk_scale,
+              ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+              D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    n_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                            start_n, k_len, qk_scale, False, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    if n_full < k_len:
+        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                            n_full, k_len, qk_scale, True, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    return dq0, dq1
+
+
+@_autotune(DQ_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
+@triton.jit
+def _bwd_dq(
+    Q, K, V, TK, TV, TGATE, FREQS, DO, DQ, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
+    qk_scale, text_qk_scale, sm_scale, text_scale, T, H, GROUP,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_tkt, stride_tkh, stride_tkd,
+    stride_tvt, stride_tvh, stride_tvd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh,
+    stride_ft, stride_fi, stride_fc,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dq of one block of queries for one head: self keys (rotated), then text keys; rotated back at the end."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    seq_start = tl.load(CU + b)
+    seq_len = tl.load(CU + b + 1) - seq_start
+    if pid_m * BLOCK_M >= seq_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seq_len
+    rows = offs_m.to(tl.int64)
+    start = seq_start.to(tl.int64)
+    f_ptr = FREQS + start * stride_ft
+    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd,
+                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
+    do0, do1 = _load_tile(DO + start * stride_dot + h * stride_doh, rows, m_mask, stride_dot, stride_dod,
+                          f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_M, HEAD_DIM, D0, D1)
+    lse_off = h.to(tl.int64) * T + start + rows
+    lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = _zeros_chunk(BLOCK_M, D1)
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
+                         V + start * stride_vt + hk * stride_vh, f_ptr,
+                         stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                         seq_len, qk_scale, ROPE, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    if HAS_TEXT:
+        t_start = tl.load(TCU + b)
+        t_len = tl.load(TCU + b + 1) - t_start
+        t_start = t_start.to(tl.int64)
+        lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0)
+        delta_t = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
+        # One accumulator pair for both branches: dq = ts * (self * sm / ts + text), scaled once at the end.
+        dq0 = dq0 * (sm_scale / text_scale)
+        dq1 = dq1 * (sm_scale / text_scale)
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_t, delta_t, tl.load(TGATE + h),
+                             TK + t_start * stride_tkt + hk * stride_tkh, TV + t_start * stride_tvt + hk * stride_tvh,
+                             f_ptr, stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi, stride_fc,
+                             t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        dq0 = dq0 * text_scale
+        dq1 = dq1 * text_scale
+    else:
+        dq0 = dq0 * sm_scale
+        dq1 = dq1 * sm_scale
+    if ROPE:
+        dq0 = _rotate(dq0, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            dq1 = _rotate(dq1, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, D0, D1, HEAD_DIM)
+    _store_tile(DQ + start * stride_dqt + h * stride_dqh, rows, m_mask, stride_dqt, dq0, dq1, HEAD_DIM, D0, D1)
+
+
+@triton.jit
+def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
+               stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
+               start_m, q_len, qk_scale, do_scale,
+               MASK_M: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dv += (do_scale * p)^T dO, dk (unscaled) += ds^T q over BLOCK_M queries, with transposed scores
+    (keys x queries) so nothing big is transposed. do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_mask = _row_mask(offs_m, q_len, MASK_M, BLOCK_M)
+    rows = offs_m.to(tl.int64)
+    q0, q1 = _load_tile(q_base, rows, m_mask, stride_qt, stride_qd, f_ptr, stride_ft, stride_fi, stride_fc,
+                        ROPE, BLOCK_M, HEAD_DIM, D0, D1)
+    do0, do1 = _load_tile(do_base, rows, m_mask, stride_dot, stride_dod, f_ptr, stride_ft, stride_fi, stride_fc,
+                          False, BLOCK_M, HEAD_DIM, D0, D1)
+    lse = tl.load(lse_ptr + rows, mask=m_mask, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=m_mask, other=0.0)
+    p_t = tl.exp2(_scores(k0, k1, q0, q1, D1, DOT_PREC) * qk_scale - lse[None, :])
+    if MASK_M:
+        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+    # Folding do_scale into p keeps a single dv accumulator across the GQA group (a per-head one would spill).
+    pg = (p_t * do_scale).to(do0.dtype)
+    dv0 = tl.dot(pg, do0, dv0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dv1 = tl.dot(pg, do1, dv1, input_precision=DOT_PREC)
+    dp_t = _scores(v0, v1, do0, do1, D1, DOT_PREC) * do_scale
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+    dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@_autotune(DKDV_CONFIGS, key=["HEAD_DIM", "IS_TEXT", "ROPE", "DOT_PREC"])
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, TGATE, FREQS, DO, DK, DV, LSE, DELTA, CU, CU_K,
+    qk_scale, sm_scale, T, H, GROUP, H_KV,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh,
+    stride_ft, stride_fi, stride_fc,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, IS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    ROPE_K: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk, dv of one block of keys (self keys, or a sample's text keys when IS_TEXT) for one kv head, summed over
+    the GQA group's query heads in a fixed order (deterministic)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    hk = pid_bh % H_KV
+    k_start = tl.load(CU_K + b)
+    k_len = tl.load(CU_K + b + 1) - k_start
+    if pid_n * BLOCK_N >= k_len:
+        return
+    q_start = tl.load(CU + b)
+    q_len = tl.load(CU + b + 1) - q_start
+    q_start = q_start.to(tl.int64)
+    k_start = k_start.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < k_len
+    n_rows = offs_n.to(tl.int64)
+    f_ptr = FREQS + q_start * stride_ft  # self keys share the queries' token positions
+    k0, k1 = _load_tile(K + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, stride_kd,
+                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_tile(V + k_start * stride_vt + hk * stride_vh, n_rows, n_mask, stride_vt, stride_vd,
+                        f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_N, HEAD_DIM, D0, D1)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk1 = _zeros_chunk(BLOCK_N, D1)
+    dv1 = _zeros_chunk(BLOCK_N, D1)
+    m_full = (q_len // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        do_scale = 1.0
+        if IS_TEXT:
+            do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
+        q_base = Q + q_start * stride_qt + h * stride_qh
+        do_base = DO + q_start * stride_dot + h * stride_doh
+        lse_ptr = LSE + h.to(tl.int64) * T + q_start
+        delta_ptr = DELTA + h.to(tl.int64) * T + q_start
+        for start_m in range(0, m_full, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
+                                            f_ptr, stride_qt, stride_qd, stride_dot, stride_dod, stride_ft,
+                                            stride_fi, stride_fc, start_m, q_len, qk_scale, do_scale,
+                                            False, ROPE, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+        if m_full < q_len:
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
+                                            f_ptr, stride_qt, stride_qd, stride_dot, stride_dod, stride_ft,
+                                            stride_fi, stride_fc, m_full, q_len, qk_scale, do_scale,
+                                            True, ROPE, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    dk0 = dk0 * sm_scale
+    dk1 = dk1 * sm_scale
+    if ROPE_K:
+        dk0 = _rotate(dk0, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            dk1 = _rotate(dk1, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, D0, D1,
+                          HEAD_DIM)
+    out_base = k_start * stride_dkt + hk * stride_dkh
+    _store_tile(DK + out_base, n_rows, n_mask, stride_dkt, dk0, dk1, HEAD_DIM, D0, D1)
+    _store_tile(DV + out_base, n_rows, n_mask, stride_dkt, dv0, dv1, HEAD_DIM, D0, D1)
+
+
+# fmt: on
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+# Launchers (plain tensors in, plain tensors out; autograd lives in flagdit_kernels/ops/attention.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _chunks(head_dim: int) -> dict:
+    """Head-dim chunks D0 (largest power of two <= Dh) and D1 (power of two >= 16 covering the rest, or 0)."""
+    d0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d0
+    return {"D0": max(d0, 16), "D1": max(16, triton.next_power_of_2(rest)) if rest else 0}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs promise fp32 accuracy (DESIGN.md: rel-L2 < 1e-4), which TF32 cannot give.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _freq_args(freqs: torch.Tensor | None, q: torch.Tensor):
+    if freqs is None:
+        return q, (0, 0, 0)  # never dereferenced: ROPE is a constexpr False
+    return freqs, tuple(freqs.stride())
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    text_k: torch.Tensor | None,
+    text_v: torch.Tensor | None,
+    text_cu_seqlens: torch.Tensor | None,
+    tanh_gate: torch.Tensor | None,
+    freqs: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out, o_text, lse_self, lse_text)``; LSEs are fp32 ``(H, T)`` in log2 units; o_text and
+    lse_text are empty without text. ``tanh_gate`` is fp32 ``(H,)`` (the gate already through tanh)."""
+    T, H, D = q.shape
+    h_kv = k.shape[1]
+    batch = cu_seqlens.numel() - 1
+    has_text = text_k is not None
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    o_text = torch.empty((T, H, D) if has_text else (0,), dtype=q.dtype, device=q.device)
+    lse_t = torch.empty((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
+    if T == 0 or max_seqlen == 0:
+        return out, o_text, lse, lse_t
+    # Without text the text pointers are never dereferenced (HAS_TEXT is a constexpr); pass real tensors anyway
+    # so the launcher never sees a null pointer.
+    # Zero-token text (every sample empty) is never dereferenced either; avoid handing Triton a null pointer.
+    tk = text_k if has_text and text_k.numel() else k
+    tv = text_v if has_text and text_v.numel() else v
+    tcu = text_cu_seqlens if has_text else cu_seqlens
+    tg = tanh_gate if has_text else lse
+    ot = o_text if has_text else out
+    lt = lse_t if has_text else lse
+    f, f_strides = _freq_args(freqs, q)
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * H)
+    _fwd_kernel[grid](
+        q, k, v, tk, tv, tg, f, out, ot, lse, lt, cu_seqlens, tcu,
+        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H, H // h_kv,
+        *q.stride(), *k.stride(), *v.stride(), *tk.stride(), *tv.stride(), out.stride(0), out.stride(1),
+        *f_strides,
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=freqs is not None,
+        DOT_PREC=_dot_precision(q.dtype),
+    )  # fmt: skip
+    return out, o_text, lse, lse_t
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    o_text: torch.Tensor,
+    lse: torch.Tensor,
+    lse_t: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    text_k: torch.Tensor | None,
+    text_v: torch.Tensor | None,
+    text_cu_seqlens: torch.Tensor | None,
+    text_max_seqlen: int,
+    tanh_gate: torch.Tensor | None,
+    freqs: torch.Tensor | None,
+):
+    """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text).
+    d_tanh_gate is fp32 ``(H,)``: per-token partial sums written by the preprocess kernel, summed per head."""
+    T, H, D = q.shape
+    h_kv = k.shape[1]
+    batch = cu_seqlens.numel() - 1
+    has_text = text_k is not None
+    dev = q.device
+    dq = torch.empty((T, H, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((T, h_kv, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((T, h_kv, D), dtype=v.dtype, device=dev)
+    dtk = torch.zeros(text_k.shape, dtype=text_k.dtype, device=dev) if has_text else None
+    dtv = torch.zeros(text_v.shape, dtype=text_v.dtype, device=dev) if has_text else None
+    delta = torch.empty((H, T), dtype=torch.float32, device=dev)
+    delta_t = torch.empty((H, T), dtype=torch.float32, device=dev) if has_text else delta
+    r = torch.empty((H, T), dtype=torch.float32, device=dev) if has_text else delta
+    if T == 0 or max_seqlen == 0:
+        dgate = torch.zeros(H, dtype=torch.float32, device=dev) if has_text else None
+        return dq, dk, dv, dtk, dtv, dgate
+    block_d = _block_d(D)
+    tg = tanh_gate if has_text else delta
+    ot = o_text if has_text else out
+    block_t = 32 if INTERPRETED else 64
+    _bwd_preprocess[(triton.cdiv(T, block_t), H)](
+        dout, out, ot, tg, delta, delta_t, r, T,
+        *dout.stride(), out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, BLOCK_T=block_t,
+    )  # fmt: skip
+    f, f_strides = _freq_args(freqs, q)
+    # Zero-token text (every sample empty) is never dereferenced either; avoid handing Triton a null pointer.
+    tk = text_k if has_text and text_k.numel() else k
+    tv = text_v if has_text and text_v.numel() else v
+    tcu = text_cu_seqlens if has_text else cu_seqlens
+    prec = _dot_precision(q.dtype)
+    text_scale = 1.0 / math.sqrt(D)
+    rope = freqs is not None
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * H)
+    _bwd_dq[grid](
+        q, k, v, tk, tv, tg, f, dout, dq, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
+        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H, H // h_kv,
+        *q.stride(), *k.stride(), *v.stride(), *tk.stride(), *tv.stride(), *dout.stride(), dq.stride(0), dq.stride(1),
+        *f_strides,
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch * h_kv)
+    _bwd_dkdv[grid](
+        q, k, v, tg, f, dout, dk, dv, lse, delta, cu_seqlens, cu_seqlens,
+        softmax_scale * LOG2E, softmax_scale, T, H, H // h_kv, h_kv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dk.stride(0), dk.stride(1), *f_strides,
+        HEAD_DIM=D, **_chunks(D), IS_TEXT=False, ROPE=rope, ROPE_K=rope, DOT_PREC=prec,
+    )  # fmt: skip
+    dgate = None
+    if has_text:
+        if text_max_seqlen > 0:
+            grid = lambda meta: (triton.cdiv(text_max_seqlen, meta["BLOCK_N"]), batch * h_kv)
+            _bwd_dkdv[grid](
+                q, text_k, text_v, tg, f, dout, dtk, dtv, lse_t, delta_t, cu_seqlens, text_cu_seqlens,
+                text_scale * LOG2E, text_scale, T, H, H // h_kv, h_kv,
+                *q.stride(), *text_k.stride(), *text_v.stride(), *dout.stride(), dtk.stride(0), dtk.stride(1),
+                *f_strides,
+                HEAD_DIM=D, **_chunks(D), IS_TEXT=True, ROPE=rope, ROPE_K=False, DOT_PREC=prec,
+            )  # fmt: skip
+        dgate = r.sum(dim=1)
+    return dq, dk, dv, dtk, dtv, dgate

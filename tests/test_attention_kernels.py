@@ -1,0 +1,253 @@
+"""The Triton varlen attention (self + gated text + in-kernel RoPE) against the float64 reference.
+
+Runs on CPU under TRITON_INTERPRET=1 (fp16/fp32: the interpreter's bf16 tl.dot is wrong) and on CUDA (adds bf16).
+Shapes stay tiny (<= ~150 tokens, <= 4 heads) because the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
+
+import flagdit_kernels as fk
+from flagdit_kernels import _dispatch
+from flagdit_kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(
+    not _dispatch.triton_installed() or not (ON_GPU or INTERPRETED),
+    reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
+)
+
+
+def _offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scale=None, seed=0):
+    """Inputs (differentiable tensors by name) and the two closures for compare_with_reference."""
+    gen = torch.Generator().manual_seed(seed)
+    T, Tt = sum(lens), sum(text_lens or [0])
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * s).to(dtype).to(DEVICE)
+
+    inputs = {"q": rnd(T, heads, head_dim), "k": rnd(T, kv_heads, head_dim), "v": rnd(T, kv_heads, head_dim)}
+    fixed = {"cu_seqlens": _offsets(lens), "max_seqlen": max(lens), "softmax_scale": scale}
+    if text_lens is not None:
+        inputs.update(text_k=rnd(Tt, kv_heads, head_dim), text_v=rnd(Tt, kv_heads, head_dim), gate=rnd(heads, s=0.8))
+        fixed.update(text_cu_seqlens=_offsets(text_lens), text_max_seqlen=max(text_lens))
+    if rope:
+        # Positions restart per sequence like packed Lumina tokens; 2D alternating axes exercise every pair.
+        pos = torch.cat([torch.stack([torch.arange(n) // 5, torch.arange(n) % 5], -1) for n in lens]).to(DEVICE)
+        fixed["freqs"] = fk.rope_freqs(head_dim, pos)
+
+    def mine(**t):
+        return fk.varlen_attention(**t, **fixed, backend="triton")
+
+    def reference(**t):
+        return ref.varlen_attention(**t, **fixed)
+
+    return inputs, mine, reference
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_packed_gqa_text_rope_matches_reference(dtype):
+    # Mixed lengths incl. 1 and an empty sequence; one sample without text; GQA 4 -> 2; Dh 48 (padded to 64);
+    # Lumina's proportional scale instead of 1/sqrt(Dh).
+    inputs, mine, reference = _case(
+        [37, 1, 0, 70], [5, 0, 3, 17], 4, 2, 48, dtype, rope=True, scale=fk.proportional_scale(4096, 1024, 48)
+    )
+    compare_with_reference(mine, reference, inputs, dtype, family="attention")
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "dtype"),
+    # Powers of two run as one column chunk; the others as two (24 = 16+16, 72 = 64+16, 96 = 64+32, 136 = 128+16).
+    [(24, torch.float16), (32, torch.float16), (72, torch.float32), (96, torch.float16), (128, torch.float16)]
+    + [(136, torch.float16)]
+    + ([(64, torch.bfloat16), (256, torch.bfloat16)] if ON_GPU else []),
+)
+def test_head_dims(head_dim, dtype):
+    inputs, mine, reference = _case([19, 33], [6, 4], 2, 1, head_dim, dtype, rope=head_dim != 32)
+    compare_with_reference(mine, reference, inputs, dtype, family="attention")
+
+
+def test_self_only_mqa_fp32():
+    # No text, no RoPE, all heads sharing one kv head; 64 tokens = two full 32-row tiles, 65 = two plus a tail.
+    inputs, mine, reference = _case([64, 65, 7], None, 3, 1, 32, torch.float32)
+    compare_with_reference(mine, reference, inputs, torch.float32, family="attention")
+
+
+def test_many_short_sequences():
+    gen = torch.Generator().manual_seed(1)
+    lens = torch.randint(1, 10, (24,), generator=gen).tolist()
+    text_lens = torch.randint(0, 4, (24,), generator=gen).tolist()
+    inputs, mine, reference = _case(lens, text_lens, 2, 2, 32, torch.float16, rope=True)
+    compare_with_reference(mine, reference, inputs, torch.float16, family="attention")
+
+
+def test_all_length_one():
+    inputs, mine, reference = _case([1] * 5, [2, 0, 1, 3, 1], 2, 1, 32, torch.float32)
+    compare_with_reference(mine, reference, inputs, torch.float32, family="attention")
+
+
+def test_empty_text_and_zero_gate_give_exactly_self_attention():
+    dtype = torch.float32
+    inputs, _, _ = _case([20, 13], [0, 9], 2, 2, 32, dtype)
+    cu = _offsets([20, 13])
+    self_only = fk.varlen_attention(inputs["q"], inputs["k"], inputs["v"], cu, 20, backend="triton")
+    text = dict(text_k=inputs["text_k"], text_v=inputs["text_v"], text_cu_seqlens=_offsets([0, 9]))
+    with_text = fk.varlen_attention(
+        inputs["q"], inputs["k"], inputs["v"], cu, 20, gate=inputs["gate"], backend="triton", **text
+    )
+    assert torch.isfinite(with_text).all()
+    assert torch.equal(with_text[:20], self_only[:20])  # the sample with no text tokens
+    assert not torch.allclose(with_text[20:], self_only[20:])
+    zero_gate = fk.varlen_attention(
+        inputs["q"], inputs["k"], inputs["v"], cu, 20, gate=torch.zeros_like(inputs["gate"]), backend="triton", **text
+    )
+    assert torch.equal(zero_gate, self_only)  # Lumina's zero-initialized gate
+    # No sample has text: zero-token text tensors, output and q grad as without text, d gate exactly 0.
+    gate = inputs["gate"].clone().requires_grad_()
+    q = inputs["q"].clone().requires_grad_()
+    empty = dict(text_k=inputs["text_k"][:0], text_v=inputs["text_v"][:0], text_cu_seqlens=_offsets([0, 0]))
+    none = fk.varlen_attention(q, inputs["k"], inputs["v"], cu, 20, gate=gate, backend="triton", **empty)
+    assert torch.equal(none, self_only)
+    none.backward(torch.ones_like(none))
+    assert torch.equal(gate.grad, torch.zeros_like(gate))
+    q_plain = inputs["q"].clone().requires_grad_()
+    fk.varlen_attention(q_plain, inputs["k"], inputs["v"], cu, 20, backend="triton").sum().backward()
+    assert torch.equal(q.grad, q_plain.grad)
+
+
+def test_rope_in_kernel_matches_apply_rope_first():
+    dtype = torch.float32
+    inputs, _, _ = _case([23, 40], [4, 7], 2, 1, 64, dtype, rope=True)
+    pos = torch.arange(63, device=DEVICE)
+    freqs = fk.rope_freqs(64, pos)
+    cu, tcu = _offsets([23, 40]), _offsets([4, 7])
+    text = dict(text_cu_seqlens=tcu, text_max_seqlen=7)
+
+    def run(fused: bool):
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+        q, k = leaves["q"], leaves["k"]
+        if not fused:
+            q, k = fk.apply_rope(q, freqs, backend="reference"), fk.apply_rope(k, freqs, backend="reference")
+        out = fk.varlen_attention(
+            q, k, leaves["v"], cu, 40, text_k=leaves["text_k"], text_v=leaves["text_v"], gate=leaves["gate"],
+            freqs=freqs if fused else None, backend="triton", **text,
+        )  # fmt: skip
+        out.backward(torch.cos(torch.arange(out.numel(), device=DEVICE, dtype=dtype)).view_as(out))
+        return out, {n: t.grad for n, t in leaves.items()}
+
+    out_fused, grads_fused = run(True)
+    out_first, grads_first = run(False)
+    assert_rel_close(out_fused, out_first, 1e-5)
+    for name, g in grads_first.items():
+        assert_rel_close(grads_fused[name], g, 1e-5, f"grad {name}")
+
+
+def test_strided_views_of_fused_qkv_and_deterministic_backward():
+    # q, k, v sliced from one (T, 3, H, Dh) projection output: non-unit token and head strides, no copies.
+    dtype, T, H, D = torch.float16, 45, 2, 32
+    lens = [30, 15]
+    cu, tcu = _offsets(lens), _offsets([3, 5])
+    qkv = (torch.randn(T, 3, H, D, dtype=torch.float64)).to(dtype).to(DEVICE).requires_grad_()
+    text_kv = torch.randn(8, 2, H, D, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+    gate = torch.randn(H, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+    freqs = fk.rope_freqs(D, torch.arange(T, device=DEVICE))
+
+    def run(fn, qkv, text_kv, gate):
+        q, k, v = qkv.unbind(1)
+        assert not q.is_contiguous()
+        return fn(q, k, v, cu, 30, text_k=text_kv[:, 0], text_v=text_kv[:, 1], text_cu_seqlens=tcu, gate=gate,
+                  freqs=freqs)  # fmt: skip
+
+    upstream = torch.randn(T, H, D, dtype=torch.float64, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        for t in (qkv, text_kv, gate):
+            t.grad = None
+        out = run(lambda *a, **kw: fk.varlen_attention(*a, **kw, backend="triton"), qkv, text_kv, gate)
+        out.backward(upstream.to(dtype))
+        grads.append([t.grad.clone() for t in (qkv, text_kv, gate)])
+    leaves = [t.detach().double().requires_grad_() for t in (qkv, text_kv, gate)]
+    expected = run(ref.varlen_attention, *leaves)
+    expected.backward(upstream)
+    tol = TOLERANCE["attention"][dtype]
+    assert_rel_close(out, expected, tol)
+    for name, g, r in zip(("qkv", "text_kv", "gate"), grads[0], leaves):
+        assert_rel_close(g, r.grad, tol, f"grad {name}")
+    for a, b in zip(*grads):
+        assert torch.equal(a, b), "backward is not deterministic"
+
+
+def test_torch_compile_fullgraph():
+    dtype = torch.float32
+    inputs, mine, _ = _case([17, 9], [3, 0], 2, 1, 32, dtype, rope=True)
+
+    def step(q, k, v, text_k, text_v, gate):
+        return mine(q=q, k=k, v=v, text_k=text_k, text_v=text_v, gate=gate) * 2.0
+
+    # aot_eager traces the custom ops through their fake impls and the registered autograd without needing a
+    # C++ compiler; fullgraph=True fails on any graph break.
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    out = compiled(**leaves)
+    out.sum().backward()
+    eager = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    expected = step(**eager)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for name in leaves:
+        torch.testing.assert_close(leaves[name].grad, eager[name].grad)
+
+
+def test_custom_op_schema():
+    from flagdit_kernels.ops import attention as attn
+
+    q = torch.randn(9, 2, 32, device=DEVICE)
+    k, v = q[:, :1], q[:, 1:]  # strided views
+    cu, tcu = _offsets([4, 5]), _offsets([2, 0])
+    tk, tv, tg = (
+        torch.randn(2, 1, 32, device=DEVICE),
+        torch.randn(2, 1, 32, device=DEVICE),
+        torch.rand(2, device=DEVICE) - 0.5,
+    )
+    freqs = fk.rope_freqs(32, torch.arange(9, device=DEVICE))
+    fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs)
+    torch.library.opcheck(attn._fwd_op, fwd_args)
+    torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, 0, None, None))
+    out, o_text, lse, lse_t = attn._fwd_op(*fwd_args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, o_text, lse, lse_t, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs)
+    torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    assert "triton" in fk.available_backends("varlen_attention", DEVICE)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU with > 15 GB free: T * H * Dh > 2**31 elements")
+def test_int64_offsets_large_packed_batch():
+    dtype, H, D, L = torch.bfloat16, 32, 128, 2048
+    n = 2**31 // (H * D * L) + 2
+    T = n * L
+    q = torch.randn(T, H, D, device=DEVICE, dtype=dtype)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    cu = torch.arange(n + 1, device=DEVICE, dtype=torch.int32) * L
+    out = fk.varlen_attention(q, k, v, cu, L, backend="triton")
+    last = slice(T - L, T)
+    expected = ref.varlen_attention(q[last], k[last], v[last], cu[:2], L)
+    assert_rel_close(out[last], expected, TOLERANCE["attention"][dtype])
+    assert math.isfinite(out.float().norm().item())
+
+
+@pytest.mark.skipif(not ON_GPU, reason="GPU-sized tiles (autotuned 64/128-row blocks) need a GPU")
+@pytest.mark.parametrize("head_dim", [128, 72])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_medium_packed_batch(head_dim, dtype):
+    # Several full 128-row tiles per sequence plus tails, a length-1 sequence, a sample without text, GQA 8 -> 2.
+    inputs, mine, reference = _case(
+        [1000, 2113, 77, 1], [128, 0, 50, 3], 8, 2, head_dim, dtype, rope=True, scale=0.9 / math.sqrt(head_dim)
+    )
+    compare_with_reference(mine, reference, inputs, dtype, family="attention")
