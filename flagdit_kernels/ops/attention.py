@@ -8,7 +8,7 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._validation import check_cu_seqlens, check_shape, check_tensor
+from .._validation import check_cu_seqlens, check_shape, check_tensor, values_checked
 from .rope import check_freqs
 
 SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
@@ -45,7 +45,7 @@ def _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, num_s
             raise ValueError(f"{name} must be (Tt, {hkv}, {q.shape[-1]}) like k, got {tuple(t.shape)}")
     if text_v.shape[0] != text_k.shape[0]:
         raise ValueError(f"text_v has {text_v.shape[0]} tokens but text_k has {text_k.shape[0]}")
-    sync = not torch.compiler.is_compiling()
+    sync = values_checked(q.device)
     check_cu_seqlens(
         "text_cu_seqlens", text_cu_seqlens, text_k.shape[0], q.device, total_name="text_k.shape[0]", sync=sync
     )
@@ -99,8 +99,9 @@ def varlen_attention(
         raise ValueError(f"k must be (T, Hkv, Dh) = ({q.shape[0]}, Hkv, {q.shape[2]}), got {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
-    # Value checks of cu_seqlens copy to the host; under torch.compile they would break the graph.
-    sync = not torch.compiler.is_compiling()
+    # Value checks of cu_seqlens copy to the host: on CPU tensors always, on the GPU with
+    # FLAGDIT_KERNELS_VALIDATE=1 (a sync per call), never while torch.compile traces.
+    sync = values_checked(q.device)
     check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device, total_name="q.shape[0]", sync=sync)
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
