@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check: build the CUDA extension, run the test suite on CUDA (bf16 included), then the benchmarks.
 # Usage (on a GPU machine, no internet, the device image's torch/triton):  bash benchmarks/gpu_check.sh [OUT_DIR]
-# Writes under OUT_DIR (default $OUT, else ./gpu_out): build.log, info.json, tests.log, bench.json, table.txt.
+# Writes under OUT_DIR (default $OUT, else ./gpu_out): build.log, info.json, tests.log, bench.json, bench.log,
+# report.md and roofline.png (from `flagdit-bench report`). Time limits: TEST_TIMEOUT, BENCH_TIMEOUT (seconds);
+# BENCH_FILTER narrows the benchmarks with pytest -k.
 # Optional wheels (e.g. Liger-Kernel, pure Python) placed in .whl/ are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +35,11 @@ FLAGDIT_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests 
   2>&1 | tee "$OUT_DIR/tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
-# Benchmarks: pytest-benchmark JSON, then the one-table CLI.
+# Benchmarks: pytest-benchmark JSON (figures in extra_info), then the Markdown table and the chart from it.
 timeout "${BENCH_TIMEOUT:-300}" python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$OUT_DIR/bench.json" --benchmark-columns=median,rounds > "$OUT_DIR/bench.log" 2>&1
+  ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$OUT_DIR/bench.json" --benchmark-columns=median,rounds \
+  > "$OUT_DIR/bench.log" 2>&1
 echo "pytest benchmarks rc=$?"
-timeout "${TABLE_TIMEOUT:-240}" python3 -m flagdit_kernels.bench --full --json "$OUT_DIR/table.json" \
-  2>&1 | tee "$OUT_DIR/table.txt" | tail -60
+python3 -m flagdit_kernels.bench report "$OUT_DIR/bench.json" --md "$OUT_DIR/report.md" --png "$OUT_DIR/roofline.png"
+cat "$OUT_DIR/report.md" | head -80
 exit "$tests_rc"
