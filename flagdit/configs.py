@@ -81,7 +81,7 @@ class FlagDiTConfig:
 
     @property
     def ffn_dim(self) -> int:
-        """SwiGLU hidden width: ``int(2 * 4 * dim / 3)``, times ``ffn_dim_multiplier``, rounded up to ``multiple_of``."""
+        """SwiGLU width: ``int(2 * 4 * dim / 3)``, times ``ffn_dim_multiplier``, rounded up to ``multiple_of``."""
         if self.ffn_hidden_dim is not None:
             return self.ffn_hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
