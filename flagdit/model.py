@@ -86,14 +86,17 @@ class TokenLayout:
 class TextContext:
     """Caption conditioning of one batch, reusable across sampling steps (the caption does not change).
 
-    ``cap_emb`` ``(B, adaln_dim)`` is the embedded masked-mean caption; ``kv[i]`` the text keys/values of block
-    i, ``(Tt, Hkv, Dh)`` each, packed by ``cu_seqlens``.
+    ``cap_emb`` ``(B, adaln_dim)`` is the embedded masked-mean caption; ``y`` ``(Tt, cap_feat_dim)`` the valid
+    caption tokens packed by ``cu_seqlens``; ``kv[i]``, when cached, the text keys/values of block i
+    (``(Tt, Hkv, Dh)`` each), else None and block i computes them in its forward (as it must under FSDP,
+    where a block's weights exist only inside its forward).
     """
 
     cap_emb: torch.Tensor
+    y: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None]
 
     @property
     def batch_size(self) -> int:
@@ -144,6 +147,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, layout: TokenLayout, text: TextContext, kv, adaln_input: torch.Tensor) -> torch.Tensor:
         cu, eps = layout.cu_seqlens, self.eps
+        if kv is None:
+            kv = self.text_kv(text.y)
         mod = self.adaLN_modulation(adaln_input)
         if self.variant == "flag":
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
@@ -219,8 +224,9 @@ class FlagDiT(nn.Module):
     def _op(self, op: str) -> str | None:
         return op_backend(op, self.backend)
 
-    def encode_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> TextContext:
-        """Pools and embeds the caption and computes every block's text keys/values (once per caption).
+    def encode_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor, cache_kv: bool = False) -> TextContext:
+        """Pools and embeds the caption; with ``cache_kv`` also computes every block's text keys/values now, so
+        that a sampler reuses them for all its steps.
 
         A sample whose mask is all zero gets a zero pooled caption (Lumina divides 0 by 0) and no text
         cross-attention term.
@@ -237,8 +243,8 @@ class FlagDiT(nn.Module):
         counts = mask.sum(dim=1)
         cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         y = cap_feats[mask].to(dtype)  # (Tt, cap_feat_dim), sample-major
-        kv = [layer.text_kv(y) for layer in self.layers]
-        return TextContext(cap_emb, cu, int(counts.max()) if counts.numel() else 0, kv)
+        kv = [layer.text_kv(y) if cache_kv else None for layer in self.layers]
+        return TextContext(cap_emb, y, cu, int(counts.max()) if counts.numel() else 0, kv)
 
     def embed(self, packed: fk.Packed) -> torch.Tensor:
         """Patch embedding of every token, with the learned [nextline]/[nextframe] embeddings at their slots."""

@@ -79,7 +79,7 @@ def sample(
         feats, mask = _concat_captions(cap_feats, cap_mask, neg_feats, neg_mask)
     else:
         feats, mask = cap_feats, cap_mask
-    text: TextContext = model.encode_text(feats.to(device), mask.to(device))
+    text: TextContext = model.encode_text(feats.to(device), mask.to(device), cache_kv=True)
 
     def velocity(x: list[torch.Tensor], t: float) -> list[torch.Tensor]:
         batch = x + x if guided else x

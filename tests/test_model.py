@@ -167,7 +167,8 @@ def test_text_context_reuse_equals_fresh_encoding():
     model = randomized(flagdit.FlagDiT(small_config("next"), backend="reference"), seed=9)
     xs, t, cap, mask = batch(seed=10)
     with torch.no_grad():
-        text = model.encode_text(cap, mask)
+        text = model.encode_text(cap, mask, cache_kv=True)
+        assert all(kv is not None for kv in text.kv)
         a = model(xs, t, cap, mask)
         b = model(xs, t, text=text)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
