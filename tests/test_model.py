@@ -338,3 +338,13 @@ def test_public_names():
         assert hasattr(flagdit, name)
     assert callable(flagdit.flow.training_loss)
     assert fk.nn.GatedVarlenAttention is not None
+
+
+def test_model_benchmark_cases_run_in_quick_mode():
+    from flagdit_kernels.bench import model as bench_model
+
+    cases = bench_model.cases(quick=True, device=torch.device("cpu"))
+    assert {c.op for c in cases} == {"model_train_step", "model_sample_step"}
+    for case in cases:
+        assert case.flops > 0 and case.notes["tokens"] > 0 and "reference" in case.impls
+        case.impls["reference"]()()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 # Modules under flagdit_kernels.bench that define ``cases(quick: bool, device) -> list[Case]``.
-FAMILIES = ("norms", "rope", "attention", "packing")
+FAMILIES = ("norms", "rope", "attention", "packing", "model")
 
 
 @dataclass
