@@ -348,3 +348,16 @@ def test_model_benchmark_cases_run_in_quick_mode():
     for case in cases:
         assert case.flops > 0 and case.notes["tokens"] > 0 and "reference" in case.impls
         case.impls["reference"]()()
+
+
+def test_op_backend_falls_back_only_for_ops_without_that_backend(monkeypatch):
+    from flagdit_kernels.nn import op_backend
+
+    assert op_backend("rms_norm", None) is None
+    assert op_backend("rms_norm", "reference") == "reference"
+    # An op with no implementation of the backend uses its default; one that has it gets it (and raises itself
+    # if it cannot run here, so a missing kernel is never hidden).
+    monkeypatch.setitem(_dispatch._OPS, "fake_op", _dispatch._Op("fake_op"))
+    assert op_backend("fake_op", "triton") is None
+    _dispatch.register("fake_op", "triton", lambda: None, devices=("cuda",))
+    assert op_backend("fake_op", "triton") == "triton"
