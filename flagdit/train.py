@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--video-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="flagdit_kernels backend for every op (default: fastest)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), for GPUs")
     p.add_argument("--dist", default="auto", choices=("auto", "none", "ddp", "fsdp"))
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
@@ -213,8 +215,10 @@ def train(args: argparse.Namespace) -> list[float]:
         xs, t, noise, feats, mask = global_batch(args, step, encoder, mine)
         xs = [x.to(device) for x in xs]
         noise = [n.to(device) for n in noise]
-        per_item = training_loss(model, xs, feats.to(device), mask.to(device), t=t.to(device), x0=noise,
-                                 reduction="none")  # fmt: skip
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        with autocast:
+            per_item = training_loss(model, xs, feats.to(device), mask.to(device), t=t.to(device), x0=noise,
+                                     reduction="none")  # fmt: skip
         per_item.mean().backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
