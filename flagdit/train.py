@@ -1,6 +1,6 @@
 """``flagdit-train``: flow-matching training of a Flag-DiT on the procedural shapes data set.
 
-Single process: ``flagdit-train --out runs/tiny --steps 600``. Distributed (CPU with gloo or GPUs with NCCL):
+Single process: ``flagdit-train --out runs/tiny --steps 1000``. Distributed (CPU with gloo or GPUs with NCCL):
 ``torchrun --nproc_per_node 2 -m flagdit.train --dist ddp`` or ``--dist fsdp`` (FSDP2 ``fully_shard`` per block).
 The global batch of step s is items ``s*B .. s*B+B-1`` of the data set, and each item's time, noise and caption
 dropout are seeded by (seed, step, item); rank r trains items ``r, r+W, ...``. The loss is the per-item velocity
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="tiny", help="named config (default: tiny)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--out", default="runs/tiny", help="output directory (checkpoint, log.jsonl)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (items)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
