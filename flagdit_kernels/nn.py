@@ -7,9 +7,23 @@ import math
 import torch
 from torch import nn
 
+from . import _dispatch
 from .ops.attention import varlen_attention
 from .ops.norms import rms_norm, rms_norm_modulate
 from .ops.rope import qk_norm_rope
+
+
+def op_backend(op: str, backend: str | None) -> str | None:
+    """The backend to request from ``op`` when a whole model was asked for ``backend``.
+
+    ``backend`` itself when ``op`` implements it (if it cannot run on these tensors the op raises, so a
+    missing kernel is never hidden); ``None`` (the op's default) when ``op`` has no such implementation at
+    all, e.g. a model built with ``backend="triton"`` packs tokens with the compiled CPU op or the reference.
+    """
+    if backend is None:
+        return None
+    entry = _dispatch._OPS.get(op)
+    return backend if entry is not None and backend in entry.impls else None
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +36,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, backend=self.backend)
+        return rms_norm(x, self.weight, self.eps, backend=op_backend("rms_norm", self.backend))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0] if self.weight is not None else 'no affine'}, eps={self.eps}"
@@ -38,7 +52,8 @@ class ModulatedRMSNorm(RMSNorm):
         shift: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return rms_norm_modulate(x, self.weight, scale, shift, self.eps, cu_seqlens, backend=self.backend)
+        backend = op_backend("rms_norm_modulate", self.backend)
+        return rms_norm_modulate(x, self.weight, scale, shift, self.eps, cu_seqlens, backend=backend)
 
 
 class QKNormRoPE(nn.Module):
@@ -71,7 +86,15 @@ class QKNormRoPE(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return qk_norm_rope(
-            q, k, freqs, self.q_norm, self.k_norm, self.norm, self.eps, self.interleaved, backend=self.backend
+            q,
+            k,
+            freqs,
+            self.q_norm,
+            self.k_norm,
+            self.norm,
+            self.eps,
+            self.interleaved,
+            backend=op_backend("qk_norm_rope", self.backend),
         )
 
 
@@ -113,6 +136,16 @@ class GatedVarlenAttention(nn.Module):
             if y_dim > 0:
                 self.ky_norm = nn.LayerNorm(kv_width)
 
+    def text_kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text keys ``ky_norm(wk_y(y))`` and values ``wv_y(y)`` as ``(Tt, Hkv, Dh)``; y ``(Tt, y_dim)`` is the
+        normalized caption. They depend on the caption only, so a sampler computes them once for all steps."""
+        if self.y_dim <= 0:
+            raise ValueError("this attention has no text cross-attention (y_dim=0)")
+        ky = self.wk_y(y)
+        if self.qk_norm:
+            ky = self.ky_norm(ky)
+        return ky.view(-1, self.n_kv_heads, self.head_dim), self.wv_y(y).view(-1, self.n_kv_heads, self.head_dim)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -123,8 +156,10 @@ class GatedVarlenAttention(nn.Module):
         y_cu_seqlens: torch.Tensor | None = None,
         y_max_seqlen: int | None = None,
         softmax_scale: float | None = None,
+        text_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x ``(T, dim)`` packed by ``cu_seqlens``; y ``(Tt, y_dim)`` caption features packed by ``y_cu_seqlens``."""
+        """x ``(T, dim)`` packed by ``cu_seqlens``; y ``(Tt, y_dim)`` caption features packed by ``y_cu_seqlens``,
+        or ``text_kv`` = :meth:`text_kv` of them computed earlier (same ``y_cu_seqlens``)."""
         t = x.shape[0]
         q = self.wq(x).view(t, self.n_heads, self.head_dim)
         k = self.wk(x).view(t, self.n_kv_heads, self.head_dim)
@@ -132,19 +167,18 @@ class GatedVarlenAttention(nn.Module):
         norm = "layer_norm" if self.qk_norm else None
         q_norm = self.q_norm if self.qk_norm else None
         k_norm = self.k_norm if self.qk_norm else None
-        q, k = qk_norm_rope(q, k, freqs, q_norm, k_norm, norm, backend=self.backend)
+        q, k = qk_norm_rope(q, k, freqs, q_norm, k_norm, norm, backend=op_backend("qk_norm_rope", self.backend))
         text = {}
-        if self.y_dim > 0 and y is not None:
-            ky = self.wk_y(y)
-            if self.qk_norm:
-                ky = self.ky_norm(ky)
+        if self.y_dim > 0 and (y is not None or text_kv is not None):
+            ky, vy = text_kv if text_kv is not None else self.text_kv(y)
             text = dict(
-                text_k=ky.view(-1, self.n_kv_heads, self.head_dim),
-                text_v=self.wv_y(y).view(-1, self.n_kv_heads, self.head_dim),
+                text_k=ky.to(q.dtype),
+                text_v=vy.to(q.dtype),
                 text_cu_seqlens=y_cu_seqlens,
                 text_max_seqlen=y_max_seqlen,
                 gate=self.gate,
             )
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, backend=self.backend, **text)
+        backend = op_backend("varlen_attention", self.backend)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, backend=backend, **text)
         return self.wo(out.flatten(1))

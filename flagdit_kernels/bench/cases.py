@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 # Modules under flagdit_kernels.bench that define ``cases(quick: bool, device) -> list[Case]``.
-FAMILIES = ("norms", "rope", "attention", "packing", "diffusers_lumina")
+FAMILIES = ("norms", "rope", "attention", "packing", "diffusers_lumina", "model")
 
 
 @dataclass

@@ -1,0 +1,339 @@
+"""The thin Flag-DiT: Lumina-T2X's DiT_Llama (variant "flag") and Lumina-Next's NextDiT (variant "next") on
+the packed-token ops of ``flagdit_kernels``.
+
+A batch of latents of any ``(C, [F,] H, W)`` is packed once into one token sequence (``fk.pack``: patch rows
+closed by [nextline], frames separated by [nextframe]); every block runs on that ``(T, dim)`` tensor with
+``cu_seqlens`` (no padding, no masks); the final layer's tokens are unpacked back into latents. Parameter names
+and shapes follow Lumina-T2X so its state_dicts load, and the math follows its forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flagdit_kernels as fk
+from flagdit_kernels.nn import GatedVarlenAttention, RMSNorm, op_backend
+from flagdit_kernels.reference.packing import NEXTFRAME, NEXTLINE
+
+from .configs import FlagDiTConfig, get_config
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t f), sin(t f)]`` with ``f = max_period^(-i/half)`` (GLIDE / Lumina)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> sinusoid(256) -> Linear -> SiLU -> Linear (``t_embedder.mlp.{0,2}``)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        for i in (0, 2):
+            nn.init.normal_(self.mlp[i].weight, std=0.02)
+            nn.init.zeros_(self.mlp[i].bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        for lin in (self.w1, self.w2, self.w3):
+            nn.init.xavier_uniform_(lin.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _zero_linear(n_in: int, n_out: int) -> nn.Linear:
+    lin = nn.Linear(n_in, n_out)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+@dataclass
+class TokenLayout:
+    """What every block needs to know about the packed image tokens of one forward call."""
+
+    cu_seqlens: torch.Tensor  # int32 (B+1,)
+    max_seqlen: int
+    sample: torch.Tensor  # int64 (T,): the sample each token belongs to
+    freqs: torch.Tensor  # float32 (T, head_dim/2, 2)
+    softmax_scale: float | None
+
+
+@dataclass
+class TextContext:
+    """Caption conditioning of one batch, reusable across sampling steps (the caption does not change).
+
+    ``cap_emb`` ``(B, adaln_dim)`` is the embedded masked-mean caption; ``y`` ``(Tt, cap_feat_dim)`` the valid
+    caption tokens packed by ``cu_seqlens``; ``kv[i]``, when cached, the text keys/values of block i
+    (``(Tt, Hkv, Dh)`` each), else None and block i computes them in its forward (as it must under FSDP,
+    where a block's weights exist only inside its forward).
+    """
+
+    cap_emb: torch.Tensor
+    y: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cap_emb.shape[0]
+
+
+class TransformerBlock(nn.Module):
+    """One Flag-DiT block (shift/scale/gate adaLN) or Next-DiT block (scale-only, tanh gates, sandwich norms)."""
+
+    def __init__(self, config: FlagDiTConfig, backend: str | None = None):
+        super().__init__()
+        c = config
+        self.variant, self.eps, self.backend = c.variant, c.norm_eps, backend
+        self.attention = GatedVarlenAttention(
+            c.dim, c.n_heads, c.n_kv_heads, qk_norm=c.qk_norm, y_dim=c.cap_feat_dim, backend=backend
+        )
+        for name in ("wq", "wk", "wv", "wo", "wk_y", "wv_y"):
+            nn.init.xavier_uniform_(getattr(self.attention, name).weight)
+        self.feed_forward = FeedForward(c.dim, c.ffn_dim)
+        if self.variant == "flag":
+            self.attention_norm = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.ffn_norm = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            n_mod = 6
+        else:
+            self.attention_norm1 = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.ffn_norm1 = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.attention_norm2 = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.ffn_norm2 = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            n_mod = 4
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), _zero_linear(c.adaln_dim, n_mod * c.dim))
+        self.attention_y_norm = RMSNorm(c.cap_feat_dim, eps=c.norm_eps, backend=backend)
+
+    def text_kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's text keys/values for packed caption features y ``(Tt, cap_feat_dim)``."""
+        return self.attention.text_kv(self.attention_y_norm(y))
+
+    def _attend(self, h: torch.Tensor, layout: TokenLayout, text: TextContext, kv) -> torch.Tensor:
+        return self.attention(
+            h,
+            layout.cu_seqlens,
+            layout.max_seqlen,
+            layout.freqs,
+            y_cu_seqlens=text.cu_seqlens,
+            y_max_seqlen=text.max_seqlen,
+            softmax_scale=layout.softmax_scale,
+            text_kv=kv,
+        )
+
+    def forward(self, x, layout: TokenLayout, text: TextContext, kv, adaln_input: torch.Tensor) -> torch.Tensor:
+        cu, eps = layout.cu_seqlens, self.eps
+        if kv is None:
+            kv = self.text_kv(text.y)
+        mod = self.adaLN_modulation(adaln_input)
+        if self.variant == "flag":
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+            modulate = op_backend("rms_norm_modulate", self.backend)
+            h = fk.rms_norm_modulate(x, self.attention_norm.weight, scale_msa, shift_msa, eps, cu, backend=modulate)
+            x = x + gate_msa[layout.sample] * self._attend(h, layout, text, kv)
+            h = fk.rms_norm_modulate(x, self.ffn_norm.weight, scale_mlp, shift_mlp, eps, cu, backend=modulate)
+            return x + gate_mlp[layout.sample] * self.feed_forward(h)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
+        modulate = op_backend("rms_norm_modulate", self.backend)
+        residual = op_backend("gated_residual_rms_norm", self.backend)
+        h = fk.rms_norm_modulate(x, self.attention_norm1.weight, scale_msa, None, eps, cu, backend=modulate)
+        a = self._attend(h, layout, text, kv)
+        x = fk.gated_residual_rms_norm(x, a, self.attention_norm2.weight, gate_msa, eps, True, cu, backend=residual)
+        h = fk.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, None, eps, cu, backend=modulate)
+        f = self.feed_forward(h)
+        return fk.gated_residual_rms_norm(x, f, self.ffn_norm2.weight, gate_mlp, eps, True, cu, backend=residual)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine, eps 1e-6) -> modulate (shift+scale for Flag-DiT, scale for Next-DiT) -> Linear."""
+
+    def __init__(self, config: FlagDiTConfig):
+        super().__init__()
+        c = config
+        self.variant = c.variant
+        self.norm_final = nn.LayerNorm(c.dim, elementwise_affine=False, eps=1e-6)
+        self.linear = _zero_linear(c.dim, c.patch_size**2 * c.out_channels)
+        n_mod = 2 if c.variant == "flag" else 1
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), _zero_linear(c.adaln_dim, n_mod * c.dim))
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout, adaln_input: torch.Tensor) -> torch.Tensor:
+        mod = self.adaLN_modulation(adaln_input)
+        h = self.norm_final(x)
+        if self.variant == "flag":
+            shift, scale = mod.chunk(2, dim=1)
+            h = h * (1 + scale[layout.sample]) + shift[layout.sample]
+        else:
+            h = h * (1 + mod[layout.sample])
+        return self.linear(h)
+
+
+class FlagDiT(nn.Module):
+    """Flow-based Large Diffusion Transformer over packed tokens of any modality and resolution.
+
+    ``model(x, t, cap_feats, cap_mask)`` follows Lumina-T2X: x a list of ``(C, [F,] H, W)`` latents or a
+    ``(B, C, H, W)`` tensor, t ``(B,)`` in [0, 1] (0 noise, 1 data), cap_feats ``(B, Lt, cap_feat_dim)``,
+    cap_mask ``(B, Lt)``; returns the predicted velocity in the same structure with ``in_channels`` channels
+    (the learned-sigma half is dropped). ``backend`` goes to every ``flagdit_kernels`` op that implements it.
+    """
+
+    def __init__(self, config: FlagDiTConfig | str, backend: str | None = None):
+        super().__init__()
+        self.config = c = get_config(config) if isinstance(config, str) else config
+        self.backend = backend
+        self.x_embedder = nn.Linear(c.patch_size**2 * c.in_channels, c.dim)
+        nn.init.xavier_uniform_(self.x_embedder.weight)
+        nn.init.zeros_(self.x_embedder.bias)
+        self.t_embedder = TimestepEmbedder(c.adaln_dim)
+        self.cap_embedder = nn.Sequential(nn.LayerNorm(c.cap_feat_dim), _zero_linear(c.cap_feat_dim, c.adaln_dim))
+        self.layers = nn.ModuleList([TransformerBlock(c, backend) for _ in range(c.n_layers)])
+        self.final_layer = FinalLayer(c)
+        if c.nextline:
+            self.eol_token = nn.Parameter(torch.randn(c.dim) * 0.02)
+        if c.nextframe:
+            self.eof_token = nn.Parameter(torch.randn(c.dim) * 0.02)
+        # Lumina pads each sample to the batch's longest; packed tokens need no padding, but the parameter is
+        # kept so that Lumina state_dicts load strictly and ours load in Lumina.
+        self.pad_token = nn.Parameter(torch.randn(c.dim) * 0.02)
+
+    # ---- inputs -----------------------------------------------------------------------------------------
+
+    def _op(self, op: str) -> str | None:
+        return op_backend(op, self.backend)
+
+    def encode_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor, cache_kv: bool = False) -> TextContext:
+        """Pools and embeds the caption; with ``cache_kv`` also computes every block's text keys/values now, so
+        that a sampler reuses them for all its steps.
+
+        A sample whose mask is all zero gets a zero pooled caption (Lumina divides 0 by 0) and no text
+        cross-attention term.
+        """
+        if cap_feats.dim() != 3 or cap_feats.shape[-1] != self.config.cap_feat_dim:
+            raise ValueError(f"cap_feats must be (B, Lt, {self.config.cap_feat_dim}), got {tuple(cap_feats.shape)}")
+        if cap_mask.shape != cap_feats.shape[:2]:
+            raise ValueError(f"cap_mask must be {tuple(cap_feats.shape[:2])}, got {tuple(cap_mask.shape)}")
+        dtype = self.x_embedder.weight.dtype
+        mask = cap_mask.bool()
+        maskf = mask.float().unsqueeze(-1)
+        pooled = (cap_feats * maskf).sum(dim=1) / maskf.sum(dim=1).clamp(min=1)
+        cap_emb = self.cap_embedder(pooled.to(dtype))
+        counts = mask.sum(dim=1)
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        y = cap_feats[mask].to(dtype)  # (Tt, cap_feat_dim), sample-major
+        kv = [layer.text_kv(y) if cache_kv else None for layer in self.layers]
+        return TextContext(cap_emb, y, cu, int(counts.max()) if counts.numel() else 0, kv)
+
+    def embed(self, packed: fk.Packed) -> torch.Tensor:
+        """Patch embedding of every token, with the learned [nextline]/[nextframe] embeddings at their slots."""
+        dtype = self.x_embedder.weight.dtype
+        x = self.x_embedder(packed.patches.to(dtype))
+        kind = packed.kind.unsqueeze(-1)
+        if self.config.nextline:
+            x = torch.where(kind == NEXTLINE, self.eol_token.to(dtype), x)
+        if self.config.nextframe:
+            x = torch.where(kind == NEXTFRAME, self.eof_token.to(dtype), x)
+        return x
+
+    def rope(self, packed: fk.Packed, sample: torch.Tensor, linear_factor: float, ntk_factor: float) -> torch.Tensor:
+        """Flag-DiT: 1D RoPE over the token index in its sample (placeholders included, as Lumina-T2X).
+        Next-DiT: 2D RoPE over (row, col), frames stacked vertically with a one-row gap."""
+        c, backend = self.config, self._op("rope_freqs")
+        kw = dict(theta=c.rope_theta, linear_factor=linear_factor, ntk_factor=ntk_factor, backend=backend)
+        if c.variant == "flag":
+            index = torch.arange(sample.shape[0], device=sample.device) - packed.cu_seqlens.long()[sample]
+            return fk.rope_freqs(c.head_dim, index, **kw)
+        rows_per_frame = torch.tensor(
+            [s[-2] // c.patch_size + 1 for s in packed.shapes], device=sample.device, dtype=torch.long
+        )[sample]
+        pos = packed.positions.long()
+        row = pos[:, 0] * rows_per_frame + pos[:, 1]
+        return fk.rope_freqs(c.head_dim, torch.stack([row, pos[:, 2]], dim=-1), **kw)
+
+    def layout(
+        self,
+        packed: fk.Packed,
+        base_seqlen: int | None = None,
+        linear_factor: float | None = None,
+        ntk_factor: float | None = None,
+    ) -> TokenLayout:
+        c = self.config
+        cu, total = packed.cu_seqlens, packed.kind.shape[0]
+        sample = torch.repeat_interleave(
+            torch.arange(cu.numel() - 1, device=cu.device), (cu[1:] - cu[:-1]).long(), output_size=total
+        )
+        freqs = self.rope(
+            packed,
+            sample,
+            c.rope_linear_factor if linear_factor is None else linear_factor,
+            c.rope_ntk_factor if ntk_factor is None else ntk_factor,
+        )
+        base = c.base_seqlen if base_seqlen is None else base_seqlen
+        # Proportional attention uses the batch's longest sequence, as Lumina uses its padded length.
+        scale = fk.proportional_scale(packed.max_seqlen, base, c.head_dim) if base else None
+        return TokenLayout(cu, packed.max_seqlen, sample, freqs, scale)
+
+    # ---- forward ----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: list[torch.Tensor] | torch.Tensor,
+        t: torch.Tensor,
+        cap_feats: torch.Tensor | None = None,
+        cap_mask: torch.Tensor | None = None,
+        *,
+        text: TextContext | None = None,
+        base_seqlen: int | None = None,
+        linear_factor: float | None = None,
+        ntk_factor: float | None = None,
+    ):
+        """Velocity prediction (see class docstring). ``text`` (from :meth:`encode_text`) replaces
+        cap_feats/cap_mask; ``base_seqlen`` turns on proportional attention; ``linear_factor`` / ``ntk_factor``
+        override the config's RoPE extrapolation factors."""
+        c = self.config
+        is_tensor = isinstance(x, torch.Tensor)
+        latents = list(x.unbind(0)) if is_tensor else list(x)
+        if text is None:
+            if cap_feats is None or cap_mask is None:
+                raise ValueError("give cap_feats and cap_mask, or a TextContext as text=")
+            text = self.encode_text(cap_feats, cap_mask)
+        if text.batch_size != len(latents) or t.shape != (len(latents),):
+            raise ValueError(
+                f"batch mismatch: {len(latents)} latents, t of shape {tuple(t.shape)}, {text.batch_size} captions"
+            )
+        packed = fk.pack(latents, c.patch_size, c.nextline, c.nextframe, backend=self._op("pack"))
+        layout = self.layout(packed, base_seqlen, linear_factor, ntk_factor)
+        h = self.embed(packed)
+        adaln_input = self.t_embedder(t) + text.cap_emb
+        for layer, kv in zip(self.layers, text.kv):
+            h = layer(h, layout, text, kv, adaln_input)
+        h = self.final_layer(h, layout, adaln_input)
+        out = fk.unpack(h, packed, c.out_channels, backend=self._op("unpack"))
+        if c.learn_sigma:
+            out = [o[: c.in_channels] for o in out]
+        return torch.stack(out) if is_tensor else out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
