@@ -247,7 +247,12 @@ def test_fused_backend_matches_reference(backend, variant):
         if grads[name].grad is None:
             assert p.grad is None
             continue
-        assert _rel(p.grad, grads[name].grad) < 1e-3, name
+        want = grads[name].grad
+        if want.norm() < 1e-6:
+            # Mathematically zero (e.g. a key bias under softmax shift invariance): both sides are round-off.
+            assert p.grad.norm() < 1e-5, name
+            continue
+        assert _rel(p.grad, want) < 1e-3, name
 
 
 # ---- flow matching --------------------------------------------------------------------------------------
