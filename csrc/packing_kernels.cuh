@@ -214,6 +214,22 @@ __device__ __forceinline__ int tile_offset(int c, int ph, int pw, int p, int cb,
   return channels_last ? (ph * p + pw) * cb + c : (c * p + ph) * p + pw;
 }
 
+// The latent side of a tile, warp by warp: a warp walks one (channel, ph) line of the tile across its tokens and
+// pw, which are consecutive W in memory, so its latent accesses coalesce. Calls fn(k, c, ph, pw) for token row k
+// of the tile and latent element (c0 + c, ph, pw) of that token's patch.
+template <typename Fn>
+__device__ __forceinline__ void for_each_latent_element(const BlockTile& block, int p, Fn&& fn) {
+  const int line = block.n_tok * p;
+  for (int cp = block.warp; cp < block.cb * p; cp += block.n_warps) {
+    const int c = cp / p, ph = cp - c * p;
+    FLAGDIT_UNROLL(4)
+    for (int q = block.lane; q < line; q += 32) {
+      const int k = q / p, pw = q - k * p;
+      fn(k, c, ph, pw);
+    }
+  }
+}
+
 // Element of a token vector held in a channel block of `cb` channels starting at c0: its column in the token
 // row given its offset `off` inside the block's run ((c, ph, pw) order: one run; (ph, pw, c): runs of cb).
 __device__ __forceinline__ int64_t vector_column(int off, int cb, int64_t c0, int64_t p, int64_t channels,
@@ -248,20 +264,14 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   // Latent side. Placeholder and out-of-range tokens stage zeros.
-  const int line = block.n_tok * p;
-  for (int cp = block.warp; cp < block.cb * p; cp += block.n_warps) {
-    const int c = cp / p, ph = cp - c * p;
-    FLAGDIT_UNROLL(4)
-    for (int q = block.lane; q < line; q += 32) {
-      const int k = q / p, pw = q - k * p;
-      const TokenSlot& s = slots[k];
-      word_t v = word_t(0);
-      if (s.base >= 0) {
-        v = reinterpret_cast<const word_t*>(s.addr)[s.base + c * s.sc + ph * s.sh + pw * s.sw];
-      }
-      tile[k * block.stride + tile_offset(c, ph, pw, p, block.cb, channels_last)] = v;
+  for_each_latent_element(block, p, [&](int k, int c, int ph, int pw) {
+    const TokenSlot& s = slots[k];
+    word_t v = word_t(0);
+    if (s.base >= 0) {
+      v = reinterpret_cast<const word_t*>(s.addr)[s.base + c * s.sc + ph * s.sh + pw * s.sw];
     }
-  }
+    tile[k * block.stride + tile_offset(c, ph, pw, p, block.cb, channels_last)] = v;
+  });
   __syncthreads();
 
   // Token side: each warp writes token rows' runs (contiguous in `out`).
@@ -303,19 +313,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // Latent side: one (channel, ph) line per warp, along W.
-  const int line = block.n_tok * p;
-  for (int cp = block.warp; cp < block.cb * p; cp += block.n_warps) {
-    const int c = cp / p, ph = cp - c * p;
-    FLAGDIT_UNROLL(4)
-    for (int q = block.lane; q < line; q += 32) {
-      const int k = q / p, pw = q - k * p;
-      const TokenSlot& s = slots[k];
-      if (s.base < 0) continue;
-      reinterpret_cast<word_t*>(s.addr)[s.base + c * s.sc + ph * s.sh + pw * s.sw] =
-          tile[k * block.stride + tile_offset(c, ph, pw, p, block.cb, channels_last)];
-    }
-  }
+  // Latent side: placeholder tokens are not written.
+  for_each_latent_element(block, p, [&](int k, int c, int ph, int pw) {
+    const TokenSlot& s = slots[k];
+    if (s.base < 0) return;
+    reinterpret_cast<word_t*>(s.addr)[s.base + c * s.sc + ph * s.sh + pw * s.sw] =
+        tile[k * block.stride + tile_offset(c, ph, pw, p, block.cb, channels_last)];
+  });
 }
 
 }  // namespace packing
