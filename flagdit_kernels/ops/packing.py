@@ -51,9 +51,7 @@ def _register_compiled_autograd() -> None:
         ctx.shapes = [tuple(o.shape) for o in output]
 
     def unpack_backward(ctx, grads):
-        grads = [
-            torch.zeros(s, device=ctx.device, dtype=ctx.dtype) if g is None else g for g, s in zip(grads, ctx.shapes)
-        ]
+        grads = _zeros_where_missing(grads, ctx.shapes, ctx.device, ctx.dtype)
         grad = torch.ops.flagdit_kernels.pack_patches(
             grads, ctx.p, ctx.nextline, ctx.nextframe, ctx.channels_last, ctx.total_tokens
         )
@@ -76,18 +74,21 @@ def _pack_compiled(latents, patch_size, nextline, nextframe, channels_last) -> P
     return Packed(patches, cu, max_len, positions, kind, shapes, patch_size, nextline, nextframe, rows)
 
 
-def _unpack_compiled(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
-    return list(
-        torch.ops.flagdit_kernels.unpack_patches(
-            tokens,
-            _item_shapes(packed.shapes),
-            packed.patch_size,
-            out_channels,
-            packed.nextline,
-            packed.nextframe,
-            channels_last,
-        )
+def _unpack_op_args(tokens, packed: Packed, out_channels, channels_last) -> tuple:
+    """The positional arguments of every unpack op (cuda, triton custom op, triton eager twin)."""
+    return (
+        tokens,
+        _item_shapes(packed.shapes),
+        packed.patch_size,
+        out_channels,
+        packed.nextline,
+        packed.nextframe,
+        channels_last,
     )
+
+
+def _unpack_compiled(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
+    return list(torch.ops.flagdit_kernels.unpack_patches(*_unpack_op_args(tokens, packed, out_channels, channels_last)))
 
 
 # ----------------------------------------------------------------------------------------------------- triton
@@ -290,15 +291,7 @@ def _pack_triton(latents, patch_size, nextline, nextframe, channels_last) -> Pac
 
 
 def _unpack_triton(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
-    args = (
-        tokens,
-        _item_shapes(packed.shapes),
-        packed.patch_size,
-        out_channels,
-        packed.nextline,
-        packed.nextframe,
-        channels_last,
-    )
+    args = _unpack_op_args(tokens, packed, out_channels, channels_last)
     if torch.compiler.is_compiling():
         return _triton_unpack_patches(*args)
     return list(_TritonUnpack.apply(*args))
