@@ -142,6 +142,15 @@ def _segment(cu, b):
 
 
 @triton.jit
+def _query_heads(H, GROUP):
+    """(sample, query head, kv head) of a program whose second grid axis runs over batch * H."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, h // GROUP
+
+
+@triton.jit
 def _tile_rows(start, n, MASKED: tl.constexpr, R: tl.constexpr):
     """(rows as int64, mask) of the R rows from ``start``: rows < n for a tail tile, a constant all-true mask
     (folded away by the compiler) for a full tile."""
@@ -291,10 +300,7 @@ def _fwd_kernel(
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
+    b, h, hk = _query_heads(H, GROUP)
     start, seq_len = _segment(CU, b)
     if pid_m * BLOCK_M >= seq_len:
         return
@@ -436,10 +442,7 @@ def _bwd_dq(
 ):
     """dq of one block of queries for one head: self keys (rotated), then text keys; rotated back at the end."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
+    b, h, hk = _query_heads(H, GROUP)
     start, seq_len = _segment(CU, b)
     if pid_m * BLOCK_M >= seq_len:
         return
