@@ -127,8 +127,7 @@ std::vector<at::Tensor> pack_impl(at::TensorList latents, int64_t p, bool nextli
   const bool supported = dispatch_word_and_p(x0.element_size(), p, [&](auto word, auto pc) {
     using word_t = decltype(word);
     constexpr int P = decltype(pc)::value;
-    const size_t smem =
-        static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) * sizeof(word_t);
+    const size_t smem = tile_smem_bytes<word_t>(tiling, p);
     auto kernel = layout ? pack_kernel<word_t, P, true> : pack_kernel<word_t, P, false>;
     kernel<<<grid, kThreads, smem, stream>>>(table.items, n_items, table.total, channels, p, channels_last,
                                              tiling.tokens, tiling.channels,
@@ -177,8 +176,7 @@ std::vector<at::Tensor> unpack_patches_cuda(const at::Tensor& tokens, at::IntArr
   const bool supported = dispatch_word_and_p(tokens.element_size(), p, [&](auto word, auto pc) {
     using word_t = decltype(word);
     constexpr int P = decltype(pc)::value;
-    const size_t smem =
-        static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) * sizeof(word_t);
+    const size_t smem = tile_smem_bytes<word_t>(tiling, p);
     unpack_kernel<word_t, P><<<grid, kThreads, smem, stream>>>(
         table.items, n_items, table.total, channels, p, channels_last, tiling.tokens, tiling.channels,
         reinterpret_cast<const word_t*>(tokens.data_ptr()), tokens.stride(0), tokens.stride(1));

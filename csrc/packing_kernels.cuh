@@ -171,6 +171,65 @@ __host__ __device__ constexpr int row_pad() {
   return sizeof(word_t) >= 4 ? 1 : static_cast<int>(4 / sizeof(word_t));
 }
 
+// Dynamic shared memory of one block: its staged tile, padded rows included.
+template <typename word_t>
+inline size_t tile_smem_bytes(const Tiling& tiling, int64_t p) {
+  return static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) * sizeof(word_t);
+}
+
+// The part of the (token, channel) grid this block handles and the layout of its shared-memory tile
+// ([token][vector element of this channel block], rows padded). Pack and unpack walk the same tile, in
+// opposite directions.
+struct BlockTile {
+  int64_t t0, c0;  // first token and first channel of the block
+  int cb;          // channels in this block
+  int width;       // elements of a token in this block: cb * p * p
+  int stride;      // tile row pitch: width plus the bank padding
+  int n_tok;       // token rows of the tile
+  int warp, lane, n_warps;
+
+  // Token rows of the tile that exist (the last block may be short). Computed where it is used: kept from the
+  // start it stays live across the token-locating phase and costs registers.
+  __device__ __forceinline__ int live(int64_t total) const { return static_cast<int>(min64(n_tok, total - t0)); }
+};
+
+template <typename word_t>
+__device__ __forceinline__ BlockTile block_tile(int p, int64_t channels, int64_t tile_tokens,
+                                                int64_t tile_channels) {
+  BlockTile b;
+  b.t0 = blockIdx.x * tile_tokens;
+  b.c0 = blockIdx.y * tile_channels;
+  b.cb = static_cast<int>(min64(tile_channels, channels - b.c0));
+  b.width = b.cb * p * p;
+  b.stride = b.width + row_pad<word_t>();
+  b.n_tok = static_cast<int>(tile_tokens);
+  b.warp = threadIdx.x / 32;
+  b.lane = threadIdx.x % 32;
+  b.n_warps = blockDim.x / 32;
+  return b;
+}
+
+// Offset of latent element (c, ph, pw) inside its token's tile row, in the token vector's order.
+__device__ __forceinline__ int tile_offset(int c, int ph, int pw, int p, int cb, bool channels_last) {
+  return channels_last ? (ph * p + pw) * cb + c : (c * p + ph) * p + pw;
+}
+
+// The latent side of a tile, warp by warp: a warp walks one (channel, ph) line of the tile across its tokens and
+// pw, which are consecutive W in memory, so its latent accesses coalesce. Calls fn(k, c, ph, pw) for token row k
+// of the tile and latent element (c0 + c, ph, pw) of that token's patch.
+template <typename Fn>
+__device__ __forceinline__ void for_each_latent_element(const BlockTile& block, int p, Fn&& fn) {
+  const int line = block.n_tok * p;
+  for (int cp = block.warp; cp < block.cb * p; cp += block.n_warps) {
+    const int c = cp / p, ph = cp - c * p;
+    FLAGDIT_UNROLL(4)
+    for (int q = block.lane; q < line; q += 32) {
+      const int k = q / p, pw = q - k * p;
+      fn(k, c, ph, pw);
+    }
+  }
+}
+
 // Element of a token vector held in a channel block of `cb` channels starting at c0: its column in the token
 // row given its offset `off` inside the block's run ((c, ph, pw) order: one run; (ph, pw, c): runs of cb).
 __device__ __forceinline__ int64_t vector_column(int off, int cb, int64_t c0, int64_t p, int64_t channels,
@@ -194,47 +253,34 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ TokenSlot slots[kMaxTileTokens];
 
   const int p = P > 0 ? P : static_cast<int>(p_rt);
-  const int64_t t0 = blockIdx.x * tile_tokens;
-  const int64_t c0 = blockIdx.y * tile_channels;
-  const int cb = static_cast<int>(min64(tile_channels, channels - c0));  // channels in this block
-  const int width = cb * p * p;                                          // elements of a token in this block
-  const int stride = width + row_pad<word_t>();
-  const int n_tok = static_cast<int>(tile_tokens);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
+  const BlockTile block = block_tile<word_t>(p, channels, tile_tokens, tile_channels);
 
   if (kLayout && blockIdx.x == 0 && blockIdx.y == 0) {
     for (int64_t i = threadIdx.x; i <= n_items; i += blockDim.x) {
       cu_seqlens[i] = static_cast<int32_t>(i < n_items ? items[i].start : total);
     }
   }
-  locate_tile<kLayout>(items, n_items, total, p, t0, tile_tokens, c0, slots, positions, kind, patch_rows);
+  locate_tile<kLayout>(items, n_items, total, p, block.t0, tile_tokens, block.c0, slots, positions, kind, patch_rows);
   __syncthreads();
 
   // Latent side. Placeholder and out-of-range tokens stage zeros.
-  const int line = n_tok * p;
-  for (int cp = warp; cp < cb * p; cp += n_warps) {
-    const int c = cp / p, ph = cp - c * p;
-    FLAGDIT_UNROLL(4)
-    for (int q = lane; q < line; q += 32) {
-      const int k = q / p, pw = q - k * p;
-      const TokenSlot& s = slots[k];
-      word_t v = word_t(0);
-      if (s.base >= 0) {
-        v = reinterpret_cast<const word_t*>(s.addr)[s.base + c * s.sc + ph * s.sh + pw * s.sw];
-      }
-      const int off = channels_last ? (ph * p + pw) * cb + c : (c * p + ph) * p + pw;
-      tile[k * stride + off] = v;
+  for_each_latent_element(block, p, [&](int k, int c, int ph, int pw) {
+    const TokenSlot& s = slots[k];
+    word_t v = word_t(0);
+    if (s.base >= 0) {
+      v = reinterpret_cast<const word_t*>(s.addr)[s.base + c * s.sc + ph * s.sh + pw * s.sw];
     }
-  }
+    tile[k * block.stride + tile_offset(c, ph, pw, p, block.cb, channels_last)] = v;
+  });
   __syncthreads();
 
   // Token side: each warp writes token rows' runs (contiguous in `out`).
-  const int live = static_cast<int>(min64(tile_tokens, total - t0));
-  for (int k = warp; k < live; k += n_warps) {
-    word_t* row = out + (t0 + k) * out_row_stride;
+  const int live = block.live(total);
+  for (int k = block.warp; k < live; k += block.n_warps) {
+    word_t* row = out + (block.t0 + k) * out_row_stride;
     FLAGDIT_UNROLL(4)
-    for (int off = lane; off < width; off += 32) {
-      row[vector_column(off, cb, c0, p, channels, channels_last)] = tile[k * stride + off];
+    for (int off = block.lane; off < block.width; off += 32) {
+      row[vector_column(off, block.cb, block.c0, p, channels, channels_last)] = tile[k * block.stride + off];
     }
   }
 }
@@ -249,42 +295,31 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ TokenSlot slots[kMaxTileTokens];
 
   const int p = P > 0 ? P : static_cast<int>(p_rt);
-  const int64_t t0 = blockIdx.x * tile_tokens;
-  const int64_t c0 = blockIdx.y * tile_channels;
-  const int cb = static_cast<int>(min64(tile_channels, channels - c0));
-  const int width = cb * p * p;
-  const int stride = width + row_pad<word_t>();
-  const int n_tok = static_cast<int>(tile_tokens);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
+  const BlockTile block = block_tile<word_t>(p, channels, tile_tokens, tile_channels);
 
-  locate_tile<false>(items, n_items, total, p, t0, tile_tokens, c0, slots, nullptr, nullptr, nullptr);
+  locate_tile<false>(items, n_items, total, p, block.t0, tile_tokens, block.c0, slots, nullptr, nullptr, nullptr);
   __syncthreads();
 
   // Token side: read each live patch row's run for this channel block; placeholder rows are not read.
-  const int live = static_cast<int>(min64(tile_tokens, total - t0));
-  for (int k = warp; k < live; k += n_warps) {
+  const int live = block.live(total);
+  for (int k = block.warp; k < live; k += block.n_warps) {
     if (slots[k].base < 0) continue;
-    const word_t* row = tokens + (t0 + k) * row_stride;
+    const word_t* row = tokens + (block.t0 + k) * row_stride;
     FLAGDIT_UNROLL(4)
-    for (int off = lane; off < width; off += 32) {
-      tile[k * stride + off] = row[vector_column(off, cb, c0, p, channels, channels_last) * col_stride];
+    for (int off = block.lane; off < block.width; off += 32) {
+      const int64_t column = vector_column(off, block.cb, block.c0, p, channels, channels_last);
+      tile[k * block.stride + off] = row[column * col_stride];
     }
   }
   __syncthreads();
 
-  // Latent side: one (channel, ph) line per warp, along W.
-  const int line = n_tok * p;
-  for (int cp = warp; cp < cb * p; cp += n_warps) {
-    const int c = cp / p, ph = cp - c * p;
-    FLAGDIT_UNROLL(4)
-    for (int q = lane; q < line; q += 32) {
-      const int k = q / p, pw = q - k * p;
-      const TokenSlot& s = slots[k];
-      if (s.base < 0) continue;
-      const int off = channels_last ? (ph * p + pw) * cb + c : (c * p + ph) * p + pw;
-      reinterpret_cast<word_t*>(s.addr)[s.base + c * s.sc + ph * s.sh + pw * s.sw] = tile[k * stride + off];
-    }
-  }
+  // Latent side: placeholder tokens are not written.
+  for_each_latent_element(block, p, [&](int k, int c, int ph, int pw) {
+    const TokenSlot& s = slots[k];
+    if (s.base < 0) return;
+    reinterpret_cast<word_t*>(s.addr)[s.base + c * s.sc + ph * s.sh + pw * s.sw] =
+        tile[k * block.stride + tile_offset(c, ph, pw, p, block.cb, channels_last)];
+  });
 }
 
 }  // namespace packing

@@ -57,6 +57,17 @@ __device__ __forceinline__ float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
+// ss plus the squares of one vector's elements, added one by one in fp32 (the summation order of the row).
+template <typename T, int N>
+__device__ __forceinline__ float add_squares(float ss, const Pack<T, N>& p) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float f = static_cast<float>(p.v[j]);
+    ss += f * f;
+  }
+  return ss;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -94,21 +105,10 @@ __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict
       const int vi = threadIdx.x + i * blockDim.x;
       if (vi < nvec) {
         cache[i] = xr[vi];
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float f = static_cast<float>(cache[i].v[j]);
-          ss += f * f;
-        }
+        ss = add_squares(ss, cache[i]);
       }
     }
-    for (int vi = threadIdx.x + kMaxVecs * blockDim.x; vi < nvec; vi += blockDim.x) {
-      const P p = xr[vi];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float f = static_cast<float>(p.v[j]);
-        ss += f * f;
-      }
-    }
+    for (int vi = threadIdx.x + kMaxVecs * blockDim.x; vi < nvec; vi += blockDim.x) ss = add_squares(ss, xr[vi]);
     const float r = rsqrtf(block_sum(ss, shared) / static_cast<float>(D) + eps);
     if (threadIdx.x == 0) rstd_out[row] = r;
 

@@ -12,38 +12,13 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, assert_rel_close, fresh, rel_l2
+from helpers import DEVICE, assert_rel_close, fresh, rel_l2
+from integration_fixtures import assert_same_state, backends, state_snapshot
 from torch import nn
 
-import flagdit_kernels as fk
 from flagdit_kernels.integrations import is_patched, unpatch
 
 OPS = ("rms_norm", "rms_norm_modulate", "gated_residual_rms_norm", "qk_norm_rope", "varlen_attention")
-
-
-def _backends() -> list:
-    params = [pytest.param("reference", id="reference")]
-    triton_ok = INTERPRETED or DEVICE.type == "cuda"
-    have = all("triton" in fk.available_backends(op, DEVICE) for op in OPS) if triton_ok else False
-    params.append(
-        pytest.param(
-            "triton",
-            id="triton",
-            marks=pytest.mark.skipif(not have, reason="triton backends of every op need TRITON_INTERPRET=1 or a GPU"),
-        )
-    )
-    return params
-
-
-def _state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    assert list(state) == list(snapshot)
-    for key, value in state.items():
-        assert torch.equal(value, snapshot[key]), key
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,7 +122,7 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends(OPS))
 @pytest.mark.parametrize("name", MODELS)
 def test_patched_matches_diffusers_fp32(name, backend):
     make_model, make_inputs, n_blocks = MODELS[name]
@@ -214,7 +189,7 @@ def test_lumina_next_untied_query_keeps_diffusers_cross_attention():
 def test_patch_twice_and_unpatch(name):
     make_model, make_inputs, _ = MODELS[name]
     model, inputs = make_model(), make_inputs()
-    snapshot = _state_snapshot(model)
+    snapshot = state_snapshot(model)
     params_before = {n: p for n, p in model.named_parameters()}
     with torch.no_grad():
         expected = model(**inputs)[0]
@@ -224,7 +199,7 @@ def test_patch_twice_and_unpatch(name):
         twice = model(**inputs)[0]
     assert not second.swapped and set(second.already) == set(first.swapped), str(second)
     assert torch.equal(once, twice)
-    _assert_same_state(model, snapshot)
+    assert_same_state(model, snapshot)
     assert all(p is params_before[n] for n, p in model.named_parameters()), "parameters must be the same objects"
     copied = copy.deepcopy(model)  # a patched model survives deepcopy (its forwards bind to the copy)
     with torch.no_grad():
@@ -235,7 +210,7 @@ def test_patch_twice_and_unpatch(name):
     assert not any(is_patched(m) or "forward" in m.__dict__ for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(**inputs)[0], expected), "unpatch must restore diffusers' exact outputs"
-    _assert_same_state(model, snapshot)
+    assert_same_state(model, snapshot)
     assert not unpatch(model).restored
 
 

@@ -9,38 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, INTERPRETED, assert_rel_close, fresh
+from helpers import DEVICE, assert_rel_close, fresh
+from integration_fixtures import assert_same_state, backends, state_snapshot
 from torch import nn
 
-import flagdit_kernels as fk
 from flagdit_kernels.integrations import patch_rms_norm, unpatch
 
 OPS = ("rms_norm",)
-
-
-def _backends() -> list:
-    params = [pytest.param("reference", id="reference")]
-    triton_ok = INTERPRETED or DEVICE.type == "cuda"
-    have = all("triton" in fk.available_backends(op, DEVICE) for op in OPS) if triton_ok else False
-    params.append(
-        pytest.param(
-            "triton",
-            id="triton",
-            marks=pytest.mark.skipif(not have, reason="triton backends of every op need TRITON_INTERPRET=1 or a GPU"),
-        )
-    )
-    return params
-
-
-def _state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    assert list(state) == list(snapshot)
-    for key, value in state.items():
-        assert torch.equal(value, snapshot[key]), key
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -161,11 +136,11 @@ def _zoo(dtype=torch.float32) -> Zoo:
     return zoo.to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends(OPS))
 def test_patch_rms_norm_zoo(backend):
     zoo = _zoo()
     x = fresh((5, 9, 24), torch.float32, seed=4, offset=0.3)
-    snapshot = _state_snapshot(zoo)
+    snapshot = state_snapshot(zoo)
     with torch.no_grad():
         expected = zoo(x)
         report = patch_rms_norm(zoo, backend=backend)
@@ -177,7 +152,7 @@ def test_patch_rms_norm_zoo(backend):
     assert "norms.torch_2d" in report.skipped and "1-D" in report.skipped["norms.torch_2d"]
     assert not any(k.startswith("norms.layer_norm") for k in (*report.swapped, *report.skipped))
     assert_rel_close(actual, expected, 1e-5, "zoo outputs")
-    _assert_same_state(zoo, snapshot)
+    assert_same_state(zoo, snapshot)
 
     again = patch_rms_norm(zoo, backend=backend)
     assert not again.swapped and sorted(again.already) == sorted(expected_names)

@@ -42,10 +42,23 @@ def _i64(values) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
-def _table_args(tensors):
-    fhw = [v for x in tensors for v in frames_hw(tuple(x.shape))]
-    strides = [v for x in tensors for v in (x.stride() if x.dim() == 4 else (x.stride(0), 0, *x.stride()[1:]))]
-    return len(tensors), _i64(fhw), _i64(strides), _i64([x.data_ptr() for x in tensors])
+def _batch_args(latents, element_size, channels, p, nextline, nextframe, channels_last) -> tuple:
+    """The arguments emu_pack and emu_unpack share: element size, the latents' item table (count, (F, H, W),
+    (C, F, H, W) strides, addresses), channels, patch size and the layout flags."""
+    fhw = [v for x in latents for v in frames_hw(tuple(x.shape))]
+    strides = [v for x in latents for v in (x.stride() if x.dim() == 4 else (x.stride(0), 0, *x.stride()[1:]))]
+    return (
+        ctypes.c_int64(element_size),
+        ctypes.c_int64(len(latents)),
+        _i64(fhw),
+        _i64(strides),
+        _i64([x.data_ptr() for x in latents]),
+        ctypes.c_int64(channels),
+        ctypes.c_int64(p),
+        int(nextline),
+        int(nextframe),
+        int(channels_last),
+    )
 
 
 def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False):
@@ -59,18 +72,8 @@ def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=
     kind = torch.full((total,), -7, dtype=torch.int8)
     patch_rows = torch.full((n_patches,), -7, dtype=torch.int64)
     cu = torch.full((len(latents) + 1,), -7, dtype=torch.int32)
-    n, fhw, strides, addrs = _table_args(latents)
     got = emu.emu_pack(
-        ctypes.c_int64(x0.element_size()),
-        ctypes.c_int64(n),
-        fhw,
-        strides,
-        addrs,
-        ctypes.c_int64(x0.shape[0]),
-        ctypes.c_int64(p),
-        int(nextline),
-        int(nextframe),
-        int(channels_last),
+        *_batch_args(latents, x0.element_size(), x0.shape[0], p, nextline, nextframe, channels_last),
         1,
         ctypes.c_void_p(out.data_ptr()),
         ctypes.c_int64(out.stride(0)),
@@ -88,18 +91,8 @@ def emulated_unpack(emu, tokens, shapes, p, channels, nextline=True, nextframe=T
     outs = [
         torch.full((channels, *s[1:]), nan, dtype=tokens.dtype) for s in shapes
     ]  # contiguous, like the CUDA op's outputs
-    n, fhw, strides, addrs = _table_args(outs)
     got = emu.emu_unpack(
-        ctypes.c_int64(tokens.element_size()),
-        ctypes.c_int64(n),
-        fhw,
-        strides,
-        addrs,
-        ctypes.c_int64(channels),
-        ctypes.c_int64(p),
-        int(nextline),
-        int(nextframe),
-        int(channels_last),
+        *_batch_args(outs, tokens.element_size(), channels, p, nextline, nextframe, channels_last),
         ctypes.c_void_p(tokens.data_ptr()),
         ctypes.c_int64(tokens.stride(0)),
         ctypes.c_int64(tokens.stride(1)),

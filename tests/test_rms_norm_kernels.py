@@ -42,6 +42,13 @@ def _cu(lengths: list[int]) -> torch.Tensor:
     return torch.tensor(cu, dtype=torch.int32, device=DEVICE)
 
 
+def _layout(row: tuple) -> tuple:
+    """(x shape, parameter shape, cu_seqlens or None, flag) of a layout table row; the optional fourth entry (with
+    shift, tanh gate) defaults to True."""
+    x_shape, p_shape, lengths, flag = (*row, True)[:4]
+    return x_shape, p_shape, _cu(lengths) if lengths is not None else None, flag
+
+
 # ------------------------------------------------------------------------------------------------- rms_norm
 
 # (rows, D): odd widths, a non-power-of-two the Flag-DiT configs use, more rows than backward programs.
@@ -149,9 +156,8 @@ MOD_LAYOUTS = {
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(MOD_LAYOUTS))
 def test_rms_norm_modulate(backend, dtype, layout):
-    x_shape, p_shape, lengths, with_shift = (*MOD_LAYOUTS[layout], True)[:4]
+    x_shape, p_shape, cu, with_shift = _layout(MOD_LAYOUTS[layout])
     d = x_shape[-1]
-    cu = _cu(lengths) if lengths is not None else None
     inputs = make_inputs(
         {"x": x_shape, "weight": (d,), "scale": p_shape, "shift": p_shape if with_shift else None},
         dtype,
@@ -198,9 +204,8 @@ GATED_LAYOUTS = {
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(GATED_LAYOUTS))
 def test_gated_residual_rms_norm(backend, dtype, layout):
-    h_shape, g_shape, lengths, tanh_gate = (*GATED_LAYOUTS[layout], True)[:4]
+    h_shape, g_shape, cu, tanh_gate = _layout(GATED_LAYOUTS[layout])
     d = h_shape[-1]
-    cu = _cu(lengths) if lengths is not None else None
     inputs = make_inputs({"residual": h_shape, "h": h_shape, "weight": (d,), "gate": g_shape}, dtype, cu_seqlens=cu)
     compare_with_reference(
         lambda residual, h, weight, gate, cu_seqlens: fk.gated_residual_rms_norm(

@@ -74,10 +74,9 @@ class _EmbedPacked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, patches, kind, weight, bias, placeholder_embeddings):
-        ctx.save_for_backward(patches, kind, weight)
-        ctx.has_bias = bias is not None
-        ctx.table_dtype = placeholder_embeddings.dtype
-        return _embed_forward(patches, kind, weight, bias, placeholder_embeddings)
+        inputs = (patches, kind, weight, bias, placeholder_embeddings)
+        _setup(ctx, inputs, None)
+        return _embed_forward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):

@@ -51,9 +51,7 @@ def _register_compiled_autograd() -> None:
         ctx.shapes = [tuple(o.shape) for o in output]
 
     def unpack_backward(ctx, grads):
-        grads = [
-            torch.zeros(s, device=ctx.device, dtype=ctx.dtype) if g is None else g for g, s in zip(grads, ctx.shapes)
-        ]
+        grads = _zeros_where_missing(grads, ctx.shapes, ctx.device, ctx.dtype)
         grad = torch.ops.flagdit_kernels.pack_patches(
             grads, ctx.p, ctx.nextline, ctx.nextframe, ctx.channels_last, ctx.total_tokens
         )
@@ -76,18 +74,21 @@ def _pack_compiled(latents, patch_size, nextline, nextframe, channels_last) -> P
     return Packed(patches, cu, max_len, positions, kind, shapes, patch_size, nextline, nextframe, rows)
 
 
-def _unpack_compiled(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
-    return list(
-        torch.ops.flagdit_kernels.unpack_patches(
-            tokens,
-            _item_shapes(packed.shapes),
-            packed.patch_size,
-            out_channels,
-            packed.nextline,
-            packed.nextframe,
-            channels_last,
-        )
+def _unpack_op_args(tokens, packed: Packed, out_channels, channels_last) -> tuple:
+    """The positional arguments of every unpack op (cuda, triton custom op, triton eager twin)."""
+    return (
+        tokens,
+        _item_shapes(packed.shapes),
+        packed.patch_size,
+        out_channels,
+        packed.nextline,
+        packed.nextframe,
+        channels_last,
     )
+
+
+def _unpack_compiled(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
+    return list(torch.ops.flagdit_kernels.unpack_patches(*_unpack_op_args(tokens, packed, out_channels, channels_last)))
 
 
 # ----------------------------------------------------------------------------------------------------- triton
@@ -190,6 +191,11 @@ def _register_pack_autograd(pack_op, unpack_op, layout: bool) -> None:
     torch.library.register_autograd(pack_op, backward, setup_context=setup)
 
 
+def _zeros_where_missing(grads, shapes, device, dtype) -> list[torch.Tensor]:
+    """Autograd passes None for latents whose gradient is unused; pack needs a tensor for every item."""
+    return [torch.zeros(s, device=device, dtype=dtype) if g is None else g for g, s in zip(grads, shapes)]
+
+
 def _register_unpack_autograd(unpack_op, pack_op) -> None:
     """Unpack's backward = ``pack_op`` of the latent gradients (missing ones are zeros)."""
 
@@ -199,9 +205,7 @@ def _register_unpack_autograd(unpack_op, pack_op) -> None:
         ctx.shapes = [tuple(o.shape) for o in output]
 
     def backward(ctx, grads):
-        grads = [
-            torch.zeros(s, device=ctx.device, dtype=ctx.dtype) if g is None else g for g, s in zip(grads, ctx.shapes)
-        ]
+        grads = _zeros_where_missing(grads, ctx.shapes, ctx.device, ctx.dtype)
         grad = pack_op(grads, ctx.p, ctx.nextline, ctx.nextframe, ctx.channels_last, ctx.total_tokens)
         return grad, None, None, None, None, None, None
 
@@ -219,40 +223,42 @@ _register_unpack_autograd(_triton_unpack_patches, _triton_pack_patches)
 # autograd.Functions instead. Their backward passes call the twins again, so double backward works too.
 
 
+def _pack_forward(ctx, patch_size, nextline, nextframe, channels_last, latents, with_layout: bool):
+    from ..triton import packing as tk
+
+    fhw = [frames_hw(tuple(x.shape)) for x in latents]
+    ctx.args = (_item_shapes([tuple(x.shape) for x in latents]), patch_size, nextline, nextframe, channels_last)
+    return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=with_layout)
+
+
+def _pack_backward(ctx, grad):
+    """Pack's backward is unpack of the patch-row gradient, giving one gradient per latent."""
+    item_shapes, p, nextline, nextframe, channels_last = ctx.args
+    channels = grad.shape[1] // p**2
+    grads = _TritonUnpack.apply(grad, item_shapes, p, channels, nextline, nextframe, channels_last)
+    return (None, None, None, None, *grads)
+
+
 class _TritonPackLayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, patch_size, nextline, nextframe, channels_last, *latents):
-        from ..triton import packing as tk
-
-        fhw = [frames_hw(tuple(x.shape)) for x in latents]
-        ctx.args = (_item_shapes([tuple(x.shape) for x in latents]), patch_size, nextline, nextframe, channels_last)
-        out = tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=True)
+        out = _pack_forward(ctx, patch_size, nextline, nextframe, channels_last, latents, with_layout=True)
         ctx.mark_non_differentiable(*out[1:])
         return out
 
     @staticmethod
     def backward(ctx, grad, *_int_grads):
-        item_shapes, p, nextline, nextframe, channels_last = ctx.args
-        channels = grad.shape[1] // p**2
-        grads = _TritonUnpack.apply(grad, item_shapes, p, channels, nextline, nextframe, channels_last)
-        return (None, None, None, None, *grads)
+        return _pack_backward(ctx, grad)
 
 
 class _TritonPackRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, patch_size, nextline, nextframe, channels_last, *latents):
-        from ..triton import packing as tk
-
-        fhw = [frames_hw(tuple(x.shape)) for x in latents]
-        ctx.args = (_item_shapes([tuple(x.shape) for x in latents]), patch_size, nextline, nextframe, channels_last)
-        return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=False)
+        return _pack_forward(ctx, patch_size, nextline, nextframe, channels_last, latents, with_layout=False)
 
     @staticmethod
     def backward(ctx, grad):
-        item_shapes, p, nextline, nextframe, channels_last = ctx.args
-        channels = grad.shape[1] // p**2
-        grads = _TritonUnpack.apply(grad, item_shapes, p, channels, nextline, nextframe, channels_last)
-        return (None, None, None, None, *grads)
+        return _pack_backward(ctx, grad)
 
 
 class _TritonUnpack(torch.autograd.Function):
@@ -269,9 +275,7 @@ class _TritonUnpack(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         p, nextline, nextframe, channels_last = ctx.args
-        grads = [
-            torch.zeros(s, device=ctx.device, dtype=ctx.dtype) if g is None else g for g, s in zip(grads, ctx.shapes)
-        ]
+        grads = _zeros_where_missing(grads, ctx.shapes, ctx.device, ctx.dtype)
         return _TritonPackRows.apply(p, nextline, nextframe, channels_last, *grads), None, None, None, None, None, None
 
 
@@ -287,15 +291,7 @@ def _pack_triton(latents, patch_size, nextline, nextframe, channels_last) -> Pac
 
 
 def _unpack_triton(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
-    args = (
-        tokens,
-        _item_shapes(packed.shapes),
-        packed.patch_size,
-        out_channels,
-        packed.nextline,
-        packed.nextframe,
-        channels_last,
-    )
+    args = _unpack_op_args(tokens, packed, out_channels, channels_last)
     if torch.compiler.is_compiling():
         return _triton_unpack_patches(*args)
     return list(_TritonUnpack.apply(*args))

@@ -64,6 +64,70 @@ def _token_places(table, n_items, tokens, LOG2_ITEMS: tl.constexpr, NEXTLINE: tl
 
 
 @triton.jit
+def _token_block(total_tokens, BLOCK_T: tl.constexpr):
+    """This program's BLOCK_T tokens and their in-range mask; out-of-range tokens are clamped to the last token
+    so that the item-table lookups stay in bounds (their loads and stores are masked off)."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tokens < total_tokens
+    return tl.where(in_range, tokens, total_tokens - 1), in_range
+
+
+@triton.jit
+def _latent_tile(
+    table, stride, item, frame, row, col, live, ch, ph, pw, channels, elem, P: tl.constexpr, UNIT_W: tl.constexpr
+):
+    """Pointers and mask of the (BLOCK_C, P_BLOCK, BLOCK_T, P_BLOCK) latent tile in (c, ph, token, pw) order that
+    holds the patches of tokens with ``live`` set (each token's item gives its latent's address and strides)."""
+    base = tl.load(table + ADDR * stride + item).to(tl.pointer_type(elem))
+    s_c = tl.load(table + STRIDE_C * stride + item)
+    s_f = tl.load(table + STRIDE_F * stride + item)
+    s_h = tl.load(table + STRIDE_H * stride + item)
+    token_off = frame.to(tl.int64) * s_f + (row * P).to(tl.int64) * s_h  # (BLOCK_T,)
+    if UNIT_W:
+        w_off = (col * P)[None, None, :, None] + pw[None, None, None, :]
+    else:
+        s_w = tl.load(table + STRIDE_W * stride + item)
+        w_off = ((col * P)[None, None, :, None] + pw[None, None, None, :]).to(tl.int64) * s_w[None, None, :, None]
+    ptrs = (
+        base[None, None, :, None]
+        + ch[:, None, None, None].to(tl.int64) * s_c[None, None, :, None]
+        + ph[None, :, None, None].to(tl.int64) * s_h[None, None, :, None]
+        + token_off[None, None, :, None]
+        + w_off
+    )
+    mask = (
+        live[None, None, :, None]
+        & (ch < channels)[:, None, None, None]
+        & (ph < P)[None, :, None, None]
+        & (pw < P)[None, None, None, :]
+    )
+    return ptrs, mask
+
+
+@triton.jit
+def _vector_tile(rows_ok, ch, ph, pw, channels, P: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Element offsets within a token row, as a (1, ., ., .) tile in the row's vector order ((ph, pw, c) when
+    CHANNELS_LAST, else (c, ph, pw)), and the (BLOCK_T, ., ., .) mask of those elements in rows ``rows_ok``."""
+    if CHANNELS_LAST:
+        vec = ph[None, :, None, None] * (P * channels) + pw[None, None, :, None] * channels + ch[None, None, None, :]
+        mask = (
+            rows_ok[:, None, None, None]
+            & (ph < P)[None, :, None, None]
+            & (pw < P)[None, None, :, None]
+            & (ch < channels)[None, None, None, :]
+        )
+    else:
+        vec = ch[None, :, None, None] * (P * P) + ph[None, None, :, None] * P + pw[None, None, None, :]
+        mask = (
+            rows_ok[:, None, None, None]
+            & (ch < channels)[None, :, None, None]
+            & (ph < P)[None, None, :, None]
+            & (pw < P)[None, None, None, :]
+        )
+    return vec, mask
+
+
+@triton.jit
 def pack_kernel(
     table,  # int64 (ITEM_FIELDS, n_items + 1), see module docstring
     out,  # (total_tokens, C * P * P) token rows
@@ -87,43 +151,19 @@ def pack_kernel(
     FLAT_ROWS: tl.constexpr,
     WRITE_LAYOUT: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_range = tokens < total_tokens
-    tokens = tl.where(in_range, tokens, total_tokens - 1)  # keep the table lookups in bounds
+    tokens, in_range = _token_block(total_tokens, BLOCK_T)
     item, local, frame, row, col, cols, rows, is_patch, is_frame_slot = _token_places(
         table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME
     )
     stride = n_items + 1
 
     # Latent side: a (BLOCK_C, P_BLOCK, BLOCK_T, P_BLOCK) tile in (c, ph, token, pw) order.
-    elem = out.dtype.element_ty
-    base = tl.load(table + ADDR * stride + item).to(tl.pointer_type(elem))
-    s_c = tl.load(table + STRIDE_C * stride + item)
-    s_f = tl.load(table + STRIDE_F * stride + item)
-    s_h = tl.load(table + STRIDE_H * stride + item)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ph = tl.arange(0, P_BLOCK)
     pw = tl.arange(0, P_BLOCK)
-    token_off = frame.to(tl.int64) * s_f + (row * P).to(tl.int64) * s_h  # (BLOCK_T,)
-    if UNIT_W:
-        w_off = (col * P)[None, None, :, None] + pw[None, None, None, :]
-    else:
-        s_w = tl.load(table + STRIDE_W * stride + item)
-        w_off = ((col * P)[None, None, :, None] + pw[None, None, None, :]).to(tl.int64) * s_w[None, None, :, None]
-    src = (
-        base[None, None, :, None]
-        + ch[:, None, None, None].to(tl.int64) * s_c[None, None, :, None]
-        + ph[None, :, None, None].to(tl.int64) * s_h[None, None, :, None]
-        + token_off[None, None, :, None]
-        + w_off
-    )
-    load_mask = (
-        (is_patch & in_range)[None, None, :, None]
-        & (ch < channels)[:, None, None, None]
-        & (ph < P)[None, :, None, None]
-        & (pw < P)[None, None, None, :]
+    src, load_mask = _latent_tile(
+        table, stride, item, frame, row, col, is_patch & in_range, ch, ph, pw, channels, out.dtype.element_ty, P, UNIT_W
     )
     # Placeholder rows read nothing and are written as zeros.
     vals = tl.load(src, mask=load_mask, other=0.0)
@@ -144,32 +184,10 @@ def pack_kernel(
     else:
         if CHANNELS_LAST:
             vals = tl.permute(vals, (2, 1, 3, 0))  # (token, ph, pw, c)
-            dst = (
-                row_base[:, None, None, None]
-                + ph[None, :, None, None] * (P * channels)
-                + pw[None, None, :, None] * channels
-                + ch[None, None, None, :]
-            )
-            store_mask = (
-                in_range[:, None, None, None]
-                & (ph < P)[None, :, None, None]
-                & (pw < P)[None, None, :, None]
-                & (ch < channels)[None, None, None, :]
-            )
         else:
             vals = tl.permute(vals, (2, 0, 1, 3))  # (token, c, ph, pw)
-            dst = (
-                row_base[:, None, None, None]
-                + ch[None, :, None, None] * (P * P)
-                + ph[None, None, :, None] * P
-                + pw[None, None, None, :]
-            )
-            store_mask = (
-                in_range[:, None, None, None]
-                & (ch < channels)[None, :, None, None]
-                & (ph < P)[None, None, :, None]
-                & (pw < P)[None, None, None, :]
-            )
+        vec, store_mask = _vector_tile(in_range, ch, ph, pw, channels, P, CHANNELS_LAST)
+        dst = row_base[:, None, None, None] + vec
     tl.store(out + dst, vals, mask=store_mask)
 
     if WRITE_LAYOUT:  # noqa: SIM102 (a constexpr gate: the stores below are compiled only when asked for)
@@ -208,11 +226,8 @@ def unpack_kernel(
     UNIT_W: tl.constexpr,
     FLAT_ROWS: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_range = tokens < total_tokens
-    tokens = tl.where(in_range, tokens, total_tokens - 1)
+    tokens, in_range = _token_block(total_tokens, BLOCK_T)
     item, _, frame, row, col, _, _, is_patch, _ = _token_places(table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME)
     stride = n_items + 1
     live = in_range & is_patch  # placeholder rows are dropped: neither read nor written
@@ -233,52 +248,15 @@ def unpack_kernel(
         else:
             vals = tl.permute(tl.reshape(vals, (BLOCK_T, BLOCK_C, P, P)), (1, 2, 0, 3))
     else:
+        vec, mask = _vector_tile(live, ch, ph, pw, channels, P, CHANNELS_LAST)
+        vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
         if CHANNELS_LAST:
-            vec = (
-                ph[None, :, None, None] * (P * channels) + pw[None, None, :, None] * channels + ch[None, None, None, :]
-            )
-            mask = (
-                live[:, None, None, None]
-                & (ph < P)[None, :, None, None]
-                & (pw < P)[None, None, :, None]
-                & (ch < channels)[None, None, None, :]
-            )
-            vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
             vals = tl.permute(vals, (3, 1, 0, 2))
         else:
-            vec = ch[None, :, None, None] * (P * P) + ph[None, None, :, None] * P + pw[None, None, None, :]
-            mask = (
-                live[:, None, None, None]
-                & (ch < channels)[None, :, None, None]
-                & (ph < P)[None, None, :, None]
-                & (pw < P)[None, None, None, :]
-            )
-            vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
             vals = tl.permute(vals, (1, 2, 0, 3))
 
-    elem = tokens_ptr.dtype.element_ty
-    base = tl.load(table + ADDR * stride + item).to(tl.pointer_type(elem))
-    s_c = tl.load(table + STRIDE_C * stride + item)
-    s_f = tl.load(table + STRIDE_F * stride + item)
-    s_h = tl.load(table + STRIDE_H * stride + item)
-    token_off = frame.to(tl.int64) * s_f + (row * P).to(tl.int64) * s_h
-    if UNIT_W:
-        w_off = (col * P)[None, None, :, None] + pw[None, None, None, :]
-    else:
-        s_w = tl.load(table + STRIDE_W * stride + item)
-        w_off = ((col * P)[None, None, :, None] + pw[None, None, None, :]).to(tl.int64) * s_w[None, None, :, None]
-    dst = (
-        base[None, None, :, None]
-        + ch[:, None, None, None].to(tl.int64) * s_c[None, None, :, None]
-        + ph[None, :, None, None].to(tl.int64) * s_h[None, None, :, None]
-        + token_off[None, None, :, None]
-        + w_off
-    )
-    store_mask = (
-        live[None, None, :, None]
-        & (ch < channels)[:, None, None, None]
-        & (ph < P)[None, :, None, None]
-        & (pw < P)[None, None, None, :]
+    dst, store_mask = _latent_tile(
+        table, stride, item, frame, row, col, live, ch, ph, pw, channels, tokens_ptr.dtype.element_ty, P, UNIT_W
     )
     tl.store(dst, vals, mask=store_mask)
 

@@ -94,6 +94,43 @@ def _tanh(g):
 
 
 @triton.jit
+def _row_tile(rows, row_limit, cmask, L):
+    """(row mask, element mask, b, l) of a [ROWS, BLOCK_D] tile of rows of the (B, L, D) view."""
+    rmask = rows < row_limit
+    mask = rmask[:, None] & cmask[None, :]
+    b = rows // L
+    l = rows - b * L
+    return rmask, mask, b, l
+
+
+@triton.jit
+def _load_rows(ptr, b, l, stride_b, stride_l, cols, mask):
+    """The tile's rows of a (B, L, D) tensor with unit D stride, in fp32 (zeros outside ``mask``)."""
+    return tl.load(ptr + (b * stride_b + l * stride_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sequence_ends(cu_ptr, n_samples, BLOCK_B: tl.constexpr):
+    """cu_seqlens[1:] padded with int32 max (a padding slot is never at or below a row)."""
+    bs = tl.arange(0, BLOCK_B)
+    return tl.load(cu_ptr + 1 + bs, mask=bs < n_samples, other=2147483647)
+
+
+@triton.jit
+def _sample_of(ends, rows, n_samples):
+    """Sample of each packed row: the number of sequence ends at or below it, clamped so that bad offsets can
+    never index outside the (B, D) parameters."""
+    s = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+    return tl.minimum(s, n_samples - 1)
+
+
+@triton.jit
+def _store_slot(ptr, slot, D, cols, cmask, acc):
+    """Writes one (D,) fp32 partial sum to row ``slot`` of a partial-sum buffer."""
+    tl.store(ptr + slot.to(tl.int64) * D + cols, acc, mask=cmask)
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr,
     res_ptr,
@@ -128,13 +165,10 @@ def _fwd_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
-    rmask = rows < n_rows
     cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    b = rows // L
-    l = rows - b * L
+    rmask, mask, b, l = _row_tile(rows, n_rows, cmask, L)
 
-    x = tl.load(x_ptr + (b * sx_b + l * sx_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _load_rows(x_ptr, b, l, sx_b, sx_l, cols, mask)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
@@ -148,12 +182,7 @@ def _fwd_kernel(
         y = a
     else:
         if PACKED:
-            # sample = number of sequence ends (cu_seqlens[1:]) at or below the row; clamped so that bad
-            # offsets can never index outside the (B, D) parameters.
-            bs = tl.arange(0, BLOCK_B)
-            ends = tl.load(cu_ptr + 1 + bs, mask=bs < n_samples, other=2147483647)
-            s = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-            s = tl.minimum(s, n_samples - 1).to(tl.int64)
+            s = _sample_of(_sequence_ends(cu_ptr, n_samples, BLOCK_B), rows, n_samples).to(tl.int64)
             off1 = s * s1_b
             off2 = s * s2_b
         else:
@@ -166,8 +195,7 @@ def _fwd_kernel(
                 y += tl.load(p2_ptr + off2[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
             g = _tanh(p1) if TANH else p1
-            res = tl.load(res_ptr + (b * sr_b + l * sr_l)[:, None] + cols[None, :], mask=mask, other=0.0)
-            y = res.to(tl.float32) + g * a
+            y = _load_rows(res_ptr, b, l, sr_b, sr_l, cols, mask) + g * a
     tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -219,21 +247,16 @@ def _bwd_kernel(
     p1_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     p2_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if PACKED:
-        bs = tl.arange(0, BLOCK_B)
-        ends = tl.load(cu_ptr + 1 + bs, mask=bs < n_samples, other=2147483647)
+        ends = _sequence_ends(cu_ptr, n_samples, BLOCK_B)
         cur = tl.minimum(tl.sum((ends <= row_start).to(tl.int32), axis=0), n_samples - 1)
     else:
         cur = row_start // L
 
     for r0 in range(row_start, row_end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
-        rmask = rows < row_end
-        mask = rmask[:, None] & cmask[None, :]
-        b = rows // L
-        l = rows - b * L
-        x = tl.load(x_ptr + (b * sx_b + l * sx_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + (b * sdy_b + l * sdy_l)[:, None] + cols[None, :], mask=mask, other=0.0)
-        dy = dy.to(tl.float32)
+        rmask, mask, b, l = _row_tile(rows, row_end, cmask, L)
+        x = _load_rows(x_ptr, b, l, sx_b, sx_l, cols, mask)
+        dy = _load_rows(dy_ptr, b, l, sdy_b, sdy_l, cols, mask)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         xhat = x * rstd[:, None]
         n = xhat.to(x_dtype).to(tl.float32)  # the rounded normalized value the forward multiplied
@@ -246,8 +269,7 @@ def _bwd_kernel(
             da = dy
         else:
             if PACKED:
-                s = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-                s = tl.minimum(s, n_samples - 1)
+                s = _sample_of(ends, rows, n_samples)
                 off1 = s.to(tl.int64) * s1_b
             else:
                 s = b
@@ -275,10 +297,10 @@ def _bwd_kernel(
                 for t in range(s_lo, s_hi + 1):
                     if t != cur:
                         if SEG1:
-                            tl.store(dp1_ptr + (pid + cur).to(tl.int64) * D + cols, p1_acc, mask=cmask)
+                            _store_slot(dp1_ptr, pid + cur, D, cols, cmask, p1_acc)
                             p1_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
                         if SEG2:
-                            tl.store(dp2_ptr + (pid + cur).to(tl.int64) * D + cols, p2_acc, mask=cmask)
+                            _store_slot(dp2_ptr, pid + cur, D, cols, cmask, p2_acc)
                             p2_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
                         cur = t
                     sel = (s == t)[:, None]
@@ -302,11 +324,11 @@ def _bwd_kernel(
         tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     if HAS_W:
-        tl.store(dw_ptr + pid.to(tl.int64) * D + cols, dw_acc, mask=cmask)
+        _store_slot(dw_ptr, pid, D, cols, cmask, dw_acc)
     if SEG1:
-        tl.store(dp1_ptr + (pid + cur).to(tl.int64) * D + cols, p1_acc, mask=cmask)
+        _store_slot(dp1_ptr, pid + cur, D, cols, cmask, p1_acc)
     if SEG2:
-        tl.store(dp2_ptr + (pid + cur).to(tl.int64) * D + cols, p2_acc, mask=cmask)
+        _store_slot(dp2_ptr, pid + cur, D, cols, cmask, p2_acc)
 
 
 @triton.jit

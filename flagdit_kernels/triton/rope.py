@@ -89,6 +89,25 @@ def _load_cos_sin(f_row, HALF, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _head_rows(ptr, b, l, s_b, s_l, h, s_h):
+    """(heads, 1) pointers to the start of heads ``h`` of token (b, l) in a strided (B, L, H, Dh) tensor."""
+    return ptr + b * s_b + l * s_l + (h * s_h)[:, None]
+
+
+@triton.jit
+def _rotate(x0, x1, cos, sin):
+    """Rotates each pair (x0, x1) by its angle; pass -sin to rotate by -angle (the transpose)."""
+    return x0 * cos - x1 * sin, x0 * sin + x1 * cos
+
+
+@triton.jit
+def _head_masks(h, H, HALF, BLOCK_P: tl.constexpr):
+    """(row_mask, mask): real heads (BLOCK_H, 1), and real heads x real pairs (BLOCK_H, BLOCK_P)."""
+    row_mask = (h < H)[:, None]
+    return row_mask, row_mask & (tl.arange(0, BLOCK_P) < HALF)[None, :]
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr,
     f_ptr,
@@ -116,10 +135,8 @@ def _rope_kernel(
     cos, sin = _load_cos_sin(f_ptr + b * sf_b + l * sf_l, HALF, BLOCK_P)
     if INVERSE:
         sin = -sin
-    x_rows = x_ptr + b * sx_b + l * sx_l + (h * sx_h)[:, None]
-    x0, x1 = _load_pairs(x_rows, sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
-    y0 = x0 * cos - x1 * sin
-    y1 = x0 * sin + x1 * cos
+    x0, x1 = _load_pairs(_head_rows(x_ptr, b, l, sx_b, sx_l, h, sx_h), sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
+    y0, y1 = _rotate(x0, x1, cos, sin)
     o_rows = out_ptr + tok * (H * 2 * HALF) + (h * 2 * HALF)[:, None]
     _store_pairs(o_rows, y0, y1, row_mask, HALF, INTERLEAVED, BLOCK_P)
 
@@ -181,8 +198,7 @@ def _qk_fwd_rows(
     """Norm + RoPE + cast for tokens [start, end) of one tensor (q or k), heads [h0, h0 + BLOCK_H)."""
     h = h0 + tl.arange(0, BLOCK_H)
     D = 2 * HALF
-    row_mask = (h < H)[:, None]
-    mask = row_mask & (tl.arange(0, BLOCK_P) < HALF)[None, :]
+    row_mask, mask = _head_masks(h, H, HALF, BLOCK_P)
     # Parameters stay in registers across the token loop.
     if HAS_W:
         w0, w1 = _load_params(w_ptr, h, row_mask, HALF, NORM, INTERLEAVED, BLOCK_P)
@@ -191,8 +207,7 @@ def _qk_fwd_rows(
     for t in range(start, end):
         bi = t // L
         li = t % L
-        x_rows = x_ptr + bi * sx_b + li * sx_l + (h * sx_h)[:, None]
-        x0, x1 = _load_pairs(x_rows, sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
+        x0, x1 = _load_pairs(_head_rows(x_ptr, bi, li, sx_b, sx_l, h, sx_h), sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
         cos, sin = _load_cos_sin(f_ptr + bi * sf_b + li * sf_l, HALF, BLOCK_P)
         if NORM != 0:
             x0, x1, _ = _normalize(x0, x1, mask, H * D, D, eps, NORM)
@@ -202,8 +217,7 @@ def _qk_fwd_rows(
         if HAS_B:
             x0 = x0 + b0
             x1 = x1 + b1
-        y0 = x0 * cos - x1 * sin
-        y1 = x0 * sin + x1 * cos
+        y0, y1 = _rotate(x0, x1, cos, sin)
         _store_pairs(out_ptr + t * (H * D) + (h * D)[:, None], y0, y1, row_mask, HALF, INTERLEAVED, BLOCK_P)
 
 
@@ -306,8 +320,7 @@ def _qk_bwd_rows(
     """
     h = h0 + tl.arange(0, BLOCK_H)
     D = 2 * HALF
-    row_mask = (h < H)[:, None]
-    mask = row_mask & (tl.arange(0, BLOCK_P) < HALF)[None, :]
+    row_mask, mask = _head_masks(h, H, HALF, BLOCK_P)
     if HAS_W:
         w0, w1 = _load_params(w_ptr, h, row_mask, HALF, NORM, INTERLEAVED, BLOCK_P)
     acc_w0 = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
@@ -317,18 +330,19 @@ def _qk_bwd_rows(
     for t in range(start, end):
         bi = t // L
         li = t % L
-        dy_rows = dy_ptr + bi * sy_b + li * sy_l + (h * sy_h)[:, None]
-        dy0, dy1 = _load_pairs(dy_rows, sy_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
+        dy0, dy1 = _load_pairs(
+            _head_rows(dy_ptr, bi, li, sy_b, sy_l, h, sy_h), sy_d, row_mask, HALF, INTERLEAVED, BLOCK_P
+        )
         cos, sin = _load_cos_sin(f_ptr + bi * sf_b + li * sf_l, HALF, BLOCK_P)
         # Rotate the upstream gradient back by -angle (R^T).
-        dn0 = dy0 * cos + dy1 * sin
-        dn1 = dy1 * cos - dy0 * sin
+        dn0, dn1 = _rotate(dy0, dy1, cos, -sin)
         if NORM == 0:
             dx0 = dn0
             dx1 = dn1
         else:
-            x_rows = x_ptr + bi * sx_b + li * sx_l + (h * sx_h)[:, None]
-            x0, x1 = _load_pairs(x_rows, sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P)
+            x0, x1 = _load_pairs(
+                _head_rows(x_ptr, bi, li, sx_b, sx_l, h, sx_h), sx_d, row_mask, HALF, INTERLEAVED, BLOCK_P
+            )
             xh0, xh1, rstd = _normalize(x0, x1, mask, H * D, D, eps, NORM)
             if HAS_W:
                 acc_w0 += dn0 * xh0
@@ -353,26 +367,40 @@ def _qk_bwd_rows(
             acc_b1 += dn1
         _store_pairs(dx_ptr + t * (H * D) + (h * D)[:, None], dx0, dx1, row_mask, HALF, INTERLEAVED, BLOCK_P)
 
-    # Partial sums: LayerNorm params span the row, one partial row of H*Dh per program; RMSNorm params are
-    # shared by all heads, so the head block is reduced here and a partial row holds Dh values.
+    if HAS_W:
+        _store_param_partials(dw_ptr, acc_w0, acc_w1, part_row, h, row_mask, H, HALF, NORM, INTERLEAVED, BLOCK_P)
+    if HAS_B:
+        _store_param_partials(db_ptr, acc_b0, acc_b1, part_row, h, row_mask, H, HALF, NORM, INTERLEAVED, BLOCK_P)
+
+
+@triton.jit
+def _store_param_partials(
+    ptr,
+    acc0,
+    acc1,
+    part_row,
+    h,
+    row_mask,
+    H,
+    HALF,
+    NORM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Writes one program's partial sums of a norm parameter's gradient to partial row ``part_row``.
+
+    LayerNorm params span the row: one partial row of H*Dh per program. RMSNorm params are shared by all heads,
+    so the head block is reduced here and a partial row holds Dh values.
+    """
+    D = 2 * HALF
     if NORM == 1:
-        if HAS_W:
-            rows = dw_ptr + part_row * (H * D) + (h * D)[:, None]
-            _store_pairs(rows, acc_w0, acc_w1, row_mask, HALF, INTERLEAVED, BLOCK_P)
-        if HAS_B:
-            rows = db_ptr + part_row * (H * D) + (h * D)[:, None]
-            _store_pairs(rows, acc_b0, acc_b1, row_mask, HALF, INTERLEAVED, BLOCK_P)
+        _store_pairs(ptr + part_row * (H * D) + (h * D)[:, None], acc0, acc1, row_mask, HALF, INTERLEAVED, BLOCK_P)
     else:
         one_row = tl.full((1, 1), 1, tl.int1)
         zero = tl.zeros((1, 1), dtype=tl.int32)
-        if HAS_W:
-            sum_w0 = tl.sum(acc_w0, axis=0, keep_dims=True)
-            sum_w1 = tl.sum(acc_w1, axis=0, keep_dims=True)
-            _store_pairs(dw_ptr + part_row * D + zero, sum_w0, sum_w1, one_row, HALF, INTERLEAVED, BLOCK_P)
-        if HAS_B:
-            sum_b0 = tl.sum(acc_b0, axis=0, keep_dims=True)
-            sum_b1 = tl.sum(acc_b1, axis=0, keep_dims=True)
-            _store_pairs(db_ptr + part_row * D + zero, sum_b0, sum_b1, one_row, HALF, INTERLEAVED, BLOCK_P)
+        sum0 = tl.sum(acc0, axis=0, keep_dims=True)
+        sum1 = tl.sum(acc1, axis=0, keep_dims=True)
+        _store_pairs(ptr + part_row * D + zero, sum0, sum1, one_row, HALF, INTERLEAVED, BLOCK_P)
 
 
 @triton.jit

@@ -123,13 +123,43 @@ def _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
 
 
 @triton.jit
-def _row_mask(offs, n, MASKED: tl.constexpr, R: tl.constexpr):
-    """offs < n for a tail tile; a constant all-true mask (folded away by the compiler) for a full tile."""
+def _rotate_back(x0, x1, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
+                 R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """Both chunks of a gradient with respect to rotated q or k, rotated by -angle: the gradient of the
+    unrotated input (the rotation is orthogonal). Returns fp32."""
+    x0 = _rotate(x0, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, True, R, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        x1 = _rotate(x1, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, True, R, D0, D1, HEAD_DIM)
+    return x0, x1
+
+
+@triton.jit
+def _segment(cu, b):
+    """(start, length) of sequence b of a cu_seqlens array, both int32. Callers widen start to int64 only where
+    they build offsets, after any early exit (widening first cost a register and a few spilled bytes)."""
+    start = tl.load(cu + b)
+    return start, tl.load(cu + b + 1) - start
+
+
+@triton.jit
+def _query_heads(H, GROUP):
+    """(sample, query head, kv head) of a program whose second grid axis runs over batch * H."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, h // GROUP
+
+
+@triton.jit
+def _tile_rows(start, n, MASKED: tl.constexpr, R: tl.constexpr):
+    """(rows as int64, mask) of the R rows from ``start``: rows < n for a tail tile, a constant all-true mask
+    (folded away by the compiler) for a full tile."""
+    offs = start + tl.arange(0, R)
     if MASKED:
         mask = offs < n
     else:
         mask = tl.full([R], 1, tl.int1)
-    return mask
+    return offs.to(tl.int64), mask
 
 
 @triton.jit
@@ -171,6 +201,12 @@ def _zeros_chunk(R: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _zeros_tile(R: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """An fp32 (R, head dim) accumulator pair of zeros."""
+    return tl.zeros([R, D0], dtype=tl.float32), _zeros_chunk(R, D1)
+
+
+@triton.jit
 def _store_tile(base, rows, row_mask, stride_t, x0, x1, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
                 D1: tl.constexpr):
     """Stores both chunks (unit head-dim stride: only our own outputs are written)."""
@@ -198,9 +234,7 @@ def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
                  MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_mask = _row_mask(offs_n, k_len, MASK_N, BLOCK_N)
-    rows = offs_n.to(tl.int64)
+    rows, n_mask = _tile_rows(start_n, k_len, MASK_N, BLOCK_N)
     k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
     v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, stride_vd, f_ptr, stride_ft, stride_fi, stride_fc,
@@ -221,12 +255,16 @@ def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
 
 
 @triton.jit
-def _attend(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
+def _attend(q0, q1, k_base, v_base, f_ptr,
             stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
             k_len, qk_scale,
-            ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-            D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online-softmax accumulation of q's attention over ``k_len`` keys: full tiles, then the tail."""
+            ROPE_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+            D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax of q's attention over ``k_len`` keys (full tiles, then the tail), from a fresh state.
+    Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units)."""
+    acc0, acc1 = _zeros_tile(BLOCK_M, D0, D1)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
@@ -262,18 +300,12 @@ def _fwd_kernel(
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    seq_start = tl.load(CU + b)
-    seq_len = tl.load(CU + b + 1) - seq_start
+    b, h, hk = _query_heads(H, GROUP)
+    start, seq_len = _segment(CU, b)
     if pid_m * BLOCK_M >= seq_len:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seq_len
-    rows = offs_m.to(tl.int64)
-    start = seq_start.to(tl.int64)
+    start = start.to(tl.int64)
+    rows, m_mask = _tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
     f_ptr = FREQS + start * stride_ft
     q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd,
                         f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
@@ -284,17 +316,13 @@ def _fwd_kernel(
     # stays live in registers during the long self loop (keeping it costs ~50-75 registers a thread at 128-row
     # tiles); it is read back for the final sum.
     if HAS_TEXT:
-        t_start = tl.load(TCU + b)
-        t_len = tl.load(TCU + b + 1) - t_start
+        t_start, t_len = _segment(TCU, b)
         t_start = t_start.to(tl.int64)
-        acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-        acc1 = _zeros_chunk(BLOCK_M, D1)
-        m_t = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_t = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc0, acc1, m_t, l_t = _attend(acc0, acc1, m_t, l_t, q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
+        acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
                                        TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
                                        stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi,
-                                       stride_fc, t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                                       stride_fc, t_len, text_qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1,
+                                       DOT_PREC)
         # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
@@ -302,14 +330,10 @@ def _fwd_kernel(
         _store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
                     HEAD_DIM, D0, D1)
 
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    acc1 = _zeros_chunk(BLOCK_M, D1)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0, acc1, m_i, l_i = _attend(acc0, acc1, m_i, l_i, q0, q1, K + start * stride_kt + hk * stride_kh,
+    acc0, acc1, m_i, l_i = _attend(q0, q1, K + start * stride_kt + hk * stride_kh,
                                    V + start * stride_vt + hk * stride_vh, f_ptr,
                                    stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
-                                   seq_len, qk_scale, ROPE, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                                   seq_len, qk_scale, ROPE, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
     out0 = acc0 / l_i[:, None]
     out1 = acc1 / l_i[:, None]
@@ -366,9 +390,7 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f
              D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
     dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_mask = _row_mask(offs_n, k_len, MASK_N, BLOCK_N)
-    rows = offs_n.to(tl.int64)
+    rows, n_mask = _tile_rows(start_n, k_len, MASK_N, BLOCK_N)
     k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
     v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, stride_vd, f_ptr, stride_ft, stride_fi, stride_fc,
@@ -420,18 +442,12 @@ def _bwd_dq(
 ):
     """dq of one block of queries for one head: self keys (rotated), then text keys; rotated back at the end."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    seq_start = tl.load(CU + b)
-    seq_len = tl.load(CU + b + 1) - seq_start
+    b, h, hk = _query_heads(H, GROUP)
+    start, seq_len = _segment(CU, b)
     if pid_m * BLOCK_M >= seq_len:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < seq_len
-    rows = offs_m.to(tl.int64)
-    start = seq_start.to(tl.int64)
+    start = start.to(tl.int64)
+    rows, m_mask = _tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
     f_ptr = FREQS + start * stride_ft
     q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd,
                         f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
@@ -440,15 +456,13 @@ def _bwd_dq(
     lse_off = h.to(tl.int64) * T + start + rows
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
-    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    dq1 = _zeros_chunk(BLOCK_M, D1)
+    dq0, dq1 = _zeros_tile(BLOCK_M, D0, D1)
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
                          V + start * stride_vt + hk * stride_vh, f_ptr,
                          stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
                          seq_len, qk_scale, ROPE, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT:
-        t_start = tl.load(TCU + b)
-        t_len = tl.load(TCU + b + 1) - t_start
+        t_start, t_len = _segment(TCU, b)
         t_start = t_start.to(tl.int64)
         lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0)
         delta_t = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
@@ -465,9 +479,8 @@ def _bwd_dq(
         dq0 = dq0 * sm_scale
         dq1 = dq1 * sm_scale
     if ROPE:
-        dq0 = _rotate(dq0, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, 0, D0, HEAD_DIM)
-        if D1 > 0:
-            dq1 = _rotate(dq1, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_M, D0, D1, HEAD_DIM)
+        dq0, dq1 = _rotate_back(dq0, dq1, f_ptr, rows, m_mask, stride_ft, stride_fi, stride_fc,
+                                BLOCK_M, HEAD_DIM, D0, D1)
     _store_tile(DQ + start * stride_dqt + h * stride_dqh, rows, m_mask, stride_dqt, dq0, dq1, HEAD_DIM, D0, D1)
 
 
@@ -479,9 +492,7 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, del
                D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dv += (do_scale * p)^T dO, dk (unscaled) += ds^T q over BLOCK_M queries, with transposed scores
     (keys x queries) so nothing big is transposed. do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_mask = _row_mask(offs_m, q_len, MASK_M, BLOCK_M)
-    rows = offs_m.to(tl.int64)
+    rows, m_mask = _tile_rows(start_m, q_len, MASK_M, BLOCK_M)
     q0, q1 = _load_tile(q_base, rows, m_mask, stride_qt, stride_qd, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE, BLOCK_M, HEAD_DIM, D0, D1)
     do0, do1 = _load_tile(do_base, rows, m_mask, stride_dot, stride_dod, f_ptr, stride_ft, stride_fi, stride_fc,
@@ -524,26 +535,20 @@ def _bwd_dkdv(
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
     hk = pid_bh % H_KV
-    k_start = tl.load(CU_K + b)
-    k_len = tl.load(CU_K + b + 1) - k_start
+    k_start, k_len = _segment(CU_K, b)
     if pid_n * BLOCK_N >= k_len:
         return
-    q_start = tl.load(CU + b)
-    q_len = tl.load(CU + b + 1) - q_start
+    q_start, q_len = _segment(CU, b)
     q_start = q_start.to(tl.int64)
     k_start = k_start.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < k_len
-    n_rows = offs_n.to(tl.int64)
+    n_rows, n_mask = _tile_rows(pid_n * BLOCK_N, k_len, True, BLOCK_N)
     f_ptr = FREQS + q_start * stride_ft  # self keys share the queries' token positions
     k0, k1 = _load_tile(K + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, stride_kd,
                         f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
     v0, v1 = _load_tile(V + k_start * stride_vt + hk * stride_vh, n_rows, n_mask, stride_vt, stride_vd,
                         f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_N, HEAD_DIM, D0, D1)
-    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
-    dk1 = _zeros_chunk(BLOCK_N, D1)
-    dv1 = _zeros_chunk(BLOCK_N, D1)
+    dk0, dk1 = _zeros_tile(BLOCK_N, D0, D1)
+    dv0, dv1 = _zeros_tile(BLOCK_N, D0, D1)
     m_full = (q_len // BLOCK_M) * BLOCK_M
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -567,10 +572,8 @@ def _bwd_dkdv(
     dk0 = dk0 * sm_scale
     dk1 = dk1 * sm_scale
     if ROPE_K:
-        dk0 = _rotate(dk0, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, 0, D0, HEAD_DIM)
-        if D1 > 0:
-            dk1 = _rotate(dk1, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc, True, BLOCK_N, D0, D1,
-                          HEAD_DIM)
+        dk0, dk1 = _rotate_back(dk0, dk1, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc,
+                                BLOCK_N, HEAD_DIM, D0, D1)
     out_base = k_start * stride_dkt + hk * stride_dkh
     _store_tile(DK + out_base, n_rows, n_mask, stride_dkt, dk0, dk1, HEAD_DIM, D0, D1)
     _store_tile(DV + out_base, n_rows, n_mask, stride_dkt, dv0, dv1, HEAD_DIM, D0, D1)
@@ -607,6 +610,16 @@ def _freq_args(freqs: torch.Tensor | None, q: torch.Tensor):
     return freqs, tuple(freqs.stride())
 
 
+def _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens):
+    """(text_k, text_v, text_cu_seqlens) to launch with. Without text, or with zero text tokens in the whole
+    batch, the kernels never dereference them (HAS_TEXT is a constexpr; every text length is 0), but Triton must
+    not be handed an empty or absent tensor's null pointer: the self-attention tensors stand in."""
+    has_text = text_k is not None
+    tk = text_k if has_text and text_k.numel() else k
+    tv = text_v if has_text and text_v.numel() else v
+    return tk, tv, text_cu_seqlens if has_text else cu_seqlens
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -632,12 +645,7 @@ def forward(
     lse_t = torch.empty((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
     if T == 0 or max_seqlen == 0:
         return out, o_text, lse, lse_t
-    # Without text the text pointers are never dereferenced (HAS_TEXT is a constexpr); pass real tensors anyway
-    # so the launcher never sees a null pointer.
-    # Zero-token text (every sample empty) is never dereferenced either; avoid handing Triton a null pointer.
-    tk = text_k if has_text and text_k.numel() else k
-    tv = text_v if has_text and text_v.numel() else v
-    tcu = text_cu_seqlens if has_text else cu_seqlens
+    tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
@@ -701,10 +709,7 @@ def backward(
         HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, BLOCK_T=block_t,
     )  # fmt: skip
     f, f_strides = _freq_args(freqs, q)
-    # Zero-token text (every sample empty) is never dereferenced either; avoid handing Triton a null pointer.
-    tk = text_k if has_text and text_k.numel() else k
-    tv = text_v if has_text and text_v.numel() else v
-    tcu = text_cu_seqlens if has_text else cu_seqlens
+    tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     prec = _dot_precision(q.dtype)
     text_scale = 1.0 / math.sqrt(D)
     rope = freqs is not None

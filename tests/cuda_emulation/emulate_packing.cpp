@@ -83,9 +83,24 @@ namespace {
 
 std::vector<int64_t> copy(const int64_t* p, size_t n) { return std::vector<int64_t>(p, p + n); }
 
-emu::Dim3 grid_of(int64_t total, int64_t channels, const Tiling& t) {
-  return {static_cast<unsigned>((total + t.tokens - 1) / t.tokens),
-          static_cast<unsigned>((channels + t.channels - 1) / t.channels), 1};
+// A batch as both entry points see it: its item table, token count, tiling and launch grid.
+struct Batch {
+  std::vector<ItemDesc> items;
+  int64_t total = 0;
+  Tiling tiling;
+  emu::Dim3 grid;
+};
+
+Batch make_batch(int64_t n_items, const int64_t* fhw, const int64_t* strides, const int64_t* addrs,
+                 int64_t channels, int64_t p, int nextline, int nextframe) {
+  Batch b;
+  int64_t patches = 0;
+  b.items = make_items(copy(fhw, 3 * n_items), copy(strides, 4 * n_items), copy(addrs, n_items), p, nextline,
+                       nextframe, &b.total, &patches);
+  b.tiling = make_tiling(channels, p);
+  b.grid = {static_cast<unsigned>((b.total + b.tiling.tokens - 1) / b.tiling.tokens),
+            static_cast<unsigned>((channels + b.tiling.channels - 1) / b.tiling.channels), 1};
+  return b;
 }
 
 }  // namespace
@@ -96,40 +111,30 @@ extern "C" int64_t emu_pack(int64_t elem_size, int64_t n_items, const int64_t* f
                             const int64_t* addrs, int64_t channels, int64_t p, int nextline, int nextframe,
                             int channels_last, int layout, void* out, int64_t out_row_stride, int32_t* positions,
                             int8_t* kind, int64_t* patch_rows, int32_t* cu_seqlens) {
-  int64_t total = 0, patches = 0;
-  const std::vector<ItemDesc> items = make_items(copy(fhw, 3 * n_items), copy(strides, 4 * n_items),
-                                                 copy(addrs, n_items), p, nextline, nextframe, &total, &patches);
-  const Tiling tiling = make_tiling(channels, p);
+  const Batch b = make_batch(n_items, fhw, strides, addrs, channels, p, nextline, nextframe);
   const bool ok = dispatch_word_and_p(elem_size, p, [&](auto word, auto pc) {
     using word_t = decltype(word);
     constexpr int P = decltype(pc)::value;
-    const size_t smem = static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) *
-                        sizeof(word_t);
-    emu::launch(grid_of(total, channels, tiling), kThreads, smem, [&] {
+    emu::launch(b.grid, kThreads, tile_smem_bytes<word_t>(b.tiling, p), [&] {
       auto kernel = layout ? pack_kernel<word_t, P, true> : pack_kernel<word_t, P, false>;
-      kernel(items.data(), n_items, total, channels, p, channels_last, tiling.tokens, tiling.channels,
+      kernel(b.items.data(), n_items, b.total, channels, p, channels_last, b.tiling.tokens, b.tiling.channels,
              static_cast<word_t*>(out), out_row_stride, positions, kind, patch_rows, cu_seqlens);
     });
   });
-  return ok ? total : -1;
+  return ok ? b.total : -1;
 }
 
 extern "C" int64_t emu_unpack(int64_t elem_size, int64_t n_items, const int64_t* fhw, const int64_t* strides,
                               const int64_t* addrs, int64_t channels, int64_t p, int nextline, int nextframe,
                               int channels_last, const void* tokens, int64_t row_stride, int64_t col_stride) {
-  int64_t total = 0, patches = 0;
-  const std::vector<ItemDesc> items = make_items(copy(fhw, 3 * n_items), copy(strides, 4 * n_items),
-                                                 copy(addrs, n_items), p, nextline, nextframe, &total, &patches);
-  const Tiling tiling = make_tiling(channels, p);
+  const Batch b = make_batch(n_items, fhw, strides, addrs, channels, p, nextline, nextframe);
   const bool ok = dispatch_word_and_p(elem_size, p, [&](auto word, auto pc) {
     using word_t = decltype(word);
     constexpr int P = decltype(pc)::value;
-    const size_t smem = static_cast<size_t>(tiling.tokens * (tiling.channels * p * p + row_pad<word_t>())) *
-                        sizeof(word_t);
-    emu::launch(grid_of(total, channels, tiling), kThreads, smem, [&] {
-      unpack_kernel<word_t, P>(items.data(), n_items, total, channels, p, channels_last, tiling.tokens,
-                               tiling.channels, static_cast<const word_t*>(tokens), row_stride, col_stride);
+    emu::launch(b.grid, kThreads, tile_smem_bytes<word_t>(b.tiling, p), [&] {
+      unpack_kernel<word_t, P>(b.items.data(), n_items, b.total, channels, p, channels_last, b.tiling.tokens,
+                               b.tiling.channels, static_cast<const word_t*>(tokens), row_stride, col_stride);
     });
   });
-  return ok ? total : -1;
+  return ok ? b.total : -1;
 }
