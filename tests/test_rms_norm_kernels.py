@@ -378,3 +378,17 @@ def test_gpu_packed_many_sequences():
         inputs,
         torch.bfloat16,
     )
+
+
+def test_cpu_backend_traces_under_compile():
+    """The C++ CPU op has fake and autograd registrations: torch.compile(fullgraph=True) goes through it."""
+    if "cpu" not in fk.available_backends("rms_norm", "cpu"):
+        pytest.skip("the compiled extension is not built")
+    x = fresh((5, 72), torch.float32, device="cpu").requires_grad_()
+    w = fresh((72,), torch.float32, device="cpu").requires_grad_()
+    compiled = torch.compile(lambda x, w: fk.rms_norm(x, w, backend="cpu"), fullgraph=True, backend="aot_eager")
+    out = compiled(x, w)
+    out.sum().backward()
+    want = ref.rms_norm(x.detach().double(), w.detach().double())
+    assert (out.double() - want).norm() / want.norm() < 1e-5
+    assert x.grad is not None and w.grad is not None

@@ -1,7 +1,8 @@
 """Public RMSNorm family: ``rms_norm``, ``rms_norm_modulate``, ``gated_residual_rms_norm``.
 
 Backends: ``reference`` (PyTorch), ``triton`` (``flagdit_kernels/triton/rms_norm.py``; all three ops) and
-``cuda`` (``csrc/rms_norm_cuda.cu``; ``rms_norm`` only, when the extension was built with CUDA). The kernels
+``cuda`` (``csrc/rms_norm_cuda.cu``; ``rms_norm`` only, when the extension was built with CUDA) and ``cpu``
+(``csrc/rms_norm_cpu.cpp``; ``rms_norm`` only, the default for CPU tensors when the extension is built). The kernels
 are wrapped as ``torch.library`` custom ops (``flagdit_kernels::rms_norm_triton`` and friends, each with a
 fake impl and an autograd formula whose backward is again a custom op) so that ``torch.compile(fullgraph=True)``
 traces through them without graph breaks.
@@ -13,7 +14,7 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._extension import extension_error, extension_has_cuda
+from .._extension import extension, extension_error, extension_has_cuda
 from .._validation import check_cu_seqlens, check_per_sample, check_shape, check_tensor
 
 for _op, _fn in (
@@ -321,46 +322,55 @@ _dispatch.register("gated_residual_rms_norm", "triton", _gated_residual_rms_norm
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CUDA C++ backend (csrc/rms_norm_cuda.cu): rms_norm only. The schemas exist only in a CUDA build of _C.
+# Compiled C++ backends, rms_norm only: "cuda" (csrc/rms_norm_cuda.cu, schemas only in a CUDA build of _C) and
+# "cpu" (csrc/rms_norm_cpu.cpp). Both ops return (y, rstd) and share one fake / autograd wiring.
 
 
-def _register_cuda_autograd() -> None:
+def _register_compiled_autograd(device: str) -> None:
     lib = torch.library
+    fwd, bwd = f"flagdit_kernels::rms_norm_{device}_fwd", f"flagdit_kernels::rms_norm_{device}_bwd"
+    bwd_op = getattr(torch.ops.flagdit_kernels, f"rms_norm_{device}_bwd")
 
-    @lib.register_fake("flagdit_kernels::rms_norm_cuda_fwd")
+    @lib.register_fake(fwd)
     def _(x, weight, eps):
         return _fake_fwd(x, x.dtype)
 
-    @lib.register_fake("flagdit_kernels::rms_norm_cuda_bwd")
+    @lib.register_fake(bwd)
     def _(dy, x, weight, rstd):
         return x.new_empty(x.shape), _fake_grad(weight, x)
 
     def backward(ctx, dy, _drstd):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.flagdit_kernels.rms_norm_cuda_bwd(dy, x, weight if ctx.has_weight else None, rstd)
+        dx, dw = bwd_op(dy, x, weight if ctx.has_weight else None, rstd)
         return dx, (dw if ctx.has_weight else None), None
 
-    lib.register_autograd("flagdit_kernels::rms_norm_cuda_fwd", backward, setup_context=_rms_norm_setup)
+    lib.register_autograd(fwd, backward, setup_context=_rms_norm_setup)
 
 
-def _rms_norm_cuda(x, weight, eps=1e-5):
-    return torch.ops.flagdit_kernels.rms_norm_cuda_fwd(x, weight, float(eps))[0]
+def _compiled_rms_norm(device: str):
+    def rms_norm_compiled(x, weight, eps=1e-5):
+        return getattr(torch.ops.flagdit_kernels, f"rms_norm_{device}_fwd")(x, weight, float(eps))[0]
+
+    return rms_norm_compiled
 
 
-if extension_has_cuda():
-    _register_cuda_autograd()
-_dispatch.register(
-    "rms_norm",
-    "cuda",
-    _rms_norm_cuda,
-    devices=("cuda",),
-    available=extension_has_cuda,
-    why_not=lambda: (
-        "the compiled extension was built without CUDA"
-        if extension_error() is None
-        else f"no compiled extension ({extension_error()})"
-    ),
-)
+def _why_no_compiled(device: str) -> str:
+    if extension_error() is not None:
+        return f"no compiled extension ({extension_error()})"
+    return "the compiled extension was built without CUDA" if device == "cuda" else "not available"
+
+
+for _device, _available in (("cuda", extension_has_cuda), ("cpu", lambda: extension() is not None)):
+    if _available():
+        _register_compiled_autograd(_device)
+    _dispatch.register(
+        "rms_norm",
+        _device,
+        _compiled_rms_norm(_device),
+        devices=(_device,),
+        available=_available,
+        why_not=lambda device=_device: _why_no_compiled(device),
+    )
 
 # Default order on CUDA tensors. Not measured yet (no GPU in the session that wrote these kernels): the fused
 # Triton kernels go first because they read x once and fuse the modulation / gate; the CUDA C++ rms_norm is
