@@ -8,6 +8,11 @@ TORCH_LIBRARY(flagdit_kernels, m) {
   m.def(
       "pack_patches(Tensor[] latents, int patch_size, bool nextline, bool nextframe, bool channels_last, "
       "SymInt total_tokens) -> Tensor");
+  // pack_patches plus the token layout from the same pass: (patches, positions int32 (T, 3), kind int8 (T,),
+  // patch_rows int64 (N,), cu_seqlens int32 (B+1,)). fk.pack uses it on the compiled backends.
+  m.def(
+      "pack_patches_layout(Tensor[] latents, int patch_size, bool nextline, bool nextframe, bool channels_last) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Reads token rows (T, C*p*p) back into latents; item_shapes holds (ndim, F, H, W) per item.
   m.def(
       "unpack_patches(Tensor tokens, int[] item_shapes, int patch_size, int channels, bool nextline, "

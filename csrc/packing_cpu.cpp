@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "token_layout.h"
@@ -39,8 +41,10 @@ std::vector<int64_t> cfhw_strides(const at::Tensor& t) {
 
 constexpr int64_t kGrain = 64;
 
-at::Tensor pack_patches_cpu(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
-                            int64_t total_tokens) {
+// Packs the latents into (total, C*p*p) rows; with `layout` also writes positions, kind, patch_rows and
+// cu_seqlens from the same pass over the tokens.
+std::vector<at::Tensor> pack_cpu(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
+                                 std::optional<int64_t> total_tokens, bool layout) {
   TORCH_CHECK(!latents.empty(), "pack_patches: latents must not be empty");
   const int64_t channels = latents[0].size(0);
   std::vector<std::vector<int64_t>> fhw;
@@ -55,21 +59,53 @@ at::Tensor pack_patches_cpu(at::TensorList latents, int64_t p, bool nextline, bo
     }
   }
   const Batch batch = make_batch(fhw, p, nextline, nextframe);
-  TORCH_CHECK(batch.starts.back() == total_tokens, "pack_patches: total_tokens disagrees with the shapes");
+  const int64_t total = batch.starts.back();
+  TORCH_CHECK(!total_tokens || *total_tokens == total, "pack_patches: total_tokens disagrees with the shapes");
   const int64_t width = channels * p * p;
-  at::Tensor out = at::empty({total_tokens, width}, latents[0].options());
+  std::vector<at::Tensor> result{at::empty({total, width}, latents[0].options())};
+  int32_t* positions = nullptr;
+  int8_t* kind = nullptr;
+  int64_t* patch_rows = nullptr;
+  // First patch index of every item, for patch_rows.
+  std::vector<int64_t> patch_starts{0};
+  for (const auto& g : batch.items) patch_starts.push_back(patch_starts.back() + g.frames * g.patch_rows * g.patch_cols);
+  if (layout) {
+    const auto opts = latents[0].options();
+    result.push_back(at::empty({total, 3}, opts.dtype(at::kInt)));
+    result.push_back(at::empty({total}, opts.dtype(at::kChar)));
+    result.push_back(at::empty({patch_starts.back()}, opts.dtype(at::kLong)));
+    result.push_back(at::empty({static_cast<int64_t>(batch.starts.size())}, opts.dtype(at::kInt)));
+    positions = result[1].data_ptr<int32_t>();
+    kind = result[2].data_ptr<int8_t>();
+    patch_rows = result[3].data_ptr<int64_t>();
+    int32_t* cu = result[4].data_ptr<int32_t>();
+    for (size_t i = 0; i < batch.starts.size(); ++i) cu[i] = static_cast<int32_t>(batch.starts[i]);
+  }
   std::vector<std::vector<int64_t>> strides;
   for (const auto& x : latents) strides.push_back(cfhw_strides(x));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pack_patches_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, result[0].scalar_type(), "pack_patches_cpu", [&] {
     std::vector<const scalar_t*> src;
     for (const auto& x : latents) src.push_back(x.data_ptr<scalar_t>());
-    scalar_t* dst_base = out.data_ptr<scalar_t>();
-    at::parallel_for(0, total_tokens, kGrain, [&](int64_t begin, int64_t end) {
+    scalar_t* dst_base = result[0].data_ptr<scalar_t>();
+    at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t token = begin; token < end; ++token) {
         scalar_t* dst = dst_base + token * width;
         const int64_t i = item_of(batch, token);
-        const TokenPlace place = locate(batch.items[i], token - batch.starts[i]);
+        const ItemGeometry& g = batch.items[i];
+        const TokenPlace place = locate(g, token - batch.starts[i]);
+        if (layout) {
+          // A [nextframe] slot sits right after its frame's last row; a [nextline] slot's col is patch_cols.
+          const bool frame_slot = place.kind == kNextframe;
+          positions[3 * token] = static_cast<int32_t>(place.frame);
+          positions[3 * token + 1] = static_cast<int32_t>(frame_slot ? g.patch_rows : place.row);
+          positions[3 * token + 2] = static_cast<int32_t>(frame_slot ? 0 : place.col);
+          kind[token] = place.kind;
+          if (place.kind == kPatch) {
+            const int64_t index = (place.frame * g.patch_rows + place.row) * g.patch_cols + place.col;
+            patch_rows[patch_starts[i] + index] = token;
+          }
+        }
         if (place.kind != kPatch) {
           std::fill(dst, dst + width, scalar_t(0));
           continue;
@@ -87,7 +123,18 @@ at::Tensor pack_patches_cpu(at::TensorList latents, int64_t p, bool nextline, bo
       }
     });
   });
-  return out;
+  return result;
+}
+
+at::Tensor pack_patches_cpu(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
+                            int64_t total_tokens) {
+  return pack_cpu(latents, p, nextline, nextframe, channels_last, total_tokens, false)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_patches_layout_cpu(
+    at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last) {
+  auto r = pack_cpu(latents, p, nextline, nextframe, channels_last, std::nullopt, true);
+  return {r[0], r[1], r[2], r[3], r[4]};
 }
 
 std::vector<at::Tensor> unpack_patches_cpu(const at::Tensor& tokens, at::IntArrayRef item_shapes, int64_t p,
@@ -138,6 +185,7 @@ std::vector<at::Tensor> unpack_patches_cpu(const at::Tensor& tokens, at::IntArra
 
 TORCH_LIBRARY_IMPL(flagdit_kernels, CPU, m) {
   m.impl("pack_patches", &pack_patches_cpu);
+  m.impl("pack_patches_layout", &pack_patches_layout_cpu);
   m.impl("unpack_patches", &unpack_patches_cpu);
 }
 

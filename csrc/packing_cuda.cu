@@ -188,14 +188,6 @@ std::vector<at::Tensor> unpack_patches_cuda(const at::Tensor& tokens, at::IntArr
 
 }  // namespace
 
-// pack_patches plus the token layout (positions, kind, patch_rows, cu_seqlens) from the same launch; the
-// public fk.pack uses it on CUDA. CUDA-only, so it is declared here rather than in bindings.cpp.
-TORCH_LIBRARY_FRAGMENT(flagdit_kernels, m) {
-  m.def(
-      "pack_patches_layout(Tensor[] latents, int patch_size, bool nextline, bool nextframe, bool channels_last) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(flagdit_kernels, CUDA, m) {
   m.impl("pack_patches", &pack_patches_cuda);
   m.impl("pack_patches_layout", &pack_patches_layout_cuda);

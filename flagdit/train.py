@@ -258,6 +258,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         train(args)
+        if dist.is_initialized():
+            # Every rank leaves its last collective (FSDP's checkpoint gather) before any tears gloo down: a
+            # rank destroying the group while another is still inside one aborts that rank.
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

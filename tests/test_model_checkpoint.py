@@ -13,7 +13,8 @@ from flagdit.checkpoint import infer_config, merge_shards, read_state_dict
 
 
 def _same_outputs(model, cfg, sd):
-    ref = flagdit.FlagDiT(cfg, backend="reference")
+    """The loaded model computes exactly what a model built from cfg with the same weights and kernels does."""
+    ref = flagdit.FlagDiT(cfg, backend=model.backend)
     ref.load_state_dict(sd, strict=True)
     xs, t, cap, mask = inputs(cfg)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from .. import _dispatch
 from .. import reference as ref
 from .._extension import extension, extension_error, extension_has_cuda
 from .._validation import check_tensor
-from ..reference.packing import Packed, frames_hw, item_tokens, token_layout
+from ..reference.packing import Packed, frames_hw, item_tokens
 
 
 def _item_shapes(shapes: list[tuple[int, ...]]) -> list[int]:
@@ -63,15 +63,6 @@ def _register_compiled_autograd() -> None:
 
     lib.register_autograd("flagdit_kernels::pack_patches", pack_backward, setup_context=pack_setup)
     lib.register_autograd("flagdit_kernels::unpack_patches", unpack_backward, setup_context=unpack_setup_with_meta)
-
-
-def _pack_compiled(latents, patch_size, nextline, nextframe, channels_last) -> Packed:
-    shapes = [tuple(x.shape) for x in latents]
-    cu, max_len, positions, kind, rows = token_layout(shapes, patch_size, nextline, nextframe, latents[0].device)
-    patches = torch.ops.flagdit_kernels.pack_patches(
-        latents, patch_size, nextline, nextframe, channels_last, kind.shape[0]
-    )
-    return Packed(patches, cu, max_len, positions, kind, shapes, patch_size, nextline, nextframe, rows)
 
 
 def _unpack_op_args(tokens, packed: Packed, out_channels, channels_last) -> tuple:
@@ -300,15 +291,16 @@ def _unpack_triton(tokens, packed: Packed, out_channels, channels_last) -> list[
 # ------------------------------------------------------------------------------------------------------- cuda
 
 
-def _register_cuda_layout_autograd() -> None:
-    """``pack_patches_layout`` (declared in csrc/packing_cuda.cu): fake shapes and its backward."""
+def _register_layout_autograd() -> None:
+    """``pack_patches_layout`` (csrc/bindings.cpp; CPU and CUDA kernels): fake shapes and its backward."""
     torch.library.register_fake("flagdit_kernels::pack_patches_layout", _pack_layout_fake)
     _register_pack_autograd(
         "flagdit_kernels::pack_patches_layout", torch.ops.flagdit_kernels.unpack_patches, layout=True
     )
 
 
-def _pack_cuda(latents, patch_size, nextline, nextframe, channels_last) -> Packed:
+def _pack_compiled(latents, patch_size, nextline, nextframe, channels_last) -> Packed:
+    """The compiled pack (cpu or cuda by the latents' device): patches and the layout from one pass."""
     shapes = [tuple(x.shape) for x in latents]
     patches, positions, kind, rows, cu = torch.ops.flagdit_kernels.pack_patches_layout(
         latents, patch_size, nextline, nextframe, channels_last
@@ -321,6 +313,7 @@ _dispatch.register("pack", "reference", ref.pack, devices=("cpu", "cuda"))
 _dispatch.register("unpack", "reference", ref.unpack, devices=("cpu", "cuda"))
 if extension() is not None:
     _register_compiled_autograd()
+    _register_layout_autograd()
 _compiled = dict(
     available=lambda: extension() is not None, why_not=lambda: f"no compiled extension ({extension_error()})"
 )
@@ -331,11 +324,9 @@ _HAS_TRITON = _dispatch.triton_installed()
 _triton = dict(available=lambda: _HAS_TRITON, why_not=lambda: "triton is not installed")
 _dispatch.register("pack", "triton", _pack_triton, devices=("cuda",), **_triton)
 _dispatch.register("unpack", "triton", _unpack_triton, devices=("cuda",), **_triton)
-if extension_has_cuda():
-    _register_cuda_layout_autograd()
 _HAS_CUDA_EXTENSION = extension_has_cuda()
 _cuda = dict(available=lambda: _HAS_CUDA_EXTENSION, why_not=lambda: "the compiled extension was built without CUDA")
-_dispatch.register("pack", "cuda", _pack_cuda, devices=("cuda",), **_cuda)
+_dispatch.register("pack", "cuda", _pack_compiled, devices=("cuda",), **_cuda)
 _dispatch.register("unpack", "cuda", _unpack_compiled, devices=("cuda",), **_cuda)
 
 
