@@ -63,7 +63,8 @@ def _build(config_name, backend, compile_model, device, dtype):
     import flagdit
 
     torch.manual_seed(0)
-    model = flagdit.FlagDiT(flagdit.configs[config_name], backend=backend).to(device, dtype)
+    with torch.device(device):  # initialize on the device: a 2B model's CPU init alone takes tens of seconds
+        model = flagdit.FlagDiT(flagdit.configs[config_name], backend=backend).to(dtype)
     return torch.compile(model) if compile_model else model
 
 
