@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "packing_host.h"
 #include "token_layout.h"
 
 namespace flagdit {
@@ -33,12 +34,6 @@ int64_t item_of(const Batch& b, int64_t token) {
   return std::upper_bound(b.starts.begin(), b.starts.end(), token) - b.starts.begin() - 1;
 }
 
-// Strides of a latent as (C, F, H, W), a 3-D (C, H, W) latent getting a frame stride of 0.
-std::vector<int64_t> cfhw_strides(const at::Tensor& t) {
-  if (t.dim() == 4) return t.strides().vec();
-  return {t.stride(0), 0, t.stride(1), t.stride(2)};
-}
-
 constexpr int64_t kGrain = 64;
 
 // Packs the latents into (total, C*p*p) rows; with `layout` also writes positions, kind, patch_rows and
@@ -52,11 +47,7 @@ std::vector<at::Tensor> pack_cpu(at::TensorList latents, int64_t p, bool nextlin
     TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "pack_patches: latents must be (C, H, W) or (C, F, H, W)");
     TORCH_CHECK(x.size(0) == channels && x.scalar_type() == latents[0].scalar_type(),
                 "pack_patches: latents must share channels and dtype");
-    if (x.dim() == 3) {
-      fhw.push_back({1, x.size(1), x.size(2)});
-    } else {
-      fhw.push_back({x.size(1), x.size(2), x.size(3)});
-    }
+    fhw.push_back(latent_fhw(x));
   }
   const Batch batch = make_batch(fhw, p, nextline, nextframe);
   const int64_t total = batch.starts.back();
@@ -70,11 +61,8 @@ std::vector<at::Tensor> pack_cpu(at::TensorList latents, int64_t p, bool nextlin
   std::vector<int64_t> patch_starts{0};
   for (const auto& g : batch.items) patch_starts.push_back(patch_starts.back() + g.frames * g.patch_rows * g.patch_cols);
   if (layout) {
-    const auto opts = latents[0].options();
-    result.push_back(at::empty({total, 3}, opts.dtype(at::kInt)));
-    result.push_back(at::empty({total}, opts.dtype(at::kChar)));
-    result.push_back(at::empty({patch_starts.back()}, opts.dtype(at::kLong)));
-    result.push_back(at::empty({static_cast<int64_t>(batch.starts.size())}, opts.dtype(at::kInt)));
+    append_layout_outputs(result, total, patch_starts.back(), static_cast<int64_t>(batch.items.size()),
+                          latents[0].options());
     positions = result[1].data_ptr<int32_t>();
     kind = result[2].data_ptr<int8_t>();
     patch_rows = result[3].data_ptr<int64_t>();
@@ -142,14 +130,9 @@ std::vector<at::Tensor> unpack_patches_cpu(const at::Tensor& tokens, at::IntArra
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == channels * p * p,
               "unpack_patches: tokens must be (T, out_channels * p * p)");
   TORCH_CHECK(item_shapes.size() % 4 == 0, "unpack_patches: item_shapes holds (ndim, F, H, W) per item");
+  std::vector<at::Tensor> outs = unpack_outputs(item_shapes, channels, tokens.options());
   std::vector<std::vector<int64_t>> fhw;
-  std::vector<at::Tensor> outs;
-  for (size_t k = 0; k < item_shapes.size(); k += 4) {
-    const int64_t f = item_shapes[k + 1], h = item_shapes[k + 2], w = item_shapes[k + 3];
-    fhw.push_back({f, h, w});
-    outs.push_back(item_shapes[k] == 4 ? at::empty({channels, f, h, w}, tokens.options())
-                                       : at::empty({channels, h, w}, tokens.options()));
-  }
+  for (const auto& o : outs) fhw.push_back(latent_fhw(o));
   const Batch batch = make_batch(fhw, p, nextline, nextframe);
   TORCH_CHECK(batch.starts.back() == tokens.size(0), "unpack_patches: tokens.shape[0] disagrees with the shapes");
   const int64_t row_stride = tokens.stride(0), col_stride = tokens.stride(1);

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "packing_host.h"
 #include "packing_kernels.cuh"
 #include "token_layout.h"
 
@@ -43,11 +44,6 @@ void check_launch(const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-std::vector<int64_t> cfhw_strides(const at::Tensor& t) {
-  if (t.dim() == 4) return t.strides().vec();
-  return {t.stride(0), 0, t.stride(1), t.stride(2)};
-}
-
 struct DeviceTable {
   at::Tensor storage;  // keeps the device copy alive until the launch is queued
   const ItemDesc* items;
@@ -58,8 +54,8 @@ struct DeviceTable {
 DeviceTable make_table(const std::vector<at::Tensor>& tensors, int64_t p, bool nextline, bool nextframe) {
   std::vector<int64_t> fhw, strides, addrs;
   for (const at::Tensor& x : tensors) {
-    const bool video = x.dim() == 4;
-    fhw.insert(fhw.end(), {video ? x.size(1) : 1, x.size(video ? 2 : 1), x.size(video ? 3 : 2)});
+    const auto dims = latent_fhw(x);
+    fhw.insert(fhw.end(), dims.begin(), dims.end());
     const auto s = cfhw_strides(x);
     strides.insert(strides.end(), s.begin(), s.end());
     addrs.push_back(reinterpret_cast<int64_t>(x.data_ptr()));
@@ -109,11 +105,7 @@ std::vector<at::Tensor> pack_impl(at::TensorList latents, int64_t p, bool nextli
   int64_t* patch_rows = nullptr;
   int32_t* cu = nullptr;
   if (layout) {
-    auto opts = x0.options();
-    result.push_back(at::empty({table.total, 3}, opts.dtype(at::kInt)));
-    result.push_back(at::empty({table.total}, opts.dtype(at::kChar)));
-    result.push_back(at::empty({table.patches}, opts.dtype(at::kLong)));
-    result.push_back(at::empty({n_items + 1}, opts.dtype(at::kInt)));
+    append_layout_outputs(result, table.total, table.patches, n_items, x0.options());
     positions = result[1].data_ptr<int32_t>();
     kind = result[2].data_ptr<int8_t>();
     patch_rows = result[3].data_ptr<int64_t>();
@@ -159,12 +151,7 @@ std::vector<at::Tensor> unpack_patches_cuda(const at::Tensor& tokens, at::IntArr
   TORCH_CHECK(!item_shapes.empty() && item_shapes.size() % 4 == 0,
               "unpack_patches: item_shapes holds (ndim, F, H, W) per item");
   c10::DeviceGuard guard(tokens.device());
-  std::vector<at::Tensor> outs;
-  for (size_t k = 0; k < item_shapes.size(); k += 4) {
-    const int64_t f = item_shapes[k + 1], h = item_shapes[k + 2], w = item_shapes[k + 3];
-    outs.push_back(item_shapes[k] == 4 ? at::empty({channels, f, h, w}, tokens.options())
-                                       : at::empty({channels, h, w}, tokens.options()));
-  }
+  std::vector<at::Tensor> outs = unpack_outputs(item_shapes, channels, tokens.options());
   const DeviceTable table = make_table(outs, p, nextline, nextframe);
   TORCH_CHECK(table.total == tokens.size(0), "unpack_patches: tokens.shape[0] disagrees with the shapes");
   if (table.total == 0) return outs;
