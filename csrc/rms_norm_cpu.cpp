@@ -34,19 +34,19 @@ at::Tensor as_rows(const at::Tensor& x) {
   return rows.stride(1) == 1 ? rows : rows.contiguous();
 }
 
-// Sum of v[j] * u[j] over a row with kLanes independent partial sums, so the compiler can vectorize the
-// reduction without reassociating one serial sum (which -O3 alone does not do for floats).
+// Sum of term(j) over a row with kLanes independent partial sums, so the compiler can vectorize the reduction
+// without reassociating one serial sum (which -O3 alone does not do for floats).
 constexpr int64_t kLanes = 16;
 
-template <typename acc_t, typename A, typename B>
-acc_t dot_row(const A* a, const B* b, int64_t d) {
+template <typename acc_t, typename Term>
+acc_t row_sum(int64_t d, Term term) {
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(a[j + l]) * static_cast<acc_t>(b[j + l]);
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += term(j + l);
   }
   acc_t total = 0;
-  for (; j < d; ++j) total += static_cast<acc_t>(a[j]) * static_cast<acc_t>(b[j]);
+  for (; j < d; ++j) total += term(j);
   for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
 }
@@ -59,7 +59,10 @@ void rms_norm_rows(const scalar_t* xp, int64_t stride, const at::opmath_type<sca
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = xp + r * stride;
       scalar_t* yr = yp + r * d;
-      const acc_t ss = dot_row<acc_t>(xr, xr, d);
+      const acc_t ss = row_sum<acc_t>(d, [&](int64_t j) {
+        const acc_t v = static_cast<acc_t>(xr[j]);
+        return v * v;
+      });
       const acc_t inv = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(d) + static_cast<acc_t>(eps));
       rp[r] = inv;
       for (int64_t j = 0; j < d; ++j) {
@@ -101,21 +104,10 @@ template <typename scalar_t, bool kHasWeight>
 void rms_norm_backward_rows(const scalar_t* xr, const scalar_t* gr, const at::opmath_type<scalar_t>* wp,
                             at::opmath_type<scalar_t> inv, scalar_t* dxr, at::opmath_type<scalar_t>* dw, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t dot;
-  if constexpr (kHasWeight) {
-    acc_t lanes[kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= d; j += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        lanes[l] += static_cast<acc_t>(gr[j + l]) * wp[j + l] * static_cast<acc_t>(xr[j + l]);
-      }
-    }
-    dot = 0;
-    for (; j < d; ++j) dot += static_cast<acc_t>(gr[j]) * wp[j] * static_cast<acc_t>(xr[j]);
-    for (int64_t l = 0; l < kLanes; ++l) dot += lanes[l];
-  } else {
-    dot = dot_row<acc_t>(gr, xr, d);
-  }
+  const acc_t dot = row_sum<acc_t>(d, [&](int64_t j) {
+    const acc_t g = kHasWeight ? static_cast<acc_t>(gr[j]) * wp[j] : static_cast<acc_t>(gr[j]);
+    return g * static_cast<acc_t>(xr[j]);
+  });
   const acc_t mean_gn = dot * inv / static_cast<acc_t>(d);
   for (int64_t j = 0; j < d; ++j) {
     const acc_t normed = static_cast<acc_t>(xr[j]) * inv;
