@@ -14,6 +14,17 @@ def pytest_addoption(parser):
     group.addoption("--bench-quick", action="store_true", help="small shapes even on GPU")
     group.addoption("--bench-full", action="store_true", help="DiT-sized shapes even on CPU")
     group.addoption("--bench-device", default=None, help="cuda or cpu (default: cuda when available)")
+    group.addoption("--bench-families", default=None, help="comma-separated op families (default: all)")
+
+
+def bench_families(config) -> tuple[str, ...]:
+    from flagdit_kernels.bench.cases import FAMILIES
+
+    chosen = tuple(f for f in (config.getoption("--bench-families") or ",".join(FAMILIES)).split(",") if f)
+    unknown = set(chosen) - set(FAMILIES)
+    if unknown:
+        raise pytest.UsageError(f"--bench-families: unknown {sorted(unknown)}; choose from {FAMILIES}")
+    return chosen
 
 
 def bench_settings(config) -> tuple[torch.device, bool]:

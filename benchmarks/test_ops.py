@@ -6,16 +6,16 @@ case's byte/FLOP floor, their share of the measured copy bandwidth / matmul rate
 
 import pytest
 import torch
-from conftest import bench_settings
+from conftest import bench_families, bench_settings
 
-from flagdit_kernels.bench.cases import FAMILIES, all_cases
+from flagdit_kernels.bench.cases import all_cases
 from flagdit_kernels.bench.timing import copy_bandwidth_gbs, matmul_tflops, throughput, time_ms
 
 
 def _params(config):
     device, quick = bench_settings(config)
     params = []
-    for case in all_cases(quick, device, FAMILIES):
+    for case in all_cases(quick, device, bench_families(config)):
         for impl in case.impls:
             params.append(pytest.param(case, impl, id=f"{case.name}-{impl}"))
     return params

@@ -55,10 +55,10 @@ def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scal
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
 def test_packed_gqa_text_rope_matches_reference(dtype):
-    # Mixed lengths incl. 1 and an empty sequence; one sample without text; GQA 4 -> 2; Dh 48 (padded to 64);
-    # Lumina's proportional scale instead of 1/sqrt(Dh).
+    # Mixed lengths incl. 1 and an empty sequence; one sample without text, one with two text key blocks; GQA
+    # 4 -> 2; Dh 48 (padded to 64); Lumina's proportional scale instead of 1/sqrt(Dh).
     inputs, mine, reference = _case(
-        [37, 1, 0, 70], [5, 0, 3, 17], 4, 2, 48, dtype, rope=True, scale=fk.proportional_scale(4096, 1024, 48)
+        [37, 1, 0, 70], [5, 0, 3, 45], 4, 2, 48, dtype, rope=True, scale=fk.proportional_scale(4096, 1024, 48)
     )
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
 
@@ -78,6 +78,16 @@ def test_head_dims(head_dim, dtype):
 def test_self_only_mqa_fp32():
     # No text, no RoPE, all heads sharing one kv head; 64 tokens = two full 32-row tiles, 65 = two plus a tail.
     inputs, mine, reference = _case([64, 65, 7], None, 3, 1, 32, torch.float32)
+    compare_with_reference(mine, reference, inputs, torch.float32, family="attention")
+
+
+def test_zero_scale_and_strided_head_dims():
+    # softmax_scale 0 (Lumina's proportional scale for a 1-token image) is uniform attention, tail tiles included;
+    # tensors whose head dim is not contiguous (k, text_v) are read right, forward and backward.
+    inputs, mine, reference = _case([37, 5], [3, 6], 2, 1, 32, torch.float32, scale=0.0)
+    for name in ("k", "text_v"):
+        inputs[name] = inputs[name].permute(2, 1, 0).contiguous().permute(2, 1, 0)
+        assert inputs[name].stride(-1) != 1
     compare_with_reference(mine, reference, inputs, torch.float32, family="attention")
 
 
@@ -251,3 +261,14 @@ def test_gpu_medium_packed_batch(head_dim, dtype):
         [1000, 2113, 77, 1], [128, 0, 50, 3], 8, 2, head_dim, dtype, rope=True, scale=0.9 / math.sqrt(head_dim)
     )
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="autotuning times configs on the GPU")
+def test_autotuned_launch(monkeypatch):
+    # The suite runs untuned (FLAGDIT_KERNELS_AUTOTUNE=0, tests/conftest.py); users get the autotuner.
+    from flagdit_kernels.triton import varlen_attention as va
+
+    monkeypatch.setattr(va, "AUTOTUNE_MODE", "1")
+    inputs, mine, reference = _case([300, 129], [40, 7], 4, 2, 64, torch.bfloat16)
+    compare_with_reference(mine, reference, inputs, torch.bfloat16, family="attention")
+    assert va._fwd_kernel.best_config is not None

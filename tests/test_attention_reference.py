@@ -151,6 +151,8 @@ def test_good_inputs_pass():
         ({"text_cu_seqlens": torch.tensor([0, 2, 2], dtype=torch.int32)}, ValueError, r"text_cu_seqlens\[-1\]"),
         ({"text_max_seqlen": 1}, ValueError, "text_max_seqlen .1. is smaller"),
         ({"softmax_scale": "0.1"}, TypeError, "softmax_scale must be a float"),
+        ({"softmax_scale": -0.1}, ValueError, "softmax_scale must be a finite number >= 0"),
+        ({"softmax_scale": float("nan")}, ValueError, "softmax_scale must be a finite number >= 0"),
         ({"freqs": torch.randn(7, 4, 2)}, ValueError, "freqs must have shape"),
     ],
 )

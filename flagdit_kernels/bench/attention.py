@@ -254,8 +254,8 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
 
     impls_fns = {"lumina eager": eager, "torch.compile": torch.compile(eager)}
     if _triton_on(device):
-        impls_fns["fused"] = fused
-        impls_fns["fused rope-in-attn"] = fused_rope_in_kernel
+        impls_fns["fk fused"] = fused
+        impls_fns["fk fused rope-in-attn"] = fused_rope_in_kernel
     out: list[Case] = []
     for direction in ("fwd", "fwd+bwd"):
         leaves = [x.detach().clone().requires_grad_(direction != "fwd") for x in tensors]

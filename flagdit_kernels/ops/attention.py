@@ -107,8 +107,11 @@ def varlen_attention(
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if sync:
         _check_max_seqlen("max_seqlen", max_seqlen, cu_seqlens)
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if softmax_scale is not None:
+        if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale) or softmax_scale < 0:
+            raise ValueError(f"softmax_scale must be a finite number >= 0, got {softmax_scale}")
     _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, cu_seqlens.numel() - 1, k.shape[1])
     if freqs is not None:
         check_freqs(freqs, "q", q)

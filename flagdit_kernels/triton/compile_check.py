@@ -26,7 +26,7 @@ from . import varlen_attention as va
 
 _FP32_POINTERS = {"LSE", "LSE_T", "DELTA", "DELTA_T", "R", "TGATE", "FREQS"}
 _INT_POINTERS = {"CU", "TCU", "CU_K"}
-_INT_SCALARS = {"T", "H", "GROUP", "H_KV"}
+_INT_SCALARS = {"T", "H", "GROUP", "H_KV", "text_max_seqlen"}
 
 
 def _source(fn, dtype: str, constexprs: dict) -> ASTSource:
@@ -91,7 +91,7 @@ def variants(head_dims=(72, 128)) -> list[tuple[str, object, dict, int, int]]:
             add(f"fwd D{d} text rope={rope}", va._fwd_kernel, va.FWD_CONFIGS[0], dict(common, HAS_TEXT=True, ROPE=rope))
             add(f"dq D{d} text rope={rope}", va._bwd_dq, va.DQ_CONFIGS[0], dict(common, HAS_TEXT=True, ROPE=rope))
             for text in (False, True):
-                consts = dict(common, IS_TEXT=text, ROPE=rope, ROPE_K=rope and not text)
+                consts = dict(common, HAS_TEXT=text, ROPE=rope)
                 add(f"dkdv D{d} text={text} rope={rope}", va._bwd_dkdv, va.DKDV_CONFIGS[0], consts)
         consts = dict(HEAD_DIM=d, BLOCK_D=va._block_d(d), HAS_TEXT=True, BLOCK_T=64)
         out.append((f"preprocess D{d}", va._bwd_preprocess, consts, 4, 1))

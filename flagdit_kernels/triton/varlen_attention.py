@@ -2,8 +2,8 @@
 
 Layout (flash-attn varlen convention): q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)``, sequences delimited by
 ``cu_seqlens`` (int32, ``(B+1,)``); text keys/values ``(Tt, Hkv, Dh)`` delimited per sample by
-``text_cu_seqlens``. Every tensor is read through its strides, so q/k/v may be views of one fused QKV
-projection (only the head-dim stride is assumed small; nothing is copied).
+``text_cu_seqlens``. Tensors are read through their token and head strides, so q/k/v may be views of one fused
+QKV projection (not copied); the head dim is read as contiguous (a tensor whose head dim is not is copied).
 
 Forward, one program per (block of BLOCK_M queries of one sequence, query head):
   1. load the q tile (rotating it by RoPE in registers when ``freqs`` is given), rounded to the input dtype
@@ -36,16 +36,26 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources, PTXASError
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Autotuning. Under the interpreter one small fixed config keeps the CPU tests fast (and a single config means
-# the autotuner never benchmarks). On the GPU the configs below are ordinary flash-attention tiles that compile
-# with Triton 3.6 and newer; the pruner drops tiles too big for the head dim (registers / shared memory).
+# Autotuning. On the GPU the configs below are ordinary flash-attention tiles that compile with Triton 3.6 and
+# newer; the pruner drops tiles too big for the head dim (registers / shared memory). Results are cached on disk
+# (Triton's cache dir), keyed by head dim, variant, dtypes, Triton version and GPU arch, so tuning is paid once
+# per machine. FLAGDIT_KERNELS_AUTOTUNE=0 skips tuning and launches the first config that fits: one compile per
+# variant and no benchmarking (the GPU test suite runs this way). FLAGDIT_KERNELS_AUTOTUNE=compile runs every
+# config once without timing it: it fills Triton's on-disk cache, so processes warming it in parallel
+# (``python -m flagdit_kernels.bench.warm``) spare a later tuning run the compiles. The interpreter always runs
+# one small tile.
 # --------------------------------------------------------------------------------------------------------------
+
+AUTOTUNE_MODE = "0" if INTERPRETED else os.environ.get("FLAGDIT_KERNELS_AUTOTUNE", "1")
+if AUTOTUNE_MODE not in ("0", "1", "compile"):
+    raise ValueError(f"FLAGDIT_KERNELS_AUTOTUNE must be 0, 1 or compile, got {AUTOTUNE_MODE!r}")
 
 
 def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
@@ -57,26 +67,19 @@ if INTERPRETED:
     DQ_CONFIGS = [_cfg(32, 32, 4, 1)]
     DKDV_CONFIGS = [_cfg(32, 32, 4, 1)]
 else:
-    # Chosen from ptxas register/spill reports for sm_90 (Triton 3.9, bf16, Dh 128; no GPU was available to time
-    # them): 8 warps for 128-row tiles (4 warps spill the 128-row fp32 accumulator), small query tiles for dk/dv
-    # (dk and dv accumulators plus k and v stay resident for a whole program).
+    # Chosen from ptxas register/spill reports for sm_90 (Triton 3.6 and 3.9, bf16, Dh 128; no GPU was available
+    # to time them), first the untuned default: 8 warps (two warpgroups) for 128-row tiles (4 warps spill the
+    # 128-row fp32 accumulator); small query tiles for dk/dv (dk and dv accumulators plus k and v stay resident
+    # for a whole program). Each extra config costs a compile (seconds) the first time a variant is tuned.
     FWD_CONFIGS = [
         _cfg(128, 64, 8, 3),
-        _cfg(128, 64, 8, 4),
         _cfg(128, 128, 8, 2),
-        _cfg(128, 32, 8, 3),
+        _cfg(128, 64, 8, 4),
         _cfg(64, 64, 4, 3),
-        _cfg(64, 64, 8, 2),
         _cfg(64, 32, 4, 2),
     ]
     DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)]
-    DKDV_CONFIGS = [
-        _cfg(32, 128, 8, 2),
-        _cfg(32, 128, 8, 3),
-        _cfg(64, 128, 8, 2),
-        _cfg(32, 64, 8, 3),
-        _cfg(16, 128, 8, 2),
-    ]
+    DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(16, 128, 8, 2)]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -87,7 +90,27 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _autotune(configs, key):
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": _prune}, cache_results=True
+    )
+
+
+def _launch(kernel, grid, *args, **consts) -> None:
+    """Launches an autotuned kernel as AUTOTUNE_MODE says: tuned ("1"), with the first config that fits this head
+    dim ("0", the interpreter), or once with every config that fits ("compile")."""
+    if AUTOTUNE_MODE == "1":
+        kernel[grid](*args, **consts)
+        return
+    configs = _prune(kernel.configs, consts)
+    if AUTOTUNE_MODE == "0":
+        configs = configs[:1]
+    for config in configs:
+        try:
+            kernel.fn[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        except (OutOfResources, PTXASError):
+            if AUTOTUNE_MODE == "0":
+                raise
+            # The autotuner skips a config this card cannot hold (shared memory, registers); so does warming.
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,13 +186,13 @@ def _tile_rows(start, n, MASKED: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+def _load_chunk(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
                 ROPE: tl.constexpr, R: tl.constexpr, COL0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
     cols = COL0 + tl.arange(0, W)
     mask = row_mask[:, None]
     if COL0 + W > HEAD_DIM:
         mask = mask & (cols < HEAD_DIM)[None, :]
-    x = tl.load(base + rows[:, None] * stride_t + cols[None, :] * stride_d, mask=mask, other=0.0)
+    x = tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
     if ROPE:
         # Rotated in fp32 and rounded back to the input dtype, as the reference rounds its rotated q/k.
         x = _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, False, R, COL0, W, HEAD_DIM).to(x.dtype)
@@ -177,13 +200,13 @@ def _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stri
 
 
 @triton.jit
-def _load_tile(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+def _load_tile(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
                ROPE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
     """(R, D0) and (R, D1) chunks of rows ``rows`` (int64, relative to ``base``), zero outside the masks."""
-    x0 = _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+    x0 = _load_chunk(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
                      ROPE, R, 0, D0, HEAD_DIM)
     if D1 > 0:
-        x1 = _load_chunk(base, rows, row_mask, stride_t, stride_d, f_ptr, stride_ft, stride_fi, stride_fc,
+        x1 = _load_chunk(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
                          ROPE, R, D0, D1, HEAD_DIM)
     else:
         x1 = _zeros_chunk(R, 0).to(x0.dtype)  # dummy, never used
@@ -229,23 +252,27 @@ def _scores(a0, a1, b0, b1, D1: tl.constexpr, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
-                 stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                 stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
                  start_n, k_len, qk_scale,
                  MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
     rows, n_mask = _tile_rows(start_n, k_len, MASK_N, BLOCK_N)
-    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, f_ptr, stride_ft, stride_fi, stride_fc,
+    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, stride_vd, f_ptr, stride_ft, stride_fi, stride_fc,
+    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
                         False, BLOCK_N, HEAD_DIM, D0, D1)
-    s = _scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale
+    s = _scores(q0, q1, k0, k1, D1, DOT_PREC)
     if MASK_N:
         s = tl.where(n_mask[None, :], s, float("-inf"))
+    # The scale (>= 0, checked by the caller) is applied to the row max and folded into one FMA per score,
+    # instead of a multiply and a subtract: the softmax's CUDA-core work competes with the matmuls for issue slots.
     # Every tile holds at least one real key, so m_new is finite and no row ever computes -inf - -inf.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    if MASK_N:
+        p = tl.where(n_mask[None, :], p, 0.0)  # -inf * 0 is NaN when the scale is 0 (proportional scale, 1 token)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(v0.dtype)
     acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
@@ -256,7 +283,7 @@ def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
 
 @triton.jit
 def _attend(q0, q1, k_base, v_base, f_ptr,
-            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+            stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
             k_len, qk_scale,
             ROPE_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
             D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -268,12 +295,12 @@ def _attend(q0, q1, k_base, v_base, f_ptr,
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
-                                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi,
+                                            stride_kt, stride_vt, stride_ft, stride_fi,
                                             stride_fc, start_n, k_len, qk_scale,
                                             False, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if n_full < k_len:
         acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
-                                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi,
+                                            stride_kt, stride_vt, stride_ft, stride_fi,
                                             stride_fc, n_full, k_len, qk_scale,
                                             True, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     return acc0, acc1, m_i, l_i
@@ -289,11 +316,11 @@ def _attend(q0, q1, k_base, v_base, f_ptr,
 def _fwd_kernel(
     Q, K, V, TK, TV, TGATE, FREQS, OUT, OTEXT, LSE, LSE_T, CU, TCU,
     qk_scale, text_qk_scale, T, H, GROUP,
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_tkt, stride_tkh, stride_tkd,
-    stride_tvt, stride_tvh, stride_tvd,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_tkt, stride_tkh,
+    stride_tvt, stride_tvh,
     stride_ot, stride_oh,
     stride_ft, stride_fi, stride_fc,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
@@ -307,7 +334,7 @@ def _fwd_kernel(
     start = start.to(tl.int64)
     rows, m_mask = _tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
     f_ptr = FREQS + start * stride_ft
-    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd,
+    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt,
                         f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
     lse_off = h.to(tl.int64) * T + start + rows
     o_base = start * stride_ot + h * stride_oh
@@ -320,7 +347,7 @@ def _fwd_kernel(
         t_start = t_start.to(tl.int64)
         acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
                                        TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
-                                       stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi,
+                                       stride_tkt, stride_tvt, stride_ft, stride_fi,
                                        stride_fc, t_len, text_qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1,
                                        DOT_PREC)
         # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
@@ -332,7 +359,7 @@ def _fwd_kernel(
 
     acc0, acc1, m_i, l_i = _attend(q0, q1, K + start * stride_kt + hk * stride_kh,
                                    V + start * stride_vt + hk * stride_vh, f_ptr,
-                                   stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                                   stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
                                    seq_len, qk_scale, ROPE, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
     out0 = acc0 / l_i[:, None]
@@ -341,7 +368,7 @@ def _fwd_kernel(
         # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
         tl.debug_barrier()
         tg = tl.load(TGATE + h)
-        ot0, ot1 = _load_tile(OTEXT + o_base, rows, m_mask, stride_ot, 1, f_ptr, stride_ft, stride_fi, stride_fc,
+        ot0, ot1 = _load_tile(OTEXT + o_base, rows, m_mask, stride_ot, f_ptr, stride_ft, stride_fi, stride_fc,
                               False, BLOCK_M, HEAD_DIM, D0, D1)
         out0 = out0 + tg * ot0.to(tl.float32)
         if D1 > 0:
@@ -357,7 +384,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_preprocess(
     DO, OUT, OTEXT, TGATE, DELTA, DELTA_T, R, T,
-    stride_dot, stride_doh, stride_dod, stride_ot, stride_oh,
+    stride_dot, stride_doh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Per (token, head): delta_self = sum_d dO * o_self, and with text r = sum_d dO * o_text, delta_text = tg*r."""
@@ -367,7 +394,7 @@ def _bwd_preprocess(
     t_mask = rows < T
     offs_d = tl.arange(0, BLOCK_D)
     mask = t_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     o_off = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     o_self = tl.load(OUT + o_off, mask=mask, other=0.0).to(tl.float32)
@@ -384,16 +411,16 @@ def _bwd_preprocess(
 
 @triton.jit
 def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
-             stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+             stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
              start_n, k_len, qk_scale,
              MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
              D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
     dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
     rows, n_mask = _tile_rows(start_n, k_len, MASK_N, BLOCK_N)
-    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, stride_kd, f_ptr, stride_ft, stride_fi, stride_fc,
+    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, stride_vd, f_ptr, stride_ft, stride_fi, stride_fc,
+    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
                         False, BLOCK_N, HEAD_DIM, D0, D1)
     p = tl.exp2(_scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale - lse[:, None])
     if MASK_N:
@@ -408,18 +435,18 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f
 
 @triton.jit
 def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
-              stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+              stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
               k_len, qk_scale,
               ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
               D1: tl.constexpr, DOT_PREC: tl.constexpr):
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
-                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                            stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
                             start_n, k_len, qk_scale, False, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if n_full < k_len:
         dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
-                            stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                            stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
                             n_full, k_len, qk_scale, True, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     return dq0, dq1
 
@@ -429,12 +456,12 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, FREQS, DO, DQ, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
     qk_scale, text_qk_scale, sm_scale, text_scale, T, H, GROUP,
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_tkt, stride_tkh, stride_tkd,
-    stride_tvt, stride_tvh, stride_tvd,
-    stride_dot, stride_doh, stride_dod,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_tkt, stride_tkh,
+    stride_tvt, stride_tvh,
+    stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     stride_ft, stride_fi, stride_fc,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
@@ -449,9 +476,9 @@ def _bwd_dq(
     start = start.to(tl.int64)
     rows, m_mask = _tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
     f_ptr = FREQS + start * stride_ft
-    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, stride_qd,
+    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt,
                         f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
-    do0, do1 = _load_tile(DO + start * stride_dot + h * stride_doh, rows, m_mask, stride_dot, stride_dod,
+    do0, do1 = _load_tile(DO + start * stride_dot + h * stride_doh, rows, m_mask, stride_dot,
                           f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_M, HEAD_DIM, D0, D1)
     lse_off = h.to(tl.int64) * T + start + rows
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0)
@@ -459,7 +486,7 @@ def _bwd_dq(
     dq0, dq1 = _zeros_tile(BLOCK_M, D0, D1)
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
                          V + start * stride_vt + hk * stride_vh, f_ptr,
-                         stride_kt, stride_kd, stride_vt, stride_vd, stride_ft, stride_fi, stride_fc,
+                         stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
                          seq_len, qk_scale, ROPE, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT:
         t_start, t_len = _segment(TCU, b)
@@ -471,7 +498,7 @@ def _bwd_dq(
         dq1 = dq1 * (sm_scale / text_scale)
         dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_t, delta_t, tl.load(TGATE + h),
                              TK + t_start * stride_tkt + hk * stride_tkh, TV + t_start * stride_tvt + hk * stride_tvh,
-                             f_ptr, stride_tkt, stride_tkd, stride_tvt, stride_tvd, stride_ft, stride_fi, stride_fc,
+                             f_ptr, stride_tkt, stride_tvt, stride_ft, stride_fi, stride_fc,
                              t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
         dq0 = dq0 * text_scale
         dq1 = dq1 * text_scale
@@ -486,16 +513,16 @@ def _bwd_dq(
 
 @triton.jit
 def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr, f_ptr,
-               stride_qt, stride_qd, stride_dot, stride_dod, stride_ft, stride_fi, stride_fc,
+               stride_qt, stride_dot, stride_ft, stride_fi, stride_fc,
                start_m, q_len, qk_scale, do_scale,
                MASK_M: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dv += (do_scale * p)^T dO, dk (unscaled) += ds^T q over BLOCK_M queries, with transposed scores
     (keys x queries) so nothing big is transposed. do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
     rows, m_mask = _tile_rows(start_m, q_len, MASK_M, BLOCK_M)
-    q0, q1 = _load_tile(q_base, rows, m_mask, stride_qt, stride_qd, f_ptr, stride_ft, stride_fi, stride_fc,
+    q0, q1 = _load_tile(q_base, rows, m_mask, stride_qt, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE, BLOCK_M, HEAD_DIM, D0, D1)
-    do0, do1 = _load_tile(do_base, rows, m_mask, stride_dot, stride_dod, f_ptr, stride_ft, stride_fi, stride_fc,
+    do0, do1 = _load_tile(do_base, rows, m_mask, stride_dot, f_ptr, stride_ft, stride_fi, stride_fc,
                           False, BLOCK_M, HEAD_DIM, D0, D1)
     lse = tl.load(lse_ptr + rows, mask=m_mask, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=m_mask, other=0.0)
@@ -515,27 +542,64 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, del
     return dk0, dk1, dv0, dv1
 
 
-@_autotune(DKDV_CONFIGS, key=["HEAD_DIM", "IS_TEXT", "ROPE", "DOT_PREC"])
+@triton.jit
+def _load_keys(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc, is_text,
+               ROPE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """A key tile: rotated when ROPE, except text keys (``is_text``, a run-time flag), which are never rotated."""
+    if ROPE:
+        if is_text:
+            x0, x1 = _load_tile(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
+                                False, R, HEAD_DIM, D0, D1)
+        else:
+            x0, x1 = _load_tile(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
+                                True, R, HEAD_DIM, D0, D1)
+    else:
+        x0, x1 = _load_tile(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
+                            False, R, HEAD_DIM, D0, D1)
+    return x0, x1
+
+
+@_autotune(DKDV_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, TGATE, FREQS, DO, DK, DV, LSE, DELTA, CU, CU_K,
-    qk_scale, sm_scale, T, H, GROUP, H_KV,
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_dot, stride_doh, stride_dod,
-    stride_dkt, stride_dkh,
+    Q, K, V, TK, TV, TGATE, FREQS, DO, DK, DV, DTK, DTV, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
+    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, H_KV, text_max_seqlen,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_tkt, stride_tkh,
+    stride_tvt, stride_tvh,
+    stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dtkt, stride_dtkh,
     stride_ft, stride_fi, stride_fc,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, IS_TEXT: tl.constexpr, ROPE: tl.constexpr,
-    ROPE_K: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dk, dv of one block of keys (self keys, or a sample's text keys when IS_TEXT) for one kv head, summed over
-    the GQA group's query heads in a fixed order (deterministic)."""
+    """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order
+    (deterministic). Self keys and text keys share the launch: the first cdiv(text_max_seqlen, BLOCK_N) key blocks
+    of the grid are the sample's text keys. (A separate text launch has only batch * H_KV programs, each looping
+    over all of its sample's queries: on a long sample it runs as long as a self key block, on an idle GPU.)
+    Both kinds run the same code on run-time pointers and scales, so the loop is compiled once; what only the
+    epilogue needs is selected after the loop, so it does not occupy registers during it."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
     hk = pid_bh % H_KV
-    k_start, k_len = _segment(CU_K, b)
+    if HAS_TEXT:
+        n_text = tl.cdiv(text_max_seqlen, BLOCK_N)
+        is_text = pid_n < n_text
+    else:
+        n_text = 0
+        is_text = False  # a compile-time constant: no text branch compiled at all
+    if is_text:
+        k_ptr, v_ptr, lse_base, delta_base, cu_k = TK, TV, LSE_T, DELTA_T, TCU
+        stride_kt, stride_kh = stride_tkt, stride_tkh
+        stride_vt, stride_vh = stride_tvt, stride_tvh
+        qk_scale = text_qk_scale
+    else:
+        k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, CU
+        pid_n -= n_text
+    k_start, k_len = _segment(cu_k, b)
     if pid_n * BLOCK_N >= k_len:
         return
     q_start, q_len = _segment(CU, b)
@@ -543,9 +607,9 @@ def _bwd_dkdv(
     k_start = k_start.to(tl.int64)
     n_rows, n_mask = _tile_rows(pid_n * BLOCK_N, k_len, True, BLOCK_N)
     f_ptr = FREQS + q_start * stride_ft  # self keys share the queries' token positions
-    k0, k1 = _load_tile(K + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, stride_kd,
-                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_tile(V + k_start * stride_vt + hk * stride_vh, n_rows, n_mask, stride_vt, stride_vd,
+    k0, k1 = _load_keys(k_ptr + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt,
+                        f_ptr, stride_ft, stride_fi, stride_fc, is_text, ROPE, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_tile(v_ptr + k_start * stride_vt + hk * stride_vh, n_rows, n_mask, stride_vt,
                         f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_N, HEAD_DIM, D0, D1)
     dk0, dk1 = _zeros_tile(BLOCK_N, D0, D1)
     dv0, dv1 = _zeros_tile(BLOCK_N, D0, D1)
@@ -553,30 +617,35 @@ def _bwd_dkdv(
     for g in range(GROUP):
         h = hk * GROUP + g
         do_scale = 1.0
-        if IS_TEXT:
+        if is_text:
             do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
         q_base = Q + q_start * stride_qt + h * stride_qh
         do_base = DO + q_start * stride_dot + h * stride_doh
-        lse_ptr = LSE + h.to(tl.int64) * T + q_start
-        delta_ptr = DELTA + h.to(tl.int64) * T + q_start
+        lse_ptr = lse_base + h.to(tl.int64) * T + q_start
+        delta_ptr = delta_base + h.to(tl.int64) * T + q_start
         for start_m in range(0, m_full, BLOCK_M):
             dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
-                                            f_ptr, stride_qt, stride_qd, stride_dot, stride_dod, stride_ft,
+                                            f_ptr, stride_qt, stride_dot, stride_ft,
                                             stride_fi, stride_fc, start_m, q_len, qk_scale, do_scale,
                                             False, ROPE, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
         if m_full < q_len:
             dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, delta_ptr,
-                                            f_ptr, stride_qt, stride_qd, stride_dot, stride_dod, stride_ft,
+                                            f_ptr, stride_qt, stride_dot, stride_ft,
                                             stride_fi, stride_fc, m_full, q_len, qk_scale, do_scale,
                                             True, ROPE, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    if is_text:
+        dk_ptr, dv_ptr, stride_dkt, stride_dkh, sm_scale = DTK, DTV, stride_dtkt, stride_dtkh, text_scale
+    else:
+        dk_ptr, dv_ptr = DK, DV
     dk0 = dk0 * sm_scale
     dk1 = dk1 * sm_scale
-    if ROPE_K:
-        dk0, dk1 = _rotate_back(dk0, dk1, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc,
-                                BLOCK_N, HEAD_DIM, D0, D1)
+    if ROPE:  # noqa: SIM102 - a compile-time test outside the run-time one: no rotation code without RoPE
+        if not is_text:
+            dk0, dk1 = _rotate_back(dk0, dk1, f_ptr, n_rows, n_mask, stride_ft, stride_fi, stride_fc,
+                                    BLOCK_N, HEAD_DIM, D0, D1)
     out_base = k_start * stride_dkt + hk * stride_dkh
-    _store_tile(DK + out_base, n_rows, n_mask, stride_dkt, dk0, dk1, HEAD_DIM, D0, D1)
-    _store_tile(DV + out_base, n_rows, n_mask, stride_dkt, dv0, dv1, HEAD_DIM, D0, D1)
+    _store_tile(dk_ptr + out_base, n_rows, n_mask, stride_dkt, dk0, dk1, HEAD_DIM, D0, D1)
+    _store_tile(dv_ptr + out_base, n_rows, n_mask, stride_dkt, dv0, dv1, HEAD_DIM, D0, D1)
 
 
 # fmt: on
@@ -602,6 +671,17 @@ def _chunks(head_dim: int) -> dict:
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs promise fp32 accuracy (DESIGN.md: rel-L2 < 1e-4), which TF32 cannot give.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _rows(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """(token stride, head stride) of each (T, H, Dh) tensor, whose head dim the kernels read as contiguous."""
+    return tuple(stride for t in tensors for stride in t.stride()[:2])
+
+
+def _unit_head_dim(*tensors: torch.Tensor | None) -> list:
+    """The tensors with a contiguous head dim (stride 1), copied only where needed: the kernels read 16-byte
+    vectors along it. Views of a fused QKV projection keep stride 1 and are not copied."""
+    return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
 def _freq_args(freqs: torch.Tensor | None, q: torch.Tensor):
@@ -635,6 +715,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(out, o_text, lse_self, lse_text)``; LSEs are fp32 ``(H, T)`` in log2 units; o_text and
     lse_text are empty without text. ``tanh_gate`` is fp32 ``(H,)`` (the gate already through tanh)."""
+    q, k, v, text_k, text_v = _unit_head_dim(q, k, v, text_k, text_v)
     T, H, D = q.shape
     h_kv = k.shape[1]
     batch = cu_seqlens.numel() - 1
@@ -651,10 +732,11 @@ def forward(
     lt = lse_t if has_text else lse
     f, f_strides = _freq_args(freqs, q)
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * H)
-    _fwd_kernel[grid](
+    _launch(
+        _fwd_kernel, grid,
         q, k, v, tk, tv, tg, f, out, ot, lse, lt, cu_seqlens, tcu,
         softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H, H // h_kv,
-        *q.stride(), *k.stride(), *v.stride(), *tk.stride(), *tv.stride(), out.stride(0), out.stride(1),
+        *_rows(q, k, v, tk, tv, out),
         *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=freqs is not None,
         DOT_PREC=_dot_precision(q.dtype),
@@ -683,6 +765,7 @@ def backward(
 ):
     """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text).
     d_tanh_gate is fp32 ``(H,)``: per-token partial sums written by the preprocess kernel, summed per head."""
+    dout, q, k, v, text_k, text_v = _unit_head_dim(dout, q, k, v, text_k, text_v)
     T, H, D = q.shape
     h_kv = k.shape[1]
     batch = cu_seqlens.numel() - 1
@@ -705,7 +788,7 @@ def backward(
     block_t = 32 if INTERPRETED else 64
     _bwd_preprocess[(triton.cdiv(T, block_t), H)](
         dout, out, ot, tg, delta, delta_t, r, T,
-        *dout.stride(), out.stride(0), out.stride(1),
+        *_rows(dout, out),
         HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, BLOCK_T=block_t,
     )  # fmt: skip
     f, f_strides = _freq_args(freqs, q)
@@ -714,30 +797,26 @@ def backward(
     text_scale = 1.0 / math.sqrt(D)
     rope = freqs is not None
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * H)
-    _bwd_dq[grid](
+    _launch(
+        _bwd_dq, grid,
         q, k, v, tk, tv, tg, f, dout, dq, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
         softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H, H // h_kv,
-        *q.stride(), *k.stride(), *v.stride(), *tk.stride(), *tv.stride(), *dout.stride(), dq.stride(0), dq.stride(1),
+        *_rows(q, k, v, tk, tv, dout, dq),
         *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
     )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), batch * h_kv)
-    _bwd_dkdv[grid](
-        q, k, v, tg, f, dout, dk, dv, lse, delta, cu_seqlens, cu_seqlens,
-        softmax_scale * LOG2E, softmax_scale, T, H, H // h_kv, h_kv,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), dk.stride(0), dk.stride(1), *f_strides,
-        HEAD_DIM=D, **_chunks(D), IS_TEXT=False, ROPE=rope, ROPE_K=rope, DOT_PREC=prec,
+    # Text key blocks first in the grid (program ids are dispatched in order): they run alongside the self ones.
+    text_len = text_max_seqlen if has_text else 0
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) + triton.cdiv(text_len, meta["BLOCK_N"]),
+                         batch * h_kv)  # fmt: skip
+    dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk, dv)
+    _launch(
+        _bwd_dkdv, grid,
+        q, k, v, tk, tv, tg, f, dout, dk, dv, dtk_, dtv_, lse, lse_t if has_text else lse, delta, delta_t,
+        cu_seqlens, tcu,
+        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, h_kv, text_len,
+        *_rows(q, k, v, tk, tv, dout, dk, dtk_), *f_strides,
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
     )  # fmt: skip
-    dgate = None
-    if has_text:
-        if text_max_seqlen > 0:
-            grid = lambda meta: (triton.cdiv(text_max_seqlen, meta["BLOCK_N"]), batch * h_kv)
-            _bwd_dkdv[grid](
-                q, text_k, text_v, tg, f, dout, dtk, dtv, lse_t, delta_t, cu_seqlens, text_cu_seqlens,
-                text_scale * LOG2E, text_scale, T, H, H // h_kv, h_kv,
-                *q.stride(), *text_k.stride(), *text_v.stride(), *dout.stride(), dtk.stride(0), dtk.stride(1),
-                *f_strides,
-                HEAD_DIM=D, **_chunks(D), IS_TEXT=True, ROPE=rope, ROPE_K=False, DOT_PREC=prec,
-            )  # fmt: skip
-        dgate = r.sum(dim=1)
+    dgate = r.sum(dim=1) if has_text else None
     return dq, dk, dv, dtk, dtv, dgate
