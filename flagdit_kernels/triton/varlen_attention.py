@@ -186,6 +186,19 @@ def _tile_rows(start, n, MASKED: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
+def _loop_tile(start, n, MASKED: tl.constexpr, R: tl.constexpr):
+    """(rows 0..R-1 as int32, mask) of the tile ``start``..``start + R`` of a loop over ``n`` rows, rows counted
+    from ``start``: callers shift their base pointers by ``start`` rows (one 64-bit scalar product per tile), so
+    the per-element offsets ``rows * stride`` are loop-invariant and computed once instead of once per tile."""
+    offs = tl.arange(0, R)
+    if MASKED:
+        mask = offs < n - start
+    else:
+        mask = tl.full([R], 1, tl.int1)
+    return offs, mask
+
+
+@triton.jit
 def _load_chunk(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
                 ROPE: tl.constexpr, R: tl.constexpr, COL0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
     cols = COL0 + tl.arange(0, W)
@@ -257,10 +270,12 @@ def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
                  MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
-    rows, n_mask = _tile_rows(start_n, k_len, MASK_N, BLOCK_N)
-    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
+    rows, n_mask = _loop_tile(start_n, k_len, MASK_N, BLOCK_N)
+    shift = tl.cast(start_n, tl.int64)
+    f_ptr = f_ptr + shift * stride_ft
+    k0, k1 = _load_tile(k_base + shift * stride_kt, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
+    v0, v1 = _load_tile(v_base + shift * stride_vt, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
                         False, BLOCK_N, HEAD_DIM, D0, D1)
     s = _scores(q0, q1, k0, k1, D1, DOT_PREC)
     if MASK_N:
@@ -417,10 +432,12 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f
              D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
     dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
-    rows, n_mask = _tile_rows(start_n, k_len, MASK_N, BLOCK_N)
-    k0, k1 = _load_tile(k_base, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
+    rows, n_mask = _loop_tile(start_n, k_len, MASK_N, BLOCK_N)
+    shift = tl.cast(start_n, tl.int64)
+    f_ptr = f_ptr + shift * stride_ft
+    k0, k1 = _load_tile(k_base + shift * stride_kt, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_tile(v_base, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
+    v0, v1 = _load_tile(v_base + shift * stride_vt, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
                         False, BLOCK_N, HEAD_DIM, D0, D1)
     p = tl.exp2(_scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale - lse[:, None])
     if MASK_N:
@@ -519,13 +536,15 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, del
                D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dv += (do_scale * p)^T dO, dk (unscaled) += ds^T q over BLOCK_M queries, with transposed scores
     (keys x queries) so nothing big is transposed. do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
-    rows, m_mask = _tile_rows(start_m, q_len, MASK_M, BLOCK_M)
-    q0, q1 = _load_tile(q_base, rows, m_mask, stride_qt, f_ptr, stride_ft, stride_fi, stride_fc,
+    rows, m_mask = _loop_tile(start_m, q_len, MASK_M, BLOCK_M)
+    shift = tl.cast(start_m, tl.int64)
+    f_ptr = f_ptr + shift * stride_ft
+    q0, q1 = _load_tile(q_base + shift * stride_qt, rows, m_mask, stride_qt, f_ptr, stride_ft, stride_fi, stride_fc,
                         ROPE, BLOCK_M, HEAD_DIM, D0, D1)
-    do0, do1 = _load_tile(do_base, rows, m_mask, stride_dot, f_ptr, stride_ft, stride_fi, stride_fc,
-                          False, BLOCK_M, HEAD_DIM, D0, D1)
-    lse = tl.load(lse_ptr + rows, mask=m_mask, other=0.0)
-    delta = tl.load(delta_ptr + rows, mask=m_mask, other=0.0)
+    do0, do1 = _load_tile(do_base + shift * stride_dot, rows, m_mask, stride_dot, f_ptr, stride_ft, stride_fi,
+                          stride_fc, False, BLOCK_M, HEAD_DIM, D0, D1)
+    lse = tl.load(lse_ptr + shift + rows, mask=m_mask, other=0.0)
+    delta = tl.load(delta_ptr + shift + rows, mask=m_mask, other=0.0)
     p_t = tl.exp2(_scores(k0, k1, q0, q1, D1, DOT_PREC) * qk_scale - lse[None, :])
     if MASK_M:
         p_t = tl.where(m_mask[None, :], p_t, 0.0)
