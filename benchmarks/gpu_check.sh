@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, sized for a 15-minute device lease (about 8-10 minutes on an H100/H200 with 16 cores):
+# GPU check, sized for a 15-minute device lease (estimated 8-10 minutes on an H100/H200 with 16 cores):
 #   1. build the CUDA extension in place (the image's torch, nvcc, ninja; no dependency resolution);
 #   2. warm the compile caches in parallel (python -m flagdit_kernels.bench.warm): Triton kernels, every
 #      autotune config, Inductor graphs of the torch.compile / FlexAttention baselines;
@@ -8,10 +8,10 @@
 #   4. the benchmarks (autotuned, timed on an idle GPU), then the Markdown table and chart from their JSON.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default $OUT, else ./gpu_out)
 # Writes at most 8 files under OUT_DIR: info.json, build.log, warm.log, tests.log, bench.log, bench.json,
-# report.md, roofline.png. Knobs: BENCH_FAMILIES (default attention,norms,rope,packing; add model,
-# diffusers_lumina with their wheels), BENCH_FILTER (pytest -k), JOBS, and per-phase limits in seconds
-# BUILD_TIMEOUT, WARM_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT (per family).
-# SKIP_TESTS=1 / SKIP_BENCH=1 leave a phase out.
+# report.md, roofline.png. Knobs: BENCH_FAMILIES (default attention,norms,rope,packing; model adds minutes of
+# torch.compile, diffusers_lumina needs the diffusers wheel), BENCH_FILTER (pytest -k), JOBS (tests), WARM_JOBS,
+# limits in seconds BUILD_TIMEOUT, WARM_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT (per family), DEADLINE (the whole
+# script: every phase stops by then, default 540 s, inside a 600 s device call), SKIP_TESTS=1 / SKIP_BENCH=1.
 # Wheels placed in .whl/ (Liger-Kernel, diffusers: pure Python) are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,8 @@ JOBS="${JOBS:-8}"
 FAMILIES="${BENCH_FAMILIES:-attention,norms,rope,packing}"
 t0=$(date +%s)
 phase() { echo "== $1 (t+$(( $(date +%s) - t0 )) s)"; }
+# limit SECONDS: the phase's own limit, cut to what is left before DEADLINE (at least 1 s).
+limit() { local left=$(( ${DEADLINE:-540} - ($(date +%s) - t0) )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -29,7 +31,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 
 phase build
-FLAGDIT_KERNELS_BUILD_CUDA=1 MAX_JOBS="$JOBS" TORCH_CUDA_ARCH_LIST="9.0" timeout "${BUILD_TIMEOUT:-240}" \
+FLAGDIT_KERNELS_BUILD_CUDA=1 MAX_JOBS="$JOBS" TORCH_CUDA_ARCH_LIST="9.0" timeout "$(limit "${BUILD_TIMEOUT:-180}")" \
   python3 setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1 \
   || { echo "build failed"; tail -30 "$OUT_DIR/build.log"; exit 1; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -44,8 +46,9 @@ PY
 head -c 1500 "$OUT_DIR/info.json"; echo
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  phase "warm compile caches ($FAMILIES, $JOBS processes)"
-  timeout "${WARM_TIMEOUT:-240}" python3 -m flagdit_kernels.bench.warm --jobs "$JOBS" --families "$FAMILIES" \
+  phase "warm compile caches ($FAMILIES)"
+  # WARM_JOBS processes each hold one family's inputs (up to ~7 GB for attention): 6 fit an 80 GB H100.
+  timeout "$(limit "${WARM_TIMEOUT:-150}")" python3 -m flagdit_kernels.bench.warm --jobs "${WARM_JOBS:-6}" --families "$FAMILIES" \
     > "$OUT_DIR/warm.log" 2>&1
   echo "warm rc=$?"; grep -v ": ok (" "$OUT_DIR/warm.log" | grep "^\[warm" | tail -15
 fi
@@ -55,7 +58,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   phase tests
   xdist=()
   python3 -c "import xdist" 2>/dev/null && xdist=(-n "$JOBS")
-  FLAGDIT_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -q -p no:cacheprovider \
+  FLAGDIT_TEST_DEVICE=cuda timeout "$(limit "${TEST_TIMEOUT:-150}")" python3 -m pytest tests -q -p no:cacheprovider \
     "${xdist[@]}" > "$OUT_DIR/tests.log" 2>&1
   tests_rc=$?
   tail -25 "$OUT_DIR/tests.log"
@@ -69,7 +72,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   : > "$OUT_DIR/bench.log"
   for family in ${FAMILIES//,/ }; do
     phase "benchmarks: $family"
-    timeout "${BENCH_TIMEOUT:-150}" python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+    timeout "$(limit "${BENCH_TIMEOUT:-150}")" python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
       --bench-families "$family" ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="/tmp/bench_json/$family.json" \
       --benchmark-columns=median,rounds >> "$OUT_DIR/bench.log" 2>&1
     echo "$family rc=$?"

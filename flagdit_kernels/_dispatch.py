@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda", "cpu")
+# "flash_attn" is third-party (flash-attn's varlen kernel under varlen_attention): available, never a default.
+BACKENDS = ("reference", "triton", "cuda", "cpu", "flash_attn")
 ENV_VAR = "FLAGDIT_KERNELS_BACKEND"
 
 # Fastest first. Ops may override per device once measurements say otherwise.

@@ -285,3 +285,5 @@ _dispatch.register(
     available=_dispatch.triton_installed,
     why_not=lambda: "triton is not installed",
 )
+
+from . import attention_flash_attn  # noqa: E402, F401 - registers the optional flash_attn backend

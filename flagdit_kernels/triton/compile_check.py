@@ -5,6 +5,7 @@ constexpr and shape errors that the CPU interpreter never sees show up here. Run
 (under the interpreter ``triton.jit`` builds interpreter objects that cannot be compiled)::
 
     python -m flagdit_kernels.triton.compile_check            # sm_90, every variant, one line each
+    python -m flagdit_kernels.triton.compile_check --all-configs --head-dims 64,72,96,128,256
 
 Strides of the head dim are compiled as the constant 1 and pointers / token strides as multiples of 16, which is
 what the JIT specializes for contiguous or fused-QKV tensors at run time. This checks the Triton installed here
@@ -13,6 +14,7 @@ what the JIT specializes for contiguous or fused-QKV tensors at run time. This c
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -77,43 +79,64 @@ def _ptxas_report(ptx: str, arch: int) -> str:
     return ""
 
 
-def variants(head_dims=(72, 128)) -> list[tuple[str, object, dict, int, int]]:
-    """(label, kernel, constexprs, num_warps, num_stages) for the first GPU config of every kernel."""
+def variants(head_dims=(72, 128), all_configs: bool = False) -> list[tuple[str, object, dict, int, int]]:
+    """(label, kernel, constexprs, num_warps, num_stages) for every kernel variant: with the untuned default
+    config (the first that fits the head dim), or with every config the autotuner may try."""
     out = []
 
-    def add(label, kernel, config, consts):
-        tiles = dict(BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"])
-        out.append((label, kernel, dict(consts, **tiles), config.num_warps, config.num_stages))
+    def add(label, kernel, configs, consts):
+        fitting = va._prune(configs, consts)
+        for config in fitting if all_configs else fitting[:1]:
+            tiles = dict(BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"])
+            name = f"{label} {tiles['BLOCK_M']}x{tiles['BLOCK_N']}/w{config.num_warps}/s{config.num_stages}"
+            out.append((name, kernel, dict(consts, **tiles), config.num_warps, config.num_stages))
 
     for d in head_dims:
         common = dict(HEAD_DIM=d, **va._chunks(d), DOT_PREC="tf32")
         for rope in (False, True):
-            add(f"fwd D{d} text rope={rope}", va._fwd_kernel, va.FWD_CONFIGS[0], dict(common, HAS_TEXT=True, ROPE=rope))
-            add(f"dq D{d} text rope={rope}", va._bwd_dq, va.DQ_CONFIGS[0], dict(common, HAS_TEXT=True, ROPE=rope))
+            add(f"fwd D{d} text rope={rope}", va._fwd_kernel, va.FWD_CONFIGS, dict(common, HAS_TEXT=True, ROPE=rope))
+            add(f"dq D{d} text rope={rope}", va._bwd_dq, va.DQ_CONFIGS, dict(common, HAS_TEXT=True, ROPE=rope))
             for text in (False, True):
                 consts = dict(common, HAS_TEXT=text, ROPE=rope)
-                add(f"dkdv D{d} text={text} rope={rope}", va._bwd_dkdv, va.DKDV_CONFIGS[0], consts)
+                add(f"dkdv D{d} text={text} rope={rope}", va._bwd_dkdv, va.DKDV_CONFIGS, consts)
         consts = dict(HEAD_DIM=d, BLOCK_D=va._block_d(d), HAS_TEXT=True, BLOCK_T=64)
         out.append((f"preprocess D{d}", va._bwd_preprocess, consts, 4, 1))
     return out
 
 
-def compile_all(arch: int = 90, head_dims=(72, 128), dtype: str = "bf16", report: bool = True) -> list[str]:
+def compile_all(
+    arch: int = 90, head_dims=(72, 128), dtype: str = "bf16", report: bool = True, all_configs: bool = False
+) -> list[str]:
     if va.INTERPRETED:
         raise RuntimeError("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
     target = GPUTarget("cuda", arch, 32)
     lines = []
-    for label, kernel, consts, warps, stages in variants(head_dims):
+    for label, kernel, consts, warps, stages in variants(head_dims, all_configs):
         fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn
-        compiled = triton.compile(
-            _source(fn, dtype, consts), target=target, options={"num_warps": warps, "num_stages": stages}
-        )
+        try:
+            compiled = triton.compile(
+                _source(fn, dtype, consts), target=target, options={"num_warps": warps, "num_stages": stages}
+            )
+        except Exception as exc:  # reported per variant (the autotuner skips resource errors too)
+            lines.append(f"{label}: FAILED {type(exc).__name__}: {str(exc).splitlines()[-1][:160]}")
+            continue
         extra = _ptxas_report(compiled.asm["ptx"], arch) if report else ""
         lines.append(f"{label}: ok, shared {compiled.metadata.shared} B" + (f", {extra}" if extra else ""))
     return lines
 
 
-if __name__ == "__main__":
-    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    for line in compile_all(arch):
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flagdit_kernels.triton.compile_check", description=__doc__)
+    parser.add_argument("arch", nargs="?", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--head-dims", default="72,128", help="comma-separated head dims")
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not just the default")
+    args = parser.parse_args(argv)
+    head_dims = tuple(int(d) for d in args.head_dims.split(",") if d)
+    lines = compile_all(args.arch, head_dims, all_configs=args.all_configs)
+    for line in lines:
         print(line, flush=True)
+    return int(any(": FAILED" in line for line in lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

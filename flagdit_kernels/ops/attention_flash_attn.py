@@ -1,0 +1,74 @@
+"""The ``flash_attn`` backend of ``varlen_attention``: flash-attn's varlen kernel, when it is installed.
+
+flash-attn (``pip install flash-attn``: CUDA, fp16/bf16, head dims up to 256) has neither Lumina's gated text
+branch nor a RoPE prologue, so this backend composes them around two calls of its ``flash_attn_varlen_func``:
+RoPE first (``apply_rope``, a rotated copy of q and k) when ``freqs`` is given; self-attention over the packed
+sequences; cross-attention of the same queries over each sample's text keys (packed by ``text_cu_seqlens``,
+scale 1/sqrt(Dh)); then ``out_self + tanh(gate[h]) * o_text``, where a sample without text tokens adds exactly 0.
+Gradients run through flash-attn's own backward. It is never a default: ``backend="flash_attn"`` chooses it (it
+is also the baseline the benchmarks compare the fused Triton kernel with, where flash-attn is installed).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+
+from .. import _dispatch
+from .rope import apply_rope
+
+FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def flash_varlen_func() -> Callable | None:
+    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn does not import."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _varlen_attention_flash_attn(
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, *, text_k=None, text_v=None, text_cu_seqlens=None,
+    text_max_seqlen=None, gate=None, freqs=None,
+):  # fmt: skip
+    attend = flash_varlen_func()
+    if q.dtype not in FLASH_ATTN_DTYPES:
+        raise TypeError(f"the flash_attn backend supports float16 and bfloat16, got {q.dtype}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if freqs is not None:
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+    out = attend(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=False)
+    if text_k is None:
+        return out
+    if text_k.shape[0] == 0:  # no sample has text: out + tanh(gate) * 0 keeps d gate an exact zero
+        o_text = torch.zeros_like(out)
+    else:
+        if text_max_seqlen is None:  # one host sync; pass text_max_seqlen to avoid it
+            text_max_seqlen = int((text_cu_seqlens[1:] - text_cu_seqlens[:-1]).max())
+        o_text = attend(
+            q, text_k, text_v, cu_seqlens, text_cu_seqlens, max_seqlen, text_max_seqlen,
+            softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=False,
+        )  # fmt: skip
+        # Queries of a sample without text keys: whatever the kernel leaves there (0 or NaN) becomes exactly 0,
+        # and torch.where sends those rows a zero gradient.
+        has_text = (text_cu_seqlens[1:] - text_cu_seqlens[:-1]) > 0
+        per_token = torch.repeat_interleave(has_text, cu_seqlens[1:] - cu_seqlens[:-1], output_size=q.shape[0])
+        o_text = torch.where(per_token[:, None, None], o_text, torch.zeros((), dtype=o_text.dtype, device=q.device))
+    # Summed in fp32 and rounded once, like the fused kernel.
+    return (out.float() + torch.tanh(gate.float())[None, :, None] * o_text.float()).to(out.dtype)
+
+
+_dispatch.register(
+    "varlen_attention",
+    "flash_attn",
+    _varlen_attention_flash_attn,
+    devices=("cuda",),
+    available=lambda: flash_varlen_func() is not None,
+    why_not=lambda: "flash-attn is not installed (pip install flash-attn)",
+)

@@ -1,0 +1,113 @@
+"""The flash_attn backend's composition (RoPE first, self + gated text, empty text) around flash-attn's varlen
+function. flash-attn is CUDA-only, so a stand-in with its signature (per-sequence attention in PyTorch, GQA,
+differentiable) takes its place; the backend function is called directly, as dispatch would on a GPU."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+from helpers import TOLERANCE, compare_with_reference
+
+import flagdit_kernels as fk
+from flagdit_kernels import reference as ref
+from flagdit_kernels.ops import attention_flash_attn as fa
+
+
+def _stand_in(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    """flash_attn_varlen_func's contract in PyTorch; NaN for queries of a sample without keys (the backend must
+    not let that through)."""
+    assert dropout_p == 0.0 and not causal and q.dtype in (torch.float16, torch.bfloat16)
+    assert max_q >= int((cu_q[1:] - cu_q[:-1]).max()) and max_k >= int((cu_k[1:] - cu_k[:-1]).max())
+    group = q.shape[1] // k.shape[1]
+    outs = []
+    for b in range(cu_q.numel() - 1):
+        qs, ks, vs = q[cu_q[b] : cu_q[b + 1]], k[cu_k[b] : cu_k[b + 1]], v[cu_k[b] : cu_k[b + 1]]
+        if ks.shape[0] == 0:
+            outs.append(torch.full_like(qs, float("nan")))
+            continue
+        ks, vs = ks.repeat_interleave(group, 1).float(), vs.repeat_interleave(group, 1).float()
+        p = (torch.einsum("qhd,khd->hqk", qs.float(), ks) * softmax_scale).softmax(-1)
+        outs.append(torch.einsum("hqk,khd->qhd", p, vs).to(q.dtype))
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def flash_attn(monkeypatch):
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_varlen_func = _stand_in
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    fa.flash_varlen_func.cache_clear()
+    yield module
+    fa.flash_varlen_func.cache_clear()
+
+
+def _offsets(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def test_listed_for_cuda_when_flash_attn_imports(flash_attn):
+    assert "flash_attn" in fk.available_backends("varlen_attention", "cuda")
+    assert "flash_attn" not in fk.available_backends("varlen_attention", "cpu")
+
+
+def test_not_listed_without_flash_attn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError
+    fa.flash_varlen_func.cache_clear()
+    try:
+        assert "flash_attn" not in fk.available_backends("varlen_attention", "cuda")
+        with pytest.raises(ValueError, match="flash-attn is not installed"):
+            fk.varlen_attention(*[torch.zeros(1, 1, 16)] * 3, _offsets([1]), 1, backend="flash_attn")
+    finally:
+        fa.flash_varlen_func.cache_clear()
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_gated_text_composition_matches_reference(flash_attn, rope):
+    # GQA 4 -> 2, a sample without text (the stand-in gives NaN there), Lumina's proportional scale.
+    lens, text_lens, heads, kv_heads, dim = [37, 1, 20], [5, 0, 9], 4, 2, 32
+    gen = torch.Generator().manual_seed(3)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * s).to(torch.float16)
+
+    T, Tt = sum(lens), sum(text_lens)
+    inputs = {"q": rnd(T, heads, dim), "k": rnd(T, kv_heads, dim), "v": rnd(T, kv_heads, dim)}
+    inputs.update(text_k=rnd(Tt, kv_heads, dim), text_v=rnd(Tt, kv_heads, dim), gate=rnd(heads, s=0.8))
+    fixed = dict(
+        cu_seqlens=_offsets(lens), max_seqlen=max(lens), softmax_scale=fk.proportional_scale(4096, 1024, dim),
+        text_cu_seqlens=_offsets(text_lens), text_max_seqlen=max(text_lens),
+    )  # fmt: skip
+    if rope:
+        fixed["freqs"] = fk.rope_freqs(dim, torch.arange(T) % 11)
+
+    def mine(**t):
+        return fa._varlen_attention_flash_attn(**t, **fixed)
+
+    def reference(**t):
+        return ref.varlen_attention(**t, **fixed)
+
+    compare_with_reference(mine, reference, inputs, torch.float16, family="attention")
+
+
+def test_no_text_tokens_and_no_text(flash_attn):
+    q, k, v = (torch.randn(12, 2, 16, dtype=torch.bfloat16) for _ in range(3))
+    cu = _offsets([5, 7])
+    gate = torch.randn(2, requires_grad=True)
+    empty = dict(text_k=k[:0], text_v=v[:0], text_cu_seqlens=_offsets([0, 0]), gate=gate)
+    plain = fa._varlen_attention_flash_attn(q, k, v, cu, 7)
+    with_empty = fa._varlen_attention_flash_attn(q, k, v, cu, 7, **empty)
+    assert torch.equal(with_empty, plain)
+    with_empty.float().sum().backward()
+    assert torch.equal(gate.grad, torch.zeros_like(gate))
+    expected = ref.varlen_attention(q.double(), k.double(), v.double(), cu, 7, 1 / math.sqrt(16))
+    assert (plain.double() - expected).norm() / expected.norm() < TOLERANCE["attention"][torch.bfloat16]
+
+
+def test_rejects_float32(flash_attn):
+    x = torch.randn(3, 1, 16)
+    with pytest.raises(TypeError, match="float16 and bfloat16"):
+        fa._varlen_attention_flash_attn(x, x, x, _offsets([3]), 3)
