@@ -87,14 +87,16 @@ def variants(head_dims=(72, 128), all_configs: bool = False) -> list[tuple[str, 
     def add(label, kernel, configs, consts):
         fitting = va._prune(configs, consts)
         for config in fitting if all_configs else fitting[:1]:
-            tiles = dict(BLOCK_M=config.kwargs["BLOCK_M"], BLOCK_N=config.kwargs["BLOCK_N"])
+            tiles = config.kwargs
             name = f"{label} {tiles['BLOCK_M']}x{tiles['BLOCK_N']}/w{config.num_warps}/s{config.num_stages}"
+            name += " TMA" if tiles.get("TMA") else ""
             out.append((name, kernel, dict(consts, **tiles), config.num_warps, config.num_stages))
 
     for d in head_dims:
         common = dict(HEAD_DIM=d, **va._chunks(d), DOT_PREC="tf32")
         for rope in (False, True):
-            add(f"fwd D{d} text rope={rope}", va._fwd_kernel, va.FWD_CONFIGS, dict(common, HAS_TEXT=True, ROPE=rope))
+            fwd = dict(common, HAS_TEXT=True, ROPE=rope, TMA_OK=True)
+            add(f"fwd D{d} text rope={rope}", va._fwd_kernel, va.FWD_CONFIGS, fwd)
             add(f"dq D{d} text rope={rope}", va._bwd_dq, va.DQ_CONFIGS, dict(common, HAS_TEXT=True, ROPE=rope))
             for text in (False, True):
                 consts = dict(common, HAS_TEXT=text, ROPE=rope)

@@ -58,12 +58,17 @@ if AUTOTUNE_MODE not in ("0", "1", "compile"):
     raise ValueError(f"FLAGDIT_KERNELS_AUTOTUNE must be 0, 1 or compile, got {AUTOTUNE_MODE!r}")
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _cfg(bm: int, bn: int, warps: int, stages: int, **flags) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **flags}, num_warps=warps, num_stages=stages)
+
+
+def _fwd_cfg(bm: int, bn: int, warps: int, stages: int, tma: bool = False) -> triton.Config:
+    """A forward tile; ``tma``: keys and values through tensor descriptors (the copy engine)."""
+    return _cfg(bm, bn, warps, stages, TMA=tma)
 
 
 if INTERPRETED:
-    FWD_CONFIGS = [_cfg(32, 32, 4, 1)]
+    FWD_CONFIGS = [_fwd_cfg(32, 32, 4, 1)]
     DQ_CONFIGS = [_cfg(32, 32, 4, 1)]
     DKDV_CONFIGS = [_cfg(32, 32, 4, 1)]
 else:
@@ -71,22 +76,31 @@ else:
     # to time them), first the untuned default: 8 warps (two warpgroups) for 128-row tiles (4 warps spill the
     # 128-row fp32 accumulator); small query tiles for dk/dv (dk and dv accumulators plus k and v stay resident
     # for a whole program). Each extra config costs a compile (seconds) the first time a variant is tuned.
+    # The forward also tries the copy engine (TMA) for keys and values: no address arithmetic in the loop and
+    # 183 instead of 224 registers at 128x64 (Triton 3.6, sm_90). Triton's warp specialization (tl.range(...,
+    # warp_specialize=True)) was tried too: 3.6 does not split this loop on sm_90 (a kernel with work after the
+    # loop, our tail tile, is left unspecialized, and one variant crashed its pass manager), so it is not offered.
     FWD_CONFIGS = [
-        _cfg(128, 64, 8, 3),
-        _cfg(128, 128, 8, 2),
-        _cfg(128, 64, 8, 4),
-        _cfg(64, 64, 4, 3),
-        _cfg(64, 32, 4, 2),
+        _fwd_cfg(128, 64, 8, 3),
+        _fwd_cfg(128, 128, 8, 2),
+        _fwd_cfg(128, 64, 8, 4),
+        _fwd_cfg(64, 64, 4, 3),
+        _fwd_cfg(64, 32, 4, 2),
+        _fwd_cfg(128, 64, 8, 3, tma=True),
+        _fwd_cfg(128, 128, 8, 2, tma=True),
     ]
     DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)]
     DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(16, 128, 8, 2)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keeps tiles whose q/k/v/acc footprint fits for this head dim (256 needs small tiles)."""
-    block_d = kwargs.get("D0", named_args.get("D0", 128)) + kwargs.get("D1", named_args.get("D1", 0))
-    keep = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= 128 * 128]
-    return keep or configs[-1:]
+    """Keeps tiles whose q/k/v/acc footprint fits for this head dim (256 needs small tiles), and descriptor
+    (TMA) tiles only where the launcher found the tensors fit descriptors (TMA_OK)."""
+    args = {**named_args, **kwargs}
+    block_d = args.get("D0", 128) + args.get("D1", 0)
+    usable = [c for c in configs if args.get("TMA_OK", False) or not c.kwargs.get("TMA", False)]
+    keep = [c for c in usable if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= 128 * 128]
+    return keep or [min(usable, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _autotune(configs, key):
@@ -206,8 +220,15 @@ def _load_chunk(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, str
     if COL0 + W > HEAD_DIM:
         mask = mask & (cols < HEAD_DIM)[None, :]
     x = tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+    return _rope_chunk(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, ROPE, R, COL0, W, HEAD_DIM)
+
+
+@triton.jit
+def _rope_chunk(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
+                ROPE: tl.constexpr, R: tl.constexpr, COL0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A loaded chunk, rotated when ROPE in fp32 and rounded back to its dtype, as the reference rounds its
+    rotated q/k."""
     if ROPE:
-        # Rotated in fp32 and rounded back to the input dtype, as the reference rounds its rotated q/k.
         x = _rotate(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc, False, R, COL0, W, HEAD_DIM).to(x.dtype)
     return x
 
@@ -264,19 +285,57 @@ def _scores(a0, a1, b0, b1, D1: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
+def _load_kv_tile(src0, src1, start_n, rows, n_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
+                  TMA: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                  D1: tl.constexpr):
+    """The R key or value rows from ``start_n`` (``f_ptr`` already shifted there). With TMA, ``src0`` / ``src1``
+    are tensor descriptors of the two column chunks (the copy engine zero-fills rows past the sequence and
+    columns past the head dim, and no thread computes addresses); else ``src0`` is the sequence's base pointer."""
+    if TMA:
+        x0 = _rope_chunk(src0.load([start_n, 0]), f_ptr, rows, n_mask, stride_ft, stride_fi, stride_fc,
+                         ROPE, R, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            x1 = _rope_chunk(src1.load([start_n, D0]), f_ptr, rows, n_mask, stride_ft, stride_fi, stride_fc,
+                             ROPE, R, D0, D1, HEAD_DIM)
+        else:
+            x1 = _zeros_chunk(R, 0).to(x0.dtype)  # dummy, never used
+    else:
+        x0, x1 = _load_tile(src0 + tl.cast(start_n, tl.int64) * stride_t, rows, n_mask, stride_t, f_ptr,
+                            stride_ft, stride_fi, stride_fc, ROPE, R, HEAD_DIM, D0, D1)
+    return x0, x1
+
+
+@triton.jit
+def _kv_source(base, length, stride_t, TMA: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr,
+               D0: tl.constexpr, D1: tl.constexpr):
+    """What _load_kv_tile reads a sequence's keys or values from: two tensor descriptors (one per column chunk,
+    shaped to the sequence, so the copy engine does the bounds) or the base pointer twice."""
+    if TMA:
+        src0 = tl.make_tensor_descriptor(base, shape=[length, HEAD_DIM], strides=[stride_t, 1], block_shape=[R, D0])
+        if D1 > 0:
+            src1 = tl.make_tensor_descriptor(base, shape=[length, HEAD_DIM], strides=[stride_t, 1],
+                                             block_shape=[R, D1])
+        else:
+            src1 = src0
+    else:
+        src0 = base
+        src1 = base
+    return src0, src1
+
+
+@triton.jit
+def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, f_ptr,
                  stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
                  start_n, k_len, qk_scale,
-                 MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+                 MASK_N: tl.constexpr, ROPE_K: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
     rows, n_mask = _loop_tile(start_n, k_len, MASK_N, BLOCK_N)
-    shift = tl.cast(start_n, tl.int64)
-    f_ptr = f_ptr + shift * stride_ft
-    k0, k1 = _load_tile(k_base + shift * stride_kt, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
-                        ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_tile(v_base + shift * stride_vt, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
-                        False, BLOCK_N, HEAD_DIM, D0, D1)
+    f_ptr = f_ptr + tl.cast(start_n, tl.int64) * stride_ft
+    k0, k1 = _load_kv_tile(k_src0, k_src1, start_n, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
+                           TMA, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_kv_tile(v_src0, v_src1, start_n, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
+                           TMA, False, BLOCK_N, HEAD_DIM, D0, D1)
     s = _scores(q0, q1, k0, k1, D1, DOT_PREC)
     if MASK_N:
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -300,24 +359,24 @@ def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
 def _attend(q0, q1, k_base, v_base, f_ptr,
             stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
             k_len, qk_scale,
-            ROPE_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-            D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+            ROPE_K: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax of q's attention over ``k_len`` keys (full tiles, then the tail), from a fresh state.
     Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units)."""
+    k_src0, k_src1 = _kv_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = _kv_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     acc0, acc1 = _zeros_tile(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
-                                            stride_kt, stride_vt, stride_ft, stride_fi,
-                                            stride_fc, start_n, k_len, qk_scale,
-                                            False, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, f_ptr,
+                                            stride_kt, stride_vt, stride_ft, stride_fi, stride_fc, start_n, k_len,
+                                            qk_scale, False, ROPE_K, TMA, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if n_full < k_len:
-        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, f_ptr,
-                                            stride_kt, stride_vt, stride_ft, stride_fi,
-                                            stride_fc, n_full, k_len, qk_scale,
-                                            True, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, f_ptr,
+                                            stride_kt, stride_vt, stride_ft, stride_fi, stride_fc, n_full, k_len,
+                                            qk_scale, True, ROPE_K, TMA, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     return acc0, acc1, m_i, l_i
 
 
@@ -326,7 +385,7 @@ def _attend(q0, q1, k_base, v_base, f_ptr,
 # --------------------------------------------------------------------------------------------------------------
 
 
-@_autotune(FWD_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
+@_autotune(FWD_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC", "TMA_OK"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, TK, TV, TGATE, FREQS, OUT, OTEXT, LSE, LSE_T, CU, TCU,
@@ -339,8 +398,10 @@ def _fwd_kernel(
     stride_ot, stride_oh,
     stride_ft, stride_fi, stride_fc,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, TMA_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
+    # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
+    tl.static_assert(TMA_OK or not TMA)
     pid_m = tl.program_id(0)
     b, h, hk = _query_heads(H, GROUP)
     start, seq_len = _segment(CU, b)
@@ -363,8 +424,8 @@ def _fwd_kernel(
         acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
                                        TV + t_start * stride_tvt + hk * stride_tvh, f_ptr,
                                        stride_tkt, stride_tvt, stride_ft, stride_fi,
-                                       stride_fc, t_len, text_qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1,
-                                       DOT_PREC)
+                                       stride_fc, t_len, text_qk_scale, False, False, BLOCK_M, BLOCK_N,
+                                       HEAD_DIM, D0, D1, DOT_PREC)
         # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
@@ -375,7 +436,7 @@ def _fwd_kernel(
     acc0, acc1, m_i, l_i = _attend(q0, q1, K + start * stride_kt + hk * stride_kh,
                                    V + start * stride_vt + hk * stride_vh, f_ptr,
                                    stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
-                                   seq_len, qk_scale, ROPE, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                                   seq_len, qk_scale, ROPE, TMA, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
     out0 = acc0 / l_i[:, None]
     out1 = acc1 / l_i[:, None]
@@ -703,6 +764,30 @@ def _unit_head_dim(*tensors: torch.Tensor | None) -> list:
     return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
+def _descriptor_ready(*tensors: torch.Tensor) -> bool:
+    """Whether the forward may read these (T, H, Dh) tensors through tensor descriptors: a GPU with the copy
+    engine (sm_90+), 16-byte aligned data and token/head strides (views of a fused QKV projection are), and a
+    Triton with device-side descriptors. Sets Triton's scratch allocator (descriptors are built in global
+    memory) unless the application set its own."""
+    if INTERPRETED or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if tensors[0].device.type != "cuda" or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.stride(1) * size) % 16:
+            return False
+    _ensure_scratch_allocator()
+    return True
+
+
+def _ensure_scratch_allocator() -> None:
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _freq_args(freqs: torch.Tensor | None, q: torch.Tensor):
     if freqs is None:
         return q, (0, 0, 0)  # never dereferenced: ROPE is a constexpr False
@@ -758,7 +843,7 @@ def forward(
         *_rows(q, k, v, tk, tv, out),
         *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=freqs is not None,
-        DOT_PREC=_dot_precision(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype), TMA_OK=_descriptor_ready(k, v),
     )  # fmt: skip
     return out, o_text, lse, lse_t
 
