@@ -92,16 +92,17 @@ def test_zero_scale_and_strided_head_dims():
 
 
 def test_descriptor_loads(monkeypatch):
-    # The forward's tensor-descriptor (TMA) path, forced: zero-filled tails (37 = 32 + 5 keys, 1 key), the
-    # 72 = 64 + 16 head-dim split, GQA, in-kernel RoPE, gated text (which stays on pointer loads).
+    # The tensor-descriptor (TMA) key/value loads of the forward and dq kernels, forced: zero-filled tails
+    # (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA, in-kernel RoPE, gated text (pointer loads).
     from flagdit_kernels.triton import varlen_attention as va
 
     if ON_GPU and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90+")
     if not ON_GPU:
         monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
-    tile = va._fwd_cfg(32 if INTERPRETED else 64, 32 if INTERPRETED else 64, 4, 2, tma=True)
-    monkeypatch.setattr(va._fwd_kernel, "configs", [tile])
+    bm = bn = 32 if INTERPRETED else 64
+    monkeypatch.setattr(va._fwd_kernel, "configs", [va._fwd_cfg(bm, bn, 4, 2, tma=True)])
+    monkeypatch.setattr(va._bwd_dq, "configs", [va._cfg(bm, bn, 4, 2, TMA=True)])
     monkeypatch.setattr(va, "AUTOTUNE_MODE", "0")
     dtype = torch.float16
     inputs, mine, reference = _case([37, 1, 70], [5, 0, 9], 4, 2, 72, dtype, rope=True)

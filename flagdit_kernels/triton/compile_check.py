@@ -97,7 +97,7 @@ def variants(head_dims=(72, 128), all_configs: bool = False) -> list[tuple[str, 
         for rope in (False, True):
             fwd = dict(common, HAS_TEXT=True, ROPE=rope, TMA_OK=True)
             add(f"fwd D{d} text rope={rope}", va._fwd_kernel, va.FWD_CONFIGS, fwd)
-            add(f"dq D{d} text rope={rope}", va._bwd_dq, va.DQ_CONFIGS, dict(common, HAS_TEXT=True, ROPE=rope))
+            add(f"dq D{d} text rope={rope}", va._bwd_dq, va.DQ_CONFIGS, dict(fwd))
             for text in (False, True):
                 consts = dict(common, HAS_TEXT=text, ROPE=rope)
                 add(f"dkdv D{d} text={text} rope={rope}", va._bwd_dkdv, va.DKDV_CONFIGS, consts)

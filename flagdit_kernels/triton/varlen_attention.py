@@ -69,7 +69,7 @@ def _fwd_cfg(bm: int, bn: int, warps: int, stages: int, tma: bool = False) -> tr
 
 if INTERPRETED:
     FWD_CONFIGS = [_fwd_cfg(32, 32, 4, 1)]
-    DQ_CONFIGS = [_cfg(32, 32, 4, 1)]
+    DQ_CONFIGS = [_cfg(32, 32, 4, 1, TMA=False)]
     DKDV_CONFIGS = [_cfg(32, 32, 4, 1)]
 else:
     # Chosen from ptxas register/spill reports for sm_90 (Triton 3.6 and 3.9, bf16, Dh 128; no GPU was available
@@ -89,7 +89,13 @@ else:
         _fwd_cfg(128, 64, 8, 3, tma=True),
         _fwd_cfg(128, 128, 8, 2, tma=True),
     ]
-    DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)]
+    DQ_CONFIGS = [
+        _cfg(128, 64, 8, 2, TMA=False),
+        _cfg(128, 32, 8, 3, TMA=False),
+        _cfg(64, 64, 4, 2, TMA=False),
+        _cfg(64, 32, 4, 2, TMA=False),
+        _cfg(128, 64, 8, 2, TMA=True),
+    ]
     DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(16, 128, 8, 2)]
 
 
@@ -486,20 +492,19 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1, f_ptr,
              stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
              start_n, k_len, qk_scale,
-             MASK_N: tl.constexpr, ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+             MASK_N: tl.constexpr, ROPE_K: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+             HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
     dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
     rows, n_mask = _loop_tile(start_n, k_len, MASK_N, BLOCK_N)
-    shift = tl.cast(start_n, tl.int64)
-    f_ptr = f_ptr + shift * stride_ft
-    k0, k1 = _load_tile(k_base + shift * stride_kt, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
-                        ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_tile(v_base + shift * stride_vt, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
-                        False, BLOCK_N, HEAD_DIM, D0, D1)
+    f_ptr = f_ptr + tl.cast(start_n, tl.int64) * stride_ft
+    k0, k1 = _load_kv_tile(k_src0, k_src1, start_n, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
+                           TMA, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = _load_kv_tile(v_src0, v_src1, start_n, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
+                           TMA, False, BLOCK_N, HEAD_DIM, D0, D1)
     p = tl.exp2(_scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale - lse[:, None])
     if MASK_N:
         p = tl.where(n_mask[None, :], p, 0.0)
@@ -515,21 +520,23 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f
 def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
               stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
               k_len, qk_scale,
-              ROPE_K: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-              D1: tl.constexpr, DOT_PREC: tl.constexpr):
+              ROPE_K: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    k_src0, k_src1 = _kv_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = _kv_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1, f_ptr,
                             stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
-                            start_n, k_len, qk_scale, False, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                            start_n, k_len, qk_scale, False, ROPE_K, TMA, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if n_full < k_len:
-        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, f_ptr,
+        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1, f_ptr,
                             stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
-                            n_full, k_len, qk_scale, True, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                            n_full, k_len, qk_scale, True, ROPE_K, TMA, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     return dq0, dq1
 
 
-@_autotune(DQ_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC"])
+@_autotune(DQ_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "ROPE", "DOT_PREC", "TMA_OK"])
 @triton.jit
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, FREQS, DO, DQ, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
@@ -543,9 +550,11 @@ def _bwd_dq(
     stride_dqt, stride_dqh,
     stride_ft, stride_fi, stride_fc,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, TMA_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
-    """dq of one block of queries for one head: self keys (rotated), then text keys; rotated back at the end."""
+    """dq of one block of queries for one head: self keys (rotated; through tensor descriptors with TMA), then
+    text keys; rotated back at the end."""
+    tl.static_assert(TMA_OK or not TMA)
     pid_m = tl.program_id(0)
     b, h, hk = _query_heads(H, GROUP)
     start, seq_len = _segment(CU, b)
@@ -565,7 +574,7 @@ def _bwd_dq(
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
                          V + start * stride_vt + hk * stride_vh, f_ptr,
                          stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
-                         seq_len, qk_scale, ROPE, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                         seq_len, qk_scale, ROPE, TMA, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT:
         t_start, t_len = _segment(TCU, b)
         t_start = t_start.to(tl.int64)
@@ -577,7 +586,7 @@ def _bwd_dq(
         dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_t, delta_t, tl.load(TGATE + h),
                              TK + t_start * stride_tkt + hk * stride_tkh, TV + t_start * stride_tvt + hk * stride_tvh,
                              f_ptr, stride_tkt, stride_tvt, stride_ft, stride_fi, stride_fc,
-                             t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                             t_len, text_qk_scale, False, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
         dq0 = dq0 * text_scale
         dq1 = dq1 * text_scale
     else:
@@ -907,7 +916,7 @@ def backward(
         softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H, H // h_kv,
         *_rows(q, k, v, tk, tv, dout, dq),
         *f_strides,
-        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
     )  # fmt: skip
     # Text key blocks first in the grid (program ids are dispatched in order): they run alongside the self ones.
     text_len = text_max_seqlen if has_text else 0
