@@ -9,8 +9,9 @@ Forward, one program per (block of BLOCK_M queries of one sequence, query head):
   1. load the q tile (rotating it by RoPE in registers when ``freqs`` is given), rounded to the input dtype
      like the reference;
   2. online softmax with scale 1/sqrt(Dh) over the sample's text keys (never rotated); ``o_text`` is written
-     (the backward needs it) and kept in registers in the input dtype;
-  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, rotated as loaded;
+     to memory (the backward needs it) and read back in step 4, so it holds no registers during step 3;
+  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, rotated as loaded
+     (pointer loads, or tensor descriptors / the copy engine where the autotuner picks them on sm_90+);
   4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (log2 units).
 The grid's first axis covers ``cdiv(max_seqlen, BLOCK_M)`` blocks of every sequence; blocks past a sequence's
 end return at once (cheap next to a real block), so no host sync is needed beyond the Python int max_seqlen.
@@ -19,9 +20,10 @@ Backward (deterministic, no atomics):
   * ``_bwd_preprocess``: ``delta_self = rowsum(dO * o_self)`` with ``o_self = out - tg * o_text``,
     ``r = rowsum(dO * o_text)``, ``delta_text = tg * r``; the caller sums ``r`` per head for d tanh(gate).
   * ``_bwd_dkdv``: one program per (key block, sample, kv head) loops over the GQA group's query heads and the
-    sample's query blocks (the same kernel serves self keys, rotated, and text keys with dO scaled by tg);
-    dk is rotated back by the inverse RoPE before it is written.
-  * ``_bwd_dq``: one program per (query block, head) loops over self keys, then text keys; dq is rotated back.
+    sample's query blocks; one launch covers the text key blocks (dO scaled by tg, first in the grid) and the
+    self key blocks (rotated; dk is rotated back by the inverse RoPE before it is written).
+  * ``_bwd_dq``: one program per (query block, head) loops over self keys (pointer or descriptor loads, as for
+    the forward), then text keys; dq is rotated back.
 
 Head dims that are not powers of two run as two power-of-two column chunks (72 = 64 + 16 padded to 80, 96 = 64 + 32,
 48 = 32 + 16) with masked loads, so the padding costs at most a few columns instead of the next power of two.
