@@ -79,7 +79,7 @@ else:
     # 128-row fp32 accumulator); small query tiles for dk/dv (dk and dv accumulators plus k and v stay resident
     # for a whole program). Each extra config costs a compile (seconds) the first time a variant is tuned.
     # The forward also tries the copy engine (TMA) for keys and values: no address arithmetic in the loop and
-    # 183 instead of 224 registers at 128x64 (Triton 3.6, sm_90). Triton's warp specialization (tl.range(...,
+    # 188 instead of 230 registers at 128x64 (Triton 3.6, sm_90, D128). Triton's warp specialization (tl.range(...,
     # warp_specialize=True)) was tried too: 3.6 does not split this loop on sm_90 (a kernel with work after the
     # loop, our tail tile, is left unspecialized, and one variant crashed its pass manager), so it is not offered.
     FWD_CONFIGS = [
@@ -244,7 +244,7 @@ def _rope_chunk(x, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
 @triton.jit
 def _load_tile(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
                ROPE: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
-    """(R, D0) and (R, D1) chunks of rows ``rows`` (int64, relative to ``base``), zero outside the masks."""
+    """(R, D0) and (R, D1) chunks of rows ``rows`` (row indices relative to ``base``), zero outside the masks."""
     x0 = _load_chunk(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stride_fc,
                      ROPE, R, 0, D0, HEAD_DIM)
     if D1 > 0:
