@@ -59,7 +59,7 @@ def test_launch_modes(monkeypatch, mode, head_dim, expected_runs, tuned):
     assert kernel.tuned == tuned
 
 
-def test_compile_mode_skips_configs_the_card_cannot_hold(monkeypatch):
+def test_configs_the_card_cannot_hold_are_skipped(monkeypatch):
     from triton.runtime.errors import OutOfResources
 
     from flagdit_kernels.triton import varlen_attention as va
@@ -68,7 +68,11 @@ def test_compile_mode_skips_configs_the_card_cannot_hold(monkeypatch):
     monkeypatch.setattr(va, "AUTOTUNE_MODE", "compile")
     va._launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
     assert kernel.runs == [(64, 64, 4, 2), (64, 32, 4, 2)]
-    monkeypatch.setattr(va, "AUTOTUNE_MODE", "0")  # untuned, the one config must run: the error surfaces
+    monkeypatch.setattr(va, "AUTOTUNE_MODE", "0")  # untuned: the first config the card holds
+    kernel.runs.clear()
+    va._launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
+    assert kernel.runs == [(64, 64, 4, 2)]
+    kernel = _Recorder(_configs(), fail_on={(128, 64), (64, 64), (64, 32)})  # none fits: the error surfaces
     with pytest.raises(OutOfResources):
         va._launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
 

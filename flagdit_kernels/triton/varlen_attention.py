@@ -119,20 +119,21 @@ def _autotune(configs, key):
 
 def _launch(kernel, grid, *args, **consts) -> None:
     """Launches an autotuned kernel as AUTOTUNE_MODE says: tuned ("1"), with the first config that fits this head
-    dim ("0", the interpreter), or once with every config that fits ("compile")."""
+    dim and the card ("0", the interpreter), or once with every config that fits ("compile")."""
     if AUTOTUNE_MODE == "1":
         kernel[grid](*args, **consts)
         return
-    configs = _prune(kernel.configs, consts)
-    if AUTOTUNE_MODE == "0":
-        configs = configs[:1]
-    for config in configs:
+    error = None
+    for config in _prune(kernel.configs, consts):
         try:
             kernel.fn[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        except (OutOfResources, PTXASError):
-            if AUTOTUNE_MODE == "0":
-                raise
-            # The autotuner skips a config this card cannot hold (shared memory, registers); so does warming.
+        except (OutOfResources, PTXASError) as exc:
+            error = exc  # the card cannot hold this tile (shared memory, registers): the autotuner skips it too
+            continue
+        if AUTOTUNE_MODE == "0":
+            return
+    if AUTOTUNE_MODE == "0" and error is not None:
+        raise error
 
 
 # --------------------------------------------------------------------------------------------------------------
