@@ -353,7 +353,7 @@ def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, f
     # Every tile holds at least one real key, so m_new is finite and no row ever computes -inf - -inf.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
+    p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))  # explicit: Triton 3.10 stops fusing mul + sub by default
     if MASK_N:
         p = tl.where(n_mask[None, :], p, 0.0)  # -inf * 0 is NaN when the scale is 0 (proportional scale, 1 token)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -508,7 +508,7 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v
                            TMA, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
     v0, v1 = _load_kv_tile(v_src0, v_src1, start_n, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
                            TMA, False, BLOCK_N, HEAD_DIM, D0, D1)
-    p = tl.exp2(_scores(q0, q1, k0, k1, D1, DOT_PREC) * qk_scale - lse[:, None])
+    p = tl.exp2(tl.fma(_scores(q0, q1, k0, k1, D1, DOT_PREC), qk_scale, -lse[:, None]))
     if MASK_N:
         p = tl.where(n_mask[None, :], p, 0.0)
     dp = _scores(do0, do1, v0, v1, D1, DOT_PREC) * do_scale
@@ -618,7 +618,7 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, del
                           stride_fc, False, BLOCK_M, HEAD_DIM, D0, D1)
     lse = tl.load(lse_ptr + shift + rows, mask=m_mask, other=0.0)
     delta = tl.load(delta_ptr + shift + rows, mask=m_mask, other=0.0)
-    p_t = tl.exp2(_scores(k0, k1, q0, q1, D1, DOT_PREC) * qk_scale - lse[None, :])
+    p_t = tl.exp2(tl.fma(_scores(k0, k1, q0, q1, D1, DOT_PREC), qk_scale, -lse[None, :]))
     if MASK_M:
         p_t = tl.where(m_mask[None, :], p_t, 0.0)
     # Folding do_scale into p keeps a single dv accumulator across the GQA group (a per-head one would spill).
