@@ -333,18 +333,29 @@ def _kv_source(base, length, stride_t, TMA: tl.constexpr, R: tl.constexpr, HEAD_
 
 
 @triton.jit
-def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, f_ptr,
-                 stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
-                 start_n, k_len, qk_scale,
-                 MASK_N: tl.constexpr, ROPE_K: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
+def _load_kv_pair(k_src0, k_src1, v_src0, v_src1, f_ptr, stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
+                  start_n, k_len, MASK_N: tl.constexpr, ROPE_K: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """The key tile (rotated when ROPE_K) and value tile of the BLOCK_N keys from ``start_n``, and the key mask."""
     rows, n_mask = _loop_tile(start_n, k_len, MASK_N, BLOCK_N)
     f_ptr = f_ptr + tl.cast(start_n, tl.int64) * stride_ft
     k0, k1 = _load_kv_tile(k_src0, k_src1, start_n, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
                            TMA, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
     v0, v1 = _load_kv_tile(v_src0, v_src1, start_n, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
                            TMA, False, BLOCK_N, HEAD_DIM, D0, D1)
+    return k0, k1, v0, v1, n_mask
+
+
+@triton.jit
+def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, f_ptr,
+                 stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
+                 start_n, k_len, qk_scale,
+                 MASK_N: tl.constexpr, ROPE_K: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
+    k0, k1, v0, v1, n_mask = _load_kv_pair(k_src0, k_src1, v_src0, v_src1, f_ptr, stride_kt, stride_vt, stride_ft,
+                                           stride_fi, stride_fc, start_n, k_len, MASK_N, ROPE_K, TMA, BLOCK_N,
+                                           HEAD_DIM, D0, D1)
     s = _scores(q0, q1, k0, k1, D1, DOT_PREC)
     if MASK_N:
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -502,12 +513,9 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v
              HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
     dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
-    rows, n_mask = _loop_tile(start_n, k_len, MASK_N, BLOCK_N)
-    f_ptr = f_ptr + tl.cast(start_n, tl.int64) * stride_ft
-    k0, k1 = _load_kv_tile(k_src0, k_src1, start_n, rows, n_mask, stride_kt, f_ptr, stride_ft, stride_fi, stride_fc,
-                           TMA, ROPE_K, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_kv_tile(v_src0, v_src1, start_n, rows, n_mask, stride_vt, f_ptr, stride_ft, stride_fi, stride_fc,
-                           TMA, False, BLOCK_N, HEAD_DIM, D0, D1)
+    k0, k1, v0, v1, n_mask = _load_kv_pair(k_src0, k_src1, v_src0, v_src1, f_ptr, stride_kt, stride_vt, stride_ft,
+                                           stride_fi, stride_fc, start_n, k_len, MASK_N, ROPE_K, TMA, BLOCK_N,
+                                           HEAD_DIM, D0, D1)
     p = tl.exp2(tl.fma(_scores(q0, q1, k0, k1, D1, DOT_PREC), qk_scale, -lse[:, None]))
     if MASK_N:
         p = tl.where(n_mask[None, :], p, 0.0)
