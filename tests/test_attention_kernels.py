@@ -270,6 +270,17 @@ def test_int64_offsets_large_packed_batch():
     assert math.isfinite(out.float().norm().item())
 
 
+@pytest.mark.skipif(not ON_GPU, reason="a grid past CUDA's 65535 limit on its second axis needs a GPU launch")
+def test_more_samples_times_heads_than_a_grid_axis_holds():
+    # 40000 one-token samples x 2 heads: batch * heads > 65535, the limit of a CUDA grid's second and third axes.
+    lens = [1] * 40000
+    inputs, mine, _ = _case(lens, [1] * 40000, 2, 1, 32, torch.float16)
+    out = mine(**inputs)
+    # Each query attends to its own key alone: out = v + tanh(gate) * text_v (GQA: one kv head for both).
+    expected = inputs["v"].float() + torch.tanh(inputs["gate"].float())[None, :, None] * inputs["text_v"].float()
+    assert_rel_close(out, expected, TOLERANCE["attention"][torch.float16])
+
+
 @pytest.mark.skipif(not ON_GPU, reason="GPU-sized tiles (autotuned 64/128-row blocks) need a GPU")
 @pytest.mark.parametrize("head_dim", [128, 72])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

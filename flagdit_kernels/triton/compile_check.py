@@ -28,7 +28,7 @@ from . import varlen_attention as va
 
 _FP32_POINTERS = {"LSE", "LSE_T", "DELTA", "DELTA_T", "R", "TGATE", "FREQS"}
 _INT_POINTERS = {"CU", "TCU", "CU_K"}
-_INT_SCALARS = {"T", "H", "GROUP", "H_KV", "text_max_seqlen"}
+_INT_SCALARS = {"T", "GROUP", "text_max_seqlen"}
 
 
 def _source(fn, dtype: str, constexprs: dict) -> ASTSource:

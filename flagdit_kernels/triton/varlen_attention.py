@@ -13,7 +13,7 @@ Forward, one program per (block of BLOCK_M queries of one sequence, query head):
   3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, rotated as loaded
      (pointer loads, or tensor descriptors / the copy engine where the autotuner picks them on sm_90+);
   4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (log2 units).
-The grid's first axis covers ``cdiv(max_seqlen, BLOCK_M)`` blocks of every sequence; blocks past a sequence's
+The grid is (``cdiv(max_seqlen, BLOCK_M)`` blocks, heads, samples); blocks past a sequence's
 end return at once (cheap next to a real block), so no host sync is needed beyond the Python int max_seqlen.
 
 Backward (deterministic, no atomics):
@@ -188,12 +188,11 @@ def _segment(cu, b):
 
 
 @triton.jit
-def _query_heads(H, GROUP):
-    """(sample, query head, kv head) of a program whose second grid axis runs over batch * H."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    return b, h, h // GROUP
+def _query_heads(GROUP):
+    """(sample, query head, kv head) of a program of a (blocks, heads, batch) grid: heads and samples on the
+    second and third axes (each up to 65535), not folded into one that batch * heads could overflow."""
+    h = tl.program_id(1)
+    return tl.program_id(2), h, h // GROUP
 
 
 @triton.jit
@@ -409,7 +408,7 @@ def _attend(q0, q1, k_base, v_base, f_ptr,
 @triton.jit
 def _fwd_kernel(
     Q, K, V, TK, TV, TGATE, FREQS, OUT, OTEXT, LSE, LSE_T, CU, TCU,
-    qk_scale, text_qk_scale, T, H, GROUP,
+    qk_scale, text_qk_scale, T, GROUP,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -423,7 +422,7 @@ def _fwd_kernel(
     # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
     tl.static_assert(TMA_OK or not TMA)
     pid_m = tl.program_id(0)
-    b, h, hk = _query_heads(H, GROUP)
+    b, h, hk = _query_heads(GROUP)
     start, seq_len = _segment(CU, b)
     if pid_m * BLOCK_M >= seq_len:
         return
@@ -551,7 +550,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 @triton.jit
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, FREQS, DO, DQ, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
-    qk_scale, text_qk_scale, sm_scale, text_scale, T, H, GROUP,
+    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -567,7 +566,7 @@ def _bwd_dq(
     text keys; rotated back at the end."""
     tl.static_assert(TMA_OK or not TMA)
     pid_m = tl.program_id(0)
-    b, h, hk = _query_heads(H, GROUP)
+    b, h, hk = _query_heads(GROUP)
     start, seq_len = _segment(CU, b)
     if pid_m * BLOCK_M >= seq_len:
         return
@@ -663,7 +662,7 @@ def _load_keys(base, rows, row_mask, stride_t, f_ptr, stride_ft, stride_fi, stri
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, TK, TV, TGATE, FREQS, DO, DK, DV, DTK, DTV, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
-    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, H_KV, text_max_seqlen,
+    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, text_max_seqlen,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -677,14 +676,13 @@ def _bwd_dkdv(
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order
     (deterministic). Self keys and text keys share the launch: the first cdiv(text_max_seqlen, BLOCK_N) key blocks
-    of the grid are the sample's text keys. (A separate text launch has only batch * H_KV programs, each looping
+    of the grid are the sample's text keys. (A separate text launch has only batch * Hkv programs, each looping
     over all of its sample's queries: on a long sample it runs as long as a self key block, on an idle GPU.)
     Both kinds run the same code on run-time pointers and scales, so the loop is compiled once; what only the
     epilogue needs is selected after the loop, so it does not occupy registers during it."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_KV
-    hk = pid_bh % H_KV
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
     if HAS_TEXT:
         n_text = tl.cdiv(text_max_seqlen, BLOCK_N)
         is_text = pid_n < n_text
@@ -855,11 +853,11 @@ def forward(
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
     f, f_strides = _freq_args(freqs, q)
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * H)
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), H, batch)
     _launch(
         _fwd_kernel, grid,
         q, k, v, tk, tv, tg, f, out, ot, lse, lt, cu_seqlens, tcu,
-        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H, H // h_kv,
+        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv,
         *_rows(q, k, v, tk, tv, out),
         *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=freqs is not None,
@@ -920,11 +918,11 @@ def backward(
     prec = _dot_precision(q.dtype)
     text_scale = 1.0 / math.sqrt(D)
     rope = freqs is not None
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * H)
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), H, batch)
     _launch(
         _bwd_dq, grid,
         q, k, v, tk, tv, tg, f, dout, dq, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H, H // h_kv,
+        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv,
         *_rows(q, k, v, tk, tv, dout, dq),
         *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
@@ -932,13 +930,13 @@ def backward(
     # Text key blocks first in the grid (program ids are dispatched in order): they run alongside the self ones.
     text_len = text_max_seqlen if has_text else 0
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) + triton.cdiv(text_len, meta["BLOCK_N"]),
-                         batch * h_kv)  # fmt: skip
+                         h_kv, batch)  # fmt: skip
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk, dv)
     _launch(
         _bwd_dkdv, grid,
         q, k, v, tk, tv, tg, f, dout, dk, dv, dtk_, dtv_, lse, lse_t if has_text else lse, delta, delta_t,
         cu_seqlens, tcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, h_kv, text_len,
+        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, text_len,
         *_rows(q, k, v, tk, tv, dout, dk, dtk_), *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
     )  # fmt: skip
