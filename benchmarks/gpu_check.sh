@@ -48,8 +48,8 @@ head -c 1500 "$OUT_DIR/info.json"; echo
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   phase "warm compile caches ($FAMILIES)"
   # WARM_JOBS processes each hold one family's inputs (up to ~7 GB for attention): 6 fit an 80 GB H100.
-  timeout "$(limit "${WARM_TIMEOUT:-150}")" python3 -m flagdit_kernels.bench.warm --jobs "${WARM_JOBS:-6}" --families "$FAMILIES" \
-    > "$OUT_DIR/warm.log" 2>&1
+  timeout "$(limit "${WARM_TIMEOUT:-150}")" python3 -m flagdit_kernels.bench.warm --jobs "${WARM_JOBS:-6}" \
+    --families "$FAMILIES" > "$OUT_DIR/warm.log" 2>&1
   echo "warm rc=$?"; grep -v ": ok (" "$OUT_DIR/warm.log" | grep "^\[warm" | tail -15
 fi
 
@@ -70,17 +70,21 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # results; the JSON files are merged into one for the report.
   rm -rf /tmp/bench_json && mkdir -p /tmp/bench_json
   : > "$OUT_DIR/bench.log"
+  filter=()
+  [ -n "${BENCH_FILTER:-}" ] && filter=(-k "$BENCH_FILTER")
   for family in ${FAMILIES//,/ }; do
     phase "benchmarks: $family"
     timeout "$(limit "${BENCH_TIMEOUT:-150}")" python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-      --bench-families "$family" ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="/tmp/bench_json/$family.json" \
+      --bench-families "$family" "${filter[@]}" --benchmark-json="/tmp/bench_json/$family.json" \
       --benchmark-columns=median,rounds >> "$OUT_DIR/bench.log" 2>&1
     echo "$family rc=$?"
   done
   python3 - "$OUT_DIR/bench.json" /tmp/bench_json/*.json <<'PY'
-import json, sys
+import json, os, sys
 merged = None
 for path in sys.argv[2:]:
+    if not os.path.exists(path):  # no family finished: the glob stayed a pattern
+        continue
     data = json.load(open(path))
     if merged is None:
         merged = data
