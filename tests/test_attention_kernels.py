@@ -91,7 +91,8 @@ def test_zero_scale_and_strided_head_dims():
     compare_with_reference(mine, reference, inputs, torch.float32, family="attention")
 
 
-def test_descriptor_loads(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_descriptor_loads(monkeypatch, dtype):
     # The tensor-descriptor (TMA) key/value loads of the forward and dq kernels, forced: zero-filled tails
     # (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA, in-kernel RoPE, gated text (pointer loads).
     from flagdit_kernels.triton import varlen_attention as va
@@ -104,7 +105,6 @@ def test_descriptor_loads(monkeypatch):
     monkeypatch.setattr(va._fwd_kernel, "configs", [va._fwd_cfg(bm, bn, 4, 2, tma=True)])
     monkeypatch.setattr(va._bwd_dq, "configs", [va._cfg(bm, bn, 4, 2, TMA=True)])
     monkeypatch.setattr(va, "AUTOTUNE_MODE", "0")
-    dtype = torch.float16
     inputs, mine, reference = _case([37, 1, 70], [5, 0, 9], 4, 2, 72, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
 
