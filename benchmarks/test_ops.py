@@ -4,6 +4,8 @@
 case's byte/FLOP floor, their share of the measured copy bandwidth / matmul rate, and the ceilings.
 """
 
+import sys
+
 import pytest
 import torch
 from conftest import bench_families, bench_settings
@@ -53,6 +55,9 @@ def test_op(benchmark, case, impl, bench_device):
             matmul_TFLOPs=mm,
             device=torch.cuda.get_device_name() if bench_device.type == "cuda" else "cpu",
         )
+        attention = sys.modules.get("flagdit_kernels.triton.varlen_attention")
+        if attention is not None and attention.AUTOTUNE_MODE == "1":
+            benchmark.extra_info["tuned_tiles"] = attention.tuned_tiles()  # what the autotuner chose so far
     benchmark.pedantic(
         run, rounds=10 if not benchmark.disabled else 1, warmup_rounds=1 if not benchmark.disabled else 0
     )

@@ -52,6 +52,9 @@ def synthetic() -> dict:
         _bench("diffusers_lumina_next", "2B 1024px B2", "fwd", "diffusers eager", 140.0, tflop=29.3),
         _bench("diffusers_lumina_next", "2B 1024px B2", "fwd", "torch.compile", 120.0, tflop=29.3),
     ]
+    # The attention rows carry the autotuner's choices so far (cumulative): the report lists the union.
+    rows[6]["extra_info"]["tuned_tiles"] = {"forward": {"(128, False)": "BLOCK_M: 128, BLOCK_N: 64"}}
+    rows[7]["extra_info"]["tuned_tiles"] = {"forward": {"(72, True)": "BLOCK_M: 128, BLOCK_N: 128, TMA: True"}}
     unrelated = {"group": None, "name": "test_other", "stats": {"median": 1.0}, "extra_info": {}}
     return {"machine_info": {}, "datetime": "2026-11-26T03:00:00", "benchmarks": [*rows, unrelated]}
 
@@ -76,6 +79,8 @@ def test_markdown_and_png(tmp_path, capsys):
     ref_row = next(line for line in lines if "| reference |" in line)
     assert f"{300 / 3416:.2f}x" in ref_row
     assert "test_other" not in text
+    tiles = text[text.index("## Tiles the autotuner chose") :]
+    assert "| forward | `(128, False)` | `BLOCK_M: 128, BLOCK_N: 64` |" in tiles and "TMA: True" in tiles
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert "wrote" in capsys.readouterr().out
 

@@ -57,6 +57,7 @@ class Results:
     devices: set[str] = field(default_factory=set)
     sources: list[str] = field(default_factory=list)
     dates: set[str] = field(default_factory=set)
+    tuned_tiles: dict[str, dict[str, str]] = field(default_factory=dict)  # attention kernel -> {key: config}
 
 
 def _num(value) -> float | None:
@@ -89,6 +90,8 @@ def _from_pytest_benchmark(data: dict, results: Results) -> None:
         results.matmul_tflops = results.matmul_tflops or _num(info.get("matmul_TFLOPs"))
         if info.get("device"):
             results.devices.add(str(info["device"]))
+        for kernel, tiles in (info.get("tuned_tiles") or {}).items():
+            results.tuned_tiles.setdefault(kernel, {}).update(tiles)
     if data.get("datetime"):
         results.dates.add(str(data["datetime"])[:10])
 
@@ -201,6 +204,11 @@ def markdown(results: Results) -> str:
                 f"| {op} | {shape} | {direction} | {name} | {_fmt_ms(row.ms)} | {_fmt(row.gbps)} | "
                 f"{_fmt(row.tflops, 2)} | {_peak_pct(row, results)} | {ratio} |"
             )
+    if results.tuned_tiles:
+        lines += ["", "## Tiles the autotuner chose (attention)", "", "| kernel | tuning key | config |"]
+        lines.append("| --- | --- | --- |")
+        for kernel, tiles in results.tuned_tiles.items():
+            lines += [f"| {kernel} | `{key}` | `{config}` |" for key, config in sorted(tiles.items())]
     return "\n".join(lines) + "\n"
 
 

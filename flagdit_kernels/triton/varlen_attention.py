@@ -771,6 +771,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def tuned_tiles() -> dict[str, dict[str, str]]:
+    """The tiles the autotuner chose so far in this process, per kernel: {tuning key: config}, for reports."""
+    kernels = {"forward": _fwd_kernel, "dq": _bwd_dq, "dk/dv": _bwd_dkdv}
+    return {name: {str(key): str(config) for key, config in k.cache.items()} for name, k in kernels.items()}
+
+
 def _rows(*tensors: torch.Tensor) -> tuple[int, ...]:
     """(token stride, head stride) of each (T, H, Dh) tensor, whose head dim the kernels read as contiguous."""
     return tuple(stride for t in tensors for stride in t.stride()[:2])
