@@ -399,6 +399,19 @@ def _attend(q0, q1, k_base, v_base, f_ptr,
     return acc0, acc1, m_i, l_i
 
 
+@triton.jit
+def _query_tile(Q, FREQS, start, seq_len, pid_m, h, T, stride_qt, stride_qh, stride_ft, stride_fi, stride_fc,
+                ROPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr):
+    """Block ``pid_m`` of the queries of head h in the sequence starting at token ``start`` (int64): (rows,
+    mask, the sequence's freqs pointer, the q chunks rotated when ROPE, offsets into (H, T) LSE-shaped arrays)."""
+    rows, m_mask = _tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
+    f_ptr = FREQS + start * stride_ft
+    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt,
+                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
+    return rows, m_mask, f_ptr, q0, q1, h.to(tl.int64) * T + start + rows
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------------------
@@ -427,11 +440,9 @@ def _fwd_kernel(
     if pid_m * BLOCK_M >= seq_len:
         return
     start = start.to(tl.int64)
-    rows, m_mask = _tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
-    f_ptr = FREQS + start * stride_ft
-    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt,
-                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
-    lse_off = h.to(tl.int64) * T + start + rows
+    rows, m_mask, f_ptr, q0, q1, lse_off = _query_tile(Q, FREQS, start, seq_len, pid_m, h, T, stride_qt, stride_qh,
+                                                       stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM,
+                                                       D0, D1)
     o_base = start * stride_ot + h * stride_oh
 
     # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
@@ -571,13 +582,11 @@ def _bwd_dq(
     if pid_m * BLOCK_M >= seq_len:
         return
     start = start.to(tl.int64)
-    rows, m_mask = _tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
-    f_ptr = FREQS + start * stride_ft
-    q0, q1 = _load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt,
-                        f_ptr, stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM, D0, D1)
+    rows, m_mask, f_ptr, q0, q1, lse_off = _query_tile(Q, FREQS, start, seq_len, pid_m, h, T, stride_qt, stride_qh,
+                                                       stride_ft, stride_fi, stride_fc, ROPE, BLOCK_M, HEAD_DIM,
+                                                       D0, D1)
     do0, do1 = _load_tile(DO + start * stride_dot + h * stride_doh, rows, m_mask, stride_dot,
                           f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_M, HEAD_DIM, D0, D1)
-    lse_off = h.to(tl.int64) * T + start + rows
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0)
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = _zeros_tile(BLOCK_M, D0, D1)
