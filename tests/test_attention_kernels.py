@@ -102,7 +102,7 @@ def test_descriptor_loads(monkeypatch, dtype):
     if not ON_GPU:
         monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
     bm = bn = 32 if INTERPRETED else 64
-    monkeypatch.setattr(va._fwd_kernel, "configs", [va._fwd_cfg(bm, bn, 4, 2, tma=True)])
+    monkeypatch.setattr(va._fwd_kernel, "configs", [va._cfg(bm, bn, 4, 2, TMA=True)])
     monkeypatch.setattr(va._bwd_dq, "configs", [va._cfg(bm, bn, 4, 2, TMA=True)])
     monkeypatch.setattr(va, "AUTOTUNE_MODE", "0")
     inputs, mine, reference = _case([37, 1, 70], [5, 0, 9], 4, 2, 72, dtype, rope=True)

@@ -61,16 +61,13 @@ if AUTOTUNE_MODE not in ("0", "1", "compile"):
 
 
 def _cfg(bm: int, bn: int, warps: int, stages: int, **flags) -> triton.Config:
+    """A tile; ``flags`` are the kernel's other tuned constexprs (TMA: keys and values through tensor descriptors,
+    for the forward and dq kernels)."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **flags}, num_warps=warps, num_stages=stages)
 
 
-def _fwd_cfg(bm: int, bn: int, warps: int, stages: int, tma: bool = False) -> triton.Config:
-    """A forward tile; ``tma``: keys and values through tensor descriptors (the copy engine)."""
-    return _cfg(bm, bn, warps, stages, TMA=tma)
-
-
 if INTERPRETED:
-    FWD_CONFIGS = [_fwd_cfg(32, 32, 4, 1)]
+    FWD_CONFIGS = [_cfg(32, 32, 4, 1, TMA=False)]
     DQ_CONFIGS = [_cfg(32, 32, 4, 1, TMA=False)]
     DKDV_CONFIGS = [_cfg(32, 32, 4, 1)]
 else:
@@ -83,13 +80,13 @@ else:
     # warp_specialize=True)) was tried too: 3.6 does not split this loop on sm_90 (a kernel with work after the
     # loop, our tail tile, is left unspecialized, and one variant crashed its pass manager), so it is not offered.
     FWD_CONFIGS = [
-        _fwd_cfg(128, 64, 8, 3),
-        _fwd_cfg(128, 128, 8, 2),
-        _fwd_cfg(128, 64, 8, 4),
-        _fwd_cfg(64, 64, 4, 3),
-        _fwd_cfg(64, 32, 4, 2),
-        _fwd_cfg(128, 64, 8, 3, tma=True),
-        _fwd_cfg(128, 128, 8, 2, tma=True),
+        _cfg(128, 64, 8, 3, TMA=False),
+        _cfg(128, 128, 8, 2, TMA=False),
+        _cfg(128, 64, 8, 4, TMA=False),
+        _cfg(64, 64, 4, 3, TMA=False),
+        _cfg(64, 32, 4, 2, TMA=False),
+        _cfg(128, 64, 8, 3, TMA=True),
+        _cfg(128, 128, 8, 2, TMA=True),
     ]
     DQ_CONFIGS = [
         _cfg(128, 64, 8, 2, TMA=False),
