@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flagdit_kernels as fk
-from flagdit_kernels.nn import GatedVarlenAttention, RMSNorm, op_backend
-from flagdit_kernels.reference.packing import NEXTFRAME, NEXTLINE
+from flagdit_kernels.nn import GatedVarlenAttention, RMSNorm
 
 from .configs import FlagDiTConfig, get_config
 
@@ -75,9 +74,7 @@ def _zero_linear(n_in: int, n_out: int) -> nn.Linear:
 class TokenLayout:
     """What every block needs to know about the packed image tokens of one forward call."""
 
-    cu_seqlens: torch.Tensor  # int32 (B+1,)
-    max_seqlen: int
-    sample: torch.Tensor  # int64 (T,): the sample each token belongs to
+    seqs: fk.VarlenLayout  # offsets, max_seqlen and the sample of every token, validated once per forward
     freqs: torch.Tensor  # float32 (T, head_dim/2, 2)
     softmax_scale: float | None
 
@@ -87,15 +84,14 @@ class TextContext:
     """Caption conditioning of one batch, reusable across sampling steps (the caption does not change).
 
     ``cap_emb`` ``(B, adaln_dim)`` is the embedded masked-mean caption; ``y`` ``(Tt, cap_feat_dim)`` the valid
-    caption tokens packed by ``cu_seqlens``; ``kv[i]``, when cached, the text keys/values of block i
+    caption tokens packed as ``seqs`` says; ``kv[i]``, when cached, the text keys/values of block i
     (``(Tt, Hkv, Dh)`` each), else None and block i computes them in its forward (as it must under FSDP,
     where a block's weights exist only inside its forward).
     """
 
     cap_emb: torch.Tensor
     y: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
+    seqs: fk.VarlenLayout
     kv: list[tuple[torch.Tensor, torch.Tensor] | None]
 
     @property
@@ -136,36 +132,33 @@ class TransformerBlock(nn.Module):
     def _attend(self, h: torch.Tensor, layout: TokenLayout, text: TextContext, kv) -> torch.Tensor:
         return self.attention(
             h,
-            layout.cu_seqlens,
-            layout.max_seqlen,
+            layout.seqs,
+            None,
             layout.freqs,
-            y_cu_seqlens=text.cu_seqlens,
-            y_max_seqlen=text.max_seqlen,
+            y_cu_seqlens=text.seqs,
             softmax_scale=layout.softmax_scale,
             text_kv=kv,
         )
 
     def forward(self, x, layout: TokenLayout, text: TextContext, kv, adaln_input: torch.Tensor) -> torch.Tensor:
-        cu, eps = layout.cu_seqlens, self.eps
+        seqs, eps, prefer = layout.seqs, self.eps, self.backend
+        sample = seqs.sample_index
         if kv is None:
             kv = self.text_kv(text.y)
         mod = self.adaLN_modulation(adaln_input)
         if self.variant == "flag":
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-            modulate = op_backend("rms_norm_modulate", self.backend)
-            h = fk.rms_norm_modulate(x, self.attention_norm.weight, scale_msa, shift_msa, eps, cu, backend=modulate)
-            x = x + gate_msa[layout.sample] * self._attend(h, layout, text, kv)
-            h = fk.rms_norm_modulate(x, self.ffn_norm.weight, scale_mlp, shift_mlp, eps, cu, backend=modulate)
-            return x + gate_mlp[layout.sample] * self.feed_forward(h)
+            h = fk.rms_norm_modulate(x, self.attention_norm.weight, scale_msa, shift_msa, eps, seqs, prefer=prefer)
+            x = x + gate_msa[sample] * self._attend(h, layout, text, kv)
+            h = fk.rms_norm_modulate(x, self.ffn_norm.weight, scale_mlp, shift_mlp, eps, seqs, prefer=prefer)
+            return x + gate_mlp[sample] * self.feed_forward(h)
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
-        modulate = op_backend("rms_norm_modulate", self.backend)
-        residual = op_backend("gated_residual_rms_norm", self.backend)
-        h = fk.rms_norm_modulate(x, self.attention_norm1.weight, scale_msa, None, eps, cu, backend=modulate)
+        h = fk.rms_norm_modulate(x, self.attention_norm1.weight, scale_msa, None, eps, seqs, prefer=prefer)
         a = self._attend(h, layout, text, kv)
-        x = fk.gated_residual_rms_norm(x, a, self.attention_norm2.weight, gate_msa, eps, True, cu, backend=residual)
-        h = fk.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, None, eps, cu, backend=modulate)
+        x = fk.gated_residual_rms_norm(x, a, self.attention_norm2.weight, gate_msa, eps, True, seqs, prefer=prefer)
+        h = fk.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, None, eps, seqs, prefer=prefer)
         f = self.feed_forward(h)
-        return fk.gated_residual_rms_norm(x, f, self.ffn_norm2.weight, gate_mlp, eps, True, cu, backend=residual)
+        return fk.gated_residual_rms_norm(x, f, self.ffn_norm2.weight, gate_mlp, eps, True, seqs, prefer=prefer)
 
 
 class FinalLayer(nn.Module):
@@ -183,11 +176,12 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, layout: TokenLayout, adaln_input: torch.Tensor) -> torch.Tensor:
         mod = self.adaLN_modulation(adaln_input)
         h = self.norm_final(x)
+        sample = layout.seqs.sample_index
         if self.variant == "flag":
             shift, scale = mod.chunk(2, dim=1)
-            h = h * (1 + scale[layout.sample]) + shift[layout.sample]
+            h = h * (1 + scale[sample]) + shift[sample]
         else:
-            h = h * (1 + mod[layout.sample])
+            h = h * (1 + mod[sample])
         return self.linear(h)
 
 
@@ -197,7 +191,8 @@ class FlagDiT(nn.Module):
     ``model(x, t, cap_feats, cap_mask)`` follows Lumina-T2X: x a list of ``(C, [F,] H, W)`` latents or a
     ``(B, C, H, W)`` tensor, t ``(B,)`` in [0, 1] (0 noise, 1 data), cap_feats ``(B, Lt, cap_feat_dim)``,
     cap_mask ``(B, Lt)``; returns the predicted velocity in the same structure with ``in_channels`` channels
-    (the learned-sigma half is dropped). ``backend`` goes to every ``flagdit_kernels`` op that implements it.
+    (the learned-sigma half is dropped). ``backend`` is the model's preference, passed to every
+    ``flagdit_kernels`` op as ``prefer=`` (ops that implement it run it, the others their default).
     """
 
     def __init__(self, config: FlagDiTConfig | str, backend: str | None = None):
@@ -221,9 +216,6 @@ class FlagDiT(nn.Module):
 
     # ---- inputs -----------------------------------------------------------------------------------------
 
-    def _op(self, op: str) -> str | None:
-        return op_backend(op, self.backend)
-
     def encode_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor, cache_kv: bool = False) -> TextContext:
         """Pools and embeds the caption; with ``cache_kv`` also computes every block's text keys/values now, so
         that a sampler reuses them for all its steps.
@@ -243,25 +235,30 @@ class FlagDiT(nn.Module):
         counts = mask.sum(dim=1)
         cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         y = cap_feats[mask].to(dtype)  # (Tt, cap_feat_dim), sample-major
+        seqs = fk.VarlenLayout.from_cu_seqlens(cu, y.shape[0], int(counts.max()) if counts.numel() else 0)
         kv = [layer.text_kv(y) if cache_kv else None for layer in self.layers]
-        return TextContext(cap_emb, y, cu, int(counts.max()) if counts.numel() else 0, kv)
+        return TextContext(cap_emb, y, seqs, kv)
 
     def embed(self, packed: fk.Packed) -> torch.Tensor:
         """Patch embedding of every token, with the learned [nextline]/[nextframe] embeddings at their slots."""
-        dtype = self.x_embedder.weight.dtype
-        x = self.x_embedder(packed.patches.to(dtype))
-        kind = packed.kind.unsqueeze(-1)
-        if self.config.nextline:
-            x = torch.where(kind == NEXTLINE, self.eol_token.to(dtype), x)
-        if self.config.nextframe:
-            x = torch.where(kind == NEXTFRAME, self.eof_token.to(dtype), x)
-        return x
+        weight = self.x_embedder.weight
+        dim, dtype = weight.shape[0], weight.dtype
+        # A layout without [nextline] / [nextframe] slots has no such parameter and never reads that row.
+        table = torch.stack(
+            [
+                self.eol_token if self.config.nextline else weight.new_zeros(dim),
+                self.eof_token if self.config.nextframe else weight.new_zeros(dim),
+            ]
+        ).to(dtype)
+        patches = packed.patches.to(dtype)
+        x = fk.embed_packed(patches, packed.kind, weight, self.x_embedder.bias, table, prefer=self.backend)
+        return x.to(dtype)  # under autocast the Linear computes in bf16; the residual stream stays in dtype
 
     def rope(self, packed: fk.Packed, sample: torch.Tensor, linear_factor: float, ntk_factor: float) -> torch.Tensor:
         """Flag-DiT: 1D RoPE over the token index in its sample (placeholders included, as Lumina-T2X).
         Next-DiT: 2D RoPE over (row, col), frames stacked vertically with a one-row gap."""
-        c, backend = self.config, self._op("rope_freqs")
-        kw = dict(theta=c.rope_theta, linear_factor=linear_factor, ntk_factor=ntk_factor, backend=backend)
+        c = self.config
+        kw = dict(theta=c.rope_theta, linear_factor=linear_factor, ntk_factor=ntk_factor, prefer=self.backend)
         if c.variant == "flag":
             index = torch.arange(sample.shape[0], device=sample.device) - packed.cu_seqlens.long()[sample]
             return fk.rope_freqs(c.head_dim, index, **kw)
@@ -280,20 +277,19 @@ class FlagDiT(nn.Module):
         ntk_factor: float | None = None,
     ) -> TokenLayout:
         c = self.config
-        cu, total = packed.cu_seqlens, packed.kind.shape[0]
-        sample = torch.repeat_interleave(
-            torch.arange(cu.numel() - 1, device=cu.device), (cu[1:] - cu[:-1]).long(), output_size=total
+        seqs = fk.VarlenLayout.from_cu_seqlens(
+            packed.cu_seqlens, packed.kind.shape[0], packed.max_seqlen, packed.positions
         )
         freqs = self.rope(
             packed,
-            sample,
+            seqs.sample_index,
             c.rope_linear_factor if linear_factor is None else linear_factor,
             c.rope_ntk_factor if ntk_factor is None else ntk_factor,
         )
         base = c.base_seqlen if base_seqlen is None else base_seqlen
         # Proportional attention uses the batch's longest sequence, as Lumina uses its padded length.
         scale = fk.proportional_scale(packed.max_seqlen, base, c.head_dim) if base else None
-        return TokenLayout(cu, packed.max_seqlen, sample, freqs, scale)
+        return TokenLayout(seqs, freqs, scale)
 
     # ---- forward ----------------------------------------------------------------------------------------
 
@@ -323,14 +319,14 @@ class FlagDiT(nn.Module):
             raise ValueError(
                 f"batch mismatch: {len(latents)} latents, t of shape {tuple(t.shape)}, {text.batch_size} captions"
             )
-        packed = fk.pack(latents, c.patch_size, c.nextline, c.nextframe, backend=self._op("pack"))
+        packed = fk.pack(latents, c.patch_size, c.nextline, c.nextframe, prefer=self.backend)
         layout = self.layout(packed, base_seqlen, linear_factor, ntk_factor)
         h = self.embed(packed)
         adaln_input = self.t_embedder(t) + text.cap_emb
         for layer, kv in zip(self.layers, text.kv):
             h = layer(h, layout, text, kv, adaln_input)
         h = self.final_layer(h, layout, adaln_input)
-        out = fk.unpack(h, packed, c.out_channels, backend=self._op("unpack"))
+        out = fk.unpack(h, packed, c.out_channels, prefer=self.backend)
         if c.learn_sigma:
             out = [o[: c.in_channels] for o in out]
         return torch.stack(out) if is_tensor else out

@@ -1,23 +1,32 @@
 """flagdit-kernels: fused kernels for Flow-based Large Diffusion Transformers (Flag-DiT, Lumina-T2X).
 
-Every op runs on the fastest backend available for its tensors' device; ``backend=`` per call and the
-``FLAGDIT_KERNELS_BACKEND`` environment variable override. ``fk.backend_info()`` says what is available.
+Every op runs on the fastest backend available for its inputs; ``backend=`` per call, ``prefer=`` (a module's
+or model's backend) and the ``FLAGDIT_KERNELS_BACKEND`` environment variable override, in that order.
+``fk.backend_info()`` says what is available. This module is the package's public API: the model
+(``flagdit``), the integrations and the benchmarks use nothing else.
+
+``fk.integrations`` (patching other codebases' modules) is imported on first use.
 """
 
-from . import integrations, nn
+from . import nn
 from ._dispatch import BACKENDS, available_backends
 from ._info import backend_info
+from ._layout import VarlenLayout
 from .ops.attention import proportional_scale, varlen_attention
 from .ops.embed import embed_packed
 from .ops.norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
-from .ops.packing import Packed, pack, unpack
+from .ops.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, pack, unpack
 from .ops.rope import apply_rope, qk_norm_rope, rope_freqs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "NEXTFRAME",
+    "NEXTLINE",
+    "PATCH",
     "Packed",
+    "VarlenLayout",
     "apply_rope",
     "available_backends",
     "backend_info",
@@ -34,3 +43,12 @@ __all__ = [
     "unpack",
     "varlen_attention",
 ]
+
+
+def __getattr__(name: str):
+    # The integrations sit above the ops (they patch other codebases onto them): imported when first asked for.
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module(".integrations", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,3 +26,12 @@ def extension_error() -> str | None:
 
 def extension_has_cuda() -> bool:
     return _C is not None and bool(_C.build_info()["cuda"])
+
+
+def extension_missing(cuda: bool = False) -> str:
+    """Why the compiled ops (the CUDA ones with ``cuda``) cannot run: "" when they can. For ``_dispatch.register``."""
+    if _C is None:
+        return f"no compiled extension ({_C_ERROR})"
+    if cuda and not extension_has_cuda():
+        return "the compiled extension was built without CUDA"
+    return ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 
 import torch
 
@@ -30,6 +29,6 @@ def backend_info() -> dict:
         "extension": "loaded" if ext is not None else f"missing: {extension_error()}",
         "extension_cuda": extension_has_cuda(),
         "default_device": device,
-        "forced_backend": os.environ.get(_dispatch.ENV_VAR),
+        "forced_backend": _dispatch.forced_backend(),
         "ops": {op: _dispatch.available_backends(op, device) for op in _dispatch.ops()},
     }

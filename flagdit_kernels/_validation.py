@@ -42,9 +42,10 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def check_same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype, other: str) -> None:
-    if t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {other} has {dtype}; they must match")
+def check_same_dtype(name: str, t: torch.Tensor, other: str, like: torch.Tensor) -> None:
+    """``name`` must have the dtype of the input called ``other``, ``like``."""
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {other} has {like.dtype}; they must match")
 
 
 def values_checked(device: torch.device) -> bool:
@@ -86,22 +87,34 @@ def check_cu_seqlens(
     return cu_seqlens
 
 
+def check_max_seqlen(name: str, max_seqlen: object, cu_seqlens: torch.Tensor, *, sync: bool) -> int:
+    """A non-negative int; with ``sync`` (see :func:`values_checked`) also at least the longest sequence, since
+    kernels launch ``cdiv(max_seqlen, BLOCK)`` blocks per sequence and a smaller value would drop tokens."""
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {max_seqlen!r}")
+    if sync and cu_seqlens.numel() > 1:
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if max_seqlen < longest:
+            raise ValueError(f"{name} ({max_seqlen}) is smaller than the longest sequence ({longest})")
+    return max_seqlen
+
+
 def check_per_sample(
     name: str,
     t: object,
     x: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
+    num_seqs: int | None,
 ) -> torch.Tensor:
     """Checks a per-sample modulation tensor against x's layout and returns it ready to broadcast.
 
-    Layouts: packed ``x (T, D)`` + ``cu_seqlens`` takes ``(B, D)``; padded ``x (B, L, D)`` takes ``(B, D)``;
-    otherwise the tensor must broadcast to ``x`` as it is.
+    Layouts: packed ``x (T, D)`` of ``num_seqs`` sequences takes ``(num_seqs, D)``; padded ``x (B, L, D)``
+    (``num_seqs`` None) takes ``(B, D)``; otherwise the tensor must broadcast to ``x`` as it is.
     """
     check_tensor(name, t, device=x.device)
     assert isinstance(t, torch.Tensor)
     d = x.shape[-1]
-    if cu_seqlens is not None:
-        check_shape(name, t, (cu_seqlens.numel() - 1, d))
+    if num_seqs is not None:
+        check_shape(name, t, (num_seqs, d))
     elif x.dim() == 3 and t.dim() == 2:
         check_shape(name, t, (x.shape[0], d))
     else:

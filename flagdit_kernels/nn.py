@@ -1,42 +1,34 @@
-"""Drop-in modules over the fused ops, with Lumina-T2X / diffusers / apex parameter names."""
+"""Drop-in modules over the fused ops, with Lumina-T2X / diffusers / apex parameter names.
+
+A module's ``backend`` is a preference, passed to every op as ``prefer=``: an op that implements that backend
+runs it (and raises when it cannot run the inputs), an op without it runs its default (see
+``flagdit_kernels._dispatch``).
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-from . import _dispatch
+from ._layout import VarlenLayout
 from .ops.attention import varlen_attention
 from .ops.norms import rms_norm, rms_norm_modulate
 from .ops.rope import qk_norm_rope
-
-
-def op_backend(op: str, backend: str | None) -> str | None:
-    """The backend to request from ``op`` when a whole model was asked for ``backend``.
-
-    ``backend`` itself when ``op`` implements it (if it cannot run on these tensors the op raises, so a
-    missing kernel is never hidden); ``None`` (the op's default) when ``op`` has no such implementation at
-    all, e.g. a model built with ``backend="triton"`` packs tokens with the compiled CPU op or the reference.
-    """
-    if backend is None:
-        return None
-    entry = _dispatch._OPS.get(op)
-    return backend if entry is not None and backend in entry.impls else None
+from .reference.norms import EPS
+from .reference.rope import QK_NORM_EPS
 
 
 class RMSNorm(nn.Module):
     """RMSNorm with a ``weight`` parameter (Lumina-T2X ``RMSNorm``, apex ``FusedRMSNorm``, diffusers names)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True, backend: str | None = None):
+    def __init__(self, dim: int, eps: float = EPS, elementwise_affine: bool = True, backend: str | None = None):
         super().__init__()
         self.eps = eps
         self.backend = backend
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, backend=op_backend("rms_norm", self.backend))
+        return rms_norm(x, self.weight, self.eps, prefer=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0] if self.weight is not None else 'no affine'}, eps={self.eps}"
@@ -50,10 +42,9 @@ class ModulatedRMSNorm(RMSNorm):
         x: torch.Tensor,
         scale: torch.Tensor,
         shift: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | VarlenLayout | None = None,
     ) -> torch.Tensor:
-        backend = op_backend("rms_norm_modulate", self.backend)
-        return rms_norm_modulate(x, self.weight, scale, shift, self.eps, cu_seqlens, backend=backend)
+        return rms_norm_modulate(x, self.weight, scale, shift, self.eps, cu_seqlens, prefer=self.backend)
 
 
 class QKNormRoPE(nn.Module):
@@ -69,7 +60,7 @@ class QKNormRoPE(nn.Module):
         n_kv_heads: int,
         head_dim: int,
         norm: str | None = "layer_norm",
-        eps: float = 1e-5,
+        eps: float = QK_NORM_EPS,
         interleaved: bool = True,
         backend: str | None = None,
     ):
@@ -94,7 +85,7 @@ class QKNormRoPE(nn.Module):
             self.norm,
             self.eps,
             self.interleaved,
-            backend=op_backend("qk_norm_rope", self.backend),
+            prefer=self.backend,
         )
 
 
@@ -149,17 +140,18 @@ class GatedVarlenAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
+        cu_seqlens: torch.Tensor | VarlenLayout,
+        max_seqlen: int | None,
         freqs: torch.Tensor,
         y: torch.Tensor | None = None,
-        y_cu_seqlens: torch.Tensor | None = None,
+        y_cu_seqlens: torch.Tensor | VarlenLayout | None = None,
         y_max_seqlen: int | None = None,
         softmax_scale: float | None = None,
         text_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x ``(T, dim)`` packed by ``cu_seqlens``; y ``(Tt, y_dim)`` caption features packed by ``y_cu_seqlens``,
-        or ``text_kv`` = :meth:`text_kv` of them computed earlier (same ``y_cu_seqlens``)."""
+        or ``text_kv`` = :meth:`text_kv` of them computed earlier (same ``y_cu_seqlens``). Offsets may be
+        :class:`~flagdit_kernels.VarlenLayout` objects (then the max_seqlens may be None)."""
         t = x.shape[0]
         q = self.wq(x).view(t, self.n_heads, self.head_dim)
         k = self.wk(x).view(t, self.n_kv_heads, self.head_dim)
@@ -167,7 +159,7 @@ class GatedVarlenAttention(nn.Module):
         norm = "layer_norm" if self.qk_norm else None
         q_norm = self.q_norm if self.qk_norm else None
         k_norm = self.k_norm if self.qk_norm else None
-        q, k = qk_norm_rope(q, k, freqs, q_norm, k_norm, norm, backend=op_backend("qk_norm_rope", self.backend))
+        q, k = qk_norm_rope(q, k, freqs, q_norm, k_norm, norm, prefer=self.backend)
         text = {}
         if self.y_dim > 0 and (y is not None or text_kv is not None):
             ky, vy = text_kv if text_kv is not None else self.text_kv(y)
@@ -178,7 +170,5 @@ class GatedVarlenAttention(nn.Module):
                 text_max_seqlen=y_max_seqlen,
                 gate=self.gate,
             )
-        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
-        backend = op_backend("varlen_attention", self.backend)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, backend=backend, **text)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **text)
         return self.wo(out.flatten(1))

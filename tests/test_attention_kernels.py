@@ -17,7 +17,7 @@ from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(
-    not _dispatch.triton_installed() or not (ON_GPU or INTERPRETED),
+    not _dispatch.TRITON_INSTALLED or not (ON_GPU or INTERPRETED),
     reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
 )
 

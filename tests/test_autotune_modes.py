@@ -5,7 +5,7 @@ import triton
 
 from flagdit_kernels import _dispatch
 
-pytestmark = pytest.mark.skipif(not _dispatch.triton_installed(), reason="needs triton")
+pytestmark = pytest.mark.skipif(not _dispatch.TRITON_INSTALLED, reason="needs triton")
 
 
 class _Recorder:

@@ -169,7 +169,7 @@ def test_patch_rms_norm_runs_our_op(monkeypatch):
     import flagdit_kernels.integrations.rmsnorm as mod
 
     real = mod.rms_norm
-    monkeypatch.setattr(mod, "rms_norm", lambda *a, **k: calls.append(k.get("backend")) or real(*a, **k))
+    monkeypatch.setattr(mod, "rms_norm", lambda *a, **k: calls.append(k.get("prefer")) or real(*a, **k))
     with torch.no_grad():
         zoo(fresh((2, 24), torch.float32, seed=5))
     assert len(calls) == len(SWAPPED) + (2 if "diffusers" in zoo.norms else 0)

@@ -178,17 +178,17 @@ def test_every_op_gets_the_model_backend(monkeypatch):
     seen = []
     real = _dispatch.resolve
 
-    def spy(op, device, backend=None):
-        seen.append((op, backend))
-        return real(op, device, backend)
+    def spy(op, like, backend=None, prefer=None):
+        seen.append((op, backend, prefer))
+        return real(op, like, backend, prefer)
 
     monkeypatch.setattr(_dispatch, "resolve", spy)
     for variant in ("flag", "next"):
         model = flagdit.FlagDiT(small_config(variant), backend="reference")
         model(*batch())
-    ops = {op for op, _ in seen}
-    assert ops >= set(MODEL_OPS) | {"gated_residual_rms_norm"}
-    assert all(b == "reference" for _, b in seen)
+    ops = {op for op, _, _ in seen}
+    assert ops >= set(MODEL_OPS) | {"gated_residual_rms_norm", "embed_packed"}
+    assert all(b is None and p == "reference" for _, b, p in seen)
 
 
 def test_bf16_forward_runs():
@@ -353,16 +353,3 @@ def test_model_benchmark_cases_run_in_quick_mode():
     for case in cases:
         assert case.flops > 0 and case.notes["tokens"] > 0 and "reference" in case.impls
         case.impls["reference"]()()
-
-
-def test_op_backend_falls_back_only_for_ops_without_that_backend(monkeypatch):
-    from flagdit_kernels.nn import op_backend
-
-    assert op_backend("rms_norm", None) is None
-    assert op_backend("rms_norm", "reference") == "reference"
-    # An op with no implementation of the backend uses its default; one that has it gets it (and raises itself
-    # if it cannot run here, so a missing kernel is never hidden).
-    monkeypatch.setitem(_dispatch._OPS, "fake_op", _dispatch._Op("fake_op"))
-    assert op_backend("fake_op", "triton") is None
-    _dispatch.register("fake_op", "triton", lambda: None, devices=("cuda",))
-    assert op_backend("fake_op", "triton") == "triton"

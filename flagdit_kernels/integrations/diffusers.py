@@ -38,9 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.attention import varlen_attention
-from ..ops.norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
-from ..ops.rope import qk_norm_rope
+from .. import VarlenLayout, gated_residual_rms_norm, qk_norm_rope, rms_norm, rms_norm_modulate, varlen_attention
 from ._patching import PatchReport, install, is_patched, state_of
 from ._patching import unpatch as _unpatch_all
 from .rmsnorm import patch_rms_norm
@@ -59,17 +57,12 @@ __all__ = ["patch", "unpatch"]
 @dataclass
 class Layout:
     """Which tokens of a padded ``(B, L)`` batch are real: ``index`` into the flattened ``B*L`` tokens (None
-    when all are), ``cu_seqlens`` int32 ``(B+1,)`` and ``max_seqlen`` (a Python int)."""
+    when all are) and ``seqs``, the packed layout of the real ones (validated once, passed to every op)."""
 
     batch: int
     length: int
     index: torch.Tensor | None
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.length if self.index is None else self.index.numel()
+    seqs: VarlenLayout
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, L, *rest)`` -> ``(T, *rest)``; a view when no token is masked and x is contiguous enough."""
@@ -124,7 +117,7 @@ class _LayoutCache:
 
 def _full_layout(batch: int, length: int, device: torch.device) -> Layout:
     cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * length
-    return Layout(batch, length, None, cu, length)
+    return Layout(batch, length, None, VarlenLayout.from_cu_seqlens(cu, batch * length, length))
 
 
 def _mask_layout(mask: torch.Tensor, batch: int, length: int) -> Layout:
@@ -134,7 +127,8 @@ def _mask_layout(mask: torch.Tensor, batch: int, length: int) -> Layout:
     cu = torch.zeros(batch + 1, device=mask.device, dtype=torch.int32)
     cu[1:] = lengths.cumsum(0)
     index = None if all(n == length for n in host) else keep.flatten().nonzero().squeeze(1)
-    return Layout(batch, length, index, cu, max(host, default=0))
+    seqs = VarlenLayout.from_cu_seqlens(cu, sum(host), max(host, default=0))
+    return Layout(batch, length, index, seqs)
 
 
 def _packed_freqs(rotary: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -170,7 +164,7 @@ def _adaln(norm1: nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return norm1.linear(norm1.silu(temb)).chunk(4, dim=1)
 
 
-def _qkv(attn: nn.Module, h: torch.Tensor, freqs: torch.Tensor, norm: str | None, backend):
+def _qkv(attn: nn.Module, h: torch.Tensor, freqs: torch.Tensor, norm: str | None, prefer: str | None):
     q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
     heads, kv_heads, head_dim = _heads(attn, q, k)
     t = h.shape[0]
@@ -181,7 +175,7 @@ def _qkv(attn: nn.Module, h: torch.Tensor, freqs: torch.Tensor, norm: str | None
         attn.norm_q if norm else None,
         attn.norm_k if norm else None,
         norm=norm,
-        backend=backend,
+        prefer=prefer,
     )
     return q, k, v.view(t, kv_heads, head_dim)
 
@@ -258,7 +252,7 @@ def _next_block_forward(
     cross_attention_kwargs: dict | None = None,
 ) -> torch.Tensor:
     state = state_of(self)
-    backend, cache = state.backend, state.extra["cache"]
+    prefer, cache = state.backend, state.extra["cache"]
     if image_rotary_emb is None or not _norm_weight_dtypes_ok(
         hidden_states, self.norm1.norm, self.norm2, self.ffn_norm1, self.ffn_norm2, self.norm1_context
     ):
@@ -276,19 +270,19 @@ def _next_block_forward(
     img = cache.layout(attention_mask, batch, length, hidden_states.device)
     txt = cache.layout(encoder_mask, batch, encoder_hidden_states.shape[1], hidden_states.device)
     freqs = cache.freqs(image_rotary_emb, img)
-    cu = img.cu_seqlens
+    seqs = img.seqs
 
     x = img.pack(hidden_states)
     scale_msa, gate_msa, scale_mlp, gate_mlp = _adaln(self.norm1, temb)
-    h = rms_norm_modulate(x, self.norm1.norm.weight, scale_msa, eps=self.norm1.norm.eps, cu_seqlens=cu, backend=backend)
+    h = rms_norm_modulate(x, self.norm1.norm.weight, scale_msa, eps=self.norm1.norm.eps, cu_seqlens=seqs, prefer=prefer)
 
     attn1, attn2 = self.attn1, self.attn2
     norm = "layer_norm" if attn1.norm_q is not None else None
-    q, k, v = _qkv(attn1, h, freqs, norm, backend)
+    q, k, v = _qkv(attn1, h, freqs, norm, prefer)
     base = (cross_attention_kwargs or {}).get("base_sequence_length")
     scale = attn1.scale * (math.sqrt(math.log(length, base)) if base is not None else 1.0)
 
-    y = rms_norm(txt.pack(encoder_hidden_states), self.norm1_context.weight, self.norm1_context.eps, backend=backend)
+    y = rms_norm(txt.pack(encoder_hidden_states), self.norm1_context.weight, self.norm1_context.eps, prefer=prefer)
     text_k, text_v = attn2.to_k(y), attn2.to_v(y)
     if attn2.norm_k is not None:
         text_k = attn2.norm_k(text_k)
@@ -299,22 +293,12 @@ def _next_block_forward(
     state.extra["last_path"] = "fused" if fused else "separate"
     if fused:
         out = varlen_attention(
-            q,
-            k,
-            v,
-            cu,
-            img.max_seqlen,
-            scale,
-            text_k=text_k,
-            text_v=text_v,
-            text_cu_seqlens=txt.cu_seqlens,
-            text_max_seqlen=txt.max_seqlen,
-            gate=self.gate,
-            backend=backend,
-        )
+            q, k, v, seqs, None, scale, text_k=text_k, text_v=text_v, text_cu_seqlens=txt.seqs, gate=self.gate,
+            prefer=prefer,
+        )  # fmt: skip
     else:
         # attn2 has its own query (weights or gradients): our self-attention plus diffusers' caption attention.
-        out = varlen_attention(q, k, v, cu, img.max_seqlen, scale, backend=backend)
+        out = varlen_attention(q, k, v, seqs, None, scale, prefer=prefer)
         cross = attn2(
             hidden_states=img.unpack(h, torch.zeros_like(hidden_states)),
             encoder_hidden_states=txt.unpack(y, torch.zeros_like(encoder_hidden_states)),
@@ -325,11 +309,11 @@ def _next_block_forward(
         out = out + img.pack(cross) * self.gate.tanh().view(1, -1, 1)
     out = attn2.to_out[0](out.flatten(1))
 
-    x = gated_residual_rms_norm(x, out, self.norm2.weight, gate_msa, self.norm2.eps, cu_seqlens=cu, backend=backend)
-    h = rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, eps=self.ffn_norm1.eps, cu_seqlens=cu, backend=backend)
+    x = gated_residual_rms_norm(x, out, self.norm2.weight, gate_msa, self.norm2.eps, cu_seqlens=seqs, prefer=prefer)
+    h = rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, eps=self.ffn_norm1.eps, cu_seqlens=seqs, prefer=prefer)
     h = self.feed_forward(h)
     x = gated_residual_rms_norm(
-        x, h, self.ffn_norm2.weight, gate_mlp, self.ffn_norm2.eps, cu_seqlens=cu, backend=backend
+        x, h, self.ffn_norm2.weight, gate_mlp, self.ffn_norm2.eps, cu_seqlens=seqs, prefer=prefer
     )
     return img.unpack(x, hidden_states)
 
@@ -375,7 +359,7 @@ def _lumina2_block_forward(
     temb: torch.Tensor | None = None,
 ) -> torch.Tensor:
     state = state_of(self)
-    backend, cache = state.backend, state.extra["cache"]
+    prefer, cache = state.backend, state.extra["cache"]
     first_norm = self.norm1.norm if self.modulation else self.norm1
     if image_rotary_emb is None or not _norm_weight_dtypes_ok(
         hidden_states, first_norm, self.norm2, self.ffn_norm1, self.ffn_norm2
@@ -384,32 +368,32 @@ def _lumina2_block_forward(
     batch, length, _ = hidden_states.shape
     lay = cache.layout(attention_mask, batch, length, hidden_states.device)
     freqs = cache.freqs(image_rotary_emb, lay)
-    cu = lay.cu_seqlens
+    seqs = lay.seqs
 
     x = lay.pack(hidden_states)
     if self.modulation:
         scale_msa, gate_msa, scale_mlp, gate_mlp = _adaln(self.norm1, temb)
-        h = rms_norm_modulate(x, first_norm.weight, scale_msa, eps=first_norm.eps, cu_seqlens=cu, backend=backend)
+        h = rms_norm_modulate(x, first_norm.weight, scale_msa, eps=first_norm.eps, cu_seqlens=seqs, prefer=prefer)
     else:
-        h = rms_norm(x, first_norm.weight, first_norm.eps, backend=backend)
+        h = rms_norm(x, first_norm.weight, first_norm.eps, prefer=prefer)
         gate_msa = gate_mlp = x.new_ones(batch, x.shape[1])
 
     attn = self.attn
-    q, k, v = _qkv(attn, h, freqs, "rms_norm" if attn.norm_q is not None else None, backend)
-    out = varlen_attention(q, k, v, cu, lay.max_seqlen, attn.scale, backend=backend)
+    q, k, v = _qkv(attn, h, freqs, "rms_norm" if attn.norm_q is not None else None, prefer)
+    out = varlen_attention(q, k, v, seqs, None, attn.scale, prefer=prefer)
     out = attn.to_out[1](attn.to_out[0](out.flatten(1)))
 
     tanh_gate = bool(self.modulation)
-    x = gated_residual_rms_norm(x, out, self.norm2.weight, gate_msa, self.norm2.eps, tanh_gate, cu, backend=backend)
+    x = gated_residual_rms_norm(x, out, self.norm2.weight, gate_msa, self.norm2.eps, tanh_gate, seqs, prefer=prefer)
     if self.modulation:
         h = rms_norm_modulate(
-            x, self.ffn_norm1.weight, scale_mlp, eps=self.ffn_norm1.eps, cu_seqlens=cu, backend=backend
+            x, self.ffn_norm1.weight, scale_mlp, eps=self.ffn_norm1.eps, cu_seqlens=seqs, prefer=prefer
         )
     else:
-        h = rms_norm(x, self.ffn_norm1.weight, self.ffn_norm1.eps, backend=backend)
+        h = rms_norm(x, self.ffn_norm1.weight, self.ffn_norm1.eps, prefer=prefer)
     h = self.feed_forward(h)
     x = gated_residual_rms_norm(
-        x, h, self.ffn_norm2.weight, gate_mlp, self.ffn_norm2.eps, tanh_gate, cu, backend=backend
+        x, h, self.ffn_norm2.weight, gate_mlp, self.ffn_norm2.eps, tanh_gate, seqs, prefer=prefer
     )
     return lay.unpack(x, hidden_states)
 
@@ -452,9 +436,10 @@ def patch(model: nn.Module, backend: str | None = None, rms_norms: bool = True) 
     """Swaps the norm / QK-norm + RoPE / attention work of a diffusers Lumina transformer onto our ops.
 
     ``model``: a ``LuminaNextDiT2DModel`` or ``Lumina2Transformer2DModel`` (or any module holding their
-    blocks). ``backend``: the flagdit-kernels backend for every op (None: the default for the tensors'
-    device; "reference" / "triton" in tests). ``rms_norms``: also swap the RMSNorm modules outside the blocks
-    (:func:`patch_rms_norm`). Idempotent; undo with :func:`unpatch`. Returns what was swapped and skipped.
+    blocks). ``backend``: the flagdit-kernels backend preference, passed to every op as ``prefer=`` (None:
+    the default for the tensors; "reference" / "triton" in tests). ``rms_norms``: also swap the RMSNorm
+    modules outside the blocks (:func:`patch_rms_norm`). Idempotent; undo with :func:`unpatch`. Returns what
+    was swapped and skipped.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

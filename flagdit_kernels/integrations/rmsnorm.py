@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.norms import rms_norm
+from .. import rms_norm
 from ._patching import PatchReport, install, is_patched, state_of
 
 KIND = "rms_norm"
@@ -103,7 +103,7 @@ def _rms_norm_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
         # Mixed dtypes keep the codebase's own promotion rules (e.g. fp32 weights under autocast).
         return state.call_original(self, x, *args, **kwargs)
     eps = _resolve_eps(self, state.extra["eps_attr"], x.dtype)
-    return rms_norm(x, weight, eps, backend=state.backend)
+    return rms_norm(x, weight, eps, prefer=state.backend)
 
 
 def patch_rms_norm(model: nn.Module, backend: str | None = None) -> PatchReport:
@@ -111,7 +111,7 @@ def patch_rms_norm(model: nn.Module, backend: str | None = None) -> PatchReport:
 
     Modules keep their class, parameters (the same ``weight`` object) and state_dict; only their forward
     changes. Calls whose input dtype differs from the weight's run the module's original forward, so
-    codebase-specific dtype promotion is kept. ``backend`` picks the ``fk.rms_norm`` backend (None: default).
+    codebase-specific dtype promotion is kept. ``backend``: the ``fk.rms_norm`` backend preference (``prefer=``).
     Patching twice is harmless; :func:`flagdit_kernels.integrations.unpatch` undoes it. Returns a
     :class:`PatchReport`: swapped modules, modules already patched, and RMSNorm-named modules left alone.
     """

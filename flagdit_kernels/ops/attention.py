@@ -8,7 +8,15 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._validation import check_cu_seqlens, check_shape, check_tensor, values_checked
+from .._layout import VarlenLayout, check_layout
+from .._validation import (
+    check_cu_seqlens,
+    check_max_seqlen,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+    values_checked,
+)
 from .rope import check_freqs
 
 SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
@@ -23,65 +31,84 @@ def _check_head_dim(head_dim: int) -> None:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
 
 
-def _check_max_seqlen(name: str, max_seqlen: int, cu_seqlens: torch.Tensor) -> None:
-    """Kernels launch cdiv(max_seqlen, BLOCK) blocks per sequence: a too-small value would drop tokens."""
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    if max_seqlen < longest:
-        raise ValueError(f"{name} ({max_seqlen}) is smaller than the longest sequence ({longest})")
+def _check_offsets(
+    name: str,
+    cu_seqlens: object,
+    max_name: str,
+    max_seqlen: int | None,
+    total: int,
+    total_name: str,
+    device: torch.device,
+    max_required: bool,
+) -> tuple[torch.Tensor, int | None]:
+    """(offsets, max_seqlen) from raw tensors (validated here) or a VarlenLayout (validated when built).
+
+    Value checks of raw offsets copy them to the host: on CPU tensors always, on the GPU with
+    FLAGDIT_KERNELS_VALIDATE=1 (a sync per call), never while torch.compile traces.
+    """
+    if isinstance(cu_seqlens, VarlenLayout):
+        check_layout(name, cu_seqlens, total, total_name, device)
+        if max_seqlen is not None and max_seqlen != cu_seqlens.max_seqlen:
+            raise ValueError(f"{max_name} ({max_seqlen}) differs from {name}.max_seqlen ({cu_seqlens.max_seqlen})")
+        return cu_seqlens.cu_seqlens, cu_seqlens.max_seqlen
+    sync = values_checked(device)
+    check_cu_seqlens(name, cu_seqlens, total, device, total_name=total_name, sync=sync)
+    if max_seqlen is not None or max_required:
+        check_max_seqlen(max_name, max_seqlen, cu_seqlens, sync=sync)
+    return cu_seqlens, max_seqlen
 
 
 def _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, num_seqs: int, hkv: int):
+    """(text offsets, text max_seqlen) of the gated text branch, or (None, None) without one."""
     given = [x is not None for x in (text_k, text_v, text_cu_seqlens, gate)]
     if not any(given):
-        return
+        return None, None
     if not all(given):
         raise ValueError("text_k, text_v, text_cu_seqlens and gate must be given together")
     check_tensor("text_k", text_k, ndim=3, device=q.device)
     check_tensor("text_v", text_v, ndim=3, device=q.device)
     for name, t in (("text_k", text_k), ("text_v", text_v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        check_same_dtype(name, t, "q", q)
         if t.shape[1:] != (hkv, q.shape[-1]):
             raise ValueError(f"{name} must be (Tt, {hkv}, {q.shape[-1]}) like k, got {tuple(t.shape)}")
     if text_v.shape[0] != text_k.shape[0]:
         raise ValueError(f"text_v has {text_v.shape[0]} tokens but text_k has {text_k.shape[0]}")
-    sync = values_checked(q.device)
-    check_cu_seqlens(
-        "text_cu_seqlens", text_cu_seqlens, text_k.shape[0], q.device, total_name="text_k.shape[0]", sync=sync
-    )
-    if text_cu_seqlens.numel() != num_seqs + 1:
+    text_cu, text_max_seqlen = _check_offsets(
+        "text_cu_seqlens", text_cu_seqlens, "text_max_seqlen", text_max_seqlen,
+        text_k.shape[0], "text_k.shape[0]", q.device, max_required=False,
+    )  # fmt: skip
+    if text_cu.numel() != num_seqs + 1:
         raise ValueError(
-            f"text_cu_seqlens must have {num_seqs + 1} entries (one text sequence per sample), "
-            f"got {text_cu_seqlens.numel()}"
+            f"text_cu_seqlens must have {num_seqs + 1} entries (one text sequence per sample), got {text_cu.numel()}"
         )
-    if text_max_seqlen is not None and (not isinstance(text_max_seqlen, int) or text_max_seqlen < 0):
-        raise ValueError(f"text_max_seqlen must be a non-negative int, got {text_max_seqlen!r}")
-    if text_max_seqlen is not None and sync:
-        _check_max_seqlen("text_max_seqlen", text_max_seqlen, text_cu_seqlens)
     check_tensor("gate", gate, ndim=1, device=q.device)
     check_shape("gate", gate, (q.shape[1],))
+    return text_cu, text_max_seqlen
 
 
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    cu_seqlens: torch.Tensor | VarlenLayout,
+    max_seqlen: int | None = None,
     softmax_scale: float | None = None,
     *,
     text_k: torch.Tensor | None = None,
     text_v: torch.Tensor | None = None,
-    text_cu_seqlens: torch.Tensor | None = None,
+    text_cu_seqlens: torch.Tensor | VarlenLayout | None = None,
     text_max_seqlen: int | None = None,
     gate: torch.Tensor | None = None,
     freqs: torch.Tensor | None = None,
     backend: str | None = None,
+    prefer: str | None = None,
 ) -> torch.Tensor:
     """Non-causal attention within each packed sequence, plus Lumina's gated text cross-attention.
 
     q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)`` with ``H % Hkv == 0``; ``cu_seqlens`` int32 ``(B+1,)``;
-    ``max_seqlen`` the longest sequence (a Python int, so kernels need no host sync). With ``freqs``
+    ``max_seqlen`` the longest sequence (a Python int, so kernels need no host sync). A
+    :class:`~flagdit_kernels.VarlenLayout` may stand for ``cu_seqlens`` (then ``max_seqlen`` may be omitted)
+    and for ``text_cu_seqlens``. ``softmax_scale`` defaults to ``1/sqrt(Dh)``. With ``freqs``
     ``(T, Dh/2, 2)`` RoPE (interleaved) is applied to q and k first. With ``text_k``/``text_v`` ``(Tt, Hkv, Dh)``
     packed by ``text_cu_seqlens`` and ``gate (H,)``: ``out += tanh(gate[h]) * softmax(q k_t^T / sqrt(Dh)) v_t``
     per sample; a sample without text tokens adds exactly 0. Returns ``(T, H, Dh)`` in q's dtype.
@@ -89,9 +116,8 @@ def varlen_attention(
     check_tensor("q", q, ndim=3)
     check_tensor("k", k, ndim=3, device=q.device)
     check_tensor("v", v, ndim=3, device=q.device)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    check_same_dtype("k", k, "q", q)
+    check_same_dtype("v", v, "q", q)
     _check_head_dim(q.shape[-1])
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -99,33 +125,31 @@ def varlen_attention(
         raise ValueError(f"k must be (T, Hkv, Dh) = ({q.shape[0]}, Hkv, {q.shape[2]}), got {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
-    # Value checks of cu_seqlens copy to the host: on CPU tensors always, on the GPU with
-    # FLAGDIT_KERNELS_VALIDATE=1 (a sync per call), never while torch.compile traces.
-    sync = values_checked(q.device)
-    check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], q.device, total_name="q.shape[0]", sync=sync)
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    if sync:
-        _check_max_seqlen("max_seqlen", max_seqlen, cu_seqlens)
-    if softmax_scale is not None:
-        if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale) or softmax_scale < 0:
-            raise ValueError(f"softmax_scale must be a finite number >= 0, got {softmax_scale}")
-    _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, cu_seqlens.numel() - 1, k.shape[1])
+    cu, max_seqlen = _check_offsets(
+        "cu_seqlens", cu_seqlens, "max_seqlen", max_seqlen, q.shape[0], "q.shape[0]", q.device, max_required=True
+    )
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    elif not math.isfinite(softmax_scale) or softmax_scale < 0:
+        raise ValueError(f"softmax_scale must be a finite number >= 0, got {softmax_scale}")
+    text_cu, text_max_seqlen = _check_text(
+        q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, cu.numel() - 1, k.shape[1]
+    )
     if freqs is not None:
         check_freqs(freqs, "q", q)
-    _, fn = _dispatch.resolve("varlen_attention", q.device, backend)
+    fn = _dispatch.resolve("varlen_attention", q, backend, prefer).fn
     return fn(
         q,
         k,
         v,
-        cu_seqlens,
+        cu,
         max_seqlen,
         softmax_scale,
         text_k=text_k,
         text_v=text_v,
-        text_cu_seqlens=text_cu_seqlens,
+        text_cu_seqlens=text_cu,
         text_max_seqlen=text_max_seqlen,
         gate=gate,
         freqs=freqs,
@@ -277,13 +301,6 @@ def _varlen_attention_triton(
     return out
 
 
-_dispatch.register(
-    "varlen_attention",
-    "triton",
-    _varlen_attention_triton,
-    devices=("cuda",),
-    available=_dispatch.triton_installed,
-    why_not=lambda: "triton is not installed",
-)
+_dispatch.register("varlen_attention", "triton", _varlen_attention_triton, dtypes=TRITON_DTYPES, **_dispatch.TRITON)
 
 from . import attention_flash_attn  # noqa: E402, F401 - registers the optional flash_attn backend

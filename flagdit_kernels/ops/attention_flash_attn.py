@@ -69,6 +69,6 @@ _dispatch.register(
     "flash_attn",
     _varlen_attention_flash_attn,
     devices=("cuda",),
-    available=lambda: flash_varlen_func() is not None,
-    why_not=lambda: "flash-attn is not installed (pip install flash-attn)",
+    dtypes=FLASH_ATTN_DTYPES,
+    missing=lambda: "" if flash_varlen_func() is not None else "flash-attn is not installed (pip install flash-attn)",
 )

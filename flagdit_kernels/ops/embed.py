@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _dispatch
-from .._validation import check_shape, check_tensor
+from .._validation import check_same_dtype, check_shape, check_tensor
 from ..reference.embed import embed_packed as _embed_reference
 
 
@@ -89,16 +89,8 @@ def _embed_triton(patches, kind, weight, bias, placeholder_embeddings):
     return _EmbedPacked.apply(patches, kind, weight, bias, placeholder_embeddings)
 
 
-_HAS_TRITON = _dispatch.triton_installed()  # looked up once, not per call
 _dispatch.register("embed_packed", "reference", _embed_reference, devices=("cpu", "cuda"))
-_dispatch.register(
-    "embed_packed",
-    "triton",
-    _embed_triton,
-    devices=("cuda",),
-    available=lambda: _HAS_TRITON,
-    why_not=lambda: "triton is not installed",
-)
+_dispatch.register("embed_packed", "triton", _embed_triton, **_dispatch.TRITON)
 
 
 def embed_packed(
@@ -109,6 +101,7 @@ def embed_packed(
     placeholder_embeddings: torch.Tensor,
     *,
     backend: str | None = None,
+    prefer: str | None = None,
 ) -> torch.Tensor:
     """Embeds a packed sequence: ``(T, dim)`` with ``patches @ weight.T + bias`` at patch rows (``kind == 0``)
     and the learned ``placeholder_embeddings[kind - 1]`` at placeholder rows (row 0 [nextline], row 1
@@ -120,7 +113,7 @@ def embed_packed(
     ``kind`` values are trusted (0, 1 or 2; checking them would cost a device sync).
     """
     check_tensor("patches", patches, ndim=2)
-    device, dtype = patches.device, patches.dtype
+    device = patches.device
     check_tensor("kind", kind, ndim=1, dtypes=(torch.int8,), device=device)
     check_tensor("weight", weight, ndim=2, device=device)
     check_tensor("placeholder_embeddings", placeholder_embeddings, ndim=2, device=device)
@@ -139,7 +132,6 @@ def embed_packed(
         check_shape("bias", bias, (dim,))
         tensors["bias"] = bias
     for name, t in tensors.items():
-        if t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but patches has {dtype}; they must match")
-    _, fn = _dispatch.resolve("embed_packed", device, backend)
+        check_same_dtype(name, t, "patches", patches)
+    fn = _dispatch.resolve("embed_packed", patches, backend, prefer).fn
     return fn(patches, kind, weight, bias, placeholder_embeddings)

@@ -14,8 +14,10 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._extension import extension, extension_error, extension_has_cuda
+from .._extension import extension_missing
+from .._layout import VarlenLayout, check_layout
 from .._validation import check_cu_seqlens, check_per_sample, check_shape, check_tensor
+from ..reference.norms import EPS
 
 for _op, _fn in (
     ("rms_norm", ref.rms_norm),
@@ -38,28 +40,40 @@ def _check_norm_inputs(x_name: str, x: object, weight: object, eps: float) -> to
     return x
 
 
-def _check_packed(x_name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> None:
+def _check_packed(
+    x_name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | VarlenLayout | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:
+    """(offsets, per-token sample index or None, number of sequences) of a packed x, or Nones when padded."""
     if cu_seqlens is None:
-        return
+        return None, None, None
     if x.dim() != 2:
         raise ValueError(f"{x_name} must be packed (T, D) when cu_seqlens is given, got {tuple(x.shape)}")
+    if isinstance(cu_seqlens, VarlenLayout):
+        check_layout("cu_seqlens", cu_seqlens, x.shape[0], f"{x_name}.shape[0]", x.device)
+        return cu_seqlens.cu_seqlens, cu_seqlens.sample_index, cu_seqlens.num_seqs
     # On the GPU the kernels never read outside the (B, D) parameters whatever the offsets hold (sample
     # indices are clamped), so the host-side value checks are skipped there unless asked for.
     check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device, total_name=f"{x_name}.shape[0]")
+    return cu_seqlens, None, cu_seqlens.numel() - 1
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5, *, backend: str | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = EPS,
+    *,
+    backend: str | None = None,
+    prefer: str | None = None,
 ) -> torch.Tensor:
     """RMSNorm over the last dim: ``round(x * rsqrt(mean(x^2) + eps)) * weight`` (fp32 math, Lumina rounding).
 
     ``x`` is ``(..., D)``; ``weight`` ``(D,)`` or None for no affine (any float dtype: fp32 weights with bf16
     activations are fine). The Triton and CUDA kernels read strided leading dims in place (a row slice of a
     larger buffer, a transposed batch) and need a unit-stride last dim (otherwise they copy x once).
+    ``backend`` / ``prefer``: see ``flagdit_kernels._dispatch`` (a named backend, a module's preference).
     """
     _check_norm_inputs("x", x, weight, eps)
-    _, fn = _dispatch.resolve("rms_norm", x.device, backend)
-    return fn(x, weight, eps)
+    return _dispatch.resolve("rms_norm", x, backend, prefer).fn(x, weight, eps)
 
 
 def rms_norm_modulate(
@@ -67,28 +81,30 @@ def rms_norm_modulate(
     weight: torch.Tensor | None,
     scale: torch.Tensor,
     shift: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    cu_seqlens: torch.Tensor | None = None,
+    eps: float = EPS,
+    cu_seqlens: torch.Tensor | VarlenLayout | None = None,
     *,
     backend: str | None = None,
+    prefer: str | None = None,
 ) -> torch.Tensor:
     """``rms_norm(x, weight) * (1 + scale) + shift`` with per-sample scale/shift.
 
     Layouts: padded ``x (B, L, D)`` with ``scale (B, D)``; packed ``x (T, D)`` with ``scale (B, D)`` and
-    ``cu_seqlens`` int32 ``(B+1,)`` (the kernels find each token's sample on the device); or any ``scale``
-    that broadcasts to ``x``. In the Triton kernels, parameters that are constant along L (``(B, D)``,
-    ``(B, 1, D)``, ``(D,)``) get their gradients from in-kernel per-sample partial sums; parameters that vary
-    along L (e.g. the same shape as x) get a per-row fp32 gradient reduced by ``Tensor.sum_to_size``, and
-    broadcast patterns that a ``(B, L)`` row view cannot express are materialized to x's shape first.
-    Values of ``cu_seqlens`` are checked on CPU tensors only (no host sync on the GPU path).
+    ``cu_seqlens`` int32 ``(B+1,)`` or a :class:`~flagdit_kernels.VarlenLayout` (the kernels find each token's
+    sample on the device); or any ``scale`` that broadcasts to ``x``. In the Triton kernels, parameters that
+    are constant along L (``(B, D)``, ``(B, 1, D)``, ``(D,)``) get their gradients from in-kernel per-sample
+    partial sums; parameters that vary along L (e.g. the same shape as x) get a per-row fp32 gradient reduced
+    by ``Tensor.sum_to_size``, and broadcast patterns that a ``(B, L)`` row view cannot express are
+    materialized to x's shape first. Values of raw ``cu_seqlens`` are checked on CPU tensors only (no host
+    sync on the GPU path); a layout was checked when it was built.
     """
     _check_norm_inputs("x", x, weight, eps)
-    _check_packed("x", x, cu_seqlens)
-    check_per_sample("scale", scale, x, cu_seqlens)
+    cu, sample_index, num_seqs = _check_packed("x", x, cu_seqlens)
+    check_per_sample("scale", scale, x, num_seqs)
     if shift is not None:
-        check_per_sample("shift", shift, x, cu_seqlens)
-    _, fn = _dispatch.resolve("rms_norm_modulate", x.device, backend)
-    return fn(x, weight, scale, shift, eps, cu_seqlens)
+        check_per_sample("shift", shift, x, num_seqs)
+    fn = _dispatch.resolve("rms_norm_modulate", x, backend, prefer).fn
+    return fn(x, weight, scale, shift, eps, cu, sample_index)
 
 
 def gated_residual_rms_norm(
@@ -96,11 +112,12 @@ def gated_residual_rms_norm(
     h: torch.Tensor,
     weight: torch.Tensor | None,
     gate: torch.Tensor,
-    eps: float = 1e-5,
+    eps: float = EPS,
     tanh_gate: bool = True,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | VarlenLayout | None = None,
     *,
     backend: str | None = None,
+    prefer: str | None = None,
 ) -> torch.Tensor:
     """``residual + act(gate) * rms_norm(h, weight)``, act = tanh (``tanh_gate``) or identity.
 
@@ -109,10 +126,10 @@ def gated_residual_rms_norm(
     _check_norm_inputs("h", h, weight, eps)
     check_tensor("residual", residual, device=h.device)
     check_shape("residual", residual, h.shape)
-    _check_packed("h", h, cu_seqlens)
-    check_per_sample("gate", gate, h, cu_seqlens)
-    _, fn = _dispatch.resolve("gated_residual_rms_norm", h.device, backend)
-    return fn(residual, h, weight, gate, eps, tanh_gate, cu_seqlens)
+    cu, sample_index, num_seqs = _check_packed("h", h, cu_seqlens)
+    check_per_sample("gate", gate, h, num_seqs)
+    fn = _dispatch.resolve("gated_residual_rms_norm", h, backend, prefer).fn
+    return fn(residual, h, weight, gate, eps, tanh_gate, cu, sample_index)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,24 +318,26 @@ def _gated_backward(ctx, dy, _drstd):
 _gated_triton_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
-def _rms_norm_triton(x, weight, eps=1e-5):
+# The kernels find each token's sample from cu_seqlens on the device: they take no sample index.
+
+
+def _rms_norm_triton(x, weight, eps):
     return torch.ops.flagdit_kernels.rms_norm_triton(x, weight, float(eps))[0]
 
 
-def _rms_norm_modulate_triton(x, weight, scale, shift=None, eps=1e-5, cu_seqlens=None):
+def _rms_norm_modulate_triton(x, weight, scale, shift, eps, cu_seqlens, _sample_index):
     return torch.ops.flagdit_kernels.rms_norm_modulate_triton(x, weight, scale, shift, float(eps), cu_seqlens)[0]
 
 
-def _gated_residual_rms_norm_triton(residual, h, weight, gate, eps=1e-5, tanh_gate=True, cu_seqlens=None):
+def _gated_residual_rms_norm_triton(residual, h, weight, gate, eps, tanh_gate, cu_seqlens, _sample_index):
     return torch.ops.flagdit_kernels.gated_residual_rms_norm_triton(
         residual, h, weight, gate, float(eps), bool(tanh_gate), cu_seqlens
     )[0]
 
 
-_triton = dict(devices=("cuda",), available=_dispatch.triton_installed, why_not=lambda: "triton is not installed")
-_dispatch.register("rms_norm", "triton", _rms_norm_triton, **_triton)
-_dispatch.register("rms_norm_modulate", "triton", _rms_norm_modulate_triton, **_triton)
-_dispatch.register("gated_residual_rms_norm", "triton", _gated_residual_rms_norm_triton, **_triton)
+_dispatch.register("rms_norm", "triton", _rms_norm_triton, **_dispatch.TRITON)
+_dispatch.register("rms_norm_modulate", "triton", _rms_norm_modulate_triton, **_dispatch.TRITON)
+_dispatch.register("gated_residual_rms_norm", "triton", _gated_residual_rms_norm_triton, **_dispatch.TRITON)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,28 +367,18 @@ def _register_compiled_autograd(device: str) -> None:
 
 
 def _compiled_rms_norm(device: str):
-    def rms_norm_compiled(x, weight, eps=1e-5):
+    def rms_norm_compiled(x, weight, eps):
         return getattr(torch.ops.flagdit_kernels, f"rms_norm_{device}_fwd")(x, weight, float(eps))[0]
 
     return rms_norm_compiled
 
 
-def _why_no_compiled(device: str) -> str:
-    if extension_error() is not None:
-        return f"no compiled extension ({extension_error()})"
-    return "the compiled extension was built without CUDA" if device == "cuda" else "not available"
-
-
-for _device, _available in (("cuda", extension_has_cuda), ("cpu", lambda: extension() is not None)):
-    if _available():
+for _device in ("cuda", "cpu"):
+    _missing = extension_missing(cuda=_device == "cuda")
+    if not _missing:
         _register_compiled_autograd(_device)
     _dispatch.register(
-        "rms_norm",
-        _device,
-        _compiled_rms_norm(_device),
-        devices=(_device,),
-        available=_available,
-        why_not=lambda device=_device: _why_no_compiled(device),
+        "rms_norm", _device, _compiled_rms_norm(_device), devices=(_device,), missing=lambda m=_missing: m
     )
 
 # Default order on CUDA tensors. Not measured yet (no GPU in the session that wrote these kernels): the fused

@@ -6,9 +6,9 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._extension import extension, extension_error, extension_has_cuda
+from .._extension import extension, extension_missing
 from .._validation import check_tensor
-from ..reference.packing import Packed, frames_hw, item_tokens
+from ..reference.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, frames_hw, item_tokens  # noqa: F401
 
 
 def _item_shapes(shapes: list[tuple[int, ...]]) -> list[int]:
@@ -314,20 +314,13 @@ _dispatch.register("unpack", "reference", ref.unpack, devices=("cpu", "cuda"))
 if extension() is not None:
     _register_compiled_autograd()
     _register_layout_autograd()
-_compiled = dict(
-    available=lambda: extension() is not None, why_not=lambda: f"no compiled extension ({extension_error()})"
-)
-_dispatch.register("pack", "cpu", _pack_compiled, devices=("cpu",), **_compiled)
-_dispatch.register("unpack", "cpu", _unpack_compiled, devices=("cpu",), **_compiled)
-# Looked up once: find_spec("triton") per call costs more than this op's GPU time on a small batch.
-_HAS_TRITON = _dispatch.triton_installed()
-_triton = dict(available=lambda: _HAS_TRITON, why_not=lambda: "triton is not installed")
-_dispatch.register("pack", "triton", _pack_triton, devices=("cuda",), **_triton)
-_dispatch.register("unpack", "triton", _unpack_triton, devices=("cuda",), **_triton)
-_HAS_CUDA_EXTENSION = extension_has_cuda()
-_cuda = dict(available=lambda: _HAS_CUDA_EXTENSION, why_not=lambda: "the compiled extension was built without CUDA")
-_dispatch.register("pack", "cuda", _pack_compiled, devices=("cuda",), **_cuda)
-_dispatch.register("unpack", "cuda", _unpack_compiled, devices=("cuda",), **_cuda)
+_dispatch.register("pack", "cpu", _pack_compiled, devices=("cpu",), missing=extension_missing)
+_dispatch.register("unpack", "cpu", _unpack_compiled, devices=("cpu",), missing=extension_missing)
+_dispatch.register("pack", "triton", _pack_triton, **_dispatch.TRITON)
+_dispatch.register("unpack", "triton", _unpack_triton, **_dispatch.TRITON)
+_cuda = lambda: extension_missing(cuda=True)
+_dispatch.register("pack", "cuda", _pack_compiled, devices=("cuda",), missing=_cuda)
+_dispatch.register("unpack", "cuda", _unpack_compiled, devices=("cuda",), missing=_cuda)
 
 
 def _check_latents(latents: object, patch_size: object) -> list[torch.Tensor]:
@@ -361,6 +354,7 @@ def pack(
     *,
     channels_last: bool = False,
     backend: str | None = None,
+    prefer: str | None = None,
 ) -> Packed:
     """Packs a list of ``(C, H, W)`` / ``(C, F, H, W)`` latents into one token sequence.
 
@@ -370,7 +364,7 @@ def pack(
     with ``channels_last``), ``cu_seqlens``, ``max_seqlen``, ``positions (T, 3)``, ``kind (T,)`` and shapes.
     """
     latents = _check_latents(latents, patch_size)
-    _, fn = _dispatch.resolve("pack", latents[0].device, backend)
+    fn = _dispatch.resolve("pack", latents[0], backend, prefer).fn
     return fn(latents, patch_size, bool(nextline), bool(nextframe), bool(channels_last))
 
 
@@ -381,6 +375,7 @@ def unpack(
     *,
     channels_last: bool = True,
     backend: str | None = None,
+    prefer: str | None = None,
 ) -> list[torch.Tensor]:
     """Reads token vectors ``(T, p*p*out_channels)`` back into latents shaped like ``packed``'s items.
 
@@ -397,5 +392,5 @@ def unpack(
         raise ValueError(
             f"tokens must be (T, p*p*out_channels) = {want} for this packed batch, got {tuple(tokens.shape)}"
         )
-    _, fn = _dispatch.resolve("unpack", tokens.device, backend)
+    fn = _dispatch.resolve("unpack", tokens, backend, prefer).fn
     return fn(tokens, packed, out_channels, bool(channels_last))

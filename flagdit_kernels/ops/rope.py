@@ -8,7 +8,8 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._validation import check_shape, check_tensor
+from .._validation import check_same_dtype, check_shape, check_tensor
+from ..reference.rope import QK_NORM_EPS
 
 NORMS = ("layer_norm", "rms_norm", None)
 MAX_HEAD_DIM = 256
@@ -32,6 +33,7 @@ def rope_freqs(
     ntk_factor: float = 1.0,
     *,
     backend: str | None = None,
+    prefer: str | None = None,
 ) -> torch.Tensor:
     """Rotary (cos, sin) table, float32 ``(T, head_dim // 2, 2)``, built on positions' device.
 
@@ -64,7 +66,7 @@ def rope_freqs(
         )
     elif positions.dim() == 2 and positions.shape[1] == 2 and head_dim % 4:
         raise ValueError(f"2D alternating RoPE needs head_dim divisible by 4, got {head_dim}")
-    _, fn = _dispatch.resolve("rope_freqs", positions.device, backend)
+    fn = _dispatch.resolve("rope_freqs", positions, backend, prefer).fn
     return fn(head_dim, positions, axes_dims, theta, linear_factor, ntk_factor)
 
 
@@ -90,7 +92,12 @@ def _check_heads(name: str, x: object, device: torch.device | None = None) -> to
 
 
 def apply_rope(
-    x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True, *, backend: str | None = None
+    x: torch.Tensor,
+    freqs: torch.Tensor,
+    interleaved: bool = True,
+    *,
+    backend: str | None = None,
+    prefer: str | None = None,
 ) -> torch.Tensor:
     """Rotates x ``(T, H, Dh)`` or ``(B, L, H, Dh)`` by ``freqs`` (from :func:`rope_freqs`; for 4-D x either
     ``(L, Dh/2, 2)`` shared by the batch or ``(B, L, Dh/2, 2)``). ``interleaved`` rotates pairs (2i, 2i+1)
@@ -100,8 +107,7 @@ def apply_rope(
     """
     _check_heads("x", x)
     check_freqs(freqs, "x", x)
-    _, fn = _dispatch.resolve("apply_rope", x.device, backend)
-    return fn(x, freqs, interleaved)
+    return _dispatch.resolve("apply_rope", x, backend, prefer).fn(x, freqs, interleaved)
 
 
 def _norm_params(name: str, norm_arg, norm: str | None, width: int, device: torch.device):
@@ -132,10 +138,11 @@ def qk_norm_rope(
     q_norm=None,
     k_norm=None,
     norm: str | None = "layer_norm",
-    eps: float = 1e-5,
+    eps: float = QK_NORM_EPS,
     interleaved: bool = True,
     *,
     backend: str | None = None,
+    prefer: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """QK-norm then RoPE, fused: returns ``(q_out, k_out)`` in q's dtype (fp32 math).
 
@@ -152,8 +159,7 @@ def qk_norm_rope(
         raise ValueError(f"k must match q in every dim but heads: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(f"q heads ({q.shape[-2]}) must be a multiple of k heads ({k.shape[-2]})")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; they must match")
+    check_same_dtype("k", k, "q", q)
     check_freqs(freqs, "q", q)
     per_head = norm == "rms_norm"
     qw, qb, q_eps = _norm_params(
@@ -165,15 +171,13 @@ def qk_norm_rope(
     eps = q_eps if q_eps is not None else eps
     if k_eps is not None and k_eps != eps:
         raise ValueError(f"q_norm and k_norm must share eps, got {eps} and {k_eps}")
-    _, fn = _dispatch.resolve("qk_norm_rope", q.device, backend)
+    fn = _dispatch.resolve("qk_norm_rope", q, backend, prefer).fn
     return fn(q, k, freqs, (qw, qb), (kw, kb), norm, eps, interleaved)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton backend: torch.library custom ops (opaque to torch.compile, with fake impls and autograd), so that
 # torch.compile(fullgraph=True) traces through them. Triton is imported only when a kernel runs.
-
-_TRITON_INSTALLED = _dispatch.triton_installed()  # a constant, so compiled code needs no import machinery
 
 
 def _kernels():
@@ -291,12 +295,5 @@ def _qk_norm_rope_triton(q, k, freqs, q_norm, k_norm, norm, eps, interleaved):
     return _qk_norm_rope_op(q, k, freqs, qw, qb, kw, kb, "none" if norm is None else norm, float(eps), interleaved)
 
 
-for _op, _fn in (("apply_rope", _apply_rope_triton), ("qk_norm_rope", _qk_norm_rope_triton)):
-    _dispatch.register(
-        _op,
-        "triton",
-        _fn,
-        devices=("cuda",),
-        available=lambda: _TRITON_INSTALLED,
-        why_not=lambda: "triton is not installed",
-    )
+_dispatch.register("apply_rope", "triton", _apply_rope_triton, **_dispatch.TRITON)
+_dispatch.register("qk_norm_rope", "triton", _qk_norm_rope_triton, **_dispatch.TRITON)

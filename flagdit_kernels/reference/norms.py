@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+EPS = 1e-5  # the default epsilon of every op in this family (and of fk.nn's RMSNorm modules)
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for low-precision inputs, fp64 stays fp64 (so float64 references and gradcheck are exact)."""
@@ -20,16 +22,19 @@ def token_sample_index(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tenso
     return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
 
 
-def per_token(t: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Broadcasts a per-sample ``(B, D)`` tensor to x's tokens (packed or padded layout)."""
+def per_token(
+    t: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None, sample_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Broadcasts a per-sample ``(B, D)`` tensor to x's tokens (packed or padded layout). ``sample_index``
+    ``(T,)``, when the caller has it, is the sample of every packed token (else it is found from cu_seqlens)."""
     if cu_seqlens is not None:
-        return t[token_sample_index(cu_seqlens, x.shape[0])]
+        return t[token_sample_index(cu_seqlens, x.shape[0]) if sample_index is None else sample_index]
     if x.dim() == 3 and t.dim() == 2:
         return t.unsqueeze(1)
     return t
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = EPS) -> torch.Tensor:
     acc = compute_dtype(x.dtype)
     xf = x.to(acc)
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -43,13 +48,14 @@ def rms_norm_modulate(
     weight: torch.Tensor | None,
     scale: torch.Tensor,
     shift: torch.Tensor | None = None,
-    eps: float = 1e-5,
+    eps: float = EPS,
     cu_seqlens: torch.Tensor | None = None,
+    sample_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     acc = compute_dtype(x.dtype)
-    out = rms_norm(x, weight, eps).to(acc) * (1 + per_token(scale, x, cu_seqlens).to(acc))
+    out = rms_norm(x, weight, eps).to(acc) * (1 + per_token(scale, x, cu_seqlens, sample_index).to(acc))
     if shift is not None:
-        out = out + per_token(shift, x, cu_seqlens).to(acc)
+        out = out + per_token(shift, x, cu_seqlens, sample_index).to(acc)
     return out.to(x.dtype)
 
 
@@ -58,12 +64,13 @@ def gated_residual_rms_norm(
     h: torch.Tensor,
     weight: torch.Tensor | None,
     gate: torch.Tensor,
-    eps: float = 1e-5,
+    eps: float = EPS,
     tanh_gate: bool = True,
     cu_seqlens: torch.Tensor | None = None,
+    sample_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     acc = compute_dtype(h.dtype)
-    g = per_token(gate, h, cu_seqlens).to(acc)
+    g = per_token(gate, h, cu_seqlens, sample_index).to(acc)
     if tanh_gate:
         g = torch.tanh(g)
     return (residual.to(acc) + g * rms_norm(h, weight, eps).to(acc)).to(residual.dtype)

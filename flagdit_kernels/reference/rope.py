@@ -15,6 +15,9 @@ from .norms import compute_dtype
 NormParams = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
+QK_NORM_EPS = 1e-5  # qk_norm_rope's default epsilon (LayerNorm's), also fk.nn.QKNormRoPE's
+
+
 def _inv_freq(step: int, dim: int, theta: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     exponent = torch.arange(0, dim, step, dtype=dtype, device=device)[: dim // step] / dim
     return 1.0 / (theta**exponent)
@@ -91,7 +94,7 @@ def qk_norm_rope(
     q_norm: NormParams = (None, None),
     k_norm: NormParams = (None, None),
     norm: str | None = "layer_norm",
-    eps: float = 1e-5,
+    eps: float = QK_NORM_EPS,
     interleaved: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q_out = rotate(_norm(q, q_norm, norm, eps), freqs, interleaved).to(q.dtype)
