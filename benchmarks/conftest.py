@@ -18,12 +18,13 @@ def pytest_addoption(parser):
 
 
 def bench_families(config) -> tuple[str, ...]:
-    from flagdit_kernels.bench.cases import FAMILIES
+    from flagdit_kernels.bench.cases import family_names
 
-    chosen = tuple(f for f in (config.getoption("--bench-families") or ",".join(FAMILIES)).split(",") if f)
-    unknown = set(chosen) - set(FAMILIES)
+    known = family_names()
+    chosen = tuple(f for f in (config.getoption("--bench-families") or ",".join(known)).split(",") if f)
+    unknown = set(chosen) - set(known)
     if unknown:
-        raise pytest.UsageError(f"--bench-families: unknown {sorted(unknown)}; choose from {FAMILIES}")
+        raise pytest.UsageError(f"--bench-families: unknown {sorted(unknown)}; choose from {known}")
     return chosen
 
 

@@ -15,3 +15,11 @@ def test_cli_prints_a_table_and_json(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["ms"] > 0 for r in rows)
     assert {r["impl"] for r in rows} >= {"reference", "python loop"}
+
+
+def test_families_are_discovered_from_their_modules():
+    from flagdit_kernels.bench.cases import family_names
+
+    names = family_names()
+    assert {"attention", "norms", "packing", "rope"} <= set(names)  # flagdit_kernels.bench: the op families
+    assert {"model", "diffusers_lumina"} <= set(names)  # flagdit.bench: whole models, above the kernels

@@ -320,7 +320,7 @@ def test_unsupported_block_is_skipped_with_reason():
 
 
 def test_bench_case_quick():
-    from flagdit_kernels.bench import diffusers_lumina
+    from flagdit.bench import diffusers_lumina
     from flagdit_kernels.bench.cases import Case
 
     (case,) = diffusers_lumina.cases(True, DEVICE)

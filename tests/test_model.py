@@ -346,7 +346,7 @@ def test_public_names():
 
 
 def test_model_benchmark_cases_run_in_quick_mode():
-    from flagdit_kernels.bench import model as bench_model
+    from flagdit.bench import model as bench_model
 
     cases = bench_model.cases(quick=True, device=torch.device("cpu"))
     assert {c.op for c in cases} == {"model_train_step", "model_sample_step"}

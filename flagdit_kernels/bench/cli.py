@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .cases import FAMILIES, Case, all_cases
+from .cases import Case, all_cases, family_names
 from .timing import copy_bandwidth_gbs, matmul_tflops, throughput, time_ms
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small shapes (the default on CPU)")
     size.add_argument("--full", action="store_true", help="DiT-sized shapes (the default on GPU)")
-    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
+    parser.add_argument("--families", default="", help="comma-separated subset of the families (default: all)")
     parser.add_argument("--ops", default="", help="comma-separated op names to keep (default: all)")
     parser.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement")
     parser.add_argument("--json", default=None, help="also write the rows and ceilings to this JSON file")
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     quick = args.quick or (device.type == "cpu" and not args.full)
     rep_ms = args.rep_ms if args.rep_ms is not None else (100.0 if device.type == "cuda" else 40.0)
-    families = tuple(f for f in args.families.split(",") if f)
-    unknown = set(families) - set(FAMILIES)
+    families = tuple(f for f in args.families.split(",") if f) or family_names()
+    unknown = set(families) - set(family_names())
     if unknown:
-        parser.error(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
+        parser.error(f"unknown families {sorted(unknown)}; choose from {family_names()}")
     keep_ops = {o for o in args.ops.split(",") if o}
 
     copy_gbs, mm_tflops = copy_bandwidth_gbs(str(device)), matmul_tflops(str(device))

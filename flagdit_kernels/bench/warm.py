@@ -15,13 +15,12 @@ any. Nothing is measured: the timed run that follows (``pytest benchmarks --benc
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import subprocess
 import sys
 import time
 
-from .cases import FAMILIES
+from .cases import family_cases, family_names
 
 
 def _run_shard(shard: int, jobs: int, families: tuple[str, ...], quick: bool) -> int:
@@ -32,7 +31,7 @@ def _run_shard(shard: int, jobs: int, families: tuple[str, ...], quick: bool) ->
     # One family's cases at a time: every process holds only that family's inputs (all of them at once would
     # not fit jobs times on the card).
     for family in families:
-        cases = importlib.import_module(f"flagdit_kernels.bench.{family}").cases(quick, device)
+        cases = family_cases(family, quick, device)
         for case in cases:
             for label, build in case.impls.items():
                 index += 1
@@ -57,14 +56,14 @@ def _run_shard(shard: int, jobs: int, families: tuple[str, ...], quick: bool) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flagdit_kernels.bench.warm", description=__doc__)
     parser.add_argument("--jobs", type=int, default=8, help="parallel processes")
-    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
+    parser.add_argument("--families", default=",".join(family_names()), help="comma-separated subset of the families")
     parser.add_argument("--quick", action="store_true", help="the small shapes (what --bench-quick times)")
     parser.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)  # set for the child processes
     args = parser.parse_args(argv)
     families = tuple(f for f in args.families.split(",") if f)
-    unknown = set(families) - set(FAMILIES)
+    unknown = set(families) - set(family_names())
     if unknown:
-        parser.error(f"unknown families {sorted(unknown)}; choose from {FAMILIES}")
+        parser.error(f"unknown families {sorted(unknown)}; choose from {family_names()}")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
     if args.shard is not None:

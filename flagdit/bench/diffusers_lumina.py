@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cases import Case
+from flagdit_kernels.bench.cases import Case
+from flagdit_kernels.integrations import diffusers as fkd
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,6 @@ def _runner(model, inputs):
 def cases(quick: bool, device: torch.device) -> list[Case]:
     if importlib.util.find_spec("diffusers") is None:
         return []
-    from ..integrations import diffusers as fkd
-
     cfg = TINY if quick else NEXT_2B
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     work = _Workload(cfg, device, dtype)

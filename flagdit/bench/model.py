@@ -5,7 +5,7 @@ GPU shapes: SDXL-VAE latents (4 channels, 1/8 of the pixels), patch 2, images of
 batch; configs ``flag-dit-600m`` and ``next-dit-2b`` in bf16. Implementations: every backend that some model
 op has on the device (``reference`` = eager Lumina math), and ``torch.compile`` of the reference model.
 ``flops`` counts the matmuls and attention (forward x3 for a training step); ``notes["tokens"]`` gives
-tokens/s, and ``python -m flagdit_kernels.bench.model`` also prints the peak memory of each implementation.
+tokens/s, and ``python -m flagdit.bench.model`` also prints the peak memory of each implementation.
 """
 
 from __future__ import annotations
@@ -14,8 +14,13 @@ import argparse
 
 import torch
 
-from .. import _dispatch
-from .cases import Case
+import flagdit_kernels as fk
+from flagdit_kernels.bench.cases import Case
+from flagdit_kernels.bench.timing import matmul_tflops, time_ms
+
+from .. import configs
+from ..flow import training_loss
+from ..model import FlagDiT
 
 MODEL_OPS = ("qk_norm_rope", "varlen_attention", "rms_norm", "rms_norm_modulate", "gated_residual_rms_norm")
 
@@ -32,7 +37,7 @@ def model_backends(device: torch.device) -> list[str]:
     for b in ("triton", "cuda"):
         if b == "triton" and device.type == "cpu":
             continue
-        if any(b in _dispatch.available_backends(op, device) for op in MODEL_OPS):
+        if any(b in fk.available_backends(op, device) for op in MODEL_OPS):
             out.append(b)
     return out
 
@@ -60,17 +65,13 @@ def _inputs(config, latents, batch_text, device, dtype, generator):
 
 
 def _build(config_name, backend, compile_model, device, dtype):
-    import flagdit
-
     torch.manual_seed(0)
     with torch.device(device):  # initialize on the device: a 2B model's CPU init alone takes tens of seconds
-        model = flagdit.FlagDiT(flagdit.configs[config_name], backend=backend).to(dtype)
+        model = FlagDiT(configs[config_name], backend=backend).to(dtype)
     return torch.compile(model) if compile_model else model
 
 
 def _train_step(config_name, backend, compile_model, latents, device, dtype):
-    from flagdit.flow import training_loss
-
     def make():
         model = _build(config_name, backend, compile_model, device, dtype)
         g = torch.Generator(device=device).manual_seed(0)
@@ -110,12 +111,10 @@ def _sample_step(config_name, backend, compile_model, latent, device, dtype):
 
 def cases(quick: bool, device: torch.device) -> list[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    configs = ("tiny",) if quick else ("flag-dit-600m", "next-dit-2b")
-    import flagdit
-
+    names = ("tiny",) if quick else ("flag-dit-600m", "next-dit-2b")
     out: list[Case] = []
-    for name in configs:
-        config = flagdit.configs[name]
+    for name in names:
+        config = configs[name]
         latents = QUICK_TRAIN_LATENTS if quick else GPU_TRAIN_LATENTS
         impls = {b: _train_step(name, b, False, latents, device, dtype) for b in model_backends(device)}
         if not quick:
@@ -137,9 +136,7 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
 
 def main(argv=None) -> None:
     """Times every case and implementation; prints ms, tokens/s, TFLOP/s, MFU and peak memory."""
-    from .timing import matmul_tflops, time_ms
-
-    p = argparse.ArgumentParser(prog="python -m flagdit_kernels.bench.model")
+    p = argparse.ArgumentParser(prog="python -m flagdit.bench.model")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
