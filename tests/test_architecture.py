@@ -1,0 +1,121 @@
+"""The import arrows DESIGN.md allows between the layers (read from the sources), and the public API as the
+only door for the model, the integrations and the benchmarks."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import flagdit_kernels as fk
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "flagdit_kernels"
+# Subpackages of flagdit_kernels that code above the kernels may import besides the top-level names (the
+# reference is the spec the tests check kernels against, not an API for the model).
+PUBLIC_SUBPACKAGES = ("nn", "integrations", "bench")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path) -> list[tuple[str, list[str], bool]]:
+    """(absolute module, imported names, at module level) of every import statement in ``path``."""
+    package = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top_level = {id(node) for node in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, [], id(node) in top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out.append((module, [alias.name for alias in node.names], id(node) in top_level))
+    return out
+
+
+def _targets(module: str, names: list[str]) -> list[str]:
+    """The modules an import statement may reach: ``from a import b`` reaches a and, if b is a module, a.b."""
+    return [module] + [f"{module}.{n}" for n in names]
+
+
+def _sources(*parts: str) -> list[pathlib.Path]:
+    return sorted(ROOT.joinpath(*parts).rglob("*.py"))
+
+
+def _reaches(path: pathlib.Path, forbidden: tuple[str, ...]) -> list[str]:
+    hits = []
+    for module, names, _ in _imports(path):
+        for target in _targets(module, names):
+            if any(target == f or target.startswith(f + ".") for f in forbidden):
+                hits.append(target)
+    return hits
+
+
+@pytest.mark.parametrize("path", _sources("flagdit_kernels", "reference"), ids=lambda p: p.name)
+def test_reference_imports_no_kernels(path):
+    """The reference is the standalone spec: torch and itself only."""
+    allowed = ("flagdit_kernels.reference", "torch", "math", "itertools", "dataclasses", "__future__")
+    bad = [m for m, _, _ in _imports(path) if not any(m == a or m.startswith(a + ".") for a in allowed)]
+    assert not bad, f"{path.name} imports {bad}"
+
+
+@pytest.mark.parametrize("path", _sources("flagdit_kernels", "triton"), ids=lambda p: p.name)
+def test_kernels_know_no_autograd_or_dispatch(path):
+    layers = ("flagdit_kernels.ops", "flagdit_kernels._dispatch", "flagdit_kernels.nn", "flagdit_kernels.integrations")
+    forbidden = (*layers, "flagdit_kernels.bench", "torch.autograd", "torch.library")
+    assert not _reaches(path, forbidden)
+
+
+@pytest.mark.parametrize("path", _sources("flagdit_kernels"), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_kernel_package_never_imports_the_model_or_diffusers(path):
+    assert not _reaches(path, ("flagdit", "diffusers"))
+
+
+LAYERS = {  # a layer may import the ones below it, never one above
+    "ops": ("flagdit_kernels.nn", "flagdit_kernels.integrations", "flagdit_kernels.bench"),
+    "nn.py": ("flagdit_kernels.integrations", "flagdit_kernels.bench"),
+    "integrations": ("flagdit_kernels.bench", "flagdit_kernels.ops", "flagdit_kernels.triton"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_layers_import_only_downwards(layer):
+    paths = [PACKAGE / layer] if layer.endswith(".py") else _sources("flagdit_kernels", layer)
+    for path in paths:
+        assert not _reaches(path, LAYERS[layer]), path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*_sources("flagdit"), *_sources("benchmarks"), *_sources("flagdit_kernels", "integrations")],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_the_public_api_is_the_only_door(path):
+    """The model, the benchmarks and the integrations use ``flagdit_kernels``' exported names and public
+    subpackages only (nothing private: no ops, triton, _dispatch, ...)."""
+    public = set(fk.__all__)
+    for module, names, _ in _imports(path):
+        if module == "flagdit_kernels":
+            assert set(names) <= public | set(PUBLIC_SUBPACKAGES), (path, names)
+        elif module.startswith("flagdit_kernels."):
+            assert module.split(".")[1] in PUBLIC_SUBPACKAGES, (path, module)
+
+
+def test_importing_the_kernels_loads_neither_the_model_nor_diffusers_nor_the_integrations():
+    code = (
+        "import sys, flagdit_kernels as fk, flagdit_kernels.nn, flagdit_kernels.bench.cli\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('flagdit', 'diffusers')]\n"
+        "assert not loaded, loaded\n"
+        "assert 'flagdit_kernels.integrations' not in sys.modules\n"
+        "assert fk.integrations.patch_rms_norm is not None  # imported on first use\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
