@@ -17,21 +17,30 @@ from flagdit_kernels import reference as ref
 from flagdit_kernels.ops import attention_flash_attn as fa
 
 
-def _stand_in(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+def _stand_in(
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False,
+    return_attn_probs=False,
+):  # fmt: skip
     """flash_attn_varlen_func's contract in PyTorch; NaN for queries of a sample without keys (the backend must
-    not let that through)."""
+    not let that through). With return_attn_probs: (out, softmax_lse (H, T) fp32, None), the LSE detached as
+    flash-attn's backward ignores its gradient."""
     assert dropout_p == 0.0 and not causal and q.dtype in (torch.float16, torch.bfloat16)
+    assert isinstance(deterministic, bool) and cu_q.is_contiguous() and cu_k.is_contiguous()
     assert max_q >= int((cu_q[1:] - cu_q[:-1]).max()) and max_k >= int((cu_k[1:] - cu_k[:-1]).max())
     group = q.shape[1] // k.shape[1]
-    outs = []
+    outs, lses = [], []
     for b in range(cu_q.numel() - 1):
         qs, ks, vs = q[cu_q[b] : cu_q[b + 1]], k[cu_k[b] : cu_k[b + 1]], v[cu_k[b] : cu_k[b + 1]]
         if ks.shape[0] == 0:
             outs.append(torch.full_like(qs, float("nan")))
+            lses.append(torch.full((q.shape[1], qs.shape[0]), float("nan")))
             continue
         ks, vs = ks.repeat_interleave(group, 1).float(), vs.repeat_interleave(group, 1).float()
-        p = (torch.einsum("qhd,khd->hqk", qs.float(), ks) * softmax_scale).softmax(-1)
-        outs.append(torch.einsum("hqk,khd->qhd", p, vs).to(q.dtype))
+        s = torch.einsum("qhd,khd->hqk", qs.float(), ks) * softmax_scale
+        outs.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vs).to(q.dtype))
+        lses.append(s.logsumexp(-1))
+    if return_attn_probs:
+        return torch.cat(outs), torch.cat(lses, dim=1).detach(), None
     return torch.cat(outs)
 
 
@@ -111,3 +120,32 @@ def test_rejects_float32(flash_attn):
     x = torch.randn(3, 1, 16)
     with pytest.raises(TypeError, match="float16 and bfloat16"):
         fa._varlen_attention_flash_attn(x, x, x, _offsets([3]), 3)
+
+
+def test_lse_and_its_gradient(flash_attn):
+    # flash-attn's LSE has no gradient of its own; the backend's correction gives the reference's, GQA included.
+    gen = torch.Generator().manual_seed(5)
+    lens, heads, kv_heads, dim = [13, 1, 30], 4, 2, 32
+    T = sum(lens)
+    x = {n: torch.randn(T, h, dim, generator=gen, dtype=torch.float64) for n, h in (("q", heads), ("k", kv_heads))}
+    x["v"] = torch.randn(T, kv_heads, dim, generator=gen, dtype=torch.float64)
+    w_out = torch.randn(T, heads, dim, generator=gen, dtype=torch.float64)
+    w_lse = torch.randn(heads, T, generator=gen, dtype=torch.float64)
+    cu, freqs = _offsets(lens), fk.rope_freqs(dim, torch.arange(T) % 7)
+
+    def run(fn, leaves):
+        out, lse = fn(*leaves.values(), cu, 30, 0.2, freqs=freqs, return_lse=True, deterministic=True)
+        ((out.double() * w_out).sum() + (lse.double() * w_lse).sum()).backward()
+        return out, lse
+
+    mine = {n: t.to(torch.float16).requires_grad_() for n, t in x.items()}
+    exp = {n: t.clone().requires_grad_() for n, t in x.items()}
+    out, lse = run(fa._varlen_attention_flash_attn, mine)
+    exp_out, exp_lse = run(ref.varlen_attention, exp)
+    tol = TOLERANCE["attention"][torch.float16]
+    assert lse.dtype == torch.float32 and lse.shape == (heads, T)
+    assert (out.double() - exp_out).norm() / exp_out.norm() < tol
+    assert (lse.double() - exp_lse).norm() / exp_lse.norm() < tol
+    for name in x:
+        g, r = mine[name].grad.double(), exp[name].grad
+        assert (g - r).norm() / r.norm() < tol, name

@@ -100,9 +100,11 @@ def varlen_attention(
     text_max_seqlen: int | None = None,
     gate: torch.Tensor | None = None,
     freqs: torch.Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
     backend: str | None = None,
     prefer: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention within each packed sequence, plus Lumina's gated text cross-attention.
 
     q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)`` with ``H % Hkv == 0``; ``cu_seqlens`` int32 ``(B+1,)``;
@@ -112,7 +114,17 @@ def varlen_attention(
     ``(T, Dh/2, 2)`` RoPE (interleaved) is applied to q and k first. With ``text_k``/``text_v`` ``(Tt, Hkv, Dh)``
     packed by ``text_cu_seqlens`` and ``gate (H,)``: ``out += tanh(gate[h]) * softmax(q k_t^T / sqrt(Dh)) v_t``
     per sample; a sample without text tokens adds exactly 0. Returns ``(T, H, Dh)`` in q's dtype.
+
+    ``return_lse=True`` returns ``(out, lse)``: ``lse`` float32 ``(H, T)``, the natural log of each query's
+    self-attention softmax denominator (scale applied; the text branch is not part of it), differentiable like
+    ``out``, so results over key blocks merge by log-sum-exp with plain autograd (ring attention).
+    ``deterministic=True`` asks for a backward whose gradients are bitwise reproducible (the Triton backend's
+    default accumulates dq with atomics; it also takes the ordered path under
+    ``torch.use_deterministic_algorithms(True)``).
     """
+    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     check_tensor("q", q, ndim=3)
     check_tensor("k", k, ndim=3, device=q.device)
     check_tensor("v", v, ndim=3, device=q.device)
@@ -153,6 +165,8 @@ def varlen_attention(
         text_max_seqlen=text_max_seqlen,
         gate=gate,
         freqs=freqs,
+        return_lse=return_lse,
+        deterministic=deterministic,
     )
 
 
@@ -189,8 +203,11 @@ def _fwd_op(
     text_max_seqlen: int,
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
+    lse_returned: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, o_text, lse_self, lse_text); the last three are saved for the backward."""
+    """Returns (out, o_text, lse_self, lse_text), LSEs in natural log; the last three are saved for the backward.
+    ``lse_returned`` (unused here) tells the backward whether lse_self reached the caller, so that the zero
+    gradient autograd hands it for an unused output is not read."""
     from ..triton import varlen_attention as kernels
 
     return kernels.forward(
@@ -200,7 +217,7 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, text_max_seqlen,
-              tanh_gate, freqs):  # fmt: skip
+              tanh_gate, freqs, lse_returned):  # fmt: skip
     T, H, D = q.shape
     has_text = text_k is not None
     out = q.new_empty((T, H, D))
@@ -213,6 +230,7 @@ def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, te
 @torch.library.custom_op("flagdit_kernels::varlen_attention_bwd", mutates_args=())
 def _bwd_op(
     dout: Tensor,
+    dlse: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -230,11 +248,12 @@ def _bwd_op(
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text."""
+    """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
+    the gradient of the self-attention LSE (None when the caller did not take it)."""
     from ..triton import varlen_attention as kernels
 
     dq, dk, dv, dtk, dtv, dtg = kernels.backward(
-        dout, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
+        dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
         text_k, text_v, text_cu_seqlens, text_max_seqlen, tanh_gate, freqs,
     )  # fmt: skip
     if text_k is None:
@@ -243,7 +262,7 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
+def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
               text_cu_seqlens, text_max_seqlen, tanh_gate, freqs):  # fmt: skip
     has_text = text_k is not None
     return (
@@ -257,22 +276,23 @@ def _bwd_fake(dout, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, so
 
 
 def _fwd_setup(ctx, inputs, output):
-    (q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs) = inputs
+    (q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs, lse_returned) = inputs
     out, o_text, lse, lse_t = output
     ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs)
     ctx.sizes = (max_seqlen, scale, text_max_seqlen)
+    ctx.lse_returned = lse_returned
 
 
-def _fwd_backward(ctx, dout, _d_o_text, _d_lse, _d_lse_t):
+def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t):
     q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs = ctx.saved_tensors
     max_seqlen, scale, text_max_seqlen = ctx.sizes
     dq, dk, dv, dtk, dtv, dtg = _bwd_op(
-        dout, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
+        dout, d_lse if ctx.lse_returned else None, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
         text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs,
     )  # fmt: skip
     if text_k is None:
         dtk = dtv = dtg = None
-    return dq, dk, dv, None, None, None, dtk, dtv, None, None, dtg, None
+    return dq, dk, dv, None, None, None, dtk, dtv, None, None, dtg, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -280,7 +300,7 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 def _varlen_attention_triton(
     q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, *, text_k=None, text_v=None, text_cu_seqlens=None,
-    text_max_seqlen=None, gate=None, freqs=None,
+    text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False,
 ):  # fmt: skip
     """The Triton backend: one fused kernel per direction (self + gated text + RoPE); see the kernel module."""
     if q.dtype not in TRITON_DTYPES:
@@ -294,11 +314,11 @@ def _varlen_attention_triton(
         tanh_gate = torch.tanh(gate.float())
     if freqs is not None and freqs.dtype != torch.float32:
         freqs = freqs.float()  # the reference rotates with fp32 tables too
-    out, _, _, _ = _fwd_op(
+    out, _, lse, _ = _fwd_op(
         q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, text_max_seqlen or 0,
-        tanh_gate, freqs,
+        tanh_gate, freqs, return_lse,
     )  # fmt: skip
-    return out
+    return (out, lse) if return_lse else out
 
 
 _dispatch.register("varlen_attention", "triton", _varlen_attention_triton, dtypes=TRITON_DTYPES, **_dispatch.TRITON)

@@ -7,6 +7,8 @@ sequences; cross-attention of the same queries over each sample's text keys (pac
 scale 1/sqrt(Dh)); then ``out_self + tanh(gate[h]) * o_text``, where a sample without text tokens adds exactly 0.
 Gradients run through flash-attn's own backward. It is never a default: ``backend="flash_attn"`` chooses it (it
 is also the baseline the benchmarks compare the fused Triton kernel with, where flash-attn is installed).
+``return_lse=True`` returns flash-attn's ``softmax_lse`` (``return_attn_probs=True``); flash-attn's backward
+ignores a gradient on it, so :class:`_LseGradient` supplies that gradient; ``deterministic`` is passed through.
 """
 
 from __future__ import annotations
@@ -33,17 +35,62 @@ def flash_varlen_func() -> Callable | None:
     return flash_attn_varlen_func
 
 
+class _LseGradient(torch.autograd.Function):
+    """Passes flash-attn's LSE through with the gradient its backward leaves out. For lse_i = log sum_j exp(s_ij),
+    s_ij = scale * q_i . k_j: d lse_i / d q_i = scale * sum_j P_ij k_j, which is attention(q, k, values=k), and
+    d lse_i / d k_j = scale * sum_i P_ij q_i, which is that attention's value gradient for an upstream g_i q_i
+    (GQA heads summed by flash-attn's backward). One more flash-attn forward and backward, only when a gradient
+    reaches the LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, lse, cu_seqlens, max_seqlen, scale, deterministic):
+        ctx.save_for_backward(q, k, cu_seqlens)
+        ctx.sizes = (max_seqlen, scale, deterministic)
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, cu = ctx.saved_tensors
+        max_seqlen, scale, deterministic = ctx.sizes
+        g_rows = g.transpose(0, 1).unsqueeze(-1)  # (T, H, 1)
+        with torch.enable_grad():
+            values = k.detach().requires_grad_()
+            p_k = flash_varlen_func()(
+                q.detach(), k.detach(), values, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=False,
+                deterministic=deterministic,
+            )  # fmt: skip
+            (dk,) = torch.autograd.grad(p_k, values, (g_rows * q.float()).to(q.dtype))
+        dq = (scale * g_rows * p_k.float()).to(q.dtype)
+        return dq, scale * dk, None, None, None, None, None
+
+
 def _varlen_attention_flash_attn(
     q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, *, text_k=None, text_v=None, text_cu_seqlens=None,
-    text_max_seqlen=None, gate=None, freqs=None,
+    text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False,
 ):  # fmt: skip
     attend = flash_varlen_func()
     if q.dtype not in FLASH_ATTN_DTYPES:
         raise TypeError(f"the flash_attn backend supports float16 and bfloat16, got {q.dtype}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    cu_seqlens = cu_seqlens.contiguous()
     if freqs is not None:
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-    out = attend(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=False)
+    out = attend(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=False,
+        deterministic=deterministic, return_attn_probs=return_lse,
+    )  # fmt: skip
+    lse = None
+    if return_lse:
+        out, lse, _ = out
+        lse = _LseGradient.apply(q, k, lse, cu_seqlens, max_seqlen, scale, deterministic)
+    out = _add_text(out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate,
+                    deterministic)  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def _add_text(out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, deterministic):
+    """out + tanh(gate) * the text cross-attention of the same (rotated) queries; out alone without text."""
+    attend = flash_varlen_func()
     if text_k is None:
         return out
     if text_k.shape[0] == 0:  # no sample has text: out + tanh(gate) * 0 keeps d gate an exact zero
@@ -52,8 +99,8 @@ def _varlen_attention_flash_attn(
         if text_max_seqlen is None:  # one host sync; pass text_max_seqlen to avoid it
             text_max_seqlen = int((text_cu_seqlens[1:] - text_cu_seqlens[:-1]).max())
         o_text = attend(
-            q, text_k, text_v, cu_seqlens, text_cu_seqlens, max_seqlen, text_max_seqlen,
-            softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=False,
+            q, text_k, text_v, cu_seqlens, text_cu_seqlens.contiguous(), max_seqlen, text_max_seqlen,
+            softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=False, deterministic=deterministic,
         )  # fmt: skip
         # Queries of a sample without text keys: whatever the kernel leaves there (0 or NaN) becomes exactly 0,
         # and torch.where sends those rows a zero gradient.

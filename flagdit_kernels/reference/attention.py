@@ -3,6 +3,8 @@
 Per sequence b: ``out = softmax(q_b k_b^T * s) v_b + tanh(gate[h]) * softmax(q_b kt_b^T / sqrt(Dh)) vt_b``,
 with RoPE (interleaved) applied to q and k when ``freqs`` is given and never to text keys. Softmax in fp32
 (fp64 for fp64 inputs), one rounding to q's dtype at the end. This loops over sequences on the host.
+With ``return_lse`` it also returns ``lse (H, T)``: ``logsumexp`` of the scaled self-attention scores of each
+query (natural log; the text branch is not part of it), float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
     return math.sqrt(math.log(seqlen, base_seqlen) / head_dim)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Dense attention of q (Lq, H, D) over k, v (Lk, Hkv, D) with GQA head sharing."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of q (Lq, H, D) over k, v (Lk, Hkv, D) with GQA head sharing: (out, lse (H, Lq))."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v), scores.logsumexp(dim=-1)
 
 
 def varlen_attention(
@@ -43,7 +45,10 @@ def varlen_attention(
     text_max_seqlen: int | None = None,
     gate: torch.Tensor | None = None,
     freqs: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+    deterministic: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    del deterministic  # this implementation is deterministic anyway
     head_dim = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -59,17 +64,20 @@ def varlen_attention(
         text_offsets = text_cu_seqlens.tolist()
         text_gate = torch.tanh(gate.to(acc)).view(1, -1, 1)
     offsets = cu_seqlens.tolist()
-    outputs = []
+    outputs, lses = [], []
     for b, (start, end) in enumerate(pairwise(offsets)):
         if end == start:
             continue
         qb = qa[start:end]
-        out = _attend(qb, ka[start:end], va[start:end], scale)
+        out, lse = _attend(qb, ka[start:end], va[start:end], scale)
         if with_text:
             t0, t1 = text_offsets[b], text_offsets[b + 1]
             if t1 > t0:
-                out = out + text_gate * _attend(qb, tka[t0:t1], tva[t0:t1], 1.0 / math.sqrt(head_dim))
+                out = out + text_gate * _attend(qb, tka[t0:t1], tva[t0:t1], 1.0 / math.sqrt(head_dim))[0]
         outputs.append(out)
+        lses.append(lse)
     if not outputs:
-        return q.new_empty(q.shape)
-    return torch.cat(outputs).to(q.dtype)
+        out, lse = q.new_empty(q.shape), qa.new_empty((q.shape[1], 0))
+    else:
+        out, lse = torch.cat(outputs).to(q.dtype), torch.cat(lses, dim=1)
+    return (out, lse) if return_lse else out

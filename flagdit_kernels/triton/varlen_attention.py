@@ -12,7 +12,7 @@ Forward, one program per (block of BLOCK_M queries of one sequence, query head):
      to memory (the backward needs it) and read back in step 4, so it holds no registers during step 3;
   3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, rotated as loaded
      (pointer loads, or tensor descriptors / the copy engine where the autotuner picks them on sm_90+);
-  4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (log2 units).
+  4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (natural log, the public ``lse`` unit).
 The grid is (``cdiv(max_seqlen, BLOCK_M)`` blocks, heads, samples); blocks past a sequence's
 end return at once (cheap next to a real block), so no host sync is needed beyond the Python int max_seqlen.
 
@@ -41,6 +41,9 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
 
 LOG2E = 1.4426950408889634
+# The same constants for kernels: LSEs are stored in natural log (the public unit), scores run in log2 units.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(1 / LOG2E)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -456,7 +459,7 @@ def _fwd_kernel(
         # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
-        tl.store(LSE_T + lse_off, tl.where(has, m_t + tl.log2(l_safe), 0.0), mask=m_mask)
+        tl.store(LSE_T + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * _LN2, 0.0), mask=m_mask)
         _store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
                     HEAD_DIM, D0, D1)
 
@@ -464,7 +467,7 @@ def _fwd_kernel(
                                    V + start * stride_vt + hk * stride_vh, f_ptr,
                                    stride_kt, stride_vt, stride_ft, stride_fi, stride_fc,
                                    seq_len, qk_scale, ROPE, TMA, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
-    tl.store(LSE + lse_off, m_i + tl.log2(l_i), mask=m_mask)
+    tl.store(LSE + lse_off, (m_i + tl.log2(l_i)) * _LN2, mask=m_mask)
     out0 = acc0 / l_i[:, None]
     out1 = acc1 / l_i[:, None]
     if HAS_TEXT:
@@ -486,11 +489,16 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess(
-    DO, OUT, OTEXT, TGATE, DELTA, DELTA_T, R, T,
+    DO, OUT, OTEXT, TGATE, DLSE, DELTA, DELTA_T, R, T,
     stride_dot, stride_doh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    """Per (token, head): delta_self = sum_d dO * o_self, and with text r = sum_d dO * o_text, delta_text = tg*r."""
+    """Per (token, head): delta_self = sum_d dO * o_self - dlse, and with text r = sum_d dO * o_text,
+    delta_text = tg * r.
+
+    A gradient g_i on lse_i = log sum_j exp(s_ij) adds g_i * P_ij to dS_ij (d lse_i / d s_ij = P_ij), so
+    dS_ij = P_ij * (dP_ij - delta_i + g_i): the kernels use delta_i - g_i and need nothing else."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -509,7 +517,10 @@ def _bwd_preprocess(
         r = tl.sum(do * o_text, 1)
         tl.store(R + out_off, r, mask=t_mask)
         tl.store(DELTA_T + out_off, tg * r, mask=t_mask)
-    tl.store(DELTA + out_off, tl.sum(do * o_self, 1), mask=t_mask)
+    delta = tl.sum(do * o_self, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + out_off, mask=t_mask, other=0.0)
+    tl.store(DELTA + out_off, delta, mask=t_mask)
 
 
 @triton.jit
@@ -518,7 +529,7 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v
              start_n, k_len, qk_scale,
              MASK_N: tl.constexpr, ROPE_K: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
              HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved log2-LSE and
+    """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved LSE and
     dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
     k0, k1, v0, v1, n_mask = _load_kv_pair(k_src0, k_src1, v_src0, v_src1, f_ptr, stride_kt, stride_vt, stride_ft,
                                            stride_fi, stride_fc, start_n, k_len, MASK_N, ROPE_K, TMA, BLOCK_N,
@@ -584,7 +595,7 @@ def _bwd_dq(
                                                        D0, D1)
     do0, do1 = _load_tile(DO + start * stride_dot + h * stride_doh, rows, m_mask, stride_dot,
                           f_ptr, stride_ft, stride_fi, stride_fc, False, BLOCK_M, HEAD_DIM, D0, D1)
-    lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0)
+    lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * _LOG2E
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = _zeros_tile(BLOCK_M, D0, D1)
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
@@ -594,7 +605,7 @@ def _bwd_dq(
     if HAS_TEXT:
         t_start, t_len = _segment(TCU, b)
         t_start = t_start.to(tl.int64)
-        lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0)
+        lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0) * _LOG2E
         delta_t = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
         # One accumulator pair for both branches: dq = ts * (self * sm / ts + text), scaled once at the end.
         dq0 = dq0 * (sm_scale / text_scale)
@@ -629,7 +640,7 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_ptr, del
                         ROPE, BLOCK_M, HEAD_DIM, D0, D1)
     do0, do1 = _load_tile(do_base + shift * stride_dot, rows, m_mask, stride_dot, f_ptr, stride_ft, stride_fi,
                           stride_fc, False, BLOCK_M, HEAD_DIM, D0, D1)
-    lse = tl.load(lse_ptr + shift + rows, mask=m_mask, other=0.0)
+    lse = tl.load(lse_ptr + shift + rows, mask=m_mask, other=0.0) * _LOG2E
     delta = tl.load(delta_ptr + shift + rows, mask=m_mask, other=0.0)
     p_t = tl.exp2(tl.fma(_scores(k0, k1, q0, q1, D1, DOT_PREC), qk_scale, -lse[None, :]))
     if MASK_M:
@@ -847,7 +858,7 @@ def forward(
     tanh_gate: torch.Tensor | None,
     freqs: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(out, o_text, lse_self, lse_text)``; LSEs are fp32 ``(H, T)`` in log2 units; o_text and
+    """Returns ``(out, o_text, lse_self, lse_text)``; LSEs are fp32 ``(H, T)`` in natural log; o_text and
     lse_text are empty without text. ``tanh_gate`` is fp32 ``(H,)`` (the gate already through tanh)."""
     q, k, v, text_k, text_v = _unit_head_dim(q, k, v, text_k, text_v)
     T, H, D = q.shape
@@ -880,6 +891,7 @@ def forward(
 
 def backward(
     dout: torch.Tensor,
+    dlse: torch.Tensor | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -897,7 +909,8 @@ def backward(
     tanh_gate: torch.Tensor | None,
     freqs: torch.Tensor | None,
 ):
-    """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text).
+    """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text); ``dlse`` is
+    the gradient of the self-attention LSE, fp32 ``(H, T)``, or None.
     d_tanh_gate is fp32 ``(H,)``: per-token partial sums written by the preprocess kernel, summed per head."""
     dout, q, k, v, text_k, text_v = _unit_head_dim(dout, q, k, v, text_k, text_v)
     T, H, D = q.shape
@@ -920,10 +933,12 @@ def backward(
     tg = tanh_gate if has_text else delta
     ot = o_text if has_text else out
     block_t = 32 if INTERPRETED else 64
+    if dlse is not None:
+        dlse = dlse.contiguous()
     _bwd_preprocess[(triton.cdiv(T, block_t), H)](
-        dout, out, ot, tg, delta, delta_t, r, T,
+        dout, out, ot, tg, delta if dlse is None else dlse, delta, delta_t, r, T,
         *_rows(dout, out),
-        HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, BLOCK_T=block_t,
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, HAS_DLSE=dlse is not None, BLOCK_T=block_t,
     )  # fmt: skip
     f, f_strides = _freq_args(freqs, q)
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
