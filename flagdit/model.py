@@ -99,6 +99,17 @@ class TextContext:
         return self.cap_emb.shape[0]
 
 
+@dataclass
+class ModelInputs:
+    """One forward call's inputs, packed: what :meth:`FlagDiT.transform` and :meth:`FlagDiT.unpack_output` need."""
+
+    packed: fk.Packed
+    layout: TokenLayout
+    text: TextContext
+    adaln_input: torch.Tensor  # (B, adaln_dim): timestep embedding + pooled caption
+    as_tensor: bool  # x was one (B, C, H, W) tensor: the output is one too
+
+
 class TransformerBlock(nn.Module):
     """One Flag-DiT block (shift/scale/gate adaLN) or Next-DiT block (scale-only, tanh gates, sandwich norms)."""
 
@@ -241,6 +252,11 @@ class FlagDiT(nn.Module):
 
     def embed(self, packed: fk.Packed) -> torch.Tensor:
         """Patch embedding of every token, with the learned [nextline]/[nextframe] embeddings at their slots."""
+        return self.embed_tokens(packed.patches, packed.kind)
+
+    def embed_tokens(self, patches: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        """:meth:`embed` of any rows of a packed batch (``patches`` ``(N, C*p*p)``, ``kind`` ``(N,)``): each row
+        is embedded alone, so a rank of a sequence-parallel group embeds only the tokens it holds."""
         weight = self.x_embedder.weight
         dim, dtype = weight.shape[0], weight.dtype
         # A layout without [nextline] / [nextframe] slots has no such parameter and never reads that row.
@@ -250,8 +266,7 @@ class FlagDiT(nn.Module):
                 self.eof_token if self.config.nextframe else weight.new_zeros(dim),
             ]
         ).to(dtype)
-        patches = packed.patches.to(dtype)
-        x = fk.embed_packed(patches, packed.kind, weight, self.x_embedder.bias, table, prefer=self.backend)
+        x = fk.embed_packed(patches.to(dtype), kind, weight, self.x_embedder.bias, table, prefer=self.backend)
         return x.to(dtype)  # under autocast the Linear computes in bf16; the residual stream stays in dtype
 
     def rope(self, packed: fk.Packed, sample: torch.Tensor, linear_factor: float, ntk_factor: float) -> torch.Tensor:
@@ -307,10 +322,33 @@ class FlagDiT(nn.Module):
     ):
         """Velocity prediction (see class docstring). ``text`` (from :meth:`encode_text`) replaces
         cap_feats/cap_mask; ``base_seqlen`` turns on proportional attention; ``linear_factor`` / ``ntk_factor``
-        override the config's RoPE extrapolation factors."""
+        override the config's RoPE extrapolation factors.
+
+        The steps are public (:meth:`prepare`, :meth:`embed`, :meth:`transform`, :meth:`unpack_output`) so that
+        a runner can compose them differently, e.g. ``flagdit.parallel`` runs :meth:`transform` on each rank's
+        share of the tokens."""
+        inputs = self.prepare(x, t, cap_feats, cap_mask, text=text, base_seqlen=base_seqlen,
+                              linear_factor=linear_factor, ntk_factor=ntk_factor)  # fmt: skip
+        h = self.transform(self.embed(inputs.packed), inputs.layout, inputs.text, inputs.adaln_input)
+        return self.unpack_output(h, inputs)
+
+    def prepare(
+        self,
+        x: list[torch.Tensor] | torch.Tensor,
+        t: torch.Tensor,
+        cap_feats: torch.Tensor | None = None,
+        cap_mask: torch.Tensor | None = None,
+        *,
+        text: TextContext | None = None,
+        base_seqlen: int | None = None,
+        linear_factor: float | None = None,
+        ntk_factor: float | None = None,
+    ) -> ModelInputs:
+        """Checks the inputs, encodes the caption (unless ``text`` is given), packs the latents and builds the
+        token layout: everything the token pipeline needs, per batch."""
         c = self.config
-        is_tensor = isinstance(x, torch.Tensor)
-        latents = list(x.unbind(0)) if is_tensor else list(x)
+        as_tensor = isinstance(x, torch.Tensor)
+        latents = list(x.unbind(0)) if as_tensor else list(x)
         if text is None:
             if cap_feats is None or cap_mask is None:
                 raise ValueError("give cap_feats and cap_mask, or a TextContext as text=")
@@ -321,15 +359,24 @@ class FlagDiT(nn.Module):
             )
         packed = fk.pack(latents, c.patch_size, c.nextline, c.nextframe, prefer=self.backend)
         layout = self.layout(packed, base_seqlen, linear_factor, ntk_factor)
-        h = self.embed(packed)
-        adaln_input = self.t_embedder(t) + text.cap_emb
+        return ModelInputs(packed, layout, text, self.t_embedder(t) + text.cap_emb, as_tensor)
+
+    def transform(
+        self, h: torch.Tensor, layout: TokenLayout, text: TextContext, adaln_input: torch.Tensor
+    ) -> torch.Tensor:
+        """The blocks and the final layer over embedded tokens h ``(N, dim)`` laid out as ``layout`` says;
+        returns ``(N, p*p*out_channels)``. Every op but attention is token-local."""
         for layer, kv in zip(self.layers, text.kv):
             h = layer(h, layout, text, kv, adaln_input)
-        h = self.final_layer(h, layout, adaln_input)
-        out = fk.unpack(h, packed, c.out_channels, prefer=self.backend)
+        return self.final_layer(h, layout, adaln_input)
+
+    def unpack_output(self, h: torch.Tensor, inputs: ModelInputs):
+        """The final layer's tokens of the whole batch back into latents (the learned-sigma half dropped)."""
+        c = self.config
+        out = fk.unpack(h, inputs.packed, c.out_channels, prefer=self.backend)
         if c.learn_sigma:
             out = [o[: c.in_channels] for o in out]
-        return torch.stack(out) if is_tensor else out
+        return torch.stack(out) if inputs.as_tensor else out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
