@@ -31,7 +31,7 @@ def test_sample_cli_writes_grid_and_video_strip(tmp_path):
     train.train(train.parse_args([*SMALL, "--out", str(tmp_path), "--steps", "1"]))
     out = tmp_path / "grid.png"
     sample_main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(out), "--sizes", "8x8", "8x16", "--steps", "2",
-                 "--caption", "a red circle on blue", "--frames", "3", "--video-size", "8x8", "--scale", "2",
+                 "--caption", "a red circle on blue", "--video-caption", "a red bar on white moving up", "--frames", "3", "--video-size", "8x8", "--scale", "2",
                  "--no-progress"])  # fmt: skip
     grid = Image.open(out)
     strip = Image.open(tmp_path / "grid_video.png")
@@ -41,11 +41,11 @@ def test_sample_cli_writes_grid_and_video_strip(tmp_path):
 
 def test_procedural_items_are_deterministic_and_varied():
     a, b = data.make_item(0, 5), data.make_item(0, 5)
-    assert torch.equal(a.pixels, b.pixels) and a.caption == b.caption
+    assert torch.equal(a.latent, b.latent) and a.caption == b.caption
     items = [data.make_item(1, i) for i in range(40)]
-    shapes = {tuple(it.pixels.shape) for it in items}
+    shapes = {tuple(it.latent.shape) for it in items}
     assert len(shapes) >= 4 and any(len(s) == 4 for s in shapes)  # several sizes, and videos
-    assert all(it.pixels.min() >= -1 and it.pixels.max() <= 1 for it in items)
+    assert all(it.latent.min() >= -1 and it.latent.max() <= 1 for it in items)
     enc = data.WordEncoder(16)
     feats, mask = enc([items[0].caption, "a red circle"])
     assert feats.shape == (2, 8, 16) and mask[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
