@@ -56,7 +56,7 @@ def _config_override(text: str) -> tuple[str, object]:
         return key, value
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(
         prog="flagdit-train", description="\n\n".join(doc[:2]), formatter_class=ca.HelpFormatter
@@ -94,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=ca.non_negative_int, default=0,
                    help="torch CPU threads per process (default: 0, leave torch's choice)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         build_config(args.config, args.set)
