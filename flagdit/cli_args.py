@@ -21,53 +21,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _number(text: str, kind, what: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
+def _bounded(kind: type, what: str, low: float | None = None, high: float | None = None, open_low: bool = False):
+    """An argparse type: ``kind(text)``, finite, and within [low, high] (``(low, high]`` with ``open_low``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        ok = math.isfinite(value)
+        ok = ok and (low is None or value > low or (value == low and not open_low))
+        ok = ok and (high is None or value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int, "an integer >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float, "a finite number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float, "a finite number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    return _number(text, float, "a finite number")
-
-
-def probability(text: str) -> float:
-    value = _number(text, float, "a probability in [0, 1]")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
-    return value
+positive_int = _bounded(int, "an integer >= 1", low=1)
+non_negative_int = _bounded(int, "an integer >= 0", low=0)
+positive_float = _bounded(float, "a number > 0", low=0.0, open_low=True)
+non_negative_float = _bounded(float, "a number >= 0", low=0.0)
+finite_float = _bounded(float, "a finite number")
+probability = _bounded(float, "a probability in [0, 1]", low=0.0, high=1.0)
 
 
 def size(text: str) -> tuple[int, int]:

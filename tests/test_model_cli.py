@@ -142,53 +142,45 @@ def test_checkpoints_are_written_atomically_and_durably(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt.pt", "log.jsonl"]  # no temp files left
 
 
-BAD_TRAIN = [
-    (["--steps", "-5"], "argument --steps"),
-    (["--steps", "0"], "argument --steps"),
-    (["--save-every", "0"], "argument --save-every"),
-    (["--log-every", "0"], "argument --log-every"),
-    (["--batch-size", "0"], "argument --batch-size"),
-    (["--backend", "bogus"], "argument --backend"),
-    (["--cap-dropout", "2"], "argument --cap-dropout"),
-    (["--video-fraction", "-1"], "argument --video-fraction"),
-    (["--modality", "smell"], "argument --modality"),
-    (["--views", "0"], "argument --views"),
-    (["--lr", "0"], "argument --lr"),
-    (["--lr", "nan"], "argument --lr"),
-    (["--warmup", "-1"], "argument --warmup"),
-    (["--grad-clip", "-1"], "argument --grad-clip"),
-    (["--threads", "-2"], "argument --threads"),
-    (["--set", "dimm=3"], "argument --set"),
-    (["--set", "dim=7"], "--config/--set: dim (7) must be divisible by n_heads"),
-    (["--config", "huge"], "argument --config"),
-    (["--resume", "--overwrite"], "argument --overwrite"),
+BAD_OPTIONS = [
+    ("flagdit-train", ["--steps", "-5"], "argument --steps"),
+    ("flagdit-train", ["--steps", "0"], "argument --steps"),
+    ("flagdit-train", ["--save-every", "0"], "argument --save-every"),
+    ("flagdit-train", ["--log-every", "0"], "argument --log-every"),
+    ("flagdit-train", ["--batch-size", "0"], "argument --batch-size"),
+    ("flagdit-train", ["--backend", "bogus"], "argument --backend"),
+    ("flagdit-train", ["--cap-dropout", "2"], "argument --cap-dropout"),
+    ("flagdit-train", ["--video-fraction", "-1"], "argument --video-fraction"),
+    ("flagdit-train", ["--modality", "smell"], "argument --modality"),
+    ("flagdit-train", ["--views", "0"], "argument --views"),
+    ("flagdit-train", ["--lr", "0"], "argument --lr"),
+    ("flagdit-train", ["--lr", "nan"], "argument --lr"),
+    ("flagdit-train", ["--warmup", "-1"], "argument --warmup"),
+    ("flagdit-train", ["--grad-clip", "-1"], "argument --grad-clip"),
+    ("flagdit-train", ["--threads", "-2"], "argument --threads"),
+    ("flagdit-train", ["--set", "dimm=3"], "argument --set"),
+    ("flagdit-train", ["--set", "dim=7"], "--config/--set: dim (7) must be divisible by n_heads"),
+    ("flagdit-train", ["--config", "huge"], "argument --config"),
+    ("flagdit-train", ["--resume", "--overwrite"], "argument --overwrite"),
+    ("flagdit-sample", ["--steps", "0"], "argument --steps"),
+    ("flagdit-sample", ["--views", "0"], "argument --views"),
+    ("flagdit-sample", ["--modality", "smell"], "argument --modality"),
+    ("flagdit-sample", ["--duration", "0"], "argument --duration"),
+    ("flagdit-sample", ["--sizes", "16"], "argument --sizes"),
+    ("flagdit-sample", ["--frames", "0"], "argument --frames"),
+    ("flagdit-sample", ["--backend", "bogus"], "argument --backend"),
+    ("flagdit-sample", ["--solver", "rk4"], "argument --solver"),
 ]
+PARSERS = {"flagdit-train": train.parse_args, "flagdit-sample": lambda argv: sample_parser().parse_args(argv)}
 
 
-@pytest.mark.parametrize(("argv", "message"), BAD_TRAIN, ids=[" ".join(a) for a, _ in BAD_TRAIN])
-def test_bad_train_options_are_argparse_errors(argv, message, capsys):
+@pytest.mark.parametrize(
+    ("prog", "argv", "message"), BAD_OPTIONS, ids=[f"{p} {' '.join(a)}" for p, a, _ in BAD_OPTIONS]
+)
+def test_bad_options_are_argparse_errors(prog, argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        train.parse_args(argv)
-    assert exit.value.code == 2 and f"flagdit-train: error: {message}" in capsys.readouterr().err
-
-
-BAD_SAMPLE = [
-    (["--steps", "0"], "argument --steps"),
-    (["--views", "0"], "argument --views"),
-    (["--modality", "smell"], "argument --modality"),
-    (["--duration", "0"], "argument --duration"),
-    (["--sizes", "16"], "argument --sizes"),
-    (["--frames", "0"], "argument --frames"),
-    (["--backend", "bogus"], "argument --backend"),
-    (["--solver", "rk4"], "argument --solver"),
-]
-
-
-@pytest.mark.parametrize(("argv", "message"), BAD_SAMPLE, ids=[" ".join(a) for a, _ in BAD_SAMPLE])
-def test_bad_sample_options_are_argparse_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit:
-        sample_parser().parse_args(argv)
-    assert exit.value.code == 2 and f"flagdit-sample: error: {message}" in capsys.readouterr().err
+        PARSERS[prog](argv)
+    assert exit.value.code == 2 and f"{prog}: error: {message}" in capsys.readouterr().err
 
 
 def test_sample_errors_that_need_the_checkpoint(trained, tmp_path, capsys):
