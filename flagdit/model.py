@@ -20,6 +20,7 @@ import flagdit_kernels as fk
 from flagdit_kernels.nn import GatedVarlenAttention, RMSNorm
 
 from .configs import FlagDiTConfig, get_config
+from .modality import ModalityConditioning, fit_channels, narrow_channels
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -213,6 +214,10 @@ class FlagDiT(nn.Module):
         # Lumina pads each sample to the batch's longest; packed tokens need no padding, but the parameter is
         # kept so that Lumina state_dicts load strictly and ours load in Lumina.
         self.pad_token = nn.Parameter(torch.randn(c.dim) * 0.02)
+        # Any-modality conditioning (flagdit.modality), only in configs that ask for it.
+        self.conditioning = None
+        if c.n_modalities or c.camera_cond:
+            self.conditioning = ModalityConditioning(c.n_modalities, c.camera_cond, c.dim, c.adaln_dim)
 
     # ---- inputs -----------------------------------------------------------------------------------------
 
@@ -304,13 +309,19 @@ class FlagDiT(nn.Module):
         base_seqlen: int | None = None,
         linear_factor: float | None = None,
         ntk_factor: float | None = None,
+        modality: list[str | int] | torch.Tensor | None = None,
+        cameras: list[torch.Tensor | None] | None = None,
     ):
         """Velocity prediction (see class docstring). ``text`` (from :meth:`encode_text`) replaces
         cap_feats/cap_mask; ``base_seqlen`` turns on proportional attention; ``linear_factor`` / ``ntk_factor``
-        override the config's RoPE extrapolation factors."""
+        override the config's RoPE extrapolation factors. Latents may have fewer than ``in_channels`` channels
+        (zero-padded inside, each output cut back to its latent's channels); ``modality`` (one name of
+        ``flagdit.modality.MODALITIES`` per sample) and ``cameras`` (per sample a ``(F, 2)`` azimuth/elevation
+        table or None) need a config with ``n_modalities`` / ``camera_cond`` (see :mod:`flagdit.modality`)."""
         c = self.config
         is_tensor = isinstance(x, torch.Tensor)
         latents = list(x.unbind(0)) if is_tensor else list(x)
+        latents, channels = fit_channels(latents, c.in_channels)
         if text is None:
             if cap_feats is None or cap_mask is None:
                 raise ValueError("give cap_feats and cap_mask, or a TextContext as text=")
@@ -323,12 +334,20 @@ class FlagDiT(nn.Module):
         layout = self.layout(packed, base_seqlen, linear_factor, ntk_factor)
         h = self.embed(packed)
         adaln_input = self.t_embedder(t) + text.cap_emb
+        if self.conditioning is not None:
+            frame = packed.positions[:, 0]
+            adaln_input, h = self.conditioning(
+                adaln_input, h, packed.cu_seqlens, frame, packed.shapes, modality, cameras
+            )
+        elif modality is not None or cameras is not None:
+            raise ValueError("modality / cameras given, but this config has n_modalities=0 and camera_cond=False")
         for layer, kv in zip(self.layers, text.kv):
             h = layer(h, layout, text, kv, adaln_input)
         h = self.final_layer(h, layout, adaln_input)
         out = fk.unpack(h, packed, c.out_channels, prefer=self.backend)
         if c.learn_sigma:
             out = [o[: c.in_channels] for o in out]
+        out = narrow_channels(out, channels)
         return torch.stack(out) if is_tensor else out
 
     def num_params(self) -> int:
