@@ -49,6 +49,10 @@ class FlagDiTConfig:
     rope_ntk_factor: float = 1.0
     base_seqlen: int | None = None
     ffn_hidden_dim: int | None = None  # explicit FFN width; None derives it like Lumina (2/3 * 4 * dim, rounded)
+    # Any-modality conditioning (flagdit.modality): a learned adaLN vector per modality, and a per-view camera
+    # embedding added to the tokens of multi-view frames. Off (0 / False) in the Lumina configs.
+    n_modalities: int = 0
+    camera_cond: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -61,6 +65,8 @@ class FlagDiTConfig:
             raise ValueError(f"2D RoPE (variant 'next') needs head_dim divisible by 4, got {self.head_dim}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.n_modalities < 0:
+            raise ValueError(f"n_modalities must be >= 0, got {self.n_modalities}")
 
     @property
     def head_dim(self) -> int:
@@ -104,7 +110,11 @@ class FlagDiTConfig:
         final_mod = (2 if self.variant == "flag" else 1) * d
         final = d * p2 * self.out_channels + p2 * self.out_channels + a * final_mod + final_mod
         tokens = d * (1 + int(self.nextline) + int(self.nextframe))
-        return embed + self.n_layers * block + final + tokens
+        from .modality import CAMERA_FEATURES
+
+        modality = self.n_modalities * a
+        camera = (CAMERA_FEATURES * d + d + d * d + d) if self.camera_cond else 0
+        return embed + self.n_layers * block + final + tokens + modality + camera
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ import flagdit_kernels as fk
 from flagdit_kernels.nn import GatedVarlenAttention, RMSNorm
 
 from .configs import FlagDiTConfig, get_config
+from .modality import ModalityConditioning, fit_channels, narrow_channels
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -108,6 +109,9 @@ class ModelInputs:
     text: TextContext
     adaln_input: torch.Tensor  # (B, adaln_dim): timestep embedding + pooled caption
     as_tensor: bool  # x was one (B, C, H, W) tensor: the output is one too
+    channels: list[int]  # each latent's own channel count (fit_channels)
+    modality: list[str | int] | torch.Tensor | None = None
+    cameras: list[torch.Tensor | None] | None = None
 
 
 class TransformerBlock(nn.Module):
@@ -224,6 +228,10 @@ class FlagDiT(nn.Module):
         # Lumina pads each sample to the batch's longest; packed tokens need no padding, but the parameter is
         # kept so that Lumina state_dicts load strictly and ours load in Lumina.
         self.pad_token = nn.Parameter(torch.randn(c.dim) * 0.02)
+        # Any-modality conditioning (flagdit.modality), only in configs that ask for it.
+        self.conditioning = None
+        if c.n_modalities or c.camera_cond:
+            self.conditioning = ModalityConditioning(c.n_modalities, c.camera_cond, c.dim, c.adaln_dim)
 
     # ---- inputs -----------------------------------------------------------------------------------------
 
@@ -250,13 +258,9 @@ class FlagDiT(nn.Module):
         kv = [layer.text_kv(y) if cache_kv else None for layer in self.layers]
         return TextContext(cap_emb, y, seqs, kv)
 
-    def embed(self, packed: fk.Packed) -> torch.Tensor:
-        """Patch embedding of every token, with the learned [nextline]/[nextframe] embeddings at their slots."""
-        return self.embed_tokens(packed.patches, packed.kind)
-
     def embed_tokens(self, patches: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
-        """:meth:`embed` of any rows of a packed batch (``patches`` ``(N, C*p*p)``, ``kind`` ``(N,)``): each row
-        is embedded alone, so a rank of a sequence-parallel group embeds only the tokens it holds."""
+        """Patch embedding of packed rows (``patches`` ``(N, C*p*p)``, ``kind`` ``(N,)``), with the learned
+        [nextline]/[nextframe] embeddings at their slots."""
         weight = self.x_embedder.weight
         dim, dtype = weight.shape[0], weight.dtype
         # A layout without [nextline] / [nextframe] slots has no such parameter and never reads that row.
@@ -319,18 +323,24 @@ class FlagDiT(nn.Module):
         base_seqlen: int | None = None,
         linear_factor: float | None = None,
         ntk_factor: float | None = None,
+        modality: list[str | int] | torch.Tensor | None = None,
+        cameras: list[torch.Tensor | None] | None = None,
     ):
         """Velocity prediction (see class docstring). ``text`` (from :meth:`encode_text`) replaces
         cap_feats/cap_mask; ``base_seqlen`` turns on proportional attention; ``linear_factor`` / ``ntk_factor``
-        override the config's RoPE extrapolation factors.
+        override the config's RoPE extrapolation factors. Latents may have fewer than ``in_channels`` channels
+        (zero-padded inside, each output cut back to its latent's channels); ``modality`` (one name of
+        ``flagdit.modality.MODALITIES`` per sample) and ``cameras`` (per sample a ``(F, 2)`` azimuth/elevation
+        table or None) need a config with ``n_modalities`` / ``camera_cond`` (see :mod:`flagdit.modality`).
 
-        The steps are public (:meth:`prepare`, :meth:`embed`, :meth:`transform`, :meth:`unpack_output`) so that
-        a runner can compose them differently, e.g. ``flagdit.parallel`` runs :meth:`transform` on each rank's
+        The steps are public (:meth:`prepare`, :meth:`embed_rows`, :meth:`transform`, :meth:`unpack_output`) so
+        that a runner can compose them differently: ``flagdit.parallel`` runs the middle two on each rank's
         share of the tokens."""
         inputs = self.prepare(x, t, cap_feats, cap_mask, text=text, base_seqlen=base_seqlen,
-                              linear_factor=linear_factor, ntk_factor=ntk_factor)  # fmt: skip
-        h = self.transform(self.embed(inputs.packed), inputs.layout, inputs.text, inputs.adaln_input)
-        return self.unpack_output(h, inputs)
+                              linear_factor=linear_factor, ntk_factor=ntk_factor, modality=modality,
+                              cameras=cameras)  # fmt: skip
+        h, adaln_input = self.embed_rows(inputs)
+        return self.unpack_output(self.transform(h, inputs.layout, inputs.text, adaln_input), inputs)
 
     def prepare(
         self,
@@ -343,12 +353,15 @@ class FlagDiT(nn.Module):
         base_seqlen: int | None = None,
         linear_factor: float | None = None,
         ntk_factor: float | None = None,
+        modality: list[str | int] | torch.Tensor | None = None,
+        cameras: list[torch.Tensor | None] | None = None,
     ) -> ModelInputs:
         """Checks the inputs, encodes the caption (unless ``text`` is given), packs the latents and builds the
-        token layout: everything the token pipeline needs, per batch."""
+        token layout: everything the token pipeline needs, per batch (:meth:`forward` has the arguments)."""
         c = self.config
         as_tensor = isinstance(x, torch.Tensor)
         latents = list(x.unbind(0)) if as_tensor else list(x)
+        latents, channels = fit_channels(latents, c.in_channels)
         if text is None:
             if cap_feats is None or cap_mask is None:
                 raise ValueError("give cap_feats and cap_mask, or a TextContext as text=")
@@ -357,9 +370,28 @@ class FlagDiT(nn.Module):
             raise ValueError(
                 f"batch mismatch: {len(latents)} latents, t of shape {tuple(t.shape)}, {text.batch_size} captions"
             )
+        if self.conditioning is None and (modality is not None or cameras is not None):
+            raise ValueError("modality / cameras given, but this config has n_modalities=0 and camera_cond=False")
         packed = fk.pack(latents, c.patch_size, c.nextline, c.nextframe, prefer=self.backend)
         layout = self.layout(packed, base_seqlen, linear_factor, ntk_factor)
-        return ModelInputs(packed, layout, text, self.t_embedder(t) + text.cap_emb, as_tensor)
+        adaln_input = self.t_embedder(t) + text.cap_emb
+        return ModelInputs(packed, layout, text, adaln_input, as_tensor, channels, modality, cameras)
+
+    def embed_rows(self, inputs: ModelInputs, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedded tokens of the packed rows ``rows`` (all when None), with the modality / camera
+        conditioning of their samples, and the adaLN input (the modality embedding added). Each row is embedded
+        alone, so a rank of a sequence-parallel group embeds only the rows it holds."""
+        packed = inputs.packed
+        patches, kind = packed.patches, packed.kind
+        if rows is not None:
+            patches, kind = patches.index_select(0, rows), kind.index_select(0, rows)
+        h, adaln_input = self.embed_tokens(patches, kind), inputs.adaln_input
+        if self.conditioning is not None:
+            frame = packed.positions[:, 0]
+            adaln_input, h = self.conditioning(
+                adaln_input, h, packed.cu_seqlens, frame, packed.shapes, inputs.modality, inputs.cameras, rows
+            )
+        return h, adaln_input
 
     def transform(
         self, h: torch.Tensor, layout: TokenLayout, text: TextContext, adaln_input: torch.Tensor
@@ -371,11 +403,13 @@ class FlagDiT(nn.Module):
         return self.final_layer(h, layout, adaln_input)
 
     def unpack_output(self, h: torch.Tensor, inputs: ModelInputs):
-        """The final layer's tokens of the whole batch back into latents (the learned-sigma half dropped)."""
+        """The final layer's tokens of the whole batch back into latents (the learned-sigma half dropped, each
+        cut back to its latent's channels)."""
         c = self.config
         out = fk.unpack(h, inputs.packed, c.out_channels, prefer=self.backend)
         if c.learn_sigma:
             out = [o[: c.in_channels] for o in out]
+        out = narrow_channels(out, inputs.channels)
         return torch.stack(out) if inputs.as_tensor else out
 
     def num_params(self) -> int:

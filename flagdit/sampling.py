@@ -52,13 +52,16 @@ def sample(
     *,
     noise: list[torch.Tensor] | None = None,
     progress: bool = False,
+    modality: list[str | int] | None = None,
+    cameras: list[torch.Tensor | None] | None = None,
     **model_kwargs,
 ) -> list[torch.Tensor]:
     """Generates one latent per shape ``(C, [F,] H, W)`` for the captions ``(B, Lt, cap_feat_dim)``.
 
     ``neg_feats`` / ``neg_mask`` default to :func:`flagdit.flow.null_caption`; ``cfg_scale == 1`` skips the
-    negative branch. ``noise`` replaces the initial Gaussian draw. ``model_kwargs`` (``base_seqlen``,
-    ``linear_factor``, ``ntk_factor``) go to every model call.
+    negative branch. ``noise`` replaces the initial Gaussian draw. ``modality`` / ``cameras`` (one entry per
+    shape, see :meth:`flagdit.FlagDiT.forward`) condition both branches of the guidance. ``model_kwargs``
+    (``base_seqlen``, ``linear_factor``, ``ntk_factor``) go to every model call.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -67,6 +70,12 @@ def sample(
     b = len(shapes)
     if cap_feats.shape[0] != b:
         raise ValueError(f"{b} shapes but {cap_feats.shape[0]} captions")
+    per_item = {}
+    for name, value in (("modality", modality), ("cameras", cameras)):
+        if value is not None:
+            if len(value) != b:
+                raise ValueError(f"{name} must have one entry per shape ({b}), got {len(value)}")
+            per_item[name] = list(value)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     if noise is None:
@@ -80,11 +89,13 @@ def sample(
     else:
         feats, mask = cap_feats, cap_mask
     text: TextContext = model.encode_text(feats.to(device), mask.to(device), cache_kv=True)
+    if guided:  # the negative branch is the same items again
+        per_item = {name: value + value for name, value in per_item.items()}
 
     def velocity(x: list[torch.Tensor], t: float) -> list[torch.Tensor]:
         batch = x + x if guided else x
         tt = torch.full((len(batch),), t, device=device, dtype=torch.float32)
-        v = model(batch, tt, text=text, **model_kwargs)
+        v = model(batch, tt, text=text, **per_item, **model_kwargs)
         if not guided:
             return v
         return [vn + cfg_scale * (vc - vn) for vc, vn in zip(v[:b], v[b:])]

@@ -1,12 +1,15 @@
-"""``flagdit-train``: flow-matching training of a Flag-DiT on the procedural shapes data set.
+"""flagdit-train: flow-matching training of a Flag-DiT on a procedural data set of any modality.
 
-Single process: ``flagdit-train --out runs/tiny --steps 1000``. Distributed (CPU with gloo or GPUs with NCCL):
-``torchrun --nproc_per_node 2 -m flagdit.train --dist ddp`` or ``--dist fsdp`` (FSDP2 ``fully_shard`` per block).
-The global batch of step s is items ``s*B .. s*B+B-1`` of the data set, and each item's time, noise and caption
-dropout are seeded by (seed, step, item); rank r trains items ``r, r+W, ...``. The loss is the per-item velocity
-MSE averaged over the global batch, so any number of processes follows the same trajectory.
-Checkpoints (``OUT/ckpt.pt``: model, optimizer, step, config) are full state_dicts readable with
-``torch.load(weights_only=True)``; ``--resume`` continues from one.
+Single process: flagdit-train --modality mixed --out runs/mixed --steps 400. Distributed (CPU with gloo or GPUs
+with NCCL): torchrun --nproc_per_node 2 -m flagdit.train --dist ddp (or --dist fsdp, FSDP2 fully_shard per block).
+
+The global batch of step s is items s*B .. s*B+B-1 of the data set, and each item's time, noise and caption
+dropout are seeded by (seed, step, item); rank r trains items r, r+W, .... The loss is the per-item velocity
+MSE averaged over the global batch, so any number of processes follows the same trajectory. Checkpoints
+(OUT/ckpt.pt: model, optimizer, step, config, arguments) are full state_dicts readable with
+torch.load(weights_only=True), written atomically (temporary file, fsync, rename). One run at a time holds
+OUT/.lock; a directory with a checkpoint is continued only with --resume and restarted only with --overwrite;
+OUT/log.jsonl is cut back to the checkpoint's step when a run starts, so it never repeats steps.
 """
 
 from __future__ import annotations
@@ -14,78 +17,136 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .configs import FlagDiTConfig, get_config
-from .data import WordEncoder, make_item
-from .flow import null_caption, sample_t, training_loss
+import flagdit_kernels as fk
+
+from . import cli_args as ca
+from .configs import FlagDiTConfig, get_config, names
+from .data import DATASETS, DEFAULT_VIEWS, WordEncoder, make_item
+from .flow import T_DISTS, null_caption, sample_t, training_loss
+from .modality import MODALITIES
 from .model import FlagDiT
+
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlagDiTConfig))
+# flagdit-train builds every model able to take every modality (the config can still turn it off with --set).
+ANY_MODALITY = {"n_modalities": len(MODALITIES), "camera_cond": True}
+
+
+class RunDirError(RuntimeError):
+    """The output directory cannot be used as asked (in use, or holding a run that would be lost)."""
+
+
+def _config_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in CONFIG_FIELDS:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {', '.join(CONFIG_FIELDS)}, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(
+        prog="flagdit-train", description="\n\n".join(doc[:2]), formatter_class=ca.HelpFormatter
+    )
+    p.add_argument("--modality", default="image", choices=DATASETS,
+                   help="data set: image (shapes, with --video-fraction short clips), video, multiview, audio, or "
+                        "mixed (every batch holds all four in one packed sequence)")  # fmt: skip
+    p.add_argument("--views", type=ca.positive_int, default=DEFAULT_VIEWS, help="cameras per multi-view item")
+    p.add_argument("--config", default="tiny", choices=names(), help="named model config")
+    p.add_argument("--set", action="append", default=[], type=_config_override, metavar="KEY=VALUE",
+                   help="override a config field, repeatable (default: none; flagdit-train sets "
+                        "n_modalities=4 and camera_cond=True)")  # fmt: skip
+    p.add_argument("--out", default="runs/tiny", help="output directory (ckpt.pt, log.jsonl)")
+    p.add_argument("--steps", type=ca.positive_int, default=1000, help="train until this global step")
+    p.add_argument("--batch-size", type=ca.positive_int, default=16, help="global batch, in items")
+    p.add_argument("--lr", type=ca.positive_float, default=1e-3, help="AdamW peak learning rate")
+    p.add_argument("--warmup", type=ca.non_negative_int, default=50, help="linear learning-rate warm-up steps")
+    p.add_argument("--grad-clip", type=ca.non_negative_float, default=1.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--t-dist", default="logit-normal", choices=T_DISTS, help="distribution of the flow time t")
+    p.add_argument("--cap-dropout", type=ca.probability, default=0.1,
+                   help="probability of training an item on the null caption (for guidance)")  # fmt: skip
+    p.add_argument("--video-fraction", type=ca.probability, default=0.15,
+                   help="share of short clips in --modality image")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the noise and the initial weights")
+    p.add_argument("--backend", default=None, choices=fk.BACKENDS,
+                   help="flagdit_kernels backend for every op that has it (default: the fastest per op)")  # fmt: skip
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), for GPUs")
+    p.add_argument("--dist", default="auto", choices=("auto", "none", "ddp", "fsdp"),
+                   help="data parallelism; auto is ddp under torchrun with several processes, else none")  # fmt: skip
+    p.add_argument("--save-every", type=ca.positive_int, default=200, help="checkpoint every this many steps")
+    p.add_argument("--log-every", type=ca.positive_int, default=10, help="append to log.jsonl every this many steps")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (a fresh start if none)")
+    again.add_argument("--overwrite", action="store_true", help="start at step 0 even if OUT/ckpt.pt exists")
+    p.add_argument("--threads", type=ca.non_negative_int, default=0,
+                   help="torch CPU threads per process (default: 0, leave torch's choice)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="flagdit-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="tiny", help="named config (default: tiny)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--out", default="runs/tiny", help="output directory (checkpoint, log.jsonl)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (items)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--t-dist", default="logit-normal", choices=("uniform", "logit-normal"))
-    p.add_argument("--cap-dropout", type=float, default=0.1, help="probability of training on the null caption")
-    p.add_argument("--video-fraction", type=float, default=0.15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default=None, help="flagdit_kernels backend for every op (default: fastest)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), for GPUs")
-    p.add_argument("--dist", default="auto", choices=("auto", "none", "ddp", "fsdp"))
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt when it exists")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: leave as is)")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        build_config(args.config, args.set)
+    except (ValueError, TypeError) as e:
+        p.error(f"--config/--set: {e}")
+    return args
 
 
-def build_config(name: str, sets: list[str]) -> FlagDiTConfig:
-    overrides = {}
-    for item in sets:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
-    return get_config(name, **overrides)
+def build_config(name: str, sets: list[tuple[str, object]]) -> FlagDiTConfig:
+    """The named config with flagdit-train's any-modality fields, then the --set overrides, applied."""
+    return get_config(name, **{**ANY_MODALITY, **dict(sets)})
 
 
 def item_seed(seed: int, step: int, index: int) -> int:
     return (seed * 7_919 + step) * 100_003 + index
 
 
-def global_batch(args, step: int, encoder: WordEncoder, items: list[int]):
-    """Pixels, captions and the seeded t / noise / caption dropout of the chosen items of step's global batch."""
-    xs, captions, ts, noise, drop = [], [], [], [], []
+def global_batch(args, step: int, encoder: WordEncoder, items: list[int]) -> dict:
+    """Latents, captions, conditioning and the seeded t / noise / caption dropout of the chosen items of step's
+    global batch."""
+    xs, captions, ts, noise, drop, modality, cameras = [], [], [], [], [], [], []
     for i in items:
-        item = make_item(args.seed, step * args.batch_size + i, args.video_fraction)
+        item = make_item(args.seed, step * args.batch_size + i, args.video_fraction,
+                         modality=args.modality, views=args.views)  # fmt: skip
         g = torch.Generator().manual_seed(item_seed(args.seed, step, i))
-        xs.append(item.pixels)
+        xs.append(item.latent)
         captions.append(item.caption)
+        modality.append(item.modality)
+        cameras.append(item.cameras)
         ts.append(sample_t(1, args.t_dist, generator=g))
-        noise.append(torch.randn(item.pixels.shape, generator=g))
+        noise.append(torch.randn(item.latent.shape, generator=g))
         drop.append(float(torch.rand(1, generator=g)) < args.cap_dropout)
     feats, mask = encoder(captions)
     null_feats, null_mask = null_caption(feats, mask)
     keep = torch.tensor([not d for d in drop]).view(-1, 1)
     feats = torch.where(keep.unsqueeze(-1), feats, null_feats)
     mask = torch.where(keep, mask, null_mask)
-    return xs, torch.cat(ts), noise, feats, mask
+    return dict(x1=xs, t=torch.cat(ts), x0=noise, feats=feats, mask=mask, modality=modality, cameras=cameras)
+
+
+def conditioning(config: FlagDiTConfig, modality: list[str], cameras: list, device) -> dict:
+    """The modality / camera keyword arguments this config's model takes."""
+    kwargs = {}
+    if config.n_modalities:
+        kwargs["modality"] = modality
+    if config.camera_cond and any(c is not None for c in cameras):
+        kwargs["cameras"] = [None if c is None else c.to(device) for c in cameras]
+    return kwargs
 
 
 def _setup_distributed(mode: str):
@@ -147,6 +208,34 @@ def _load_state_dicts(model, optimizer, model_sd, optim_sd) -> None:
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it, renames it over ``path`` and fsyncs
+    the directory: a reader sees the old file or the new one, complete, even after a crash or power loss."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConfig, args, rank: int) -> None:
     model_sd, optim_sd = _state_dicts(model, optimizer)
     if rank != 0:
@@ -158,9 +247,69 @@ def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConf
         "config": config.to_dict(),
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def lock_run_dir(out: Path):
+    """An exclusive lock on OUT/.lock, held until the returned file is closed (or the process ends)."""
+    import fcntl
+
+    f = open(out / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirError(
+            f"{out} is in use by another flagdit-train (pid {holder} holds {out / '.lock'}); "
+            "wait for it to finish or choose another --out"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keeps the records of log.jsonl up to ``step`` (the checkpoint a run starts from): a run killed after its
+    last checkpoint logged steps that the resumed run trains again. A torn last line is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+def _claim_run_dir(args, out: Path, ckpt_path: Path, rank: int, world: int):
+    """Rank 0 locks OUT and checks that starting here loses no run; every rank raises the same error if not."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(out)
+            if ckpt_path.exists() and not (args.resume or args.overwrite):
+                lock.close()
+                lock = None
+                raise RunDirError(
+                    f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to start over"
+                )
+        except (RunDirError, OSError) as e:
+            error = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RunDirError(error)
+    return lock
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -168,11 +317,20 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def model_from_checkpoint(path: str | Path, backend: str | None = None) -> FlagDiT:
-    ckpt = load_checkpoint(path)
+def model_from_state(ckpt: dict, backend: str | None = None) -> FlagDiT:
+    """The model of a loaded flagdit-train checkpoint."""
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
+        raise ValueError(
+            "not a flagdit-train checkpoint (it has no 'config' and 'model' entries); "
+            "Lumina-T2X weights load with flagdit.load_lumina"
+        )
     model = FlagDiT(FlagDiTConfig(**ckpt["config"]), backend=backend)
     model.load_state_dict(ckpt["model"], strict=True)
     return model
+
+
+def model_from_checkpoint(path: str | Path, backend: str | None = None) -> FlagDiT:
+    return model_from_state(load_checkpoint(path), backend)
 
 
 def train(args: argparse.Namespace) -> list[float]:
@@ -184,6 +342,15 @@ def train(args: argparse.Namespace) -> list[float]:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
+    lock = _claim_run_dir(args, out, ckpt_path, rank, world)
+    try:
+        return _train(args, mode, rank, world, device, out, ckpt_path)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path: Path) -> list[float]:
     resume = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     config = FlagDiTConfig(**resume["config"]) if resume else build_config(args.config, args.set)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -195,12 +362,13 @@ def train(args: argparse.Namespace) -> list[float]:
         _load_state_dicts(model, optimizer, resume["model"], resume["optimizer"])
         start = resume["step"]
     encoder = WordEncoder(config.cap_feat_dim)
+    log = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        truncate_log(out / "log.jsonl", start)
         n_params = sum(p.numel() for p in model.parameters()) if mode != "fsdp" else config.num_params()
-        print(f"flagdit-train: {args.config} ({n_params / 1e6:.2f}M params), {mode} x{world}, "
+        print(f"flagdit-train: {args.config} ({n_params / 1e6:.2f}M params), {args.modality} data, {mode} x{world}, "
               f"steps {start}..{args.steps}, global batch {args.batch_size}", flush=True)  # fmt: skip
-    log = open(out / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+        log = open(out / "log.jsonl", "a")  # noqa: SIM115
     bar = None
     if rank == 0 and not args.no_progress:
         from tqdm.auto import tqdm
@@ -212,13 +380,14 @@ def train(args: argparse.Namespace) -> list[float]:
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        xs, t, noise, feats, mask = global_batch(args, step, encoder, mine)
-        xs = [x.to(device) for x in xs]
-        noise = [n.to(device) for n in noise]
+        batch = global_batch(args, step, encoder, mine)
+        xs = [x.to(device) for x in batch["x1"]]
+        noise = [n.to(device) for n in batch["x0"]]
+        cond = conditioning(config, batch["modality"], batch["cameras"], device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
         with autocast:
-            per_item = training_loss(model, xs, feats.to(device), mask.to(device), t=t.to(device), x0=noise,
-                                     reduction="none")  # fmt: skip
+            per_item = training_loss(model, xs, batch["feats"].to(device), batch["mask"].to(device),
+                                     t=batch["t"].to(device), x0=noise, reduction="none", **cond)  # fmt: skip
         per_item.mean().backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -233,13 +402,15 @@ def train(args: argparse.Namespace) -> list[float]:
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss_ema=f"{smooth:.4f}", lr=f"{lr:.1e}")
         if log is not None and ((step + 1) % args.log_every == 0 or step == start):
             rate = tokens / max(time.time() - t_start, 1e-9)
             log.write(json.dumps({"step": step + 1, "loss": loss, "loss_ema": smooth, "lr": lr,
                                   "patch_tokens_per_s": rate}) + "\n")  # fmt: skip
             log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if log is not None:
+                os.fsync(log.fileno())  # the log holds every step the checkpoint does
             save_checkpoint(ckpt_path, model, optimizer, step + 1, config, args, rank)
     if bar is not None:
         bar.close()
@@ -248,7 +419,12 @@ def train(args: argparse.Namespace) -> list[float]:
         if losses:
             k = max(1, min(20, len(losses) // 4))
             first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-            print(f"loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f}; checkpoint {ckpt_path}")
+            seconds = time.time() - t_start
+            print(f"loss (raw global-batch mean): first {k} steps {first:.4f} -> last {k} steps {last:.4f}; "
+                  f"{len(losses)} steps in {seconds:.0f} s ({seconds / len(losses):.2f} s/step); "
+                  f"checkpoint {ckpt_path}")  # fmt: skip
+        else:
+            print(f"nothing to do: {ckpt_path} is at step {start} >= --steps {args.steps}")
     if math.isnan(losses[-1] if losses else 0.0):
         raise FloatingPointError("the loss became NaN")
     return losses
@@ -257,7 +433,10 @@ def train(args: argparse.Namespace) -> list[float]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        train(args)
+        try:
+            train(args)
+        except RunDirError as e:
+            raise SystemExit(f"flagdit-train: error: {e}") from None
         if dist.is_initialized():
             # Every rank leaves its last collective (FSDP's checkpoint gather) before any tears gloo down: a
             # rank destroying the group while another is still inside one aborts that rank.

@@ -4,7 +4,7 @@ tokens, and its attention over the group.
 ``parallelize(model, group)`` changes no parameter and no model code. It gives the instance a forward that
 composes the model's own steps: ``prepare`` (on every rank, the same: pack the batch, build its layout and
 RoPE table once, encode the caption), then this rank's :class:`~.sharding.TokenShard` of the layout, then
-``embed_tokens`` and ``transform`` on this rank's rows only (everything but attention is token-local: norms,
+``embed_rows`` and ``transform`` on this rank's rows only (everything but attention is token-local: norms,
 modulation by each token's sample, the FFN, RoPE by each token's own position), then one all-gather of the
 final layer's ``p*p*C``-wide rows and ``unpack_output``. Every block's ``attention.core`` becomes
 :func:`sequence_parallel_attention`, which finds the shard in the layout it is handed.
@@ -65,11 +65,11 @@ class SequenceParallel:
         """``model(x, t, cap_feats, cap_mask, **kwargs)`` with the tokens spread over the group (module
         docstring); returns the whole batch's output on every rank."""
         inputs = model.prepare(x, t, cap_feats, cap_mask, **kwargs)
-        packed, layout = inputs.packed, inputs.layout
-        shard = shard_tokens(layout.seqs, packed.seqlens, self.sp, self.shard_kind, inputs.text.seqs)
+        layout = inputs.layout
+        shard = shard_tokens(layout.seqs, inputs.packed.seqlens, self.sp, self.shard_kind, inputs.text.seqs)
         local = TokenLayout(shard.layout, shard.split(layout.freqs), layout.softmax_scale)
-        h = model.embed_tokens(shard.split(packed.patches), shard.split(packed.kind))
-        h = model.transform(h, local, inputs.text, inputs.adaln_input)
+        h, adaln_input = model.embed_rows(inputs, shard.rows)
+        h = model.transform(h, local, inputs.text, adaln_input)
         return model.unpack_output(shard.gather(h), inputs)
 
 
