@@ -70,7 +70,7 @@ BAD_INPUTS = {
     "ulysses_kv_heads": r"n_kv_heads \(\d+\) and the sequence-parallel group size \(\d\) must divide one another",
     "strategy_name": "strategy must be one of",
     "sp_not_dividing_world": r"sp \(3\) must divide the world size \(4\)",
-    "fsdp_mesh_without_sp": r"mesh must be a DeviceMesh with dims \('dp', 'sp'\)",
+    "fsdp_mesh_without_sp": r"mesh must be a DeviceMesh with dims \('sp', 'dp'\)",
     "mesh_without_sp_dim": "needs an 'sp' dimension",
     "too_few_tokens": r"num_tokens \(1\) cannot be split over the sequence-parallel group",
     "different_batches": "were given different batches",

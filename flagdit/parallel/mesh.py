@@ -1,26 +1,27 @@
-"""The 2D ``DeviceMesh`` (data-parallel shard x sequence parallel) and the sequence-parallel group it holds.
+"""The 2D ``DeviceMesh`` (sequence parallel x data-parallel shard) and the sequence-parallel group it holds.
 
-``init_mesh(sp)`` lays the world out as ``("dp", "sp")`` with the sp ranks adjacent (ranks ``d*sp ..
-d*sp+sp-1`` are one group), so a group of up to 8 sits on one node's NVLink and its all-to-alls never cross
-the network; the data-parallel dimension strides across nodes. FSDP2 shards the parameters over ``dp`` and
-keeps them whole within a group: :func:`fsdp_mesh` is the ``(sp, dp)`` view ``fully_shard`` takes for that
-(dim 0 replicated, dim 1 sharded).
+``init_mesh(sp)`` lays the world out with the sp ranks adjacent (ranks ``d*sp .. d*sp+sp-1`` are one group), so
+a group of up to 8 sits on one node's NVLink and its all-to-alls never cross the network; the data-parallel
+dimension strides across nodes. Its dims are ordered ``("sp", "dp")`` because that is the mesh FSDP2's
+``fully_shard`` takes for parameters whole within a group and sharded over ``dp`` (dim 0 replicates, dim 1
+shards; a DeviceMesh cannot be sliced into a reordered view).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 DP, SP = "dp", "sp"
 
 
 def init_mesh(sp: int, device_type: str | None = None) -> DeviceMesh:
-    """The world as a ``(world // sp, sp)`` mesh named ``("dp", "sp")``; ``device_type`` defaults to cuda
-    when the process group is NCCL, else cpu."""
+    """The world as an ``(sp, world // sp)`` mesh named ``("sp", "dp")``, sp groups of adjacent ranks;
+    ``device_type`` defaults to cuda when the process group is NCCL, else cpu."""
     if not dist.is_initialized():
         raise RuntimeError("init_mesh needs torch.distributed initialized (run under torchrun)")
     world = dist.get_world_size()
@@ -30,21 +31,18 @@ def init_mesh(sp: int, device_type: str | None = None) -> DeviceMesh:
         raise ValueError(f"sp ({sp}) must divide the world size ({world}): each data-parallel rank owns one group")
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=(DP, SP))
-
-
-def _check_2d(mesh: object, name: str) -> DeviceMesh:
-    if not isinstance(mesh, DeviceMesh) or mesh.mesh_dim_names is None or set(mesh.mesh_dim_names) != {DP, SP}:
-        dims = getattr(mesh, "mesh_dim_names", None)
-        raise ValueError(f"{name} must be a DeviceMesh with dims ('{DP}', '{SP}') (init_mesh), got dims {dims}")
-    return mesh
+    ranks = torch.arange(world).view(world // sp, sp).T  # ranks[s, d] = d * sp + s
+    return DeviceMesh(device_type, ranks, mesh_dim_names=(SP, DP))
 
 
 def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The view of an :func:`init_mesh` mesh that ``fully_shard(mesh=...)`` takes: parameters sharded over
-    ``dp``, replicated over ``sp`` (FSDP2's hybrid layout: dim 0 replicates, dim 1 shards); gradients are
-    averaged over both, which the sequence-parallel model's gather accounts for (see ``flagdit.parallel``)."""
-    return _check_2d(mesh, "mesh")[SP, DP]
+    """The mesh ``fully_shard(mesh=...)`` takes with an :func:`init_mesh` layout: parameters sharded over
+    ``dp``, replicated over ``sp`` (FSDP2's hybrid layout). Gradients are averaged over both, which the
+    sequence-parallel model's gather accounts for (see ``flagdit.parallel.apply``)."""
+    if not isinstance(mesh, DeviceMesh) or mesh.mesh_dim_names != (SP, DP):
+        dims = getattr(mesh, "mesh_dim_names", None)
+        raise ValueError(f"mesh must be a DeviceMesh with dims ('{SP}', '{DP}') (init_mesh), got dims {dims}")
+    return mesh
 
 
 @dataclass(frozen=True)

@@ -44,25 +44,29 @@ class ShardedLayout(fk.VarlenLayout):
     shard: TokenShard | None = None
 
 
-@dataclass(eq=False)
 class TokenShard:
-    """One rank's share of one packed batch (see the module docstring); built by :func:`shard_tokens`."""
+    """One rank's share of one packed batch (see the module docstring); built by :func:`shard_tokens`.
 
-    sp: SPGroup
-    kind: str  # CONTIGUOUS or CHUNKED
-    batch: fk.VarlenLayout  # the whole batch's layout (Ulysses attends over it)
-    rows: torch.Tensor  # int64 (N,): the global token of every local row
-    rank_rows: list[int]  # rows held by each rank
-    gather_index: torch.Tensor  # int64 (T,): row of every global token in the all-gathered rows
-    layout: ShardedLayout | None = None  # the local rows' layout (set once built)
-    # chunked: rows per sample on every rank, and per key block (origin rank) which samples' chunks carry a copy
-    # (padded) or nothing but a copy (empty) there
-    chunk_rows: list[int] | None = None
-    padded: torch.Tensor | None = None  # bool (P, B)
-    empty: torch.Tensor | None = None  # bool (P, B)
-    padded_any: list[bool] | None = None  # per origin rank: any sample padded / empty there (host)
-    empty_any: list[bool] | None = None
-    text_offsets: list[int] | None = None  # host copy of the caption offsets (the ring's text branch)
+    A plain object, not a dataclass: its ``layout`` refers back to it, and wrappers that walk the dataclasses
+    in a module's arguments (FSDP2 looks for tensors that need gradients) must not follow that loop.
+    """
+
+    def __init__(self, sp: SPGroup, kind: str, batch: fk.VarlenLayout, rows, rank_rows, gather_index):
+        self.sp = sp
+        self.kind = kind  # CONTIGUOUS or CHUNKED
+        self.batch = batch  # the whole batch's layout (Ulysses attends over it)
+        self.rows: torch.Tensor = rows  # int64 (N,): the global token of every local row
+        self.rank_rows: list[int] = rank_rows  # rows held by each rank
+        self.gather_index: torch.Tensor = gather_index  # int64 (T,): every token's row in the all-gathered rows
+        self.layout: ShardedLayout | None = None  # the local rows' layout, once built
+        self.text_offsets: list[int] | None = None  # host copy of the caption offsets (the ring's text branch)
+        # chunked: rows per sample on every rank, and per key block (origin rank) which samples' chunks hold a
+        # copy (padded) or nothing but a copy (empty) there, as (P, B) tables and per origin as host flags
+        self.chunk_rows: list[int] | None = None
+        self.padded: torch.Tensor | None = None
+        self.empty: torch.Tensor | None = None
+        self.padded_any: list[bool] | None = None
+        self.empty_any: list[bool] | None = None
 
     @property
     def num_rows(self) -> int:
