@@ -3,7 +3,7 @@
 Single process: flagdit-train --modality mixed --out runs/mixed --steps 400. Distributed (CPU with gloo or GPUs
 with NCCL): torchrun --nproc_per_node 2 -m flagdit.train --dist ddp (or --dist fsdp, FSDP2 fully_shard per block).
 Long context: --sp N spreads each item's tokens over groups of N ranks (flagdit.parallel: a 2D mesh of data
-parallel x sequence parallel; the N ranks of a group train the same items).
+parallel x sequence parallel; the N ranks of a group train the same items, FSDP2 shards over all ranks).
 
 The global batch of step s is items s*B .. s*B+B-1 of the data set, and each item's time, noise and caption
 dropout are seeded by (seed, step, item); rank r trains items r, r+W, .... The loss is the per-item velocity
@@ -198,7 +198,7 @@ def _sequence_parallel_mesh(sp: int, mode: str, device: torch.device):
     return init_mesh(sp, device.type)
 
 
-def _wrap(model: FlagDiT, mode: str, device: torch.device, mesh=None):
+def _wrap(model: FlagDiT, mode: str, device: torch.device):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -208,12 +208,9 @@ def _wrap(model: FlagDiT, mode: str, device: torch.device, mesh=None):
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        from .parallel import fsdp_mesh
-
-        shard_mesh = fsdp_mesh(mesh) if mesh is not None else None  # sharded over dp, whole in an sp group
-        for layer in model.layers:
-            fully_shard(layer, mesh=shard_mesh)
-        fully_shard(model, mesh=shard_mesh)
+        for layer in model.layers:  # sharded over the whole world, sequence-parallel ranks too
+            fully_shard(layer)
+        fully_shard(model)
     return model
 
 
@@ -392,7 +389,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         model = parallelize(model, mesh, args.sp_strategy)
         data_rank, data_ranks, data_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()
         sp = f" (sequence-parallel groups of {args.sp}, {model.sequence_parallel.strategy})"
-    model = _wrap(model, mode, device, mesh)
+    model = _wrap(model, mode, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = 0
     if resume:

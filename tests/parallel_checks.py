@@ -116,6 +116,23 @@ def compare(group, strategy, heads, kv_heads, shapes, caption_lengths, variant="
     }
 
 
+def compare_sampling(group) -> dict:
+    """flagdit.sample with sp_group equals one process, every rank from the group's first rank's noise."""
+    import flagdit
+
+    model = _model(4, 2)
+    xs, _, cap, mask, _ = _batch(ODD, [3, 0, 5])
+    shapes = [tuple(x.shape) for x in xs]
+    kwargs = dict(steps=3, cfg_scale=3.0, shift=2.0)
+    single = flagdit.sample(model, shapes, cap, mask, generator=torch.Generator().manual_seed(5), **kwargs)
+    rank = dist.get_rank(group)  # each rank's own draw: only the first rank's may be used
+    spread = flagdit.sample(model, shapes, cap, mask, generator=torch.Generator().manual_seed(5 + rank),
+                            sp_group=group, sp_strategy="ring", **kwargs)  # fmt: skip
+    restored = getattr(model, "sequence_parallel", None) is None
+    flat = [torch.cat([x.flatten() for x in out]) for out in (spread, single)]
+    return {"out": _rel(*flat), "grads": 0.0, "worst_grad": 0.0, "strategy": "ring", "restored": restored}
+
+
 def expect_value_error(fn) -> dict:
     try:
         fn()
@@ -141,8 +158,6 @@ def _bad_inputs(group, size: int) -> dict:
     results["ulysses_kv_heads"] = expect_value_error(lambda: fp.parallelize(_model(*kv_misfit), group, "ulysses"))
     results["strategy_name"] = expect_value_error(lambda: fp.parallelize(_model(4, 4), group, "tensor"))
     results["sp_not_dividing_world"] = expect_value_error(lambda: fp.init_mesh(world - 1))
-    flat = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
-    results["fsdp_mesh_without_sp"] = expect_value_error(lambda: fp.fsdp_mesh(flat))
     two_d = init_device_mesh("cpu", (1, world), mesh_dim_names=("a", "b"))
     results["mesh_without_sp_dim"] = expect_value_error(lambda: fp.parallelize(_model(4, 4), two_d))
 
@@ -198,6 +213,10 @@ def checks() -> dict:
                 results[f"sp{size}/{name}"] = compare(group, *case)
             except Exception:
                 results[f"sp{size}/{name}"] = {"error": traceback.format_exc()}
+        try:
+            results[f"sp{size}/sampling"] = compare_sampling(group)
+        except Exception:
+            results[f"sp{size}/sampling"] = {"error": traceback.format_exc()}
         try:
             results.update({f"sp{size}/{k}": v for k, v in _bad_inputs(group, size).items()})
         except Exception:

@@ -62,7 +62,7 @@ def test_ddp_and_fsdp_match_single_process(tmp_path, single, mode):
 
 @pytest.mark.parametrize(
     ("mode", "processes", "strategy"),
-    [("ddp", 2, "ulysses"), ("fsdp", 4, "ring")],  # fsdp x4: a 2 x 2 mesh, parameters sharded over 2 groups of 2
+    [("ddp", 2, "ulysses"), ("fsdp", 4, "ring")],  # fsdp x4: a 2 x 2 mesh, two groups of 2, sharded over all 4
 )
 def test_sequence_parallel_training_matches_single_process(tmp_path, single, mode, processes, strategy):
     extra = ["--dist", mode, "--sp", "2", "--sp-strategy", strategy]

@@ -1,6 +1,7 @@
 """Sequence parallelism (flagdit.parallel) on the CPU with gloo: Ulysses and ring over groups of 2 and 4 equal
-the single-process model, forward and every gradient (fp32 rel-L2 < 1e-5), and bad input raises the same
-ValueError on every rank without a hang. The checks run in one spawned job (tests/parallel_checks.py)."""
+the single-process model, forward and every gradient (fp32 rel-L2 < 1e-5), and flagdit.sample with the group
+equals one process; bad input raises the same ValueError on every rank without a hang. The checks run in one
+spawned job (tests/parallel_checks.py)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def results(tmp_path_factory) -> list[dict]:
 
 
 MODEL_CHECKS = [f"sp{size}/{name}" for size, cases in CASES.items() for name in cases] + [
-    f"sp{size}/still_works_after" for size in CASES
+    f"sp{size}/{name}" for size in CASES for name in ("still_works_after", "sampling")
 ]
 
 
@@ -60,6 +61,7 @@ def test_the_cases_cover_what_they_claim(results):
             # "auto" takes Ulysses where the heads split over the group: the auto cases' 6 and 3 heads do not
             assert strategy != "auto" or heads % size or (kv_heads % size and size % kv_heads)
             assert record[f"sp{size}/{name}"]["strategy"] == strategy.replace("auto", "ring"), name
+    assert all(record[f"sp{size}/sampling"]["restored"] for size in CASES)  # sample() left the model as it was
     assert record["sp2/ulysses_gqa_kv_lt_p"]["tokens"] % 2 == 1  # odd token counts: 47 over 2 ranks
     assert record["sp4/ring_gqa_kv_lt_p"]["tokens"] == 29  # with a 3-token sample: rank 3 holds only its copy
 
@@ -70,7 +72,6 @@ BAD_INPUTS = {
     "ulysses_kv_heads": r"n_kv_heads \(\d+\) and the sequence-parallel group size \(\d\) must divide one another",
     "strategy_name": "strategy must be one of",
     "sp_not_dividing_world": r"sp \(3\) must divide the world size \(4\)",
-    "fsdp_mesh_without_sp": r"mesh must be a DeviceMesh with dims \('sp', 'dp'\)",
     "mesh_without_sp_dim": "needs an 'sp' dimension",
     "too_few_tokens": r"num_tokens \(1\) cannot be split over the sequence-parallel group",
     "different_batches": "were given different batches",

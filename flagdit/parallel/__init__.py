@@ -4,9 +4,9 @@ Applied to a model, not written into it::
 
     mesh = flagdit.parallel.init_mesh(sp=8)              # ("dp", "sp") DeviceMesh over the world
     flagdit.parallel.parallelize(model, mesh)            # every forward spreads its tokens over mesh["sp"]
-    for layer in model.layers:                           # FSDP2: sharded over dp, whole within a group
-        fully_shard(layer, mesh=flagdit.parallel.fsdp_mesh(mesh))
-    fully_shard(model, mesh=flagdit.parallel.fsdp_mesh(mesh))
+    for layer in model.layers:                           # FSDP2 as usual: sharded over every rank
+        fully_shard(layer)
+    fully_shard(model)
 
     with flagdit.parallel.sequence_parallel(model, group):   # or for one block of code (sampling)
         ...
@@ -24,7 +24,7 @@ from .apply import (
     sequence_parallel_attention,
     unparallelize,
 )
-from .mesh import DP, SP, SPGroup, fsdp_mesh, init_mesh, sp_group
+from .mesh import DP, SP, SPGroup, init_mesh, sp_group
 from .sharding import ShardedLayout, TokenShard, shard_tokens
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "SequenceParallel",
     "ShardedLayout",
     "TokenShard",
-    "fsdp_mesh",
     "init_mesh",
     "parallelize",
     "sequence_parallel",

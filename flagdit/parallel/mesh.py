@@ -1,27 +1,26 @@
-"""The 2D ``DeviceMesh`` (sequence parallel x data-parallel shard) and the sequence-parallel group it holds.
+"""The 2D ``DeviceMesh`` (data parallel x sequence parallel) and the sequence-parallel group it holds.
 
-``init_mesh(sp)`` lays the world out with the sp ranks adjacent (ranks ``d*sp .. d*sp+sp-1`` are one group), so
-a group of up to 8 sits on one node's NVLink and its all-to-alls never cross the network; the data-parallel
-dimension strides across nodes. Its dims are ordered ``("sp", "dp")`` because that is the mesh FSDP2's
-``fully_shard`` takes for parameters whole within a group and sharded over ``dp`` (dim 0 replicates, dim 1
-shards; a DeviceMesh cannot be sliced into a reordered view).
+``init_mesh(sp)`` lays the world out as ``("dp", "sp")`` with the sp ranks adjacent (ranks ``d*sp ..
+d*sp+sp-1`` are one group), so a group of up to 8 sits on one node's NVLink and its all-to-alls never cross
+the network; the data-parallel dimension strides across nodes. The ranks of a group train the same items;
+FSDP2 shards the parameters over every rank of the world (both dims: a group needs the whole model per block
+anyway and all-gathers it block by block), so ``fully_shard`` takes its default mesh.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 DP, SP = "dp", "sp"
 
 
 def init_mesh(sp: int, device_type: str | None = None) -> DeviceMesh:
-    """The world as an ``(sp, world // sp)`` mesh named ``("sp", "dp")``, sp groups of adjacent ranks;
-    ``device_type`` defaults to cuda when the process group is NCCL, else cpu."""
+    """The world as a ``(world // sp, sp)`` mesh named ``("dp", "sp")``; ``device_type`` defaults to cuda
+    when the process group is NCCL, else cpu."""
     if not dist.is_initialized():
         raise RuntimeError("init_mesh needs torch.distributed initialized (run under torchrun)")
     world = dist.get_world_size()
@@ -31,18 +30,7 @@ def init_mesh(sp: int, device_type: str | None = None) -> DeviceMesh:
         raise ValueError(f"sp ({sp}) must divide the world size ({world}): each data-parallel rank owns one group")
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    ranks = torch.arange(world).view(world // sp, sp).T  # ranks[s, d] = d * sp + s
-    return DeviceMesh(device_type, ranks, mesh_dim_names=(SP, DP))
-
-
-def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The mesh ``fully_shard(mesh=...)`` takes with an :func:`init_mesh` layout: parameters sharded over
-    ``dp``, replicated over ``sp`` (FSDP2's hybrid layout). Gradients are averaged over both, which the
-    sequence-parallel model's gather accounts for (see ``flagdit.parallel.apply``)."""
-    if not isinstance(mesh, DeviceMesh) or mesh.mesh_dim_names != (SP, DP):
-        dims = getattr(mesh, "mesh_dim_names", None)
-        raise ValueError(f"mesh must be a DeviceMesh with dims ('{SP}', '{DP}') (init_mesh), got dims {dims}")
-    return mesh
+    return init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=(DP, SP))
 
 
 @dataclass(frozen=True)
