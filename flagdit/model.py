@@ -318,27 +318,20 @@ class FlagDiT(nn.Module):
         t: torch.Tensor,
         cap_feats: torch.Tensor | None = None,
         cap_mask: torch.Tensor | None = None,
-        *,
-        text: TextContext | None = None,
-        base_seqlen: int | None = None,
-        linear_factor: float | None = None,
-        ntk_factor: float | None = None,
-        modality: list[str | int] | torch.Tensor | None = None,
-        cameras: list[torch.Tensor | None] | None = None,
+        **options,
     ):
-        """Velocity prediction (see class docstring). ``text`` (from :meth:`encode_text`) replaces
-        cap_feats/cap_mask; ``base_seqlen`` turns on proportional attention; ``linear_factor`` / ``ntk_factor``
-        override the config's RoPE extrapolation factors. Latents may have fewer than ``in_channels`` channels
-        (zero-padded inside, each output cut back to its latent's channels); ``modality`` (one name of
-        ``flagdit.modality.MODALITIES`` per sample) and ``cameras`` (per sample a ``(F, 2)`` azimuth/elevation
-        table or None) need a config with ``n_modalities`` / ``camera_cond`` (see :mod:`flagdit.modality`).
+        """Velocity prediction (see class docstring). ``options`` are :meth:`prepare`'s keywords: ``text`` (from
+        :meth:`encode_text`) replaces cap_feats/cap_mask; ``base_seqlen`` turns on proportional attention;
+        ``linear_factor`` / ``ntk_factor`` override the config's RoPE extrapolation factors; ``modality`` (one
+        name of ``flagdit.modality.MODALITIES`` per sample) and ``cameras`` (per sample a ``(F, 2)``
+        azimuth/elevation table or None) need a config with ``n_modalities`` / ``camera_cond`` (see
+        :mod:`flagdit.modality`). Latents may have fewer than ``in_channels`` channels (zero-padded inside, each
+        output cut back to its latent's channels).
 
         The steps are public (:meth:`prepare`, :meth:`embed_rows`, :meth:`transform`, :meth:`unpack_output`) so
         that a runner can compose them differently: ``flagdit.parallel`` runs the middle two on each rank's
         share of the tokens."""
-        inputs = self.prepare(x, t, cap_feats, cap_mask, text=text, base_seqlen=base_seqlen,
-                              linear_factor=linear_factor, ntk_factor=ntk_factor, modality=modality,
-                              cameras=cameras)  # fmt: skip
+        inputs = self.prepare(x, t, cap_feats, cap_mask, **options)
         h, adaln_input = self.embed_rows(inputs)
         return self.unpack_output(self.transform(h, inputs.layout, inputs.text, adaln_input), inputs)
 
@@ -357,7 +350,7 @@ class FlagDiT(nn.Module):
         cameras: list[torch.Tensor | None] | None = None,
     ) -> ModelInputs:
         """Checks the inputs, encodes the caption (unless ``text`` is given), packs the latents and builds the
-        token layout: everything the token pipeline needs, per batch (:meth:`forward` has the arguments)."""
+        token layout: everything the token pipeline needs, per batch (:meth:`forward` describes the arguments)."""
         c = self.config
         as_tensor = isinstance(x, torch.Tensor)
         latents = list(x.unbind(0)) if as_tensor else list(x)

@@ -107,11 +107,12 @@ def sequence_parallel_attention(
         raise ValueError(f"max_seqlen ({max_seqlen}) differs from the shard's ({cu_seqlens.max_seqlen})")
     if freqs is not None:  # RoPE is token-local: rotate this rank's rows before they travel
         q, k = fk.apply_rope(q, freqs), fk.apply_rope(k, freqs)
+    text = {}
+    if text_k is not None:
+        text = dict(text_k=text_k, text_v=text_v, text_cu_seqlens=text_cu_seqlens, text_max_seqlen=text_max_seqlen,
+                    gate=gate)  # fmt: skip
     attend = ulysses_attention if shard.kind == CONTIGUOUS else ring_attention
-    return attend(
-        q, k, v, shard, softmax_scale, text_k=text_k, text_v=text_v, text_cu_seqlens=text_cu_seqlens,
-        text_max_seqlen=text_max_seqlen, gate=gate, **attention_kwargs,
-    )  # fmt: skip
+    return attend(q, k, v, shard, softmax_scale, text, **attention_kwargs)
 
 
 def _parallel_forward(self: FlagDiT, *args, **kwargs):

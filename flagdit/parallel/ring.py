@@ -89,18 +89,13 @@ def ring_attention(
     v: torch.Tensor,
     shard: TokenShard,
     softmax_scale: float | None,
-    *,
-    text_k: torch.Tensor | None = None,
-    text_v: torch.Tensor | None = None,
-    text_cu_seqlens: fk.VarlenLayout | torch.Tensor | None = None,
-    text_max_seqlen: int | None = None,
-    gate: torch.Tensor | None = None,
+    text: dict,
     **attention_kwargs,
 ) -> torch.Tensor:
     """Attention of this rank's rows ``(N, H, Dh)`` over their samples' keys on every rank (see the module
-    docstring); ``attention_kwargs`` (backend, prefer, deterministic) go to each block's kernel call. The text
-    offsets are the shard's (``text_cu_seqlens`` must be the captions the shard was built with)."""
-    del text_cu_seqlens, text_max_seqlen  # the shard holds the caption offsets on the host
+    docstring). ``text``: the kernel's text keywords or empty; their offsets are the shard's host copy (the
+    captions the shard was built with). ``attention_kwargs`` (backend, prefer, deterministic) go to each
+    block's kernel call."""
     sp = shard.sp
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     kv = torch.stack([k, v])
@@ -115,7 +110,7 @@ def ring_attention(
         out, lse = (o, block_lse) if out is None else _merge(out, lse, o, block_lse)
         if shift is not None:
             kv = shift.wait()
-    if text_k is not None:
-        text = _text_attention(q, text_k, text_v, shard).to(out.dtype)
-        out = out + torch.tanh(gate.to(out.dtype)).view(1, -1, 1) * text
+    if text.get("text_k") is not None:
+        o_text = _text_attention(q, text["text_k"], text["text_v"], shard).to(out.dtype)
+        out = out + torch.tanh(text["gate"].to(out.dtype)).view(1, -1, 1) * o_text
     return out.to(q.dtype)

@@ -105,8 +105,9 @@ def _owner(i: torch.Tensor, n: int, parts: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def check_batch(sp: SPGroup, lengths: list[int], text_lengths: list[int], device: torch.device) -> None:
-    """Raises the same ``ValueError`` on every rank when the ranks were given different batches or a batch that
-    cannot be split; one all-gather of a few integers, which every rank reaches whatever its batch."""
+    """Raises the same ``ValueError`` on every rank when the ranks were given batches of different layouts
+    (token and caption counts per sample; the values are the caller's to keep equal, e.g. by one seed) or a
+    batch that cannot be split; one all-gather of a few integers, which every rank reaches whatever its batch."""
     total = sum(lengths)
     weighted = sum((b + 1) * n for b, n in enumerate(lengths)) % (1 << 61)
     text_weighted = sum((b + 1) * n for b, n in enumerate(text_lengths)) % (1 << 61)

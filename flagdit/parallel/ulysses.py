@@ -53,16 +53,13 @@ def ulysses_attention(
     v: torch.Tensor,
     shard: TokenShard,
     softmax_scale: float | None,
-    *,
-    text_k: torch.Tensor | None = None,
-    text_v: torch.Tensor | None = None,
-    text_cu_seqlens: fk.VarlenLayout | torch.Tensor | None = None,
-    text_max_seqlen: int | None = None,
-    gate: torch.Tensor | None = None,
+    text: dict,
     **attention_kwargs,
 ) -> torch.Tensor:
     """``fk.varlen_attention`` of this rank's rows ``(N_r, H, Dh)`` over the whole batch (see the module
-    docstring). ``attention_kwargs`` (backend, prefer, deterministic) go to the kernel call."""
+    docstring). ``text``: the kernel's text keywords (``text_k``, ``text_v``, ``text_cu_seqlens``,
+    ``text_max_seqlen``, ``gate``) or empty; ``attention_kwargs`` (backend, prefer, deterministic) go to the
+    kernel call."""
     sp = shard.sp
     size, rank = sp.size, sp.rank
     n, heads, dim = q.shape
@@ -85,13 +82,10 @@ def ulysses_attention(
     ).transpose(0, 1)
     recv = all_to_all(send.reshape(size * n, -1, dim), [n] * size, shard.rank_rows, sp.group)
     q_all, k_all, v_all = recv.split([q_per_rank, kv_per_rank, kv_per_rank], dim=1)
-    text = {}
-    if text_k is not None:
+    if text.get("text_k") is not None:  # this rank's heads of the caption's keys/values and of the gate
         mine = slice(read[rank][0], read[rank][-1] + 1)
-        text = dict(
-            text_k=text_k[:, mine], text_v=text_v[:, mine], text_cu_seqlens=text_cu_seqlens,
-            text_max_seqlen=text_max_seqlen, gate=gate[rank * q_per_rank : (rank + 1) * q_per_rank],
-        )  # fmt: skip
+        text = text | dict(text_k=text["text_k"][:, mine], text_v=text["text_v"][:, mine],
+                           gate=text["gate"][rank * q_per_rank : (rank + 1) * q_per_rank])  # fmt: skip
     out = fk.varlen_attention(q_all, k_all, v_all, shard.batch, None, softmax_scale, **text, **attention_kwargs)
     back = all_to_all(out, shard.rank_rows, [n] * size, sp.group)  # (P * N_r, H / P, Dh), rank i's heads first
     return back.view(size, n, q_per_rank, dim).transpose(0, 1).reshape(n, heads, dim)
