@@ -42,6 +42,7 @@ class RunLog:
     sanitizer: list[dict] = field(default_factory=list)
     autotune: dict[tuple[str, str], list[dict]] = field(default_factory=dict)  # (kernel, key) -> timings
     bench: list[dict] = field(default_factory=list)  # benchmark extra_info dicts, in order
+    notes: list[str] = field(default_factory=list)  # the extension build, nvidia-smi
     bad_lines: int = 0
 
 
@@ -68,6 +69,10 @@ def summarize(records: list[dict], bad_lines: int = 0) -> RunLog:
                 run.bench.append(r["bench"])
         elif kind == "sanitizer":
             run.sanitizer.append(r)
+        elif kind == "build":
+            run.notes.append(f"CUDA extension build: exit {r.get('rc')} at t+{r.get('elapsed_s')} s (build.log)")
+        elif kind == "nvidia-smi":
+            run.notes.append(f"nvidia-smi: {r.get('line')}")
         elif kind == "autotune":
             run.autotune[(str(r.get("kernel")), str(r.get("key")))] = list(r.get("timings") or [])
     run.lost = list(open_starts)
@@ -94,6 +99,7 @@ def markdown(run: RunLog) -> list[str]:
             f"{v.get('python')}, torch {v.get('torch')}, Triton {v.get('triton')}, CUDA {v.get('cuda')}"
             + (", Triton interpreter" if v.get("interpreter") else "")
         )
+    lines += [f"- {_cell(note)}" for note in run.notes]
     if run.bad_lines:
         lines.append(f"- {run.bad_lines} unreadable line(s) in the log (a write cut off by the end of the run)")
     if run.phases:
