@@ -7,7 +7,7 @@
 #   options: --phases smoke,warm,sanitize,attention,bench,tests (a subset, always run in this order)
 #
 # Phases, in order of information per second (budgets in seconds; DEADLINE, default 420, caps the sum, so a
-# second run fits in one 15-minute lease with the machine's start):
+# second, shorter run, --sanitize say, fits the same 15-minute lease with the machine's start):
 #   prep       10  wheels from .whl/, nvidia-smi, the CUDA extension build started in the background
 #                  (BUILD_BUDGET 240; only the cases that need the extension wait for it)
 #   smoke      60  tests/test_smoke.py: one tiny fwd+bwd of every op on every Triton backend against the
@@ -28,7 +28,8 @@
 # the next case, as after a crash. At most 8 files under OUT_DIR: results.jsonl, run.log, build.log,
 # sanitizer.log (--sanitize), report.md, roofline.png, RESULTS.md.
 # Knobs: DEADLINE, BUDGET_<PHASE> (BUDGET_BANDWIDTH / _BASELINES / _MODEL split the bench phase), BUILD_BUDGET,
-# CASE_TIMEOUT, PYTHON (default python3), JOBS (xdist workers), WARM_JOBS, BENCH_FAMILIES, SMOKE_SELECT (-k), TESTS_ARGS, COMPUTE_SANITIZER.
+# CASE_TIMEOUT, PYTHON (default python3), JOBS (xdist workers), WARM_JOBS, BENCH_FAMILIES, SMOKE_SELECT (-k),
+# TESTS_ARGS, COMPUTE_SANITIZER.
 # Liger-Kernel (a baseline) is not in the device image: put its wheel in .whl/ (benchmarks/RESULTS.md says how).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -139,7 +140,8 @@ run_phase() {
   done
   wait "$pid"
   rc=$?
-  record "{\"kind\":\"phase\",\"name\":\"$name\",\"t\":$(date +%s),\"budget_s\":$budget,\"limit_s\":$limit,\"elapsed_s\":$(($(date +%s) - start)),\"rc\":$rc,\"note\":$(jstr "$note")}"
+  local json="{\"kind\":\"phase\",\"name\":\"$name\",\"t\":$(date +%s),\"budget_s\":$budget,\"limit_s\":$limit"
+  record "$json,\"elapsed_s\":$(($(date +%s) - start)),\"rc\":$rc,\"note\":$(jstr "$note")}"
   say "$name: exit $rc after $(($(date +%s) - start)) s${note:+ ($note)}"
   PHASE_RC=$rc
   [ -z "$note" ] || PHASE_RC=75 # a stopped case: resumable, like a lost CUDA context (exit 2) or a crash
@@ -158,7 +160,8 @@ bench_phase() {
     ((budget - spent >= MIN_PHASE)) || break
     # shellcheck disable=SC2086
     run_phase "$name" $((budget - spent)) "${PYTEST[@]}" --results-phase "$name" --results-inflight \
-      "$STATE/inflight" benchmarks --benchmark-only --benchmark-columns=median,rounds $SIZE --bench-families "$families" \
+      "$STATE/inflight" benchmarks --benchmark-only --benchmark-columns=median,rounds $SIZE \
+      --bench-families "$families" \
       --bench-plan "$groups" --bench-plan-set "$PLAN_SET" --bench-plan-start "$start" --bench-resume "$LOG"
     case $PHASE_RC in
       2 | 75 | 134 | 135 | 136 | 139) say "$name: resuming with the cases not yet started (attempt $((attempt + 1)))" ;;
@@ -204,7 +207,9 @@ wait_build() { # wait_build SECONDS: until the build has finished or the time is
   local until=$(($(date +%s) + $1))
   while [ ! -f "$STATE/build.rc" ] && (($(date +%s) < until)); do sleep 1; done
   if [ -f "$STATE/build.rc" ]; then
-    say "extension build: exit $(cat "$STATE/build.rc")$( (($(cat "$STATE/build.rc"))) && echo ' (the cuda backends are missing: see build.log)')"
+    local rc
+    rc=$(cat "$STATE/build.rc")
+    say "extension build: exit $rc$( ((rc)) && echo ' (the cuda backends are missing: see build.log)')"
   else
     say "extension build: still running; going on without the cuda backends"
   fi
@@ -213,7 +218,7 @@ wait_build() { # wait_build SECONDS: until the build has finished or the time is
 # ---- prep ------------------------------------------------------------------------------------------------
 say "prep"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  if timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl >> "$RUNLOG" 2>&1; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
     say "installed $(ls .whl | tr '\n' ' ')"
@@ -222,8 +227,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   fi
 fi
 if command -v nvidia-smi > /dev/null; then
-  smi=$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-    --format=csv,noheader 2>&1 | head -1)
+  query=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw
+  smi=$(timeout 10 nvidia-smi --query-gpu="$query" --format=csv,noheader 2>&1 | head -1)
   record "{\"kind\":\"nvidia-smi\",\"t\":$(date +%s),\"line\":$(jstr "$smi")}"
   say "nvidia-smi: $smi"
 fi
@@ -231,8 +236,9 @@ build_extension &
 
 # ---- smoke beside warm -----------------------------------------------------------------------------------
 if wants smoke || wants warm; then
-  xdist=()
-  ((JOBS > 1)) && "$PY" -c "import xdist" 2> /dev/null && xdist=(-n "$((JOBS / 2))")
+  xdist=() # half the cores beside warm; all of them when compiling every tile for the sanitizer
+  workers=$( ((SANITIZE)) && echo "$JOBS" || echo $((JOBS / 2)))
+  ((JOBS > 1)) && "$PY" -c "import xdist" 2> /dev/null && xdist=(-n "$workers")
   smoke_env=()
   # Under --sanitize the smoke run compiles every attention tile (the sanitizer then finds them in the cache).
   ((SANITIZE)) && smoke_env=(env FLAGDIT_KERNELS_AUTOTUNE=compile)
@@ -273,7 +279,8 @@ if wants sanitize; then
     "$PY" benchmarks/sanitizer_summary.py "$STATE/racecheck.log" --tool racecheck --rc "$PHASE_RC" \
       --jsonl "$LOG" --phase sanitize-racecheck | tee -a "$RUNLOG"
     for tool in memcheck racecheck; do
-      [ -f "$STATE/$tool.log" ] && { echo "==== $tool"; head -c 4000000 "$STATE/$tool.log"; } >> "$OUT_DIR/sanitizer.log"
+      [ -f "$STATE/$tool.log" ] || continue
+      { echo "==== $tool"; head -c 4000000 "$STATE/$tool.log"; } >> "$OUT_DIR/sanitizer.log"
     done
   else
     record "{\"kind\":\"sanitizer\",\"phase\":\"sanitize-memcheck\",\"tool\":\"memcheck\",\"errors\":null,\"note\":\"$sanitizer not found\"}"
