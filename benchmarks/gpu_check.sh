@@ -74,8 +74,10 @@ else
 fi
 : "${BUILD_BUDGET:=240}"
 BUDGET_BENCH=$((BUDGET_BANDWIDTH + BUDGET_BASELINES + BUDGET_MODEL))
-families=() # the benchmark families this checkout has (flagdit_kernels.bench.cases imports them by name)
-for f in ${BENCH_FAMILIES//,/ }; do [ -f "flagdit_kernels/bench/$f.py" ] && families+=("$f"); done
+families=() # the benchmark families this checkout has (modules of flagdit_kernels.bench.cases.FAMILY_PACKAGES)
+for f in ${BENCH_FAMILIES//,/ }; do
+  [ -f "flagdit_kernels/bench/$f.py" ] || [ -f "flagdit/bench/$f.py" ] && families+=("$f")
+done
 BENCH_FAMILIES=$(IFS=,; echo "${families[*]}")
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT/benchmarks:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
