@@ -426,3 +426,49 @@ def test_bench_case_quick():
     assert_rel_close(outputs["fk patched"], outputs["diffusers eager"], 1e-4, "bench case outputs")
     # The 2B case's FLOP floor: ~29 TFLOP per 1024px CFG pair (matmuls ~22, attention ~7.4).
     assert 25e12 < diffusers_lumina.forward_flops(diffusers_lumina.NEXT_2B) < 35e12
+
+
+# --------------------------------------------------------------------------------------------------------------
+# peft LoRA on the attention projections: a patched model must train exactly as the unpatched one.
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _with_lora(model: nn.Module, seed: int) -> nn.Module:
+    """peft LoRA adapters on every attention projection, seeded, with non-zero B so every adapter matters."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("order", ["adapters-then-patch", "patch-then-adapters"])
+def test_lora_adapters_train_as_unpatched(order):
+    model, inputs = lumina2_model(), lumina2_inputs()
+    patched = copy.deepcopy(model)
+    if order == "patch-then-adapters":
+        fkd.patch(patched, backend="reference")
+    _with_lora(model, seed=3)
+    _with_lora(patched, seed=3)
+    if order == "adapters-then-patch":
+        report = fkd.patch(patched, backend="reference")
+        assert not report.skipped and sum("Block" in what for what in report.swapped.values()) == 4, str(report)
+    adapters = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all("lora_" in n for n in adapters), "add_adapter trains the adapters only"
+    upstream = fresh(model(**inputs)[0].shape, torch.float32, seed=7)
+    outputs, grads = [], []
+    for m in (model, patched):
+        out = m(**inputs)[0]
+        (out * upstream).sum().backward()
+        outputs.append(out.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert_rel_close(outputs[1], outputs[0], 1e-4, "LoRA outputs")
+    assert grads[0].keys() == grads[1].keys() == set(adapters)
+    for n in adapters:
+        assert grads[0][n].abs().max() > 0, n
+        assert_rel_close(grads[1][n], grads[0][n], 1e-4, f"grad {n}")
+    assert all(b._flagdit_kernels_patch.fallback_calls == 0 for b in (*patched.layers, *patched.noise_refiner))
