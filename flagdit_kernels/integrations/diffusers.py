@@ -52,6 +52,7 @@ from .. import gated_residual_rms_norm, qk_norm_rope, rms_norm, rms_norm_modulat
 from ._padded_layout import LayoutCache, PaddedLayout
 from ._patching import PatchReport, install, is_patched, state_of
 from ._patching import unpatch as _unpatch_all
+from .diffusers_attention import attention_backend, reset_attention_backend, set_attention_backend
 from .rmsnorm import patch_rms_norm
 
 NEXT_KIND = "diffusers.LuminaNextDiTBlock"
@@ -59,7 +60,7 @@ LUMINA2_KIND = "diffusers.Lumina2TransformerBlock"
 KINDS = (NEXT_KIND, LUMINA2_KIND)
 SCOPE_KIND = "diffusers.model_call"  # the patched model's forward: its blocks share the layouts of one call
 
-__all__ = ["patch", "unpatch"]
+__all__ = ["attention_backend", "patch", "reset_attention_backend", "set_attention_backend", "unpatch"]
 
 
 # --------------------------------------------------------------------------------------------------------------
