@@ -17,15 +17,34 @@ def _version(package: str) -> str | None:
         return None
 
 
+def triton_status(cuda: bool) -> str:
+    """Whether the Triton kernels can run here, and if not, why and how to get them."""
+    if not _dispatch.TRITON_INSTALLED:
+        return "unavailable: triton is not installed (pip install triton, or the [triton] extra)"
+    if cuda:
+        return "available on CUDA tensors"
+    if _dispatch.triton_interpreted():
+        return (
+            "interpreted on the CPU (TRITON_INTERPRET=1): runs when named (backend='triton'), for correctness "
+            "checks, orders of magnitude slower than a GPU"
+        )
+    return (
+        "unavailable: there is no CUDA device; on the CPU the Triton kernels run only under Triton's "
+        "interpreter (set TRITON_INTERPRET=1 before importing flagdit_kernels, then pass backend='triton')"
+    )
+
+
 def backend_info() -> dict:
     """A summary of backends: the extension's build, Triton, CUDA, and each op's available backends."""
     ext = extension()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
     return {
         "torch": torch.__version__,
         "triton": _version("triton"),
+        "triton_status": triton_status(cuda),
         "triton_interpreter": _dispatch.triton_interpreted(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda_device": torch.cuda.get_device_name() if cuda else None,
         "extension": "loaded" if ext is not None else f"missing: {extension_error()}",
         "extension_cuda": extension_has_cuda(),
         "default_device": device,

@@ -16,6 +16,7 @@ from helpers import DEVICE, assert_rel_close, fresh, rel_l2
 from integration_fixtures import assert_same_state, backends, state_snapshot
 from torch import nn
 
+import flagdit_kernels as fk
 from flagdit_kernels.integrations import is_patched, unpatch
 
 OPS = ("rms_norm", "rms_norm_modulate", "gated_residual_rms_norm", "qk_norm_rope", "varlen_attention")
@@ -50,13 +51,13 @@ def _tie_queries(model: nn.Module) -> None:
             block.attn2.norm_q.load_state_dict(block.attn1.norm_q.state_dict())
 
 
-def next_model(dtype=torch.float32, seed=0):
+def next_model(dtype=torch.float32, seed=0, layers=2):
     model = diffusers.LuminaNextDiT2DModel(
         sample_size=8,
         patch_size=2,
         in_channels=4,
         hidden_size=64,
-        num_layers=2,
+        num_layers=layers,
         num_attention_heads=4,
         num_kv_heads=2,
         multiple_of=16,
@@ -84,13 +85,13 @@ def next_inputs(dtype=torch.float32, batch=3, height=10, width=6, text=7, seed=1
     )
 
 
-def lumina2_model(dtype=torch.float32, seed=0):
+def lumina2_model(dtype=torch.float32, seed=0, layers=2):
     model = diffusers.Lumina2Transformer2DModel(
         sample_size=8,
         patch_size=2,
         in_channels=4,
         hidden_size=64,
-        num_layers=2,
+        num_layers=layers,
         num_refiner_layers=1,
         num_attention_heads=4,
         num_kv_heads=2,
@@ -120,6 +121,7 @@ MODELS = {
     "lumina-next": (next_model, next_inputs, 2),
     "lumina2": (lumina2_model, lumina2_inputs, 4),  # 1 noise + 1 context refiner + 2 joint layers
 }
+CAPTION_MASK = {"lumina-next": "encoder_mask", "lumina2": "encoder_attention_mask"}
 
 
 @pytest.mark.parametrize("backend", backends(OPS))
@@ -136,6 +138,29 @@ def test_patched_matches_diffusers_fp32(name, backend):
     assert not report.skipped, str(report)
     assert torch.isfinite(expected).all()
     assert_rel_close(actual, expected, 1e-4, f"{name} patched vs diffusers")
+
+
+@pytest.mark.parametrize("grad_mode", [torch.inference_mode, torch.no_grad], ids=["inference_mode", "no_grad"])
+@pytest.mark.parametrize("name", MODELS)
+def test_mask_edited_in_place_between_calls_is_seen(name, grad_mode):
+    """Pipelines run under inference_mode, where tensors have no version counter: nothing may be cached across
+    calls. The edit also punches a hole in the middle of a caption (not a padded suffix)."""
+    make_model, make_inputs, _ = MODELS[name]
+    model, inputs = make_model(), make_inputs()
+    patched = copy.deepcopy(model)
+    fkd.patch(patched, backend="reference")
+    with grad_mode():
+        mask = inputs[CAPTION_MASK[name]].bool().clone()  # an inference tensor under inference_mode
+        inputs[CAPTION_MASK[name]] = mask
+        before = patched(**inputs)[0]
+        mask[0, 3:] = False
+        mask[2, :3] = True
+        if name == "lumina-next":
+            mask[0, 1] = False  # a hole; Lumina-2 reads its captions as prefixes of the mask's length
+        expected = model(**inputs)[0]
+        actual = patched(**inputs)[0]
+    assert rel_l2(expected, before) > 1e-3, "the edit must change diffusers' output"
+    assert_rel_close(actual, expected, 1e-4, f"{name} after an in-place mask edit")
 
 
 def test_lumina_next_proportional_attention_scale():
@@ -293,14 +318,85 @@ def test_block_falls_back_to_diffusers_without_rotary_embedding():
     assert block._flagdit_kernels_patch.fallback_calls == 1
 
 
+def test_real_valued_rotary_table_runs_diffusers_forward():
+    """diffusers multiplies the complex query pairs by a real table (a scaling, no rotation): its forward
+    defines that, so the patched blocks hand such calls back and count them."""
+    model, inputs = next_model(), next_inputs()
+    inputs["image_rotary_emb"] = inputs["image_rotary_emb"].real.contiguous()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        report = fkd.patch(model, backend="reference")
+        actual = model(**inputs)[0]
+    assert "real-valued" in report.swapped["layers.0"]
+    assert torch.equal(actual, expected)
+    state = model.layers[0]._flagdit_kernels_patch
+    assert state.fallback_calls == 1 and "real-valued rotary table (1, 15, 8)" in next(iter(state.fallbacks))
+
+
+def test_norm_swapped_after_patching_falls_back():
+    """A norm whose weight the fused ops read directly, replaced after patching (an adapter on it), is seen on
+    the next call: that block runs diffusers' forward with the new module."""
+
+    class ScaledNorm(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 1.5 * self.inner(x)
+
+    model, inputs = next_model(), next_inputs()
+    fkd.patch(model, backend="reference")
+    model.layers[1].norm2 = ScaledNorm(model.layers[1].norm2)
+    reference = copy.deepcopy(model)
+    unpatch(reference)
+    with torch.no_grad():
+        assert_rel_close(model(**inputs)[0], reference(**inputs)[0], 1e-4, "swapped norm")
+    assert model.layers[0]._flagdit_kernels_patch.fallback_calls == 0
+    assert list(model.layers[1]._flagdit_kernels_patch.fallbacks) == ["norm2 is not a bias-free diffusers RMSNorm"]
+
+
+def _compiled(model: nn.Module, inputs: dict, fullgraph: bool = False) -> tuple[int, torch.Tensor]:
+    """(graphs torch.compile makes of one call, the compiled output); one graph means no graph break."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=counting_backend, fullgraph=fullgraph)(**inputs)[0]
+    return len(graphs), out
+
+
+@pytest.mark.skipif(
+    "triton" not in fk.available_backends("varlen_attention", DEVICE),
+    reason="needs the triton backends (custom ops; TRITON_INTERPRET=1 or a GPU): the reference attention loops on "
+    "the host",
+)
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_patched_model_breaks_only_where_diffusers_does(name):
+    """No host sync in the patched blocks: Lumina-Next compiles with fullgraph=True, Lumina-2 into as many
+    graphs as diffusers' own forward (its caption lengths are a .tolist()). Small shapes: the interpreter runs
+    the kernels while the graphs are counted."""
+    make_model, make_inputs, _ = MODELS[name]
+    model, inputs = make_model(layers=1), make_inputs(height=4, width=4)
+    with torch.no_grad():
+        theirs, expected = _compiled(model, inputs)
+        fkd.patch(model, backend="triton")
+        ours, actual = _compiled(model, inputs, fullgraph=name == "lumina-next")
+    assert ours == theirs == (1 if name == "lumina-next" else 4)
+    assert_rel_close(actual, expected, 1e-4, f"{name} compiled, patched vs diffusers")
+
+
 def test_unpatch_one_kind():
     model = lumina2_model()
     report = fkd.patch(model, backend="reference")
     norms = [n for n, what in report.swapped.items() if what.endswith("fk.rms_norm")]
     assert norms == ["time_caption_embed.caption_embedder.0"]
     assert list(unpatch(model, kinds=("rms_norm",)).restored) == norms
-    assert sum(is_patched(m) for m in model.modules()) == 4
-    assert len(unpatch(model).restored) == 4
+    assert sum(is_patched(m) for m in model.modules()) == 5  # 4 blocks + the model's call (one layout per mask)
+    assert len(unpatch(model).restored) == 5
 
 
 def test_patch_rejects_other_models():
@@ -330,3 +426,49 @@ def test_bench_case_quick():
     assert_rel_close(outputs["fk patched"], outputs["diffusers eager"], 1e-4, "bench case outputs")
     # The 2B case's FLOP floor: ~29 TFLOP per 1024px CFG pair (matmuls ~22, attention ~7.4).
     assert 25e12 < diffusers_lumina.forward_flops(diffusers_lumina.NEXT_2B) < 35e12
+
+
+# --------------------------------------------------------------------------------------------------------------
+# peft LoRA on the attention projections: a patched model must train exactly as the unpatched one.
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _with_lora(model: nn.Module, seed: int) -> nn.Module:
+    """peft LoRA adapters on every attention projection, seeded, with non-zero B so every adapter matters."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("order", ["adapters-then-patch", "patch-then-adapters"])
+def test_lora_adapters_train_as_unpatched(order):
+    model, inputs = lumina2_model(), lumina2_inputs()
+    patched = copy.deepcopy(model)
+    if order == "patch-then-adapters":
+        fkd.patch(patched, backend="reference")
+    _with_lora(model, seed=3)
+    _with_lora(patched, seed=3)
+    if order == "adapters-then-patch":
+        report = fkd.patch(patched, backend="reference")
+        assert not report.skipped and sum("Block" in what for what in report.swapped.values()) == 4, str(report)
+    adapters = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all("lora_" in n for n in adapters), "add_adapter trains the adapters only"
+    upstream = fresh(model(**inputs)[0].shape, torch.float32, seed=7)
+    outputs, grads = [], []
+    for m in (model, patched):
+        out = m(**inputs)[0]
+        (out * upstream).sum().backward()
+        outputs.append(out.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert_rel_close(outputs[1], outputs[0], 1e-4, "LoRA outputs")
+    assert grads[0].keys() == grads[1].keys() == set(adapters)
+    for n in adapters:
+        assert grads[0][n].abs().max() > 0, n
+        assert_rel_close(grads[1][n], grads[0][n], 1e-4, f"grad {n}")
+    assert all(b._flagdit_kernels_patch.fallback_calls == 0 for b in (*patched.layers, *patched.noise_refiner))

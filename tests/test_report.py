@@ -122,3 +122,97 @@ def test_later_file_wins_and_bad_input(tmp_path, capsys):
     assert report.main([str(empty), "--md", "-"]) == 1
     with pytest.raises(ValueError, match="no row has GB/s or TFLOP/s"):
         report.plot(report.Results(rows=[report.Row("op", "s", "fwd", "x", 1.0)]), tmp_path / "x.png")
+
+
+def _log_lines() -> list[dict]:
+    """A results log as benchmarks/results_log.py and gpu_check.sh write it: two phases, a case cut off."""
+    norm = synthetic()["benchmarks"]
+    lines = [
+        {"kind": "plan", "deadline_s": 420, "budget_sum_s": 415, "phases": []},
+        {
+            "kind": "session",
+            "phase": "attention",
+            "device": "NVIDIA H200",
+            "date": "2026-12-02",
+            "torch": "2.11.0",
+            "triton": "3.6.0",
+            "cuda": "13.0",
+            "python": "3.12.3",
+            "capability": [9, 0],
+        },
+    ]
+    for i, bench in enumerate(norm[:6]):
+        test = f"benchmarks/test_ops.py::test_op[{i}]"
+        lines.append({"kind": "start", "phase": "bench", "test": test})
+        lines.append(
+            {"kind": "result", "phase": "bench", "test": test, "outcome": "passed", "bench": bench["extra_info"]}
+        )
+    lines.append({"kind": "start", "phase": "bench", "test": "benchmarks/test_ops.py::test_op[hung]"})
+    lines.append({"kind": "phase", "name": "bench", "budget_s": 135, "limit_s": 135, "elapsed_s": 40, "rc": 2})
+    lines.append({"kind": "result", "phase": "tests", "test": "tests/t.py::x", "outcome": "failed", "message": "boom"})
+    lines.append({"kind": "phase", "name": "tests", "budget_s": 90, "limit_s": 90, "elapsed_s": 90, "rc": 124})
+    timings = [{"config": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}, "ms": [1.5, 1.4, 1.6]},
+               {"config": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8}, "ms": [1.2, 1.1, 1.3]}]  # fmt: skip
+    lines.append(
+        {"kind": "autotune", "phase": "attention", "kernel": "_fwd_kernel", "key": "(128,)", "timings": timings}
+    )
+    lines.append({"kind": "sanitizer", "phase": "sanitize", "tool": "memcheck", "errors": 0, "rc": 0})
+    return lines
+
+
+def test_results_log_cut_off_mid_line(tmp_path):
+    log = tmp_path / "results.jsonl"
+    text = "".join(json.dumps(line) + "\n" for line in _log_lines())
+    log.write_text(text + '{"kind": "result", "phase": "bench", "te')  # a write the end of the run broke off
+    md = tmp_path / "report.md"
+    assert report.main([str(log), "--md", str(md), "--png", ""]) == 0
+    out = md.read_text()
+    assert "NVIDIA H200 (capability [9, 0]), 2026-12-02" in out and "1 unreadable line(s)" in out
+    assert "| bench | 135 | 40 | 2 | 1 lost, 6 passed |" in out
+    assert "| tests | 90 | 90 | 124 (time limit) | 1 failed |" in out
+    assert "`benchmarks/test_ops.py::test_op[hung]`" in out and "`tests/t.py::x`: boom" in out
+    fwd = out.index("BLOCK_M=128, BLOCK_N=128, num_warps=8 | 1.2000")
+    assert fwd < out.index("BLOCK_M=128, BLOCK_N=64, num_warps=8 | 1.5000")  # best config first
+    assert "| memcheck | 0 | 0 |" in out
+    assert f"**{3900 / 3416:.2f}x**" in out  # the figures, as from pytest-benchmark JSON
+
+
+def test_record_fills_measured_rows_and_keeps_the_rest(tmp_path):
+    from flagdit_kernels.bench import record
+
+    before = "\n".join(
+        [
+            "# Results",
+            "",
+            record.render(
+                [
+                    record.RecordRow("rms_norm", "32768x4096", "fwd", "537 MB: 126 us", "near copy | speed"),
+                    record.RecordRow(
+                        "apply_rope", "B4", "fwd", "539 MB", "70% of copy", "triton 0.2 ms", "1.1x x", "old"
+                    ),
+                ]
+            ),
+            "",
+            "tail text",
+        ]
+    )
+    rows = record.parse(before)
+    assert rows[0].prediction == "near copy | speed" and rows[1].measured == "triton 0.2 ms"
+    results = report.load([_write(tmp_path, synthetic())])
+    after = record.rewrite(before, record.update(rows, results))
+    updated = {r.key: r for r in record.parse(after)}
+    norm = updated[("rms_norm", "32768x4096", "fwd")]
+    assert norm.measured.startswith("cuda ") and "92% copy" in norm.measured
+    assert norm.baselines.startswith(f"{3900 / 3416:.2f}x F.rms_norm") and "lumina eager" in norm.baselines
+    assert "reference" not in norm.baselines and norm.prediction == "near copy | speed"
+    assert "NVIDIA H200" in norm.run and norm.floor == "537 MB: 126 us"
+    assert updated[("apply_rope", "B4", "fwd")].run == "old"  # not measured this time: kept
+    attention = updated[("varlen_attention", "B2 H32 L4096 D128", "fwd")]  # measured, not in the table: added
+    assert attention.prediction == "(none written)" and "TFLOP" in attention.floor
+    assert after.startswith("# Results") and after.rstrip().endswith("tail text")
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    return str(path)

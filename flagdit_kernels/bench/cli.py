@@ -1,4 +1,4 @@
-"""``flagdit-bench``: every op on every available backend and the baselines, one table.
+"""flagdit-bench: every op on every available backend and the baselines, one table.
 
 On a GPU it runs DiT-sized shapes and reports % of the measured copy bandwidth / bf16 matmul rate; on a
 CPU-only machine it runs small shapes (about a minute) so the numbers are real but only CPU numbers.
@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 
 import torch
 
 from .cases import Case, all_cases, family_names
-from .timing import copy_bandwidth_gbs, matmul_tflops, throughput, time_ms
+from .timing import copy_bandwidth_gbs, matmul_tflops, throughput, time_samples
+
+OURS = ("triton", "cuda", "cpu")
+NOISY = 0.2  # ceilings measured at the start and the end that differ by more than this: the machine is busy
+COLUMNS = (
+    ("op", 24, "<"), ("shape", 34, "<"), ("dir", 8, "<"), ("impl", 16, "<"), ("ms", 9, ">"),
+    ("min-max ms", 17, ">"), ("GB/s", 8, ">"), ("TFLOP/s", 8, ">"), ("% peak", 7, ">"),
+)  # fmt: skip
+PEAK_LEGEND = (
+    "ms: median of the timed calls; min-max: their range. % peak: GB/s as a share of the measured copy bandwidth\n"
+    "(memory-bound rows) or TFLOP/s as a share of the measured matmul rate (compute-bound rows); - : not meaningful."
+)
 
 
 def measure(case: Case, device: torch.device, rep_ms: float) -> list[dict]:
@@ -22,28 +35,72 @@ def measure(case: Case, device: torch.device, rep_ms: float) -> list[dict]:
         row = {"op": case.op, "shape": case.shape, "direction": case.direction, "impl": label}
         try:
             fn = build()
-            row.update(throughput(case.bytes, case.flops, time_ms(fn, device, rep_ms=rep_ms)))
+            samples = time_samples(fn, device, rep_ms=rep_ms)
+            row.update(throughput(case.bytes, case.flops, statistics.median(samples)))
+            row.update(ms_min=min(samples), ms_max=max(samples))
         except Exception as exc:  # one broken baseline (e.g. no cuDNN) must not hide the others
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
         rows.append(row)
     return rows
 
 
+def peak_share(row: dict, copy_gbs: float, mm_tflops: float) -> float | None:
+    """% of the measured copy bandwidth (rows with GB/s) or matmul rate (rows with TFLOP/s only)."""
+    if row.get("GB/s"):
+        return 100 * row["GB/s"] / copy_gbs
+    if row.get("TFLOP/s"):
+        return 100 * row["TFLOP/s"] / mm_tflops
+    return None
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def format_header() -> str:
+    header = " ".join(f"{name:{align}{width}}" for name, width, align in COLUMNS)
+    return f"{header}\n{'-' * len(header)}"
+
+
+def format_row(row: dict, copy_gbs: float, mm_tflops: float) -> str:
+    key = [row["op"], row["shape"], row["direction"], row["impl"]]
+    if "error" in row:
+        return " ".join(f"{v:<{w}}" for v, (_, w, _) in zip(key, COLUMNS)) + f" {row['error']}"
+    spread = f"{_cell(row['ms_min'], 3)}-{_cell(row['ms_max'], 3)}" if "ms_min" in row else "-"
+    cells = [*key, _cell(row["ms"], 3), spread, _cell(row.get("GB/s"), 1), _cell(row.get("TFLOP/s"), 2)]
+    cells.append(_cell(peak_share(row, copy_gbs, mm_tflops), 1))
+    return " ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(cells, COLUMNS))
+
+
 def format_table(rows: list[dict], copy_gbs: float, mm_tflops: float) -> str:
-    header = f"{'op':<24} {'shape':<34} {'dir':<8} {'impl':<16} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'% peak':>7}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['op']:<24} {r['shape']:<34} {r['direction']:<8} {r['impl']:<16} {r['error']}")
-            continue
-        gbs, tf = r["GB/s"], r["TFLOP/s"]
-        peak = 100 * gbs / copy_gbs if gbs else (100 * tf / mm_tflops if tf else None)
-        lines.append(
-            f"{r['op']:<24} {r['shape']:<34} {r['direction']:<8} {r['impl']:<16} {r['ms']:>9.3f} "
-            f"{gbs if gbs else float('nan'):>8.1f} {tf if tf else float('nan'):>8.2f} "
-            f"{peak if peak is not None else float('nan'):>7.1f}"
+    return "\n".join([format_header(), *(format_row(r, copy_gbs, mm_tflops) for r in rows)])
+
+
+def noise_warnings(rows: list[dict], ceilings: dict[str, tuple[float, float]], copy_gbs, mm_tflops) -> list[str]:
+    """Why the figures may not be trustworthy: ceilings that moved during the run, shares above 100%."""
+    out = []
+    for name, (first, last) in ceilings.items():
+        if abs(last - first) > NOISY * max(first, last):
+            out.append(
+                f"warning: the {name} ceiling measured {first:.1f} at the start and {last:.1f} at the end "
+                f"(> {NOISY:.0%} apart): the machine is too busy for these figures to be trusted"
+            )
+    over = [r for r in rows if (peak_share(r, copy_gbs, mm_tflops) or 0) > 100]
+    if over:
+        names = ", ".join(sorted({f"{r['op']} {r['impl']}" for r in over}))
+        out.append(
+            f"warning: {len(over)} row(s) above 100% of a measured ceiling ({names}): a noisy ceiling, or data "
+            "that stays in cache (the floor counts DRAM bytes)"
         )
-    return "\n".join(lines)
+    return out
+
+
+def cpu_note() -> str:
+    """What a run on the CPU can and cannot show."""
+    return (
+        "CPU run: rows are our compiled C++ ops (cpu) and PyTorch reference against the eager / torch.compile "
+        "baselines; the triton and cuda kernels need a GPU (interpreted Triton would time the interpreter)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,19 +109,27 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as report_main
 
         return report_main(argv[1:])
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(
         prog="flagdit-bench",
+        usage="flagdit-bench [options]\n       flagdit-bench report JSON... [--md FILE] [--png FILE]",
         description=__doc__,
-        epilog="flagdit-bench report JSON... writes a Markdown table and a PNG",
+        epilog="flagdit-bench report JSON... turns flagdit-bench --json or pytest-benchmark JSON files into a "
+        "Markdown table and a PNG roofline chart (flagdit-bench report --help)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device, help=f"torch device to run on (default: {default_device})")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small shapes (the default on CPU)")
     size.add_argument("--full", action="store_true", help="DiT-sized shapes (the default on GPU)")
-    parser.add_argument("--families", default="", help="comma-separated subset of the families (default: all)")
+    parser.add_argument("--families", default="", help=f"comma-separated subset of {', '.join(family_names())} "
+                        "(default: all)")  # fmt: skip
     parser.add_argument("--ops", default="", help="comma-separated op names to keep (default: all)")
-    parser.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement")
-    parser.add_argument("--json", default=None, help="also write the rows and ceilings to this JSON file")
+    parser.add_argument(
+        "--rep-ms", type=float, default=None, help="time budget per measurement in ms (default: 100 on GPU, 40 on CPU)"
+    )
+    parser.add_argument(
+        "--json", default=None, help="also write the rows and ceilings to this JSON file (default: none)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -84,21 +149,29 @@ def main(argv: list[str] | None = None) -> int:
         f"measured ceilings: copy {copy_gbs:.1f} GB/s, matmul {mm_tflops:.2f} TFLOP/s"
         + (" (fp32 on CPU)" if device.type == "cpu" else " (bf16)")
     )
-    print(f"shapes: {'quick' if quick else 'full'}\n")
+    print(f"shapes: {'quick' if quick else 'full'}")
+    if device.type == "cpu":
+        print(cpu_note())
+    print(f"{PEAK_LEGEND}\n\n{format_header()}", flush=True)
     rows: list[dict] = []
     for case in all_cases(quick, device, families):
         if keep_ops and case.op not in keep_ops:
             continue
-        case_rows = measure(case, device, rep_ms)
-        rows.extend(case_rows)
-        print(format_table(case_rows, copy_gbs, mm_tflops).split("\n", 2)[-1], flush=True)
-    print("\n" + format_table(rows, copy_gbs, mm_tflops))
+        for row in measure(case, device, rep_ms):
+            rows.append(row)
+            print(format_row(row, copy_gbs, mm_tflops), flush=True)
+    ceilings = {
+        "copy GB/s": (copy_gbs, copy_bandwidth_gbs.__wrapped__(str(device))),
+        "matmul TFLOP/s": (mm_tflops, matmul_tflops.__wrapped__(str(device))),
+    }
+    for line in noise_warnings(rows, ceilings, copy_gbs, mm_tflops):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
                 {"device": str(device), "copy_GBps": copy_gbs, "matmul_TFLOPs": mm_tflops, "rows": rows}, f, indent=1
             )
-    return 1 if any("error" in r and r["impl"] in ("triton", "cuda", "cpu") for r in rows) else 0
+    return 1 if any("error" in r and r["impl"] in OURS for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """``flagdit-bench report``: benchmark JSON -> a Markdown table and a PNG roofline chart.
 
 Reads pytest-benchmark JSON files (``pytest benchmarks/ --benchmark-json=FILE``; the figures come from each
-benchmark's ``extra_info``, written by ``benchmarks/test_ops.py``) or the JSON of ``flagdit-bench --json``.
-Writes
+benchmark's ``extra_info``, written by ``benchmarks/test_ops.py``), the JSON of ``flagdit-bench --json``, or a
+GPU check's results log (``*.jsonl``, one record per line: ``benchmarks/results_log.py``; a run cut off
+anywhere still reads). Writes
 
 - a Markdown file: a summary with one row per case (our best implementation, the best baseline, the
   speed-up ours / best baseline) and a detail table with every implementation side by side (ms, GB/s,
   TFLOP/s, share of the measured ceiling, ratio to the case's best baseline);
 - a PNG chart: achieved GB/s (memory-bound cases) and TFLOP/s (compute-bound cases) of every
-  implementation against the measured copy-bandwidth and matmul ceilings.
+  implementation against the measured copy-bandwidth and matmul ceilings;
+- for a results log, the run first (phases and budgets, outcomes, cases cut off, compute-sanitizer counts,
+  the autotuner's timings per config), and with ``--record RESULTS.md`` the per-op record table
+  (``flagdit_kernels.bench.record``), also written back as a whole file with ``--record-out``.
 
 Ours are the ``triton`` / ``cuda`` / ``cpu`` backends and labels starting with ``fk`` (whole-model
 cases); ``reference`` is our PyTorch spec and counts as neither ours nor a baseline; the rest are baselines.
@@ -23,6 +27,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import run_log
 
 OUR_BACKENDS = ("triton", "cuda", "cpu")
 SPEC = ("reference",)
@@ -58,6 +64,7 @@ class Results:
     sources: list[str] = field(default_factory=list)
     dates: set[str] = field(default_factory=set)
     tuned_tiles: dict[str, dict[str, str]] = field(default_factory=dict)  # attention kernel -> {key: config}
+    run: run_log.RunLog | None = None  # from a results log
 
 
 def _num(value) -> float | None:
@@ -66,34 +73,45 @@ def _num(value) -> float | None:
     return None
 
 
+def _add_bench(info: dict, results: Results, fallback_ms: float | None = None) -> None:
+    """One benchmark's ``extra_info`` (as ``benchmarks/test_ops.py`` writes it) as a row."""
+    if "op" not in info or "impl" not in info:
+        return  # not one of ours (or run with --benchmark-disable)
+    results.rows.append(
+        Row(
+            info["op"],
+            str(info.get("shape", "")),
+            info.get("direction", ""),
+            info["impl"],
+            _num(info.get("median_ms")) or fallback_ms,
+            _num(info.get("GBps")),
+            _num(info.get("TFLOPs")),
+            str(info.get("device", "")),
+        )
+    )
+    results.copy_gbps = results.copy_gbps or _num(info.get("copy_GBps"))
+    results.matmul_tflops = results.matmul_tflops or _num(info.get("matmul_TFLOPs"))
+    if info.get("device"):
+        results.devices.add(str(info["device"]))
+    for kernel, tiles in (info.get("tuned_tiles") or {}).items():
+        results.tuned_tiles.setdefault(kernel, {}).update(tiles)
+
+
 def _from_pytest_benchmark(data: dict, results: Results) -> None:
     for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info") or {}
-        if "op" not in info or "impl" not in info:
-            continue  # not one of ours (or run with --benchmark-disable)
-        ms = _num(info.get("median_ms"))
-        if ms is None and _num((bench.get("stats") or {}).get("median")):
-            ms = bench["stats"]["median"] * 1e3
-        results.rows.append(
-            Row(
-                info["op"],
-                str(info.get("shape", "")),
-                info.get("direction", ""),
-                info["impl"],
-                ms,
-                _num(info.get("GBps")),
-                _num(info.get("TFLOPs")),
-                str(info.get("device", "")),
-            )
-        )
-        results.copy_gbps = results.copy_gbps or _num(info.get("copy_GBps"))
-        results.matmul_tflops = results.matmul_tflops or _num(info.get("matmul_TFLOPs"))
-        if info.get("device"):
-            results.devices.add(str(info["device"]))
-        for kernel, tiles in (info.get("tuned_tiles") or {}).items():
-            results.tuned_tiles.setdefault(kernel, {}).update(tiles)
+        median = _num((bench.get("stats") or {}).get("median"))
+        _add_bench(bench.get("extra_info") or {}, results, median * 1e3 if median else None)
     if data.get("datetime"):
         results.dates.add(str(data["datetime"])[:10])
+
+
+def _from_results_log(path: str | Path, results: Results) -> None:
+    run = run_log.summarize(*run_log.read_jsonl(path))
+    for info in run.bench:
+        _add_bench(info, results)
+    if run.versions.get("date"):
+        results.dates.add(str(run.versions["date"]))
+    results.run = run
 
 
 def _from_cli(data: dict, results: Results) -> None:
@@ -121,6 +139,10 @@ def load(paths: Iterable[str | Path]) -> Results:
     """Rows of every file; a later file's row replaces an earlier one for the same case and impl."""
     results = Results()
     for path in paths:
+        if str(path).endswith(".jsonl"):
+            _from_results_log(path, results)
+            results.sources.append(str(path))
+            continue
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or not ("benchmarks" in data or "rows" in data):
             raise ValueError(f"{path}: neither pytest-benchmark JSON ('benchmarks') nor flagdit-bench JSON ('rows')")
@@ -165,7 +187,8 @@ def _peak_pct(row: Row, results: Results) -> str:
     return ""
 
 
-def markdown(results: Results) -> str:
+def markdown(results: Results, record_text: str | None = None) -> str:
+    """The report; ``record_text`` (a RESULTS.md) adds the per-op record with this run's figures filled in."""
     cases = _cases(results.rows)
     lines = ["# flagdit-kernels benchmark report", ""]
     device = ", ".join(sorted(results.devices)) or "unknown device"
@@ -180,6 +203,13 @@ def markdown(results: Results) -> str:
         "- speed-up = best baseline ms / our ms (> 1: ours is faster); ours = triton / cuda / cpu backends "
         "and `fk ...` labels; `reference` is our PyTorch spec, listed but not a baseline."
     )
+    if results.run is not None:
+        lines += ["", *run_log.markdown(results.run)]
+    if record_text is not None:
+        from . import record
+
+        lines += ["", "## Per-op record (benchmarks/RESULTS.md format)", ""]
+        lines.append(record.render(record.update(record.parse(record_text), results)))
     lines += ["", "## Summary", "", "| op | shape | dir | ours | ms | best baseline | ms | speed-up |"]
     lines.append("| --- | --- | --- | --- | ---: | --- | ---: | ---: |")
     for (op, shape, direction), rows in cases.items():
@@ -301,25 +331,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files or flagdit-bench --json files")
     parser.add_argument("--md", default="benchmark_report.md", help="Markdown output ('-' for stdout)")
     parser.add_argument("--png", default="benchmark_roofline.png", help="PNG output ('' to skip the plot)")
+    parser.add_argument("--record", default=None, help="a RESULTS.md whose per-op record the report fills in")
+    parser.add_argument("--record-out", default=None, help="write that RESULTS.md, updated, to this path")
     args = parser.parse_args(argv)
     try:
         results = load(args.json)
+        record_text = Path(args.record).read_text() if args.record else None
     except (OSError, ValueError, KeyError) as exc:
         print(f"flagdit-bench report: {exc}", file=sys.stderr)
         return 2
-    if not results.rows:
+    if args.record_out and record_text is not None:
+        from . import record
+
+        rows = record.update(record.parse(record_text), results)
+        Path(args.record_out).write_text(record.rewrite(record_text, rows))
+        print(f"wrote {args.record_out}")
+    if not results.rows and results.run is None:
         print("flagdit-bench report: no benchmark rows with flagdit extra_info found", file=sys.stderr)
         return 1
-    text = markdown(results)
+    text = markdown(results, record_text)
     if args.md == "-":
         sys.stdout.write(text)
     else:
         Path(args.md).write_text(text)
         print(f"wrote {args.md}")
-    if args.png:
+    if args.png and results.rows:
         plot(results, args.png)
         print(f"wrote {args.png}")
-    return 0
+    return 0 if results.rows else 1
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from collections.abc import Callable
 import torch
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median milliseconds per call: CUDA events via ``triton.testing.do_bench`` on GPU, wall clock on CPU."""
+def time_samples(
+    fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100
+) -> list[float]:
+    """Milliseconds of every timed call: CUDA events via ``triton.testing.do_bench`` on GPU, wall clock on CPU."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        return [float(t) for t in triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
     fn()
     samples: list[float] = []
     deadline = time.perf_counter() + rep_ms / 1e3
@@ -23,7 +25,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return samples
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds per call (see :func:`time_samples`)."""
+    return statistics.median(time_samples(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms))
 
 
 @functools.cache

@@ -25,20 +25,26 @@ STATE_ATTR = "_flagdit_kernels_patch"
 @dataclass
 class PatchState:
     """What a patched module remembers: the swap's kind, the backend its ops run on, the instance-level
-    forward it replaced (None when the class method was in use), and how often it fell back to that."""
+    forward it replaced (None when the class method was in use), and how often (and why) it fell back to that."""
 
     kind: str
     backend: str | None
     saved_forward: Callable | None
     extra: dict[str, Any] = field(default_factory=dict)
     fallback_calls: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)  # reason -> calls
 
-    def call_original(self, module: nn.Module, *args, **kwargs):
-        """Runs the forward the module had before patching (counted in ``fallback_calls``)."""
-        self.fallback_calls += 1
+    def run_original(self, module: nn.Module, *args, **kwargs):
+        """Runs the forward the module had before patching."""
         if self.saved_forward is not None:
             return self.saved_forward(*args, **kwargs)
         return type(module).forward(module, *args, **kwargs)
+
+    def call_original(self, module: nn.Module, reason: str, *args, **kwargs):
+        """Falls back to the forward the module had before patching, counting the call under ``reason``."""
+        self.fallback_calls += 1
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        return self.run_original(module, *args, **kwargs)
 
 
 @dataclass

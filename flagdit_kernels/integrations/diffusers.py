@@ -3,140 +3,88 @@
 Supported: ``LuminaNextDiT2DModel`` (Lumina-Next, ``LuminaNextDiTBlock``) and ``Lumina2Transformer2DModel``
 (Lumina-Image-2.0, ``Lumina2TransformerBlock``). Each block's forward is replaced by one that
 
-- packs the block's tokens (padded ``(B, L, D)`` + mask) into the varlen layout ``(T, D)`` + ``cu_seqlens``
-  (a view when nothing is masked; the packing is computed once per mask tensor, not once per block),
+- sees the block's padded tokens ``(B, L, D)`` + mask as packed rows + ``cu_seqlens``, laid out on the device
+  without a host sync (``_padded_layout``: a view without a mask; with one, real tokens first and two sequences
+  per sample), once per mask per model call,
 - runs adaLN + RMSNorm as ``fk.rms_norm_modulate``, the sandwich norms + tanh-gated residuals as
   ``fk.gated_residual_rms_norm``, QK-norm + RoPE as ``fk.qk_norm_rope`` and attention as
   ``fk.varlen_attention``: for Lumina-Next the self-attention and the gated caption cross-attention are one
   call with the text branch (``text_k``/``text_v``/``gate``), for Lumina-2 a plain varlen call,
-- calls the block's own Linear / FeedForward modules (so LoRA and other module swaps keep working),
+- calls the block's own Linear / FeedForward modules, so peft LoRA adapters on them (and other module swaps
+  that keep ``in_features`` / ``out_features``) stay in the computation; the modules whose weights the fused
+  ops read directly (the RMSNorms, QK-norms) are checked on every call, and a block where one of them was
+  swapped (an adapter on a norm) runs diffusers' forward,
 - writes the result back into the padded layout; masked-out positions pass through unchanged (diffusers
   never reads them: Lumina-2 slices them away, Lumina-Next has none).
 
-Parameters, buffers, module classes and the state_dict are untouched. The remaining RMSNorm modules (e.g.
-Lumina-2's caption embedder norm) are swapped by :func:`flagdit_kernels.integrations.patch_rms_norm`.
+A call the fused forward does not cover runs the block's original forward, counted with its reason in the
+block's ``_flagdit_kernels_patch.fallbacks``: no rotary table, a real-valued one (diffusers multiplies the
+query pairs by it without rotating), a norm weight in another dtype than the activations, or a block changed
+after patching. Parameters, buffers, module classes and the state_dict are untouched. The remaining RMSNorm
+modules (e.g. Lumina-2's caption embedder norm) are swapped by :func:`flagdit_kernels.integrations.patch_rms_norm`.
 
 Numerics: fp32 outputs match diffusers within rel-L2 1e-4; in bf16 our norms round once at the end where
-diffusers rounds after each elementwise step, and text-masked samples with no caption tokens give 0 for
-the caption attention where diffusers' masked SDPA gives NaN.
+diffusers rounds after each elementwise step. A sample whose caption is fully masked gets exactly 0 from the
+caption attention, as diffusers' masked SDPA gives on torch >= 2.5's math and CPU flash backends (checked on
+the CPU in fp32 / fp16 / bf16 / fp64; older torch returned NaN there).
+
+``torch.compile``: with backends that are custom ops (``triton``, ``cuda``) a patched Lumina-Next model traces
+with ``fullgraph=True``; a patched Lumina-2 model breaks only where diffusers' own forward does (its
+``.tolist()`` of the caption lengths). The ``reference`` attention loops over samples on the host.
 
 Lumina-Next fusion needs ``attn2.to_q``/``attn2.norm_q`` equal to ``attn1.to_q``/``attn1.norm_q``, as in every
 converted checkpoint (both come from Lumina's single ``wq``/``q_norm``), and, when gradients are recorded for
 them, to be the same Parameters (``block.attn2.to_q = block.attn1.to_q`` ties them as Lumina does; the
 state_dict keeps both names). Otherwise the caption cross-attention keeps diffusers' own ``attn2`` (the rest
-is still ours), so training gradients stay diffusers'. The equality check is redone only when one of those
-weights changes (tracked by tensor version counters, no device sync).
+is still ours), so training gradients stay diffusers'. Eager calls redo the equality check only when one of
+those tensors changes (version counters, no device sync); a compiled graph decides when it is traced, so
+after editing those weights in place call ``torch._dynamo.reset()``.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .. import VarlenLayout, gated_residual_rms_norm, qk_norm_rope, rms_norm, rms_norm_modulate, varlen_attention
+from .. import gated_residual_rms_norm, qk_norm_rope, rms_norm, rms_norm_modulate, varlen_attention
+from ._padded_layout import LayoutCache, PaddedLayout
 from ._patching import PatchReport, install, is_patched, state_of
 from ._patching import unpatch as _unpatch_all
+from .diffusers_attention import attention_backend, reset_attention_backend, set_attention_backend
 from .rmsnorm import patch_rms_norm
 
 NEXT_KIND = "diffusers.LuminaNextDiTBlock"
 LUMINA2_KIND = "diffusers.Lumina2TransformerBlock"
 KINDS = (NEXT_KIND, LUMINA2_KIND)
+SCOPE_KIND = "diffusers.model_call"  # the patched model's forward: its blocks share the layouts of one call
 
-__all__ = ["patch", "unpatch"]
+__all__ = ["attention_backend", "patch", "reset_attention_backend", "set_attention_backend", "unpatch"]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Padded <-> packed layout, computed once per mask tensor and shared by every block of a forward.
+# Rotary tables.
 
 
-@dataclass
-class Layout:
-    """Which tokens of a padded ``(B, L)`` batch are real: ``index`` into the flattened ``B*L`` tokens (None
-    when all are) and ``seqs``, the packed layout of the real ones (validated once, passed to every op)."""
+def _rotary_unsupported(rotary: torch.Tensor | None, batch: int, length: int) -> str:
+    """ "" when ``rotary`` is diffusers' complex ``freqs_cis`` ``(1 | B, L, Dh/2)``, else why the block falls back.
 
-    batch: int
-    length: int
-    index: torch.Tensor | None
-    seqs: VarlenLayout
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, L, *rest)`` -> ``(T, *rest)``; a view when no token is masked and x is contiguous enough."""
-        flat = x.reshape(self.batch * self.length, *x.shape[2:])
-        return flat if self.index is None else flat.index_select(0, self.index)
-
-    def unpack(self, packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`pack`; masked positions take ``like``'s values."""
-        if self.index is None:
-            return packed.view(like.shape)
-        flat = like.reshape(self.batch * self.length, *like.shape[2:])
-        return flat.index_copy(0, self.index, packed.to(like.dtype)).view(like.shape)
+    diffusers multiplies the complex query pairs by whatever it is given: a real-valued table of that shape
+    scales them without rotating. Such calls (and ``None``) run diffusers' own forward, which defines them.
+    """
+    if rotary is None:
+        return "no rotary embedding"
+    if not rotary.is_complex():
+        return f"real-valued rotary table {tuple(rotary.shape)} (diffusers' forward defines it)"
+    if rotary.dim() != 3 or rotary.shape[0] not in (1, batch) or rotary.shape[1] != length:
+        return f"rotary table of shape {tuple(rotary.shape)}, not (1 | {batch}, {length}, head_dim / 2)"
+    return ""
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return None
-
-
-class _LayoutCache:
-    """Small per-model cache keyed on tensor identity + version counter, so 24 blocks that receive the same
-    mask / rotary tensors pack them once (one host sync per mask for the lengths) and a mask edited in place
-    is noticed."""
-
-    def __init__(self, size: int = 8):
-        self._entries: OrderedDict = OrderedDict()
-        self._size = size
-
-    def get(self, key: tuple, tensors: tuple, build):
-        entry = self._entries.get(key)
-        if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
-            return entry[1]
-        value = build()
-        self._entries[key] = (tuple(weakref.ref(t) for t in tensors), value)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-        return value
-
-    def layout(self, mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Layout:
-        if mask is None:
-            key = ("none", batch, length, str(device))
-            return self.get(key, (), lambda: _full_layout(batch, length, device))
-        key = ("mask", id(mask), _version(mask), batch, length)
-        return self.get(key, (mask,), lambda: _mask_layout(mask, batch, length))
-
-    def freqs(self, rotary: torch.Tensor, layout: Layout) -> torch.Tensor:
-        key = ("freqs", id(rotary), _version(rotary), id(layout))
-        return self.get(key, (rotary, layout), lambda: _packed_freqs(rotary, layout))
-
-
-def _full_layout(batch: int, length: int, device: torch.device) -> Layout:
-    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * length
-    return Layout(batch, length, None, VarlenLayout.from_cu_seqlens(cu, batch * length, length))
-
-
-def _mask_layout(mask: torch.Tensor, batch: int, length: int) -> Layout:
-    keep = mask.reshape(batch, length).bool()
-    lengths = keep.sum(1)
-    host = lengths.tolist()  # the one host sync per mask: max_seqlen must be a Python int
-    cu = torch.zeros(batch + 1, device=mask.device, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    index = None if all(n == length for n in host) else keep.flatten().nonzero().squeeze(1)
-    seqs = VarlenLayout.from_cu_seqlens(cu, sum(host), max(host, default=0))
-    return Layout(batch, length, index, seqs)
-
-
-def _packed_freqs(rotary: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """diffusers' complex ``freqs_cis`` ``(1 | B, L, Dh/2)`` -> our float32 (cos, sin) table ``(T, Dh/2, 2)``."""
-    table = torch.view_as_real(rotary.resolve_conj()) if rotary.is_complex() else rotary
-    table = table.to(torch.float32)
-    if table.dim() == 3:  # (L, Dh/2, 2): shared by the batch
-        table = table.unsqueeze(0)
+def _packed_freqs(rotary: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
+    """diffusers' complex ``freqs_cis`` ``(1 | B, L, Dh/2)`` -> our float32 (cos, sin) table ``(B*L, Dh/2, 2)``."""
+    table = torch.view_as_real(rotary.resolve_conj()).to(torch.float32)
     table = table.expand(layout.batch, layout.length, *table.shape[2:])
     return layout.pack(table).contiguous()
 
@@ -151,12 +99,21 @@ def _heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int,
     return heads, k.shape[-1] // head_dim, head_dim
 
 
-def _norm_weight_dtypes_ok(x: torch.Tensor, *norms: nn.Module | None) -> bool:
+def _norm_dtypes_differ(x: torch.Tensor, *norms: nn.Module | None) -> str:
+    """Why the block falls back when a norm weight's dtype differs from the activations' (diffusers' promotion
+    rules then define the result), else ""."""
     for norm in norms:
         weight = getattr(norm, "weight", None) if norm is not None else None
         if weight is not None and weight.dtype != x.dtype:
-            return False
-    return True
+            return f"a norm weight is {weight.dtype} but the activations are {x.dtype}"
+    return ""
+
+
+def _linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear layer or of an adapter wrapping one (peft's LoRA layers keep
+    both attributes and are called like the layer, so adapters stay in the computation), else None."""
+    features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return features if all(isinstance(f, int) for f in features) else None
 
 
 def _adaln(norm1: nn.Module, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -199,12 +156,20 @@ def _is_diffusers_rms_norm(module: nn.Module | None, width: int | None) -> bool:
 # Lumina-Next: LuminaNextDiTBlock.
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+
+
+def _query_modules(block: nn.Module) -> tuple[nn.Module | None, ...]:
+    return block.attn1.to_q, block.attn2.to_q, block.attn1.norm_q, block.attn2.norm_q
+
+
 def _query_params(block: nn.Module) -> list[nn.Parameter]:
-    params = [block.attn1.to_q.weight, block.attn2.to_q.weight]
-    for norm in (block.attn1.norm_q, block.attn2.norm_q):
-        if norm is not None:
-            params.extend(norm.parameters())
-    return params
+    """Every parameter of both query projections and norms (LoRA adapters on them included)."""
+    return [p for module in _query_modules(block) if module is not None for p in module.parameters()]
 
 
 def _same_module_params(a: nn.Module | None, b: nn.Module | None) -> tuple[bool, bool]:
@@ -218,27 +183,42 @@ def _same_module_params(a: nn.Module | None, b: nn.Module | None) -> tuple[bool,
     return same or all(pa[n].shape == pb[n].shape and torch.equal(pa[n], pb[n]) for n in pa), same
 
 
+def _query_tie(block: nn.Module) -> tuple[bool, bool]:
+    """(equal values, same Parameters) of attn1's and attn2's query projections and norms."""
+    with torch.no_grad():
+        eq_q, same_q = _same_module_params(block.attn1.to_q, block.attn2.to_q)
+        eq_n, same_n = _same_module_params(block.attn1.norm_q, block.attn2.norm_q)
+    return eq_q and eq_n, same_q and same_n
+
+
+# While torch.compile traces, the comparison runs once on the real weights and its answer becomes a constant of
+# the graph (reading values inside the graph would break it).
+_query_tie_when_traced = torch.compiler.assume_constant_result(_query_tie)
+
+
 def _fused_query(block: nn.Module) -> bool:
     """Whether attn2's query may be taken from attn1 (one varlen_attention call with the text branch).
 
     True when attn2.to_q / norm_q equal attn1's (converted checkpoints: both are Lumina's wq + q_norm) and
     either they are the very same Parameters or no gradient is being recorded for them (with separate
-    copies, diffusers trains the two queries apart; a fused call could not split their gradients). The
-    value comparison is redone only when one of the tensors was modified (version counter) or replaced.
+    copies, diffusers trains the two queries apart; a fused call could not split their gradients). Eager
+    calls compare again only when one of the tensors was modified (version counter) or replaced; a compiled
+    graph compares when it is traced.
     """
-    state = state_of(block)
-    params = _query_params(block)
-    stamp = tuple((id(p), _version(p)) for p in params)
-    if state.extra.get("tied_stamp") != stamp or any(s[1] is None for s in stamp):
-        with torch.no_grad():
-            eq_q, same_q = _same_module_params(block.attn1.to_q, block.attn2.to_q)
-            eq_n, same_n = _same_module_params(block.attn1.norm_q, block.attn2.norm_q)
-        state.extra.update(tied_stamp=stamp, tied=eq_q and eq_n, shared=same_q and same_n)
-    if not state.extra["tied"]:
+    if torch.compiler.is_compiling():
+        tied, shared = _query_tie_when_traced(block)
+    else:
+        state = state_of(block)
+        stamp = tuple((id(p), _version(p)) for p in _query_params(block))
+        if state.extra.get("tied_stamp") != stamp or any(version is None for _, version in stamp):
+            state.extra["tied"], state.extra["shared"] = _query_tie(block)
+            state.extra["tied_stamp"] = stamp
+        tied, shared = state.extra["tied"], state.extra["shared"]
+    if not tied:
         return False
-    if state.extra["shared"] or not torch.is_grad_enabled():
+    if shared or not torch.is_grad_enabled():
         return True
-    return not any(p.requires_grad for p in params)
+    return not any(p.requires_grad for p in _query_params(block))
 
 
 def _next_block_forward(
@@ -253,11 +233,18 @@ def _next_block_forward(
 ) -> torch.Tensor:
     state = state_of(self)
     prefer, cache = state.backend, state.extra["cache"]
-    if image_rotary_emb is None or not _norm_weight_dtypes_ok(
-        hidden_states, self.norm1.norm, self.norm2, self.ffn_norm1, self.ffn_norm2, self.norm1_context
-    ):
+    batch, length, _ = hidden_states.shape
+    why = (
+        _rotary_unsupported(image_rotary_emb, batch, length)
+        or _next_block_unsupported(self)
+        or _norm_dtypes_differ(
+            hidden_states, self.norm1.norm, self.norm2, self.ffn_norm1, self.ffn_norm2, self.norm1_context
+        )
+    )
+    if why:
         return state.call_original(
             self,
+            why,
             hidden_states,
             attention_mask,
             image_rotary_emb,
@@ -266,14 +253,15 @@ def _next_block_forward(
             temb,
             cross_attention_kwargs if cross_attention_kwargs is not None else {},
         )
-    batch, length, _ = hidden_states.shape
-    img = cache.layout(attention_mask, batch, length, hidden_states.device)
-    txt = cache.layout(encoder_mask, batch, encoder_hidden_states.shape[1], hidden_states.device)
-    freqs = cache.freqs(image_rotary_emb, img)
+    device = hidden_states.device
+    split = attention_mask is not None or encoder_mask is not None  # image and caption: the same sequences
+    img = cache.layout(attention_mask, batch, length, device, split)
+    txt = cache.layout(encoder_mask, batch, encoder_hidden_states.shape[1], device, split)
+    freqs = cache.rotary(image_rotary_emb, img, _packed_freqs)
     seqs = img.seqs
 
     x = img.pack(hidden_states)
-    scale_msa, gate_msa, scale_mlp, gate_mlp = _adaln(self.norm1, temb)
+    scale_msa, gate_msa, scale_mlp, gate_mlp = (img.per_sequence(t) for t in _adaln(self.norm1, temb))
     h = rms_norm_modulate(x, self.norm1.norm.weight, scale_msa, eps=self.norm1.norm.eps, cu_seqlens=seqs, prefer=prefer)
 
     attn1, attn2 = self.attn1, self.attn2
@@ -322,9 +310,10 @@ def _next_block_unsupported(block: nn.Module) -> str:
     attn1, attn2 = block.attn1, block.attn2
     if type(block.norm1).__name__ != "LuminaRMSNormZero":
         return f"norm1 is {type(block.norm1).__name__}, not LuminaRMSNormZero"
-    if not all(isinstance(m, nn.Linear) for m in (attn1.to_q, attn1.to_k, attn2.to_k)):
-        return "attn1.to_q / attn1.to_k / attn2.to_k are not Linear layers"
-    dim, width, kv_width = attn1.to_q.in_features, attn1.to_q.out_features, attn1.to_k.out_features
+    features = [_linear_features(m) for m in (attn1.to_q, attn1.to_k, attn2.to_k)]
+    if None in features:
+        return "attn1.to_q / attn1.to_k / attn2.to_k are not Linear layers (or adapters on them)"
+    (dim, width), (_, kv_width), (_, text_kv_width) = features
     for name, norm, w in (
         ("norm1.norm", block.norm1.norm, dim),
         ("norm2", block.norm2, dim),
@@ -339,7 +328,7 @@ def _next_block_unsupported(block: nn.Module) -> str:
         and not (_is_layer_norm(attn1.norm_q, width) and _is_layer_norm(attn1.norm_k, kv_width))
     ):
         return "attn1 QK-norm is not LayerNorm across heads"
-    if attn2.heads != attn1.heads or attn2.to_k.out_features != kv_width:
+    if attn2.heads != attn1.heads or text_kv_width != kv_width:
         return "attn2 head layout differs from attn1"
     head_dim = width // attn1.heads
     if head_dim % 8 or not 16 <= head_dim <= 256:
@@ -360,23 +349,26 @@ def _lumina2_block_forward(
 ) -> torch.Tensor:
     state = state_of(self)
     prefer, cache = state.backend, state.extra["cache"]
-    first_norm = self.norm1.norm if self.modulation else self.norm1
-    if image_rotary_emb is None or not _norm_weight_dtypes_ok(
-        hidden_states, first_norm, self.norm2, self.ffn_norm1, self.ffn_norm2
-    ):
-        return state.call_original(self, hidden_states, attention_mask, image_rotary_emb, temb)
     batch, length, _ = hidden_states.shape
-    lay = cache.layout(attention_mask, batch, length, hidden_states.device)
-    freqs = cache.freqs(image_rotary_emb, lay)
+    first_norm = self.norm1.norm if self.modulation else self.norm1
+    why = (
+        _rotary_unsupported(image_rotary_emb, batch, length)
+        or _lumina2_block_unsupported(self)
+        or _norm_dtypes_differ(hidden_states, first_norm, self.norm2, self.ffn_norm1, self.ffn_norm2)
+    )
+    if why:
+        return state.call_original(self, why, hidden_states, attention_mask, image_rotary_emb, temb)
+    lay = cache.layout(attention_mask, batch, length, hidden_states.device, attention_mask is not None)
+    freqs = cache.rotary(image_rotary_emb, lay, _packed_freqs)
     seqs = lay.seqs
 
     x = lay.pack(hidden_states)
     if self.modulation:
-        scale_msa, gate_msa, scale_mlp, gate_mlp = _adaln(self.norm1, temb)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = (lay.per_sequence(t) for t in _adaln(self.norm1, temb))
         h = rms_norm_modulate(x, first_norm.weight, scale_msa, eps=first_norm.eps, cu_seqlens=seqs, prefer=prefer)
     else:
         h = rms_norm(x, first_norm.weight, first_norm.eps, prefer=prefer)
-        gate_msa = gate_mlp = x.new_ones(batch, x.shape[1])
+        gate_msa = gate_mlp = x.new_ones(seqs.num_seqs, x.shape[1])
 
     attn = self.attn
     q, k, v = _qkv(attn, h, freqs, "rms_norm" if attn.norm_q is not None else None, prefer)
@@ -400,10 +392,11 @@ def _lumina2_block_forward(
 
 def _lumina2_block_unsupported(block: nn.Module) -> str:
     attn = block.attn
-    if not isinstance(attn.to_q, nn.Linear) or not isinstance(attn.to_k, nn.Linear):
-        return "attn.to_q / to_k are not Linear layers"
-    dim = attn.to_q.in_features
-    head_dim = attn.to_q.out_features // attn.heads
+    features = [_linear_features(m) for m in (attn.to_q, attn.to_k)]
+    if None in features:
+        return "attn.to_q / to_k are not Linear layers (or adapters on them)"
+    dim, width = features[0]
+    head_dim = width // attn.heads
     first = block.norm1.norm if block.modulation else block.norm1
     if block.modulation and type(block.norm1).__name__ != "LuminaRMSNormZero":
         return f"norm1 is {type(block.norm1).__name__}, not LuminaRMSNormZero"
@@ -444,7 +437,9 @@ def patch(model: nn.Module, backend: str | None = None, rms_norms: bool = True) 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
-    cache = _LayoutCache()  # one per patch call: shared by the blocks of this model
+    root = state_of(model)
+    scoped = root is not None and root.kind == SCOPE_KIND
+    cache = root.extra["cache"] if scoped else LayoutCache()  # shared by the blocks of this model
     found = False
     for name, module in model.named_modules():
         spec = _BLOCKS.get(type(module).__name__)
@@ -468,21 +463,36 @@ def patch(model: nn.Module, backend: str | None = None, rms_norms: bool = True) 
         )
     if rms_norms:
         # Inside patched blocks the norms are already fused; patch the rest (caption embedder, refiners' ...).
-        outside = patch_rms_norm(_OutsideBlocks(model), backend=backend)
-        report.merge(outside)
+        report.merge(patch_rms_norm(_OutsideBlocks(model), backend=backend))
+    if scoped:
+        report.already[""] = SCOPE_KIND
+    elif report.swapped and root is None and type(model).forward is not nn.Module.forward:
+        install(model, SCOPE_KIND, _model_call_forward, backend, cache=cache)
+        report.swapped[""] = f"{type(model).__name__}.forward: its blocks share one packed layout per mask per call"
     return report
+
+
+def _model_call_forward(self: nn.Module, *args, **kwargs):
+    """The patched model's forward: the layout cache is open for this call (see ``_padded_layout``)."""
+    state = state_of(self)
+    with state.extra["cache"].scope():
+        return state.run_original(self, *args, **kwargs)
+
+
+# Calls the patched blocks hand back to diffusers' own forward (the report says so; PatchState.fallbacks counts).
+_FALLBACKS = "; calls without a complex rotary table (None, or real-valued) run diffusers' forward"
 
 
 def _describe(block: nn.Module, kind: str) -> str:
     if kind == NEXT_KIND:
         return (
             "LuminaNextDiTBlock -> rms_norm_modulate, qk_norm_rope (LayerNorm across heads, 2D RoPE), "
-            "varlen_attention with gated caption cross-attention, gated_residual_rms_norm x2"
+            "varlen_attention with gated caption cross-attention, gated_residual_rms_norm x2" + _FALLBACKS
         )
     return (
         f"Lumina2TransformerBlock{'' if block.modulation else ' (no modulation)'} -> "
         f"{'rms_norm_modulate' if block.modulation else 'rms_norm'}, qk_norm_rope (per-head RMSNorm, 3D RoPE), "
-        "varlen_attention, gated_residual_rms_norm x2"
+        "varlen_attention, gated_residual_rms_norm x2" + _FALLBACKS
     )
 
 

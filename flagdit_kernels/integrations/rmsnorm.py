@@ -99,9 +99,11 @@ def _probe(module: nn.Module, eps_attr: str) -> str:
 def _rms_norm_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     state = state_of(self)
     weight = self.weight
-    if args or kwargs or (weight is not None and weight.dtype != x.dtype) or not x.is_floating_point():
+    if args or kwargs:
+        return state.call_original(self, "extra forward arguments", x, *args, **kwargs)
+    if (weight is not None and weight.dtype != x.dtype) or not x.is_floating_point():
         # Mixed dtypes keep the codebase's own promotion rules (e.g. fp32 weights under autocast).
-        return state.call_original(self, x, *args, **kwargs)
+        return state.call_original(self, f"input {x.dtype} with weight {getattr(weight, 'dtype', None)}", x)
     eps = _resolve_eps(self, state.extra["eps_attr"], x.dtype)
     return rms_norm(x, weight, eps, prefer=state.backend)
 
