@@ -32,8 +32,10 @@ Row offsets are int64 so T * H * Dh may exceed 2^31.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -61,6 +63,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE_MODE = "0" if INTERPRETED else os.environ.get("FLAGDIT_KERNELS_AUTOTUNE", "1")
 if AUTOTUNE_MODE not in ("0", "1", "compile"):
     raise ValueError(f"FLAGDIT_KERNELS_AUTOTUNE must be 0, 1 or compile, got {AUTOTUNE_MODE!r}")
+
+
+@contextlib.contextmanager
+def autotune_mode(mode: str) -> Iterator[None]:
+    """Launches inside use ``mode`` (as FLAGDIT_KERNELS_AUTOTUNE would), e.g. "compile" for every config."""
+    global AUTOTUNE_MODE
+    saved, AUTOTUNE_MODE = AUTOTUNE_MODE, mode
+    try:
+        yield
+    finally:
+        AUTOTUNE_MODE = saved
 
 
 def _cfg(bm: int, bn: int, warps: int, stages: int, **flags) -> triton.Config:
@@ -805,6 +818,27 @@ def _unit_head_dim(*tensors: torch.Tensor | None) -> list:
     return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
+_ASSUMED_CAPABILITY: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def assume_capability(capability: tuple[int, int]) -> Iterator[None]:
+    """Launch decisions inside are taken as for a GPU of this compute capability, whatever device the tensors
+    are on: for the compile report, which compiles for a GPU this machine does not have."""
+    global _ASSUMED_CAPABILITY
+    saved, _ASSUMED_CAPABILITY = _ASSUMED_CAPABILITY, capability
+    try:
+        yield
+    finally:
+        _ASSUMED_CAPABILITY = saved
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if _ASSUMED_CAPABILITY is not None:
+        return _ASSUMED_CAPABILITY
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 def _descriptor_ready(*tensors: torch.Tensor) -> bool:
     """Whether the forward may read these (T, H, Dh) tensors through tensor descriptors: a GPU with the copy
     engine (sm_90+), 16-byte aligned data and token/head strides (views of a fused QKV projection are), and a
@@ -812,13 +846,15 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
     memory) unless the application set its own."""
     if INTERPRETED or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    if tensors[0].device.type != "cuda" or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    capability = _capability(tensors[0].device)
+    if capability is None or capability[0] < 9:
         return False
     for t in tensors:
         size = t.element_size()
         if t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.stride(1) * size) % 16:
             return False
-    _ensure_scratch_allocator()
+    if tensors[0].device.type == "cuda":
+        _ensure_scratch_allocator()
     return True
 
 
