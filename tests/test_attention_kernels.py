@@ -91,6 +91,28 @@ def test_zero_scale_and_strided_head_dims():
     compare_with_reference(mine, reference, inputs, torch.float32, family="attention")
 
 
+def test_vector_width_hint_and_misaligned_views():
+    # Contiguous Dh-72 tensors (head stride 72, not divisible by 16) are 16-byte aligned: the kernels may say so.
+    # A view starting one element in is not: the launcher drops the hint and the kernels stay exact.
+    from flagdit_kernels.triton import varlen_attention as va
+
+    assert va._vector_width(torch.empty(5, 3, 72, dtype=torch.float16)) == 8
+    assert va._vector_width(torch.empty(5, 3, 72, dtype=torch.float32)) == 4
+    assert va._vector_width(torch.empty(5 * 3 * 72 + 1, dtype=torch.float16)[1:].view(5, 3, 72)) == 1
+    assert va._vector_width(torch.empty(5, 3, 76, dtype=torch.float16)[..., :72]) == 1  # head stride 76
+    inputs, mine, reference = _case([19, 6], [3, 2], 2, 1, 72, torch.float16)
+
+    def misaligned(t):  # the same values one element into a fresh buffer (differentiable)
+        view = torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+        assert view.data_ptr() % 16
+        return view
+
+    def mine_misaligned(**t):
+        return mine(**{n: misaligned(x) if n in ("q", "v", "text_k") else x for n, x in t.items()})
+
+    compare_with_reference(mine_misaligned, reference, inputs, torch.float16, family="attention")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_descriptor_loads(monkeypatch, dtype):
     # The tensor-descriptor (TMA) key/value loads of the forward and dq kernels, forced: zero-filled tails

@@ -193,6 +193,17 @@ def _rotate_back(x0, x1, f_ptr, rows, row_mask, stride_ft, stride_fi, stride_fc,
 
 
 @triton.jit
+def _aligned(stride, VEC: tl.constexpr):
+    """``stride``, a multiple of VEC elements (VEC = 16 bytes when the launcher found every tensor 16-byte aligned,
+    else 1), written so that Triton's alignment analysis knows it: an integer argument is only known divisible
+    when it is divisible by 16, so a head stride of 72 would turn every load of a Dh-72 tile into 2-byte accesses
+    (no cp.async, no pipelining). tl.multiple_of does not attach to a scalar argument; this shift pair does."""
+    if VEC > 1:
+        stride = stride // VEC * VEC
+    return stride
+
+
+@triton.jit
 def _segment(cu, b):
     """(start, length) of sequence b of a cu_seqlens array, both int32. Callers widen start to int64 only where
     they build offsets, after any early exit (widening first cost a register and a few spilled bytes)."""
@@ -443,10 +454,17 @@ def _fwd_kernel(
     stride_ot, stride_oh,
     stride_ft, stride_fi, stride_fc,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr, TMA_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
     tl.static_assert(TMA_OK or not TMA)
+    stride_qt, stride_qh = _aligned(stride_qt, VEC), _aligned(stride_qh, VEC)
+    stride_kt, stride_kh = _aligned(stride_kt, VEC), _aligned(stride_kh, VEC)
+    stride_vt, stride_vh = _aligned(stride_vt, VEC), _aligned(stride_vh, VEC)
+    stride_tkt, stride_tkh = _aligned(stride_tkt, VEC), _aligned(stride_tkh, VEC)
+    stride_tvt, stride_tvh = _aligned(stride_tvt, VEC), _aligned(stride_tvh, VEC)
+    stride_ot, stride_oh = _aligned(stride_ot, VEC), _aligned(stride_oh, VEC)
     pid_m = tl.program_id(0)
     b, h, hk = _query_heads(GROUP)
     start, seq_len = _segment(CU, b)
@@ -505,13 +523,15 @@ def _bwd_preprocess(
     DO, OUT, OTEXT, TGATE, DLSE, DELTA, DELTA_T, R, T,
     stride_dot, stride_doh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_DLSE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    VEC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Per (token, head): delta_self = sum_d dO * o_self - dlse, and with text r = sum_d dO * o_text,
     delta_text = tg * r.
 
     A gradient g_i on lse_i = log sum_j exp(s_ij) adds g_i * P_ij to dS_ij (d lse_i / d s_ij = P_ij), so
     dS_ij = P_ij * (dP_ij - delta_i + g_i): the kernels use delta_i - g_i and need nothing else."""
+    stride_dot, stride_doh = _aligned(stride_dot, VEC), _aligned(stride_doh, VEC)
+    stride_ot, stride_oh = _aligned(stride_ot, VEC), _aligned(stride_oh, VEC)
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -592,11 +612,19 @@ def _bwd_dq(
     stride_dqt, stride_dqh,
     stride_ft, stride_fi, stride_fc,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr, TMA_OK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """dq of one block of queries for one head: self keys (rotated; through tensor descriptors with TMA), then
     text keys; rotated back at the end."""
     tl.static_assert(TMA_OK or not TMA)
+    stride_qt, stride_qh = _aligned(stride_qt, VEC), _aligned(stride_qh, VEC)
+    stride_kt, stride_kh = _aligned(stride_kt, VEC), _aligned(stride_kh, VEC)
+    stride_vt, stride_vh = _aligned(stride_vt, VEC), _aligned(stride_vh, VEC)
+    stride_tkt, stride_tkh = _aligned(stride_tkt, VEC), _aligned(stride_tkh, VEC)
+    stride_tvt, stride_tvh = _aligned(stride_tvt, VEC), _aligned(stride_tvh, VEC)
+    stride_dot, stride_doh = _aligned(stride_dot, VEC), _aligned(stride_doh, VEC)
+    stride_dqt, stride_dqh = _aligned(stride_dqt, VEC), _aligned(stride_dqh, VEC)
     pid_m = tl.program_id(0)
     b, h, hk = _query_heads(GROUP)
     start, seq_len = _segment(CU, b)
@@ -702,7 +730,7 @@ def _bwd_dkdv(
     stride_dkt, stride_dkh, stride_dtkt, stride_dtkh,
     stride_ft, stride_fi, stride_fc,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, ROPE: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order
     (deterministic). Self keys and text keys share the launch: the first cdiv(text_max_seqlen, BLOCK_N) key blocks
@@ -710,6 +738,14 @@ def _bwd_dkdv(
     over all of its sample's queries: on a long sample it runs as long as a self key block, on an idle GPU.)
     Both kinds run the same code on run-time pointers and scales, so the loop is compiled once; what only the
     epilogue needs is selected after the loop, so it does not occupy registers during it."""
+    stride_qt, stride_qh = _aligned(stride_qt, VEC), _aligned(stride_qh, VEC)
+    stride_kt, stride_kh = _aligned(stride_kt, VEC), _aligned(stride_kh, VEC)
+    stride_vt, stride_vh = _aligned(stride_vt, VEC), _aligned(stride_vh, VEC)
+    stride_tkt, stride_tkh = _aligned(stride_tkt, VEC), _aligned(stride_tkh, VEC)
+    stride_tvt, stride_tvh = _aligned(stride_tvt, VEC), _aligned(stride_tvh, VEC)
+    stride_dot, stride_doh = _aligned(stride_dot, VEC), _aligned(stride_doh, VEC)
+    stride_dkt, stride_dkh = _aligned(stride_dkt, VEC), _aligned(stride_dkh, VEC)
+    stride_dtkt, stride_dtkh = _aligned(stride_dtkt, VEC), _aligned(stride_dtkh, VEC)
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -808,8 +844,21 @@ def tuned_tiles() -> dict[str, dict[str, str]]:
 
 
 def _rows(*tensors: torch.Tensor) -> tuple[int, ...]:
-    """(token stride, head stride) of each (T, H, Dh) tensor, whose head dim the kernels read as contiguous."""
-    return tuple(stride for t in tensors for stride in t.stride()[:2])
+    """(token stride, head stride) of each (T, H, Dh) tensor, whose head dim the kernels read as contiguous; 0
+    for a dim of size 1 (never stepped along, and an odd stride there would cost the vector width)."""
+    return tuple(stride if size > 1 else 0 for t in tensors for size, stride in zip(t.shape[:2], t.stride()[:2]))
+
+
+def _vector_width(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes when every (T, H, Dh) tensor starts 16-byte aligned and its token and head strides
+    are multiples of 16 bytes (contiguous tensors at any head dim that is a multiple of 8, and views of a fused
+    QKV projection), so the kernels may tell Triton so; else 1."""
+    size = tensors[0].element_size()
+    vec = 16 // size
+    for t in tensors:
+        if t.data_ptr() % 16 or any(s % vec for s in _rows(t)):
+            return 1
+    return vec
 
 
 def _unit_head_dim(*tensors: torch.Tensor | None) -> list:
@@ -920,7 +969,7 @@ def forward(
         *_rows(q, k, v, tk, tv, out),
         *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=freqs is not None,
-        DOT_PREC=_dot_precision(q.dtype), TMA_OK=_descriptor_ready(k, v),
+        DOT_PREC=_dot_precision(q.dtype), TMA_OK=_descriptor_ready(k, v), VEC=_vector_width(q, k, v, tk, tv, out),
     )  # fmt: skip
     return out, o_text, lse, lse_t
 
@@ -974,7 +1023,8 @@ def backward(
     _bwd_preprocess[(triton.cdiv(T, block_t), H)](
         dout, out, ot, tg, delta if dlse is None else dlse, delta, delta_t, r, T,
         *_rows(dout, out),
-        HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, HAS_DLSE=dlse is not None, BLOCK_T=block_t,
+        HEAD_DIM=D, BLOCK_D=block_d, HAS_TEXT=has_text, HAS_DLSE=dlse is not None, VEC=_vector_width(dout, out, ot),
+        BLOCK_T=block_t,
     )  # fmt: skip
     f, f_strides = _freq_args(freqs, q)
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
@@ -989,6 +1039,7 @@ def backward(
         *_rows(q, k, v, tk, tv, dout, dq),
         *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
+        VEC=_vector_width(q, k, v, tk, tv, dout, dq),
     )  # fmt: skip
     # Text key blocks first in the grid (program ids are dispatched in order): they run alongside the self ones.
     text_len = text_max_seqlen if has_text else 0
@@ -1002,6 +1053,7 @@ def backward(
         softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, text_len,
         *_rows(q, k, v, tk, tv, dout, dk, dtk_), *f_strides,
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, ROPE=rope, DOT_PREC=prec,
+        VEC=_vector_width(q, k, v, tk, tv, dout, dk, dtk_),
     )  # fmt: skip
     dgate = r.sum(dim=1) if has_text else None
     return dq, dk, dv, dtk, dtv, dgate
