@@ -117,6 +117,7 @@ def test_vector_width_hint_and_misaligned_views():
 def test_descriptor_loads(monkeypatch, dtype):
     # The tensor-descriptor (TMA) key/value loads of the forward and dq kernels, forced: zero-filled tails
     # (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA, in-kernel RoPE, gated text (pointer loads).
+    from flagdit_kernels.triton import attention_autotune as tuning
     from flagdit_kernels.triton import varlen_attention as va
 
     if ON_GPU and torch.cuda.get_device_capability()[0] < 9:
@@ -124,9 +125,9 @@ def test_descriptor_loads(monkeypatch, dtype):
     if not ON_GPU:
         monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
     bm = bn = 32 if INTERPRETED else 64
-    monkeypatch.setattr(va._fwd_kernel, "configs", [va._cfg(bm, bn, 4, 2, TMA=True)])
-    monkeypatch.setattr(va._bwd_dq, "configs", [va._cfg(bm, bn, 4, 2, TMA=True)])
-    monkeypatch.setattr(va, "AUTOTUNE_MODE", "0")
+    monkeypatch.setattr(va._fwd_kernel, "configs", [tuning.cfg(bm, bn, 4, 2, TMA=True)])
+    monkeypatch.setattr(va._bwd_dq, "configs", [tuning.cfg(bm, bn, 4, 2, TMA=True)])
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
     inputs, mine, reference = _case([37, 1, 70], [5, 0, 9], 4, 2, 72, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
 
@@ -271,9 +272,9 @@ def test_custom_op_schema():
     fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs, True)
     torch.library.opcheck(attn._fwd_op, fwd_args)
     torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, 0, None, None, False))
-    out, o_text, lse, lse_t = attn._fwd_op(*fwd_args)
-    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, o_text, lse, lse_t, cu, 5, 0.2, tk, tv,
-                tcu, 2, tg, freqs)  # fmt: skip
+    out, o_text, lse, lse_t, q_rot, k_rot = attn._fwd_op(*fwd_args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q_rot, k_rot, v, out, o_text, lse, lse_t, cu, 5, 0.2,
+                tk, tv, tcu, 2, tg, freqs)  # fmt: skip
     torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
     assert "triton" in fk.available_backends("varlen_attention", DEVICE)
 
@@ -318,9 +319,10 @@ def test_gpu_medium_packed_batch(head_dim, dtype):
 @pytest.mark.skipif(not ON_GPU, reason="autotuning times configs on the GPU")
 def test_autotuned_launch(monkeypatch):
     # The suite runs untuned (FLAGDIT_KERNELS_AUTOTUNE=0, tests/conftest.py); users get the autotuner.
+    from flagdit_kernels.triton import attention_autotune as tuning
     from flagdit_kernels.triton import varlen_attention as va
 
-    monkeypatch.setattr(va, "AUTOTUNE_MODE", "1")
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "1")
     inputs, mine, reference = _case([300, 129], [40, 7], 4, 2, 64, torch.bfloat16)
     compare_with_reference(mine, reference, inputs, torch.bfloat16, family="attention")
     assert va._fwd_kernel.best_config is not None

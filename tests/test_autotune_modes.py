@@ -50,11 +50,12 @@ def _configs():
     ],
 )
 def test_launch_modes(monkeypatch, mode, head_dim, expected_runs, tuned):
+    from flagdit_kernels.triton import attention_autotune as tuning
     from flagdit_kernels.triton import varlen_attention as va
 
-    monkeypatch.setattr(va, "AUTOTUNE_MODE", mode)
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", mode)
     kernel = _Recorder(_configs())
-    va._launch(kernel, (1,), HEAD_DIM=head_dim, **va._chunks(head_dim))
+    tuning.launch(kernel, (1,), HEAD_DIM=head_dim, **va._chunks(head_dim))
     assert kernel.runs == expected_runs
     assert kernel.tuned == tuned
 
@@ -62,19 +63,20 @@ def test_launch_modes(monkeypatch, mode, head_dim, expected_runs, tuned):
 def test_configs_the_card_cannot_hold_are_skipped(monkeypatch):
     from triton.runtime.errors import OutOfResources
 
+    from flagdit_kernels.triton import attention_autotune as tuning
     from flagdit_kernels.triton import varlen_attention as va
 
     kernel = _Recorder(_configs(), fail_on={(128, 64)})
-    monkeypatch.setattr(va, "AUTOTUNE_MODE", "compile")
-    va._launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "compile")
+    tuning.launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
     assert kernel.runs == [(64, 64, 4, 2), (64, 32, 4, 2)]
-    monkeypatch.setattr(va, "AUTOTUNE_MODE", "0")  # untuned: the first config the card holds
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")  # untuned: the first config the card holds
     kernel.runs.clear()
-    va._launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
+    tuning.launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
     assert kernel.runs == [(64, 64, 4, 2)]
     kernel = _Recorder(_configs(), fail_on={(128, 64), (64, 64), (64, 32)})  # none fits: the error surfaces
     with pytest.raises(OutOfResources):
-        va._launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
+        tuning.launch(kernel, (1,), HEAD_DIM=64, **va._chunks(64))
 
 
 def test_warm_runs_every_implementation_once(capsys):

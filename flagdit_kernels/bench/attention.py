@@ -242,8 +242,8 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
             text_max_seqlen=lt, gate=gate, backend="triton",
         ).view(b, L, h, dh)  # fmt: skip
 
-    def fused_rope_in_kernel(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
-        # LayerNorm only, RoPE applied inside the attention kernel as q/k tiles are loaded.
+    def fused_rope_by_freqs(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
+        # LayerNorm only; RoPE through the attention's freqs= (q and k rotated once into a copy, then attended).
         q = F.layer_norm(xq.flatten(2), (h * dh,), qw, qb).view(-1, h, dh)
         k = F.layer_norm(xk.flatten(2), (h * dh,), kw, kb).view(-1, h, dh)
         yk = F.layer_norm(yk.flatten(2), (h * dh,), kyw, kyb).view(-1, h, dh)
@@ -255,7 +255,7 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
     impls_fns = {"lumina eager": eager, "torch.compile": torch.compile(eager)}
     if _triton_on(device):
         impls_fns["fk fused"] = fused
-        impls_fns["fk fused rope-in-attn"] = fused_rope_in_kernel
+        impls_fns["fk fused freqs="] = fused_rope_by_freqs
     out: list[Case] = []
     for direction in ("fwd", "fwd+bwd"):
         leaves = [x.detach().clone().requires_grad_(direction != "fwd") for x in tensors]

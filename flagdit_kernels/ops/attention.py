@@ -180,15 +180,19 @@ def _fwd_op(
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
     lse_returned: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, o_text, lse_self, lse_text), LSEs in natural log; the last three are saved for the backward.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, o_text, lse_self, lse_text, q_rot, k_rot), LSEs in natural log; all but out are saved for
+    the backward. q_rot / k_rot are q and k rotated by RoPE (empty without ``freqs``): the backward reads them.
     ``lse_returned`` (unused here) tells the backward whether lse_self reached the caller, so that the zero
     gradient autograd hands it for an unused output is not read."""
     from ..triton import varlen_attention as kernels
 
-    return kernels.forward(
+    out, o_text, lse, lse_t, q_rot, k_rot = kernels.forward(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs
     )
+    if freqs is None:  # q_rot, k_rot are q, k themselves: an output may not alias an input
+        q_rot, k_rot = q.new_empty(0), k.new_empty(0)
+    return out, o_text, lse, lse_t, q_rot, k_rot
 
 
 @_fwd_op.register_fake
@@ -200,7 +204,10 @@ def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, te
     o_text = q.new_empty((T, H, D) if has_text else (0,))
     lse = q.new_empty((H, T), dtype=torch.float32)
     lse_t = q.new_empty((H, T) if has_text else (0,), dtype=torch.float32)
-    return out, o_text, lse, lse_t
+    rotated = freqs is not None
+    q_rot = q.new_empty(q.shape if rotated else (0,))
+    k_rot = k.new_empty(k.shape if rotated else (0,))
+    return out, o_text, lse, lse_t, q_rot, k_rot
 
 
 @torch.library.custom_op("flagdit_kernels::varlen_attention_bwd", mutates_args=())
@@ -225,7 +232,8 @@ def _bwd_op(
     freqs: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
-    the gradient of the self-attention LSE (None when the caller did not take it)."""
+    the gradient of the self-attention LSE (None when the caller did not take it). With ``freqs``, q and k are
+    the forward's rotated copies and dq, dk come back as the gradients of the unrotated inputs."""
     from ..triton import varlen_attention as kernels
 
     dq, dk, dv, dtk, dtv, dtg = kernels.backward(
@@ -253,13 +261,15 @@ def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seql
 
 def _fwd_setup(ctx, inputs, output):
     (q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs, lse_returned) = inputs
-    out, o_text, lse, lse_t = output
+    out, o_text, lse, lse_t, q_rot, k_rot = output
+    if freqs is not None:  # the backward reads the rotated copies, not the inputs
+        q, k = q_rot, k_rot
     ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs)
     ctx.sizes = (max_seqlen, scale, text_max_seqlen)
     ctx.lse_returned = lse_returned
 
 
-def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t):
+def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t, _d_q_rot, _d_k_rot):
     q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs = ctx.saved_tensors
     max_seqlen, scale, text_max_seqlen = ctx.sizes
     dq, dk, dv, dtk, dtv, dtg = _bwd_op(
@@ -290,7 +300,7 @@ def _varlen_attention_triton(
         tanh_gate = torch.tanh(gate.float())
     if freqs is not None and freqs.dtype != torch.float32:
         freqs = freqs.float()  # the reference rotates with fp32 tables too
-    out, _, lse, _ = _fwd_op(
+    out, _, lse, _, _, _ = _fwd_op(
         q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, text_max_seqlen or 0,
         tanh_gate, freqs, return_lse,
     )  # fmt: skip
