@@ -25,40 +25,18 @@ from .attention_tiles import (
     segment,
     store_tile,
     zeros_tile,
-)  # fmt: skip
+)
 
 # fmt: off
 
 
 @triton.jit
-def _attend_tile(
-    acc0,
-    acc1,
-    m_i,
-    l_i,
-    q0,
-    q1,
-    k_src0,
-    k_src1,
-    v_src0,
-    v_src1,
-    stride_kt,
-    stride_vt,
-    start_n,
-    k_len,
-    qk_scale,
-    MASK_N: tl.constexpr,
-    TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
+def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, k_len,
+                 qk_scale, MASK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
-    k0, k1, v0, v1, n_mask = load_kv_pair(
-        k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, k_len, MASK_N, TMA, BLOCK_N, HEAD_DIM, D0, D1
-    )
+    k0, k1, v0, v1, n_mask = load_kv_pair(k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, k_len,
+                                          MASK_N, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     s = scores(q0, q1, k0, k1, D1, DOT_PREC)
     if MASK_N:
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -79,23 +57,8 @@ def _attend_tile(
 
 
 @triton.jit
-def _attend(
-    q0,
-    q1,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    k_len,
-    qk_scale,
-    TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
+def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax of q's attention over ``k_len`` keys (full tiles, then the tail), from a fresh state.
     Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units)."""
     k_src0, k_src1 = kv_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
@@ -105,99 +68,29 @@ def _attend(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc0, acc1, m_i, l_i = _attend_tile(
-            acc0,
-            acc1,
-            m_i,
-            l_i,
-            q0,
-            q1,
-            k_src0,
-            k_src1,
-            v_src0,
-            v_src1,
-            stride_kt,
-            stride_vt,
-            start_n,
-            k_len,
-            qk_scale,
-            False,
-            TMA,
-            BLOCK_N,
-            HEAD_DIM,
-            D0,
-            D1,
-            DOT_PREC,
-        )
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
+                                            stride_kt, stride_vt, start_n, k_len, qk_scale, False, TMA, BLOCK_N,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
     if n_full < k_len:
-        acc0, acc1, m_i, l_i = _attend_tile(
-            acc0,
-            acc1,
-            m_i,
-            l_i,
-            q0,
-            q1,
-            k_src0,
-            k_src1,
-            v_src0,
-            v_src1,
-            stride_kt,
-            stride_vt,
-            n_full,
-            k_len,
-            qk_scale,
-            True,
-            TMA,
-            BLOCK_N,
-            HEAD_DIM,
-            D0,
-            D1,
-            DOT_PREC,
-        )
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
+                                            stride_kt, stride_vt, n_full, k_len, qk_scale, True, TMA, BLOCK_N,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
     return acc0, acc1, m_i, l_i
 
 
 @autotune(FWD_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "DOT_PREC", "TMA_OK"])
 @triton.jit
 def _fwd_kernel(
-    Q,
-    K,
-    V,
-    TK,
-    TV,
-    TGATE,
-    OUT,
-    OTEXT,
-    LSE,
-    LSE_T,
-    CU,
-    TCU,
-    qk_scale,
-    text_qk_scale,
-    T,
-    GROUP,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_tkt,
-    stride_tkh,
-    stride_tvt,
-    stride_tvh,
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
-    HAS_TEXT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    TMA_OK: tl.constexpr,
-    VEC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr,
+    Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU,
+    qk_scale, text_qk_scale, T, GROUP,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_tkt, stride_tkh,
+    stride_tvt, stride_tvh,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
+    TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
 ):
     # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
     tl.static_assert(TMA_OK or not TMA)
@@ -213,9 +106,8 @@ def _fwd_kernel(
     if pid_m * BLOCK_M >= seq_len:
         return
     start = start.to(tl.int64)
-    rows, m_mask, q0, q1, lse_off = query_tile(
-        Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M, HEAD_DIM, D0, D1
-    )
+    rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,
+                                               HEAD_DIM, D0, D1)
     o_base = start * stride_ot + h * stride_oh
 
     # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
@@ -224,48 +116,19 @@ def _fwd_kernel(
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)
         t_start = t_start.to(tl.int64)
-        acc0, acc1, m_t, l_t = _attend(
-            q0,
-            q1,
-            TK + t_start * stride_tkt + hk * stride_tkh,
-            TV + t_start * stride_tvt + hk * stride_tvh,
-            stride_tkt,
-            stride_tvt,
-            t_len,
-            text_qk_scale,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            HEAD_DIM,
-            D0,
-            D1,
-            DOT_PREC,
-        )
+        acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
+                                       TV + t_start * stride_tvt + hk * stride_tvh, stride_tkt, stride_tvt, t_len,
+                                       text_qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
         # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
         tl.store(LSE_T + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * LN2, 0.0), mask=m_mask)
-        store_tile(
-            OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None], HEAD_DIM, D0, D1
-        )
+        store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
+                   HEAD_DIM, D0, D1)
 
-    acc0, acc1, m_i, l_i = _attend(
-        q0,
-        q1,
-        K + start * stride_kt + hk * stride_kh,
-        V + start * stride_vt + hk * stride_vh,
-        stride_kt,
-        stride_vt,
-        seq_len,
-        qk_scale,
-        TMA,
-        BLOCK_M,
-        BLOCK_N,
-        HEAD_DIM,
-        D0,
-        D1,
-        DOT_PREC,
-    )
+    acc0, acc1, m_i, l_i = _attend(q0, q1, K + start * stride_kt + hk * stride_kh,
+                                   V + start * stride_vt + hk * stride_vh, stride_kt, stride_vt, seq_len, qk_scale, TMA,
+                                   BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     tl.store(LSE + lse_off, (m_i + tl.log2(l_i)) * LN2, mask=m_mask)
     out0 = acc0 / l_i[:, None]
     out1 = acc1 / l_i[:, None]
