@@ -26,7 +26,7 @@ def _offsets(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
-def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scale=None, seed=0):
+def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scale=None, seed=0, deterministic=False):
     """Inputs (differentiable tensors by name) and the two closures for compare_with_reference."""
     gen = torch.Generator().manual_seed(seed)
     T, Tt = sum(lens), sum(text_lens or [0])
@@ -36,6 +36,7 @@ def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scal
 
     inputs = {"q": rnd(T, heads, head_dim), "k": rnd(T, kv_heads, head_dim), "v": rnd(T, kv_heads, head_dim)}
     fixed = {"cu_seqlens": _offsets(lens), "max_seqlen": max(lens), "softmax_scale": scale}
+    mine_only = {"deterministic": deterministic}
     if text_lens is not None:
         inputs.update(text_k=rnd(Tt, kv_heads, head_dim), text_v=rnd(Tt, kv_heads, head_dim), gate=rnd(heads, s=0.8))
         fixed.update(text_cu_seqlens=_offsets(text_lens), text_max_seqlen=max(text_lens))
@@ -45,7 +46,7 @@ def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scal
         fixed["freqs"] = fk.rope_freqs(head_dim, pos)
 
     def mine(**t):
-        return fk.varlen_attention(**t, **fixed, backend="triton")
+        return fk.varlen_attention(**t, **fixed, **mine_only, backend="triton")
 
     def reference(**t):
         return ref.varlen_attention(**t, **fixed)
@@ -53,13 +54,15 @@ def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scal
     return inputs, mine, reference
 
 
-@pytest.mark.parametrize("dtype", DOT_DTYPES)
-def test_packed_gqa_text_rope_matches_reference(dtype):
+@pytest.mark.parametrize(("dtype", "deterministic"), [(d, False) for d in DOT_DTYPES] + [(torch.float32, True)])
+def test_packed_gqa_text_rope_matches_reference(dtype, deterministic):
     # Mixed lengths incl. 1 and an empty sequence; one sample without text, one with two text key blocks; GQA
-    # 4 -> 2; Dh 48 (padded to 64); Lumina's proportional scale instead of 1/sqrt(Dh).
+    # 4 -> 2; Dh 48 (padded to 64); Lumina's proportional scale instead of 1/sqrt(Dh). Both dq paths: fp32
+    # atomics from the dk/dv programs (the default) and the separate deterministic dq kernel.
     inputs, mine, reference = _case(
-        [37, 1, 0, 70], [5, 0, 3, 45], 4, 2, 48, dtype, rope=True, scale=fk.proportional_scale(4096, 1024, 48)
-    )
+        [37, 1, 0, 70], [5, 0, 3, 45], 4, 2, 48, dtype, rope=True, scale=fk.proportional_scale(4096, 1024, 48),
+        deterministic=deterministic,
+    )  # fmt: skip
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
 
 
@@ -115,8 +118,9 @@ def test_vector_width_hint_and_misaligned_views():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_descriptor_loads(monkeypatch, dtype):
-    # The tensor-descriptor (TMA) key/value loads of the forward and dq kernels, forced: zero-filled tails
-    # (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA, in-kernel RoPE, gated text (pointer loads).
+    # The tensor-descriptor (TMA) paths, forced: key/value loads of the forward, q/dO loads and the dq reduce-add
+    # of the dk/dv kernel; zero-filled tails (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA,
+    # RoPE, gated text.
     from flagdit_kernels.triton import attention_autotune as tuning
     from flagdit_kernels.triton import varlen_attention as va
 
@@ -127,6 +131,7 @@ def test_descriptor_loads(monkeypatch, dtype):
     bm = bn = 32 if INTERPRETED else 64
     monkeypatch.setattr(va._fwd_kernel, "configs", [tuning.cfg(bm, bn, 4, 2, TMA=True)])
     monkeypatch.setattr(va._bwd_dq, "configs", [tuning.cfg(bm, bn, 4, 2, TMA=True)])
+    monkeypatch.setattr(va._bwd_dkdv, "configs", [tuning.cfg(bm, bn, 4, 2, TMA=True)])
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
     inputs, mine, reference = _case([37, 1, 70], [5, 0, 9], 4, 2, 72, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
@@ -222,7 +227,8 @@ def test_strided_views_of_fused_qkv_and_deterministic_backward():
     for _ in range(2):
         for t in (qkv, text_kv, gate):
             t.grad = None
-        out = run(lambda *a, **kw: fk.varlen_attention(*a, **kw, backend="triton"), qkv, text_kv, gate)
+        out = run(lambda *a, **kw: fk.varlen_attention(*a, **kw, deterministic=True, backend="triton"), qkv, text_kv,
+                  gate)  # fmt: skip
         out.backward(upstream.to(dtype))
         grads.append([t.grad.clone() for t in (qkv, text_kv, gate)])
     leaves = [t.detach().double().requires_grad_() for t in (qkv, text_kv, gate)]
@@ -269,12 +275,12 @@ def test_custom_op_schema():
         torch.rand(2, device=DEVICE) - 0.5,
     )
     freqs = fk.rope_freqs(32, torch.arange(9, device=DEVICE))
-    fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs, True)
+    fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs, True, False)
     torch.library.opcheck(attn._fwd_op, fwd_args)
-    torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, 0, None, None, False))
+    torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, 0, None, None, False, True))
     out, o_text, lse, lse_t, q_rot, k_rot = attn._fwd_op(*fwd_args)
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), q_rot, k_rot, v, out, o_text, lse, lse_t, cu, 5, 0.2,
-                tk, tv, tcu, 2, tg, freqs)  # fmt: skip
+                tk, tv, tcu, 2, tg, freqs, False)  # fmt: skip
     torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
     assert "triton" in fk.available_backends("varlen_attention", DEVICE)
 

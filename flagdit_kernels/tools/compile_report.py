@@ -115,6 +115,11 @@ class _StandInDriver:
         return torch.device("cpu")
 
 
+# ptxas's log of every kernel compiled in this process, by kernel hash (a kernel Triton already holds in memory is
+# not compiled again, so its log must outlive one report() call).
+_PTXAS_LOGS: dict[str, str] = {}
+
+
 @dataclass
 class _Launch:
     fn: object
@@ -165,7 +170,7 @@ def _is_scalar(v) -> bool:
     return isinstance(v, (int, float, bool, str)) or v is None
 
 
-def _call(shape: Shape, text: bool, rope: bool, dtype: torch.dtype, arch: int) -> None:
+def _call(shape: Shape, text: bool, rope: bool, dtype: torch.dtype, arch: int, deterministic: bool = False) -> None:
     """One forward + backward of the Triton backend on never-touched CPU tensors of ``shape``."""
     from ..ops import attention as attn
     from ..ops.rope import rope_freqs
@@ -189,7 +194,7 @@ def _call(shape: Shape, text: bool, rope: bool, dtype: torch.dtype, arch: int) -
         extra["freqs"] = rope_freqs(D, torch.cat([torch.arange(n) for n in shape.lens]))
     with kernels.assume_capability(divmod(arch, 10)):
         out = attn._varlen_attention_triton(empty(T, H, D), empty(T, Hk, D), empty(T, Hk, D), cu, max(shape.lens),
-                                            **extra)  # fmt: skip
+                                            deterministic=deterministic, **extra)  # fmt: skip
         out.backward(torch.empty_like(out))
 
 
@@ -317,24 +322,29 @@ def _row(shape: Shape, text: bool, rope: bool, launch: _Launch, logs: dict) -> R
 
 
 def report(
-    head_dims=(64, 72, 96, 128, 256), arch: int = 90, all_configs: bool = False, variants=None, dtype=torch.bfloat16
+    head_dims=(64, 72, 96, 128, 256),
+    arch: int = 90,
+    all_configs: bool = False,
+    variants=None,
+    dtype=torch.bfloat16,
+    deterministic: bool = False,
 ) -> list[Row]:
     """One Row per kernel launched by forward + backward at each head dim's benchmark shape, for every
-    (text, rope) in ``variants`` (default: all four)."""
+    (text, rope) in ``variants`` (default: all four); ``deterministic`` takes the ordered backward."""
     from ..triton import varlen_attention as kernels
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
     variants = variants or [(t, r) for t in (False, True) for r in (False, True)]
     rows: list[Row] = []
-    logs: dict = {}
+    logs = _PTXAS_LOGS
     with kernels.autotune_mode("compile" if all_configs else "0"):
         for d in head_dims:
             shape = SHAPES[d]
             for text, rope in variants:
                 launches: list[_Launch] = []
                 with _captured_launches(arch, launches, logs):
-                    _call(shape, text, rope, dtype, arch)
+                    _call(shape, text, rope, dtype, arch, deterministic)
                 rows.extend(_row(shape, text, rope, launch, logs) for launch in launches)
     return rows
 
@@ -374,14 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
     parser.add_argument("--head-dims", default="64,72,96,128,256", help="comma-separated, from " + str(list(SHAPES)))
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the default")
+    parser.add_argument("--deterministic", action="store_true", help="the deterministic backward (separate dq)")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
     parser.add_argument("--md", metavar="PATH", help="write the Markdown table here instead of stdout")
     args = parser.parse_args(argv)
     import triton
 
-    rows = report(tuple(int(d) for d in args.head_dims.split(",") if d), args.arch, args.all_configs)
+    head_dims = tuple(int(d) for d in args.head_dims.split(",") if d)
+    rows = report(head_dims, args.arch, args.all_configs, deterministic=args.deterministic)
     table = markdown(rows)
-    header = f"Triton {triton.__version__}, sm_{args.arch}, bf16, torch {torch.__version__}\n\n"
+    path = "deterministic backward" if args.deterministic else "default backward (dq by atomics)"
+    header = f"Triton {triton.__version__}, sm_{args.arch}, bf16, torch {torch.__version__}, {path}\n\n"
     if args.md:
         with open(args.md, "w") as f:
             f.write(header + table)

@@ -20,6 +20,7 @@ import triton
 from triton.runtime.errors import OutOfResources, PTXASError
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 AUTOTUNE_MODE = "0" if INTERPRETED else os.environ.get("FLAGDIT_KERNELS_AUTOTUNE", "1")
 if AUTOTUNE_MODE not in ("0", "1", "compile"):
     raise ValueError(f"FLAGDIT_KERNELS_AUTOTUNE must be 0, 1 or compile, got {AUTOTUNE_MODE!r}")
@@ -45,7 +46,7 @@ def cfg(bm: int, bn: int, warps: int, stages: int, **flags) -> triton.Config:
 if INTERPRETED:
     FWD_CONFIGS = [cfg(32, 32, 4, 1, TMA=False)]
     DQ_CONFIGS = [cfg(32, 32, 4, 1, TMA=False)]
-    DKDV_CONFIGS = [cfg(32, 32, 4, 1)]
+    DKDV_CONFIGS = [cfg(32, 32, 4, 1, TMA=False)]
 else:
     # Chosen from ptxas register/spill reports for sm_90 (Triton 3.6 and 3.9, bf16, Dh 128; no GPU was available
     # to time them), first the untuned default: 8 warps (two warpgroups) for 128-row tiles (4 warps spill the
@@ -71,7 +72,20 @@ else:
         cfg(64, 32, 4, 2, TMA=False),
         cfg(128, 64, 8, 2, TMA=True),
     ]
-    DKDV_CONFIGS = [cfg(32, 128, 8, 2), cfg(32, 128, 8, 3), cfg(64, 128, 8, 2), cfg(16, 128, 8, 2)]
+    # dk/dv (+ dq by atomics): 8 warps hold the two (BLOCK_N, Dh) fp32 accumulators, 128 registers a thread at
+    # BLOCK_N x Dh = 128 x 128. 64x128 fits without spilling in its loop only with tensor descriptors (q, dO
+    # through the copy engine, dq added by TMA reduce: no per-thread addresses); with pointer loads and pointer
+    # atomics it spills inside the loop, so the pointer default is 32x128. Dh 256 takes 32x64 (every tile tried
+    # there spills some). Compile report (benchmarks/compile_reports) for all of it; see _dkdv_prune for 3.6.
+    DKDV_CONFIGS = [
+        cfg(64, 128, 8, 2, TMA=True),
+        cfg(32, 128, 8, 2, TMA=True),
+        cfg(32, 128, 8, 2, TMA=False),
+        cfg(32, 64, 8, 2, TMA=True),
+        cfg(32, 64, 8, 2, TMA=False),
+        cfg(64, 128, 8, 3, TMA=True),
+        cfg(64, 128, 8, 1, TMA=True),
+    ]
 
 
 def prune(configs, named_args, **kwargs):
@@ -84,8 +98,19 @@ def prune(configs, named_args, **kwargs):
     return keep or [min(usable, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def autotune(configs, key):
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, cache_results=True)
+def dkdv_prune(configs, named_args, **kwargs):
+    """prune, less the pipelined 64x128 dk/dv tile at head dims of 128 columns or more on Triton 3.6, where it
+    spills inside its loop (40 local accesses per iteration at Dh 128; Triton 3.9 holds it in registers)."""
+    args = {**named_args, **kwargs}
+    if TRITON_VERSION < (3, 7) and args.get("D0", 128) + args.get("D1", 0) >= 128:
+        configs = [c for c in configs if not (c.kwargs["BLOCK_M"] == 64 and c.num_stages > 1)]
+    return prune(configs, named_args, **kwargs)
+
+
+def autotune(configs, key, pruner=prune):
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": pruner}, cache_results=True
+    )
 
 
 def launch(kernel, grid, *args, **consts) -> None:
@@ -95,7 +120,8 @@ def launch(kernel, grid, *args, **consts) -> None:
         kernel[grid](*args, **consts)
         return
     error = None
-    for config in prune(kernel.configs, consts):
+    pruner = kernel.early_config_prune if hasattr(kernel, "early_config_prune") else prune
+    for config in pruner(kernel.configs, consts):
         try:
             kernel.fn[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         except (OutOfResources, PTXASError) as exc:

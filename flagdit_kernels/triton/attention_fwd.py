@@ -16,11 +16,11 @@ from .attention_autotune import FWD_CONFIGS, autotune
 from .attention_tiles import (
     LN2,
     aligned,
-    kv_source,
     load_kv_pair,
     load_tile,
     query_heads,
     query_tile,
+    row_source,
     scores,
     segment,
     store_tile,
@@ -61,8 +61,8 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax of q's attention over ``k_len`` keys (full tiles, then the tail), from a fresh state.
     Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units)."""
-    k_src0, k_src1 = kv_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
-    v_src0, v_src1 = kv_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    k_src0, k_src1 = row_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -130,10 +130,11 @@ def scores(a0, a1, b0, b1, D1: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def kv_source(base, length, stride_t, TMA: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-              D1: tl.constexpr):
-    """What load_kv_pair reads a sequence's keys or values from: two tensor descriptors (one per column chunk,
-    shaped to the sequence, so the copy engine does the bounds) or the base pointer twice."""
+def row_source(base, length, stride_t, TMA: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr,
+               D0: tl.constexpr, D1: tl.constexpr):
+    """What load_rows reads a sequence's rows (keys, values, queries, ...) from, or the dq buffer is added to:
+    two tensor descriptors (one per column chunk, shaped to the sequence, so the copy engine does the bounds) or
+    the base pointer twice."""
     if TMA:
         src0 = tl.make_tensor_descriptor(base, shape=[length, HEAD_DIM], strides=[stride_t, 1], block_shape=[R, D0])
         if D1 > 0:
@@ -148,19 +149,20 @@ def kv_source(base, length, stride_t, TMA: tl.constexpr, R: tl.constexpr, HEAD_D
 
 
 @triton.jit
-def _load_kv_tile(src0, src1, start_n, rows, n_mask, stride_t, TMA: tl.constexpr, R: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
-    """The R key or value rows from ``start_n``. With TMA, ``src0`` / ``src1`` are tensor descriptors of the two
-    column chunks (the copy engine zero-fills rows past the sequence and columns past the head dim, and no thread
-    computes addresses); else ``src0`` is the sequence's base pointer."""
+def load_rows(src0, src1, start, rows, mask, stride_t, TMA: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr,
+              D0: tl.constexpr, D1: tl.constexpr):
+    """The R rows from ``start`` of a row_source (``rows``, ``mask``: 0..R-1 and which are inside the sequence).
+    With TMA, ``src0`` / ``src1`` are tensor descriptors of the two column chunks (the copy engine zero-fills rows
+    past the sequence and columns past the head dim, and no thread computes addresses); else ``src0`` is the
+    sequence's base pointer."""
     if TMA:
-        x0 = src0.load([start_n, 0])
+        x0 = src0.load([start, 0])
         if D1 > 0:
-            x1 = src1.load([start_n, D0])
+            x1 = src1.load([start, D0])
         else:
             x1 = zeros_chunk(R, 0).to(x0.dtype)  # dummy, never used
     else:
-        x0, x1 = load_tile(src0 + tl.cast(start_n, tl.int64) * stride_t, rows, n_mask, stride_t, R, HEAD_DIM, D0, D1)
+        x0, x1 = load_tile(src0 + tl.cast(start, tl.int64) * stride_t, rows, mask, stride_t, R, HEAD_DIM, D0, D1)
     return x0, x1
 
 
@@ -170,8 +172,8 @@ def load_kv_pair(k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, 
                  D1: tl.constexpr):
     """The key and value tiles of the BLOCK_N keys from ``start_n``, and the key mask."""
     rows, n_mask = loop_tile(start_n, k_len, MASK_N, BLOCK_N)
-    k0, k1 = _load_kv_tile(k_src0, k_src1, start_n, rows, n_mask, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
-    v0, v1 = _load_kv_tile(v_src0, v_src1, start_n, rows, n_mask, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    k0, k1 = load_rows(k_src0, k_src1, start_n, rows, n_mask, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v0, v1 = load_rows(v_src0, v_src1, start_n, rows, n_mask, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     return k0, k1, v0, v1, n_mask
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import attention_autotune as tuning
 from . import rope as rope_kernels
-from .attention_bwd import _bwd_dkdv, _bwd_dq, _bwd_preprocess
+from .attention_bwd import _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
 from .attention_fwd import _fwd_kernel
 
 LOG2E = 1.4426950408889634
@@ -65,16 +65,16 @@ def _rows(*tensors: torch.Tensor) -> tuple[int, ...]:
     return tuple(stride if size > 1 else 0 for t in tensors for size, stride in zip(t.shape[:2], t.stride()[:2]))
 
 
+def _aligned16(t: torch.Tensor) -> bool:
+    """Whether a (T, H, Dh) tensor starts 16-byte aligned with token and head strides of whole 16 bytes."""
+    vec = 16 // t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in _rows(t))
+
+
 def _vector_width(*tensors: torch.Tensor) -> int:
-    """Elements per 16 bytes when every (T, H, Dh) tensor starts 16-byte aligned and its token and head strides
-    are multiples of 16 bytes (contiguous tensors at any head dim that is a multiple of 8, and views of a fused
-    QKV projection), so the kernels may tell Triton so; else 1."""
-    size = tensors[0].element_size()
-    vec = 16 // size
-    for t in tensors:
-        if t.data_ptr() % 16 or any(s % vec for s in _rows(t)):
-            return 1
-    return vec
+    """Elements of the first tensor per 16 bytes when every tensor is _aligned16 (contiguous tensors at any head
+    dim that is a multiple of 8, and views of a fused QKV projection), so the kernels may tell Triton so; else 1."""
+    return 16 // tensors[0].element_size() if all(_aligned16(t) for t in tensors) else 1
 
 
 def _unit_head_dim(*tensors: torch.Tensor | None) -> list:
@@ -112,7 +112,7 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
     if INTERPRETED or not hasattr(tl, "make_tensor_descriptor"):
         return False
     capability = _capability(tensors[0].device)
-    if capability is None or capability[0] < 9 or _vector_width(*tensors) == 1:
+    if capability is None or capability[0] < 9 or not all(_aligned16(t) for t in tensors):
         return False
     if tensors[0].device.type == "cuda":
         _ensure_scratch_allocator()
@@ -204,11 +204,16 @@ def backward(
     text_max_seqlen: int,
     tanh_gate: torch.Tensor | None,
     freqs: torch.Tensor | None,
+    deterministic: bool = False,
 ):
     """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text); ``dlse`` is
     the gradient of the self-attention LSE, fp32 ``(H, T)``, or None. q and k are the forward's ``q_used`` /
     ``k_used`` (rotated with ``freqs``), and dq, dk are rotated back to the unrotated inputs' gradients.
-    d_tanh_gate is fp32 ``(H,)``: per-token partial sums written by the preprocess kernel, summed per head."""
+    d_tanh_gate is fp32 ``(H,)``: per-token partial sums written by the preprocess kernel, summed per head.
+
+    Default: five matmuls per (key block, query block), dq added with fp32 atomics by the dk/dv programs, so
+    its sums run in whatever order the programs finish. ``deterministic``: the dk/dv kernel skips dq and a
+    separate dq kernel recomputes the scores (seven matmuls), every sum in a fixed order, bit for bit stable."""
     dout, q, k, v, text_k, text_v = _unit_head_dim(dout, q, k, v, text_k, text_v)
     T, H, D = q.shape
     h_kv = k.shape[1]
@@ -216,6 +221,8 @@ def backward(
     has_text = text_k is not None
     dev = q.device
     dq = torch.empty((T, H, D), dtype=q.dtype, device=dev)
+    # fp32, in units of log2(e) * dq (K is pre-scaled); zeroed for the atomic adds, written whole otherwise.
+    dq_acc = (torch.empty if deterministic else torch.zeros)((T, H, D), dtype=torch.float32, device=dev)
     dk = torch.empty((T, h_kv, D), dtype=k.dtype, device=dev)
     dv = torch.empty((T, h_kv, D), dtype=v.dtype, device=dev)
     dtk = torch.zeros(text_k.shape, dtype=text_k.dtype, device=dev) if has_text else None
@@ -228,7 +235,7 @@ def backward(
         return dq, dk, dv, dtk, dtv, dgate
     tg = tanh_gate if has_text else delta
     ot = o_text if has_text else out
-    block_t = 32 if INTERPRETED else 64
+    block_t = 32  # token-parallel kernels: 32 rows of up to three head-dim tiles stay in registers
     if dlse is not None:
         dlse = dlse.contiguous()
     _bwd_preprocess[(triton.cdiv(T, block_t), H)](
@@ -240,15 +247,6 @@ def backward(
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     prec = _dot_precision(q.dtype)
     text_scale = 1.0 / math.sqrt(D)
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), H, batch)
-    tuning.launch(
-        _bwd_dq, grid,
-        q, k, v, tk, tv, tg, dout, dq, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv,
-        *_rows(q, k, v, tk, tv, dout, dq),
-        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
-        VEC=_vector_width(q, k, v, tk, tv, dout, dq),
-    )  # fmt: skip
     # Text key blocks first in the grid (program ids are dispatched in order): they run alongside the self ones.
     text_len = text_max_seqlen if has_text else 0
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) + triton.cdiv(text_len, meta["BLOCK_N"]),
@@ -256,14 +254,31 @@ def backward(
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk, dv)
     tuning.launch(
         _bwd_dkdv, grid,
-        q, k, v, tk, tv, tg, dout, dk, dv, dtk_, dtv_, lse, lse_t if has_text else lse, delta, delta_t,
+        q, k, v, tk, tv, tg, dout, dk, dv, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
         cu_seqlens, tcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, text_len,
-        *_rows(q, k, v, tk, tv, dout, dk, dtk_),
-        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, VEC=_vector_width(q, k, v, tk, tv, dout, dk, dtk_),
+        softmax_scale * LOG2E, text_scale * LOG2E, T, H // h_kv, text_len,
+        *_rows(q, k, v, tk, tv, dout, dk, dtk_, dq_acc),
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not deterministic,
+        TMA_OK=_descriptor_ready(q, dout, dq_acc), VEC=_vector_width(q, k, v, tk, tv, dout, dk, dtk_),
     )  # fmt: skip
-    if freqs is not None:  # gradients with respect to the rotated q, k -> the inputs' (the rotation is orthogonal)
-        dq = rope_kernels.apply_rope(dq, freqs, interleaved=True, inverse=True)
+    if deterministic:
+        grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), H, batch)
+        tuning.launch(
+            _bwd_dq, grid,
+            q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
+            softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv,
+            *_rows(q, k, v, tk, tv, dout, dq_acc),
+            HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
+            VEC=_vector_width(q, k, v, tk, tv, dout),
+        )  # fmt: skip
+    # dq: the buffer in q's dtype, rotated back with RoPE (the gradient of the rotated q -> the input's).
+    table = freqs.contiguous() if freqs is not None else dq_acc
+    _bwd_dq_postprocess[(triton.cdiv(T, block_t), H)](
+        dq_acc, table, dq, T, 1 / LOG2E,
+        *_rows(dq_acc, dq), table.stride(0),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), ROPE=freqs is not None, VEC=_vector_width(dq), BLOCK_T=block_t,
+    )  # fmt: skip
+    if freqs is not None:
         dk = rope_kernels.apply_rope(dk, freqs, interleaved=True, inverse=True)
     dgate = r.sum(dim=1) if has_text else None
     return dq, dk, dv, dtk, dtv, dgate
