@@ -275,12 +275,12 @@ def test_custom_op_schema():
         torch.rand(2, device=DEVICE) - 0.5,
     )
     freqs = fk.rope_freqs(32, torch.arange(9, device=DEVICE))
-    fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs, True, False)
+    fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, tg, freqs, True, False)
     torch.library.opcheck(attn._fwd_op, fwd_args)
-    torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, 0, None, None, False, True))
+    torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, None, None, False, True))
     out, o_text, lse, lse_t, q_rot, k_rot = attn._fwd_op(*fwd_args)
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), q_rot, k_rot, v, out, o_text, lse, lse_t, cu, 5, 0.2,
-                tk, tv, tcu, 2, tg, freqs, False)  # fmt: skip
+                tk, tv, tcu, tg, freqs, False)  # fmt: skip
     torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
     assert "triton" in fk.available_backends("varlen_attention", DEVICE)
 

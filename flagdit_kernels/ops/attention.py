@@ -176,7 +176,6 @@ def _fwd_op(
     text_k: Tensor | None,
     text_v: Tensor | None,
     text_cu_seqlens: Tensor | None,
-    text_max_seqlen: int,
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
     lse_returned: bool,
@@ -197,8 +196,8 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, text_max_seqlen,
-              tanh_gate, freqs, lse_returned, deterministic):  # fmt: skip
+def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
+              lse_returned, deterministic):  # fmt: skip
     T, H, D = q.shape
     has_text = text_k is not None
     out = q.new_empty((T, H, D))
@@ -228,7 +227,6 @@ def _bwd_op(
     text_k: Tensor | None,
     text_v: Tensor | None,
     text_cu_seqlens: Tensor | None,
-    text_max_seqlen: int,
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
     deterministic: bool,
@@ -240,7 +238,7 @@ def _bwd_op(
 
     dq, dk, dv, dtk, dtv, dtg = kernels.backward(
         dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
-        text_k, text_v, text_cu_seqlens, text_max_seqlen, tanh_gate, freqs, deterministic,
+        text_k, text_v, text_cu_seqlens, tanh_gate, freqs, deterministic,
     )  # fmt: skip
     if text_k is None:
         dtk, dtv, dtg = q.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
@@ -249,7 +247,7 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
-              text_cu_seqlens, text_max_seqlen, tanh_gate, freqs, deterministic):  # fmt: skip
+              text_cu_seqlens, tanh_gate, freqs, deterministic):  # fmt: skip
     has_text = text_k is not None
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -262,26 +260,25 @@ def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seql
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs = inputs[:12]
-    lse_returned, deterministic = inputs[12:]
+    q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, tanh_gate, freqs, lse_returned, deterministic = inputs
     out, o_text, lse, lse_t, q_rot, k_rot = output
     if freqs is not None:  # the backward reads the rotated copies, not the inputs
         q, k = q_rot, k_rot
     ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs)
-    ctx.sizes = (max_seqlen, scale, text_max_seqlen)
+    ctx.sizes = (max_seqlen, scale)
     ctx.lse_returned, ctx.deterministic = lse_returned, deterministic
 
 
 def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t, _d_q_rot, _d_k_rot):
     q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs = ctx.saved_tensors
-    max_seqlen, scale, text_max_seqlen = ctx.sizes
+    max_seqlen, scale = ctx.sizes
     dq, dk, dv, dtk, dtv, dtg = _bwd_op(
         dout, d_lse if ctx.lse_returned else None, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
-        text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs, ctx.deterministic,
+        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic,
     )  # fmt: skip
     if text_k is None:
         dtk = dtv = dtg = None
-    return dq, dk, dv, None, None, None, dtk, dtv, None, None, dtg, None, None, None
+    return dq, dk, dv, None, None, None, dtk, dtv, None, dtg, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -298,9 +295,7 @@ def _varlen_attention_triton(
         raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     tanh_gate = None
-    if text_k is not None:
-        if text_max_seqlen is None:  # one host sync; pass text_max_seqlen to avoid it
-            text_max_seqlen = int((text_cu_seqlens[1:] - text_cu_seqlens[:-1]).max())
+    if text_k is not None:  # text_max_seqlen is not needed: the kernels' grids come from the tensor shapes
         # tanh in torch (H values): its autograd turns the kernel's d tanh(gate) into d gate.
         tanh_gate = torch.tanh(gate.float())
     if freqs is not None and freqs.dtype != torch.float32:
@@ -309,8 +304,8 @@ def _varlen_attention_triton(
         torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     )
     out, _, lse, _, _, _ = _fwd_op(
-        q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, text_max_seqlen or 0,
-        tanh_gate, freqs, return_lse, deterministic,
+        q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs, return_lse,
+        deterministic,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

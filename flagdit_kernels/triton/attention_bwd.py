@@ -37,12 +37,12 @@ from .attention_tiles import (
     load_rows,
     load_tile,
     loop_tile,
-    query_heads,
     query_tile,
     row_source,
     scores,
     segment,
     store_tile,
+    tile_of,
     tile_rows,
     zeros_tile,
 )
@@ -144,7 +144,7 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
-    qk_scale, text_qk_scale, T, GROUP, text_max_seqlen,
+    qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -158,8 +158,8 @@ def _bwd_dkdv(
     TMA: tl.constexpr,
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order,
-    and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch: the first
-    cdiv(text_max_seqlen, BLOCK_N) key blocks of the grid are the sample's text keys. (A separate text launch has
+    and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch (grid: T_TEXT // BLOCK_N +
+    n_seqs text key tiles, then T // BLOCK_N + n_seqs self key tiles, then kv heads). (A separate text launch has
     only batch * Hkv programs, each looping over all of its sample's queries: on a long sample it runs as long as
     a self key block, on an idle GPU.) Both kinds run the same code on run-time pointers and scales, so the loop
     is compiled once; what only the epilogue needs is selected after the loop, so it holds no registers in it."""
@@ -173,12 +173,11 @@ def _bwd_dkdv(
     stride_dtkt, stride_dtkh = aligned(stride_dtkt, VEC), aligned(stride_dtkh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)  # the fp32 dq buffer, contiguous
     tl.static_assert(TMA_OK or not TMA)  # TMA: dq added through tensor descriptors, where the launcher allows it
-    pid_n = tl.program_id(0)
+    pid = tl.program_id(0)
     hk = tl.program_id(1)
-    b = tl.program_id(2)
     if HAS_TEXT:
-        n_text = tl.cdiv(text_max_seqlen, BLOCK_N)
-        is_text = pid_n < n_text
+        n_text = T_TEXT // BLOCK_N + n_seqs
+        is_text = pid < n_text
     else:
         n_text = 0
         is_text = False  # a compile-time constant: no text branch compiled at all
@@ -189,7 +188,8 @@ def _bwd_dkdv(
         qk_scale = text_qk_scale
     else:
         k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, CU
-        pid_n -= n_text
+        pid -= n_text
+    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
     k_start, k_len = segment(cu_k, b)
     if pid_n * BLOCK_N >= k_len:
         return
@@ -278,7 +278,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 @triton.jit
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
-    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP,
+    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -299,8 +299,9 @@ def _bwd_dq(
     stride_tvt, stride_tvh = aligned(stride_tvt, VEC), aligned(stride_tvh, VEC)
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
-    pid_m = tl.program_id(0)
-    b, h, hk = query_heads(GROUP)
+    b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M)  # grid as the forward's
+    h = tl.program_id(1)
+    hk = h // GROUP
     start, seq_len = segment(CU, b)
     if pid_m * BLOCK_M >= seq_len:
         return

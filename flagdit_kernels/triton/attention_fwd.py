@@ -18,12 +18,12 @@ from .attention_tiles import (
     aligned,
     load_kv_pair,
     load_tile,
-    query_heads,
     query_tile,
     row_source,
     scores,
     segment,
     store_tile,
+    tile_of,
     zeros_tile,
 )
 
@@ -82,7 +82,7 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU,
-    qk_scale, text_qk_scale, T, GROUP,
+    qk_scale, text_qk_scale, T, GROUP, n_seqs,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -100,8 +100,10 @@ def _fwd_kernel(
     stride_tkt, stride_tkh = aligned(stride_tkt, VEC), aligned(stride_tkh, VEC)
     stride_tvt, stride_tvh = aligned(stride_tvt, VEC), aligned(stride_tvh, VEC)
     stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
-    pid_m = tl.program_id(0)
-    b, h, hk = query_heads(GROUP)
+    # One program per (query tile, head) over the tiles that hold tokens: grid (T // BLOCK_M + n_seqs, H).
+    b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M)
+    h = tl.program_id(1)
+    hk = h // GROUP
     start, seq_len = segment(CU, b)
     if pid_m * BLOCK_M >= seq_len:
         return

@@ -39,11 +39,25 @@ def segment(cu, b):
 
 
 @triton.jit
-def query_heads(GROUP):
-    """(sample, query head, kv head) of a program of a (blocks, heads, batch) grid: heads and samples on the
-    second and third axes (each up to 65535), not folded into one that batch * heads could overflow."""
-    h = tl.program_id(1)
-    return tl.program_id(2), h, h // GROUP
+def tile_of(pid, cu, n_seqs, BLOCK: tl.constexpr):
+    """(sequence b, tile m) of program ``pid`` of a grid of total // BLOCK + n_seqs programs over the sequences of
+    cu_seqlens ``cu`` (non-decreasing, 0 to total), each tile BLOCK rows of one sequence, no host sync needed.
+
+    Sequence b owns the programs from first(b) = cu[b] // BLOCK + b up to first(b + 1); that is
+    floor(cu[b+1] / BLOCK) - floor(cu[b] / BLOCK) + 1 >= cdiv(len_b, BLOCK) programs, so every tile has one, and
+    at most one program per sequence is left over (it finds m * BLOCK >= len_b and returns): on a packed batch
+    at most n_seqs programs idle, instead of every block past each sequence's end of a cdiv(max_seqlen, BLOCK)
+    x n_seqs grid (59% of the benchmark batch's). b is the last sequence with first(b) <= pid, by bisection
+    over cu (first is non-decreasing): log2(n_seqs) dependent scalar loads at the start of a program."""
+    lo = 0
+    hi = n_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(cu + mid) // BLOCK + mid <= pid:
+            lo = mid
+        else:
+            hi = mid
+    return lo, pid - (tl.load(cu + lo) // BLOCK + lo)
 
 
 @triton.jit

@@ -136,6 +136,13 @@ def _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens):
     return tk, tv, text_cu_seqlens if has_text else cu_seqlens
 
 
+def _query_tiles(T: int, batch: int, heads: int):
+    """The grid of a kernel with one program per (query tile, head): T // BLOCK_M + batch programs cover every
+    tile of every sequence with at most one idle program per sequence (tile_of in attention_tiles.py), known
+    from the tensor shapes alone (no max_seqlen, no host sync)."""
+    return lambda meta: (T // meta["BLOCK_M"] + batch, heads)
+
+
 def _rotated(x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
     """x rotated by RoPE (a contiguous copy in x's dtype, fp32 math) when ``freqs`` is given, else x itself."""
     return x if freqs is None else rope_kernels.apply_rope(x, freqs, interleaved=True)
@@ -167,17 +174,16 @@ def forward(
     lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
     o_text = torch.empty((T, H, D) if has_text else (0,), dtype=q.dtype, device=q.device)
     lse_t = torch.empty((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
-    if T == 0 or max_seqlen == 0:
+    if T == 0:
         return out, o_text, lse, lse_t, q, k
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), H, batch)
     tuning.launch(
-        _fwd_kernel, grid,
+        _fwd_kernel, _query_tiles(T, batch, H),
         q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu,
-        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv,
+        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch,
         *_rows(q, k, v, tk, tv, out),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=_dot_precision(q.dtype),
         TMA_OK=_descriptor_ready(k, v), VEC=_vector_width(q, k, v, tk, tv, out),
@@ -201,7 +207,6 @@ def backward(
     text_k: torch.Tensor | None,
     text_v: torch.Tensor | None,
     text_cu_seqlens: torch.Tensor | None,
-    text_max_seqlen: int,
     tanh_gate: torch.Tensor | None,
     freqs: torch.Tensor | None,
     deterministic: bool = False,
@@ -221,7 +226,7 @@ def backward(
     has_text = text_k is not None
     dev = q.device
     dq = torch.empty((T, H, D), dtype=q.dtype, device=dev)
-    # fp32, in units of log2(e) * dq (K is pre-scaled); zeroed for the atomic adds, written whole otherwise.
+    # fp32, in units of log2(e) * dq; zeroed for the atomic adds, written whole by the deterministic dq kernel.
     dq_acc = (torch.empty if deterministic else torch.zeros)((T, H, D), dtype=torch.float32, device=dev)
     dk = torch.empty((T, h_kv, D), dtype=k.dtype, device=dev)
     dv = torch.empty((T, h_kv, D), dtype=v.dtype, device=dev)
@@ -230,7 +235,7 @@ def backward(
     delta = torch.empty((H, T), dtype=torch.float32, device=dev)
     delta_t = torch.empty((H, T), dtype=torch.float32, device=dev) if has_text else delta
     r = torch.empty((H, T), dtype=torch.float32, device=dev) if has_text else delta
-    if T == 0 or max_seqlen == 0:
+    if T == 0:
         dgate = torch.zeros(H, dtype=torch.float32, device=dev) if has_text else None
         return dq, dk, dv, dtk, dtv, dgate
     tg = tanh_gate if has_text else delta
@@ -247,26 +252,25 @@ def backward(
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     prec = _dot_precision(q.dtype)
     text_scale = 1.0 / math.sqrt(D)
-    # Text key blocks first in the grid (program ids are dispatched in order): they run alongside the self ones.
-    text_len = text_max_seqlen if has_text else 0
-    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]) + triton.cdiv(text_len, meta["BLOCK_N"]),
-                         h_kv, batch)  # fmt: skip
+    # Text key tiles first in the grid (program ids are dispatched in order): they run alongside the self ones.
+    t_text = text_k.shape[0] if has_text else 0
+    text_tiles = (lambda meta: t_text // meta["BLOCK_N"] + batch) if has_text else (lambda meta: 0)
+    grid = lambda meta: (text_tiles(meta) + T // meta["BLOCK_N"] + batch, h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk, dv)
     tuning.launch(
         _bwd_dkdv, grid,
         q, k, v, tk, tv, tg, dout, dk, dv, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
         cu_seqlens, tcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, T, H // h_kv, text_len,
+        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch,
         *_rows(q, k, v, tk, tv, dout, dk, dtk_, dq_acc),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not deterministic,
         TMA_OK=_descriptor_ready(q, dout, dq_acc), VEC=_vector_width(q, k, v, tk, tv, dout, dk, dtk_),
     )  # fmt: skip
     if deterministic:
-        grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), H, batch)
         tuning.launch(
-            _bwd_dq, grid,
+            _bwd_dq, _query_tiles(T, batch, H),
             q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
-            softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv,
+            softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
             *_rows(q, k, v, tk, tv, dout, dq_acc),
             HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
             VEC=_vector_width(q, k, v, tk, tv, dout),
