@@ -129,9 +129,8 @@ def test_descriptor_loads(monkeypatch, dtype):
     if not ON_GPU:
         monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
     bm = bn = 32 if INTERPRETED else 64
-    monkeypatch.setattr(va._fwd_kernel, "configs", [tuning.cfg(bm, bn, 4, 2, TMA=True)])
-    monkeypatch.setattr(va._bwd_dq, "configs", [tuning.cfg(bm, bn, 4, 2, TMA=True)])
-    monkeypatch.setattr(va._bwd_dkdv, "configs", [tuning.cfg(bm, bn, 4, 2, TMA=True)])
+    for kernel in (va.FORWARD, va.DQ, va.DKDV):
+        monkeypatch.setattr(kernel, "tiles", [tuning.Tile(bm, bn, 4, 2, tma=True)])
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
     inputs, mine, reference = _case([37, 1, 70], [5, 0, 9], 4, 2, 72, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
@@ -331,4 +330,4 @@ def test_autotuned_launch(monkeypatch):
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "1")
     inputs, mine, reference = _case([300, 129], [40, 7], 4, 2, 64, torch.bfloat16)
     compare_with_reference(mine, reference, inputs, torch.bfloat16, family="attention")
-    assert va._fwd_kernel.best_config is not None
+    assert va.FORWARD.chosen and va.DKDV.chosen

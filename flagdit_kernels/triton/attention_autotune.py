@@ -1,21 +1,32 @@
-"""Tile choice of the varlen attention kernels: the configs each kernel may run, and how a launch picks one.
+"""Tile choice of the varlen attention kernels: the tiles each kernel may run and how a launch picks one.
 
-On the GPU the configs below are ordinary flash-attention tiles that compile with Triton 3.6 and newer; the
-pruner drops tiles too big for the head dim (registers / shared memory). Results are cached on disk (Triton's
-cache dir), keyed by head dim, variant, dtypes, Triton version and GPU arch, so tuning is paid once per
-machine. FLAGDIT_KERNELS_AUTOTUNE=0 skips tuning and launches the first config that fits: one compile per
-variant and no benchmarking (the GPU test suite runs this way). FLAGDIT_KERNELS_AUTOTUNE=compile runs every
-config once without timing it: it fills Triton's on-disk cache, so processes warming it in parallel
-(``python -m flagdit_kernels.bench.warm``) spare a later tuning run the compiles. The interpreter always runs
-one small tile.
+FLAGDIT_KERNELS_AUTOTUNE picks the mode: ``1`` (the default) times every tile that fits the first time a
+regime is seen and remembers the fastest; ``0`` launches the first tile that fits (one compile per variant, no
+timing: the test suite runs this way, and so does the interpreter, always); ``compile`` runs every tile once
+without timing, to fill Triton's compile cache from parallel processes (``python -m flagdit_kernels.bench.warm``).
+
+A tuning result is keyed by everything that can change the answer: the kernel and its source (Triton's cache
+key), the Triton version, the GPU's name and compute capability, the dtype, head dim, GQA ratio, text and RoPE
+flags, a bucket of the sequence length (powers of two from 256 to 128K) and the kernel's other compile-time
+flags (descriptor loads allowed, vector width, dq path). Results persist as one small JSON file per key under
+FLAGDIT_KERNELS_AUTOTUNE_CACHE (default: ``flagdit_autotune`` in Triton's cache directory), written
+atomically. A file is trusted only if it parses, names exactly this key and names a tile among those offered
+for it; anything else (truncated, empty, foreign, or edited to a tile not offered) is re-tuned and rewritten,
+with one warning. An unwritable directory keeps results in memory for the process, with one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
-from collections.abc import Iterator
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 
+import torch
 import triton
 from triton.runtime.errors import OutOfResources, PTXASError
 
@@ -24,11 +35,12 @@ TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 AUTOTUNE_MODE = "0" if INTERPRETED else os.environ.get("FLAGDIT_KERNELS_AUTOTUNE", "1")
 if AUTOTUNE_MODE not in ("0", "1", "compile"):
     raise ValueError(f"FLAGDIT_KERNELS_AUTOTUNE must be 0, 1 or compile, got {AUTOTUNE_MODE!r}")
+CACHE_VERSION = 1
 
 
 @contextlib.contextmanager
 def autotune_mode(mode: str) -> Iterator[None]:
-    """Launches inside use ``mode`` (as FLAGDIT_KERNELS_AUTOTUNE would), e.g. "compile" for every config."""
+    """Launches inside use ``mode`` (as FLAGDIT_KERNELS_AUTOTUNE would), e.g. "compile" for every tile."""
     global AUTOTUNE_MODE
     saved, AUTOTUNE_MODE = AUTOTUNE_MODE, mode
     try:
@@ -37,97 +49,208 @@ def autotune_mode(mode: str) -> Iterator[None]:
         AUTOTUNE_MODE = saved
 
 
-def cfg(bm: int, bn: int, warps: int, stages: int, **flags) -> triton.Config:
-    """A tile; ``flags`` are the kernel's other tuned constexprs (TMA: keys and values through tensor descriptors,
-    for the forward and dq kernels)."""
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **flags}, num_warps=warps, num_stages=stages)
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration: BLOCK_M x BLOCK_N rows, warps, pipeline stages, and whether the tiles move
+    through tensor descriptors (TMA) where the launcher allows it."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    tma: bool = False
+
+    def consts(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "TMA": self.tma}
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}/w{self.warps}/s{self.stages}" + (" TMA" if self.tma else "")
 
 
 if INTERPRETED:
-    FWD_CONFIGS = [cfg(32, 32, 4, 1, TMA=False)]
-    DQ_CONFIGS = [cfg(32, 32, 4, 1, TMA=False)]
-    DKDV_CONFIGS = [cfg(32, 32, 4, 1, TMA=False)]
+    FWD_TILES = DQ_TILES = DKDV_TILES = [Tile(32, 32, 4, 1)]
 else:
-    # Chosen from ptxas register/spill reports for sm_90 (Triton 3.6 and 3.9, bf16, Dh 128; no GPU was available
-    # to time them), first the untuned default: 8 warps (two warpgroups) for 128-row tiles (4 warps spill the
-    # 128-row fp32 accumulator); small query tiles for dk/dv (dk and dv accumulators plus k and v stay resident
-    # for a whole program). Each extra config costs a compile (seconds) the first time a variant is tuned.
-    # The forward also tries the copy engine (TMA) for keys and values: no address arithmetic in the loop and
-    # 188 instead of 230 registers at 128x64 (Triton 3.6, sm_90, D128). Triton's warp specialization (tl.range(...,
-    # warp_specialize=True)) was tried too: 3.6 does not split this loop on sm_90 (a kernel with work after the
-    # loop, our tail tile, is left unspecialized, and one variant crashed its pass manager), so it is not offered.
-    FWD_CONFIGS = [
-        cfg(128, 64, 8, 3, TMA=False),
-        cfg(128, 128, 8, 2, TMA=False),
-        cfg(128, 64, 8, 4, TMA=False),
-        cfg(64, 64, 4, 3, TMA=False),
-        cfg(64, 32, 4, 2, TMA=False),
-        cfg(128, 64, 8, 3, TMA=True),
-        cfg(128, 128, 8, 2, TMA=True),
+    # Chosen from the compile report for sm_90 (Triton 3.6 and 3.9, bf16; no GPU was available to time them),
+    # the untuned default first: 8 warps (two warpgroups) for 128-row tiles (4 warps spill the 128-row fp32
+    # accumulator). The forward and dq kernels may also read keys and values through the copy engine (TMA): no
+    # address arithmetic in the loop. Triton's warp specialization (tl.range(..., warp_specialize=True)) was
+    # tried: 3.6 does not split this loop on sm_90, so it is not offered.
+    FWD_TILES = [
+        Tile(128, 64, 8, 3),
+        Tile(128, 128, 8, 2),
+        Tile(128, 64, 8, 4),
+        Tile(64, 64, 4, 3),
+        Tile(64, 32, 4, 2),
+        Tile(128, 64, 8, 3, tma=True),
+        Tile(128, 128, 8, 2, tma=True),
     ]
-    DQ_CONFIGS = [
-        cfg(128, 64, 8, 2, TMA=False),
-        cfg(128, 32, 8, 3, TMA=False),
-        cfg(64, 64, 4, 2, TMA=False),
-        cfg(64, 32, 4, 2, TMA=False),
-        cfg(128, 64, 8, 2, TMA=True),
+    DQ_TILES = [
+        Tile(128, 64, 8, 2),
+        Tile(128, 32, 8, 3),
+        Tile(64, 64, 4, 2),
+        Tile(64, 32, 4, 2),
+        Tile(128, 64, 8, 2, tma=True),
     ]
     # dk/dv (+ dq by atomics): 8 warps hold the two (BLOCK_N, Dh) fp32 accumulators, 128 registers a thread at
     # BLOCK_N x Dh = 128 x 128. 64x128 fits without spilling in its loop only with tensor descriptors (q, dO
     # through the copy engine, dq added by TMA reduce: no per-thread addresses); with pointer loads and pointer
     # atomics it spills inside the loop, so the pointer default is 32x128. Dh 256 takes 32x64 (every tile tried
-    # there spills some). Compile report (benchmarks/compile_reports) for all of it; see _dkdv_prune for 3.6.
-    DKDV_CONFIGS = [
-        cfg(64, 128, 8, 2, TMA=True),
-        cfg(32, 128, 8, 2, TMA=True),
-        cfg(32, 128, 8, 2, TMA=False),
-        cfg(32, 64, 8, 2, TMA=True),
-        cfg(32, 64, 8, 2, TMA=False),
-        cfg(64, 128, 8, 3, TMA=True),
-        cfg(64, 128, 8, 1, TMA=True),
+    # there spills some). See dkdv_prune for Triton 3.6.
+    DKDV_TILES = [
+        Tile(64, 128, 8, 2, tma=True),
+        Tile(32, 128, 8, 2, tma=True),
+        Tile(32, 128, 8, 2),
+        Tile(32, 64, 8, 2, tma=True),
+        Tile(32, 64, 8, 2),
+        Tile(64, 128, 8, 3, tma=True),
+        Tile(64, 128, 8, 1, tma=True),
     ]
 
 
-def prune(configs, named_args, **kwargs):
-    """Keeps tiles whose q/k/v/acc footprint fits for this head dim (256 needs small tiles), and descriptor
-    (TMA) tiles only where the launcher found the tensors fit descriptors (TMA_OK)."""
-    args = {**named_args, **kwargs}
-    block_d = args.get("D0", 128) + args.get("D1", 0)
-    usable = [c for c in configs if args.get("TMA_OK", False) or not c.kwargs.get("TMA", False)]
-    keep = [c for c in usable if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * block_d <= 128 * 128]
-    return keep or [min(usable, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+def prune(tiles: list[Tile], consts: dict) -> list[Tile]:
+    """The tiles whose q/k/v/acc footprint fits this head dim (256 needs small tiles), descriptor tiles only
+    where the launcher found the tensors fit descriptors (TMA_OK)."""
+    block_d = consts.get("D0", 128) + consts.get("D1", 0)
+    usable = [t for t in tiles if consts.get("TMA_OK", False) or not t.tma]
+    keep = [t for t in usable if max(t.block_m, t.block_n) * block_d <= 128 * 128]
+    return keep or [min(usable, key=lambda t: t.block_m * t.block_n)]
 
 
-def dkdv_prune(configs, named_args, **kwargs):
+def dkdv_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
     """prune, less the pipelined 64x128 dk/dv tile at head dims of 128 columns or more on Triton 3.6, where it
     spills inside its loop (40 local accesses per iteration at Dh 128; Triton 3.9 holds it in registers)."""
-    args = {**named_args, **kwargs}
-    if TRITON_VERSION < (3, 7) and args.get("D0", 128) + args.get("D1", 0) >= 128:
-        configs = [c for c in configs if not (c.kwargs["BLOCK_M"] == 64 and c.num_stages > 1)]
-    return prune(configs, named_args, **kwargs)
+    if TRITON_VERSION < (3, 7) and consts.get("D0", 128) + consts.get("D1", 0) >= 128:
+        tiles = [t for t in tiles if not (t.block_m == 64 and t.stages > 1)]
+    return prune(tiles, consts)
 
 
-def autotune(configs, key, pruner=prune):
-    return triton.autotune(
-        configs=configs, key=key, prune_configs_by={"early_config_prune": pruner}, cache_results=True
-    )
+def seq_bucket(max_seqlen: int) -> int:
+    """The sequence-length regime a tuning result stands for: max_seqlen rounded up to a power of two, 256 to
+    128K (a tuning hint only: the kernels never trust max_seqlen)."""
+    return min(max(triton.next_power_of_2(max(max_seqlen, 1)), 256), 1 << 17)
 
 
-def launch(kernel, grid, *args, **consts) -> None:
-    """Launches an autotuned kernel as AUTOTUNE_MODE says: tuned ("1"), with the first config that fits this head
-    dim and the card ("0", the interpreter), or once with every config that fits ("compile")."""
-    if AUTOTUNE_MODE == "1":
-        kernel[grid](*args, **consts)
-        return
-    error = None
-    pruner = kernel.early_config_prune if hasattr(kernel, "early_config_prune") else prune
-    for config in pruner(kernel.configs, consts):
-        try:
-            kernel.fn[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        except (OutOfResources, PTXASError) as exc:
-            error = exc  # the card cannot hold this tile (shared memory, registers): the autotuner skips it too
-            continue
-        if AUTOTUNE_MODE == "0":
+def device_fields(device: torch.device) -> dict:
+    """The part of a tuning key that names the card."""
+    if device.type != "cuda":
+        return {"device": device.type}
+    return {"device": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device))}
+
+
+def measure(fn: Callable[[], object]) -> float:
+    """Milliseconds per call (Triton's do_bench, shortened: tuning runs once per regime and card)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=40)
+
+
+def cache_dir() -> str:
+    return os.environ.get("FLAGDIT_KERNELS_AUTOTUNE_CACHE") or os.path.join(triton.knobs.cache.dir, "flagdit_autotune")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(topic: str, message: str) -> None:
+    if topic not in _warned:
+        _warned.add(topic)
+        warnings.warn(f"flagdit_kernels: {message}", RuntimeWarning, stacklevel=4)
+
+
+def _read(path: str, key: str, offered: list[Tile]) -> Tile | None:
+    """The tile a cache file names, if the file is this key's and the tile one of those offered; else None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):  # never tuned here (or no cache directory at all)
+        return None
+    except (OSError, ValueError) as exc:  # unreadable, empty, truncated, not JSON, not UTF-8
+        _warn_once(path, f"ignoring the unreadable autotune cache file {path} ({type(exc).__name__}); re-tuning")
+        return None
+    try:
+        ok = data["version"] == CACHE_VERSION and data["key"] == key
+        tile = Tile(**data["tile"]) if ok else None
+    except (TypeError, KeyError):
+        tile = None
+    if tile not in offered:
+        _warn_once(path, f"ignoring the autotune cache file {path}: not a tuning result for this kernel and "
+                         "regime, or it names a tile not offered for it; re-tuning")  # fmt: skip
+        return None
+    return tile
+
+
+def _write(path: str, key: str, tile: Tile, timings: dict[str, float]) -> None:
+    """Atomically (write a temporary file, then rename); an unwritable directory leaves the result in memory."""
+    data = {"version": CACHE_VERSION, "key": key, "tile": asdict(tile), "timings_ms": timings}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
+            json.dump(data, f, indent=1)
+        os.replace(f.name, path)
+    except OSError as exc:
+        _warn_once("unwritable", f"cannot write autotune results to {os.path.dirname(path)} ({exc}); keeping them "
+                                 "in memory for this process")  # fmt: skip
+
+
+class TunedKernel:
+    """A Triton kernel with the tiles it may run: ``launch`` picks one as AUTOTUNE_MODE says."""
+
+    def __init__(self, name: str, fn, tiles: list[Tile], pruner: Callable = prune):
+        self.name, self.fn, self.tiles, self.pruner = name, fn, tiles, pruner
+        self.chosen: dict[str, Tile] = {}  # tuning key -> tile, this process
+
+    def _run(self, tile: Tile, grid, args, consts) -> None:
+        self.fn[grid](*args, **consts, **tile.consts(), num_warps=tile.warps, num_stages=tile.stages)
+
+    def key(self, consts: dict, regime: dict) -> str:
+        fields = {
+            "kernel": self.name, "source": getattr(self.fn, "cache_key", ""), "triton": triton.__version__,
+            **regime, "consts": {k: str(v) for k, v in sorted(consts.items())},
+        }  # fmt: skip
+        return json.dumps(fields, sort_keys=True, default=str)
+
+    def launch(self, grid, *args, regime: dict, reset: Callable[[], object] | None = None, **consts) -> None:
+        """Runs the kernel once with the chosen tile. ``regime``: the launcher's tuning-key fields (device,
+        dtype, head dim, GQA ratio, text / RoPE flags, length bucket). ``reset`` restores what a run accumulates
+        into (the dq buffer) before each run, so that timing runs leave no trace in the result."""
+        reset = reset or (lambda: None)
+        offered = self.pruner(self.tiles, consts)
+        if AUTOTUNE_MODE == "1":
+            tile = self._tuned(grid, args, consts, regime, offered, reset)
+            reset()
+            self._run(tile, grid, args, consts)
             return
-    if AUTOTUNE_MODE == "0" and error is not None:
-        raise error
+        error = None
+        for tile in offered:
+            try:
+                reset()
+                self._run(tile, grid, args, consts)
+            except (OutOfResources, PTXASError) as exc:
+                error = exc  # the card cannot hold this tile (shared memory, registers): try the next one
+                continue
+            if AUTOTUNE_MODE == "0":
+                return
+        if AUTOTUNE_MODE == "0" and error is not None:
+            raise error
+
+    def _tuned(self, grid, args, consts, regime, offered, reset) -> Tile:
+        key = self.key(consts, regime)
+        if key in self.chosen:
+            return self.chosen[key]
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        path = os.path.join(cache_dir(), f"{self.name.replace('/', '')}-{digest}.json")
+        tile = _read(path, key, offered)
+        if tile is None:
+            timings, error = {}, None
+            for candidate in offered:
+                try:
+                    reset()
+                    self._run(candidate, grid, args, consts)  # compiles; the card may not hold the tile
+                except (OutOfResources, PTXASError) as exc:
+                    error = exc
+                    continue
+                timings[str(candidate)] = measure(lambda c=candidate: (reset(), self._run(c, grid, args, consts)))
+            if not timings:
+                raise error
+            tile = next(t for t in offered if str(t) == min(timings, key=timings.get))
+            _write(path, key, tile, timings)
+        self.chosen[key] = tile
+        return tile

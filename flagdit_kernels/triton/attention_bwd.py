@@ -28,7 +28,6 @@ import os
 import triton
 import triton.language as tl
 
-from .attention_autotune import DKDV_CONFIGS, DQ_CONFIGS, autotune, dkdv_prune
 from .attention_tiles import (
     LN2,
     LOG2E,
@@ -140,7 +139,6 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
     return dk0, dk1, dv0, dv1
 
 
-@autotune(DKDV_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "DOT_PREC", "ATOMIC_DQ", "TMA_OK"], pruner=dkdv_prune)
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
@@ -274,7 +272,6 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
     return dq0, dq1
 
 
-@autotune(DQ_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "DOT_PREC", "TMA_OK"])
 @triton.jit
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,

@@ -12,7 +12,6 @@ One program per (block of BLOCK_M queries of one sequence, query head):
 import triton
 import triton.language as tl
 
-from .attention_autotune import FWD_CONFIGS, autotune
 from .attention_tiles import (
     LN2,
     aligned,
@@ -78,7 +77,6 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
     return acc0, acc1, m_i, l_i
 
 
-@autotune(FWD_CONFIGS, key=["HEAD_DIM", "HAS_TEXT", "DOT_PREC", "TMA_OK"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU,

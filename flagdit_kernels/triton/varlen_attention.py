@@ -37,10 +37,22 @@ AUTOTUNE_MODE = tuning.AUTOTUNE_MODE  # as FLAGDIT_KERNELS_AUTOTUNE set it (auto
 autotune_mode = tuning.autotune_mode
 
 
+FORWARD = tuning.TunedKernel("forward", _fwd_kernel, tuning.FWD_TILES)
+DKDV = tuning.TunedKernel("dk/dv", _bwd_dkdv, tuning.DKDV_TILES, tuning.dkdv_prune)
+DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES)
+
+
 def tuned_tiles() -> dict[str, dict[str, str]]:
-    """The tiles the autotuner chose so far in this process, per kernel: {tuning key: config}, for reports."""
-    kernels = {"forward": _fwd_kernel, "dq": _bwd_dq, "dk/dv": _bwd_dkdv}
-    return {name: {str(key): str(config) for key, config in k.cache.items()} for name, k in kernels.items()}
+    """The tiles the autotuner chose so far in this process, per kernel: {tuning key: tile}, for reports."""
+    return {k.name: {key: str(tile) for key, tile in k.chosen.items()} for k in (FORWARD, DKDV, DQ)}
+
+
+def _regime(q: torch.Tensor, k: torch.Tensor, has_text: bool, rope: bool, max_seqlen: int) -> dict:
+    """The launch's fields of a tuning key (see attention_autotune.py)."""
+    return {
+        **tuning.device_fields(q.device), "dtype": str(q.dtype), "head_dim": q.shape[-1],
+        "gqa": q.shape[1] // max(k.shape[1], 1), "text": has_text, "rope": rope, "seq": tuning.seq_bucket(max_seqlen),
+    }  # fmt: skip
 
 
 def _block_d(head_dim: int) -> int:
@@ -180,13 +192,14 @@ def forward(
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
-    tuning.launch(
-        _fwd_kernel, _query_tiles(T, batch, H),
+    FORWARD.launch(
+        _query_tiles(T, batch, H),
         q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu,
         softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch,
         *_rows(q, k, v, tk, tv, out),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=_dot_precision(q.dtype),
         TMA_OK=_descriptor_ready(k, v), VEC=_vector_width(q, k, v, tk, tv, out),
+        regime=_regime(q, k, has_text, freqs is not None, max_seqlen),
     )  # fmt: skip
     return out, o_text, lse, lse_t, q, k
 
@@ -226,8 +239,9 @@ def backward(
     has_text = text_k is not None
     dev = q.device
     dq = torch.empty((T, H, D), dtype=q.dtype, device=dev)
-    # fp32, in units of log2(e) * dq; zeroed for the atomic adds, written whole by the deterministic dq kernel.
-    dq_acc = (torch.empty if deterministic else torch.zeros)((T, H, D), dtype=torch.float32, device=dev)
+    # fp32, in units of log2(e) * dq: zeroed before the atomic adds (the dk/dv launch's reset), written whole by
+    # the deterministic dq kernel.
+    dq_acc = torch.empty((T, H, D), dtype=torch.float32, device=dev)
     dk = torch.empty((T, h_kv, D), dtype=k.dtype, device=dev)
     dv = torch.empty((T, h_kv, D), dtype=v.dtype, device=dev)
     dtk = torch.zeros(text_k.shape, dtype=text_k.dtype, device=dev) if has_text else None
@@ -257,23 +271,25 @@ def backward(
     text_tiles = (lambda meta: t_text // meta["BLOCK_N"] + batch) if has_text else (lambda meta: 0)
     grid = lambda meta: (text_tiles(meta) + T // meta["BLOCK_N"] + batch, h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk, dv)
-    tuning.launch(
-        _bwd_dkdv, grid,
+    regime = _regime(q, k, has_text, freqs is not None, max_seqlen)
+    DKDV.launch(
+        grid,
         q, k, v, tk, tv, tg, dout, dk, dv, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
         cu_seqlens, tcu,
         softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch,
         *_rows(q, k, v, tk, tv, dout, dk, dtk_, dq_acc),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not deterministic,
         TMA_OK=_descriptor_ready(q, dout, dq_acc), VEC=_vector_width(q, k, v, tk, tv, dout, dk, dtk_),
+        regime=regime, reset=dq_acc.zero_ if not deterministic else None,
     )  # fmt: skip
     if deterministic:
-        tuning.launch(
-            _bwd_dq, _query_tiles(T, batch, H),
+        DQ.launch(
+            _query_tiles(T, batch, H),
             q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
             softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
             *_rows(q, k, v, tk, tv, dout, dq_acc),
             HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
-            VEC=_vector_width(q, k, v, tk, tv, dout),
+            VEC=_vector_width(q, k, v, tk, tv, dout), regime=regime,
         )  # fmt: skip
     # dq: the buffer in q's dtype, rotated back with RoPE (the gradient of the rotated q -> the input's).
     table = freqs.contiguous() if freqs is not None else dq_acc
