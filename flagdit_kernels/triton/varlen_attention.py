@@ -30,6 +30,7 @@ from . import attention_autotune as tuning
 from . import rope as rope_kernels
 from .attention_bwd import _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
 from .attention_fwd import _fwd_kernel
+from .attention_offsets import safe_offsets
 
 LOG2E = 1.4426950408889634
 INTERPRETED = tuning.INTERPRETED
@@ -182,12 +183,17 @@ def forward(
     h_kv = k.shape[1]
     batch = cu_seqlens.numel() - 1
     has_text = text_k is not None
-    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
-    o_text = torch.empty((T, H, D) if has_text else (0,), dtype=q.dtype, device=q.device)
-    lse_t = torch.empty((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
-    if T == 0:
+    # No sequence at all (only with unchecked, bad offsets: one entry, yet tokens): nothing covers the tokens,
+    # so the outputs are zeros rather than memory no program wrote. Otherwise every row is written (see
+    # attention_offsets.py), poisoned-output tests included.
+    alloc = torch.empty if batch > 0 and T > 0 else torch.zeros
+    out = alloc((T, H, D), dtype=q.dtype, device=q.device)
+    lse = alloc((H, T), dtype=torch.float32, device=q.device)
+    o_text = alloc((T, H, D) if has_text else (0,), dtype=q.dtype, device=q.device)
+    lse_t = alloc((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
+    if T == 0 or batch <= 0:
         return out, o_text, lse, lse_t, q, k
+    cu_seqlens, text_cu_seqlens = safe_offsets(cu_seqlens, T, text_cu_seqlens, text_k.shape[0] if has_text else 0)
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
@@ -238,20 +244,22 @@ def backward(
     batch = cu_seqlens.numel() - 1
     has_text = text_k is not None
     dev = q.device
-    dq = torch.empty((T, H, D), dtype=q.dtype, device=dev)
+    alloc = torch.empty if batch > 0 and T > 0 else torch.zeros  # as in forward
+    dq = alloc((T, H, D), dtype=q.dtype, device=dev)
     # fp32, in units of log2(e) * dq: zeroed before the atomic adds (the dk/dv launch's reset), written whole by
     # the deterministic dq kernel.
     dq_acc = torch.empty((T, H, D), dtype=torch.float32, device=dev)
-    dk = torch.empty((T, h_kv, D), dtype=k.dtype, device=dev)
-    dv = torch.empty((T, h_kv, D), dtype=v.dtype, device=dev)
-    dtk = torch.zeros(text_k.shape, dtype=text_k.dtype, device=dev) if has_text else None
-    dtv = torch.zeros(text_v.shape, dtype=text_v.dtype, device=dev) if has_text else None
+    dk = alloc((T, h_kv, D), dtype=k.dtype, device=dev)
+    dv = alloc((T, h_kv, D), dtype=v.dtype, device=dev)
+    dtk = alloc(text_k.shape, dtype=text_k.dtype, device=dev) if has_text else None
+    dtv = alloc(text_v.shape, dtype=text_v.dtype, device=dev) if has_text else None
     delta = torch.empty((H, T), dtype=torch.float32, device=dev)
     delta_t = torch.empty((H, T), dtype=torch.float32, device=dev) if has_text else delta
     r = torch.empty((H, T), dtype=torch.float32, device=dev) if has_text else delta
-    if T == 0:
+    if T == 0 or batch <= 0:
         dgate = torch.zeros(H, dtype=torch.float32, device=dev) if has_text else None
         return dq, dk, dv, dtk, dtv, dgate
+    cu_seqlens, text_cu_seqlens = safe_offsets(cu_seqlens, T, text_cu_seqlens, text_k.shape[0] if has_text else 0)
     tg = tanh_gate if has_text else delta
     ot = o_text if has_text else out
     block_t = 32  # token-parallel kernels: 32 rows of up to three head-dim tiles stay in registers
