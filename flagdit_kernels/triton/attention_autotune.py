@@ -79,6 +79,7 @@ else:
         Tile(128, 64, 8, 3),
         Tile(128, 128, 8, 2),
         Tile(128, 64, 8, 4),
+        Tile(64, 64, 8, 3),  # the Dh-256 default: with 4 warps the text variant spills inside its loop
         Tile(64, 64, 4, 3),
         Tile(64, 32, 4, 2),
         Tile(128, 64, 8, 3, tma=True),
