@@ -32,10 +32,12 @@ from .attention_tiles import (
     LN2,
     LOG2E,
     aligned,
+    aligned_inputs,
     load_kv_pair,
     load_rows,
     load_tile,
     loop_tile,
+    query_program,
     query_tile,
     row_source,
     scores,
@@ -161,11 +163,9 @@ def _bwd_dkdv(
     only batch * Hkv programs, each looping over all of its sample's queries: on a long sample it runs as long as
     a self key block, on an idle GPU.) Both kinds run the same code on run-time pointers and scales, so the loop
     is compiled once; what only the epilogue needs is selected after the loop, so it holds no registers in it."""
-    stride_qt, stride_qh = aligned(stride_qt, VEC), aligned(stride_qh, VEC)
-    stride_kt, stride_kh = aligned(stride_kt, VEC), aligned(stride_kh, VEC)
-    stride_vt, stride_vh = aligned(stride_vt, VEC), aligned(stride_vh, VEC)
-    stride_tkt, stride_tkh = aligned(stride_tkt, VEC), aligned(stride_tkh, VEC)
-    stride_tvt, stride_tvh = aligned(stride_tvt, VEC), aligned(stride_tvh, VEC)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
+        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
+                       stride_tvt, stride_tvh, VEC))
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_dkt, stride_dkh = aligned(stride_dkt, VEC), aligned(stride_dkh, VEC)
     stride_dtkt, stride_dtkh = aligned(stride_dtkt, VEC), aligned(stride_dtkh, VEC)
@@ -289,17 +289,12 @@ def _bwd_dq(
     """dq of one block of queries for one head (self keys through tensor descriptors with TMA, then text keys)
     into the fp32 dq buffer, in the buffer's unit: log2(e) times dq."""
     tl.static_assert(TMA_OK or not TMA)
-    stride_qt, stride_qh = aligned(stride_qt, VEC), aligned(stride_qh, VEC)
-    stride_kt, stride_kh = aligned(stride_kt, VEC), aligned(stride_kh, VEC)
-    stride_vt, stride_vh = aligned(stride_vt, VEC), aligned(stride_vh, VEC)
-    stride_tkt, stride_tkh = aligned(stride_tkt, VEC), aligned(stride_tkh, VEC)
-    stride_tvt, stride_tvh = aligned(stride_tvt, VEC), aligned(stride_tvh, VEC)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
+        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
+                       stride_tvt, stride_tvh, VEC))
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
-    b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M)  # grid as the forward's
-    h = tl.program_id(1)
-    hk = h // GROUP
-    start, seq_len = segment(CU, b)
+    b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)  # the forward's grid
     if pid_m * BLOCK_M >= seq_len:
         return
     start = start.to(tl.int64)

@@ -15,14 +15,15 @@ import triton.language as tl
 from .attention_tiles import (
     LN2,
     aligned,
+    aligned_inputs,
     load_kv_pair,
     load_tile,
+    query_program,
     query_tile,
     row_source,
     scores,
     segment,
     store_tile,
-    tile_of,
     zeros_tile,
 )
 
@@ -92,17 +93,12 @@ def _fwd_kernel(
 ):
     # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
     tl.static_assert(TMA_OK or not TMA)
-    stride_qt, stride_qh = aligned(stride_qt, VEC), aligned(stride_qh, VEC)
-    stride_kt, stride_kh = aligned(stride_kt, VEC), aligned(stride_kh, VEC)
-    stride_vt, stride_vh = aligned(stride_vt, VEC), aligned(stride_vh, VEC)
-    stride_tkt, stride_tkh = aligned(stride_tkt, VEC), aligned(stride_tkh, VEC)
-    stride_tvt, stride_tvh = aligned(stride_tvt, VEC), aligned(stride_tvh, VEC)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
+        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
+                       stride_tvt, stride_tvh, VEC))
     stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
     # One program per (query tile, head) over the tiles that hold tokens: grid (T // BLOCK_M + n_seqs, H).
-    b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M)
-    h = tl.program_id(1)
-    hk = h // GROUP
-    start, seq_len = segment(CU, b)
+    b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)
     if pid_m * BLOCK_M >= seq_len:
         return
     start = start.to(tl.int64)

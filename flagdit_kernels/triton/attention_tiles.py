@@ -31,6 +31,15 @@ def aligned(stride, VEC: tl.constexpr):
 
 
 @triton.jit
+def aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt,
+                   stride_tvh, VEC: tl.constexpr):
+    """The token and head strides of q, k, v, text_k and text_v, each through ``aligned``."""
+    return (aligned(stride_qt, VEC), aligned(stride_qh, VEC), aligned(stride_kt, VEC), aligned(stride_kh, VEC),
+            aligned(stride_vt, VEC), aligned(stride_vh, VEC), aligned(stride_tkt, VEC), aligned(stride_tkh, VEC),
+            aligned(stride_tvt, VEC), aligned(stride_tvh, VEC))
+
+
+@triton.jit
 def segment(cu, b):
     """(start, length) of sequence b of a cu_seqlens array, both int32. Callers widen start to int64 only where
     they build offsets, after any early exit (widening first cost a register and a few spilled bytes)."""
@@ -58,6 +67,16 @@ def tile_of(pid, cu, n_seqs, BLOCK: tl.constexpr):
         else:
             hi = mid
     return lo, pid - (tl.load(cu + lo) // BLOCK + lo)
+
+
+@triton.jit
+def query_program(CU, n_seqs, GROUP, BLOCK_M: tl.constexpr):
+    """(sequence b, query tile m, query head, kv head, sequence start, length) of a program of a (T // BLOCK_M +
+    n_seqs, H) grid; the caller returns at once when m * BLOCK_M >= length (at most one program per sequence)."""
+    b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M)
+    h = tl.program_id(1)
+    start, seq_len = segment(CU, b)
+    return b, pid_m, h, h // GROUP, start, seq_len
 
 
 @triton.jit
