@@ -109,6 +109,7 @@ def test_tuned_once_per_regime_and_remembered_across_processes(tuning):
     assert len(tuning.timed) == 3 and list(kernel.chosen.values()) == [tuning.Tile(64, 64, 4, 2)]
     kernel.launch((1,), regime=REGIME, **CONSTS)
     assert len(tuning.timed) == 3  # same regime: remembered
+    assert kernel.tuned() == {"cpu torch.bfloat16 64 1 False False 4096": "64x64/w4/s2"}
     for change in ({"gqa": 4}, {"seq": 8192}, {"device": "NVIDIA H200"}, {"rope": True}, {"dtype": "torch.float16"}):
         kernel.launch((1,), regime={**REGIME, **change}, **CONSTS)
     assert len(tuning.timed) == 3 * 6  # every regime tuned on its own

@@ -208,6 +208,16 @@ class TunedKernel:
         }  # fmt: skip
         return json.dumps(fields, sort_keys=True, default=str)
 
+    def tuned(self) -> dict[str, str]:
+        """{regime, readably: tile} of what this process tuned (the full key names the source and Triton too)."""
+        out = {}
+        for key, tile in self.chosen.items():
+            fields = json.loads(key)
+            flags = " ".join(f"{k}={v}" for k, v in fields["consts"].items() if k in ("TMA_OK", "VEC", "ATOMIC_DQ"))
+            regime = " ".join(str(fields.get(k)) for k in ("device", "dtype", "head_dim", "gqa", "text", "rope", "seq"))
+            out[f"{regime} {flags}".strip()] = str(tile)
+        return out
+
     def launch(self, grid, *args, regime: dict, reset: Callable[[], object] | None = None, **consts) -> None:
         """Runs the kernel once with the chosen tile. ``regime``: the launcher's tuning-key fields (device,
         dtype, head dim, GQA ratio, text / RoPE flags, length bucket). ``reset`` restores what a run accumulates

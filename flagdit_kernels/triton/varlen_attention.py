@@ -45,7 +45,7 @@ DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES)
 
 def tuned_tiles() -> dict[str, dict[str, str]]:
     """The tiles the autotuner chose so far in this process, per kernel: {tuning key: tile}, for reports."""
-    return {k.name: {key: str(tile) for key, tile in k.chosen.items()} for k in (FORWARD, DKDV, DQ)}
+    return {k.name: k.tuned() for k in (FORWARD, DKDV, DQ)}
 
 
 def _regime(q: torch.Tensor, k: torch.Tensor, has_text: bool, rope: bool, max_seqlen: int) -> dict:
