@@ -118,7 +118,7 @@ def test_vector_width_hint_and_misaligned_views():
 def test_descriptor_loads(monkeypatch, dtype):
     # The tensor-descriptor (TMA) paths, forced: key/value loads of the forward, q/dO loads and the dq reduce-add
     # of the dk/dv kernel; zero-filled tails (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA,
-    # RoPE, gated text.
+    # RoPE, gated text, text keys of a sample without queries.
     from flagdit_kernels.triton import attention_autotune as tuning
     from flagdit_kernels.triton import varlen_attention as va
 
@@ -130,7 +130,7 @@ def test_descriptor_loads(monkeypatch, dtype):
     for kernel in (va.FORWARD, va.DQ, va.DKDV):
         monkeypatch.setattr(kernel, "tiles", [tuning.Tile(bm, bn, 4, 2, tma=True)])
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
-    inputs, mine, reference = _case([37, 1, 70], [5, 0, 9], 4, 2, 72, dtype, rope=True)
+    inputs, mine, reference = _case([37, 1, 0, 70], [5, 0, 4, 9], 4, 2, 72, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
 
 

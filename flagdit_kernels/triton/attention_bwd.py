@@ -202,16 +202,19 @@ def _bwd_dkdv(
     dk0, dk1 = zeros_tile(BLOCK_N, D0, D1)
     dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
     m_full = (q_len // BLOCK_M) * BLOCK_M
+    # Descriptors of a sequence's query rows need at least one row; with q_len == 0 (a text key tile of a sample
+    # without queries) the loop below never loads through them, and dk = dv = 0 is stored.
+    q_rows = tl.maximum(q_len, 1)
     for g in range(GROUP):
         h = hk * GROUP + g
         do_scale = 1.0
         if is_text:
             do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
-        q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_len, stride_qt, TMA, BLOCK_M, HEAD_DIM,
-                                    D0, D1)
-        do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_len, stride_dot, TMA, BLOCK_M,
+        q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_rows, stride_qt, TMA, BLOCK_M,
+                                    HEAD_DIM, D0, D1)
+        do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_rows, stride_dot, TMA, BLOCK_M,
                                       HEAD_DIM, D0, D1)
-        dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_len, stride_dqt,
+        dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_rows, stride_dqt,
                                       TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
         lse_ptr = lse_base + h.to(tl.int64) * T + q_start
         delta_ptr = delta_base + h.to(tl.int64) * T + q_start
