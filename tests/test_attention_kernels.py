@@ -56,7 +56,8 @@ def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scal
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
 def test_packed_gqa_text_rope_matches_reference(dtype):
     # Mixed lengths incl. 1 and an empty sequence; one sample without text, one with two text key blocks; GQA
-    # 4 -> 2; Dh 48 (padded to 64); Lumina's proportional scale instead of 1/sqrt(Dh).
+    # 4 -> 2; Dh 48 (padded to 64); Lumina's proportional scale instead of 1/sqrt(Dh). The default dq path (fp32
+    # atomics from the dk/dv programs); the deterministic one is checked with the fused-QKV views below.
     inputs, mine, reference = _case(
         [37, 1, 0, 70], [5, 0, 3, 45], 4, 2, 48, dtype, rope=True, scale=fk.proportional_scale(4096, 1024, 48)
     )
@@ -91,10 +92,34 @@ def test_zero_scale_and_strided_head_dims():
     compare_with_reference(mine, reference, inputs, torch.float32, family="attention")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_vector_width_hint_and_misaligned_views():
+    # Contiguous Dh-72 tensors (head stride 72, not divisible by 16) are 16-byte aligned: the kernels may say so.
+    # A view starting one element in is not: the launcher drops the hint and the kernels stay exact.
+    from flagdit_kernels.triton import varlen_attention as va
+
+    assert va._vector_width(torch.empty(5, 3, 72, dtype=torch.float16)) == 8
+    assert va._vector_width(torch.empty(5, 3, 72, dtype=torch.float32)) == 4
+    assert va._vector_width(torch.empty(5 * 3 * 72 + 1, dtype=torch.float16)[1:].view(5, 3, 72)) == 1
+    assert va._vector_width(torch.empty(5, 3, 76, dtype=torch.float16)[..., :72]) == 1  # head stride 76
+    inputs, mine, reference = _case([19, 6], [3, 2], 2, 1, 72, torch.float16)
+
+    def misaligned(t):  # the same values one element into a fresh buffer (differentiable)
+        view = torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+        assert view.data_ptr() % 16
+        return view
+
+    def mine_misaligned(**t):
+        return mine(**{n: misaligned(x) if n in ("q", "v", "text_k") else x for n, x in t.items()})
+
+    compare_with_reference(mine_misaligned, reference, inputs, torch.float16, family="attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
 def test_descriptor_loads(monkeypatch, dtype):
-    # The tensor-descriptor (TMA) key/value loads of the forward and dq kernels, forced: zero-filled tails
-    # (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA, in-kernel RoPE, gated text (pointer loads).
+    # The tensor-descriptor (TMA) paths, forced: key/value loads of the forward, q/dO loads and the dq reduce-add
+    # of the dk/dv kernel; zero-filled tails (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA,
+    # RoPE, gated text, text keys of a sample without queries.
+    from flagdit_kernels.triton import attention_autotune as tuning
     from flagdit_kernels.triton import varlen_attention as va
 
     if ON_GPU and torch.cuda.get_device_capability()[0] < 9:
@@ -102,18 +127,19 @@ def test_descriptor_loads(monkeypatch, dtype):
     if not ON_GPU:
         monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
     bm = bn = 32 if INTERPRETED else 64
-    monkeypatch.setattr(va._fwd_kernel, "configs", [va._cfg(bm, bn, 4, 2, TMA=True)])
-    monkeypatch.setattr(va._bwd_dq, "configs", [va._cfg(bm, bn, 4, 2, TMA=True)])
-    monkeypatch.setattr(va, "AUTOTUNE_MODE", "0")
-    inputs, mine, reference = _case([37, 1, 70], [5, 0, 9], 4, 2, 72, dtype, rope=True)
+    for kernel in (va.FORWARD, va.DQ, va.DKDV):
+        monkeypatch.setattr(kernel, "tiles", [tuning.Tile(bm, bn, 4, 2, tma=True)])
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
+    inputs, mine, reference = _case([37, 1, 0, 70], [5, 0, 4, 9], 4, 2, 72, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
 
 
 def test_many_short_sequences():
+    # 24 samples: the program -> (sample, tile) bisection takes five steps; most programs hold a whole sample.
     gen = torch.Generator().manual_seed(1)
     lens = torch.randint(1, 10, (24,), generator=gen).tolist()
     text_lens = torch.randint(0, 4, (24,), generator=gen).tolist()
-    inputs, mine, reference = _case(lens, text_lens, 2, 2, 32, torch.float16, rope=True)
+    inputs, mine, reference = _case(lens, text_lens, 2, 2, 32, torch.float16)
     compare_with_reference(mine, reference, inputs, torch.float16, family="attention")
 
 
@@ -199,7 +225,8 @@ def test_strided_views_of_fused_qkv_and_deterministic_backward():
     for _ in range(2):
         for t in (qkv, text_kv, gate):
             t.grad = None
-        out = run(lambda *a, **kw: fk.varlen_attention(*a, **kw, backend="triton"), qkv, text_kv, gate)
+        out = run(lambda *a, **kw: fk.varlen_attention(*a, **kw, deterministic=True, backend="triton"), qkv, text_kv,
+                  gate)  # fmt: skip
         out.backward(upstream.to(dtype))
         grads.append([t.grad.clone() for t in (qkv, text_kv, gate)])
     leaves = [t.detach().double().requires_grad_() for t in (qkv, text_kv, gate)]
@@ -246,12 +273,12 @@ def test_custom_op_schema():
         torch.rand(2, device=DEVICE) - 0.5,
     )
     freqs = fk.rope_freqs(32, torch.arange(9, device=DEVICE))
-    fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, 2, tg, freqs, True)
+    fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, tg, freqs, True, False)
     torch.library.opcheck(attn._fwd_op, fwd_args)
-    torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, 0, None, None, False))
-    out, o_text, lse, lse_t = attn._fwd_op(*fwd_args)
-    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, o_text, lse, lse_t, cu, 5, 0.2, tk, tv,
-                tcu, 2, tg, freqs)  # fmt: skip
+    torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, None, None, False, True))
+    out, o_text, lse, lse_t, q_rot, k_rot = attn._fwd_op(*fwd_args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q_rot, k_rot, v, out, o_text, lse, lse_t, cu, 5, 0.2,
+                tk, tv, tcu, tg, freqs, False)  # fmt: skip
     torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
     assert "triton" in fk.available_backends("varlen_attention", DEVICE)
 
@@ -296,9 +323,10 @@ def test_gpu_medium_packed_batch(head_dim, dtype):
 @pytest.mark.skipif(not ON_GPU, reason="autotuning times configs on the GPU")
 def test_autotuned_launch(monkeypatch):
     # The suite runs untuned (FLAGDIT_KERNELS_AUTOTUNE=0, tests/conftest.py); users get the autotuner.
+    from flagdit_kernels.triton import attention_autotune as tuning
     from flagdit_kernels.triton import varlen_attention as va
 
-    monkeypatch.setattr(va, "AUTOTUNE_MODE", "1")
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "1")
     inputs, mine, reference = _case([300, 129], [40, 7], 4, 2, 64, torch.bfloat16)
     compare_with_reference(mine, reference, inputs, torch.bfloat16, family="attention")
-    assert va._fwd_kernel.best_config is not None
+    assert va.FORWARD.chosen and va.DKDV.chosen

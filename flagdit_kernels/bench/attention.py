@@ -1,7 +1,9 @@
 """Varlen attention cases (issue 6):
 
-(a) a packed mixed-resolution batch (lengths like 4160, 2112, 8256, 1056, 1040; H32 Dh128), self-only against
-    FlexAttention with a document mask (compiled) and a padded SDPA, and with 128 gated text tokens per sample;
+(a) a packed mixed-resolution batch (lengths like 4160, 2112, 8256, 1056, 1040; H32 Dh128, and Lumina-Next 2B's
+    H32/8 Dh72), self-only against FlexAttention with a document mask (compiled), a padded SDPA with a key mask
+    and, on CUDA, SDPA's flash backend on the padded batch (which takes no mask: pad keys are attended, so it is a
+    speed baseline only), and with 128 gated text tokens per sample;
 (b) dense equal-length batches at Dh 128 / 96 / 72 against SDPA's flash and cuDNN backends;
 (c) Lumina's whole gated attention after the projections (QK LayerNorm + RoPE + self + gated text, text keys
     LayerNorm'd) at B4 L4160 H32 Dh128 with 256 text tokens, against the eager Lumina chain and its torch.compile.
@@ -36,8 +38,9 @@ def _triton_on(device: torch.device) -> bool:
     return device.type == "cuda" and "triton" in _dispatch.available_backends("varlen_attention", device)
 
 
-def padded_sdpa(q, k, v, seqlens, max_len):
-    """The padded baseline: pad every sequence to the longest and run SDPA with a key mask."""
+def padded_sdpa(q, k, v, seqlens, max_len, masked=True):
+    """The padded baseline: pad every sequence to the longest and run SDPA with a key mask (``masked=False``:
+    without one, as SDPA's flash backend requires; pad keys then take part, so only its speed is comparable)."""
     b = len(seqlens)
     h, dh = q.shape[1:]
     qp = q.new_zeros(b, max_len, h, dh)
@@ -49,8 +52,9 @@ def padded_sdpa(q, k, v, seqlens, max_len):
         mask[i, ..., :L] = True
         start += L
     out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=mask, enable_gqa=True
-    )
+        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=mask if masked else None,
+        enable_gqa=True,
+    )  # fmt: skip
     return torch.cat([out.transpose(1, 2)[i, :L] for i, L in enumerate(seqlens)])
 
 
@@ -91,6 +95,17 @@ def _sdpa_backend(name: str):
         with sdpa_kernel(backend):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
+
+    return run
+
+
+def _padded_flash(seqlens: list[int]):
+    """padded_sdpa without a mask under SDPA's flash backend (the issue-12 target's baseline for Dh 72 GQA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return padded_sdpa(q, k, v, seqlens, max(seqlens), masked=False)
 
     return run
 
@@ -150,6 +165,10 @@ def _packed_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
                     if flex is not None:
                         impls["flex docmask"] = lambda leaves=leaves, direction=direction: _timed(
                             flex, leaves[:3], direction
+                        )
+                    if device.type == "cuda":
+                        impls["padded SDPA flash"] = lambda leaves=leaves, direction=direction: _timed(
+                            _padded_flash(seqlens), leaves[:3], direction
                         )
                 mult = 1.0 if direction == "fwd" else FWD_BWD_FACTOR
                 flops = int(mult * attention_flops(seqlens, lens_t, heads, head_dim))
@@ -242,8 +261,8 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
             text_max_seqlen=lt, gate=gate, backend="triton",
         ).view(b, L, h, dh)  # fmt: skip
 
-    def fused_rope_in_kernel(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
-        # LayerNorm only, RoPE applied inside the attention kernel as q/k tiles are loaded.
+    def fused_rope_by_freqs(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
+        # LayerNorm only; RoPE through the attention's freqs= (q and k rotated once into a copy, then attended).
         q = F.layer_norm(xq.flatten(2), (h * dh,), qw, qb).view(-1, h, dh)
         k = F.layer_norm(xk.flatten(2), (h * dh,), kw, kb).view(-1, h, dh)
         yk = F.layer_norm(yk.flatten(2), (h * dh,), kyw, kyb).view(-1, h, dh)
@@ -255,7 +274,7 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
     impls_fns = {"lumina eager": eager, "torch.compile": torch.compile(eager)}
     if _triton_on(device):
         impls_fns["fk fused"] = fused
-        impls_fns["fk fused rope-in-attn"] = fused_rope_in_kernel
+        impls_fns["fk fused freqs="] = fused_rope_by_freqs
     out: list[Case] = []
     for direction in ("fwd", "fwd+bwd"):
         leaves = [x.detach().clone().requires_grad_(direction != "fwd") for x in tensors]

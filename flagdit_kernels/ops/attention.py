@@ -200,31 +200,38 @@ def _fwd_op(
     text_k: Tensor | None,
     text_v: Tensor | None,
     text_cu_seqlens: Tensor | None,
-    text_max_seqlen: int,
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
     lse_returned: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, o_text, lse_self, lse_text), LSEs in natural log; the last three are saved for the backward.
-    ``lse_returned`` (unused here) tells the backward whether lse_self reached the caller, so that the zero
-    gradient autograd hands it for an unused output is not read."""
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, o_text, lse_self, lse_text, q_rot, k_rot), LSEs in natural log; all but out are saved for
+    the backward. q_rot / k_rot are q and k rotated by RoPE (empty without ``freqs``): the backward reads them.
+    ``lse_returned`` and ``deterministic`` are for the backward: whether lse_self reached the caller (else the
+    zero gradient autograd hands an unused output is not read) and which dq path to take."""
     from ..triton import varlen_attention as kernels
 
-    return kernels.forward(
+    out, o_text, lse, lse_t, q_rot, k_rot = kernels.forward(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs
     )
+    if freqs is None:  # q_rot, k_rot are q, k themselves: an output may not alias an input
+        q_rot, k_rot = q.new_empty(0), k.new_empty(0)
+    return out, o_text, lse, lse_t, q_rot, k_rot
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, text_max_seqlen,
-              tanh_gate, freqs, lse_returned):  # fmt: skip
+def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
+              lse_returned, deterministic):  # fmt: skip
     T, H, D = q.shape
     has_text = text_k is not None
     out = q.new_empty((T, H, D))
     o_text = q.new_empty((T, H, D) if has_text else (0,))
     lse = q.new_empty((H, T), dtype=torch.float32)
     lse_t = q.new_empty((H, T) if has_text else (0,), dtype=torch.float32)
-    return out, o_text, lse, lse_t
+    rotated = freqs is not None
+    q_rot = q.new_empty(q.shape if rotated else (0,))
+    k_rot = k.new_empty(k.shape if rotated else (0,))
+    return out, o_text, lse, lse_t, q_rot, k_rot
 
 
 @torch.library.custom_op("flagdit_kernels::varlen_attention_bwd", mutates_args=())
@@ -244,17 +251,18 @@ def _bwd_op(
     text_k: Tensor | None,
     text_v: Tensor | None,
     text_cu_seqlens: Tensor | None,
-    text_max_seqlen: int,
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
-    the gradient of the self-attention LSE (None when the caller did not take it)."""
+    the gradient of the self-attention LSE (None when the caller did not take it). With ``freqs``, q and k are
+    the forward's rotated copies and dq, dk come back as the gradients of the unrotated inputs."""
     from ..triton import varlen_attention as kernels
 
     dq, dk, dv, dtk, dtv, dtg = kernels.backward(
         dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
-        text_k, text_v, text_cu_seqlens, text_max_seqlen, tanh_gate, freqs,
+        text_k, text_v, text_cu_seqlens, tanh_gate, freqs, deterministic,
     )  # fmt: skip
     if text_k is None:
         dtk, dtv, dtg = q.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
@@ -263,7 +271,7 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
-              text_cu_seqlens, text_max_seqlen, tanh_gate, freqs):  # fmt: skip
+              text_cu_seqlens, tanh_gate, freqs, deterministic):  # fmt: skip
     has_text = text_k is not None
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -276,47 +284,50 @@ def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seql
 
 
 def _fwd_setup(ctx, inputs, output):
-    (q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs, lse_returned) = inputs
-    out, o_text, lse, lse_t = output
+    q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, tanh_gate, freqs, lse_returned, deterministic = inputs
+    out, o_text, lse, lse_t, q_rot, k_rot = output
+    if freqs is not None:  # the backward reads the rotated copies, not the inputs
+        q, k = q_rot, k_rot
     ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs)
-    ctx.sizes = (max_seqlen, scale, text_max_seqlen)
-    ctx.lse_returned = lse_returned
+    ctx.sizes = (max_seqlen, scale)
+    ctx.lse_returned, ctx.deterministic = lse_returned, deterministic
 
 
-def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t):
+def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t, _d_q_rot, _d_k_rot):
     q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs = ctx.saved_tensors
-    max_seqlen, scale, text_max_seqlen = ctx.sizes
+    max_seqlen, scale = ctx.sizes
     dq, dk, dv, dtk, dtv, dtg = _bwd_op(
         dout, d_lse if ctx.lse_returned else None, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
-        text_k, text_v, text_cu, text_max_seqlen, tanh_gate, freqs,
+        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic,
     )  # fmt: skip
     if text_k is None:
         dtk = dtv = dtg = None
-    return dq, dk, dv, None, None, None, dtk, dtv, None, None, dtg, None, None
+    return dq, dk, dv, None, None, None, dtk, dtv, None, dtg, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 def _varlen_attention_triton(
-    q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, *, text_k=None, text_v=None, text_cu_seqlens=None,
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, text_k=None, text_v=None, text_cu_seqlens=None,
     text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False,
 ):  # fmt: skip
-    """The Triton backend: one fused kernel per direction (self + gated text + RoPE); see the kernel module."""
-    if q.dtype not in TRITON_DTYPES:
-        raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got {q.dtype}")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    """The Triton backend: fused self + gated text kernels; see flagdit_kernels/triton/varlen_attention.py.
+    The backward accumulates dq with atomics unless ``deterministic`` (or torch.use_deterministic_algorithms
+    without warn_only) asks for the ordered path."""
+    scale = float(softmax_scale)
     tanh_gate = None
-    if text_k is not None:
-        if text_max_seqlen is None:  # one host sync; pass text_max_seqlen to avoid it
-            text_max_seqlen = int((text_cu_seqlens[1:] - text_cu_seqlens[:-1]).max())
+    if text_k is not None:  # text_max_seqlen is not needed: the kernels' grids come from the tensor shapes
         # tanh in torch (H values): its autograd turns the kernel's d tanh(gate) into d gate.
         tanh_gate = torch.tanh(gate.float())
     if freqs is not None and freqs.dtype != torch.float32:
         freqs = freqs.float()  # the reference rotates with fp32 tables too
-    out, _, lse, _ = _fwd_op(
-        q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, text_max_seqlen or 0,
-        tanh_gate, freqs, return_lse,
+    deterministic = deterministic or (
+        torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    )
+    out, _, lse, _, _, _ = _fwd_op(
+        q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs, return_lse,
+        deterministic,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -65,13 +65,11 @@ class _LseGradient(torch.autograd.Function):
 
 
 def _varlen_attention_flash_attn(
-    q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, *, text_k=None, text_v=None, text_cu_seqlens=None,
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, text_k=None, text_v=None, text_cu_seqlens=None,
     text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False,
 ):  # fmt: skip
     attend = flash_varlen_func()
-    if q.dtype not in FLASH_ATTN_DTYPES:
-        raise TypeError(f"the flash_attn backend supports float16 and bfloat16, got {q.dtype}")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = float(softmax_scale)
     cu_seqlens = cu_seqlens.contiguous()
     if freqs is not None:
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)

@@ -1,0 +1,418 @@
+"""What the attention kernels compile to on Hopper, without a GPU: registers, spills, shared memory and the
+instruction mix of each kernel's inner loop, for the launches a real call of each benchmark shape makes.
+
+Nothing is specialized by hand. The report calls the Triton backend of ``varlen_attention`` (forward, then
+backward through autograd) on CPU tensors of the benchmark's real shapes and layouts, with Triton's launch
+path pointed at a stand-in sm_90 device: each kernel launch goes through Triton's own argument specialization
+(a head stride of 72 is not divisible by 16, pointers are checked for 16-byte alignment, integer 1 becomes a
+constant), is compiled for the target by Triton's NVIDIA backend and its bundled ptxas, and is not run. The
+launcher picks tiles exactly as on the GPU (the untuned default: the first config that fits, skipping tiles
+over the card's shared memory; ``--all-configs``: every config the autotuner would try). Tensors come from
+``torch.empty``, so the 100+ MB inputs are never touched::
+
+    python -m flagdit_kernels.tools.compile_report                  # Markdown table to stdout
+    python -m flagdit_kernels.tools.compile_report --json out.json --md out.md --head-dims 72,128
+
+Per compiled kernel: ptxas's registers and spill bytes (from the log of Triton's own ptxas run), shared memory,
+and, in the main loop (the innermost loop with the most matmul instructions in the SASS), the count of
+instructions, tensor-core ops (``HGMMA``, i.e. wgmma; and ``tl.dot``s in the TTGIR), ``cp.async``
+(``LDGSTS``), TMA loads (``UTMALDG``), 16-byte global loads / stores, scalar 2-byte global accesses, local
+memory accesses (spills inside the loop) and atomics. For the attention kernels the grid is compared with the
+tiles that hold tokens. Run without ``TRITON_INTERPRET``; one target per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# Opt-in shared memory per block on sm_90 and sm_100 (227 KB): a bigger tile fails to launch there.
+SHARED_LIMIT = 232448
+# The packed batch of the benchmarks (five mixed-resolution samples, 16624 tokens) and its text length.
+PACKED_LENS = (4160, 2112, 8256, 1056, 1040)
+TEXT_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark layout: sequence lengths, query / kv heads, head dim."""
+
+    name: str
+    lens: tuple[int, ...]
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+SHAPES = {
+    64: Shape("dense B2 L4096 H32", (4096, 4096), 32, 32, 64),
+    72: Shape("packed 16624 tok H32/8 (Lumina-Next 2B)", PACKED_LENS, 32, 8, 72),
+    96: Shape("dense B4 L4096 H24", (4096,) * 4, 24, 24, 96),
+    128: Shape("packed 16624 tok H32", PACKED_LENS, 32, 32, 128),
+    256: Shape("packed 16624 tok H16", PACKED_LENS, 16, 16, 256),
+}
+
+
+@dataclass
+class Row:
+    """One compiled launch and what its SASS / TTGIR / ptxas log show."""
+
+    shape: str
+    head_dim: int
+    text: bool
+    rope: bool
+    kernel: str
+    config: str
+    regs: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    shared: int = 0
+    fits: bool = True
+    grid: tuple[int, ...] = ()
+    programs: int = 0
+    useful_programs: int | None = None
+    kernel_counts: dict = field(default_factory=dict)
+    loop_counts: dict = field(default_factory=dict)
+    loop_dots: int = 0
+    kernel_dots: int = 0
+    local_in_loops: int = 0  # local-memory accesses (spills) in all innermost loops together
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Capturing launches: Triton's launch path, compiled for a stand-in device and never run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _StandInDriver:
+    """What Triton's JIT asks the active driver while it specializes and compiles a launch."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+# ptxas's log of every kernel compiled in this process, by kernel hash (a kernel Triton already holds in memory is
+# not compiled again, so its log must outlive one report() call).
+_PTXAS_LOGS: dict[str, str] = {}
+
+
+@dataclass
+class _Launch:
+    fn: object
+    kernel: object
+    grid: tuple[int, ...]
+    consts: dict
+
+
+@contextlib.contextmanager
+def _captured_launches(arch: int, launches: list[_Launch], ptxas_logs: dict) -> Iterator[None]:
+    """Every ``kernel[grid](...)`` inside compiles for ``arch`` through Triton's own JIT (exact argument
+    specialization) and is recorded instead of launched. A tile over the card's shared memory raises
+    OutOfResources, as its launch would on the GPU, so untuned launchers fall through to the next tile."""
+    from triton import knobs
+    from triton.runtime import driver
+    from triton.runtime.errors import OutOfResources
+    from triton.runtime.jit import JITFunction
+
+    original_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if log.getvalue():
+            ptxas_logs[kernel.hash] = log.getvalue()
+        meta = {**dict(zip(self.arg_names, args)), **kwargs}
+        dims = tuple(grid(meta) if callable(grid) else grid)
+        launches.append(_Launch(self, kernel, dims, {k: v for k, v in meta.items() if _is_scalar(v)}))
+        if kernel.metadata.shared > SHARED_LIMIT:
+            raise OutOfResources(kernel.metadata.shared, SHARED_LIMIT, "shared memory")
+        return kernel
+
+    saved = (knobs.nvidia.dump_ptxas_log, knobs.cache.dir, driver._active)
+    with tempfile.TemporaryDirectory() as cache:
+        # A fresh cache: every kernel is compiled here, so ptxas runs and its log is captured.
+        knobs.nvidia.dump_ptxas_log, knobs.cache.dir = True, cache
+        driver.set_active(_StandInDriver(arch))
+        JITFunction.run = run
+        try:
+            yield
+        finally:
+            JITFunction.run = original_run
+            knobs.nvidia.dump_ptxas_log, knobs.cache.dir, driver._active = saved  # no GPU driver to reset to
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, (int, float, bool, str)) or v is None
+
+
+def _call(shape: Shape, text: bool, rope: bool, dtype: torch.dtype, arch: int, deterministic: bool = False) -> None:
+    """One forward + backward of the Triton backend on never-touched CPU tensors of ``shape``."""
+    from ..ops import attention as attn
+    from ..ops.rope import rope_freqs
+    from ..triton import varlen_attention as kernels
+
+    T, B = sum(shape.lens), len(shape.lens)
+    H, Hk, D = shape.heads, shape.kv_heads, shape.head_dim
+
+    def empty(*size):
+        return torch.empty(size, dtype=dtype).requires_grad_()
+
+    cu = torch.tensor([0, *torch.tensor(shape.lens).cumsum(0).tolist()], dtype=torch.int32)
+    extra = {}
+    if text:
+        extra = dict(
+            text_k=empty(B * TEXT_TOKENS, Hk, D), text_v=empty(B * TEXT_TOKENS, Hk, D),
+            text_cu_seqlens=torch.arange(B + 1, dtype=torch.int32) * TEXT_TOKENS, text_max_seqlen=TEXT_TOKENS,
+            gate=torch.zeros(H, dtype=dtype).requires_grad_(),
+        )  # fmt: skip
+    if rope:
+        extra["freqs"] = rope_freqs(D, torch.cat([torch.arange(n) for n in shape.lens]))
+    with kernels.assume_capability(divmod(arch, 10)):
+        out = attn._varlen_attention_triton(empty(T, H, D), empty(T, Hk, D), empty(T, Hk, D), cu, max(shape.lens),
+                                            1 / math.sqrt(D), deterministic=deterministic, **extra)  # fmt: skip
+        out.backward(torch.empty_like(out))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a compiled kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`?\(?)(0x[0-9a-f]+)")
+# Instruction classes counted in a loop and in the whole kernel (matched against the opcode with modifiers).
+_CLASSES: dict[str, Callable[[str], bool]] = {
+    "instrs": lambda op: True,
+    "hgmma": lambda op: op.startswith("HGMMA"),
+    "cp_async": lambda op: op.startswith("LDGSTS"),
+    "tma_load": lambda op: op.startswith("UTMALDG"),
+    "ld128": lambda op: op.startswith("LDG") and ".128" in op,
+    "st128": lambda op: op.startswith("STG") and ".128" in op,
+    "ld16b": lambda op: op.startswith("LDG") and (".U16" in op or ".S16" in op),
+    "st16b": lambda op: op.startswith("STG") and (".U16" in op or ".S16" in op),
+    "local": lambda op: op.startswith(("LDL", "STL")),
+    # global reductions / atomics and the copy engine's reduce (not REDUX, a warp reduction, nor shared ATOMS)
+    "atomic": lambda op: op.split(".")[0] in ("RED", "REDG", "ATOM", "ATOMG", "UTMAREDG"),
+}
+
+
+def _sass(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, opcode with modifiers and operands) of every instruction."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    out = []
+    for line in text.splitlines():
+        m = _SASS_LINE.search(line)
+        if m:
+            body = re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())
+            out.append((int(m.group(1), 16), body))
+    return out
+
+
+def _count(instrs: list[tuple[int, str]]) -> dict[str, int]:
+    return {name: sum(1 for _, ins in instrs if test(ins.split()[0])) for name, test in _CLASSES.items()}
+
+
+def _innermost_loops(instrs: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(first, last) addresses of the SASS loops (a backward branch) that contain no other loop."""
+    loops = []
+    for addr, ins in instrs:
+        m = _BRANCH.search(ins)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    return [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in loops)]
+
+
+def _loop_bodies(instrs: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
+    return [[x for x in instrs if lo <= x[0] <= hi] for lo, hi in _innermost_loops(instrs)]
+
+
+def _main_loop(instrs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The instructions of the innermost loop with the most tensor-core ops, the last of equals (the forward's
+    self-key loop comes after its text-key loop): the hot loop."""
+    hgmma = lambda body: sum(1 for _, ins in body if ins.startswith("HGMMA"))
+    return max(_loop_bodies(instrs), key=lambda body: (hgmma(body), body[0][0]), default=[])
+
+
+def _ttgir_dots(ttgir: str) -> tuple[int, int]:
+    """(dots in the innermost scf.for with the most dots, dots in the kernel), counted in the TTGIR."""
+    is_dot = re.compile(r"= (?:ttng\.warp_group_dot|tt\.dot|ttng\.tc_gen5_mma) ")
+    lines = ttgir.splitlines()
+    loops, stack = [], []
+    depth = 0
+    for i, line in enumerate(lines):
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            stack.append((depth, i))
+        depth += line.count("{") - line.count("}")
+        while stack and depth <= stack[-1][0]:
+            loops.append((stack.pop()[1], i))
+    innermost = [a for a in loops if not any(b != a and a[0] < b[0] and b[1] <= a[1] for b in loops)]
+    per_loop = [sum(1 for line in lines[lo:hi] if is_dot.search(line)) for lo, hi in innermost]
+    return max(per_loop, default=0), sum(1 for line in lines if is_dot.search(line))
+
+
+def _ptxas(log: str) -> tuple[int | None, int | None, int | None]:
+    regs = re.findall(r"Used (\d+) registers", log)
+    stores = re.findall(r"(\d+) bytes spill stores", log)
+    loads = re.findall(r"(\d+) bytes spill loads", log)
+    first = lambda xs: int(xs[0]) if xs else None
+    return first(regs), first(stores), first(loads)
+
+
+def _config(consts: dict, kernel) -> str:
+    tiles = "x".join(str(consts[k]) for k in ("BLOCK_M", "BLOCK_N") if k in consts)
+    label = f"{tiles}/w{kernel.metadata.num_warps}/s{kernel.metadata.num_stages}"
+    return label + (" TMA" if consts.get("TMA") else "")
+
+
+def _useful_programs(name: str, consts: dict, shape: Shape, text: bool) -> int | None:
+    """Programs of an attention kernel's grid whose tile holds at least one token (None for token-parallel
+    kernels, whose every program has work)."""
+    q_tiles = lambda block: sum(math.ceil(n / block) for n in shape.lens)
+    if "BLOCK_M" in consts and name in ("_fwd_kernel", "_bwd_dq"):
+        return q_tiles(consts["BLOCK_M"]) * shape.heads
+    if "BLOCK_N" in consts and name == "_bwd_dkdv":
+        text_tiles = len(shape.lens) * math.ceil(TEXT_TOKENS / consts["BLOCK_N"]) if text else 0
+        return (q_tiles(consts["BLOCK_N"]) + text_tiles) * shape.kv_heads
+    return None
+
+
+def _row(shape: Shape, text: bool, rope: bool, launch: _Launch, logs: dict) -> Row:
+    kernel, name = launch.kernel, launch.fn.__name__
+    row = Row(shape.name, shape.head_dim, text, rope, name, _config(launch.consts, kernel))
+    row.regs, row.spill_stores, row.spill_loads = _ptxas(logs.get(kernel.hash, ""))
+    row.shared = kernel.metadata.shared
+    row.fits = row.shared <= SHARED_LIMIT
+    row.grid = launch.grid
+    row.programs = math.prod(launch.grid)
+    row.useful_programs = _useful_programs(name, launch.consts, shape, text)
+    instrs = _sass(kernel.asm["cubin"])
+    row.kernel_counts = _count(instrs)
+    row.loop_counts = _count(_main_loop(instrs))
+    row.local_in_loops = sum(_count(body)["local"] for body in _loop_bodies(instrs))
+    row.loop_dots, row.kernel_dots = _ttgir_dots(kernel.asm["ttgir"])
+    return row
+
+
+def report(
+    head_dims=(64, 72, 96, 128, 256),
+    arch: int = 90,
+    all_configs: bool = False,
+    variants=None,
+    dtype=torch.bfloat16,
+    deterministic: bool = False,
+) -> list[Row]:
+    """One Row per kernel launched by forward + backward at each head dim's benchmark shape, for every
+    (text, rope) in ``variants`` (default: all four); ``deterministic`` takes the ordered backward."""
+    from ..triton import varlen_attention as kernels
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
+    variants = variants or [(t, r) for t in (False, True) for r in (False, True)]
+    rows: list[Row] = []
+    logs = _PTXAS_LOGS
+    with kernels.autotune_mode("compile" if all_configs else "0"):
+        for d in head_dims:
+            shape = SHAPES[d]
+            for text, rope in variants:
+                launches: list[_Launch] = []
+                with _captured_launches(arch, launches, logs):
+                    _call(shape, text, rope, dtype, arch, deterministic)
+                # A kernel launched twice alike in one call (the offsets repair, forward and backward) is one row.
+                unique = {(launch.kernel.hash, launch.grid): launch for launch in launches}
+                rows.extend(_row(shape, text, rope, launch, logs) for launch in unique.values())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "Dh", "text", "rope", "kernel", "tile/warps/stages", "regs", "spill B", "smem KB", "loop instrs", "dots",
+    "wgmma", "cp.async", "TMA", "LDG/STG.128", "2-byte ld/st", "local ld/st (all loops)", "atomics",
+    "programs (empty)",
+)  # fmt: skip
+
+
+def markdown(rows: list[Row]) -> str:
+    """The report as a Markdown table (loop columns: the kernel's main loop). A tile over the card's shared
+    memory is listed (the launcher tried it) and marked: it does not launch, the next tile does."""
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + " --- |" * len(_COLUMNS)]
+    for r in rows:
+        c = r.loop_counts
+        empty = "" if r.useful_programs is None else f" ({r.programs - r.useful_programs})"
+        spill = "?" if r.spill_stores is None else str(r.spill_stores)
+        cells = [
+            r.head_dim, "y" if r.text else "", "y" if r.rope else "", r.kernel,
+            r.config if r.fits else f"{r.config} (over smem: not launched)", r.regs or "?", spill,
+            f"{r.shared / 1024:.0f}", c.get("instrs", 0), r.loop_dots, c.get("hgmma", 0), c.get("cp_async", 0),
+            c.get("tma_load", 0), f"{c.get('ld128', 0)}/{c.get('st128', 0)}",
+            f"{c.get('ld16b', 0)}/{c.get('st16b', 0)}", f"{c.get('local', 0)} ({r.local_in_loops})", c.get("atomic", 0),
+            f"{r.programs}{empty}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flagdit_kernels.tools.compile_report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
+    parser.add_argument("--head-dims", default="64,72,96,128,256", help="comma-separated, from " + str(list(SHAPES)))
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the default")
+    parser.add_argument("--deterministic", action="store_true", help="the deterministic backward (separate dq)")
+    parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    parser.add_argument("--md", metavar="PATH", help="write the Markdown table here instead of stdout")
+    args = parser.parse_args(argv)
+    import triton
+
+    head_dims = tuple(int(d) for d in args.head_dims.split(",") if d)
+    rows = report(head_dims, args.arch, args.all_configs, deterministic=args.deterministic)
+    table = markdown(rows)
+    path = "deterministic backward" if args.deterministic else "default backward (dq by atomics)"
+    header = f"Triton {triton.__version__}, sm_{args.arch}, bf16, torch {torch.__version__}, {path}\n\n"
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(header + table)
+    else:
+        print(header + table, end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "arch": args.arch, "rows": [asdict(r) for r in rows]}, f,
+                      indent=1)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

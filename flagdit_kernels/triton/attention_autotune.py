@@ -1,0 +1,267 @@
+"""Tile choice of the varlen attention kernels: the tiles each kernel may run and how a launch picks one.
+
+FLAGDIT_KERNELS_AUTOTUNE picks the mode: ``1`` (the default) times every tile that fits the first time a
+regime is seen and remembers the fastest; ``0`` launches the first tile that fits (one compile per variant, no
+timing: the test suite runs this way, and so does the interpreter, always); ``compile`` runs every tile once
+without timing, to fill Triton's compile cache from parallel processes (``python -m flagdit_kernels.bench.warm``).
+
+A tuning result is keyed by everything that can change the answer: the kernel and its source (Triton's cache
+key), the Triton version, the GPU's name and compute capability, the dtype, head dim, GQA ratio, text and RoPE
+flags, a bucket of the sequence length (powers of two from 256 to 128K) and the kernel's other compile-time
+flags (descriptor loads allowed, vector width, dq path). Results persist as one small JSON file per key under
+FLAGDIT_KERNELS_AUTOTUNE_CACHE (default: ``flagdit_autotune`` in Triton's cache directory), written
+atomically. A file is trusted only if it parses, names exactly this key and names a tile among those offered
+for it; anything else (truncated, empty, foreign, or edited to a tile not offered) is re-tuned and rewritten,
+with one warning. An unwritable directory keeps results in memory for the process, with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources, PTXASError
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+AUTOTUNE_MODE = "0" if INTERPRETED else os.environ.get("FLAGDIT_KERNELS_AUTOTUNE", "1")
+if AUTOTUNE_MODE not in ("0", "1", "compile"):
+    raise ValueError(f"FLAGDIT_KERNELS_AUTOTUNE must be 0, 1 or compile, got {AUTOTUNE_MODE!r}")
+CACHE_VERSION = 1
+
+
+@contextlib.contextmanager
+def autotune_mode(mode: str) -> Iterator[None]:
+    """Launches inside use ``mode`` (as FLAGDIT_KERNELS_AUTOTUNE would), e.g. "compile" for every tile."""
+    global AUTOTUNE_MODE
+    saved, AUTOTUNE_MODE = AUTOTUNE_MODE, mode
+    try:
+        yield
+    finally:
+        AUTOTUNE_MODE = saved
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration: BLOCK_M x BLOCK_N rows, warps, pipeline stages, and whether the tiles move
+    through tensor descriptors (TMA) where the launcher allows it."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    tma: bool = False
+
+    def consts(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "TMA": self.tma}
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}/w{self.warps}/s{self.stages}" + (" TMA" if self.tma else "")
+
+
+if INTERPRETED:
+    FWD_TILES = DQ_TILES = DKDV_TILES = [Tile(32, 32, 4, 1)]
+else:
+    # Chosen from the compile report for sm_90 (Triton 3.6 and 3.9, bf16; no GPU was available to time them),
+    # the untuned default first: 8 warps (two warpgroups) for 128-row tiles (4 warps spill the 128-row fp32
+    # accumulator). The forward and dq kernels may also read keys and values through the copy engine (TMA): no
+    # address arithmetic in the loop. Triton's warp specialization (tl.range(..., warp_specialize=True)) was
+    # tried: 3.6 does not split this loop on sm_90, so it is not offered.
+    FWD_TILES = [
+        Tile(128, 64, 8, 3),
+        Tile(128, 128, 8, 2),
+        Tile(128, 64, 8, 4),
+        Tile(64, 64, 8, 3),  # the Dh-256 default: with 4 warps the text variant spills inside its loop
+        Tile(64, 64, 4, 3),
+        Tile(64, 32, 4, 2),
+        Tile(128, 64, 8, 3, tma=True),
+        Tile(128, 128, 8, 2, tma=True),
+    ]
+    DQ_TILES = [
+        Tile(128, 64, 8, 2),
+        Tile(128, 32, 8, 3),
+        Tile(64, 64, 4, 2),
+        Tile(64, 32, 4, 2),
+        Tile(128, 64, 8, 2, tma=True),
+    ]
+    # dk/dv (+ dq by atomics): 8 warps hold the two (BLOCK_N, Dh) fp32 accumulators, 128 registers a thread at
+    # BLOCK_N x Dh = 128 x 128. 64x128 fits without spilling in its loop only with tensor descriptors (q, dO
+    # through the copy engine, dq added by TMA reduce: no per-thread addresses); with pointer loads and pointer
+    # atomics it spills inside the loop, so the pointer default is 32x128. Dh 256 takes 32x64 (every tile tried
+    # there spills some). See dkdv_prune for Triton 3.6.
+    DKDV_TILES = [
+        Tile(64, 128, 8, 2, tma=True),
+        Tile(32, 128, 8, 2, tma=True),
+        Tile(32, 128, 8, 2),
+        Tile(32, 64, 8, 2, tma=True),
+        Tile(32, 64, 8, 2),
+        Tile(64, 128, 8, 3, tma=True),
+        Tile(64, 128, 8, 1, tma=True),
+    ]
+
+
+def prune(tiles: list[Tile], consts: dict) -> list[Tile]:
+    """The tiles whose q/k/v/acc footprint fits this head dim (256 needs small tiles), descriptor tiles only
+    where the launcher found the tensors fit descriptors (TMA_OK)."""
+    block_d = consts.get("D0", 128) + consts.get("D1", 0)
+    usable = [t for t in tiles if consts.get("TMA_OK", False) or not t.tma]
+    keep = [t for t in usable if max(t.block_m, t.block_n) * block_d <= 128 * 128]
+    return keep or [min(usable, key=lambda t: t.block_m * t.block_n)]
+
+
+def dkdv_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
+    """prune, less the pipelined 64x128 dk/dv tile at head dims of 128 columns or more on Triton 3.6, where it
+    spills inside its loop (40 local accesses per iteration at Dh 128; Triton 3.9 holds it in registers)."""
+    if TRITON_VERSION < (3, 7) and consts.get("D0", 128) + consts.get("D1", 0) >= 128:
+        tiles = [t for t in tiles if not (t.block_m == 64 and t.stages > 1)]
+    return prune(tiles, consts)
+
+
+def seq_bucket(max_seqlen: int) -> int:
+    """The sequence-length regime a tuning result stands for: max_seqlen rounded up to a power of two, 256 to
+    128K (a tuning hint only: the kernels never trust max_seqlen)."""
+    return min(max(triton.next_power_of_2(max(max_seqlen, 1)), 256), 1 << 17)
+
+
+def device_fields(device: torch.device) -> dict:
+    """The part of a tuning key that names the card."""
+    if device.type != "cuda":
+        return {"device": device.type}
+    return {"device": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device))}
+
+
+def measure(fn: Callable[[], object]) -> float:
+    """Milliseconds per call (Triton's do_bench, shortened: tuning runs once per regime and card)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=40)
+
+
+def cache_dir() -> str:
+    return os.environ.get("FLAGDIT_KERNELS_AUTOTUNE_CACHE") or os.path.join(triton.knobs.cache.dir, "flagdit_autotune")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(topic: str, message: str) -> None:
+    if topic not in _warned:
+        _warned.add(topic)
+        warnings.warn(f"flagdit_kernels: {message}", RuntimeWarning, stacklevel=4)
+
+
+def _read(path: str, key: str, offered: list[Tile]) -> Tile | None:
+    """The tile a cache file names, if the file is this key's and the tile one of those offered; else None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):  # never tuned here (or no cache directory at all)
+        return None
+    except (OSError, ValueError) as exc:  # unreadable, empty, truncated, not JSON, not UTF-8
+        _warn_once(path, f"ignoring the unreadable autotune cache file {path} ({type(exc).__name__}); re-tuning")
+        return None
+    try:
+        ok = data["version"] == CACHE_VERSION and data["key"] == key
+        tile = Tile(**data["tile"]) if ok else None
+    except (TypeError, KeyError):
+        tile = None
+    if tile not in offered:
+        _warn_once(path, f"ignoring the autotune cache file {path}: not a tuning result for this kernel and "
+                         "regime, or it names a tile not offered for it; re-tuning")  # fmt: skip
+        return None
+    return tile
+
+
+def _write(path: str, key: str, tile: Tile, timings: dict[str, float]) -> None:
+    """Atomically (write a temporary file, then rename); an unwritable directory leaves the result in memory."""
+    data = {"version": CACHE_VERSION, "key": key, "tile": asdict(tile), "timings_ms": timings}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
+            json.dump(data, f, indent=1)
+        os.replace(f.name, path)
+    except OSError as exc:
+        _warn_once("unwritable", f"cannot write autotune results to {os.path.dirname(path)} ({exc}); keeping them "
+                                 "in memory for this process")  # fmt: skip
+
+
+class TunedKernel:
+    """A Triton kernel with the tiles it may run: ``launch`` picks one as AUTOTUNE_MODE says."""
+
+    def __init__(self, name: str, fn, tiles: list[Tile], pruner: Callable = prune):
+        self.name, self.fn, self.tiles, self.pruner = name, fn, tiles, pruner
+        self.chosen: dict[str, Tile] = {}  # tuning key -> tile, this process
+
+    def _run(self, tile: Tile, grid, args, consts) -> None:
+        self.fn[grid](*args, **consts, **tile.consts(), num_warps=tile.warps, num_stages=tile.stages)
+
+    def key(self, consts: dict, regime: dict) -> str:
+        fields = {
+            "kernel": self.name, "source": getattr(self.fn, "cache_key", ""), "triton": triton.__version__,
+            **regime, "consts": {k: str(v) for k, v in sorted(consts.items())},
+        }  # fmt: skip
+        return json.dumps(fields, sort_keys=True, default=str)
+
+    def tuned(self) -> dict[str, str]:
+        """{regime, readably: tile} of what this process tuned (the full key names the source and Triton too)."""
+        out = {}
+        for key, tile in self.chosen.items():
+            fields = json.loads(key)
+            flags = " ".join(f"{k}={v}" for k, v in fields["consts"].items() if k in ("TMA_OK", "VEC", "ATOMIC_DQ"))
+            regime = " ".join(str(fields.get(k)) for k in ("device", "dtype", "head_dim", "gqa", "text", "rope", "seq"))
+            out[f"{regime} {flags}".strip()] = str(tile)
+        return out
+
+    def launch(self, grid, *args, regime: dict, reset: Callable[[], object] | None = None, **consts) -> None:
+        """Runs the kernel once with the chosen tile. ``regime``: the launcher's tuning-key fields (device,
+        dtype, head dim, GQA ratio, text / RoPE flags, length bucket). ``reset`` restores what a run accumulates
+        into (the dq buffer) before each run, so that timing runs leave no trace in the result."""
+        reset = reset or (lambda: None)
+        offered = self.pruner(self.tiles, consts)
+        if AUTOTUNE_MODE == "1":
+            tile = self._tuned(grid, args, consts, regime, offered, reset)
+            reset()
+            self._run(tile, grid, args, consts)
+            return
+        error = None
+        for tile in offered:
+            try:
+                reset()
+                self._run(tile, grid, args, consts)
+            except (OutOfResources, PTXASError) as exc:
+                error = exc  # the card cannot hold this tile (shared memory, registers): try the next one
+                continue
+            if AUTOTUNE_MODE == "0":
+                return
+        if AUTOTUNE_MODE == "0" and error is not None:
+            raise error
+
+    def _tuned(self, grid, args, consts, regime, offered, reset) -> Tile:
+        key = self.key(consts, regime)
+        if key in self.chosen:
+            return self.chosen[key]
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        path = os.path.join(cache_dir(), f"{self.name.replace('/', '')}-{digest}.json")
+        tile = _read(path, key, offered)
+        if tile is None:
+            timings, error = {}, None
+            for candidate in offered:
+                try:
+                    reset()
+                    self._run(candidate, grid, args, consts)  # compiles; the card may not hold the tile
+                except (OutOfResources, PTXASError) as exc:
+                    error = exc
+                    continue
+                timings[str(candidate)] = measure(lambda c=candidate: (reset(), self._run(c, grid, args, consts)))
+            if not timings:
+                raise error
+            tile = next(t for t in offered if str(t) == min(timings, key=timings.get))
+            _write(path, key, tile, timings)
+        self.chosen[key] = tile
+        return tile

@@ -1,0 +1,353 @@
+"""Backward kernels of the varlen attention.
+
+* ``_bwd_preprocess``: ``delta_self = rowsum(dO * o_self) - dlse`` with ``o_self = out - tg * o_text``,
+  ``r = rowsum(dO * o_text)``, ``delta_text = tg * r``; the caller sums ``r`` per head for d tanh(gate).
+* ``_bwd_dkdv``: one program per (key block, sample, kv head) loops over the GQA group's query heads and the
+  sample's query blocks; one launch covers the text key blocks (dO scaled by tg, first in the grid) and the
+  self key blocks. Per (key block, query block) pair it runs the backward's five matmuls: S^T = K Q^T,
+  dV += P^T dO, dP^T = V dO^T, dK += dS^T Q and, with ATOMIC_DQ, dQ += dS K, added to an fp32 dq buffer with
+  atomics (FlashAttention-2/3's scheme: the scores are computed once for dk, dv and dq).
+* ``_bwd_dq`` (the deterministic path, ``deterministic=True``): one program per (query block, head) loops over
+  self keys (pointer or descriptor loads, as for the forward), then text keys, recomputing P and dP (seven
+  matmuls in all with the dk/dv kernel), and writes its dq block alone, so every sum runs in a fixed order.
+* ``_bwd_dq_postprocess``: the fp32 dq buffer times its unit, rotated back by RoPE when the call has it, rounded
+  once to q's dtype.
+
+The scale rides on dS instead of K: the Triton tutorial pre-scales K by softmax_scale * log2(e) so that the
+scores come out in log2 units and dS K lands in dq ready-scaled. Here the dk/dv loop computes p with one FMA per
+score (exp2(s * c - lse * log2(e)), c = softmax_scale * log2(e), the same issue slot as the tutorial's subtract)
+and dS * c with one FMA per score too (p * (dP * c * tanh - delta * c), delta scaled once per row), so dQ += dS K
+and dK += dS^T Q come out in units of log2(e) (times ln 2 once at the end) for self and text keys alike, and K
+itself is never rewritten: multiplying the loaded key tile in registers turned it into a register operand of
+both matmuls it feeds and spilled (compile report: 64x128 tile at D128, 348 B of spill, 22 local accesses per
+loop). q and k are the rotated ones when the call has RoPE.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from .attention_tiles import (
+    LN2,
+    LOG2E,
+    aligned,
+    aligned_inputs,
+    load_kv_pair,
+    load_rows,
+    load_tile,
+    loop_tile,
+    query_program,
+    query_tile,
+    row_source,
+    scores,
+    segment,
+    store_tile,
+    tile_of,
+    tile_rows,
+    zeros_tile,
+)
+
+# Triton's interpreter has no descriptor reduce-add: there the TMA tiles add dq with pointer atomics (the
+# descriptor loads still run), so CPU tests cover everything but the copy engine's add itself.
+_TMA_REDUCE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+# fmt: off
+
+
+@triton.jit
+def _bwd_preprocess(
+    DO, OUT, OTEXT, TGATE, DLSE, DELTA, DELTA_T, R, T,
+    stride_dot, stride_doh, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_DLSE: tl.constexpr,
+    VEC: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Per (token, head): delta_self = sum_d dO * o_self - dlse, and with text r = sum_d dO * o_text,
+    delta_text = tg * r.
+
+    A gradient g_i on lse_i = log sum_j exp(s_ij) adds g_i * P_ij to dS_ij (d lse_i / d s_ij = P_ij), so
+    dS_ij = P_ij * (dP_ij - delta_i + g_i): the kernels use delta_i - g_i and need nothing else."""
+    stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
+    stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_mask = rows < T
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = t_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    o_off = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    o_self = tl.load(OUT + o_off, mask=mask, other=0.0).to(tl.float32)
+    out_off = h.to(tl.int64) * T + rows
+    if HAS_TEXT:
+        tg = tl.load(TGATE + h)
+        o_text = tl.load(OTEXT + o_off, mask=mask, other=0.0).to(tl.float32)
+        o_self = o_self - tg * o_text  # out = o_self + tg * o_text
+        r = tl.sum(do * o_text, 1)
+        tl.store(R + out_off, r, mask=t_mask)
+        tl.store(DELTA_T + out_off, tg * r, mask=t_mask)
+    delta = tl.sum(do * o_self, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + out_off, mask=t_mask, other=0.0)
+    tl.store(DELTA + out_off, delta, mask=t_mask)
+
+
+@triton.jit
+def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1, dq_dst0, dq_dst1, lse_ptr,
+               delta_ptr, stride_qt, stride_dot, stride_dqt, start_m, q_len, qk_scale, do_scale,
+               ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, MASK_M: tl.constexpr, BLOCK_M: tl.constexpr,
+               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dv += (do_scale * p)^T dO and dk += ds^T q over BLOCK_M queries, with transposed scores (keys x queries)
+    so nothing big is transposed; with ATOMIC_DQ also dq += ds k into the fp32 dq buffer. ds comes out times
+    qk_scale (see _bwd_dkdv); do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
+    rows, m_mask = loop_tile(start_m, q_len, MASK_M, BLOCK_M)
+    shift = tl.cast(start_m, tl.int64)
+    q0, q1 = load_rows(q_src0, q_src1, start_m, rows, m_mask, stride_qt, TMA, BLOCK_M, HEAD_DIM, D0, D1)
+    do0, do1 = load_rows(do_src0, do_src1, start_m, rows, m_mask, stride_dot, TMA, BLOCK_M, HEAD_DIM, D0, D1)
+    lse = tl.load(lse_ptr + shift + rows, mask=m_mask, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + shift + rows, mask=m_mask, other=0.0) * qk_scale
+    p_t = tl.exp2(tl.fma(scores(k0, k1, q0, q1, D1, DOT_PREC), qk_scale, -lse[None, :]))
+    if MASK_M:
+        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+    # Folding do_scale into p keeps a single dv accumulator across the GQA group (a per-head one would spill).
+    pg = (p_t * do_scale).to(do0.dtype)
+    dv0 = tl.dot(pg, do0, dv0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dv1 = tl.dot(pg, do1, dv1, input_precision=DOT_PREC)
+    dp_t = scores(v0, v1, do0, do1, D1, DOT_PREC)
+    ds_t = (p_t * tl.fma(dp_t, qk_scale * do_scale, -delta[None, :])).to(q0.dtype)
+    dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
+    if ATOMIC_DQ:
+        ds = tl.trans(ds_t)
+        dq0 = tl.dot(ds, k0, input_precision=DOT_PREC)
+        if TMA and _TMA_REDUCE:
+            # The copy engine adds the tile from shared memory (FlashAttention-3's dq path): no per-thread
+            # addresses; rows past the sequence and columns past the head dim are dropped by the descriptor.
+            dq_dst0.atomic_add([start_m, 0], dq0)
+            if D1 > 0:
+                dq_dst1.atomic_add([start_m, D0], tl.dot(ds, k1, input_precision=DOT_PREC))
+        else:
+            # Relaxed: the adds of different programs commute, and nothing reads the buffer before the kernel ends.
+            dq_rows = dq_dst0 + (shift + rows[:, None]) * stride_dqt
+            cols = tl.arange(0, D0)
+            tl.atomic_add(dq_rows + cols[None, :], dq0, mask=m_mask[:, None], sem="relaxed")
+            if D1 > 0:
+                cols = D0 + tl.arange(0, D1)
+                tl.atomic_add(dq_rows + cols[None, :], tl.dot(ds, k1, input_precision=DOT_PREC),
+                              mask=m_mask[:, None] & (cols < HEAD_DIM)[None, :], sem="relaxed")
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
+    qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_tkt, stride_tkh,
+    stride_tvt, stride_tvh,
+    stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dtkt, stride_dtkh,
+    stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order,
+    and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch (grid: T_TEXT // BLOCK_N +
+    n_seqs text key tiles, then T // BLOCK_N + n_seqs self key tiles, then kv heads). (A separate text launch has
+    only batch * Hkv programs, each looping over all of its sample's queries: on a long sample it runs as long as
+    a self key block, on an idle GPU.) Both kinds run the same code on run-time pointers and scales, so the loop
+    is compiled once; what only the epilogue needs is selected after the loop, so it holds no registers in it."""
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
+        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
+                       stride_tvt, stride_tvh, VEC))
+    stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
+    stride_dkt, stride_dkh = aligned(stride_dkt, VEC), aligned(stride_dkh, VEC)
+    stride_dtkt, stride_dtkh = aligned(stride_dtkt, VEC), aligned(stride_dtkh, VEC)
+    stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)  # the fp32 dq buffer, contiguous
+    tl.static_assert(TMA_OK or not TMA)  # TMA: dq added through tensor descriptors, where the launcher allows it
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    if HAS_TEXT:
+        n_text = T_TEXT // BLOCK_N + n_seqs
+        is_text = pid < n_text
+    else:
+        n_text = 0
+        is_text = False  # a compile-time constant: no text branch compiled at all
+    if is_text:
+        k_ptr, v_ptr, lse_base, delta_base, cu_k = TK, TV, LSE_T, DELTA_T, TCU
+        stride_kt, stride_kh = stride_tkt, stride_tkh
+        stride_vt, stride_vh = stride_tvt, stride_tvh
+        qk_scale = text_qk_scale
+    else:
+        k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, CU
+        pid -= n_text
+    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
+    k_start, k_len = segment(cu_k, b)
+    if pid_n * BLOCK_N >= k_len:
+        return
+    q_start, q_len = segment(CU, b)
+    q_start = q_start.to(tl.int64)
+    k_start = k_start.to(tl.int64)
+    n_rows, n_mask = tile_rows(pid_n * BLOCK_N, k_len, True, BLOCK_N)
+    k0, k1 = load_tile(k_ptr + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, BLOCK_N, HEAD_DIM,
+                       D0, D1)
+    v0, v1 = load_tile(v_ptr + k_start * stride_vt + hk * stride_vh, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM,
+                       D0, D1)
+    dk0, dk1 = zeros_tile(BLOCK_N, D0, D1)
+    dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
+    m_full = (q_len // BLOCK_M) * BLOCK_M
+    # Descriptors of a sequence's query rows need at least one row; with q_len == 0 (a text key tile of a sample
+    # without queries) the loop below never loads through them, and dk = dv = 0 is stored.
+    q_rows = tl.maximum(q_len, 1)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        do_scale = 1.0
+        if is_text:
+            do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
+        q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_rows, stride_qt, TMA, BLOCK_M,
+                                    HEAD_DIM, D0, D1)
+        do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_rows, stride_dot, TMA, BLOCK_M,
+                                      HEAD_DIM, D0, D1)
+        dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_rows, stride_dqt,
+                                      TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
+        lse_ptr = lse_base + h.to(tl.int64) * T + q_start
+        delta_ptr = delta_base + h.to(tl.int64) * T + q_start
+        for start_m in range(0, m_full, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
+                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                            start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False, BLOCK_M,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+        if m_full < q_len:
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
+                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                            m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True, BLOCK_M,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+    if is_text:
+        dk_ptr, dv_ptr, stride_dkt, stride_dkh = DTK, DTV, stride_dtkt, stride_dtkh
+    else:
+        dk_ptr, dv_ptr = DK, DV
+    out_base = k_start * stride_dkt + hk * stride_dkh
+    # dk accumulated ds * qk_scale = ds * scale * log2(e): times ln 2 is the gradient, for self and text keys.
+    store_tile(dk_ptr + out_base, n_rows, n_mask, stride_dkt, dk0 * LN2, dk1 * LN2, HEAD_DIM, D0, D1)
+    store_tile(dv_ptr + out_base, n_rows, n_mask, stride_dkt, dv0, dv1, HEAD_DIM, D0, D1)
+
+
+@triton.jit
+def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt,
+             start_n, k_len, qk_scale, MASK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+             HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dq (unscaled) += p * (dp - delta) @ k over BLOCK_N keys; p recomputed from the saved LSE and
+    dp = do_scale * dO v^T (do_scale = tanh(gate) for the text branch)."""
+    k0, k1, v0, v1, n_mask = load_kv_pair(k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, k_len,
+                                          MASK_N, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    p = tl.exp2(tl.fma(scores(q0, q1, k0, k1, D1, DOT_PREC), qk_scale, -lse[:, None]))
+    if MASK_N:
+        p = tl.where(n_mask[None, :], p, 0.0)
+    dp = scores(do0, do1, v0, v1, D1, DOT_PREC) * do_scale
+    ds = (p * (dp - delta[:, None])).to(k0.dtype)
+    dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit
+def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, stride_kt, stride_vt, k_len,
+              qk_scale, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+              D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    k_src0, k_src1 = row_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    n_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1,
+                            stride_kt, stride_vt, start_n, k_len, qk_scale, False, TMA, BLOCK_N, HEAD_DIM, D0, D1,
+                            DOT_PREC)
+    if n_full < k_len:
+        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1,
+                            stride_kt, stride_vt, n_full, k_len, qk_scale, True, TMA, BLOCK_N, HEAD_DIM, D0, D1,
+                            DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
+    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_tkt, stride_tkh,
+    stride_tvt, stride_tvh,
+    stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
+    TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+):
+    """dq of one block of queries for one head (self keys through tensor descriptors with TMA, then text keys)
+    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq."""
+    tl.static_assert(TMA_OK or not TMA)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
+        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
+                       stride_tvt, stride_tvh, VEC))
+    stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
+    stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
+    b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)  # the forward's grid
+    if pid_m * BLOCK_M >= seq_len:
+        return
+    start = start.to(tl.int64)
+    rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,
+                                               HEAD_DIM, D0, D1)
+    do0, do1 = load_tile(DO + start * stride_dot + h * stride_doh, rows, m_mask, stride_dot, BLOCK_M, HEAD_DIM, D0,
+                         D1)
+    lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
+    delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
+    dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
+                         V + start * stride_vt + hk * stride_vh, stride_kt, stride_vt, seq_len, qk_scale, TMA,
+                         BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    if HAS_TEXT:
+        t_start, t_len = segment(TCU, b)
+        t_start = t_start.to(tl.int64)
+        lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0) * LOG2E
+        delta_t = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
+        # One accumulator pair for both branches: dq = ts * (self * sm / ts + text), scaled once at the end.
+        dq0 = dq0 * (sm_scale / text_scale)
+        dq1 = dq1 * (sm_scale / text_scale)
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_t, delta_t, tl.load(TGATE + h),
+                             TK + t_start * stride_tkt + hk * stride_tkh, TV + t_start * stride_tvt + hk * stride_tvh,
+                             stride_tkt, stride_tvt, t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        unit = text_scale * LOG2E
+    else:
+        unit = sm_scale * LOG2E
+    store_tile(DQ_ACC + start * stride_dqt + h * stride_dqh, rows, m_mask, stride_dqt, dq0 * unit, dq1 * unit,
+               HEAD_DIM, D0, D1)
+
+
+@triton.jit
+def _bwd_dq_postprocess(
+    DQ_ACC, FREQS, DQ, T, scale,
+    stride_at, stride_ah, stride_dqt, stride_dqh, stride_ft,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """dq = scale * the fp32 buffer, rotated by -angle when ROPE (the buffer holds the gradient of the rotated q;
+    the rotation is orthogonal, so its transpose maps it back), rounded once to q's dtype."""
+    stride_at, stride_ah = aligned(stride_at, 4), aligned(stride_ah, 4)
+    stride_dqt, stride_dqh = aligned(stride_dqt, VEC), aligned(stride_dqh, VEC)
+    h = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (cols < HEAD_DIM)[None, :]
+    dq = tl.load(DQ_ACC + rows[:, None] * stride_at + h * stride_ah + cols[None, :], mask=mask, other=0.0) * scale
+    if ROPE:
+        # freqs (T, Dh/2, 2), contiguous: the (cos, sin) of pair i sit at columns 2i, 2i + 1, like the pair itself.
+        f = tl.load(FREQS + rows[:, None] * stride_ft + cols[None, :], mask=mask, other=0.0)
+        cos, sin = tl.split(tl.reshape(f, (BLOCK_T, BLOCK_D // 2, 2)))
+        x0, x1 = tl.split(tl.reshape(dq, (BLOCK_T, BLOCK_D // 2, 2)))
+        dq = tl.reshape(tl.join(x0 * cos + x1 * sin, x1 * cos - x0 * sin), (BLOCK_T, BLOCK_D))
+    tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + cols[None, :], dq.to(DQ.dtype.element_ty), mask=mask)

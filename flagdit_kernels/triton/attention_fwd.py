@@ -1,0 +1,139 @@
+"""Forward kernel of the varlen attention: packed self-attention plus Lumina's gated text cross-attention.
+
+One program per (block of BLOCK_M queries of one sequence, query head):
+  1. load the q tile (already rotated by RoPE when the call has ``freqs``: the launcher rotates q and k once);
+  2. online softmax with scale 1/sqrt(Dh) over the sample's text keys; ``o_text`` is written to memory (the
+     backward needs it) and read back in step 4, so it holds no registers during step 3;
+  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys (pointer loads, or
+     tensor descriptors / the copy engine where the autotuner picks them on sm_90+);
+  4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (natural log, the public ``lse`` unit).
+"""
+
+import triton
+import triton.language as tl
+
+from .attention_tiles import (
+    LN2,
+    aligned,
+    aligned_inputs,
+    load_kv_pair,
+    load_tile,
+    query_program,
+    query_tile,
+    row_source,
+    scores,
+    segment,
+    store_tile,
+    zeros_tile,
+)
+
+# fmt: off
+
+
+@triton.jit
+def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, k_len,
+                 qk_scale, MASK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over BLOCK_N keys (scores in log2 units)."""
+    k0, k1, v0, v1, n_mask = load_kv_pair(k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, k_len,
+                                          MASK_N, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    s = scores(q0, q1, k0, k1, D1, DOT_PREC)
+    if MASK_N:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    # The scale (>= 0, checked by the caller) is applied to the row max and folded into one FMA per score,
+    # instead of a multiply and a subtract: the softmax's CUDA-core work competes with the matmuls for issue slots.
+    # Every tile holds at least one real key, so m_new is finite and no row ever computes -inf - -inf.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))  # explicit: Triton 3.10 stops fusing mul + sub by default
+    if MASK_N:
+        p = tl.where(n_mask[None, :], p, 0.0)  # -inf * 0 is NaN when the scale is 0 (proportional scale, 1 token)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(v0.dtype)
+    acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+    if D1 > 0:
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax of q's attention over ``k_len`` keys (full tiles, then the tail), from a fresh state.
+    Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units)."""
+    k_src0, k_src1 = row_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
+                                            stride_kt, stride_vt, start_n, k_len, qk_scale, False, TMA, BLOCK_N,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+    if n_full < k_len:
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
+                                            stride_kt, stride_vt, n_full, k_len, qk_scale, True, TMA, BLOCK_N,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU,
+    qk_scale, text_qk_scale, T, GROUP, n_seqs,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_tkt, stride_tkh,
+    stride_tvt, stride_tvh,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
+    TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+):
+    # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
+    tl.static_assert(TMA_OK or not TMA)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
+        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
+                       stride_tvt, stride_tvh, VEC))
+    stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
+    # One program per (query tile, head) over the tiles that hold tokens: grid (T // BLOCK_M + n_seqs, H).
+    b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)
+    if pid_m * BLOCK_M >= seq_len:
+        return
+    start = start.to(tl.int64)
+    rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,
+                                               HEAD_DIM, D0, D1)
+    o_base = start * stride_ot + h * stride_oh
+
+    # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
+    # stays live in registers during the long self loop (keeping it costs ~50-75 registers a thread at 128-row
+    # tiles); it is read back for the final sum.
+    if HAS_TEXT:
+        t_start, t_len = segment(TCU, b)
+        t_start = t_start.to(tl.int64)
+        acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
+                                       TV + t_start * stride_tvt + hk * stride_tvh, stride_tkt, stride_tvt, t_len,
+                                       text_qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
+        has = l_t > 0
+        l_safe = tl.where(has, l_t, 1.0)
+        tl.store(LSE_T + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * LN2, 0.0), mask=m_mask)
+        store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
+                   HEAD_DIM, D0, D1)
+
+    acc0, acc1, m_i, l_i = _attend(q0, q1, K + start * stride_kt + hk * stride_kh,
+                                   V + start * stride_vt + hk * stride_vh, stride_kt, stride_vt, seq_len, qk_scale, TMA,
+                                   BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    tl.store(LSE + lse_off, (m_i + tl.log2(l_i)) * LN2, mask=m_mask)
+    out0 = acc0 / l_i[:, None]
+    out1 = acc1 / l_i[:, None]
+    if HAS_TEXT:
+        # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
+        tl.debug_barrier()
+        tg = tl.load(TGATE + h)
+        ot0, ot1 = load_tile(OTEXT + o_base, rows, m_mask, stride_ot, BLOCK_M, HEAD_DIM, D0, D1)
+        out0 = out0 + tg * ot0.to(tl.float32)
+        if D1 > 0:
+            out1 = out1 + tg * ot1.to(tl.float32)
+    store_tile(OUT + o_base, rows, m_mask, stride_ot, out0, out1, HEAD_DIM, D0, D1)
