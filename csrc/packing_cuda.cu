@@ -73,23 +73,15 @@ DeviceTable make_table(const std::vector<at::Tensor>& tensors, int64_t p, bool n
   return table;
 }
 
-void check_latents(at::TensorList latents, int64_t p) {
-  TORCH_CHECK(!latents.empty(), "pack_patches: latents must not be empty");
-  TORCH_CHECK(p >= 1 && p * p <= kTileElements, "pack_patches: patch_size must be in [1, 64]");
-  const at::Tensor& x0 = latents[0];
-  for (const auto& x : latents) {
-    TORCH_CHECK(x.is_cuda() && x.device() == x0.device(), "pack_patches: latents must be on one CUDA device");
-    TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "pack_patches: latents must be (C, H, W) or (C, F, H, W)");
-    TORCH_CHECK(x.size(0) == x0.size(0) && x.scalar_type() == x0.scalar_type(),
-                "pack_patches: latents must share channels and dtype");
-    const int64_t h = x.size(x.dim() - 2), w = x.size(x.dim() - 1);
-    TORCH_CHECK(h % p == 0 && w % p == 0 && h >= p && w >= p, "pack_patches: H and W must be multiples of p");
-  }
+// The CUDA kernels stage a block's patches in shared memory: one token's patch of one channel must fit a tile.
+void check_tile_fits(const char* op, int64_t p) {
+  TORCH_CHECK(p * p <= kTileElements, op, ": patch_size must be at most 64 on CUDA, got ", p);
 }
 
 std::vector<at::Tensor> pack_impl(at::TensorList latents, int64_t p, bool nextline, bool nextframe,
                                   bool channels_last, std::optional<int64_t> expect_tokens, bool layout) {
-  check_latents(latents, p);
+  check_latents("pack_patches (cuda)", latents, p, at::kCUDA);
+  check_tile_fits("pack_patches (cuda)", p);
   const at::Tensor& x0 = latents[0];
   c10::DeviceGuard guard(x0.device());
   const std::vector<at::Tensor> items(latents.begin(), latents.end());
@@ -144,12 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_patc
 
 std::vector<at::Tensor> unpack_patches_cuda(const at::Tensor& tokens, at::IntArrayRef item_shapes, int64_t p,
                                             int64_t channels, bool nextline, bool nextframe, bool channels_last) {
-  TORCH_CHECK(tokens.is_cuda(), "unpack_patches: tokens must be a CUDA tensor");
-  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == channels * p * p,
-              "unpack_patches: tokens must be (T, out_channels * p * p)");
-  TORCH_CHECK(p >= 1 && p * p <= kTileElements, "unpack_patches: patch_size must be in [1, 64]");
-  TORCH_CHECK(!item_shapes.empty() && item_shapes.size() % 4 == 0,
-              "unpack_patches: item_shapes holds (ndim, F, H, W) per item");
+  check_unpack_args("unpack_patches (cuda)", tokens, item_shapes, p, channels, at::kCUDA);
+  check_tile_fits("unpack_patches (cuda)", p);
   c10::DeviceGuard guard(tokens.device());
   std::vector<at::Tensor> outs = unpack_outputs(item_shapes, channels, tokens.options());
   const DeviceTable table = make_table(outs, p, nextline, nextframe);

@@ -145,17 +145,11 @@ __device__ void locate_tile(const ItemDesc* items, int64_t n_items, int64_t tota
         s.addr = d.addr;
       }
       if (kLayout && c0 == 0) {
-        // Positions follow the reference: a nextline slot sits at (frame, row, W/p), a nextframe slot at
-        // (frame, H/p, 0).
-        const bool frame_slot = place.kind == kNextframe;
         kind[token] = place.kind;
         positions[3 * token] = static_cast<int32_t>(place.frame);
-        positions[3 * token + 1] = static_cast<int32_t>(frame_slot ? d.g.patch_rows : place.row);
-        positions[3 * token + 2] = static_cast<int32_t>(frame_slot ? 0 : place.col);
-        if (place.kind == kPatch) {
-          patch_rows[d.patch_start + (place.frame * d.g.patch_rows + place.row) * d.g.patch_cols + place.col] =
-              token;
-        }
+        positions[3 * token + 1] = static_cast<int32_t>(place.row);
+        positions[3 * token + 2] = static_cast<int32_t>(place.col);
+        if (place.kind == kPatch) patch_rows[d.patch_start + patch_index(d.g, place)] = token;
       }
     }
     slots[k] = s;
