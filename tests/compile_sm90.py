@@ -217,9 +217,10 @@ def rope_launches() -> list[Launch]:
     dt = torch.bfloat16
     names = ("_rope_kernel", "_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel")
     launches: list[Launch] = []
+    tokens = 16640  # the benchmark's packed batch, so loop trip counts are not specialized away
     for h, hk, dh in ((32, 32, 128), (32, 8, 72)):
-        f = torch.empty(64, dh // 2, 2)
-        qkv = torch.empty(64, h + 2 * hk, dh, dtype=dt)  # q, k as views of a fused projection
+        f = torch.empty(tokens, dh // 2, 2)
+        qkv = torch.empty(tokens, h + 2 * hk, dh, dtype=dt)  # q, k as views of a fused projection
         q, k = qkv[:, :h], qkv[:, h : h + hk]
         for norm in ("layer_norm", "rms_norm"):
             wq = h * dh if norm == "layer_norm" else dh
@@ -266,6 +267,39 @@ def packing_launches() -> list[Launch]:
 
 
 FAMILIES = {"norms": norm_launches, "rope": rope_launches, "packing": packing_launches}
+
+
+# ------------------------------------------------------------------------------------------------ for tests
+
+
+def compiler_unavailable() -> str | None:
+    """Why kernels cannot be compiled ahead of time here (None when they can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        return f"this triton has no ahead-of-time compile API: {exc}"
+    if torch.cuda.is_available():
+        return "on a GPU the kernel tests compile the kernels for real"
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists() and not os.environ.get("TRITON_PTXAS_PATH"):
+        return "triton's bundled ptxas is missing"
+    return None
+
+
+def run_script(path: str) -> str:
+    """Runs a test file as a script without TRITON_INTERPRET (under the interpreter ``@triton.jit`` yields
+    functions the compiler cannot take); returns its stdout, asserting it succeeded."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    return done.stdout
 
 
 def main(argv: list[str]) -> int:

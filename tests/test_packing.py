@@ -1,5 +1,7 @@
 """pack / unpack: the reference's layout rules and the compiled CPU backend against it."""
 
+import os
+
 import pytest
 import torch
 from helpers import poisoned_allocations
@@ -82,6 +84,9 @@ def test_strided_latents(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_float64(backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        # gradcheck launches the kernels thousands of times; the interpreter runs each program in Python.
+        pytest.skip("interpreted Triton gradients are checked exactly in test_packing_kernels.py")
     latents = [x.double().requires_grad_() for x in mixed_batch()[:3]]
     assert torch.autograd.gradcheck(lambda *x: fk.pack(list(x), 2, backend=backend).patches, latents)
     packed = fk.pack(latents, 2, backend="reference")
