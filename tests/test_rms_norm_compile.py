@@ -1,6 +1,7 @@
 """Compiles the RMSNorm-family Triton kernels for sm_90 (no GPU needed) and checks what the design relies on:
 every variant compiles, none spills, and the persistent forward and backward loops prefetch their rows into
-shared memory with cp.async (the bytes in flight are then not bounded by registers).
+shared memory with cp.async (the bytes in flight are then not bounded by registers), except the small-D
+backward variants whose multi-row tiles may span samples.
 
 The host launchers run on CPU tensors with their kernels recorded (tests/compile_sm90.py, which also sizes the
 persistent grids for an H200); each launch is compiled as the JIT would specialize it. It runs as a script in
@@ -17,7 +18,7 @@ from compile_sm90 import compiler_unavailable, run_script
 @pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
 def test_norm_kernels_compile_for_sm90():
     out = run_script(__file__)
-    assert "compiled 27" in out, out
+    assert "compiled 24" in out, out
 
 
 def _compile_all() -> None:
@@ -42,8 +43,12 @@ def _compile_all() -> None:
     for launch in launches:
         compiled = compile_launch(launch)
         assert cubin_resources(compiled.asm["cubin"])["LOCAL"] == 0, f"{launch.label} spills"
-        if launch.label != "_segment_sum_kernel":
-            assert access_widths(sass(compiled.asm["cubin"]))["LDGSTS"], f"{launch.label}: rows not prefetched"
+        kw = launch.kwargs
+        # A multi-row tile that may span samples sums its per-sample gradients in an inner loop, which the
+        # pipeliner does not take: those (small-D) variants load their rows directly.
+        spans_samples = (kw.get("SEG1") or kw.get("SEG2")) and kw.get("ROWS", 1) > 1
+        if launch.label != "_segment_sum_kernel" and not spans_samples:
+            assert access_widths(sass(compiled.asm["cubin"]))["LDGSTS"], f"{launch.label} {launch.kwargs}: not prefetched"
     print("compiled", len(launches))
 
 

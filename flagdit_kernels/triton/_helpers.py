@@ -1,5 +1,5 @@
 """What the norm, RoPE and packing kernel files share: grid sizing from the device and the compiled kernel,
-warp counts, the RoPE rotation and a portable tanh.
+warp counts, alignment facts the JIT cannot see, the RoPE rotation and a portable tanh.
 
 Persistent grids. A kernel whose programs walk a contiguous chunk of the work (and keep partial sums in
 registers) wants exactly as many programs as the GPU holds at once: fewer leave SMs idle, more run as a
@@ -102,6 +102,14 @@ def _arg_kinds(args) -> tuple:
         else:
             kinds.append(type(a).__name__)
     return tuple(kinds)
+
+
+@triton.jit
+def whole_vectors(value, VEC: tl.constexpr):
+    """``value`` (a stride or a length the host checked to be a multiple of VEC elements) in a form the
+    compiler knows is one, so that accesses built from it vectorize: exact for such a value. The JIT marks only
+    multiples of 16 itself (a head stride of 72 gets no mark), and tl.multiple_of cannot mark a kernel argument."""
+    return (value // VEC) * VEC
 
 
 @triton.jit

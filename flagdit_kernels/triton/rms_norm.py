@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import num_warps, persistent_grid, tanh
+from ._helpers import num_warps, persistent_grid, tanh, whole_vectors
 
 # The epilogue a kernel applies to the normalized rows (constexpr MODE).
 MODE_PLAIN = tl.constexpr(0)  # y = rms_norm(x) * weight
@@ -91,6 +91,17 @@ def _load_rows(view, b, l, cols, mask):
     ``mask``."""
     ptr, stride_b, stride_l = view
     return tl.load(ptr + (b * stride_b + l * stride_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _vector_view(view, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """A ``(pointer, stride_b, stride_l)`` view whose strides are, when ALIGNED (checked on the host), marked as
+    whole 16-byte vectors (VEC elements), so that its rows load as 16-byte vectors (a row stride such as 72 or
+    1000 is not divisible by 16, which is all the JIT can mark)."""
+    ptr, stride_b, stride_l = view
+    if ALIGNED:
+        stride_b, stride_l = whole_vectors(stride_b, VEC), whole_vectors(stride_l, VEC)
+    return ptr, stride_b, stride_l
 
 
 @triton.jit
@@ -190,8 +201,14 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
     STAGES: tl.constexpr,
+    ALIGNED: tl.constexpr,  # D, the row strides and the pointers are whole 16-byte vectors (VEC elements)
+    VEC: tl.constexpr,
 ):
     """Persistent: program p normalizes tiles p, p + programs, ...; the loop prefetches the next tiles."""
+    if ALIGNED:
+        D = whole_vectors(D, VEC)
+    x, residual = _vector_view(x, ALIGNED, VEC), _vector_view(residual, ALIGNED, VEC)
+    p1, p2 = _vector_view(p1, ALIGNED, VEC), _vector_view(p2, ALIGNED, VEC)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     ends = _sequence_ends(cu, n_samples, BLOCK_B) if PACKED else None
@@ -312,10 +329,15 @@ def _bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
     STAGES: tl.constexpr,
+    ALIGNED: tl.constexpr,  # as in the forward
+    VEC: tl.constexpr,
 ):
     """One program walks rows [pid * rows_per_prog, ...) in [ROWS, BLOCK_D] tiles. Its partial sums are kept
     in the tile's own shape and layout (reduced over rows only when written), so accumulating costs no data
     movement between threads."""
+    if ALIGNED:
+        D = whole_vectors(D, VEC)
+    dy, x, p1 = _vector_view(dy, ALIGNED, VEC), _vector_view(x, ALIGNED, VEC), _vector_view(p1, ALIGNED, VEC)
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_prog  # int64 rows: the loop variables below inherit it
     row_end = tl.minimum(row_start + rows_per_prog, n_rows)
@@ -491,6 +513,16 @@ def _offsets(cu_seqlens: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
     return (cu_seqlens, cu_seqlens.stride(0)) if cu_seqlens is not None else (dummy, 0)
 
 
+def _aligned(d: int, views: list[tuple], tensors: list[torch.Tensor | None], vec: int) -> bool:
+    """Whether D, every view's row strides and every tensor's address are whole 16-byte vectors (``vec``
+    elements of x's dtype), so that the kernels may say so to the compiler."""
+    if d % vec:
+        return False
+    if any(stride % vec for view in views for stride in view[1:]):
+        return False
+    return all(t.data_ptr() % 16 == 0 for t in tensors if t is not None)
+
+
 def _tile(d: int, tile_elems: int, max_rows: int, per_warp: int) -> tuple[int, int, int]:
     """(BLOCK_D, ROWS, num_warps) of a [ROWS, BLOCK_D] tile of about ``tile_elems`` values."""
     block_d = triton.next_power_of_2(d)
@@ -525,13 +557,16 @@ def forward(
     q2 = _Param(p2, x, x3, packed) if p2 is not None else None
     r3 = _rows_view(residual) if residual is not None else x3
     block_d, rows, warps = _tile(d, FWD_TILE_ELEMS, MAX_FWD_ROWS, FWD_ELEMS_PER_WARP)
+    views = [_view(x3), _view(r3), _param_view(q1, x3), _param_view(q2, x3)]
+    vec = 16 // x.element_size()
     args = (
-        _view(x3), _view(r3), weight if weight is not None else x3, _param_view(q1, x3), _param_view(q2, x3),
+        views[0], views[1], weight if weight is not None else x3, views[2], views[3],
         y, rstd, _offsets(cu_seqlens, rstd), n_rows, d, seq_len, n_samples, float(eps),
     )  # fmt: skip
     flags = dict(
         MODE=mode, HAS_W=weight is not None, HAS_P2=q2 is not None, PACKED=packed, TANH=bool(tanh_gate),
-        ROWS=rows, BLOCK_D=block_d, BLOCK_B=block_b, STAGES=FWD_STAGES, num_warps=warps,
+        ROWS=rows, BLOCK_D=block_d, BLOCK_B=block_b, STAGES=FWD_STAGES,
+        ALIGNED=_aligned(d, views, [x3, r3, weight, y, *(v[0] for v in views[2:])], vec), VEC=vec, num_warps=warps,
     )  # fmt: skip
     n_prog, _ = persistent_grid(_fwd_kernel, args, flags, triton.cdiv(n_rows, rows), x.device, FWD_PROGRAMS_INTERPRETED)
     _fwd_kernel[(n_prog,)](*args, **flags)
@@ -567,14 +602,17 @@ def backward(
     block_d, rows, warps = _tile(d, BWD_TILE_ELEMS, MAX_BWD_ROWS, BWD_ELEMS_PER_WARP)
     seg1 = q1 is not None and not q1.per_row
     seg2 = mode == MODE_MODULATE and q2 is not None and not q2.per_row
+    views = [_view(dy3), _view(x3), _param_view(q1, x3)]
+    vec = 16 // x.element_size()
     flags = dict(
         MODE=mode, HAS_W=weight is not None, HAS_P2=q2 is not None, SEG1=seg1, SEG2=seg2, PACKED=packed,
-        TANH=bool(tanh_gate), ROWS=rows, BLOCK_D=block_d, BLOCK_B=block_b, STAGES=BWD_STAGES, num_warps=warps,
+        TANH=bool(tanh_gate), ROWS=rows, BLOCK_D=block_d, BLOCK_B=block_b, STAGES=BWD_STAGES,
+        ALIGNED=_aligned(d, views, [dy3, x3, weight, dx, views[2][0]], vec), VEC=vec, num_warps=warps,
     )  # fmt: skip
 
     def args(dw_part: torch.Tensor, dp1: torch.Tensor, dp2: torch.Tensor, rows_per_prog: int) -> tuple:
         return (
-            _view(dy3), _view(x3), weight if weight is not None else x3, _param_view(q1, x3), rstd,
+            views[0], views[1], weight if weight is not None else x3, views[2], rstd,
             _offsets(cu_seqlens, rstd), dx, dw_part, dp1, dp2, n_rows, d, seq_len, n_samples, rows_per_prog,
         )  # fmt: skip
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import num_warps, persistent_grid, rotate_pairs
+from ._helpers import num_warps, persistent_grid, rotate_pairs, whole_vectors
 
 # Norm codes (constexpr NORM in the kernels).
 NORM_NONE, NORM_LAYER, NORM_RMS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -53,15 +53,8 @@ def _rows(view, b, l, h, ALIGNED: tl.constexpr, VEC: tl.constexpr):
     view, and its element stride along Dh."""
     ptr, s_b, s_l, s_h, s_d = view
     if ALIGNED:
-        s_b, s_l, s_h = _whole_vectors(s_b, VEC), _whole_vectors(s_l, VEC), _whole_vectors(s_h, VEC)
+        s_b, s_l, s_h = whole_vectors(s_b, VEC), whole_vectors(s_l, VEC), whole_vectors(s_h, VEC)
     return ptr + b * s_b + l * s_l + (h * s_h)[:, None], s_d
-
-
-@triton.jit
-def _whole_vectors(stride, VEC: tl.constexpr):
-    """``stride``, which the host checked to be a multiple of VEC, in a form the compiler knows is one (so that
-    accesses vectorize): exact for such a stride. tl.multiple_of cannot mark a kernel argument."""
-    return (stride // VEC) * VEC
 
 
 @triton.jit
@@ -113,7 +106,7 @@ def _load_cos_sin(freqs, b, l, HALF: tl.constexpr, BLOCK_P: tl.constexpr, ALIGNE
     """(cos, sin) of token (b, l) as (1, BLOCK_P) fp32 rows; padding pairs read 0 (their data is masked)."""
     f_ptr, s_b, s_l = freqs
     if ALIGNED:  # fp32 rows on 16-byte boundaries: 4 values a vector
-        s_b, s_l = _whole_vectors(s_b, 4), _whole_vectors(s_l, 4)
+        s_b, s_l = whole_vectors(s_b, 4), whole_vectors(s_l, 4)
     d = tl.arange(0, 2 * BLOCK_P)
     f = tl.load(f_ptr + b * s_b + l * s_l + d, mask=d < 2 * HALF, other=0.0)
     cos, sin = tl.split(tl.reshape(f, (BLOCK_P, 2)))
