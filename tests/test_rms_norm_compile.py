@@ -48,7 +48,9 @@ def _compile_all() -> None:
         # pipeliner does not take: those (small-D) variants load their rows directly.
         spans_samples = (kw.get("SEG1") or kw.get("SEG2")) and kw.get("ROWS", 1) > 1
         if launch.label != "_segment_sum_kernel" and not spans_samples:
-            assert access_widths(sass(compiled.asm["cubin"]))["LDGSTS"], f"{launch.label} {launch.kwargs}: not prefetched"
+            assert access_widths(sass(compiled.asm["cubin"]))["LDGSTS"], (
+                f"{launch.label} {launch.kwargs}: not prefetched"
+            )
     print("compiled", len(launches))
 
 

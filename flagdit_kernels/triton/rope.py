@@ -468,15 +468,20 @@ def _view(x4: torch.Tensor) -> tuple:
 
 
 def _aligned(views: list[tuple], freqs: tuple) -> bool:
-    """Whether every head row of every view, and every freqs row, starts on a 16-byte boundary (so the kernels
-    may promise it with multiple_of): aligned base pointers, unit Dh stride, B / L / H strides in whole 16-byte
-    vectors."""
-    for t, *strides in views:
+    """Whether the kernels should tell the compiler that every head row of every view, and every freqs row,
+    starts on a 16-byte boundary: true when they do (aligned base pointers, unit Dh stride, B / L / H strides in
+    whole 16-byte vectors), unless every stride is a multiple of 16, which the JIT marks by itself (the extra
+    marks then only cost registers)."""
+    strides = []
+    for t, *st in views:
         vec = 16 // t.element_size()
-        if t.data_ptr() % 16 or strides[3] != 1 or any(st % vec for st in strides[:3]):
+        if t.data_ptr() % 16 or st[3] != 1 or any(v % vec for v in st[:3]):
             return False
-    f, *strides = freqs
-    return f.data_ptr() % 16 == 0 and all(st % 4 == 0 for st in strides)
+        strides += st[:3]
+    f, *f_strides = freqs
+    if f.data_ptr() % 16 or any(v % 4 for v in f_strides):
+        return False
+    return any(v % 16 for v in strides + f_strides)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor, interleaved: bool = True, inverse: bool = False) -> torch.Tensor:
