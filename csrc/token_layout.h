@@ -66,6 +66,12 @@ FLAGDIT_HD TokenPlace locate(const ItemGeometry& g, int64_t local) {
   return t;
 }
 
+// Index inside its item of the token at position (frame, row, col): the inverse of locate(), placeholders
+// included (a [nextline] slot's col is patch_cols, a [nextframe] slot's row is patch_rows).
+FLAGDIT_HD int64_t token_index(const ItemGeometry& g, int64_t frame, int64_t row, int64_t col) {
+  return frame * g.frame_stride + row * g.row_len + col;
+}
+
 // Index of a patch token among the item's patch tokens (frame-major, then rows, then columns).
 FLAGDIT_HD int64_t patch_index(const ItemGeometry& g, const TokenPlace& t) {
   return (t.frame * g.patch_rows + t.row) * g.patch_cols + t.col;
