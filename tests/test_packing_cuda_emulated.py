@@ -8,34 +8,22 @@ csrc/packing_cuda.cu is exercised only by the GPU tests in test_packing_kernels.
 from __future__ import annotations
 
 import ctypes
-import pathlib
-import shutil
-import subprocess
 
 import pytest
 import torch
+from cxx_shim import build_shim
 from helpers import fresh
 
 from flagdit_kernels import reference as ref
 from flagdit_kernels.reference.packing import frames_hw, item_tokens
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 C = 3
 MIXED = [(C, 8, 12), (C, 12, 4), (C, 5, 6, 4), (C, 2, 2), (C, 20, 16), (C, 6, 6)]
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CUDA emulation")
-    lib = tmp_path_factory.mktemp("emu") / "emulate_packing.so"
-    src = ROOT / "tests" / "cuda_emulation" / "emulate_packing.cpp"
-    subprocess.run(
-        [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", f"-I{ROOT / 'csrc'}", str(src), "-o", str(lib)],
-        check=True,
-    )
-    return ctypes.CDLL(str(lib))
+    return build_shim(tmp_path_factory, "emulate_packing.cpp")
 
 
 def _i64(values) -> ctypes.Array:

@@ -7,17 +7,13 @@ against each other and against the reference (flagdit_kernels/reference/packing.
 from __future__ import annotations
 
 import ctypes
-import pathlib
-import shutil
-import subprocess
 
 import pytest
 import torch
+from cxx_shim import build_shim
 from helpers import INTERPRETED, ON_GPU, fresh
 
 from flagdit_kernels.reference.packing import NEXTFRAME, NEXTLINE, PATCH, _item_layout, item_tokens
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # (frames, height, width, patch size, nextline, nextframe)
 GEOMETRIES = [
@@ -33,14 +29,7 @@ GEOMETRIES = [
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the token_layout.h shim")
-    lib = tmp_path_factory.mktemp("layout") / "token_layout_shim.so"
-    src = ROOT / "tests" / "cuda_emulation" / "token_layout_shim.cpp"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{ROOT / 'csrc'}", str(src), "-o", str(lib)],
-                   check=True)  # fmt: skip
-    return ctypes.CDLL(str(lib))
+    return build_shim(tmp_path_factory, "token_layout_shim.cpp")
 
 
 def cpp_layout(shim, f, h, w, p, nextline, nextframe):

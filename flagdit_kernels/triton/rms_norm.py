@@ -263,36 +263,37 @@ def _store_slot(ptr, slot, D, cols, cmask, acc):
 
 
 @triton.jit
+def _for_sample(acc, cur, t, ptr, pid, D, cols, cmask, SEG: tl.constexpr):
+    """The accumulator for sample ``t``: ``acc`` while t is the current sample ``cur``, else a zeroed one after
+    writing ``acc`` to slot ``pid + cur``."""
+    if SEG:  # noqa: SIM102 (a constexpr gate around a runtime test)
+        if t != cur:
+            _store_slot(ptr, pid + cur, D, cols, cmask, acc)
+            acc = tl.zeros_like(acc)
+    return acc
+
+
+@triton.jit
 def _flush_segments(acc1, acc2, cur, s, rmask, g1, g2, dp1_ptr, dp2_ptr, pid, D, cols, cmask,
                     SEG1: tl.constexpr, SEG2: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
     """Adds the tile's per-element parameter gradients (g1, g2) to the running per-sample sums (acc1, acc2)
     of sample ``cur``; where the tile's rows reach later samples, flushes the sums to slot ``pid + sample``
-    first. The tile's rows belong to samples s_lo..s_hi (one in the common case). Returns (acc1, acc2, cur)."""
+    first. The tile's rows belong to samples s_lo..s_hi (one in the common case). Returns (acc1, acc2, cur).
+    A one-row tile takes a path without a loop: a loop here would keep the pipeliner off the row loop."""
     s_lo = tl.min(tl.where(rmask, s, 2147483647), axis=0)
     s_hi = tl.max(tl.where(rmask, s, -1), axis=0)
     if ROWS == 1:  # one row, one sample: no selection
-        if s_lo != cur:
-            if SEG1:
-                _store_slot(dp1_ptr, pid + cur, D, cols, cmask, acc1)
-                acc1 = tl.zeros_like(acc1)
-            if SEG2:
-                _store_slot(dp2_ptr, pid + cur, D, cols, cmask, acc2)
-                acc2 = tl.zeros_like(acc2)
-            cur = s_lo
+        acc1 = _for_sample(acc1, cur, s_lo, dp1_ptr, pid, D, cols, cmask, SEG1)
+        acc2 = _for_sample(acc2, cur, s_lo, dp2_ptr, pid, D, cols, cmask, SEG2)
         if SEG1:
             acc1 += g1
         if SEG2:
             acc2 += g2
-        return acc1, acc2, cur
+        return acc1, acc2, s_lo
     for t in range(s_lo, s_hi + 1):
-        if t != cur:
-            if SEG1:
-                _store_slot(dp1_ptr, pid + cur, D, cols, cmask, acc1)
-                acc1 = tl.zeros_like(acc1)
-            if SEG2:
-                _store_slot(dp2_ptr, pid + cur, D, cols, cmask, acc2)
-                acc2 = tl.zeros_like(acc2)
-            cur = t
+        acc1 = _for_sample(acc1, cur, t, dp1_ptr, pid, D, cols, cmask, SEG1)
+        acc2 = _for_sample(acc2, cur, t, dp2_ptr, pid, D, cols, cmask, SEG2)
+        cur = t
         sel = (s == t)[:, None]
         if SEG1:
             acc1 += tl.where(sel, g1, 0.0)
