@@ -31,10 +31,12 @@ adds, for each sample, the slots of the programs that overlap it. No atomics any
 deterministic. A parameter that varies along L (the general broadcast, e.g. the same shape as x) gets its
 per-row gradient written out and reduced by ``Tensor.sum_to_size`` (a documented, slower path).
 
-Backward grid. The backward is persistent: as many programs as the GPU holds at once for this compiled
-variant (``_helpers.persistent_grid``: SMs x resident programs, read from the kernel's registers), each
-walking one contiguous block of rows in ``[ROWS, BLOCK_D]`` tiles, so there is no second, partial wave and
-the partial-sum buffers stay a few percent of the row traffic.
+Grids. Both kernels are persistent: as many programs as the GPU holds at once for the compiled variant
+(``_helpers.persistent_grid``: SMs x resident programs, read from the kernel's registers and shared memory),
+so there is no second, partial wave. A forward program takes every programs-th tile; a backward program walks
+one contiguous block of rows (so its partial sums stay a few percent of the row traffic). Both row loops
+prefetch the next tiles with cp.async (``tl.range(num_stages=...)``), except the backward of small-D tiles
+that may span samples (its inner loop over samples keeps the pipeliner off).
 """
 
 from __future__ import annotations
@@ -55,22 +57,21 @@ MODE_GATED = tl.constexpr(2)  # y = residual + act(gate) * rms_norm(x) * weight
 FWD_TILE_ELEMS = 4096
 MAX_FWD_ROWS = 16
 # A backward program walks its rows in [ROWS, BLOCK_D] tiles of about this many elements (one row from D =
-# 4096 up), 8 warps for 4096: small programs, so that several are resident per SM and their loads overlap.
+# 2048 up), 16 warps for 4096: small programs, so that two are resident per SM and their loads overlap.
 BWD_TILE_ELEMS = 4096
 MAX_BWD_ROWS = 16
 # Values per warp of a tile: 16-byte accesses move 8 bf16 per thread, so 512 values are 2 vectors per thread
 # (the forward) and 256 one vector (the backward, which keeps x, dy, the weight and the weight-gradient sums
-# of its columns in registers: 8 columns per thread keep it near 64 registers, two programs per SM).
+# of its columns in registers: 8 columns per thread keep it at 64 registers, two programs per SM).
 FWD_ELEMS_PER_WARP = 512
 BWD_ELEMS_PER_WARP = 256
-# Tiles in flight per program: the persistent loops prefetch the next tiles' rows into shared memory
-# (cp.async), so the bytes in flight per SM are not bounded by registers.
+# Tiles in flight per program: the persistent loops prefetch the next tiles' rows (x, dy, the per-sample
+# parameter rows) into shared memory with cp.async, so the bytes in flight per SM are not bounded by registers.
 FWD_STAGES = 3
-FWD_PROGRAMS_INTERPRETED = 3
-# Row tiles a backward program has in flight: the loop prefetches the next tiles' x / dy / parameter rows into
-# shared memory (cp.async), so the bytes in flight per SM are not bounded by registers.
 BWD_STAGES = 3
-# The interpreter runs programs one after the other: a handful is enough and keeps segment crossings tested.
+# The interpreter runs programs one after the other: a handful is enough and keeps chunk and segment crossings
+# tested.
+FWD_PROGRAMS_INTERPRETED = 3
 BWD_PROGRAMS_INTERPRETED = 4
 SEGMENT_BLOCK = 1024
 

@@ -21,6 +21,9 @@ Layout shared by every kernel in this file:
   a 16-byte boundary (``ALIGNED``), the kernels say so with ``tl.multiple_of`` and load 16-byte vectors.
 - Math in fp32; stores cast to the output's dtype. The rotation by -angle (the transpose, used for the
   backward pass) is the same kernel with sin negated.
+- qk_norm_rope grids are persistent: (token chunks, head blocks) with as many programs as the GPU holds at once
+  for the compiled variant (``_helpers.persistent_grid``), each walking one chunk of tokens with its norm
+  weights (and, backward, its weight-gradient partial sums) in registers.
 """
 
 from __future__ import annotations
