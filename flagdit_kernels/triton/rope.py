@@ -23,7 +23,7 @@ Layout shared by every kernel in this file:
   backward pass) is the same kernel with sin negated.
 - qk_norm_rope grids are persistent: (token chunks, head blocks) with as many programs as the GPU holds at once
   for the compiled variant (``_helpers.persistent_grid``), each walking one chunk of tokens with its norm
-  weights (and, backward, its weight-gradient partial sums) in registers.
+  weights (and, backward, its weight-gradient partial sums) in registers and the next token's rows in flight.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ QK_TILE_PAIRS = 2048
 # LayerNorm across heads needs a whole padded token row (H x BLOCK_P pairs) in one program's registers.
 # 8192 pairs (16384 fp32 values) is about the most 16 warps hold without spilling badly (H64 Dh256).
 MAX_ROW_PAIRS = 8192
+# qk_norm_rope programs prefetch the next token's rows (cp.async) while they normalize the current one.
+QK_STAGES = tl.constexpr(2)
 # Under the CPU interpreter: a few programs, so chunking and partial sums are still exercised.
 INTERPRETER_PROGRAMS = 3
 
@@ -213,7 +215,7 @@ def _qk_fwd_rows(
         w0, w1 = _load_params(w_ptr, h, row_mask, HALF, NORM, INTERLEAVED, BLOCK_P)
     if HAS_B:
         b0, b1 = _load_params(bias_ptr, h, row_mask, HALF, NORM, INTERLEAVED, BLOCK_P)
-    for t in range(start, end):
+    for t in tl.range(start, end, num_stages=QK_STAGES):
         bi = t // L
         li = t % L
         x0, x1 = _load_pairs(x, bi, li, h, row_mask, HALF, INTERLEAVED, BLOCK_P, ALIGNED, VEC)
@@ -318,7 +320,7 @@ def _qk_bwd_rows(
     acc_w1 = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
     acc_b0 = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
     acc_b1 = tl.zeros((BLOCK_H, BLOCK_P), dtype=tl.float32)
-    for t in range(start, end):
+    for t in tl.range(start, end, num_stages=QK_STAGES):
         bi = t // L
         li = t % L
         dy0, dy1 = _load_pairs(dy, bi, li, h, row_mask, HALF, INTERLEAVED, BLOCK_P, ALIGNED, VEC)
