@@ -40,15 +40,10 @@ constexpr int64_t kGrain = 64;
 // cu_seqlens from the same pass over the tokens.
 std::vector<at::Tensor> pack_cpu(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
                                  std::optional<int64_t> total_tokens, bool layout) {
-  TORCH_CHECK(!latents.empty(), "pack_patches: latents must not be empty");
+  check_latents("pack_patches (cpu)", latents, p, at::kCPU);
   const int64_t channels = latents[0].size(0);
   std::vector<std::vector<int64_t>> fhw;
-  for (const auto& x : latents) {
-    TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "pack_patches: latents must be (C, H, W) or (C, F, H, W)");
-    TORCH_CHECK(x.size(0) == channels && x.scalar_type() == latents[0].scalar_type(),
-                "pack_patches: latents must share channels and dtype");
-    fhw.push_back(latent_fhw(x));
-  }
+  for (const auto& x : latents) fhw.push_back(latent_fhw(x));
   const Batch batch = make_batch(fhw, p, nextline, nextframe);
   const int64_t total = batch.starts.back();
   TORCH_CHECK(!total_tokens || *total_tokens == total, "pack_patches: total_tokens disagrees with the shapes");
@@ -83,16 +78,11 @@ std::vector<at::Tensor> pack_cpu(at::TensorList latents, int64_t p, bool nextlin
         const ItemGeometry& g = batch.items[i];
         const TokenPlace place = locate(g, token - batch.starts[i]);
         if (layout) {
-          // A [nextframe] slot sits right after its frame's last row; a [nextline] slot's col is patch_cols.
-          const bool frame_slot = place.kind == kNextframe;
           positions[3 * token] = static_cast<int32_t>(place.frame);
-          positions[3 * token + 1] = static_cast<int32_t>(frame_slot ? g.patch_rows : place.row);
-          positions[3 * token + 2] = static_cast<int32_t>(frame_slot ? 0 : place.col);
+          positions[3 * token + 1] = static_cast<int32_t>(place.row);
+          positions[3 * token + 2] = static_cast<int32_t>(place.col);
           kind[token] = place.kind;
-          if (place.kind == kPatch) {
-            const int64_t index = (place.frame * g.patch_rows + place.row) * g.patch_cols + place.col;
-            patch_rows[patch_starts[i] + index] = token;
-          }
+          if (place.kind == kPatch) patch_rows[patch_starts[i] + patch_index(g, place)] = token;
         }
         if (place.kind != kPatch) {
           std::fill(dst, dst + width, scalar_t(0));
@@ -127,9 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_patc
 
 std::vector<at::Tensor> unpack_patches_cpu(const at::Tensor& tokens, at::IntArrayRef item_shapes, int64_t p,
                                            int64_t channels, bool nextline, bool nextframe, bool channels_last) {
-  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == channels * p * p,
-              "unpack_patches: tokens must be (T, out_channels * p * p)");
-  TORCH_CHECK(item_shapes.size() % 4 == 0, "unpack_patches: item_shapes holds (ndim, F, H, W) per item");
+  check_unpack_args("unpack_patches (cpu)", tokens, item_shapes, p, channels, at::kCPU);
   std::vector<at::Tensor> outs = unpack_outputs(item_shapes, channels, tokens.options());
   std::vector<std::vector<int64_t>> fhw;
   for (const auto& o : outs) fhw.push_back(latent_fhw(o));

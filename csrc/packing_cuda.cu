@@ -1,13 +1,12 @@
 // CUDA pack/unpack: latents of any (C, [F,] H, W) size <-> packed token rows, one launch for the whole batch.
 //
-// The host describes the batch in a small device table of ItemDesc (first packed token, latent base address,
-// (C, F, H, W) element strides, ItemGeometry from token_layout.h), copied to the device with one small
-// asynchronous copy. A block owns `tile_tokens` consecutive tokens and `tile_channels` channels; it stages them
-// in shared memory so that both sides are coalesced:
-//   latent side : threads walk (channel, ph, token, pw) with pw fastest, i.e. along W inside a patch row;
-//   token side  : threads walk (token, vector element), i.e. along contiguous token rows.
-// Kernels move raw bits (2-, 4- or 8-byte words), so one instantiation serves every dtype of that width.
-// Placeholder rows are written as zeros by pack and skipped by unpack.
+// The host describes the batch in a small device table of ItemDesc (first packed token, first segment, latent
+// base address, (C, F, H, W) element strides, ItemGeometry from token_layout.h), copied to the device with one
+// small asynchronous copy. A block owns one segment (packing_kernels.cuh: patch rows x patch columns of one
+// frame of one item) and a block of channels; it stages them in shared memory so that both sides are coalesced
+// and, where the batch is aligned, move 16-byte vectors. Kernels move raw bits (2-, 4- or 8-byte words), so one
+// instantiation serves every dtype of that width. Placeholder rows are written as zeros by pack and skipped by
+// unpack.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/Stream.h>
@@ -44,14 +43,16 @@ void check_launch(const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-struct DeviceTable {
-  at::Tensor storage;  // keeps the device copy alive until the launch is queued
-  const ItemDesc* items;
-  int64_t total, patches;
+// A batch as the kernels see it: the item table (on the host), its tiling and its totals.
+struct Batch {
+  std::vector<ItemDesc> items;
+  Tiling tiling;
+  int64_t total, patches, segments;
 };
 
-// The item table for `tensors` (latents for pack, freshly allocated outputs for unpack), on their device.
-DeviceTable make_table(const std::vector<at::Tensor>& tensors, int64_t p, bool nextline, bool nextframe) {
+// The batch of `tensors` (latents for pack, freshly allocated outputs for unpack).
+Batch make_batch(const std::vector<at::Tensor>& tensors, int64_t p, bool nextline, bool nextframe,
+                 int64_t channels) {
   std::vector<int64_t> fhw, strides, addrs;
   for (const at::Tensor& x : tensors) {
     const auto dims = latent_fhw(x);
@@ -60,71 +61,71 @@ DeviceTable make_table(const std::vector<at::Tensor>& tensors, int64_t p, bool n
     strides.insert(strides.end(), s.begin(), s.end());
     addrs.push_back(reinterpret_cast<int64_t>(x.data_ptr()));
   }
-  DeviceTable table{};
-  const std::vector<ItemDesc> host = make_items(fhw, strides, addrs, p, nextline, nextframe, &table.total,
-                                                &table.patches);
-  const int64_t bytes = static_cast<int64_t>(host.size() * sizeof(ItemDesc));
+  Batch b{};
+  const auto [max_rows, max_cols] = max_patch_grid(fhw, p);
+  b.tiling = make_tiling(channels, p, max_rows, max_cols);
+  b.items = make_items(fhw, strides, addrs, p, nextline, nextframe, b.tiling, &b.total, &b.patches, &b.segments);
+  return b;
+}
+
+// The item table on `device`; the returned tensor keeps it alive until the launch is queued.
+at::Tensor device_table(const std::vector<ItemDesc>& items, const at::Device& device) {
+  const int64_t bytes = static_cast<int64_t>(items.size() * sizeof(ItemDesc));
   // Pinned staging: the copy is then asynchronous for certain (a pageable source may make the driver wait for
   // the stream), and PyTorch's pinned allocator keeps the block until the copy has run.
   at::Tensor cpu = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(cpu.data_ptr(), host.data(), bytes);
-  table.storage = cpu.to(tensors[0].device(), /*non_blocking=*/true);
-  table.items = reinterpret_cast<const ItemDesc*>(table.storage.data_ptr());
-  return table;
+  std::memcpy(cpu.data_ptr(), items.data(), bytes);
+  return cpu.to(device, /*non_blocking=*/true);
 }
 
-void check_latents(at::TensorList latents, int64_t p) {
-  TORCH_CHECK(!latents.empty(), "pack_patches: latents must not be empty");
-  TORCH_CHECK(p >= 1 && p * p <= kTileElements, "pack_patches: patch_size must be in [1, 64]");
-  const at::Tensor& x0 = latents[0];
-  for (const auto& x : latents) {
-    TORCH_CHECK(x.is_cuda() && x.device() == x0.device(), "pack_patches: latents must be on one CUDA device");
-    TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "pack_patches: latents must be (C, H, W) or (C, F, H, W)");
-    TORCH_CHECK(x.size(0) == x0.size(0) && x.scalar_type() == x0.scalar_type(),
-                "pack_patches: latents must share channels and dtype");
-    const int64_t h = x.size(x.dim() - 2), w = x.size(x.dim() - 1);
-    TORCH_CHECK(h % p == 0 && w % p == 0 && h >= p && w >= p, "pack_patches: H and W must be multiples of p");
-  }
+dim3 grid_of(const Batch& b, int64_t channels) {
+  return dim3(static_cast<unsigned>(b.segments), static_cast<unsigned>(ceil_div(channels, b.tiling.channels)));
+}
+
+// The CUDA kernels stage a block's patches in shared memory: one token's patch of one channel must fit a tile.
+void check_tile_fits(const char* op, int64_t p) {
+  TORCH_CHECK(p * p <= kTileElements, op, ": patch_size must be at most 64 on CUDA, got ", p);
 }
 
 std::vector<at::Tensor> pack_impl(at::TensorList latents, int64_t p, bool nextline, bool nextframe,
                                   bool channels_last, std::optional<int64_t> expect_tokens, bool layout) {
-  check_latents(latents, p);
+  check_latents("pack_patches (cuda)", latents, p, at::kCUDA);
+  check_tile_fits("pack_patches (cuda)", p);
   const at::Tensor& x0 = latents[0];
   c10::DeviceGuard guard(x0.device());
-  const std::vector<at::Tensor> items(latents.begin(), latents.end());
-  const DeviceTable table = make_table(items, p, nextline, nextframe);
+  const int64_t channels = x0.size(0), n_items = static_cast<int64_t>(latents.size());
+  const Batch batch = make_batch(std::vector<at::Tensor>(latents.begin(), latents.end()), p, nextline, nextframe,
+                                 channels);
   if (expect_tokens) {
-    TORCH_CHECK(table.total == *expect_tokens, "pack_patches: total_tokens disagrees with the shapes");
+    TORCH_CHECK(batch.total == *expect_tokens, "pack_patches: total_tokens disagrees with the shapes");
   }
-  const int64_t channels = x0.size(0), n_items = static_cast<int64_t>(items.size());
-  at::Tensor out = at::empty({table.total, channels * p * p}, x0.options());
+  at::Tensor out = at::empty({batch.total, channels * p * p}, x0.options());
   std::vector<at::Tensor> result{out};
   int32_t* positions = nullptr;
   int8_t* kind = nullptr;
   int64_t* patch_rows = nullptr;
   int32_t* cu = nullptr;
   if (layout) {
-    append_layout_outputs(result, table.total, table.patches, n_items, x0.options());
+    append_layout_outputs(result, batch.total, batch.patches, n_items, x0.options());
     positions = result[1].data_ptr<int32_t>();
     kind = result[2].data_ptr<int8_t>();
     patch_rows = result[3].data_ptr<int64_t>();
     cu = result[4].data_ptr<int32_t>();
   }
-  if (table.total == 0) return result;
-  const Tiling tiling = make_tiling(channels, p);
-  const dim3 grid(static_cast<unsigned>((table.total + tiling.tokens - 1) / tiling.tokens),
-                  static_cast<unsigned>((channels + tiling.channels - 1) / tiling.channels));
+  if (batch.total == 0) return result;
+  const int vec = vector_words(batch.items, x0.element_size(), p, channels, batch.tiling, channels_last,
+                               reinterpret_cast<int64_t>(out.data_ptr()), out.stride(0), 1);
+  const at::Tensor table = device_table(batch.items, x0.device());
+  const auto* items = reinterpret_cast<const ItemDesc*>(table.data_ptr());
   const cudaStream_t stream = current_stream(x0.device());
-  const bool supported = dispatch_word_and_p(x0.element_size(), p, [&](auto word, auto pc) {
+  const bool supported = dispatch_kernel(x0.element_size(), p, vec, [&](auto word, auto pc, auto vc) {
     using word_t = decltype(word);
-    constexpr int P = decltype(pc)::value;
-    const size_t smem = tile_smem_bytes<word_t>(tiling, p);
-    auto kernel = layout ? pack_kernel<word_t, P, true> : pack_kernel<word_t, P, false>;
-    kernel<<<grid, kThreads, smem, stream>>>(table.items, n_items, table.total, channels, p, channels_last,
-                                             tiling.tokens, tiling.channels,
-                                             reinterpret_cast<word_t*>(out.data_ptr()), out.stride(0), positions,
-                                             kind, patch_rows, cu);
+    constexpr int P = decltype(pc)::value, V = decltype(vc)::value;
+    const size_t smem = tile_smem_bytes<word_t, V>(batch.tiling, p);
+    auto kernel = layout ? pack_kernel<word_t, P, V, true> : pack_kernel<word_t, P, V, false>;
+    kernel<<<grid_of(batch, channels), kThreads, smem, stream>>>(
+        items, n_items, batch.total, channels, p, channels_last, batch.tiling,
+        reinterpret_cast<word_t*>(out.data_ptr()), out.stride(0), positions, kind, patch_rows, cu);
     check_launch("pack_patches");
   });
   TORCH_CHECK(supported, "pack_patches: unsupported element size ", x0.element_size());
@@ -144,29 +145,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_patc
 
 std::vector<at::Tensor> unpack_patches_cuda(const at::Tensor& tokens, at::IntArrayRef item_shapes, int64_t p,
                                             int64_t channels, bool nextline, bool nextframe, bool channels_last) {
-  TORCH_CHECK(tokens.is_cuda(), "unpack_patches: tokens must be a CUDA tensor");
-  TORCH_CHECK(tokens.dim() == 2 && tokens.size(1) == channels * p * p,
-              "unpack_patches: tokens must be (T, out_channels * p * p)");
-  TORCH_CHECK(p >= 1 && p * p <= kTileElements, "unpack_patches: patch_size must be in [1, 64]");
-  TORCH_CHECK(!item_shapes.empty() && item_shapes.size() % 4 == 0,
-              "unpack_patches: item_shapes holds (ndim, F, H, W) per item");
+  check_unpack_args("unpack_patches (cuda)", tokens, item_shapes, p, channels, at::kCUDA);
+  check_tile_fits("unpack_patches (cuda)", p);
   c10::DeviceGuard guard(tokens.device());
   std::vector<at::Tensor> outs = unpack_outputs(item_shapes, channels, tokens.options());
-  const DeviceTable table = make_table(outs, p, nextline, nextframe);
-  TORCH_CHECK(table.total == tokens.size(0), "unpack_patches: tokens.shape[0] disagrees with the shapes");
-  if (table.total == 0) return outs;
-  const Tiling tiling = make_tiling(channels, p);
-  const dim3 grid(static_cast<unsigned>((table.total + tiling.tokens - 1) / tiling.tokens),
-                  static_cast<unsigned>((channels + tiling.channels - 1) / tiling.channels));
+  const Batch batch = make_batch(outs, p, nextline, nextframe, channels);
+  TORCH_CHECK(batch.total == tokens.size(0), "unpack_patches: tokens.shape[0] disagrees with the shapes");
+  if (batch.total == 0) return outs;
+  const int vec = vector_words(batch.items, tokens.element_size(), p, channels, batch.tiling, channels_last,
+                               reinterpret_cast<int64_t>(tokens.data_ptr()), tokens.stride(0), tokens.stride(1));
+  const at::Tensor table = device_table(batch.items, tokens.device());
+  const auto* items = reinterpret_cast<const ItemDesc*>(table.data_ptr());
   const cudaStream_t stream = current_stream(tokens.device());
   const int64_t n_items = static_cast<int64_t>(outs.size());
-  const bool supported = dispatch_word_and_p(tokens.element_size(), p, [&](auto word, auto pc) {
+  const bool supported = dispatch_kernel(tokens.element_size(), p, vec, [&](auto word, auto pc, auto vc) {
     using word_t = decltype(word);
-    constexpr int P = decltype(pc)::value;
-    const size_t smem = tile_smem_bytes<word_t>(tiling, p);
-    unpack_kernel<word_t, P><<<grid, kThreads, smem, stream>>>(
-        table.items, n_items, table.total, channels, p, channels_last, tiling.tokens, tiling.channels,
-        reinterpret_cast<const word_t*>(tokens.data_ptr()), tokens.stride(0), tokens.stride(1));
+    constexpr int P = decltype(pc)::value, V = decltype(vc)::value;
+    const size_t smem = tile_smem_bytes<word_t, V>(batch.tiling, p);
+    unpack_kernel<word_t, P, V><<<grid_of(batch, channels), kThreads, smem, stream>>>(
+        items, n_items, channels, p, channels_last, batch.tiling, reinterpret_cast<const word_t*>(tokens.data_ptr()),
+        tokens.stride(0), tokens.stride(1));
     check_launch("unpack_patches");
   });
   TORCH_CHECK(supported, "unpack_patches: unsupported element size ", tokens.element_size());

@@ -22,6 +22,8 @@
 #include <tuple>
 #include <vector>
 
+#include "rms_norm_checks.h"
+
 namespace flagdit {
 namespace {
 
@@ -75,7 +77,7 @@ void rms_norm_rows(const scalar_t* xp, int64_t stride, const at::opmath_type<sca
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                     double eps) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rms_norm_cpu_fwd: x must be (..., D) with D > 0");
+  check_rms_norm_fwd_args("rms_norm_cpu_fwd", x, weight, eps, at::kCPU);
   const at::Tensor rows = as_rows(x);
   const int64_t n = rows.size(0), d = rows.size(1);
   at::Tensor y = at::empty({n, d}, x.options());
@@ -121,7 +123,7 @@ void rms_norm_backward_rows(const scalar_t* xr, const scalar_t* gr, const at::op
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu_bwd(const at::Tensor& dy, const at::Tensor& x,
                                                     const std::optional<at::Tensor>& weight, const at::Tensor& rstd) {
-  TORCH_CHECK(dy.sizes() == x.sizes(), "rms_norm_cpu_bwd: dy must have x's shape");
+  check_rms_norm_bwd_args("rms_norm_cpu_bwd", dy, x, weight, rstd, at::kCPU);
   const at::Tensor rows = as_rows(x);
   const at::Tensor grad_rows = as_rows(dy.to(x.scalar_type()));
   const int64_t n = rows.size(0), d = rows.size(1);

@@ -30,6 +30,8 @@
 #include <optional>
 #include <tuple>
 
+#include "rms_norm_checks.h"
+
 namespace flagdit {
 namespace {
 
@@ -42,10 +44,6 @@ constexpr int kMaxVecs = 4;
 constexpr int kMaxVecsBwd = 2;
 // Aim for this many vectors per thread when sizing a block: enough loads in flight, several rows per SM.
 constexpr int kVecsPerThread = 2;
-// Threads per SM the grid-stride loops aim to fill (Hopper/Ampere hold 2048). The backward aims at half:
-// its blocks also write (D,) fp32 dweight partials, and its registers (x and dy cached) limit residency anyway.
-constexpr int kFwdThreadsPerSm = 2048;
-constexpr int kBwdThreadsPerSm = 1024;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -252,12 +250,14 @@ int threads_for(int nvec) {
   return threads < kWarp ? kWarp : (threads > kMaxThreads ? kMaxThreads : threads);
 }
 
-// Blocks for a grid-stride loop over rows: about what fits on the device at once (threads_per_sm / threads
-// per SM). The backward passes a smaller budget: every block writes one (D,) fp32 dweight partial.
-int64_t grid_for(int64_t rows, int threads, int threads_per_sm) {
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int per_sm = threads_per_sm / threads > 0 ? threads_per_sm / threads : 1;
-  const int64_t cap = static_cast<int64_t>(sms) * per_sm;
+// Blocks for a grid-stride loop over rows: the SM count times the blocks of `threads` threads (and `smem` dynamic
+// shared bytes) an SM holds for this kernel, as the occupancy calculator reports from its registers.
+template <typename Kernel>
+int64_t grid_for(Kernel kernel, int64_t rows, int threads, size_t smem) {
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  const int64_t cap = static_cast<int64_t>(device_attribute(cudaDevAttrMultiProcessorCount)) * (per_sm > 0 ? per_sm : 1);
   return rows < cap ? rows : cap;
 }
 
@@ -275,23 +275,13 @@ struct Weight {
   bool is_float = false;
 };
 
+// The weight as the kernels read it: in x's dtype or in fp32 (any other dtype is converted once, D elements).
 Weight prepare_weight(const std::optional<at::Tensor>& weight, const at::Tensor& x) {
   Weight w;
   if (!weight.has_value() || !weight->defined()) return w;
-  TORCH_CHECK(weight->dim() == 1 && weight->size(0) == x.size(-1), "rms_norm (cuda): weight must have shape (",
-              x.size(-1), ",), got ", weight->sizes());
-  TORCH_CHECK(weight->device() == x.device(), "rms_norm (cuda): weight is on ", weight->device(), " but x is on ",
-              x.device());
-  // The kernels read the weight in x's dtype or in fp32; any other dtype is converted once (D elements).
   w.t = weight->scalar_type() == x.scalar_type() ? weight->contiguous() : weight->to(at::kFloat).contiguous();
   w.is_float = w.t.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat;
   return w;
-}
-
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "rms_norm (cuda): x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rms_norm (cuda): x must be (..., D) with D > 0, got ", x.sizes());
-  TORCH_CHECK(x.size(-1) <= INT32_MAX, "rms_norm (cuda): D too large");
 }
 
 template <typename T, typename W>
@@ -306,15 +296,11 @@ void launch_fwd(const at::Tensor& x2, const at::Tensor& w, at::Tensor& y, at::Te
                    (wp == nullptr || aligned(wp, sizeof(W) * kVec));
   const int nvec = vec ? D / kVec : D;
   const int threads = threads_for(nvec);
-  const int64_t grid = grid_for(rows, threads, kFwdThreadsPerSm);
   const cudaStream_t stream = current_stream(x2.device());
-  if (vec) {
-    rms_norm_fwd_kernel<T, W, kVec><<<grid, threads, 0, stream>>>(xp, wp, yp, rstd.data_ptr<float>(), rows, D,
-                                                                  x2.stride(0), static_cast<float>(eps));
-  } else {
-    rms_norm_fwd_kernel<T, W, 1><<<grid, threads, 0, stream>>>(xp, wp, yp, rstd.data_ptr<float>(), rows, D,
-                                                               x2.stride(0), static_cast<float>(eps));
-  }
+  auto kernel = vec ? rms_norm_fwd_kernel<T, W, kVec> : rms_norm_fwd_kernel<T, W, 1>;
+  const int64_t grid = grid_for(kernel, rows, threads, 0);
+  kernel<<<grid, threads, 0, stream>>>(xp, wp, yp, rstd.data_ptr<float>(), rows, D, x2.stride(0),
+                                       static_cast<float>(eps));
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
@@ -329,33 +315,31 @@ void allow_shared(Kernel kernel, size_t bytes) {
   }
 }
 
+// Launches the backward over a grid sized for the kernel's residency and returns the (blocks, D) fp32 weight
+// gradient partials (undefined without a weight).
 template <typename T, typename W>
-void launch_bwd(const at::Tensor& dy2, const at::Tensor& x2, const at::Tensor& w, const at::Tensor& rstd,
-                at::Tensor& dx, at::Tensor& dw_part, int64_t grid, int threads, bool vec) {
+at::Tensor launch_bwd(const at::Tensor& dy2, const at::Tensor& x2, const at::Tensor& w, const at::Tensor& rstd,
+                      at::Tensor& dx, int threads, bool vec) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t rows = x2.size(0);
   const int D = static_cast<int>(x2.size(1));
   const W* wp = w.defined() ? w.data_ptr<W>() : nullptr;
-  float* partp = w.defined() ? dw_part.data_ptr<float>() : nullptr;
   const size_t smem = w.defined() ? static_cast<size_t>(D) * sizeof(float) : 0;
   const cudaStream_t stream = current_stream(x2.device());
-  if (vec) {
-    auto kernel = rms_norm_bwd_kernel<T, W, kVec>;
-    allow_shared(kernel, smem);
-    kernel<<<grid, threads, smem, stream>>>(dy2.data_ptr<T>(), x2.data_ptr<T>(), wp, rstd.data_ptr<float>(),
-                                            dx.data_ptr<T>(), partp, rows, D, dy2.stride(0), x2.stride(0));
-  } else {
-    auto kernel = rms_norm_bwd_kernel<T, W, 1>;
-    allow_shared(kernel, smem);
-    kernel<<<grid, threads, smem, stream>>>(dy2.data_ptr<T>(), x2.data_ptr<T>(), wp, rstd.data_ptr<float>(),
-                                            dx.data_ptr<T>(), partp, rows, D, dy2.stride(0), x2.stride(0));
-  }
+  auto kernel = vec ? rms_norm_bwd_kernel<T, W, kVec> : rms_norm_bwd_kernel<T, W, 1>;
+  allow_shared(kernel, smem);
+  const int64_t grid = grid_for(kernel, rows, threads, smem);
+  at::Tensor dw_part = w.defined() ? at::empty({grid, D}, x2.options().dtype(at::kFloat)) : at::Tensor();
+  kernel<<<grid, threads, smem, stream>>>(dy2.data_ptr<T>(), x2.data_ptr<T>(), wp, rstd.data_ptr<float>(),
+                                          dx.data_ptr<T>(), w.defined() ? dw_part.data_ptr<float>() : nullptr, rows,
+                                          D, dy2.stride(0), x2.stride(0));
   check_cuda(cudaGetLastError(), "kernel launch");
+  return dw_part;
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                      double eps) {
-  check_x(x);
+  check_rms_norm_fwd_args("rms_norm_cuda_fwd", x, weight, eps, at::kCUDA);
   const c10::DeviceGuard guard(x.device());
   const at::Tensor x2 = rows_view(x);
   const Weight w = prepare_weight(weight, x);
@@ -375,14 +359,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda_fwd(const at::Tensor& x, const 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda_bwd(const at::Tensor& dy, const at::Tensor& x,
                                                      const std::optional<at::Tensor>& weight,
                                                      const at::Tensor& rstd) {
-  check_x(x);
-  TORCH_CHECK(dy.sizes() == x.sizes(), "rms_norm (cuda): dy must have x's shape ", x.sizes(), ", got ", dy.sizes());
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() * x.size(-1) == x.numel(),
-              "rms_norm (cuda): rstd must be fp32 with one value per row");
+  check_rms_norm_bwd_args("rms_norm_cuda_bwd", dy, x, weight, rstd, at::kCUDA);
   const c10::DeviceGuard guard(x.device());
   const at::Tensor x2 = rows_view(x);
   const at::Tensor dy2 = rows_view(dy.scalar_type() == x.scalar_type() ? dy : dy.to(x.scalar_type()));
-  const at::Tensor rstd_c = rstd.contiguous();
+  const at::Tensor rstd_c = rstd.to(at::kFloat).contiguous();
   const Weight w = prepare_weight(weight, x);
   const int64_t rows = x2.size(0);
   const int64_t D = x2.size(1);
@@ -396,13 +377,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda_bwd(const at::Tensor& dy, const
                    aligned(x2.data_ptr(), 16) && aligned(dy2.data_ptr(), 16) && aligned(dx.data_ptr(), 16) &&
                    (!w.t.defined() || aligned(w.t.data_ptr(), w.t.element_size() * vec_elems));
   const int threads = threads_for(static_cast<int>(vec ? D / vec_elems : D));
-  const int64_t grid = grid_for(rows, threads, kBwdThreadsPerSm);
-  at::Tensor dw_part = w.t.defined() ? at::empty({grid, D}, x.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor dw_part;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_cuda_bwd", [&] {
     if (w.is_float) {
-      launch_bwd<scalar_t, float>(dy2, x2, w.t, rstd_c, dx, dw_part, grid, threads, vec);
+      dw_part = launch_bwd<scalar_t, float>(dy2, x2, w.t, rstd_c, dx, threads, vec);
     } else {
-      launch_bwd<scalar_t, scalar_t>(dy2, x2, w.t, rstd_c, dx, dw_part, grid, threads, vec);
+      dw_part = launch_bwd<scalar_t, scalar_t>(dy2, x2, w.t, rstd_c, dx, threads, vec);
     }
   });
   at::Tensor dw = w.t.defined() ? dw_part.sum(0).to(weight->scalar_type()) : at::empty({0}, x.options());

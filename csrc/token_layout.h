@@ -1,5 +1,10 @@
-// Geometry of one packed item: where each of its tokens comes from in its (C, F, H, W) latent.
-// Shared by the CPU and CUDA pack/unpack kernels so that both read the same layout.
+// Geometry of one packed item: where each of its tokens comes from in its (C, F, H, W) latent, and the
+// (frame, row, col) position each token gets, placeholders included. The one statement of the token layout in
+// C++, shared by the CPU and CUDA pack/unpack kernels; flagdit_kernels/triton/packing.py holds its Triton twin
+// (tests/test_token_layout.py checks the two against each other and the reference).
+//
+// Placeholder positions: a [nextline] slot closing patch row r of frame f sits at (f, r, W/p), right after the
+// row's last patch; a [nextframe] slot after frame f sits at (f, H/p, 0), the row right after the frame's last.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +27,7 @@ struct ItemGeometry {
   int64_t frame_stride;            // frame_len + nextframe slot
   int64_t tokens;                  // all tokens of the item
 
+  // p >= 1 (callers check: a zero patch size divides by zero here).
   FLAGDIT_HD static ItemGeometry make(int64_t f, int64_t h, int64_t w, int64_t p, bool nextline, bool nextframe) {
     ItemGeometry g{};
     g.frames = f;
@@ -37,7 +43,8 @@ struct ItemGeometry {
   }
 };
 
-// Where token `local` (index inside its item) sits: its kind and, for a patch, its (frame, row, col).
+// Where token `local` (index inside its item) sits: its kind and its (frame, row, col) position; for a patch
+// token that is the patch's place in the item's patch grid.
 struct TokenPlace {
   int8_t kind;
   int64_t frame, row, col;
@@ -49,12 +56,25 @@ FLAGDIT_HD TokenPlace locate(const ItemGeometry& g, int64_t local) {
   const int64_t in_frame = local - t.frame * g.frame_stride;
   if (in_frame == g.frame_len) {
     t.kind = kNextframe;
+    t.row = g.patch_rows;
+    t.col = 0;
     return t;
   }
   t.row = in_frame / g.row_len;
   t.col = in_frame - t.row * g.row_len;
   t.kind = t.col == g.patch_cols ? kNextline : kPatch;
   return t;
+}
+
+// Index inside its item of the token at position (frame, row, col): the inverse of locate(), placeholders
+// included (a [nextline] slot's col is patch_cols, a [nextframe] slot's row is patch_rows).
+FLAGDIT_HD int64_t token_index(const ItemGeometry& g, int64_t frame, int64_t row, int64_t col) {
+  return frame * g.frame_stride + row * g.row_len + col;
+}
+
+// Index of a patch token among the item's patch tokens (frame-major, then rows, then columns).
+FLAGDIT_HD int64_t patch_index(const ItemGeometry& g, const TokenPlace& t) {
+  return (t.frame * g.patch_rows + t.row) * g.patch_cols + t.col;
 }
 
 // Offset inside a patch vector of element (channel, ph, pw): (C, ph, pw) order or (ph, pw, C) order.

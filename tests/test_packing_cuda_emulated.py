@@ -8,34 +8,22 @@ csrc/packing_cuda.cu is exercised only by the GPU tests in test_packing_kernels.
 from __future__ import annotations
 
 import ctypes
-import pathlib
-import shutil
-import subprocess
 
 import pytest
 import torch
+from cxx_shim import build_shim
 from helpers import fresh
 
 from flagdit_kernels import reference as ref
 from flagdit_kernels.reference.packing import frames_hw, item_tokens
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 C = 3
 MIXED = [(C, 8, 12), (C, 12, 4), (C, 5, 6, 4), (C, 2, 2), (C, 20, 16), (C, 6, 6)]
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CUDA emulation")
-    lib = tmp_path_factory.mktemp("emu") / "emulate_packing.so"
-    src = ROOT / "tests" / "cuda_emulation" / "emulate_packing.cpp"
-    subprocess.run(
-        [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", f"-I{ROOT / 'csrc'}", str(src), "-o", str(lib)],
-        check=True,
-    )
-    return ctypes.CDLL(str(lib))
+    return build_shim(tmp_path_factory, "emulate_packing.cpp")
 
 
 def _i64(values) -> ctypes.Array:
@@ -61,7 +49,7 @@ def _batch_args(latents, element_size, channels, p, nextline, nextframe, channel
     )
 
 
-def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False):
+def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False, vec_used=None):
     x0 = latents[0]
     shapes = [tuple(x.shape) for x in latents]
     total = sum(item_tokens(s, p, nextline, nextframe) for s in shapes)
@@ -72,6 +60,7 @@ def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=
     kind = torch.full((total,), -7, dtype=torch.int8)
     patch_rows = torch.full((n_patches,), -7, dtype=torch.int64)
     cu = torch.full((len(latents) + 1,), -7, dtype=torch.int32)
+    vec = ctypes.c_int(0)
     got = emu.emu_pack(
         *_batch_args(latents, x0.element_size(), x0.shape[0], p, nextline, nextframe, channels_last),
         1,
@@ -81,28 +70,35 @@ def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=
         ctypes.c_void_p(kind.data_ptr()),
         ctypes.c_void_p(patch_rows.data_ptr()),
         ctypes.c_void_p(cu.data_ptr()),
+        ctypes.byref(vec),
     )
     assert got == total
+    if vec_used is not None:
+        vec_used.append(vec.value)
     return out, positions, kind, patch_rows, cu
 
 
-def emulated_unpack(emu, tokens, shapes, p, channels, nextline=True, nextframe=True, channels_last=True):
+def emulated_unpack(emu, tokens, shapes, p, channels, nextline=True, nextframe=True, channels_last=True, vec_used=None):
     nan = float("nan")
     outs = [
         torch.full((channels, *s[1:]), nan, dtype=tokens.dtype) for s in shapes
     ]  # contiguous, like the CUDA op's outputs
+    vec = ctypes.c_int(0)
     got = emu.emu_unpack(
         *_batch_args(outs, tokens.element_size(), channels, p, nextline, nextframe, channels_last),
         ctypes.c_void_p(tokens.data_ptr()),
         ctypes.c_int64(tokens.stride(0)),
         ctypes.c_int64(tokens.stride(1)),
+        ctypes.byref(vec),
     )
     assert got == tokens.shape[0]
+    if vec_used is not None:
+        vec_used.append(vec.value)
     return outs
 
 
-def _check_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False):
-    out, positions, kind, patch_rows, cu = emulated_pack(emu, latents, p, nextline, nextframe, channels_last)
+def _check_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False, vec_used=None):
+    out, positions, kind, patch_rows, cu = emulated_pack(emu, latents, p, nextline, nextframe, channels_last, vec_used)
     want = ref.pack([x.contiguous() for x in latents], p, nextline, nextframe, channels_last)
     assert torch.equal(out, want.patches)
     assert torch.equal(positions, want.positions)
@@ -173,3 +169,25 @@ def test_emulated_power_of_two_channels_and_column_strided_tokens(emu, channels_
     outs = emulated_unpack(emu, tokens, want.shapes, 2, 16, channels_last=channels_last)
     for o, w in zip(outs, ref.unpack(tokens.contiguous(), want, 16, channels_last)):
         assert torch.equal(o, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_emulated_vector_path(emu, dtype, channels_last):
+    """Aligned latents and token rows take the 16-byte path (rows wider than a segment, several rows per segment
+    and partial segments included); one misaligned item sends the batch back to single words, still exact."""
+    shapes = [(16, 8, 48), (16, 3, 6, 16), (16, 40, 8)]
+    latents = [fresh(s, dtype, seed=60 + i) for i, s in enumerate(shapes)]
+    used = []
+    want = _check_pack(emu, latents, 2, channels_last=channels_last, vec_used=used)
+    outs = emulated_unpack(emu, want.patches, want.shapes, 2, 16, channels_last=channels_last, vec_used=used)
+    assert all(torch.equal(o, x) for o, x in zip(outs, latents))
+    assert used == [16 // latents[0].element_size()] * 2
+    odd = fresh((16, 8, 50), dtype, seed=70)[:, :, 1:49]  # W stride 1, but a base that is not 16-byte aligned
+    used = []
+    want = _check_pack(emu, [*latents, odd], 2, channels_last=channels_last, vec_used=used)
+    tokens = fresh((want.kind.shape[0], 64 + 1), dtype, seed=71)[:, 1:]  # misaligned token rows
+    outs = emulated_unpack(emu, tokens, want.shapes, 2, 16, channels_last=channels_last, vec_used=used)
+    for o, w in zip(outs, ref.unpack(tokens.contiguous(), want, 16, channels_last)):
+        assert torch.equal(o, w)
+    assert used == [1, 1]

@@ -148,6 +148,26 @@ def test_many_channels_span_channel_blocks(backend):
     assert all(torch.equal(b, x) for b, x in zip(back, latents))
 
 
+@pytest.mark.parametrize("backend", PACK_BACKENDS)
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(64, 4, 80), (64, 2, 6, 36)],  # rows wider than a Triton segment: several column tiles, the last partial
+        [(16, 40, 8), (16, 3, 34, 4)],  # narrow items: several rows per segment, the last row block partial
+    ],
+    ids=["column_tiles", "row_blocks"],
+)
+def test_segments_split_rows_and_columns(backend, shapes):
+    latents = _latents(shapes, seed=7)
+    for channels_last in (False, True):
+        with poisoned_allocations():
+            mine = packing.pack(latents, P, channels_last=channels_last, backend=backend)
+        _assert_packed_equal(mine, ref.pack(latents, P, True, True, channels_last))
+        with poisoned_allocations():
+            back = packing.unpack(mine.patches, mine, shapes[0][0], channels_last=channels_last, backend=backend)
+        assert all(torch.equal(b, x) for b, x in zip(back, latents))
+
+
 def _strided_latents():
     """Non-contiguous latents: a transposed image, a column slice, a frame-major video, an H-strided image."""
     a = fresh((C, 12, 8), torch.float32, seed=21).transpose(1, 2)  # (C, 8, 12), W stride != 1
@@ -395,3 +415,28 @@ def test_embed_packed_triton_compiles_fullgraph():
     embed_packed_reference(packed.patches, packed.kind, w2, None, t2).sum().backward()
     assert torch.allclose(weight.grad, w2.grad, rtol=1e-5, atol=1e-6)
     assert torch.allclose(table.grad, t2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", EMBED_BACKENDS)
+def test_embed_packed_out_of_range_kinds_are_patch_rows(backend):
+    """kind values outside {0, 1, 2} (what an unchecked GPU call may pass) are patch rows on every backend:
+    the placeholder table is read only at rows 0 and 1, and gradients follow the same rule."""
+    packed = ref.pack(_latents(MIXED[:3]), P)
+    kind = packed.kind.clone()
+    odd = torch.tensor([-100, -1, 3, 127], dtype=torch.int8, device=kind.device)
+    kind[: odd.numel()] = odd
+    inputs = {
+        "patches": fresh(packed.patches.shape, torch.float32, seed=110),
+        "weight": fresh((24, P * P * C), torch.float32, seed=111),
+        "bias": fresh((24,), torch.float32, seed=112),
+        "table": fresh((2, 24), torch.float32, seed=113),
+    }
+    compare_with_reference(
+        lambda patches, weight, bias, table: embed_packed(patches, kind, weight, bias, table, backend=backend),
+        lambda patches, weight, bias, table: embed_packed_reference(patches, kind, weight, bias, table),
+        inputs,
+        torch.float32,
+    )
+    out = embed_packed(inputs["patches"], kind, inputs["weight"], inputs["bias"], inputs["table"], backend=backend)
+    linear = torch.nn.functional.linear(inputs["patches"], inputs["weight"], inputs["bias"])
+    torch.testing.assert_close(out[: odd.numel()], linear[: odd.numel()])

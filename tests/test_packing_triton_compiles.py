@@ -1,109 +1,74 @@
-"""The packing Triton kernels compile for sm_90 (Triton's bundled ptxas; no GPU needed).
+"""The packing Triton kernels compile for sm_90 (Triton's bundled ptxas; no GPU needed), and the compile shows
+what they were built for: 16-byte accesses on both sides of an aligned bf16 batch, the transpose through
+shared memory, no spills.
 
-The interpreter (TRITON_INTERPRET=1) runs kernels as numpy and accepts code that the compiler rejects (it
-once let the kernels read plain module-level ints as globals). This ahead-of-time compile of representative
-specializations catches that class of error on machines without a GPU; with a GPU, the kernel tests compile
-the kernels for real. It runs in a subprocess without TRITON_INTERPRET, because under the interpreter
-``@triton.jit`` yields functions the compiler cannot take.
+The interpreter (TRITON_INTERPRET=1) runs kernels as numpy and accepts code that the compiler rejects. Here the
+host launchers run on CPU tensors with their kernels recorded (tests/compile_sm90.py), and each launch is
+compiled ahead of time as the JIT would specialize it. It runs as a script in a subprocess without
+TRITON_INTERPRET.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
+from compile_sm90 import compiler_unavailable, run_script
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FLAGS = (
-    "P",
-    "P_BLOCK",
-    "BLOCK_T",
-    "BLOCK_C",
-    "LOG2_ITEMS",
-    "NEXTLINE",
-    "NEXTFRAME",
-    "CHANNELS_LAST",
-    "UNIT_W",
-    "FLAT_ROWS",
-)
-PACK_SIGNATURE = {
-    "table": "*i64",
-    "out": "*bf16",
-    "positions": "*i32",
-    "kind": "*i8",
-    "patch_rows": "*i64",
-    "cu_seqlens": "*i32",
-    "n_items": "i32",
-    "total_tokens": "i32",
-    "channels": "i32",
-    "out_row_stride": "i32",
-}
-UNPACK_SIGNATURE = {
-    "table": "*i64",
-    "tokens_ptr": "*fp16",
-    "n_items": "i32",
-    "total_tokens": "i32",
-    "channels": "i32",
-    "row_stride": "i32",
-    "col_stride": "i32",
-}
-EMBED_SIGNATURE = {
-    "out": "*bf16",
-    "kind": "*i8",
-    "table": "*bf16",
-    "total": "i32",
-    "dim": "i32",
-    "out_stride": "i32",
-    "table_stride": "i32",
-}
+
+@pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
+def test_packing_kernels_compile_for_sm90():
+    out = run_script(__file__)
+    assert out.count("compiled ") == 9, out
 
 
 def _compile_all() -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from compile_sm90 import access_widths, compile_launch, cubin_resources, recording, sass
 
-    from flagdit_kernels.triton import embed as embed_kernels
-    from flagdit_kernels.triton import packing as packing_kernels
+    from flagdit_kernels.ops.packing import _item_shapes
+    from flagdit_kernels.reference.packing import frames_hw
+    from flagdit_kernels.triton import embed as E
+    from flagdit_kernels.triton import packing as K
 
-    def build(fn, signature, constexprs, name):
-        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-        print(f"compiled {name}: shared={kernel.metadata.shared}")
-        return kernel
+    def check(launches, aligned_bf16: bool = False):
+        for launch in launches:
+            compiled = compile_launch(launch)
+            res = cubin_resources(compiled.asm["cubin"])
+            assert res["LOCAL"] == 0, f"{launch.label} spills"
+            widths = access_widths(sass(compiled.asm["cubin"]))
+            if aligned_bf16:  # latent side and token side both move 16-byte vectors
+                assert widths["LDG"]["16B"] and widths["STG"]["16B"], f"{launch.label}: {widths}"
+            if launch.label == "pack_kernel":
+                assert compiled.metadata.shared > 0, "the latent -> token-row transpose goes through shared memory"
+            print(f"compiled {launch.label}")
 
-    def flags(p, channels, channels_last, unit_w):
-        p_block, block_c, block_t = packing_kernels._blocks(channels, p)
-        flat = packing_kernels._flat_rows(channels, p, p_block, block_c, channels_last)
-        return dict(zip(FLAGS, (p, p_block, block_t, block_c, 3, 1, 1, channels_last, unit_w, flat)))
-
-    for p, channels, channels_last, unit_w in ((2, 16, False, True), (3, 5, True, False)):  # flat, 4-D
-        kernel = build(
-            packing_kernels.pack_kernel,
-            PACK_SIGNATURE,
-            {**flags(p, channels, channels_last, unit_w), "WRITE_LAYOUT": True},
-            f"pack p={p}",
-        )
-        assert kernel.metadata.shared > 0  # the latent tile -> token rows transpose goes through shared memory
-    # (2, 16, *): a token row run per block (FLAT_ROWS); (3, *): padded patch tiles (4-D path).
-    for p, channels, channels_last in ((2, 16, True), (3, 4, False)):
-        build(packing_kernels.unpack_kernel, UNPACK_SIGNATURE, flags(p, channels, channels_last, True), f"unpack p={p}")
-    build(embed_kernels.placeholder_rows_kernel, EMBED_SIGNATURE, dict(BLOCK_T=32, BLOCK_D=256), "embed epilogue")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile the kernels for real")
-def test_packing_kernels_compile_for_sm90():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("compiled ") == 5, done.stdout
+    # Aligned bf16 latents, p = 2, 16 channels: the flat, vectorized paths, both vector orders, with layout.
+    shapes = [(16, 64, 64), (16, 3, 32, 48)]
+    latents = [torch.empty(s, dtype=torch.bfloat16) for s in shapes]
+    fhw = [frames_hw(s) for s in shapes]
+    with recording(K, ("pack_kernel", "unpack_kernel")) as rec:
+        patches = K.pack(latents, fhw, 2, True, True, False, with_layout=True)[0]
+        K.pack(latents, fhw, 2, False, True, True, with_layout=False)
+        K.unpack(patches, _item_shapes(shapes), 2, 16, True, True, True)
+    check(rec, aligned_bf16=True)
+    # p = 3 and 5 channels, a transposed latent (W stride != 1), fp32: the 4-D gather paths.
+    latents = [torch.empty(5, 9, 6).transpose(1, 2), torch.empty(5, 2, 6, 9)]
+    shapes = [tuple(x.shape) for x in latents]
+    fhw = [frames_hw(s) for s in shapes]
+    with recording(K, ("pack_kernel", "unpack_kernel")) as rec:
+        patches = K.pack(latents, fhw, 3, True, False, True, with_layout=True)[0]
+        K.unpack(patches, _item_shapes(shapes), 3, 5, True, False, False)
+        K.unpack(torch.empty(45, patches.shape[0]).t(), _item_shapes(shapes), 3, 5, True, False, True)
+    check(rec)
+    # Channel blocks (150 channels) and the embedding epilogue.
+    latents = [torch.empty(150, 4, 6, dtype=torch.float16)]
+    with recording(K, ("pack_kernel", "unpack_kernel")) as rec:
+        patches = K.pack(latents, [(1, 4, 6)], 2, True, True, True, with_layout=False)
+        K.unpack(patches, [3, 1, 4, 6], 2, 150, True, True, True)
+    check(rec)
+    out = torch.empty(64, 72, dtype=torch.bfloat16)
+    with recording(E, ("placeholder_rows_kernel",)) as rec:
+        E.write_placeholder_rows(out, torch.zeros(64, dtype=torch.int8), torch.empty(2, 72, dtype=torch.bfloat16))
+    check(rec)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, compare_with_reference, fresh, make_inputs
+from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, compare_with_reference, fresh, make_inputs, poisoned_allocations
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch
@@ -392,3 +392,53 @@ def test_cpu_backend_traces_under_compile():
     want = ref.rms_norm(x.detach().double(), w.detach().double())
     assert (out.double() - want).norm() / want.norm() < 1e-5
     assert x.grad is not None and w.grad is not None
+
+
+# ------------------------------------------------------------------------------------------- bad offsets
+
+
+@pytest.mark.parametrize("op", ["rms_norm_modulate", "gated_residual_rms_norm"])
+@pytest.mark.parametrize("backend", _backends("rms_norm_modulate"))
+def test_strided_cu_seqlens(op, backend):
+    """A cu_seqlens view with stride 2 (a column of a larger tensor) is read as the offsets it holds."""
+    cu = _cu([3, 7, 1, 0, 5])
+    strided = torch.stack([cu, 0 * cu], -1)[:, 0]
+    assert strided.stride(0) == 2 and torch.equal(strided, cu)
+    dtype = torch.float32
+    inputs = make_inputs({"x": (16, 72), "weight": (72,), "p": (5, 72), "res": (16, 72)}, dtype, cu_seqlens=strided)
+    if op == "rms_norm_modulate":
+        fn = lambda x, weight, p, res, cu_seqlens, **kw: fk.rms_norm_modulate(x, weight, p, p, 1e-5, cu_seqlens, **kw)
+        want = lambda x, weight, p, res, cu_seqlens: ref.rms_norm_modulate(x, weight, p, p, 1e-5, cu)
+    else:
+        fn = lambda x, weight, p, res, cu_seqlens, **kw: fk.gated_residual_rms_norm(
+            res, x, weight, p, 1e-5, True, cu_seqlens, **kw
+        )
+        want = lambda x, weight, p, res, cu_seqlens: ref.gated_residual_rms_norm(res, x, weight, p, 1e-5, True, cu)
+    compare_with_reference(lambda **kw: fn(**kw, backend=backend), want, inputs, dtype)
+
+
+@pytest.mark.parametrize("op", ["rms_norm_modulate", "gated_residual_rms_norm"])
+@pytest.mark.parametrize(
+    "bad",
+    [[0, 9, 3, 16], [0, 40, 50, 60], [-5, 2, 2, 16], [0, 0, 0, 0], [7, 7, 7, 7]],
+    ids=["decreasing", "past_end", "negative", "all_zero", "short"],
+)
+def test_bad_offsets_stay_in_bounds(op, bad):
+    """Offsets that contradict the rows (what unchecked GPU calls may pass): the kernels stay inside their
+    tensors and every output element, gradients included, is written (poisoned allocations stay NaN-free)."""
+    if "triton" not in _dispatch.available_backends(op, DEVICE):
+        pytest.skip("triton cannot run here")
+    from flagdit_kernels.triton import rms_norm as kernels
+
+    cu = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
+    x, dy, res = (fresh((16, 72), torch.float32) for _ in range(3))
+    w, p = fresh((72,), torch.float32), fresh((3, 72), torch.float32)
+    if op == "rms_norm_modulate":
+        kw = dict(mode=kernels.MODE_MODULATE, p1=p, p2=p, cu_seqlens=cu)
+    else:
+        kw = dict(mode=kernels.MODE_GATED, p1=p, cu_seqlens=cu)
+    with poisoned_allocations():
+        y, rstd = kernels.forward(x, w, 1e-5, residual=res, **kw)
+        grads = kernels.backward(dy, x, w, rstd, **kw)
+    for t in (y, rstd, *(g for g in grads if g is not None)):
+        assert torch.isfinite(t).all()

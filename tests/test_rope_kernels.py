@@ -39,8 +39,9 @@ class LaunchSpy:
         return run
 
 
-def assert_read_in_place(arg: torch.Tensor, x: torch.Tensor) -> None:
-    """The kernel got x itself (maybe with a leading unit dim), not a copy."""
+def assert_read_in_place(arg: tuple, x: torch.Tensor) -> None:
+    """The kernel got x itself (maybe with a leading unit dim), not a copy, as a (tensor, *strides) view."""
+    arg = arg[0]
     assert arg.data_ptr() == x.data_ptr(), "the kernel was handed a copy"
     assert arg.stride()[-x.dim() :] == x.stride(), f"strides {arg.stride()} != {x.stride()}"
 

@@ -2,7 +2,8 @@
 
 Backends: ``reference`` (eager torch: linear, gather, where) and ``triton`` (cuBLAS GEMM with fused bias, then
 one Triton launch that writes the placeholder rows in place; see ``flagdit_kernels/triton/embed.py``). The
-triton backend's backward needs no (T, dim) mask copy either: with ``sel = one_hot(kind, 3)``,
+triton backend's backward needs no (T, dim) mask copy either: with ``sel`` the (T, 3) one-hot of (patch,
+[nextline], [nextframe]),
 ``grad_out.T @ sel`` gives the bias gradient (column 0) and both placeholder gradients (columns 1, 2) in one
 GEMM, ``grad_weight = grad_out.T @ (patches * sel[:, :1])`` and ``grad_patches = (grad_out @ weight) * sel[:, :1]``.
 """
@@ -26,7 +27,8 @@ def _embed_forward(patches, kind, weight, bias, placeholder_embeddings):
 
 
 def _embed_backward(grad, patches, kind, weight, has_bias: bool, table_dtype):
-    sel = F.one_hot(kind.long(), 3).to(grad.dtype)  # (T, 3): patch, nextline, nextframe
+    # (T, 3): patch, nextline, nextframe (a kind outside {0, 1, 2} is a patch row, as in the forward)
+    sel = torch.stack([(kind != 1) & (kind != 2), kind == 1, kind == 2], 1).to(grad.dtype)
     is_patch = sel[:, :1]
     sums = grad.t() @ sel  # (dim, 3): bias gradient, [nextline] and [nextframe] gradients
     grad_patches = (grad @ weight) * is_patch
@@ -110,7 +112,8 @@ def embed_packed(
     ``patches (T, C*p*p)`` and ``kind`` int8 ``(T,)`` come from :func:`flagdit_kernels.pack`; ``weight (dim,
     C*p*p)`` and ``bias (dim,)`` (or None) are the patch-embedding Linear's; ``placeholder_embeddings (2, dim)``.
     Differentiable in patches (zero at placeholder rows), weight, bias and placeholder_embeddings.
-    ``kind`` values are trusted (0, 1 or 2; checking them would cost a device sync).
+    ``kind`` values are not checked (that would cost a device sync): a value outside {0, 1, 2} makes a patch
+    row on every backend.
     """
     check_tensor("patches", patches, ndim=2)
     device = patches.device

@@ -4,6 +4,8 @@ The Linear itself is a cuBLAS GEMM (bias fused in its epilogue); this kernel the
 rows whose ``kind`` is 1 ([nextline]) or 2 ([nextframe]) with rows 0 / 1 of the placeholder table. It reads
 one byte per row and writes only placeholder rows, so the embedding costs the GEMM and nothing more (the
 eager ``where(kind == 0, linear, table[kind - 1])`` reads and writes the whole (T, dim) output twice more).
+Any other ``kind`` value leaves its row as the Linear wrote it (the reference's rule), so the table is read
+only at rows 0 and 1 whatever ``kind`` holds.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def placeholder_rows_kernel(
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     k = tl.load(kind + rows, mask=rows < total, other=0).to(tl.int32)
-    mask = (k != 0)[:, None] & (cols < dim)[None, :]
+    mask = ((k == 1) | (k == 2))[:, None] & (cols < dim)[None, :]
     emb = tl.load(table + (k - 1)[:, None] * table_stride + cols[None, :], mask=mask)
     tl.store(out + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], emb, mask=mask)
 

@@ -1,17 +1,35 @@
 """Triton pack / unpack: latents of any (C, [F,] H, W) size <-> packed token rows, one launch per batch.
 
 The latents of a batch are separate tensors, so a single launch cannot take them as kernel arguments. Instead
-the host writes a small int64 *item table* (``item_table``): per item its first packed token, the raw address
-of its latent (``tensor.data_ptr()``), its (C, F, H, W) element strides and its patch grid. The kernels load
-an item's address from the table and turn it into a typed pointer (``int64.to(tl.pointer_type(...))``), so
-every item is reached from one program grid over (token blocks, channel blocks). Each token finds its item by
-a branch-free binary search over the table's start column (``LOG2_ITEMS`` steps, table reads hit L1).
+the host writes a small int64 *item table* (``item_table``): per item its first packed token, its first
+segment (below), the raw address of its latent (``tensor.data_ptr()``), its (C, F, H, W) element strides and
+its patch grid. The kernels load an item's address from the table and turn it into a typed pointer
+(``int64.to(tl.pointer_type(...))``), so every item is reached from one program grid.
 
-Memory order: a block holds ``BLOCK_T`` consecutive tokens; consecutive patch tokens of a patch row read
-consecutive latent columns, so the latent side of a tile is laid out as ``(C, ph, token, pw)`` (last two dims
-contiguous along W) and the token side as ``(token, vector element)``; ``tl.permute`` between the two lets the
-compiler stage the transpose through shared memory so that both the latent reads and the token-row writes
-are coalesced.
+Work unit: a *segment*, up to ``R_TILE`` consecutive patch rows of one frame of one item times up to
+``T_TILE`` consecutive patches of each (the columns ``[t0, t0 + T_TILE)``), times a block of ``BLOCK_C``
+channels; the grid is (segments of the batch, channel blocks). Wide items get one row per segment, narrow ones
+several, so every program moves a tile of about ``TILE_ELEMS`` elements. A program finds its item by a binary
+search over the table's segment column (``LOG2_ITEMS`` scalar loads, L1 hits) and its (frame, r0, t0) by
+division, so everything it derives from the table is a scalar. On the latent side a segment is, per channel,
+``R_TILE * P`` latent rows of ``T_TILE * P`` contiguous elements along W: loaded (pack) or stored (unpack) as
+``(BLOCK_C, R_TILE * P, T_TILE * P)`` tiles that vectorize to 16-byte accesses when the host has checked the
+alignment (``ALIGNED``: 16-byte base addresses, C/F/H strides and W multiples of 16 bytes, unit W stride; the
+kernel gets ``tl.multiple_of`` hints, which a pointer built from an integer cannot carry otherwise). On the
+token side a segment is ``R_TILE * T_TILE`` rows of ``BLOCK_C * P * P`` elements, contiguous per row.
+``tl.reshape`` / ``tl.permute`` between the two orders make the compiler stage the transpose through shared
+memory, so both sides are coalesced.
+
+Placeholder rows ([nextline] after each patch row, [nextframe] between frames) hold zeros in pack's output;
+the segments at the end of their rows write them, and the layout outputs (kind, positions, patch_rows,
+cu_seqlens). Unpack never reads them. Token positions follow ``csrc/token_layout.h``; :func:`token_index` is
+its Triton twin (a placeholder's position is the place it would have as a patch: (f, r, W/p) for [nextline],
+(f, H/p, 0) for [nextframe]).
+
+Bounds: every index a program uses comes from the table the host built from the tensors themselves, the item
+search is clamped to the table, and every load and store is masked by the real extents (channels, patch size,
+row length), so no launch reads or writes outside its tensors; each output element is written by exactly one
+program.
 """
 
 from __future__ import annotations
@@ -22,109 +40,228 @@ import torch
 import triton
 import triton.language as tl
 
-# Rows of the item table (an int64 (ITEM_FIELDS, B + 1) tensor; only START uses the B + 1-th column).
-# tl.constexpr so that kernels may read them as globals (compiled Triton rejects plain module ints; the
-# interpreter does not notice).
-START, ADDR, STRIDE_C, STRIDE_F, STRIDE_H, STRIDE_W, PATCH_ROWS, PATCH_COLS, PATCH_START = (
-    tl.constexpr(i) for i in range(9)
+# Rows of the item table (an int64 (ITEM_FIELDS, B + 1) tensor; START and SEGMENT also hold the batch's totals
+# in the B + 1-th column). tl.constexpr so that kernels may read them as globals.
+START, SEGMENT, ADDR, STRIDE_C, STRIDE_F, STRIDE_H, STRIDE_W, FRAMES, PATCH_ROWS, PATCH_COLS, PATCH_START = (
+    tl.constexpr(i) for i in range(11)
 )
-ITEM_FIELDS = 9
+ITEM_FIELDS = 11
+# Token kinds, as in flagdit_kernels/reference/packing.py (PATCH, NEXTLINE, NEXTFRAME).
+KIND_PATCH, KIND_NEXTLINE, KIND_NEXTFRAME = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Elements a program moves: 8 KiB of bf16 in registers plus one shared-memory transpose.
+TILE_ELEMS = 4096
+# Elements of one token a program covers (more channels: more programs along the grid's channel axis).
+MAX_VECTOR_ELEMS = 256
+# Entries of cu_seqlens written per step by the program that fills it in.
+CU_BLOCK = tl.constexpr(128)
 
 
 @triton.jit
-def _find_item(starts, tokens, n_items, LOG2_ITEMS: tl.constexpr):
-    """Index of the item owning each token: the last i with starts[i] <= token (binary search, no branches)."""
-    item = tl.zeros_like(tokens)
+def token_index(start, frame, row, col, patch_rows, patch_cols, NEXTLINE: tl.constexpr, NEXTFRAME: tl.constexpr):
+    """Packed index of the token at position (frame, row, col) of an item whose first token is ``start``
+    (csrc/token_layout.h): frames of ``patch_rows`` rows of ``patch_cols`` patches, each row closed by a
+    [nextline] slot at col == patch_cols, frames separated by a [nextframe] slot at (frame, patch_rows, 0)."""
+    row_len = patch_cols + NEXTLINE
+    return start + frame * (patch_rows * row_len + NEXTFRAME) + row * row_len + col
+
+
+@triton.jit
+def _find_item(column, value, n_items, LOG2_ITEMS: tl.constexpr):
+    """The last item i with column[i] <= value (a branch-free binary search over a non-decreasing column);
+    in [0, n_items) whatever ``value`` is."""
+    item = value * 0
     for k in tl.static_range(LOG2_ITEMS - 1, -1, -1):
         cand = item + (1 << k)
         ok = cand < n_items
-        first = tl.load(starts + cand, mask=ok, other=0)
-        item = tl.where(ok & (first <= tokens), cand, item)
+        first = tl.load(column + tl.minimum(cand, n_items - 1))
+        item = tl.where(ok & (first <= value), cand, item)
     return item
 
 
 @triton.jit
-def _token_places(table, n_items, tokens, LOG2_ITEMS: tl.constexpr, NEXTLINE: tl.constexpr, NEXTFRAME: tl.constexpr):
-    """Item, (frame, row, col), patch flag and nextframe flag of each token (csrc/token_layout.h `locate`)."""
-    stride = n_items + 1
-    item = _find_item(table + START * stride, tokens, n_items, LOG2_ITEMS)
-    # Token counts fit in int32 (the element offsets computed later are int64).
-    rows = tl.load(table + PATCH_ROWS * stride + item).to(tl.int32)
-    cols = tl.load(table + PATCH_COLS * stride + item).to(tl.int32)
-    local = tokens - tl.load(table + START * stride + item).to(tl.int32)
-    row_len = cols + NEXTLINE
-    frame_len = rows * row_len
-    frame = local // (frame_len + NEXTFRAME)
-    in_frame = local - frame * (frame_len + NEXTFRAME)
-    row = in_frame // row_len
-    col = in_frame - row * row_len
-    is_patch = (in_frame < frame_len) & (col < cols)
-    is_frame_slot = in_frame == frame_len
-    return item, local, frame, row, col, cols, rows, is_patch, is_frame_slot
+def _segment(table, stride, n_items, R_TILE: tl.constexpr, T_TILE: tl.constexpr, LOG2_ITEMS: tl.constexpr):
+    """This program's segment: (item, its grid (first token, patch rows, patch cols, frames), frame, first row
+    r0, first column t0, rows and columns of patches in the segment)."""
+    seg = tl.program_id(0)
+    item = _find_item(table + SEGMENT * stride, seg, n_items, LOG2_ITEMS)
+    rows = tl.load(table + PATCH_ROWS * stride + item)
+    cols = tl.load(table + PATCH_COLS * stride + item)
+    grid = (tl.load(table + START * stride + item), rows, cols, tl.load(table + FRAMES * stride + item))
+    col_tiles = tl.cdiv(cols, T_TILE)
+    row_tiles = tl.cdiv(rows, R_TILE)
+    local = seg - tl.load(table + SEGMENT * stride + item)
+    block = local // col_tiles  # (frame, row block), frame-major
+    t0 = (local - block * col_tiles) * T_TILE
+    frame = block // row_tiles
+    r0 = (block - frame * row_tiles) * R_TILE
+    return item, grid, frame, r0, t0, tl.minimum(rows - r0, R_TILE), tl.minimum(cols - t0, T_TILE)
 
 
 @triton.jit
-def _token_block(total_tokens, BLOCK_T: tl.constexpr):
-    """This program's BLOCK_T tokens and their in-range mask; out-of-range tokens are clamped to the last token
-    so that the item-table lookups stay in bounds (their loads and stores are masked off)."""
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_range = tokens < total_tokens
-    return tl.where(in_range, tokens, total_tokens - 1), in_range
-
-
-@triton.jit
-def _latent_tile(
-    table, stride, item, frame, row, col, live, ch, ph, pw, channels, elem, P: tl.constexpr, UNIT_W: tl.constexpr
-):
-    """Pointers and mask of the (BLOCK_C, P_BLOCK, BLOCK_T, P_BLOCK) latent tile in (c, ph, token, pw) order that
-    holds the patches of tokens with ``live`` set (each token's item gives its latent's address and strides)."""
-    base = tl.load(table + ADDR * stride + item).to(tl.pointer_type(elem))
+def _latent_tile(table, stride, item, frame, r0, t0, nrows, ncols, ch, cmask, elem,
+                 P: tl.constexpr, P_BLOCK: tl.constexpr, R_TILE: tl.constexpr, T_TILE: tl.constexpr,
+                 FLAT_W: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """Pointers and mask of the segment's latent tile: ``(BLOCK_C, R_TILE * P, T_TILE * P)`` latent rows and
+    columns when FLAT_W (unit W stride, P a power of two: the last dim runs along W), else ``(BLOCK_C, R_TILE,
+    P_BLOCK, T_TILE, P_BLOCK)`` in (c, patch row, ph, patch col, pw) order. ``VEC``: elements of a 16-byte
+    vector (ALIGNED promises 16-byte base addresses and C / F / H strides, W and T_TILE * P in whole vectors)."""
+    addr = tl.load(table + ADDR * stride + item)
     s_c = tl.load(table + STRIDE_C * stride + item)
     s_f = tl.load(table + STRIDE_F * stride + item)
     s_h = tl.load(table + STRIDE_H * stride + item)
-    token_off = frame.to(tl.int64) * s_f + (row * P).to(tl.int64) * s_h  # (BLOCK_T,)
-    if UNIT_W:
-        w_off = (col * P)[None, None, :, None] + pw[None, None, None, :]
+    if ALIGNED:
+        addr = tl.multiple_of(addr, 16)
+        s_c = tl.multiple_of(s_c, VEC)
+        s_f = tl.multiple_of(s_f, VEC)
+        s_h = tl.multiple_of(s_h, VEC)
+    base = addr.to(tl.pointer_type(elem))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    base += frame * s_f + (r0 * P) * s_h
+    c_off = ch.to(tl.int64) * s_c
+    if FLAT_W:
+        hh = tl.arange(0, R_TILE * P)  # latent rows of the segment
+        w = tl.arange(0, T_TILE * P)
+        n_w = ncols * P
+        if ALIGNED:
+            n_w = tl.multiple_of(n_w, VEC)
+        ptrs = base + c_off[:, None, None] + (hh * s_h)[None, :, None] + (t0 * P + w)[None, None, :]
+        mask = cmask[:, None, None] & (hh < nrows * P)[None, :, None] & (w < n_w)[None, None, :]
     else:
         s_w = tl.load(table + STRIDE_W * stride + item)
-        w_off = ((col * P)[None, None, :, None] + pw[None, None, None, :]).to(tl.int64) * s_w[None, None, :, None]
-    ptrs = (
-        base[None, None, :, None]
-        + ch[:, None, None, None].to(tl.int64) * s_c[None, None, :, None]
-        + ph[None, :, None, None].to(tl.int64) * s_h[None, None, :, None]
-        + token_off[None, None, :, None]
-        + w_off
-    )
-    mask = (
-        live[None, None, :, None]
-        & (ch < channels)[:, None, None, None]
-        & (ph < P)[None, :, None, None]
-        & (pw < P)[None, None, None, :]
-    )
+        rr = tl.arange(0, R_TILE)
+        t = tl.arange(0, T_TILE)
+        pp = tl.arange(0, P_BLOCK)
+        h_off = (rr * P)[:, None] + pp[None, :]  # (R_TILE, P_BLOCK) latent rows
+        w_off = ((t0 + t) * P)[:, None] + pp[None, :]  # (T_TILE, P_BLOCK) latent columns
+        ptrs = (
+            base
+            + c_off[:, None, None, None, None]
+            + (h_off * s_h)[None, :, :, None, None]
+            + (w_off.to(tl.int64) * s_w)[None, None, None, :, :]
+        )
+        r_ok = (rr < nrows)[:, None] & (pp < P)[None, :]
+        c_ok = (t < ncols)[:, None] & (pp < P)[None, :]
+        mask = cmask[:, None, None, None, None] & r_ok[None, :, :, None, None] & c_ok[None, None, None, :, :]
     return ptrs, mask
 
 
 @triton.jit
-def _vector_tile(rows_ok, ch, ph, pw, channels, P: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """Element offsets within a token row, as a (1, ., ., .) tile in the row's vector order ((ph, pw, c) when
-    CHANNELS_LAST, else (c, ph, pw)), and the (BLOCK_T, ., ., .) mask of those elements in rows ``rows_ok``."""
-    if CHANNELS_LAST:
-        vec = ph[None, :, None, None] * (P * channels) + pw[None, None, :, None] * channels + ch[None, None, None, :]
-        mask = (
-            rows_ok[:, None, None, None]
-            & (ph < P)[None, :, None, None]
-            & (pw < P)[None, None, :, None]
-            & (ch < channels)[None, None, None, :]
-        )
+def _token_tile(tokens, ok, c0, ch, cmask, channels, row_stride, col_stride,
+                P: tl.constexpr, P_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                FLAT_ROWS: tl.constexpr, FULL_C: tl.constexpr):  # fmt: skip
+    """Element offsets and mask of this channel block's part of the token rows ``tokens`` (those with ``ok``
+    set): ``(N, BLOCK_C * P * P)`` when FLAT_ROWS (the part is one contiguous run), else ``(N, ., ., .)`` in the
+    vector order ((ph, pw, c) when CHANNELS_LAST, else (c, ph, pw))."""
+    base = tokens.to(tl.int64) * row_stride
+    if FLAT_ROWS:
+        run = tl.arange(0, BLOCK_C * P * P)
+        # Channels-first: the block's run starts at c0 * P * P; channels-last: the block holds every channel.
+        offs = base[:, None] + (run + c0 * (P * P))[None, :].to(tl.int64) * col_stride
+        if FULL_C:  # the block holds exactly the channels: no column mask, so the row run vectorizes
+            mask = ok[:, None] & (run >= 0)[None, :]
+        else:
+            mask = ok[:, None] & (run < (channels - c0) * (P * P))[None, :]
     else:
-        vec = ch[None, :, None, None] * (P * P) + ph[None, None, :, None] * P + pw[None, None, None, :]
-        mask = (
-            rows_ok[:, None, None, None]
-            & (ch < channels)[None, :, None, None]
-            & (ph < P)[None, None, :, None]
-            & (pw < P)[None, None, None, :]
-        )
-    return vec, mask
+        ph = tl.arange(0, P_BLOCK)
+        pw = tl.arange(0, P_BLOCK)
+        p_ok = (ph < P)[:, None] & (pw < P)[None, :]
+        if CHANNELS_LAST:
+            vec = (ph * (P * channels))[:, None, None] + (pw * channels)[None, :, None] + ch[None, None, :]
+            v_ok = p_ok[:, :, None] & cmask[None, None, :]
+        else:
+            vec = (ch * (P * P))[:, None, None] + (ph * P)[None, :, None] + pw[None, None, :]
+            v_ok = cmask[:, None, None] & p_ok[None, :, :]
+        offs = base[:, None, None, None] + (vec.to(tl.int64) * col_stride)[None, :, :, :]
+        mask = ok[:, None, None, None] & v_ok[None, :, :, :]
+    return offs, mask
+
+
+@triton.jit
+def _to_token_rows(vals, R_TILE: tl.constexpr, T_TILE: tl.constexpr, BLOCK_C: tl.constexpr, P: tl.constexpr,
+                   P_BLOCK: tl.constexpr, FLAT_W: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                   FLAT_ROWS: tl.constexpr):  # fmt: skip
+    """A latent tile (see :func:`_latent_tile`) as the segment's R_TILE * T_TILE token rows in vector order."""
+    if FLAT_W:
+        vals = tl.reshape(vals, (BLOCK_C, R_TILE, P, T_TILE, P))
+    if CHANNELS_LAST:
+        vals = tl.permute(vals, (1, 3, 2, 4, 0))  # (patch row, patch col, ph, pw, c)
+        vals = tl.reshape(vals, (R_TILE * T_TILE, P_BLOCK, P_BLOCK, BLOCK_C))
+    else:
+        vals = tl.permute(vals, (1, 3, 0, 2, 4))  # (patch row, patch col, c, ph, pw)
+        vals = tl.reshape(vals, (R_TILE * T_TILE, BLOCK_C, P_BLOCK, P_BLOCK))
+    if FLAT_ROWS:
+        vals = tl.reshape(vals, (R_TILE * T_TILE, BLOCK_C * P * P))
+    return vals
+
+
+@triton.jit
+def _to_latent_tile(vals, R_TILE: tl.constexpr, T_TILE: tl.constexpr, BLOCK_C: tl.constexpr, P: tl.constexpr,
+                    P_BLOCK: tl.constexpr, FLAT_W: tl.constexpr, CHANNELS_LAST: tl.constexpr):  # fmt: skip
+    """The inverse of :func:`_to_token_rows`."""
+    if CHANNELS_LAST:
+        vals = tl.reshape(vals, (R_TILE, T_TILE, P_BLOCK, P_BLOCK, BLOCK_C))
+        vals = tl.permute(vals, (4, 0, 2, 1, 3))  # (c, patch row, ph, patch col, pw)
+    else:
+        vals = tl.reshape(vals, (R_TILE, T_TILE, BLOCK_C, P_BLOCK, P_BLOCK))
+        vals = tl.permute(vals, (2, 0, 3, 1, 4))
+    if FLAT_W:
+        vals = tl.reshape(vals, (BLOCK_C, R_TILE * P, T_TILE * P))
+    return vals
+
+
+@triton.jit
+def _patch_tokens(grid, frame, r0, t0, nrows, ncols, R_TILE: tl.constexpr, T_TILE: tl.constexpr,
+                  NEXTLINE: tl.constexpr, NEXTFRAME: tl.constexpr):  # fmt: skip
+    """The segment's patch tokens, row-major: (token indices, in-segment mask, their rows, their columns)."""
+    start, rows, cols, _ = grid
+    i = tl.arange(0, R_TILE * T_TILE)
+    row = r0 + i // T_TILE
+    col = t0 + i % T_TILE
+    ok = (i // T_TILE < nrows) & (i % T_TILE < ncols)
+    return token_index(start, frame, row, col, rows, cols, NEXTLINE, NEXTFRAME), ok, row, col
+
+
+@triton.jit
+def _placeholder_slots(grid, frame, r0, nrows, last, R_TILE: tl.constexpr, NEXTLINE: tl.constexpr,
+                       NEXTFRAME: tl.constexpr):  # fmt: skip
+    """The placeholder slots a segment closes, as (tokens, mask, rows, cols, kinds) of 2 * R_TILE slots: slot i
+    < R_TILE is the [nextline] slot of row r0 + i, at (frame, r0 + i, cols); slot R_TILE the frame's
+    [nextframe] slot at (frame, rows, 0), closed by the segment holding the frame's last row unless the frame is
+    the item's last. Only the segments at the end of their rows (``last``) close any."""
+    start, rows, cols, frames = grid
+    i = tl.arange(0, 2 * R_TILE)
+    is_frame_slot = i == R_TILE
+    slot_row = tl.where(is_frame_slot, rows, r0 + i)
+    slot_col = tl.where(is_frame_slot, 0, cols)
+    frame_ends = ((r0 + nrows == rows) & (frame < frames - 1)).to(tl.int32)
+    wanted = tl.where(is_frame_slot, frame_ends * NEXTFRAME, (i < nrows).to(tl.int32) * NEXTLINE) != 0
+    tok = token_index(start, frame, slot_row, slot_col, rows, cols, NEXTLINE, NEXTFRAME)
+    slot_kind = tl.where(is_frame_slot, KIND_NEXTFRAME, KIND_NEXTLINE).to(tl.int8)
+    # where() rather than `&`: the interpreter mis-types a scalar bool combined with a vector.
+    return tok, tl.where(wanted, last, False), slot_row, slot_col, slot_kind
+
+
+@triton.jit
+def _store_positions(positions, tok, frame, row, col, ok):
+    pos = positions + tok.to(tl.int64) * 3
+    tl.store(pos, frame.to(tl.int32), mask=ok)
+    tl.store(pos + 1, row.to(tl.int32), mask=ok)
+    tl.store(pos + 2, col.to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _write_layout(patch_start, grid, frame, patches, slots, positions, kind, patch_rows):
+    """kind, positions and patch_rows of the segment's patch tokens and of the placeholder slots it closes, each
+    given as (token indices, mask, rows, cols[, kinds]); ``patch_start`` is the item's first patch index."""
+    _, rows, cols, _ = grid
+    tokens, ok, row, col = patches
+    tl.store(kind + tokens, tl.full(tokens.shape, KIND_PATCH, tl.int8), mask=ok)
+    _store_positions(positions, tokens, frame + 0 * col, row, col, ok)
+    tl.store(patch_rows + patch_start + (frame * rows + row) * cols + col, tokens.to(tl.int64), mask=ok)
+    slot_tokens, slot_ok, slot_row, slot_col, slot_kind = slots
+    tl.store(kind + slot_tokens, slot_kind, mask=slot_ok)
+    _store_positions(positions, slot_tokens, frame + 0 * slot_row, slot_row, slot_col, slot_ok)
 
 
 @triton.jit
@@ -136,74 +273,60 @@ def pack_kernel(
     patch_rows,  # int64 (patch tokens,), written when WRITE_LAYOUT
     cu_seqlens,  # int32 (n_items + 1,), written when WRITE_LAYOUT
     n_items,
-    total_tokens,
     channels,
     out_row_stride,
     P: tl.constexpr,
     P_BLOCK: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    R_TILE: tl.constexpr,
+    T_TILE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     LOG2_ITEMS: tl.constexpr,
     NEXTLINE: tl.constexpr,
     NEXTFRAME: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    UNIT_W: tl.constexpr,
+    FLAT_W: tl.constexpr,
     FLAT_ROWS: tl.constexpr,
+    FULL_C: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
     WRITE_LAYOUT: tl.constexpr,
 ):
-    pid_c = tl.program_id(1)
-    tokens, in_range = _token_block(total_tokens, BLOCK_T)
-    item, local, frame, row, col, cols, rows, is_patch, is_frame_slot = _token_places(
-        table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME
-    )
     stride = n_items + 1
+    item, grid, frame, r0, t0, nrows, ncols = _segment(table, stride, n_items, R_TILE, T_TILE, LOG2_ITEMS)
+    c0 = tl.program_id(1) * BLOCK_C
+    ch = c0 + tl.arange(0, BLOCK_C)
+    cmask = ch < channels
 
-    # Latent side: a (BLOCK_C, P_BLOCK, BLOCK_T, P_BLOCK) tile in (c, ph, token, pw) order.
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ph = tl.arange(0, P_BLOCK)
-    pw = tl.arange(0, P_BLOCK)
     src, load_mask = _latent_tile(
-        table, stride, item, frame, row, col, is_patch & in_range, ch, ph, pw, channels, out.dtype.element_ty, P, UNIT_W
-    )
-    # Placeholder rows read nothing and are written as zeros.
+        table, stride, item, frame, r0, t0, nrows, ncols, ch, cmask, out.dtype.element_ty, P, P_BLOCK, R_TILE,
+        T_TILE, FLAT_W, ALIGNED, VEC,
+    )  # fmt: skip
     vals = tl.load(src, mask=load_mask, other=0.0)
-
-    # Token side: rows of (C, ph, pw) or (ph, pw, C) ordered vectors.
-    row_base = tokens.to(tl.int64) * out_row_stride
-    if FLAT_ROWS:
-        # This block's part of every token row is one contiguous run of BLOCK_C * P * P elements: store it as
-        # 2-D (token, run) so that the compiler sees the contiguity (4-D offsets hide it) and vectorizes.
-        if CHANNELS_LAST:
-            vals = tl.permute(vals, (2, 1, 3, 0))  # (token, ph, pw, c); here BLOCK_C == channels
-        else:
-            vals = tl.permute(vals, (2, 0, 1, 3))  # (token, c, ph, pw)
-        vals = tl.reshape(vals, (BLOCK_T, BLOCK_C * P * P))
-        run = tl.arange(0, BLOCK_C * P * P)
-        dst = row_base[:, None] + pid_c * (BLOCK_C * P * P) + run[None, :]
-        store_mask = in_range[:, None] & (run < (channels - pid_c * BLOCK_C) * (P * P))[None, :]
-    else:
-        if CHANNELS_LAST:
-            vals = tl.permute(vals, (2, 1, 3, 0))  # (token, ph, pw, c)
-        else:
-            vals = tl.permute(vals, (2, 0, 1, 3))  # (token, c, ph, pw)
-        vec, store_mask = _vector_tile(in_range, ch, ph, pw, channels, P, CHANNELS_LAST)
-        dst = row_base[:, None, None, None] + vec
+    vals = _to_token_rows(vals, R_TILE, T_TILE, BLOCK_C, P, P_BLOCK, FLAT_W, CHANNELS_LAST, FLAT_ROWS)
+    tokens, ok, row, col = _patch_tokens(grid, frame, r0, t0, nrows, ncols, R_TILE, T_TILE, NEXTLINE, NEXTFRAME)
+    dst, store_mask = _token_tile(
+        tokens, ok, c0, ch, cmask, channels, out_row_stride, 1, P, P_BLOCK, BLOCK_C, CHANNELS_LAST, FLAT_ROWS,
+        FULL_C,
+    )  # fmt: skip
     tl.store(out + dst, vals, mask=store_mask)
 
+    # The segments at the end of their rows write zeros over the placeholder rows they close.
+    slots = _placeholder_slots(grid, frame, r0, nrows, t0 + T_TILE >= grid[2], R_TILE, NEXTLINE, NEXTFRAME)
+    dst, store_mask = _token_tile(
+        slots[0], slots[1], c0, ch, cmask, channels, out_row_stride, 1, P, P_BLOCK, BLOCK_C, CHANNELS_LAST,
+        FLAT_ROWS, FULL_C,
+    )  # fmt: skip
+    tl.store(out + dst, tl.zeros(dst.shape, out.dtype.element_ty), mask=store_mask)
+
     if WRITE_LAYOUT:  # noqa: SIM102 (a constexpr gate: the stores below are compiled only when asked for)
-        if pid_c == 0:
-            # kind: 0 patch, 1 nextline, 2 nextframe; a placeholder's position is (frame, row, col) as located.
-            k = tl.where(is_patch, 0, tl.where(is_frame_slot, 2, 1)).to(tl.int8)
-            tl.store(kind + tokens, k, mask=in_range)
-            pos = positions + tokens.to(tl.int64) * 3
-            tl.store(pos, frame.to(tl.int32), mask=in_range)
-            tl.store(pos + 1, row.to(tl.int32), mask=in_range)
-            tl.store(pos + 2, col.to(tl.int32), mask=in_range)
-            patch_index = tl.load(table + PATCH_START * stride + item) + (frame * rows + row) * cols + col
-            tl.store(patch_rows + patch_index, tokens.to(tl.int64), mask=in_range & is_patch)
-            # cu_seqlens: the first token of every item writes its start; the last token writes the total.
-            tl.store(cu_seqlens + item, tokens, mask=in_range & (local == 0))
-            tl.store(cu_seqlens + n_items + 0 * tokens, tokens + 1, mask=in_range & (tokens == total_tokens - 1))
+        if tl.program_id(1) == 0:
+            patch_start = tl.load(table + PATCH_START * stride + item)
+            _write_layout(patch_start, grid, frame, (tokens, ok, row, col), slots, positions, kind, patch_rows)
+            if tl.program_id(0) == 0:  # cu_seqlens = the table's start column, total included
+                for i0 in range(0, stride, CU_BLOCK):
+                    i = i0 + tl.arange(0, CU_BLOCK)
+                    starts = tl.load(table + START * stride + i, mask=i < stride)
+                    tl.store(cu_seqlens + i, starts.to(tl.int32), mask=i < stride)
 
 
 @triton.jit
@@ -211,53 +334,42 @@ def unpack_kernel(
     table,  # int64 (ITEM_FIELDS, n_items + 1), addresses and strides of the output latents
     tokens_ptr,  # (total_tokens, C * P * P) token rows, any strides
     n_items,
-    total_tokens,
     channels,
     row_stride,
     col_stride,
     P: tl.constexpr,
     P_BLOCK: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    R_TILE: tl.constexpr,
+    T_TILE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     LOG2_ITEMS: tl.constexpr,
     NEXTLINE: tl.constexpr,
     NEXTFRAME: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    UNIT_W: tl.constexpr,
+    FLAT_W: tl.constexpr,
     FLAT_ROWS: tl.constexpr,
+    FULL_C: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    pid_c = tl.program_id(1)
-    tokens, in_range = _token_block(total_tokens, BLOCK_T)
-    item, _, frame, row, col, _, _, is_patch, _ = _token_places(table, n_items, tokens, LOG2_ITEMS, NEXTLINE, NEXTFRAME)
     stride = n_items + 1
-    live = in_range & is_patch  # placeholder rows are dropped: neither read nor written
-    ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ph = tl.arange(0, P_BLOCK)
-    pw = tl.arange(0, P_BLOCK)
-    row_base = tokens.to(tl.int64) * row_stride
+    item, grid, frame, r0, t0, nrows, ncols = _segment(table, stride, n_items, R_TILE, T_TILE, LOG2_ITEMS)
+    c0 = tl.program_id(1) * BLOCK_C
+    ch = c0 + tl.arange(0, BLOCK_C)
+    cmask = ch < channels
 
-    # Token side: read rows in their vector order, then permute to the latent tile order (c, ph, token, pw).
-    if FLAT_ROWS:
-        # One contiguous run per token row for this block (see pack_kernel): a 2-D load the compiler vectorizes.
-        run = tl.arange(0, BLOCK_C * P * P)
-        mask = live[:, None] & (run < (channels - pid_c * BLOCK_C) * (P * P))[None, :]
-        cols = (pid_c * (BLOCK_C * P * P) + run).to(tl.int64) * col_stride
-        vals = tl.load(tokens_ptr + row_base[:, None] + cols[None, :], mask=mask)
-        if CHANNELS_LAST:
-            vals = tl.permute(tl.reshape(vals, (BLOCK_T, P, P, BLOCK_C)), (3, 1, 0, 2))
-        else:
-            vals = tl.permute(tl.reshape(vals, (BLOCK_T, BLOCK_C, P, P)), (1, 2, 0, 3))
-    else:
-        vec, mask = _vector_tile(live, ch, ph, pw, channels, P, CHANNELS_LAST)
-        vals = tl.load(tokens_ptr + row_base[:, None, None, None] + vec.to(tl.int64) * col_stride, mask=mask)
-        if CHANNELS_LAST:
-            vals = tl.permute(vals, (3, 1, 0, 2))
-        else:
-            vals = tl.permute(vals, (1, 2, 0, 3))
-
+    # Token side: the segment's patch rows (placeholder rows are neither read nor written).
+    tokens, ok, _, _ = _patch_tokens(grid, frame, r0, t0, nrows, ncols, R_TILE, T_TILE, NEXTLINE, NEXTFRAME)
+    src, load_mask = _token_tile(
+        tokens, ok, c0, ch, cmask, channels, row_stride, col_stride, P, P_BLOCK, BLOCK_C, CHANNELS_LAST, FLAT_ROWS,
+        FULL_C,
+    )  # fmt: skip
+    vals = tl.load(tokens_ptr + src, mask=load_mask, other=0.0)
+    vals = _to_latent_tile(vals, R_TILE, T_TILE, BLOCK_C, P, P_BLOCK, FLAT_W, CHANNELS_LAST)
     dst, store_mask = _latent_tile(
-        table, stride, item, frame, row, col, live, ch, ph, pw, channels, tokens_ptr.dtype.element_ty, P, UNIT_W
-    )
+        table, stride, item, frame, r0, t0, nrows, ncols, ch, cmask, tokens_ptr.dtype.element_ty, P, P_BLOCK,
+        R_TILE, T_TILE, FLAT_W, ALIGNED, VEC,
+    )  # fmt: skip
     tl.store(dst, vals, mask=store_mask)
 
 
@@ -269,59 +381,105 @@ def _cfhw_strides(t) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t.dim() == 4 else (t.stride(0), 0, t.stride(1), t.stride(2))
 
 
-def item_table(latents, fhw, patch_size: int, nextline: bool, nextframe: bool, device):
+def _check_tiling(fhw, patch_size: int) -> None:
+    """Every item's H and W are positive multiples of the patch size and F >= 1: otherwise rows of an unpacked
+    latent would stay unwritten (the public ops check this first; the launchers never trust it)."""
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    for i, (f, h, w) in enumerate(fhw):
+        if f < 1 or h < patch_size or w < patch_size or h % patch_size or w % patch_size:
+            raise ValueError(
+                f"item {i} has (F, H, W) = ({f}, {h}, {w}); F must be >= 1 and H, W positive multiples of "
+                f"patch_size={patch_size}"
+            )
+
+
+def _aligned(latents, vec: int) -> bool:
+    """Whether every latent allows 16-byte accesses along W: 16-byte aligned base, unit W stride, C / F / H
+    strides and W in whole 16-byte vectors (``vec`` elements)."""
+    for t in latents:
+        s_c, s_f, s_h, s_w = _cfhw_strides(t)
+        if t.data_ptr() % 16 or s_w != 1 or s_c % vec or s_f % vec or s_h % vec or t.shape[-1] % vec:
+            return False
+    return True
+
+
+def _blocks(channels: int, patch_size: int, max_rows: int, max_cols: int) -> tuple[int, int, int, int]:
+    """(P_BLOCK, BLOCK_C, R_TILE, T_TILE): tiles of at most TILE_ELEMS elements, each token contributing at most
+    MAX_VECTOR_ELEMS (channel, ph, pw) elements; a segment spans up to T_TILE patches of a row (at most the
+    widest row) and as many rows as the tile has room for (at most the tallest item)."""
+    p_block = triton.next_power_of_2(patch_size)
+    block_c = min(triton.next_power_of_2(channels), max(1, MAX_VECTOR_ELEMS // (p_block * p_block)))
+    tokens = max(1, TILE_ELEMS // (block_c * p_block * p_block))
+    t_tile = min(tokens, triton.next_power_of_2(max_cols))
+    r_tile = max(1, min(tokens // t_tile, triton.next_power_of_2(max_rows)))
+    return p_block, block_c, r_tile, t_tile
+
+
+def item_table(latents, fhw, patch_size: int, nextline: bool, nextframe: bool, r_tile: int, t_tile: int, device):
     """The int64 item table for tensors ``latents`` (their addresses and strides) of frame/height/width ``fhw``.
 
-    Returns ``(table, total_tokens, total_patches, unit_w)``; ``unit_w`` says every latent has W stride 1.
-    Built from shapes alone on the host (no device sync) and sent to the device in one small copy.
+    Returns ``(table, total_tokens, total_patches, total_segments)``. Built from shapes alone on the host (no
+    device sync) and sent to the device in one small copy.
     """
     n = len(fhw)
     cols = [[0] * (n + 1) for _ in range(ITEM_FIELDS)]
-    starts, addrs, s_c, s_f, s_h, s_w, rows, pcols, pstarts = cols
-    start = patches = 0
+    starts, segs, addrs, s_c, s_f, s_h, s_w, frames, rows, pcols, pstarts = cols
+    start = seg = patches = 0
     for i, (t, (f, h, w)) in enumerate(zip(latents, fhw)):
-        starts[i], pstarts[i], addrs[i] = start, patches, t.data_ptr()
+        starts[i], segs[i], pstarts[i], addrs[i] = start, seg, patches, t.data_ptr()
         s_c[i], s_f[i], s_h[i], s_w[i] = _cfhw_strides(t)
-        rows[i], pcols[i] = h // patch_size, w // patch_size
+        frames[i], rows[i], pcols[i] = f, h // patch_size, w // patch_size
         start += f * rows[i] * (pcols[i] + int(nextline)) + (f - 1 if nextframe else 0)
+        seg += f * triton.cdiv(rows[i], r_tile) * triton.cdiv(pcols[i], t_tile)
         patches += f * rows[i] * pcols[i]
-    starts[n] = start
-    unit_w = all(v == 1 for v in s_w[:n])
+    starts[n], segs[n] = start, seg
     # array -> frombuffer is several times cheaper than torch.tensor(list) on this launch-bound path. The copy
     # goes through pinned memory so that it is asynchronous for certain (a pageable source may make the
     # driver wait for the stream); PyTorch's pinned allocator keeps the block until the copy has run.
     host = torch.frombuffer(array.array("q", [v for col in cols for v in col]), dtype=torch.int64)
     if torch.device(device).type == "cpu":
-        return host.clone(), start, patches, unit_w
-    table = host.pin_memory().to(device, non_blocking=True)
-    return table, start, patches, unit_w
+        return host.clone(), start, patches, seg
+    return host.pin_memory().to(device, non_blocking=True), start, patches, seg
 
 
-def _blocks(channels: int, patch_size: int) -> tuple[int, int, int]:
-    """(P_BLOCK, BLOCK_C, BLOCK_T): tiles of 4096 elements (8 KiB bf16: registers plus one shared-memory
-    transpose), each token contributing at most 256 (channel, ph, pw) elements (more channels: more programs
-    along the grid's channel axis), up to 256 tokens. Patch sizes above 64 make the tile larger than that."""
-    p_block = triton.next_power_of_2(patch_size)
-    block_c = min(triton.next_power_of_2(channels), max(1, 256 // (p_block * p_block)))
-    block_t = max(1, min(256, 4096 // (block_c * p_block * p_block)))
-    return p_block, block_c, block_t
-
-
-def _flat_rows(channels: int, patch_size: int, p_block: int, block_c: int, channels_last: bool) -> bool:
-    """Whether a block's part of a token row is one contiguous run (no padding inside the tile's vector)."""
-    return p_block == patch_size and (not channels_last or block_c == channels)
-
-
-def _log2_items(n: int) -> int:
-    return max(0, (n - 1).bit_length())
+def _flags(latents, fhw, patch_size: int, channels: int, channels_last: bool, nextline: bool, nextframe: bool):
+    """The tiling and specialization constexprs shared by both kernels."""
+    p_block, block_c, r_tile, t_tile = _blocks(
+        channels, patch_size, max(h // patch_size for _, h, _ in fhw), max(w // patch_size for _, _, w in fhw)
+    )
+    pow2 = p_block == patch_size
+    unit_w = all(_cfhw_strides(t)[3] == 1 for t in latents)
+    vec = 16 // latents[0].element_size()
+    return dict(
+        P=patch_size,
+        P_BLOCK=p_block,
+        R_TILE=r_tile,
+        T_TILE=t_tile,
+        BLOCK_C=block_c,
+        LOG2_ITEMS=max(0, (len(fhw) - 1).bit_length()),
+        NEXTLINE=int(nextline),
+        NEXTFRAME=int(nextframe),
+        CHANNELS_LAST=channels_last,
+        FLAT_W=pow2 and unit_w,
+        # A block's part of a token row is one contiguous run (no padding inside the tile's vector).
+        FLAT_ROWS=pow2 and (not channels_last or block_c == channels),
+        FULL_C=block_c == channels,
+        ALIGNED=pow2 and unit_w and (t_tile * patch_size) % vec == 0 and _aligned(latents, vec),
+        VEC=vec,
+    )
 
 
 def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout):
     """Launches :func:`pack_kernel` once for the batch. Returns ``patches`` or, with ``with_layout``,
     ``(patches, positions, kind, patch_rows, cu_seqlens)``."""
+    _check_tiling(fhw, patch_size)
     x0 = latents[0]
     channels = x0.shape[0]
-    table, total, n_patches, unit_w = item_table(latents, fhw, patch_size, nextline, nextframe, x0.device)
+    flags = _flags(latents, fhw, patch_size, channels, channels_last, nextline, nextframe)
+    table, total, n_patches, n_segments = item_table(
+        latents, fhw, patch_size, nextline, nextframe, flags["R_TILE"], flags["T_TILE"], x0.device
+    )
     out = torch.empty(total, channels * patch_size * patch_size, device=x0.device, dtype=x0.dtype)
     if with_layout:
         positions = torch.empty(total, 3, device=x0.device, dtype=torch.int32)
@@ -330,31 +488,11 @@ def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layo
         cu = torch.empty(len(fhw) + 1, device=x0.device, dtype=torch.int32)
     else:
         positions = kind = patch_rows = cu = out  # unused: WRITE_LAYOUT=False compiles those stores away
-    p_block, block_c, block_t = _blocks(channels, patch_size)
-    grid = (triton.cdiv(total, block_t), triton.cdiv(channels, block_c))
+    grid = (n_segments, triton.cdiv(channels, flags["BLOCK_C"]))
     pack_kernel[grid](
-        table,
-        out,
-        positions,
-        kind,
-        patch_rows,
-        cu,
-        len(fhw),
-        total,
-        channels,
-        out.stride(0),
-        P=patch_size,
-        P_BLOCK=p_block,
-        BLOCK_T=block_t,
-        BLOCK_C=block_c,
-        LOG2_ITEMS=_log2_items(len(fhw)),
-        NEXTLINE=int(nextline),
-        NEXTFRAME=int(nextframe),
-        CHANNELS_LAST=channels_last,
-        UNIT_W=unit_w,
-        FLAT_ROWS=_flat_rows(channels, patch_size, p_block, block_c, channels_last),
+        table, out, positions, kind, patch_rows, cu, len(fhw), channels, out.stride(0), **flags,
         WRITE_LAYOUT=with_layout,
-    )
+    )  # fmt: skip
     return (out, positions, kind, patch_rows, cu) if with_layout else out
 
 
@@ -362,35 +500,20 @@ def unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, chann
     """Launches :func:`unpack_kernel` once for the batch; ``item_shapes`` holds (ndim, F, H, W) per item.
     Returns new contiguous latents, one per item."""
     dims = [tuple(item_shapes[i : i + 4]) for i in range(0, len(item_shapes), 4)]
+    fhw = [(f, h, w) for _, f, h, w in dims]
+    _check_tiling(fhw, patch_size)
     outs = [
         torch.empty((channels, f, h, w) if nd == 4 else (channels, h, w), device=tokens.device, dtype=tokens.dtype)
         for nd, f, h, w in dims
     ]
-    fhw = [(f, h, w) for _, f, h, w in dims]
-    table, total, _, _ = item_table(outs, fhw, patch_size, nextline, nextframe, tokens.device)
+    flags = _flags(outs, fhw, patch_size, channels, channels_last, nextline, nextframe)
+    table, total, _, n_segments = item_table(
+        outs, fhw, patch_size, nextline, nextframe, flags["R_TILE"], flags["T_TILE"], tokens.device
+    )
     if total != tokens.shape[0]:
         raise ValueError(f"tokens has {tokens.shape[0]} rows but the item shapes give {total} tokens")
-    p_block, block_c, block_t = _blocks(channels, patch_size)
-    grid = (triton.cdiv(total, block_t), triton.cdiv(channels, block_c))
-    unpack_kernel[grid](
-        table,
-        tokens,
-        len(fhw),
-        total,
-        channels,
-        tokens.stride(0),
-        tokens.stride(1),
-        P=patch_size,
-        P_BLOCK=p_block,
-        BLOCK_T=block_t,
-        BLOCK_C=block_c,
-        LOG2_ITEMS=_log2_items(len(fhw)),
-        NEXTLINE=int(nextline),
-        NEXTFRAME=int(nextframe),
-        CHANNELS_LAST=channels_last,
-        UNIT_W=True,
-        # A strided column view keeps the 4-D path: the 2-D one would gain nothing there and recomputes
-        # per-token table reads in its layout.
-        FLAT_ROWS=_flat_rows(channels, patch_size, p_block, block_c, channels_last) and tokens.stride(1) == 1,
-    )
+    if tokens.shape[1] != channels * patch_size * patch_size:
+        raise ValueError(f"tokens must have {channels * patch_size**2} columns, got {tokens.shape[1]}")
+    grid = (n_segments, triton.cdiv(channels, flags["BLOCK_C"]))
+    unpack_kernel[grid](table, tokens, len(fhw), channels, tokens.stride(0), tokens.stride(1), **flags)
     return outs

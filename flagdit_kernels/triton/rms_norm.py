@@ -10,12 +10,17 @@ Numerics follow ``flagdit_kernels/reference/norms.py`` (Lumina-T2X): the row's m
 
 Layouts. Rows are addressed through a ``(B, L, D)`` view of x with arbitrary strides on B and L, so strided
 leading dims (a slice of a larger buffer, a transposed batch) are read in place; the last dim must have unit
-stride (the launchers copy otherwise). A per-sample parameter (scale/shift/gate) is read either
+stride (the launchers copy otherwise). Kernels take such a view as one ``(pointer, stride_b, stride_l)``
+tuple. A per-sample parameter (scale/shift/gate) is read either
 
 * packed: ``(B, D)`` rows picked by the token's sample, found in the kernel by counting the ``cu_seqlens``
-  ends at or below the row index (no host sync), or
+  ends at or below the row index (no host sync; ``cu_seqlens`` may be strided), or
 * strided: the parameter expanded to x's shape, read at ``b * stride_b + l * stride_l`` (``stride_l == 0``
   for per-sample ``(B, D)`` with padded ``(B, L, D)`` x and for a ``(D,)`` vector).
+
+Bad offsets. Whatever ``cu_seqlens`` holds (its values are not checked on the GPU), sample indices are
+clamped to ``[0, B)`` and rows to ``[0, T)``, so no kernel reads or writes outside its tensors; the
+per-sample gradient slots start zeroed, so no result holds memory nothing wrote (it is then wrong, not wild).
 
 Backward reductions. ``dweight`` is summed per program into an fp32 ``(programs, D)`` buffer and finished
 by one ``sum(0)``. A parameter that is constant along L (per sample) is summed per (program, sample)
@@ -25,72 +30,50 @@ so the slots never collide and the buffer has ``programs + samples - 1`` rows; `
 adds, for each sample, the slots of the programs that overlap it. No atomics anywhere, so the result is
 deterministic. A parameter that varies along L (the general broadcast, e.g. the same shape as x) gets its
 per-row gradient written out and reduced by ``Tensor.sum_to_size`` (a documented, slower path).
+
+Grids. Both kernels are persistent: as many programs as the GPU holds at once for the compiled variant
+(``_helpers.persistent_grid``: SMs x resident programs, read from the kernel's registers and shared memory),
+so there is no second, partial wave. A forward program takes every programs-th tile; a backward program walks
+one contiguous block of rows (so its partial sums stay a few percent of the row traffic). Both row loops
+prefetch the next tiles with cp.async (``tl.range(num_stages=...)``), except the backward of small-D tiles
+that may span samples (its inner loop over samples keeps the pipeliner off).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-MODE_PLAIN = 0  # y = rms_norm(x) * weight
-MODE_MODULATE = 1  # y = rms_norm(x) * weight * (1 + scale) + shift
-MODE_GATED = 2  # y = residual + act(gate) * rms_norm(x) * weight
+from ._helpers import num_warps, persistent_grid, tanh, whole_vectors
+
+# The epilogue a kernel applies to the normalized rows (constexpr MODE).
+MODE_PLAIN = tl.constexpr(0)  # y = rms_norm(x) * weight
+MODE_MODULATE = tl.constexpr(1)  # y = rms_norm(x) * weight * (1 + scale) + shift
+MODE_GATED = tl.constexpr(2)  # y = residual + act(gate) * rms_norm(x) * weight
 
 # A forward program normalizes a [ROWS, BLOCK_D] tile; small D packs several rows into one program so the
 # tile stays around this many elements (enough loads in flight per SM without spilling registers).
 FWD_TILE_ELEMS = 4096
 MAX_FWD_ROWS = 16
-# A backward program walks its rows in [ROWS, BLOCK_D] tiles of about this many elements: two rows at a time
-# for D in 2048..4096 doubles the bytes in flight per program over a row-at-a-time loop.
-BWD_TILE_ELEMS = 8192
+# A backward program walks its rows in [ROWS, BLOCK_D] tiles of about this many elements (one row from D =
+# 2048 up), 16 warps for 4096: small programs, so that two are resident per SM and their loads overlap.
+BWD_TILE_ELEMS = 4096
 MAX_BWD_ROWS = 16
-# Backward programs per SM on the GPU: each walks a contiguous block of rows and keeps fp32 partial sums of
-# the parameter gradients in registers; 2 per SM keeps every SM busy while the partial buffers stay ~1% of
-# the row traffic (for D = 2304: 264 x 2304 x 4 B = 2.4 MB vs ~450 MB of x / dy / dx).
-BWD_PROGRAMS_PER_SM = 2
-# The interpreter runs programs one after the other: a handful is enough and keeps segment crossings tested.
+# Values per warp of a tile: 16-byte accesses move 8 bf16 per thread, so 512 values are 2 vectors per thread
+# (the forward) and 256 one vector (the backward, which keeps x, dy, the weight and the weight-gradient sums
+# of its columns in registers: 8 columns per thread keep it at 64 registers, two programs per SM).
+FWD_ELEMS_PER_WARP = 512
+BWD_ELEMS_PER_WARP = 256
+# Tiles in flight per program: the persistent loops prefetch the next tiles' rows (x, dy, the per-sample
+# parameter rows) into shared memory with cp.async, so the bytes in flight per SM are not bounded by registers.
+FWD_STAGES = 3
+BWD_STAGES = 3
+# The interpreter runs programs one after the other: a handful is enough and keeps chunk and segment crossings
+# tested.
+FWD_PROGRAMS_INTERPRETED = 3
 BWD_PROGRAMS_INTERPRETED = 4
 SEGMENT_BLOCK = 1024
-
-
-def _num_warps(block_d: int) -> int:
-    # 16-byte accesses: 8 bf16 / 4 fp32 per thread per load; these keep 2-8 vectors per thread per row.
-    if block_d >= 8192:
-        return 16
-    if block_d >= 2048:
-        return 8
-    return 4
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _bwd_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
-    """(number of backward programs, rows per program)."""
-    if device.type == "cuda":
-        target = BWD_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
-    else:
-        target = BWD_PROGRAMS_INTERPRETED
-    rows_per_prog = triton.cdiv(n_rows, max(1, min(target, n_rows)))
-    return triton.cdiv(n_rows, rows_per_prog), rows_per_prog
-
-
-@triton.jit
-def _tanh(g):
-    # Portable across Triton 3.6 on the GPU and the CPU interpreter (no libdevice): exp form away from 0, an
-    # odd series near 0 where 1 - exp(-2|g|) would cancel (zero-initialized gates live there).
-    a = tl.abs(g)
-    t = tl.exp(-2.0 * a)
-    far = (1.0 - t) / (1.0 + t)
-    a2 = a * a
-    near = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
-    r = tl.where(a < 0.125, near, far)
-    return tl.where(g < 0, -r, r)
 
 
 @triton.jit
@@ -104,16 +87,31 @@ def _row_tile(rows, row_limit, cmask, L):
 
 
 @triton.jit
-def _load_rows(ptr, b, l, stride_b, stride_l, cols, mask):
-    """The tile's rows of a (B, L, D) tensor with unit D stride, in fp32 (zeros outside ``mask``)."""
+def _load_rows(view, b, l, cols, mask):
+    """The tile's rows of a ``(pointer, stride_b, stride_l)`` view with unit D stride, fp32, zeros outside
+    ``mask``."""
+    ptr, stride_b, stride_l = view
     return tl.load(ptr + (b * stride_b + l * stride_l)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _sequence_ends(cu_ptr, n_samples, BLOCK_B: tl.constexpr):
-    """cu_seqlens[1:] padded with int32 max (a padding slot is never at or below a row)."""
+def _vector_view(view, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """A ``(pointer, stride_b, stride_l)`` view whose strides are, when ALIGNED (checked on the host), marked as
+    whole 16-byte vectors (VEC elements), so that its rows load as 16-byte vectors (a row stride such as 72 or
+    1000 is not divisible by 16, which is all the JIT can mark)."""
+    ptr, stride_b, stride_l = view
+    if ALIGNED:
+        stride_b, stride_l = whole_vectors(stride_b, VEC), whole_vectors(stride_l, VEC)
+    return ptr, stride_b, stride_l
+
+
+@triton.jit
+def _sequence_ends(cu, n_samples, BLOCK_B: tl.constexpr):
+    """cu_seqlens[1:] of a ``(pointer, stride)`` offsets vector, padded with int32 max (a padding slot is
+    never at or below a row)."""
+    cu_ptr, cu_stride = cu
     bs = tl.arange(0, BLOCK_B)
-    return tl.load(cu_ptr + 1 + bs, mask=bs < n_samples, other=2147483647)
+    return tl.load(cu_ptr + (1 + bs) * cu_stride, mask=bs < n_samples, other=2147483647)
 
 
 @triton.jit
@@ -125,34 +123,76 @@ def _sample_of(ends, rows, n_samples):
 
 
 @triton.jit
-def _store_slot(ptr, slot, D, cols, cmask, acc):
-    """Writes one (D,) fp32 partial sum to row ``slot`` of a partial-sum buffer."""
-    tl.store(ptr + slot.to(tl.int64) * D + cols, acc, mask=cmask)
+def _param_offsets(param, rows, b, l, ends, n_samples, PACKED: tl.constexpr):
+    """(row offsets of a per-sample / broadcast parameter view for the tile's rows, sample of each row)."""
+    _, stride_b, stride_l = param
+    if PACKED:
+        s = _sample_of(ends, rows, n_samples).to(tl.int64)
+        off = s * stride_b
+    else:
+        s = b
+        off = b * stride_b + l * stride_l
+    return off, s
+
+
+@triton.jit
+def _normalized(x, rstd, x_dtype: tl.constexpr):
+    """(xhat, n): x * rstd in fp32 and its rounding to x's dtype (what the weight multiplies)."""
+    xhat = x * rstd[:, None]
+    return xhat, xhat.to(x_dtype).to(tl.float32)
+
+
+@triton.jit
+def _weighted(n, w, HAS_W: tl.constexpr, x_dtype: tl.constexpr):
+    """The norm's output round(n * weight) in fp32 (n itself without a weight)."""
+    if HAS_W:
+        n = (n * w).to(x_dtype).to(tl.float32)
+    return n
+
+
+@triton.jit
+def _fwd_tile(x, residual, weight, p1, p2, y_ptr, rstd_ptr, ends, rows, cols, cmask, n_rows, D, L, n_samples, eps,
+              MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_P2: tl.constexpr, PACKED: tl.constexpr,
+              TANH: tl.constexpr):  # fmt: skip
+    """Normalizes one [ROWS, BLOCK_D] tile of rows, applies the MODE epilogue and stores y and rstd."""
+    rmask, mask, b, l = _row_tile(rows, n_rows, cmask, L)
+    xv = _load_rows(x, b, l, cols, mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) / D + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    x_dtype = x[0].dtype.element_ty
+    _, n = _normalized(xv, rstd, x_dtype)
+    # The weight is loaded only now: live across the row reduction it would cost registers (occupancy).
+    w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None
+    out = _weighted(n, w, HAS_W, x_dtype)
+    if MODE != MODE_PLAIN:
+        off1, _ = _param_offsets(p1, rows, b, l, ends, n_samples, PACKED)
+        pv = tl.load(p1[0] + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if MODE == MODE_MODULATE:
+            out = out * (1.0 + pv)
+            if HAS_P2:
+                off2, _ = _param_offsets(p2, rows, b, l, ends, n_samples, PACKED)
+                out += tl.load(p2[0] + off2[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            g = tanh(pv) if TANH else pv
+            out = _load_rows(residual, b, l, cols, mask) + g * out
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr,
-    res_ptr,
-    w_ptr,
-    p1_ptr,  # scale (MODULATE) or gate (GATED)
-    p2_ptr,  # shift (MODULATE)
-    y_ptr,
+    x,  # (ptr, stride_b, stride_l) views of (B, L, D) tensors with unit D stride
+    residual,
+    weight,  # (D,) pointer
+    p1,  # scale (MODULATE) or gate (GATED) view
+    p2,  # shift (MODULATE) view
+    y_ptr,  # contiguous output
     rstd_ptr,
-    cu_ptr,
+    cu,  # (ptr, stride) of cu_seqlens when PACKED
     n_rows,
     D,
     L,
     n_samples,
     eps,
-    sx_b,
-    sx_l,
-    sr_b,
-    sr_l,
-    s1_b,
-    s1_l,
-    s2_b,
-    s2_l,
     MODE: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_P2: tl.constexpr,
@@ -161,52 +201,116 @@ def _fwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    STAGES: tl.constexpr,
+    ALIGNED: tl.constexpr,  # D, the row strides and the pointers are whole 16-byte vectors (VEC elements)
+    VEC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    """Persistent: program p normalizes tiles p, p + programs, ...; the loop prefetches the next tiles."""
+    if ALIGNED:
+        D = whole_vectors(D, VEC)
+    x, residual = _vector_view(x, ALIGNED, VEC), _vector_view(residual, ALIGNED, VEC)
+    p1, p2 = _vector_view(p1, ALIGNED, VEC), _vector_view(p2, ALIGNED, VEC)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    rmask, mask, b, l = _row_tile(rows, n_rows, cmask, L)
-
-    x = _load_rows(x_ptr, b, l, sx_b, sx_l, cols, mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-    tl.store(rstd_ptr + rows, rstd, mask=rmask)
-
-    x_dtype = x_ptr.dtype.element_ty
-    a = (x * rstd[:, None]).to(x_dtype).to(tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        a = (a * w[None, :]).to(x_dtype).to(tl.float32)
-
-    if MODE == 0:
-        y = a
-    else:
-        if PACKED:
-            s = _sample_of(_sequence_ends(cu_ptr, n_samples, BLOCK_B), rows, n_samples).to(tl.int64)
-            off1 = s * s1_b
-            off2 = s * s2_b
-        else:
-            off1 = b * s1_b + l * s1_l
-            off2 = b * s2_b + l * s2_l
-        p1 = tl.load(p1_ptr + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if MODE == 1:
-            y = a * (1.0 + p1)
-            if HAS_P2:
-                y += tl.load(p2_ptr + off2[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        else:
-            g = _tanh(p1) if TANH else p1
-            y = _load_rows(res_ptr, b, l, sr_b, sr_l, cols, mask) + g * a
-    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    ends = _sequence_ends(cu, n_samples, BLOCK_B) if PACKED else None
+    n_tiles = tl.cdiv(n_rows, ROWS)
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+        rows = tl.arange(0, ROWS).to(tl.int64) + tile * ROWS  # int64: row * D offsets overflow int32
+        _fwd_tile(
+            x, residual, weight, p1, p2, y_ptr, rstd_ptr, ends, rows, cols, cmask, n_rows, D, L, n_samples, eps,
+            MODE, HAS_W, HAS_P2, PACKED, TANH,
+        )  # fmt: skip
 
 
 @triton.jit
+def _epilogue_grads(dy, a, pv, MODE: tl.constexpr, TANH: tl.constexpr):
+    """(d a, d p1, d p2) per element: the gradients through the MODE epilogue of ``a`` (the normalized rows);
+    the parameter gradients are not used in MODE_PLAIN, d p2 only in MODE_MODULATE."""
+    d_p1 = dy * a
+    d_p2 = dy
+    if MODE == MODE_PLAIN:
+        da = dy
+    elif MODE == MODE_MODULATE:
+        da = dy * (1.0 + pv)  # d scale = dy * a, d shift = dy
+    elif TANH:
+        act = tanh(pv)
+        da = dy * act
+        d_p1 = d_p1 * (1.0 - act * act)  # d gate
+    else:
+        da = dy * pv
+    return da, d_p1, d_p2
+
+
+@triton.jit
+def _input_grads(da, xhat, n, rstd, w, dw_acc, D, HAS_W: tl.constexpr):
+    """(dx, dw_acc): the gradient through the weight and the norm, and the weight-gradient sums updated.
+
+    d/dx of x * rstd(x) is rstd * (dn - xhat * mean(dn * xhat)); the roundings pass gradients straight.
+    """
+    if HAS_W:
+        dw_acc += da * n
+        dn = da * w
+    else:
+        dn = da
+    c = tl.sum(dn * xhat, axis=1) / D
+    return (dn - xhat * c[:, None]) * rstd[:, None], dw_acc
+
+
+@triton.jit
+def _store_slot(ptr, slot, D, cols, cmask, acc):
+    """Writes the column sums of a [ROWS, BLOCK_D] accumulator, one (D,) fp32 partial sum, to row ``slot`` of
+    a partial-sum buffer."""
+    tl.store(ptr + slot.to(tl.int64) * D + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _for_sample(acc, cur, t, ptr, pid, D, cols, cmask, SEG: tl.constexpr):
+    """The accumulator for sample ``t``: ``acc`` while t is the current sample ``cur``, else a zeroed one after
+    writing ``acc`` to slot ``pid + cur``."""
+    if SEG:  # noqa: SIM102 (a constexpr gate around a runtime test)
+        if t != cur:
+            _store_slot(ptr, pid + cur, D, cols, cmask, acc)
+            acc = tl.zeros_like(acc)
+    return acc
+
+
+@triton.jit
+def _flush_segments(acc1, acc2, cur, s, rmask, g1, g2, dp1_ptr, dp2_ptr, pid, D, cols, cmask,
+                    SEG1: tl.constexpr, SEG2: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    """Adds the tile's per-element parameter gradients (g1, g2) to the running per-sample sums (acc1, acc2)
+    of sample ``cur``; where the tile's rows reach later samples, flushes the sums to slot ``pid + sample``
+    first. The tile's rows belong to samples s_lo..s_hi (one in the common case). Returns (acc1, acc2, cur).
+    A one-row tile takes a path without a loop: a loop here would keep the pipeliner off the row loop."""
+    s_lo = tl.min(tl.where(rmask, s, 2147483647), axis=0)
+    s_hi = tl.max(tl.where(rmask, s, -1), axis=0)
+    if ROWS == 1:  # one row, one sample: no selection
+        acc1 = _for_sample(acc1, cur, s_lo, dp1_ptr, pid, D, cols, cmask, SEG1)
+        acc2 = _for_sample(acc2, cur, s_lo, dp2_ptr, pid, D, cols, cmask, SEG2)
+        if SEG1:
+            acc1 += g1
+        if SEG2:
+            acc2 += g2
+        return acc1, acc2, s_lo
+    for t in range(s_lo, s_hi + 1):
+        acc1 = _for_sample(acc1, cur, t, dp1_ptr, pid, D, cols, cmask, SEG1)
+        acc2 = _for_sample(acc2, cur, t, dp2_ptr, pid, D, cols, cmask, SEG2)
+        cur = t
+        sel = (s == t)[:, None]
+        if SEG1:
+            acc1 += tl.where(sel, g1, 0.0)
+        if SEG2:
+            acc2 += tl.where(sel, g2, 0.0)
+    return acc1, acc2, cur
+
+
+@triton.jit(do_not_specialize=["rows_per_prog"])
 def _bwd_kernel(
-    dy_ptr,
-    x_ptr,
-    w_ptr,
-    p1_ptr,  # scale or gate (shift's value is not needed for any gradient)
+    dy,  # (ptr, stride_b, stride_l) views like the forward's
+    x,
+    weight,
+    p1,  # scale or gate (shift's value is not needed for any gradient)
     rstd_ptr,
-    cu_ptr,
+    cu,
     dx_ptr,
     dw_ptr,  # (programs, D) fp32 partial sums
     dp1_ptr,  # per-row (rows, D) fp32, or (programs + samples - 1, D) fp32 segment sums
@@ -216,12 +320,6 @@ def _bwd_kernel(
     L,
     n_samples,
     rows_per_prog,
-    sdy_b,
-    sdy_l,
-    sx_b,
-    sx_l,
-    s1_b,
-    s1_l,
     MODE: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_P2: tl.constexpr,
@@ -232,110 +330,75 @@ def _bwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    STAGES: tl.constexpr,
+    ALIGNED: tl.constexpr,  # as in the forward
+    VEC: tl.constexpr,
 ):
-    """One program walks rows [pid * rows_per_prog, ...) in [ROWS, BLOCK_D] tiles."""
+    """One program walks rows [pid * rows_per_prog, ...) in [ROWS, BLOCK_D] tiles. Its partial sums are kept
+    in the tile's own shape and layout (reduced over rows only when written), so accumulating costs no data
+    movement between threads."""
+    if ALIGNED:
+        D = whole_vectors(D, VEC)
+    dy, x, p1 = _vector_view(dy, ALIGNED, VEC), _vector_view(x, ALIGNED, VEC), _vector_view(p1, ALIGNED, VEC)
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_prog  # int64 rows: the loop variables below inherit it
     row_end = tl.minimum(row_start + rows_per_prog, n_rows)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    x_dtype = x_ptr.dtype.element_ty
+    x_dtype = x[0].dtype.element_ty
 
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    p1_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    p2_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None
+    dw_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc1 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     if PACKED:
-        ends = _sequence_ends(cu_ptr, n_samples, BLOCK_B)
-        cur = tl.minimum(tl.sum((ends <= row_start).to(tl.int32), axis=0), n_samples - 1)
+        ends = _sequence_ends(cu, n_samples, BLOCK_B)
+        cur = tl.minimum(tl.sum((ends <= row_start).to(tl.int32), axis=0), n_samples - 1).to(tl.int64)
     else:
+        ends = None
         cur = row_start // L
 
-    for r0 in range(row_start, row_end, ROWS):
+    for r0 in tl.range(row_start, row_end, ROWS, num_stages=STAGES):
         rows = r0 + tl.arange(0, ROWS)
         rmask, mask, b, l = _row_tile(rows, row_end, cmask, L)
-        x = _load_rows(x_ptr, b, l, sx_b, sx_l, cols, mask)
-        dy = _load_rows(dy_ptr, b, l, sdy_b, sdy_l, cols, mask)
+        xv = _load_rows(x, b, l, cols, mask)
+        g = _load_rows(dy, b, l, cols, mask)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        xhat = x * rstd[:, None]
-        n = xhat.to(x_dtype).to(tl.float32)  # the rounded normalized value the forward multiplied
-        if HAS_W:
-            a = (n * w[None, :]).to(x_dtype).to(tl.float32)
-        else:
-            a = n
+        xhat, n = _normalized(xv, rstd, x_dtype)
 
-        if MODE == 0:
-            da = dy
+        if MODE == MODE_PLAIN:
+            da = g
         else:
-            if PACKED:
-                s = _sample_of(ends, rows, n_samples)
-                off1 = s.to(tl.int64) * s1_b
-            else:
-                s = b
-                off1 = b * s1_b + l * s1_l
-            p1 = tl.load(p1_ptr + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            off1, s = _param_offsets(p1, rows, b, l, ends, n_samples, PACKED)
+            pv = tl.load(p1[0] + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             # Masked rows load zeros, so every contribution below is zero there.
-            if MODE == 1:
-                da = dy * (1.0 + p1)
-                g1 = dy * a  # d scale
-                g2 = dy  # d shift
-            else:
-                if TANH:
-                    act = _tanh(p1)
-                    g1 = dy * a * (1.0 - act * act)  # d gate
-                else:
-                    act = p1
-                    g1 = dy * a
-                da = dy * act
-                g2 = g1  # unused
+            da, g1, g2 = _epilogue_grads(g, _weighted(n, w, HAS_W, x_dtype), pv, MODE, TANH)
+        out, dw_acc = _input_grads(da, xhat, n, rstd, w, dw_acc, D, HAS_W)
+        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], out.to(dx_ptr.dtype.element_ty), mask=mask)
+
+        if MODE != MODE_PLAIN:
             if SEG1 or SEG2:
-                # The tile's rows belong to samples s_lo..s_hi (one in the common case). Sum each sample's
-                # rows into the running accumulator and flush it to slot (pid + sample) when the sample changes.
-                s_lo = tl.min(tl.where(rmask, s, 2147483647), axis=0)
-                s_hi = tl.max(tl.where(rmask, s, -1), axis=0)
-                for t in range(s_lo, s_hi + 1):
-                    if t != cur:
-                        if SEG1:
-                            _store_slot(dp1_ptr, pid + cur, D, cols, cmask, p1_acc)
-                            p1_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-                        if SEG2:
-                            _store_slot(dp2_ptr, pid + cur, D, cols, cmask, p2_acc)
-                            p2_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-                        cur = t
-                    sel = (s == t)[:, None]
-                    if SEG1:
-                        p1_acc += tl.sum(tl.where(sel, g1, 0.0), axis=0)
-                    if SEG2:
-                        p2_acc += tl.sum(tl.where(sel, g2, 0.0), axis=0)
+                acc1, acc2, cur = _flush_segments(
+                    acc1, acc2, cur, s, rmask, g1, g2, dp1_ptr, dp2_ptr, pid, D, cols, cmask, SEG1, SEG2, ROWS
+                )
             if not SEG1:
                 tl.store(dp1_ptr + rows[:, None] * D + cols[None, :], g1, mask=mask)
-            if MODE == 1 and HAS_P2 and not SEG2:
+            if MODE == MODE_MODULATE and HAS_P2 and not SEG2:
                 tl.store(dp2_ptr + rows[:, None] * D + cols[None, :], g2, mask=mask)
-
-        if HAS_W:
-            dw_acc += tl.sum(da * n, axis=0)
-            dn = da * w[None, :]
-        else:
-            dn = da
-        # d/dx of x * rstd(x): rstd * (dn - xhat * mean(dn * xhat)); the roundings pass gradients straight.
-        c = tl.sum(dn * xhat, axis=1) / D
-        dx = (dn - xhat * c[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     if HAS_W:
         _store_slot(dw_ptr, pid, D, cols, cmask, dw_acc)
     if SEG1:
-        _store_slot(dp1_ptr, pid + cur, D, cols, cmask, p1_acc)
+        _store_slot(dp1_ptr, pid + cur, D, cols, cmask, acc1)
     if SEG2:
-        _store_slot(dp2_ptr, pid + cur, D, cols, cmask, p2_acc)
+        _store_slot(dp2_ptr, pid + cur, D, cols, cmask, acc2)
 
 
 @triton.jit
 def _segment_sum_kernel(
     part_ptr,
     out_ptr,
-    cu_ptr,
+    cu,
     n_rows,
     D,
     L,
@@ -349,8 +412,9 @@ def _segment_sum_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < D
     if PACKED:
-        start = tl.load(cu_ptr + s)
-        end = tl.load(cu_ptr + s + 1)
+        cu_ptr, cu_stride = cu
+        start = tl.load(cu_ptr + s * cu_stride)
+        end = tl.load(cu_ptr + (s + 1) * cu_stride)
     else:
         start = s * L
         end = start + L
@@ -387,6 +451,11 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-2], d)
 
 
+def _view(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The kernels' ``(pointer, stride_b, stride_l)`` of a (B, L, D) view."""
+    return t, t.stride(0), t.stride(1)
+
+
 class _Param:
     """How the kernels read one per-sample / broadcast parameter, and how its gradient is put back."""
 
@@ -395,7 +464,7 @@ class _Param:
         self.packed = packed
         if packed:  # (B, D), validated by the public op
             self.t = p if p.stride(-1) == 1 else p.contiguous()
-            self.stride_b, self.stride_l, self.per_row = self.t.stride(0), 0, False
+            self.view, self.per_row = (self.t, self.t.stride(0), 0), False
             return
         # Padded (B, L, D) x with (B, D): one row per sample. Anything else broadcasts to x as it is.
         self.pe = p.unsqueeze(1) if (x.dim() == 3 and p.dim() == 2) else p
@@ -407,9 +476,9 @@ class _Param:
         except RuntimeError:  # a broadcast pattern the (B, L) view cannot express: materialize it
             t = full.reshape(x3.shape)
         self.t = t
-        self.stride_b, self.stride_l = t.stride(0), t.stride(1)
+        self.view = _view(t)
         # Constant along L: reduced per sample (segments). Varying along L: per-row gradient + sum_to_size.
-        self.per_row = self.stride_l != 0 and x3.shape[1] > 1
+        self.per_row = t.stride(1) != 0 and x3.shape[1] > 1
 
     def grad_from_rows(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``g`` is (rows, D) fp32, one gradient row per x row."""
@@ -426,6 +495,10 @@ class _Param:
         return g.reshape(self.p.shape).to(self.p.dtype).contiguous()
 
 
+def _param_view(q: _Param | None, dummy: torch.Tensor) -> tuple:
+    return q.view if q is not None else (dummy, 0, 0)
+
+
 def _common(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
     x3 = _rows_view(x)
     n_rows = x3.shape[0] * x3.shape[1]
@@ -435,6 +508,28 @@ def _common(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
     seq_len = max(x3.shape[1], 1)
     block_b = triton.next_power_of_2(n_samples) if packed else 1
     return x3, n_rows, packed, n_samples, seq_len, block_b
+
+
+def _offsets(cu_seqlens: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """The kernels' ``(pointer, stride)`` of cu_seqlens: any stride is read in place."""
+    return (cu_seqlens, cu_seqlens.stride(0)) if cu_seqlens is not None else (dummy, 0)
+
+
+def _aligned(d: int, views: list[tuple], tensors: list[torch.Tensor | None], vec: int) -> bool:
+    """Whether the kernels should tell the compiler that D and every view's row strides are whole 16-byte
+    vectors (``vec`` elements of x's dtype) and every tensor 16-byte aligned: true when they are, unless all of
+    them are multiples of 16 elements, which the JIT marks by itself (the extra marks then only cost registers)."""
+    values = [d, *(stride for view in views for stride in view[1:])]
+    if any(v % vec for v in values) or any(t.data_ptr() % 16 for t in tensors if t is not None):
+        return False
+    return any(v % 16 for v in values)
+
+
+def _tile(d: int, tile_elems: int, max_rows: int, per_warp: int) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) of a [ROWS, BLOCK_D] tile of about ``tile_elems`` values."""
+    block_d = triton.next_power_of_2(d)
+    rows = max(1, min(max_rows, tile_elems // block_d))
+    return block_d, rows, num_warps(rows * block_d, per_warp, 4, 16)
 
 
 def forward(
@@ -463,41 +558,20 @@ def forward(
     q1 = _Param(p1, x, x3, packed) if p1 is not None else None
     q2 = _Param(p2, x, x3, packed) if p2 is not None else None
     r3 = _rows_view(residual) if residual is not None else x3
-    block_d = triton.next_power_of_2(d)
-    rows = max(1, min(MAX_FWD_ROWS, FWD_TILE_ELEMS // block_d))
-    dummy = x3
-    _fwd_kernel[(triton.cdiv(n_rows, rows),)](
-        x3,
-        r3,
-        weight if weight is not None else dummy,
-        q1.t if q1 is not None else dummy,
-        q2.t if q2 is not None else dummy,
-        y,
-        rstd,
-        cu_seqlens if packed else rstd,
-        n_rows,
-        d,
-        seq_len,
-        n_samples,
-        float(eps),
-        x3.stride(0),
-        x3.stride(1),
-        r3.stride(0),
-        r3.stride(1),
-        q1.stride_b if q1 is not None else 0,
-        q1.stride_l if q1 is not None else 0,
-        q2.stride_b if q2 is not None else 0,
-        q2.stride_l if q2 is not None else 0,
-        MODE=mode,
-        HAS_W=weight is not None,
-        HAS_P2=q2 is not None,
-        PACKED=packed,
-        TANH=bool(tanh_gate),
-        ROWS=rows,
-        BLOCK_D=block_d,
-        BLOCK_B=block_b,
-        num_warps=_num_warps(block_d),
-    )
+    block_d, rows, warps = _tile(d, FWD_TILE_ELEMS, MAX_FWD_ROWS, FWD_ELEMS_PER_WARP)
+    views = [_view(x3), _view(r3), _param_view(q1, x3), _param_view(q2, x3)]
+    vec = 16 // x.element_size()
+    args = (
+        views[0], views[1], weight if weight is not None else x3, views[2], views[3],
+        y, rstd, _offsets(cu_seqlens, rstd), n_rows, d, seq_len, n_samples, float(eps),
+    )  # fmt: skip
+    flags = dict(
+        MODE=mode, HAS_W=weight is not None, HAS_P2=q2 is not None, PACKED=packed, TANH=bool(tanh_gate),
+        ROWS=rows, BLOCK_D=block_d, BLOCK_B=block_b, STAGES=FWD_STAGES,
+        ALIGNED=_aligned(d, views, [x3, r3, weight, y, *(v[0] for v in views[2:])], vec), VEC=vec, num_warps=warps,
+    )  # fmt: skip
+    n_prog, _ = persistent_grid(_fwd_kernel, args, flags, triton.cdiv(n_rows, rows), x.device, FWD_PROGRAMS_INTERPRETED)
+    _fwd_kernel[(n_prog,)](*args, **flags)
     return y, rstd
 
 
@@ -527,53 +601,39 @@ def backward(
         zeros = lambda t: None if t is None else torch.zeros_like(t)
         return dx, zeros(weight), zeros(p1), zeros(p2)
     dy3 = _rows_view(dy)
-    n_prog, rows_per_prog = _bwd_programs(n_rows, dev)
-    n_slots = n_prog + n_samples - 1
+    block_d, rows, warps = _tile(d, BWD_TILE_ELEMS, MAX_BWD_ROWS, BWD_ELEMS_PER_WARP)
+    seg1 = q1 is not None and not q1.per_row
+    seg2 = mode == MODE_MODULATE and q2 is not None and not q2.per_row
+    views = [_view(dy3), _view(x3), _param_view(q1, x3)]
+    vec = 16 // x.element_size()
+    flags = dict(
+        MODE=mode, HAS_W=weight is not None, HAS_P2=q2 is not None, SEG1=seg1, SEG2=seg2, PACKED=packed,
+        TANH=bool(tanh_gate), ROWS=rows, BLOCK_D=block_d, BLOCK_B=block_b, STAGES=BWD_STAGES,
+        ALIGNED=_aligned(d, views, [dy3, x3, weight, dx, views[2][0]], vec), VEC=vec, num_warps=warps,
+    )  # fmt: skip
+
+    def args(dw_part: torch.Tensor, dp1: torch.Tensor, dp2: torch.Tensor, rows_per_prog: int) -> tuple:
+        return (
+            views[0], views[1], weight if weight is not None else x3, views[2], rstd,
+            _offsets(cu_seqlens, rstd), dx, dw_part, dp1, dp2, n_rows, d, seq_len, n_samples, rows_per_prog,
+        )  # fmt: skip
+
+    # Sized from the compiled kernel; its warm-up takes any fp32 buffers (rstd) in place of the partial sums.
+    n_prog, rows_per_prog = persistent_grid(
+        _bwd_kernel, args(rstd, rstd, rstd, n_rows), flags, n_rows, dev, BWD_PROGRAMS_INTERPRETED
+    )
 
     def grad_buffer(q: _Param | None) -> torch.Tensor:
         if q is None:
             return rstd  # never touched
-        return torch.empty((n_rows if q.per_row else n_slots, d), device=dev, dtype=torch.float32)
+        if q.per_row:
+            return torch.empty((n_rows, d), device=dev, dtype=torch.float32)
+        # Zeroed: with offsets that disagree with the rows, the segment sums may read slots no program wrote.
+        return torch.zeros((n_prog + n_samples - 1, d), device=dev, dtype=torch.float32)
 
     dw_part = torch.empty((n_prog, d), device=dev, dtype=torch.float32) if weight is not None else rstd
     dp1, dp2 = grad_buffer(q1), grad_buffer(q2)
-    block_d = triton.next_power_of_2(d)
-    rows = max(1, min(MAX_BWD_ROWS, BWD_TILE_ELEMS // block_d))
-    dummy = x3
-    _bwd_kernel[(n_prog,)](
-        dy3,
-        x3,
-        weight if weight is not None else dummy,
-        q1.t if q1 is not None else dummy,
-        rstd,
-        cu_seqlens if packed else rstd,
-        dx,
-        dw_part,
-        dp1,
-        dp2,
-        n_rows,
-        d,
-        seq_len,
-        n_samples,
-        rows_per_prog,
-        dy3.stride(0),
-        dy3.stride(1),
-        x3.stride(0),
-        x3.stride(1),
-        q1.stride_b if q1 is not None else 0,
-        q1.stride_l if q1 is not None else 0,
-        MODE=mode,
-        HAS_W=weight is not None,
-        HAS_P2=q2 is not None,
-        SEG1=q1 is not None and not q1.per_row,
-        SEG2=mode == MODE_MODULATE and q2 is not None and not q2.per_row,
-        PACKED=packed,
-        TANH=bool(tanh_gate),
-        ROWS=rows,
-        BLOCK_D=block_d,
-        BLOCK_B=block_b,
-        num_warps=_num_warps(rows * block_d),
-    )
+    _bwd_kernel[(n_prog,)](*args(dw_part, dp1, dp2, rows_per_prog), **flags)
 
     def finish(q: _Param | None, buf: torch.Tensor) -> torch.Tensor | None:
         if q is None:
@@ -582,17 +642,9 @@ def backward(
             return q.grad_from_rows(buf, x)
         out = torch.empty((n_samples, d), device=dev, dtype=torch.float32)
         _segment_sum_kernel[(n_samples, triton.cdiv(d, SEGMENT_BLOCK))](
-            buf,
-            out,
-            cu_seqlens if packed else out,
-            n_rows,
-            d,
-            seq_len,
-            rows_per_prog,
-            n_prog,
-            PACKED=packed,
-            BLOCK=SEGMENT_BLOCK,
-        )
+            buf, out, _offsets(cu_seqlens, out), n_rows, d, seq_len, rows_per_prog, n_prog,
+            PACKED=packed, BLOCK=SEGMENT_BLOCK,
+        )  # fmt: skip
         return q.grad_from_samples(out, x)
 
     dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else None

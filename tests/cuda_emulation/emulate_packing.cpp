@@ -74,6 +74,9 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Body body) {
 #define __launch_bounds__(n)
 #define __shared__ static
 #define FLAGDIT_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem.data()
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 
 #include "packing_kernels.cuh"
 
@@ -94,31 +97,35 @@ struct Batch {
 Batch make_batch(int64_t n_items, const int64_t* fhw, const int64_t* strides, const int64_t* addrs,
                  int64_t channels, int64_t p, int nextline, int nextframe) {
   Batch b;
-  int64_t patches = 0;
-  b.items = make_items(copy(fhw, 3 * n_items), copy(strides, 4 * n_items), copy(addrs, n_items), p, nextline,
-                       nextframe, &b.total, &patches);
-  b.tiling = make_tiling(channels, p);
-  b.grid = {static_cast<unsigned>((b.total + b.tiling.tokens - 1) / b.tiling.tokens),
-            static_cast<unsigned>((channels + b.tiling.channels - 1) / b.tiling.channels), 1};
+  int64_t patches = 0, segments = 0;
+  const std::vector<int64_t> dims = copy(fhw, 3 * n_items);
+  const auto [max_rows, max_cols] = max_patch_grid(dims, p);
+  b.tiling = make_tiling(channels, p, max_rows, max_cols);
+  b.items = make_items(dims, copy(strides, 4 * n_items), copy(addrs, n_items), p, nextline, nextframe, b.tiling,
+                       &b.total, &patches, &segments);
+  b.grid = {static_cast<unsigned>(segments), static_cast<unsigned>(ceil_div(channels, b.tiling.channels)), 1};
   return b;
 }
 
 }  // namespace
 
 // fhw: (F, H, W) per item; strides: (C, F, H, W) element strides per item; addrs: latent addresses.
-// Returns the number of tokens, or -1 for an unsupported element size.
+// Returns the number of tokens, or -1 for an unsupported element size. *vec receives the words per access used.
 extern "C" int64_t emu_pack(int64_t elem_size, int64_t n_items, const int64_t* fhw, const int64_t* strides,
                             const int64_t* addrs, int64_t channels, int64_t p, int nextline, int nextframe,
                             int channels_last, int layout, void* out, int64_t out_row_stride, int32_t* positions,
-                            int8_t* kind, int64_t* patch_rows, int32_t* cu_seqlens) {
+                            int8_t* kind, int64_t* patch_rows, int32_t* cu_seqlens, int* vec_used) {
   const Batch b = make_batch(n_items, fhw, strides, addrs, channels, p, nextline, nextframe);
-  const bool ok = dispatch_word_and_p(elem_size, p, [&](auto word, auto pc) {
+  const int vec = vector_words(b.items, elem_size, p, channels, b.tiling, channels_last,
+                               reinterpret_cast<int64_t>(out), out_row_stride, 1);
+  *vec_used = vec;
+  const bool ok = dispatch_kernel(elem_size, p, vec, [&](auto word, auto pc, auto vc) {
     using word_t = decltype(word);
-    constexpr int P = decltype(pc)::value;
-    emu::launch(b.grid, kThreads, tile_smem_bytes<word_t>(b.tiling, p), [&] {
-      auto kernel = layout ? pack_kernel<word_t, P, true> : pack_kernel<word_t, P, false>;
-      kernel(b.items.data(), n_items, b.total, channels, p, channels_last, b.tiling.tokens, b.tiling.channels,
-             static_cast<word_t*>(out), out_row_stride, positions, kind, patch_rows, cu_seqlens);
+    constexpr int P = decltype(pc)::value, V = decltype(vc)::value;
+    emu::launch(b.grid, kThreads, tile_smem_bytes<word_t, V>(b.tiling, p), [&] {
+      auto kernel = layout ? pack_kernel<word_t, P, V, true> : pack_kernel<word_t, P, V, false>;
+      kernel(b.items.data(), n_items, b.total, channels, p, channels_last, b.tiling, static_cast<word_t*>(out),
+             out_row_stride, positions, kind, patch_rows, cu_seqlens);
     });
   });
   return ok ? b.total : -1;
@@ -126,14 +133,18 @@ extern "C" int64_t emu_pack(int64_t elem_size, int64_t n_items, const int64_t* f
 
 extern "C" int64_t emu_unpack(int64_t elem_size, int64_t n_items, const int64_t* fhw, const int64_t* strides,
                               const int64_t* addrs, int64_t channels, int64_t p, int nextline, int nextframe,
-                              int channels_last, const void* tokens, int64_t row_stride, int64_t col_stride) {
+                              int channels_last, const void* tokens, int64_t row_stride, int64_t col_stride,
+                              int* vec_used) {
   const Batch b = make_batch(n_items, fhw, strides, addrs, channels, p, nextline, nextframe);
-  const bool ok = dispatch_word_and_p(elem_size, p, [&](auto word, auto pc) {
+  const int vec = vector_words(b.items, elem_size, p, channels, b.tiling, channels_last,
+                               reinterpret_cast<int64_t>(tokens), row_stride, col_stride);
+  *vec_used = vec;
+  const bool ok = dispatch_kernel(elem_size, p, vec, [&](auto word, auto pc, auto vc) {
     using word_t = decltype(word);
-    constexpr int P = decltype(pc)::value;
-    emu::launch(b.grid, kThreads, tile_smem_bytes<word_t>(b.tiling, p), [&] {
-      unpack_kernel<word_t, P>(b.items.data(), n_items, b.total, channels, p, channels_last, b.tiling.tokens,
-                               b.tiling.channels, static_cast<const word_t*>(tokens), row_stride, col_stride);
+    constexpr int P = decltype(pc)::value, V = decltype(vc)::value;
+    emu::launch(b.grid, kThreads, tile_smem_bytes<word_t, V>(b.tiling, p), [&] {
+      unpack_kernel<word_t, P, V>(b.items.data(), n_items, channels, p, channels_last, b.tiling,
+                                  static_cast<const word_t*>(tokens), row_stride, col_stride);
     });
   });
   return ok ? b.total : -1;
