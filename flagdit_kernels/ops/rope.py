@@ -8,7 +8,7 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._validation import check_int, check_number, check_same_dtype, check_shape, check_tensor
+from .._validation import check_int, check_number, check_same_dtype, check_shape, check_tensor, values_checked
 from ..reference.rope import QK_NORM_EPS
 
 NORMS = ("layer_norm", "rms_norm", None)
@@ -65,7 +65,15 @@ def rope_freqs(
     elif positions.dim() == 2 and positions.shape[1] == 2 and head_dim % 4:
         raise ValueError(f"2D alternating RoPE needs head_dim divisible by 4, got {head_dim}")
     fn = _dispatch.resolve("rope_freqs", positions, backend, prefer).fn
-    return fn(head_dim, positions, axes_dims, theta, linear_factor, ntk_factor)
+    freqs = fn(head_dim, positions, axes_dims, theta, linear_factor, ntk_factor)
+    # Finite factors can still overflow the fp32 angles (theta = 1e-100, or positions / linear_factor beyond
+    # 3e38): cos and sin of inf are NaN. Checked where reading values is free, like the offsets.
+    if values_checked(positions.device) and not bool(torch.isfinite(freqs).all()):
+        raise ValueError(
+            f"rope_freqs: the angles positions / linear_factor * (theta * ntk_factor) ** (-2i / head_dim) overflow "
+            f"float32 (theta={theta!r}, linear_factor={linear_factor!r}, ntk_factor={ntk_factor!r})"
+        )
+    return freqs
 
 
 def check_freqs(freqs: object, x_name: str, x: torch.Tensor) -> torch.Tensor:
