@@ -100,11 +100,13 @@ class ModalityConditioning(nn.Module):
         shapes: Sequence[Sequence[int]],
         modality: Sequence[str | int] | torch.Tensor | None,
         cameras: Sequence[torch.Tensor | None] | None,
+        token_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``adaln_input`` ``(B, adaln_dim)`` and packed ``tokens`` ``(T, dim)`` with the conditioning added.
 
         ``frame`` is each token's frame (``Packed.positions[:, 0]``); ``modality`` one name or index per sample
         (None: no modality vector); ``cameras`` one ``(F, 2)`` table or None per sample (None: no camera).
+        ``token_rows``: the packed rows ``tokens`` holds when not all (a sequence-parallel rank's share).
         """
         batch = adaln_input.shape[0]
         if modality is not None:
@@ -115,10 +117,10 @@ class ModalityConditioning(nn.Module):
         if cameras is not None and any(c is not None for c in cameras):
             if self.camera_embedder is None:
                 raise ValueError("cameras given, but this model has no camera embedder (config camera_cond=False)")
-            tokens = tokens + self._camera_tokens(tokens, cu_seqlens, frame, shapes, cameras)
+            tokens = tokens + self._camera_tokens(tokens, cu_seqlens, frame, shapes, cameras, token_rows)
         return adaln_input, tokens
 
-    def _camera_tokens(self, tokens, cu_seqlens, frame, shapes, cameras) -> torch.Tensor:
+    def _camera_tokens(self, tokens, cu_seqlens, frame, shapes, cameras, token_rows) -> torch.Tensor:
         if len(cameras) != len(shapes):
             raise ValueError(f"cameras must have one entry per sample ({len(shapes)}), got {len(cameras)}")
         rows, first = [], []
@@ -139,8 +141,10 @@ class ModalityConditioning(nn.Module):
         sample = torch.repeat_interleave(
             torch.arange(len(shapes), device=tokens.device),
             (cu_seqlens[1:] - cu_seqlens[:-1]).long(),
-            output_size=tokens.shape[0],
+            output_size=frame.shape[0],
         )
         start = torch.tensor(first, device=tokens.device)[sample]
         index = torch.where(start < 0, table.shape[0] - 1, start + frame.long())
+        if token_rows is not None:
+            index = index.index_select(0, token_rows)
         return table[index].to(tokens.dtype)

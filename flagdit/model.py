@@ -100,6 +100,20 @@ class TextContext:
         return self.cap_emb.shape[0]
 
 
+@dataclass
+class ModelInputs:
+    """One forward call's inputs, packed: what :meth:`FlagDiT.transform` and :meth:`FlagDiT.unpack_output` need."""
+
+    packed: fk.Packed
+    layout: TokenLayout
+    text: TextContext
+    adaln_input: torch.Tensor  # (B, adaln_dim): timestep embedding + pooled caption
+    as_tensor: bool  # x was one (B, C, H, W) tensor: the output is one too
+    channels: list[int]  # each latent's own channel count (fit_channels)
+    modality: list[str | int] | torch.Tensor | None = None
+    cameras: list[torch.Tensor | None] | None = None
+
+
 class TransformerBlock(nn.Module):
     """One Flag-DiT block (shift/scale/gate adaLN) or Next-DiT block (scale-only, tanh gates, sandwich norms)."""
 
@@ -244,8 +258,9 @@ class FlagDiT(nn.Module):
         kv = [layer.text_kv(y) if cache_kv else None for layer in self.layers]
         return TextContext(cap_emb, y, seqs, kv)
 
-    def embed(self, packed: fk.Packed) -> torch.Tensor:
-        """Patch embedding of every token, with the learned [nextline]/[nextframe] embeddings at their slots."""
+    def embed_tokens(self, patches: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        """Patch embedding of packed rows (``patches`` ``(N, C*p*p)``, ``kind`` ``(N,)``), with the learned
+        [nextline]/[nextframe] embeddings at their slots."""
         weight = self.x_embedder.weight
         dim, dtype = weight.shape[0], weight.dtype
         # A layout without [nextline] / [nextframe] slots has no such parameter and never reads that row.
@@ -255,8 +270,7 @@ class FlagDiT(nn.Module):
                 self.eof_token if self.config.nextframe else weight.new_zeros(dim),
             ]
         ).to(dtype)
-        patches = packed.patches.to(dtype)
-        x = fk.embed_packed(patches, packed.kind, weight, self.x_embedder.bias, table, prefer=self.backend)
+        x = fk.embed_packed(patches.to(dtype), kind, weight, self.x_embedder.bias, table, prefer=self.backend)
         return x.to(dtype)  # under autocast the Linear computes in bf16; the residual stream stays in dtype
 
     def rope(self, packed: fk.Packed, sample: torch.Tensor, linear_factor: float, ntk_factor: float) -> torch.Tensor:
@@ -304,6 +318,29 @@ class FlagDiT(nn.Module):
         t: torch.Tensor,
         cap_feats: torch.Tensor | None = None,
         cap_mask: torch.Tensor | None = None,
+        **options,
+    ):
+        """Velocity prediction (see class docstring). ``options`` are :meth:`prepare`'s keywords: ``text`` (from
+        :meth:`encode_text`) replaces cap_feats/cap_mask; ``base_seqlen`` turns on proportional attention;
+        ``linear_factor`` / ``ntk_factor`` override the config's RoPE extrapolation factors; ``modality`` (one
+        name of ``flagdit.modality.MODALITIES`` per sample) and ``cameras`` (per sample a ``(F, 2)``
+        azimuth/elevation table or None) need a config with ``n_modalities`` / ``camera_cond`` (see
+        :mod:`flagdit.modality`). Latents may have fewer than ``in_channels`` channels (zero-padded inside, each
+        output cut back to its latent's channels).
+
+        The steps are public (:meth:`prepare`, :meth:`embed_rows`, :meth:`transform`, :meth:`unpack_output`) so
+        that a runner can compose them differently: ``flagdit.parallel`` runs the middle two on each rank's
+        share of the tokens."""
+        inputs = self.prepare(x, t, cap_feats, cap_mask, **options)
+        h, adaln_input = self.embed_rows(inputs)
+        return self.unpack_output(self.transform(h, inputs.layout, inputs.text, adaln_input), inputs)
+
+    def prepare(
+        self,
+        x: list[torch.Tensor] | torch.Tensor,
+        t: torch.Tensor,
+        cap_feats: torch.Tensor | None = None,
+        cap_mask: torch.Tensor | None = None,
         *,
         text: TextContext | None = None,
         base_seqlen: int | None = None,
@@ -311,16 +348,12 @@ class FlagDiT(nn.Module):
         ntk_factor: float | None = None,
         modality: list[str | int] | torch.Tensor | None = None,
         cameras: list[torch.Tensor | None] | None = None,
-    ):
-        """Velocity prediction (see class docstring). ``text`` (from :meth:`encode_text`) replaces
-        cap_feats/cap_mask; ``base_seqlen`` turns on proportional attention; ``linear_factor`` / ``ntk_factor``
-        override the config's RoPE extrapolation factors. Latents may have fewer than ``in_channels`` channels
-        (zero-padded inside, each output cut back to its latent's channels); ``modality`` (one name of
-        ``flagdit.modality.MODALITIES`` per sample) and ``cameras`` (per sample a ``(F, 2)`` azimuth/elevation
-        table or None) need a config with ``n_modalities`` / ``camera_cond`` (see :mod:`flagdit.modality`)."""
+    ) -> ModelInputs:
+        """Checks the inputs, encodes the caption (unless ``text`` is given), packs the latents and builds the
+        token layout: everything the token pipeline needs, per batch (:meth:`forward` describes the arguments)."""
         c = self.config
-        is_tensor = isinstance(x, torch.Tensor)
-        latents = list(x.unbind(0)) if is_tensor else list(x)
+        as_tensor = isinstance(x, torch.Tensor)
+        latents = list(x.unbind(0)) if as_tensor else list(x)
         latents, channels = fit_channels(latents, c.in_channels)
         if text is None:
             if cap_feats is None or cap_mask is None:
@@ -330,25 +363,47 @@ class FlagDiT(nn.Module):
             raise ValueError(
                 f"batch mismatch: {len(latents)} latents, t of shape {tuple(t.shape)}, {text.batch_size} captions"
             )
+        if self.conditioning is None and (modality is not None or cameras is not None):
+            raise ValueError("modality / cameras given, but this config has n_modalities=0 and camera_cond=False")
         packed = fk.pack(latents, c.patch_size, c.nextline, c.nextframe, prefer=self.backend)
         layout = self.layout(packed, base_seqlen, linear_factor, ntk_factor)
-        h = self.embed(packed)
         adaln_input = self.t_embedder(t) + text.cap_emb
+        return ModelInputs(packed, layout, text, adaln_input, as_tensor, channels, modality, cameras)
+
+    def embed_rows(self, inputs: ModelInputs, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedded tokens of the packed rows ``rows`` (all when None), with the modality / camera
+        conditioning of their samples, and the adaLN input (the modality embedding added). Each row is embedded
+        alone, so a rank of a sequence-parallel group embeds only the rows it holds."""
+        packed = inputs.packed
+        patches, kind = packed.patches, packed.kind
+        if rows is not None:
+            patches, kind = patches.index_select(0, rows), kind.index_select(0, rows)
+        h, adaln_input = self.embed_tokens(patches, kind), inputs.adaln_input
         if self.conditioning is not None:
             frame = packed.positions[:, 0]
             adaln_input, h = self.conditioning(
-                adaln_input, h, packed.cu_seqlens, frame, packed.shapes, modality, cameras
+                adaln_input, h, packed.cu_seqlens, frame, packed.shapes, inputs.modality, inputs.cameras, rows
             )
-        elif modality is not None or cameras is not None:
-            raise ValueError("modality / cameras given, but this config has n_modalities=0 and camera_cond=False")
+        return h, adaln_input
+
+    def transform(
+        self, h: torch.Tensor, layout: TokenLayout, text: TextContext, adaln_input: torch.Tensor
+    ) -> torch.Tensor:
+        """The blocks and the final layer over embedded tokens h ``(N, dim)`` laid out as ``layout`` says;
+        returns ``(N, p*p*out_channels)``. Every op but attention is token-local."""
         for layer, kv in zip(self.layers, text.kv):
             h = layer(h, layout, text, kv, adaln_input)
-        h = self.final_layer(h, layout, adaln_input)
-        out = fk.unpack(h, packed, c.out_channels, prefer=self.backend)
+        return self.final_layer(h, layout, adaln_input)
+
+    def unpack_output(self, h: torch.Tensor, inputs: ModelInputs):
+        """The final layer's tokens of the whole batch back into latents (the learned-sigma half dropped, each
+        cut back to its latent's channels)."""
+        c = self.config
+        out = fk.unpack(h, inputs.packed, c.out_channels, prefer=self.backend)
         if c.learn_sigma:
             out = [o[: c.in_channels] for o in out]
-        out = narrow_channels(out, channels)
-        return torch.stack(out) if is_tensor else out
+        out = narrow_channels(out, inputs.channels)
+        return torch.stack(out) if inputs.as_tensor else out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -4,11 +4,16 @@ Times are spaced uniformly, then shifted ``t' = t / (t + s - s t)`` (s > 1 spend
 end, Lumina-Next's time shifting). Classifier-free guidance runs the conditional and the negative caption in
 one packed batch: ``v = v_neg + cfg_scale * (v_cond - v_neg)``. The captions do not change between steps, so
 their pooled embedding and every block's text keys/values are computed once (:meth:`FlagDiT.encode_text`).
+Long contexts: ``sp_group`` spreads every step's tokens over a sequence-parallel group (``flagdit.parallel``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .flow import null_caption
@@ -54,6 +59,8 @@ def sample(
     progress: bool = False,
     modality: list[str | int] | None = None,
     cameras: list[torch.Tensor | None] | None = None,
+    sp_group=None,
+    sp_strategy: str = "auto",
     **model_kwargs,
 ) -> list[torch.Tensor]:
     """Generates one latent per shape ``(C, [F,] H, W)`` for the captions ``(B, Lt, cap_feat_dim)``.
@@ -61,7 +68,10 @@ def sample(
     ``neg_feats`` / ``neg_mask`` default to :func:`flagdit.flow.null_caption`; ``cfg_scale == 1`` skips the
     negative branch. ``noise`` replaces the initial Gaussian draw. ``modality`` / ``cameras`` (one entry per
     shape, see :meth:`flagdit.FlagDiT.forward`) condition both branches of the guidance. ``model_kwargs``
-    (``base_seqlen``, ``linear_factor``, ``ntk_factor``) go to every model call.
+    (``base_seqlen``, ``linear_factor``, ``ntk_factor``) go to every model call. ``sp_group`` (a ProcessGroup
+    or DeviceMesh, as :func:`flagdit.parallel.parallelize` takes; call on every rank of it) runs the model
+    sequence-parallel with ``sp_strategy``, every rank from the group's first rank's noise, and returns the
+    same latents on every rank.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -81,6 +91,16 @@ def sample(
     if noise is None:
         noise = [torch.randn(s, generator=generator, dtype=torch.float32).to(device, dtype) for s in shapes]
     x = [n.to(device, dtype) for n in noise]
+    parallel = contextlib.nullcontext
+    if sp_group is not None:
+        from .parallel import sequence_parallel
+        from .parallel import sp_group as validated
+
+        group = validated(sp_group).group
+        x = [xi.clone() for xi in x]
+        for xi in x:  # one starting point for the whole group, whatever each rank's generator drew
+            dist.broadcast(xi, group=group, group_src=0)
+        parallel = functools.partial(sequence_parallel, model, sp_group, sp_strategy)
     guided = cfg_scale != 1.0
     if guided:
         if neg_feats is None:
@@ -95,7 +115,8 @@ def sample(
     def velocity(x: list[torch.Tensor], t: float) -> list[torch.Tensor]:
         batch = x + x if guided else x
         tt = torch.full((len(batch),), t, device=device, dtype=torch.float32)
-        v = model(batch, tt, text=text, **per_item, **model_kwargs)
+        with parallel():
+            v = model(batch, tt, text=text, **per_item, **model_kwargs)
         if not guided:
             return v
         return [vn + cfg_scale * (vc - vn) for vc, vn in zip(v[:b], v[b:])]

@@ -2,6 +2,8 @@
 
 Single process: flagdit-train --modality mixed --out runs/mixed --steps 400. Distributed (CPU with gloo or GPUs
 with NCCL): torchrun --nproc_per_node 2 -m flagdit.train --dist ddp (or --dist fsdp, FSDP2 fully_shard per block).
+Long context: --sp N spreads each item's tokens over groups of N ranks (flagdit.parallel: a 2D mesh of data
+parallel x sequence parallel; the N ranks of a group train the same items, FSDP2 shards over all ranks).
 
 The global batch of step s is items s*B .. s*B+B-1 of the data set, and each item's time, noise and caption
 dropout are seeded by (seed, step, item); rank r trains items r, r+W, .... The loss is the per-item velocity
@@ -87,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), for GPUs")
     p.add_argument("--dist", default="auto", choices=("auto", "none", "ddp", "fsdp"),
                    help="data parallelism; auto is ddp under torchrun with several processes, else none")  # fmt: skip
+    p.add_argument(
+        "--sp",
+        type=ca.positive_int,
+        default=1,
+        help="sequence-parallel group size: every item's tokens spread over N ranks (default 1: off)",
+    )
+    p.add_argument(
+        "--sp-strategy",
+        default="auto",
+        choices=("auto", "ulysses", "ring"),
+        help="sequence-parallel attention; auto is Ulysses where the heads split over --sp, else ring",
+    )
     p.add_argument("--save-every", type=ca.positive_int, default=200, help="checkpoint every this many steps")
     p.add_argument("--log-every", type=ca.positive_int, default=10, help="append to log.jsonl every this many steps")
     again = p.add_mutually_exclusive_group()
@@ -174,6 +188,17 @@ def _setup_distributed(mode: str):
     return mode, rank, world, device
 
 
+def _sequence_parallel_mesh(sp: int, mode: str, device: torch.device):
+    """The (dp, sp) mesh of --sp > 1 (None for 1)."""
+    if sp == 1:
+        return None
+    if mode not in ("ddp", "fsdp"):
+        raise ValueError(f"--sp {sp} needs --dist ddp or fsdp under torchrun, got --dist {mode}")
+    from .parallel import init_mesh
+
+    return init_mesh(sp, device.type)
+
+
 def _wrap(model: FlagDiT, mode: str, device: torch.device):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -184,7 +209,7 @@ def _wrap(model: FlagDiT, mode: str, device: torch.device):
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.layers:
+        for layer in model.layers:  # sharded over the whole world, sequence-parallel ranks too
             fully_shard(layer)
         fully_shard(model)
     return model
@@ -290,23 +315,32 @@ def train(args: argparse.Namespace) -> list[float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     mode, rank, world, device = _setup_distributed(args.dist)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    mesh = _sequence_parallel_mesh(args.sp, mode, device)
+    data_ranks = world // args.sp
+    if args.batch_size % data_ranks:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {data_ranks} data-parallel ranks")
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     lock = _claim_run_dir(args, out, ckpt_path, rank, world)
     try:
-        return _train(args, mode, rank, world, device, out, ckpt_path)
+        return _train(args, mode, rank, world, device, out, ckpt_path, mesh)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path: Path) -> list[float]:
+def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path: Path, mesh=None) -> list[float]:
     resume = load_training_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     config = FlagDiTConfig(**resume["config"]) if resume else build_config(args.config, args.set)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = FlagDiT(config, backend=args.backend).to(device)
+    data_rank, data_ranks, data_group, sp = rank, world, None, ""
+    if mesh is not None:
+        from .parallel import parallelize
+
+        model = parallelize(model, mesh, args.sp_strategy)
+        data_rank, data_ranks, data_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()
+        sp = f" (sequence-parallel groups of {args.sp}, {model.sequence_parallel.strategy})"
     model = _wrap(model, mode, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = 0
@@ -318,15 +352,15 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
     if rank == 0:
         truncate_log(out / "log.jsonl", start)
         n_params = sum(p.numel() for p in model.parameters()) if mode != "fsdp" else config.num_params()
-        print(f"flagdit-train: {args.config} ({n_params / 1e6:.2f}M params), {args.modality} data, {mode} x{world}, "
-              f"steps {start}..{args.steps}, global batch {args.batch_size}", flush=True)  # fmt: skip
+        print(f"flagdit-train: {args.config} ({n_params / 1e6:.2f}M params), {args.modality} data, {mode} x{world}"
+              f"{sp}, steps {start}..{args.steps}, global batch {args.batch_size}", flush=True)  # fmt: skip
         log = open(out / "log.jsonl", "a")  # noqa: SIM115
     bar = None
     if rank == 0 and not args.no_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True)
-    mine = list(range(rank, args.batch_size, world))
+    mine = list(range(data_rank, args.batch_size, data_ranks))
     losses, smooth, t_start, tokens = [], None, time.time(), 0
     for step in range(start, args.steps):
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
@@ -346,11 +380,11 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         total = per_item.detach().sum()
-        if world > 1:
-            dist.all_reduce(total)
+        if data_ranks > 1:
+            dist.all_reduce(total, group=data_group)
         loss = total.item() / args.batch_size
         losses.append(loss)
-        tokens += sum(x.numel() // x.shape[0] // config.patch_size**2 for x in xs) * world
+        tokens += sum(x.numel() // x.shape[0] // config.patch_size**2 for x in xs) * data_ranks
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
         if bar is not None:
             bar.update(1)

@@ -94,7 +94,12 @@ class GatedVarlenAttention(nn.Module):
     zero-initialized tanh-gated text cross-attention (``wk_y``, ``wv_y``, ``ky_norm``, ``gate``).
 
     Parameter names and shapes follow Lumina-T2X's ``Attention`` so its state_dicts load strictly.
+    ``core`` is the attention over the projected, normalized and rotated q/k/v, called like
+    ``fk.varlen_attention``; an instance may replace it (``flagdit.parallel`` puts a sequence-parallel one there,
+    which takes a sharded layout as ``cu_seqlens``) without touching the projections or the parameters.
     """
+
+    core = staticmethod(varlen_attention)
 
     def __init__(
         self,
@@ -170,5 +175,5 @@ class GatedVarlenAttention(nn.Module):
                 text_max_seqlen=y_max_seqlen,
                 gate=self.gate,
             )
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **text)
+        out = self.core(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **text)
         return self.wo(out.flatten(1))

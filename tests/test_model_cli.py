@@ -194,7 +194,7 @@ def test_sample_errors_that_need_the_checkpoint(trained, tmp_path, capsys):
         (["--ckpt", ckpt, "--modality", "image", "--sizes", "15x16"], "--sizes: 15x16 is not a multiple"),
     ]
     torch.save({"x_embedder.weight": torch.zeros(2, 2)}, tmp_path / "lumina.pth")
-    cases.append((["--ckpt", str(tmp_path / "lumina.pth")], "is not a flagdit-train checkpoint: it is a bare state_dict"))
+    cases.append((["--ckpt", str(tmp_path / "lumina.pth")], "is not a flagdit-train checkpoint: it is a bare"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit:
             sample_main([*argv, "--out", str(tmp_path / "x.png"), "--no-progress"])

@@ -1,0 +1,411 @@
+"""The plan on paper: memory and time per GPU for Flag-DiT 7B at long context on H200s, by arithmetic.
+
+``python -m flagdit.parallel.plan`` prints the tables; ``--write LONG_CONTEXT.md`` writes the document the
+repository keeps (tests/test_parallel_plan.py checks that it is what this script writes, and checks the
+arithmetic: the FLOP count against torch's FLOP counter on a real block, the memory sums, the largest context).
+
+Everything is derived from the model config (parameter counts from the model built on the meta device) and
+the :class:`Hardware` figures; the inventory of what autograd keeps per token is :func:`saved_per_token`.
+These are floors and estimates for a plan, not measurements: GPU figures are still to be measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..configs import FlagDiTConfig, get_config
+
+GIB = 1 << 30
+BF16, FP32 = 2, 4
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One H200 in an 8-GPU HGX node (figures from DESIGN.md where measured; the network is an assumption)."""
+
+    hbm_gib: float = 139.0  # usable HBM3e per GPU (141 GB on the box)
+    nvlink_gbs: float = 450.0  # NVLink 4 through NVSwitch, per GPU per direction (900 GB/s bidirectional)
+    network_gbs: float = 50.0  # across nodes, per GPU per direction: one 400 Gb/s InfiniBand NIC per GPU (assumed)
+    gpus_per_node: int = 8
+    matmul_tflops: float = 796.0  # bf16 GEMM 8192^3, measured
+    attention_tflops: float = 355.0  # bf16 flash attention forward, H32 D128 (SDPA flash), measured
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training configuration: ``gpus`` = dp x sp, one ``tokens``-long sample per sequence-parallel group
+    and step (plus its caption), FSDP2 over all GPUs, bf16 compute, per-block activation checkpointing or not."""
+
+    gpus: int
+    sp: int
+    strategy: str = "ulysses"  # or "ring"
+    checkpointing: bool = True
+    tokens: int = 131072
+    caption_tokens: int = 256
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.sp
+
+    @property
+    def local_tokens(self) -> float:
+        return self.tokens / self.sp
+
+
+@dataclass(frozen=True)
+class Model:
+    """The sizes the plan needs, from a config."""
+
+    config: FlagDiTConfig
+    params: int  # the whole model
+    block_params: int  # one transformer block
+
+    @classmethod
+    def of(cls, config: FlagDiTConfig) -> Model:
+        from ..model import FlagDiT
+
+        with torch.device("meta"):
+            model = FlagDiT(config)
+        return cls(config, sum(p.numel() for p in model.parameters()),
+                   sum(p.numel() for p in model.layers[0].parameters()))  # fmt: skip
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.config.kv_heads * self.config.head_dim
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------------------
+
+
+def block_forward_flops(config: FlagDiTConfig, lengths: list[int], caption_lengths: list[int]) -> dict[str, int]:
+    """Matmul FLOPs of one block's forward over a packed batch: ``gemm`` (projections, FFN, adaLN, the caption's
+    keys/values) and ``attention`` (q k^T and p v, self within each sample and over its caption)."""
+    c = config
+    d, kv, f, y, a = c.dim, c.kv_heads * c.head_dim, c.ffn_dim, c.cap_feat_dim, c.adaln_dim
+    tokens, text = sum(lengths), sum(caption_lengths)
+    n_mod = 6 if c.variant == "flag" else 4
+    gemm = 2 * tokens * (d * d + 2 * d * kv + d * d + 3 * d * f)
+    gemm += 2 * text * 2 * y * kv + 2 * len(lengths) * a * n_mod * d
+    attention = sum(4 * n * n * d + 4 * n * t * d for n, t in zip(lengths, caption_lengths))
+    return {"gemm": gemm, "attention": attention}
+
+
+# Backward / forward FLOP ratios: a GEMM's backward is two GEMMs; flash attention's backward recomputes the
+# scores and runs five matmuls to the forward's two.
+GEMM_BACKWARD, ATTENTION_BACKWARD = 2.0, 2.5
+
+
+def step_flops(model: Model, run: Run) -> dict[str, float]:
+    """Matmul FLOPs of one training step of one sequence-parallel group (one sample), all blocks."""
+    block = block_forward_flops(model.config, [run.tokens], [run.caption_tokens])
+    forwards = 2 if run.checkpointing else 1  # checkpointing runs every block's forward again in the backward
+    layers = model.config.n_layers
+    return {
+        "gemm": layers * block["gemm"] * (forwards + GEMM_BACKWARD),
+        "attention": layers * block["attention"] * (forwards + ATTENTION_BACKWARD),
+    }
+
+
+# ---- memory -----------------------------------------------------------------------------------------------
+
+
+def saved_per_token(model: Model, run: Run) -> list[tuple[str, float]]:
+    """What autograd keeps for one block's backward, in bytes per local token (bf16 activations, fp32 softmax
+    statistics), as the model and flagdit.parallel compute it."""
+    d, kv, f, sp = model.dim, model.kv_dim, model.config.ffn_dim, run.sp
+    heads = model.config.n_heads
+    common = [
+        ("attention norm input (residual stream)", d * BF16),
+        ("normalized input of wq / wk / wv", d * BF16),
+        ("q, k before the QK LayerNorm", (d + kv) * BF16),
+        ("attention output, input of wo", d * BF16),
+        ("wo output and the expanded msa gate", 2 * d * BF16),
+        ("FFN norm input (residual stream)", d * BF16),
+        ("normalized input of w1 / w3", d * BF16),
+        ("w1, silu(w1), w3 outputs and their product (input of w2)", 4 * f * BF16),
+        ("w2 output and the expanded mlp gate", 2 * d * BF16),
+    ]
+    if run.strategy == "ulysses":
+        # After the all-to-all each rank holds all T tokens of H/P heads: T * (H/P) * Dh = (T/P) * H * Dh.
+        attention = [
+            ("kernel: q, k, v of the whole sequence for this rank's heads", (d + 2 * kv) * BF16),
+            ("kernel: self output and text output", 2 * d * BF16),
+            ("kernel: self and text LSE (fp32)", 2 * heads * FP32),
+        ]
+    else:
+        # Plain autograd keeps every key/value block the ring brought, and each step's partial and merged output.
+        attention = [
+            ("ring: q (this rank's rows)", d * BF16),
+            (f"ring: the {sp} key/value blocks", sp * 2 * kv * BF16),
+            (f"ring: per step, kernel output + its fp32 copy + fp32 merged output, x{sp}", sp * d * (BF16 + 2 * FP32)),
+            (f"ring: per step, block and merged LSE (fp32), x{sp}", sp * 2 * heads * FP32),
+            ("ring: text branch output (bf16 + fp32)", d * (BF16 + FP32)),
+        ]  # fmt: skip
+    return common + attention
+
+
+def memory(model: Model, run: Run, hw: Hardware = Hardware()) -> dict[str, float]:
+    """Bytes per GPU at the peak of the backward, by part, and their ``total``."""
+    c, n = model.config, run.local_tokens
+    block = sum(b for _, b in saved_per_token(model, run))
+    states = 16 * model.params / run.gpus  # fp32 master weights, fp32 gradients, AdamW m and v: FSDP2 shards
+    fsdp = 2 * BF16 * model.block_params + FP32 * model.block_params  # gathered: this block + the prefetched one
+    workspace = n * (4 * c.dim + 2 * c.ffn_dim) * BF16  # gradients alive inside one block's backward
+    if run.checkpointing:
+        activations = c.n_layers * n * c.dim * BF16 + n * block  # every block's input + one block recomputed
+    else:
+        activations = c.n_layers * n * block
+    parts = {"states": states, "fsdp": fsdp, "activations": activations, "workspace": workspace}
+    parts["total"] = sum(parts.values())
+    parts["fits"] = parts["total"] <= hw.hbm_gib * GIB
+    return parts
+
+
+# ---- communication and time -------------------------------------------------------------------------------
+
+
+def _link_seconds(nbytes: float, ranks: int, hw: Hardware) -> float:
+    """A collective moving ``nbytes`` out of each GPU evenly to ``ranks - 1`` peers: the on-node share over
+    NVLink and the off-node share over the network run at the same time."""
+    if ranks <= hw.gpus_per_node:
+        return nbytes / (hw.nvlink_gbs * 1e9)
+    on_node = (hw.gpus_per_node - 1) / (ranks - 1)
+    return max(on_node * nbytes / (hw.nvlink_gbs * 1e9), (1 - on_node) * nbytes / (hw.network_gbs * 1e9))
+
+
+def block_traffic(model: Model, run: Run, hw: Hardware = Hardware()) -> dict[str, float]:
+    """Bytes each GPU sends per block forward (the backward sends as much again) and their link seconds."""
+    c, n, sp = model.config, run.local_tokens, run.sp
+    if run.strategy == "ulysses":
+        # q, k, v to the heads' ranks, the output back; kv heads copied to each rank that reads them when Hkv < P
+        kv_sent = model.kv_dim if c.kv_heads >= sp else sp * c.head_dim
+        sp_bytes = (sp - 1) / sp * n * (2 * model.dim + 2 * kv_sent) * BF16
+        sp_seconds = _link_seconds(sp_bytes, sp, hw)
+    else:
+        step = n * 2 * model.kv_dim * BF16  # this rank's key/value block, to the next rank, sp - 1 times
+        sp_bytes = (sp - 1) * step
+        one_hop = hw.network_gbs if sp > hw.gpus_per_node else hw.nvlink_gbs  # a ring over nodes waits on a NIC
+        sp_seconds = sp_bytes / (one_hop * 1e9)
+    gather = (run.gpus - 1) / run.gpus * model.block_params * BF16  # FSDP2 all-gather of the block's bf16 weights
+    reduce = (run.gpus - 1) / run.gpus * model.block_params * FP32  # and reduce-scatter of its fp32 gradients
+    return {
+        "sp_bytes": sp_bytes,
+        "sp_seconds": sp_seconds,
+        "gather_seconds": _link_seconds(gather, run.gpus, hw),
+        "reduce_seconds": _link_seconds(reduce, run.gpus, hw),
+    }
+
+
+def step_time(model: Model, run: Run, hw: Hardware = Hardware()) -> dict[str, float]:
+    """Seconds per training step per GPU: matmul compute at the measured rates, plus the communication no
+    compute hides (see OVERLAP)."""
+    seconds = lambda f: (f["gemm"] / (hw.matmul_tflops * 1e12) + f["attention"] / (hw.attention_tflops * 1e12)) / run.sp
+    compute = seconds(step_flops(model, run))
+    block_forward = seconds(block_forward_flops(model.config, [run.tokens], [run.caption_tokens]))
+    layers = model.config.n_layers
+    traffic = block_traffic(model, run, hw)
+    forwards = 2 if run.checkpointing else 1
+    if run.strategy == "ulysses":  # on the critical path: attention needs the whole sequence, wo the output
+        exposed_sp = layers * (forwards + 1) * traffic["sp_seconds"]
+    else:  # forward: each step's send hides behind the step's attention; backward: autograd waits for each hop
+        attention_step = block_forward / run.sp
+        hidden = max(0.0, traffic["sp_seconds"] / (run.sp - 1) - attention_step) * (run.sp - 1)
+        exposed_sp = layers * (forwards * hidden + traffic["sp_seconds"])
+    # FSDP2 prefetches the next block's weights during this block's compute, and reduce-scatters a block's
+    # gradients during the next block's backward: only what exceeds a block's compute shows.
+    exposed_fsdp = layers * (
+        2 * max(0.0, traffic["gather_seconds"] - block_forward)
+        + max(0.0, traffic["reduce_seconds"] - GEMM_BACKWARD * block_forward)
+    )
+    total = compute + exposed_sp + exposed_fsdp
+    return {
+        "compute": compute,
+        "block_forward": block_forward,
+        "exposed_sp": exposed_sp,
+        "exposed_fsdp": exposed_fsdp,
+        "total": total,
+        "tokens_per_gpu_second": run.tokens / (total * run.sp),
+    }
+
+
+def largest_context(model: Model, run: Run, hw: Hardware = Hardware(), quantum: int = 1024) -> int:
+    """The longest sample (a multiple of ``quantum`` tokens) whose step fits in HBM; memory grows linearly with
+    the tokens (flash attention keeps no score matrix), so this solves the line and rounds down."""
+    at = lambda tokens: memory(model, replace(run, tokens=tokens), hw)["total"]
+    slope = (at(2 * quantum * run.sp) - at(quantum * run.sp)) / (quantum * run.sp)
+    tokens = (hw.hbm_gib * GIB - (at(quantum * run.sp) - slope * quantum * run.sp)) / slope
+    return max(0, int(tokens // quantum) * quantum)
+
+
+# ---- the document -----------------------------------------------------------------------------------------
+
+RUNS = [
+    Run(8, 8),
+    Run(16, 8),
+    Run(16, 16),
+    Run(32, 8),
+    Run(32, 32),
+]
+
+OVERLAP = """\
+- **FSDP2**: the all-gather of block i+1's bf16 weights runs during block i's compute (forward and backward
+  prefetch), the reduce-scatter of block i's gradients during block i-1's backward. At these lengths a
+  block's compute (tens of ms) dwarfs both, even across nodes.
+- **Ulysses**: both all-to-alls sit on the critical path (attention needs the whole sequence of its heads,
+  wo needs every head of its tokens); nothing hides them. They are a few percent of the block at 128K.
+- **Ring**: in the forward each step's key/value block is sent while the step's attention runs (`RingShift`,
+  started before the kernel, waited for after it); the backward, plain autograd, returns each block's
+  gradient hop by hop and waits for it.
+- **Everything else** (norms, modulation, RoPE, FFN) is token-local: no communication.
+"""
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.1f}"
+
+
+def _table(header: list[str], align: list[str], rows: list[list]) -> list[str]:
+    """A markdown table; ``align`` is ``"l"`` or ``"r"`` per column."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _inventory(model: Model) -> list[str]:
+    ulysses, ring = (saved_per_token(model, Run(8, 8, s)) for s in ("ulysses", "ring"))
+    common = [name for name, _ in ulysses if name in dict(ring)]
+    rows = [[name, f"{b:,.0f}", f"{b:,.0f}"] for name, b in ulysses if name in common]
+    rows += [[name, f"{b:,.0f}", ""] for name, b in ulysses if name not in common]
+    rows += [[name, "", f"{b:,.0f}"] for name, b in ring if name not in common]
+    rows.append(["**total**", *(f"**{sum(b for _, b in inv):,.0f}**" for inv in (ulysses, ring))])
+    return _table(["tensor", "Ulysses", "ring (sp 8)"], ["l", "r", "r"], rows)
+
+
+def _memory_table(model: Model, hw: Hardware) -> list[str]:
+    rows = []
+    for base in RUNS:
+        for strategy in ("ulysses", "ring"):
+            for ac in (False, True):
+                run = replace(base, strategy=strategy, checkpointing=ac)
+                m = memory(model, run, hw)
+                parts = [_gib(m[k]) for k in ("states", "fsdp", "activations", "workspace", "total")]
+                fits = "yes" if m["fits"] else "**no**"
+                rows.append([run.gpus, f"{run.sp} x {run.dp}", strategy, "yes" if ac else "no", *parts, fits])
+    header = ["GPUs", "sp x dp", "attention", "AC", "params+grads+AdamW", "FSDP gathered", "activations",
+              "backward workspace", "total", f"fits {hw.hbm_gib:.0f} GiB"]  # fmt: skip
+    return _table(header, ["r", "l", "l", "l", "r", "r", "r", "r", "r", "l"], rows)
+
+
+def _time_table(model: Model, hw: Hardware) -> list[str]:
+    rows = []
+    for base in RUNS:
+        for strategy in ("ulysses", "ring"):
+            run = replace(base, strategy=strategy)
+            t, traffic = step_time(model, run, hw), block_traffic(model, run, hw)
+            tflop = sum(step_flops(model, run).values()) / run.sp / 1e12
+            rows.append([
+                run.gpus, f"{run.sp} x {run.dp}", strategy, f"{tflop:,.0f}", f"{t['compute']:.1f}",
+                f"{t['block_forward'] * 1e3:.0f}", f"{traffic['sp_bytes'] / 2**20:,.0f}",
+                f"{traffic['sp_seconds'] * 1e3:.1f}", f"{traffic['gather_seconds'] * 1e3:.1f}",
+                f"{t['exposed_sp'] + t['exposed_fsdp']:.2f}", f"{t['total']:.1f}", f"{t['tokens_per_gpu_second']:,.0f}",
+            ])  # fmt: skip
+    header = ["GPUs", "sp x dp", "attention", "TFLOP per GPU", "compute s", "block fwd ms", "sp MiB / block",
+              "sp ms / block", "FSDP gather ms", "exposed comm s", "step s", "tokens/s per GPU"]  # fmt: skip
+    return _table(header, ["r", "l", "l"] + ["r"] * 9, rows)
+
+
+def _largest_table(model: Model, hw: Hardware) -> list[str]:
+    rows = []
+    for strategy in ("ulysses", "ring"):
+        for ac in (True, False):
+            run = Run(8, 8, strategy, ac)
+            at = replace(run, tokens=largest_context(model, run, hw))
+            total, seconds = memory(model, at, hw)["total"], step_time(model, at, hw)["total"]
+            rows.append([strategy, "yes" if ac else "no", f"{at.tokens:,}", _gib(total), f"{seconds:,.0f}"])
+    header = ["attention", "AC", "largest sample (tokens)", "memory GiB", "step s at that length"]
+    return _table(header, ["l", "l", "r", "r", "r"], rows)
+
+
+def render(config_name: str = "flag-dit-7b", hw: Hardware = Hardware()) -> str:
+    """The plan as a markdown document."""
+    model = Model.of(get_config(config_name))
+    c, k = model.config, RUNS[0].tokens // 1024
+    best = largest_context(model, Run(8, 8, "ulysses", True), hw)
+    net, mm, attn = (f"{x:.0f}" for x in (hw.network_gbs, hw.matmul_tflops, hw.attention_tflops))
+    head = f"""# Long context: memory and time per GPU for Flag-DiT 7B on H200s
+
+Generated by `python -m flagdit.parallel.plan --write LONG_CONTEXT.md` (arithmetic, checked by
+`tests/test_parallel_plan.py`): predictions for a plan, not measurements; GPU figures are still to be
+measured.
+
+## Assumptions
+
+- Model `{config_name}`: dim {c.dim}, {c.n_layers} blocks, {c.n_heads} heads of {c.head_dim} ({c.kv_heads} kv heads),
+  FFN {c.ffn_dim}, captions {c.cap_feat_dim} wide: {model.params / 1e9:.2f} B parameters as built here
+  ({model.block_params / 1e6:.1f} M per block: the text keys/values and adaLN of every block count too).
+- H200: {hw.hbm_gib:.0f} GiB usable HBM; NVLink {hw.nvlink_gbs:.0f} GB/s per GPU per direction
+  ({2 * hw.nvlink_gbs:.0f} GB/s bidirectional) within a node of {hw.gpus_per_node}; across nodes {net} GB/s per GPU
+  per direction (assumed: one 400 Gb/s InfiniBand NIC per GPU); bf16 matmul {mm} TFLOP/s and flash
+  attention {attn} TFLOP/s (measured, DESIGN.md) as the rates of every GEMM and every attention FLOP.
+- Training: one sample of T tokens per sequence-parallel group and step (+ a {RUNS[0].caption_tokens}-token caption),
+  bf16 compute with fp32 master weights, gradients and AdamW state sharded by FSDP2 over all GPUs
+  (16 bytes per parameter; bf16 weights gathered per block, one block prefetched); activation
+  checkpointing (AC) per block keeps each block's input and recomputes the block in the backward.
+- Time = GEMM FLOPs / matmul rate + attention FLOPs / attention rate (backward {GEMM_BACKWARD:g}x and
+  {ATTENTION_BACKWARD:g}x the forward) + the communication no compute hides; norms and other memory-bound ops are
+  left out, so these are floors.
+- `flagdit-train` today differs in two ways the plan does not: it autocasts over fp32 weights (FSDP2
+  gathers fp32, the residual stream is fp32: twice those terms) and it has no activation checkpointing
+  (the rows without AC are what it needs).
+
+## What autograd keeps per local token and block (bytes)
+
+"""
+    body = [
+        *_inventory(model),
+        "",
+        f"## Memory per GPU at {k}K tokens (GiB)",
+        "",
+        *_memory_table(model, hw),
+        "",
+        f"## Time per step at {k}K tokens (with AC)",
+        "",
+        "Per block: the sequence-parallel bytes each GPU sends in the forward (the backward sends as much",
+        "again) and their time on the links, against the block's forward compute per GPU.",
+        "",
+        *_time_table(model, hw),
+        "",
+        "## Which communication overlaps which compute",
+        "",
+        OVERLAP,
+        "## The largest context on one 8-GPU node (sp 8)",
+        "",
+        *_largest_table(model, hw),
+        "",
+        f"With Ulysses and per-block activation checkpointing one node holds one sample of {best:,} tokens",
+        f"(about {best / 2**20:.2f} M); a step at that length takes the attention's quadratic FLOPs, not memory.",
+        "",
+    ]
+    return head + "\n".join(body)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m flagdit.parallel.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", metavar="PATH", help="write the markdown document here instead of printing it")
+    args = p.parse_args(argv)
+    text = render()
+    if args.write:
+        Path(args.write).write_text(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

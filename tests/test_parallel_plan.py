@@ -1,0 +1,84 @@
+"""The long-context plan (flagdit.parallel.plan) checked by arithmetic: the document is what the script writes,
+its FLOP count is torch's count of a real block, its parameter counts agree with the config's, and its memory
+and traffic figures add up."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import flagdit
+from flagdit.configs import get_config
+from flagdit.parallel import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def model7b() -> plan.Model:
+    return plan.Model.of(get_config("flag-dit-7b"))
+
+
+def test_the_document_is_what_the_script_writes():
+    assert (ROOT / "LONG_CONTEXT.md").read_text() == plan.render(), (
+        "run: python -m flagdit.parallel.plan --write LONG_CONTEXT.md"
+    )
+
+
+@pytest.mark.parametrize("variant", ["flag", "next"])
+def test_block_flops_equal_torchs_count_of_a_real_block(variant):
+    config = get_config("tiny", dim=64, n_heads=4, n_kv_heads=2, n_layers=1, cap_feat_dim=24, variant=variant)
+    model = flagdit.FlagDiT(config, backend="reference")
+    xs = [torch.randn(3, 6, 10), torch.randn(3, 2, 4, 6), torch.randn(3, 2, 4)]
+    caption = [3, 0, 5]
+    mask = (torch.arange(5)[None] < torch.tensor(caption)[:, None]).long()
+    inputs = model.prepare(xs, torch.rand(3), torch.randn(3, 5, 24), mask)
+    h, adaln = model.embed_rows(inputs)
+    with FlopCounterMode(display=False) as counter:
+        model.layers[0](h, inputs.layout, inputs.text, None, adaln)
+    flops = plan.block_forward_flops(config, inputs.packed.seqlens, caption)
+    assert counter.get_total_flops() == flops["gemm"] + flops["attention"]
+
+
+def test_parameter_counts_agree_with_the_config(model7b):
+    assert model7b.params == model7b.config.num_params()
+    assert 0.9 * model7b.params < model7b.config.n_layers * model7b.block_params < model7b.params
+
+
+def test_memory_parts_add_up_and_the_headline_holds(model7b):
+    run = plan.Run(8, 8, "ulysses", checkpointing=True)
+    m = plan.memory(model7b, run)
+    assert m["total"] == pytest.approx(m["states"] + m["fsdp"] + m["activations"] + m["workspace"])
+    assert m["states"] == 16 * model7b.params / 8
+    n, d = 131072 / 8, 4096
+    assert m["activations"] == 32 * n * d * 2 + n * sum(b for _, b in plan.saved_per_token(model7b, run))
+    assert m["fits"] and m["total"] < 139 * GIB  # 128K tokens of Flag-DiT 7B train on one node with AC
+    assert not plan.memory(model7b, replace(run, strategy="ring", checkpointing=False))["fits"]
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_largest_context_is_the_edge_of_the_memory(model7b, strategy, checkpointing):
+    run = plan.Run(8, 8, strategy, checkpointing)
+    longest = plan.largest_context(model7b, run)
+    assert longest % 1024 == 0 and longest > 0
+    assert plan.memory(model7b, replace(run, tokens=longest))["fits"]
+    assert not plan.memory(model7b, replace(run, tokens=longest + 1024))["fits"]
+
+
+def test_traffic_and_time_by_hand(model7b):
+    n, d = 131072 / 8, 4096
+    ulysses = plan.block_traffic(model7b, plan.Run(8, 8, "ulysses"))
+    assert ulysses["sp_bytes"] == 7 / 8 * n * 4 * d * 2  # q, k, v out and the output back, bf16
+    assert ulysses["sp_seconds"] == ulysses["sp_bytes"] / 450e9
+    ring = plan.block_traffic(model7b, plan.Run(8, 8, "ring"))
+    assert ring["sp_bytes"] == 7 * n * 2 * d * 2  # 7 hops of this rank's k and v
+    t = plan.step_time(model7b, plan.Run(8, 8, "ulysses"))
+    attention = 4 * 131072**2 * d * 32 * (2 + 2.5)  # self-attention FLOPs dominate at 128K
+    assert t["compute"] > attention / 355e12 / 8
+    assert t["total"] == pytest.approx(t["compute"] + t["exposed_sp"] + t["exposed_fsdp"])
