@@ -48,3 +48,24 @@ def run_isolated(code: str, *, timeout: float = 300, env: dict[str, str] | None 
     if not results:
         raise AssertionError(f"the child process reported nothing:\n{proc.stdout[-2000:]}\n{tail}")
     return json.loads(results[-1])
+
+
+def run_pytest_isolated(path: str, *args: str, timeout: float = 900) -> None:
+    """Runs the pytest module ``path`` (relative to tests/) in a child process; fails with its output unless every
+    test there passed (or was skipped), so a crash inside a kernel fails this test, not the whole run."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)},
+    )
+    if proc.returncode < 0:
+        raise AssertionError(
+            f"pytest on {path} died of {signal.Signals(-proc.returncode).name}:\n{proc.stdout[-6000:]}"
+        )
+    if proc.returncode not in (0, 5):  # 5: nothing collected (every case skipped at module level)
+        raise AssertionError(
+            f"pytest on {path} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+        )
