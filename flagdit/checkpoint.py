@@ -1,20 +1,216 @@
-"""Loading Lumina-T2X / Lumina-Next checkpoints safely (no arbitrary unpickling) into :class:`FlagDiT`.
+"""Checkpoints: flagdit-train's own (written atomically with a checksum) and Lumina-T2X / Lumina-Next weights.
 
-Accepted: a ``.pth``/``.pt``/``.bin`` file (read with ``torch.load(weights_only=True)``), a ``.safetensors``
-file, or a directory holding Lumina's ``consolidated[_ema].RR-of-NN.pth`` model-parallel shards (merged:
-column-parallel weights joined on dim 0, row-parallel on dim 1) or ``*.safetensors`` files. The config is read
-from the tensor shapes unless given.
+Nothing here unpickles code: ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)`` and
+``.safetensors`` files with safetensors. Every way a file can be unusable (empty, truncated, corrupt, holding
+pickled objects, another program's format, missing shards, keys that are not a DiT's) is one
+:class:`CheckpointError` that names the file and what is wrong.
+
+flagdit-train checkpoints (:func:`save_training_checkpoint`): a dict (model, optimizer, step, config, args) with
+``format``, ``version`` and ``sha256``, a digest of everything else (names, dtypes, shapes and bytes of every
+tensor, and every plain value), which :func:`load_training_checkpoint` verifies, so a flipped byte anywhere in
+the tensor data is an error, not a silently different model. The file is written to a temporary file beside
+the target, fsynced, renamed over it and the directory fsynced (:func:`atomic_write`): a reader sees the old
+checkpoint or the new one, complete, even after a crash or a power loss.
+
+Lumina weights (:func:`load_lumina`): a file, or a directory of ``consolidated[_ema].RR-of-NN.pth``
+model-parallel shards (all NN of them; merged: column-parallel weights joined on dim 0, row-parallel on dim 1)
+or of ``*.safetensors`` files. The config is read from the tensor shapes unless given.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import re
+import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 
 from .configs import FlagDiTConfig
 from .model import FlagDiT
+
+TRAIN_FORMAT = "flagdit-train"
+TRAIN_FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file or directory that cannot be loaded as the checkpoint asked for; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing: atomic and durable.
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it, renames it over ``path`` and fsyncs
+    the directory: a reader sees the old file or the new one, complete, even after a crash or power loss."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def content_sha256(obj: object) -> str:
+    """SHA-256 of a checkpoint's content: nested dicts, lists and tuples of tensors (dtype, shape and bytes) and
+    plain values (None, bool, int, float, str), in order. Equal after a ``torch.save`` / ``torch.load`` round
+    trip, different after any change to a value, a tensor byte, a name or the structure."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj: object) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        digest.update(f"tensor {t.dtype!s} {tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        digest.update(f"dict {len(obj)};".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for value in obj:
+            _feed(digest, value)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        digest.update(f"{type(obj).__name__} {obj!r};".encode())
+    else:
+        raise TypeError(f"a checkpoint holds tensors, containers and plain values, not {type(obj).__name__}")
+
+
+def save_training_checkpoint(path: str | Path, payload: dict) -> None:
+    """Writes a flagdit-train checkpoint (``payload``: model, optimizer, step, config, args) atomically, tagged
+    with its format and the SHA-256 of its content."""
+    body = {**payload, "format": TRAIN_FORMAT, "version": TRAIN_FORMAT_VERSION}
+    body["sha256"] = content_sha256(body)
+    atomic_write(Path(path), lambda f: torch.save(body, f))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading: one clear error per way a file can be unusable.
+
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", re.S)
+
+
+def _read_file(path: Path) -> object:
+    """The object stored in one file (safely), or a CheckpointError saying why it cannot be read."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted write or copy?")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # bad bytes fail in many ways (zip, unpickler, struct, storage sizes): all mean unreadable
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    text = str(error)
+    found = _UNPICKLER_DETAIL.search(text)
+    detail = found.group(1).strip().splitlines()[0] if found else (text.strip().splitlines() or [""])[0]
+    return CheckpointError(
+        f"{path} cannot be read as a tensor checkpoint with torch.load(weights_only=True) "
+        f"({type(error).__name__}: {detail or 'no data'}): truncated or corrupt, or it pickles objects other "
+        "than tensors and plain containers, which are never unpickled here"
+    )
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """A flagdit-train checkpoint, read safely and verified against its checksum.
+
+    A checkpoint written before checksums existed loads with a warning; anything that is not a flagdit-train
+    checkpoint (Lumina weights, a bare state_dict) is a :class:`CheckpointError` saying what it looks like.
+    """
+    path = Path(path)
+    ckpt = _read_file(path)
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a flagdit-train checkpoint: {_describe(ckpt)}")
+    if ckpt.get("format", TRAIN_FORMAT) != TRAIN_FORMAT or ckpt.get("version", 1) > TRAIN_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is format {ckpt.get('format')!r} version {ckpt.get('version')!r}; this flagdit reads "
+            f"{TRAIN_FORMAT!r} up to version {TRAIN_FORMAT_VERSION}"
+        )
+    stored = ckpt.pop("sha256", None)
+    if stored is None:
+        warnings.warn(
+            f"{path} carries no checksum (written by an older flagdit-train): loaded unverified", stacklevel=2
+        )
+    elif stored != content_sha256(ckpt):
+        raise CheckpointError(
+            f"{path} fails its checksum: its content changed after it was written (a corrupt disk, copy or "
+            "transfer); restore it from a good copy"
+        )
+    return ckpt
+
+
+def _describe(obj: object) -> str:
+    """What a loaded object that is not a flagdit-train checkpoint looks like, and what reads it."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = list(obj)
+        hint = "Lumina-T2X / Lumina-Next weights load with flagdit.load_lumina"
+        return f"it is a bare state_dict of {len(keys)} tensors ({', '.join(keys[:3])}, ...); {hint}"
+    if isinstance(obj, dict):
+        return f"it has no 'config' and 'model' entries (keys: {', '.join(map(str, list(obj)[:6])) or 'none'})"
+    return f"it holds a {type(obj).__name__}, not a dict"
+
+
+def model_from_state(ckpt: dict, backend: str | None = None) -> FlagDiT:
+    """The model of a loaded flagdit-train checkpoint (see :func:`load_training_checkpoint`)."""
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"not a flagdit-train checkpoint: {_describe(ckpt)}")
+    try:
+        config = FlagDiTConfig(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's config is not one this flagdit builds: {e}") from e
+    model = FlagDiT(config, backend=backend)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint's weights do not fit its config: {e}") from e
+    return model
+
+
+def model_from_checkpoint(path: str | Path, backend: str | None = None) -> FlagDiT:
+    """The model stored in a flagdit-train checkpoint file."""
+    return model_from_state(load_training_checkpoint(path), backend)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lumina-T2X / Lumina-Next weights.
 
 # fairscale layers of DiT_Llama: ColumnParallelLinear splits the output dim (weight dim 0 and bias),
 # RowParallelLinear the input dim (weight dim 1; bias replicated).
@@ -27,19 +223,32 @@ _ROW = re.compile(r"(attention\.wo\.weight|feed_forward\.w2\.weight|t_embedder\.
 _PER_SHARD_NORM = re.compile(r"attention\.(q_norm|k_norm|ky_norm)\.")
 _SHARD = re.compile(r"consolidated(_ema)?\.(\d+)-of-(\d+)\.pth$")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
+# What infer_config reads: a state_dict without these is not a DiT_Llama / NextDiT one.
+_DIT_KEYS = (
+    "x_embedder.weight",
+    "layers.0.attention.gate",
+    "layers.0.attention.wk.weight",
+    "layers.0.feed_forward.w1.weight",
+    "final_layer.linear.weight",
+    "cap_embedder.0.weight",
+)
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    state = _read_file(path)
+    if isinstance(state, dict) and state.get("format") == TRAIN_FORMAT:
+        raise CheckpointError(
+            f"{path} is a flagdit-train checkpoint, not Lumina weights: load it with "
+            "flagdit.checkpoint.model_from_checkpoint"
+        )
     for key in ("model", "state_dict", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+        raise CheckpointError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+    others = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise CheckpointError(f"{path} is not a state_dict of tensors: {others[:5]} are not tensors")
     return state
 
 
@@ -47,11 +256,17 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     """Joins fairscale model-parallel shards of a DiT_Llama state_dict into one."""
     if len(shards) == 1:
         return dict(shards[0])
+    keys = set(shards[0])
+    for i, shard in enumerate(shards[1:], 1):
+        if set(shard) != keys:
+            raise CheckpointError(
+                f"model-parallel shard {i} holds other keys than shard 0: {sorted(keys ^ set(shard))[:5]}"
+            )
     merged = {}
     for key, first in shards[0].items():
         parts = [s[key] for s in shards]
         if _PER_SHARD_NORM.search(key):
-            raise ValueError(
+            raise CheckpointError(
                 f"{key}: with {len(shards)} model-parallel shards the QK LayerNorm normalizes each shard's heads "
                 "separately, which a single-device model cannot reproduce"
             )
@@ -64,6 +279,27 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     return merged
 
 
+def _complete_shards(path: Path, shards: list[Path]) -> list[Path]:
+    """The shards of one checkpoint in rank order, or a CheckpointError naming the missing or extra ones."""
+    found = {}
+    for p in shards:
+        match = _SHARD.search(p.name)
+        found.setdefault(int(match.group(3)), {})[int(match.group(2))] = p
+    if len(found) > 1:
+        raise CheckpointError(f"{path} mixes shard counts {sorted(found)}: {[p.name for p in shards]}")
+    [(count, ranks)] = found.items()
+    missing = [r for r in range(count) if r not in ranks]
+    extra = [r for r in ranks if r >= count]
+    if missing or extra:
+        prefix = _SHARD.search(shards[0].name).group(1) or ""
+        names = [f"consolidated{prefix}.{r:02d}-of-{count:02d}.pth" for r in missing]
+        raise CheckpointError(
+            f"{path} holds {len(ranks)} of the {count} model-parallel shards: missing {names}"
+            + (f", unexpected ranks {extra}" if extra else "")
+        )
+    return [ranks[r] for r in range(count)]
+
+
 def read_state_dict(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The state_dict stored at ``path`` (file or checkpoint directory), prefixes like ``module.`` removed."""
     path = Path(path)
@@ -73,16 +309,16 @@ def read_state_dict(path: str | Path, ema: bool = True) -> dict[str, torch.Tenso
             has_ema = any(_SHARD.search(p.name).group(1) for p in shards)
             want_ema = ema and has_ema
             shards = [p for p in shards if bool(_SHARD.search(p.name).group(1)) == want_ema]
-            state = merge_shards([_load_file(p) for p in shards])
+            state = merge_shards([_load_state_file(p) for p in _complete_shards(path, shards)])
         else:
             files = sorted(path.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"{path} holds neither consolidated*.pth shards nor *.safetensors files")
             state = {}
             for f in files:
-                state.update(_load_file(f))
+                state.update(_load_state_file(f))
     else:
-        state = _load_file(path)
+        state = _load_state_file(path)
     out = {}
     for key, value in state.items():
         for prefix in _PREFIXES:
@@ -94,6 +330,12 @@ def read_state_dict(path: str | Path, ema: bool = True) -> dict[str, torch.Tenso
 
 def infer_config(state: dict[str, torch.Tensor], patch_size: int = 2, **overrides) -> FlagDiTConfig:
     """A config whose FlagDiT has exactly the parameter shapes of ``state`` (a DiT_Llama or NextDiT dict)."""
+    absent = [k for k in _DIT_KEYS if k not in state]
+    if absent:
+        raise CheckpointError(
+            f"not a Lumina-T2X / Lumina-Next DiT state_dict: it lacks {absent} "
+            f"(its keys begin {list(state)[:4]}); diffusers-format weights load through diffusers"
+        )
     dim = state["x_embedder.weight"].shape[0]
     n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
     n_heads = state["layers.0.attention.gate"].shape[0]
@@ -140,11 +382,14 @@ def load_lumina(
     if config is None:
         config = infer_config(state, **config_overrides)
     model = FlagDiT(config, backend=backend)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a parameter of the wrong shape
+        raise CheckpointError(f"checkpoint {path} does not match the model: {e}") from e
     ours = {"eof_token"}
     missing = [k for k in result.missing_keys if k not in ours]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not match the model: missing {missing}, unexpected {result.unexpected_keys}"
         )
     if dtype is not None:

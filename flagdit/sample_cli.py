@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from . import cli_args as ca
+from .checkpoint import load_training_checkpoint, model_from_state
 from .data import DATASETS, WordEncoder, audio, multiview
 from .modality import MODALITIES
 from .sample_outputs import grid, spectrogram_image, to_image, view_ring
 from .sampling import SOLVERS, sample
-from .train import conditioning, load_checkpoint, model_from_state
+from .train import conditioning
 
 DEFAULT_CAPTIONS = {
     "image": (
@@ -136,7 +137,7 @@ def main(argv=None) -> None:
     if not Path(args.ckpt).is_file():
         p.error(f"--ckpt: no such file {args.ckpt}")
     try:
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = load_training_checkpoint(args.ckpt)
         model = model_from_state(ckpt, backend=args.backend).eval()
     except (ValueError, RuntimeError, OSError) as e:
         p.error(f"--ckpt: {e}")

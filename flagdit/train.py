@@ -9,7 +9,8 @@ The global batch of step s is items s*B .. s*B+B-1 of the data set, and each ite
 dropout are seeded by (seed, step, item); rank r trains items r, r+W, .... The loss is the per-item velocity
 MSE averaged over the global batch, so any number of processes follows the same trajectory. Checkpoints
 (OUT/ckpt.pt: model, optimizer, step, config, arguments) are full state_dicts readable with
-torch.load(weights_only=True), written atomically (temporary file, fsync, rename). One run at a time holds
+torch.load(weights_only=True), written atomically (temporary file, fsync, rename) with a SHA-256 of their content
+that loading verifies (flagdit/checkpoint.py). One run at a time holds
 OUT/.lock; a directory with a checkpoint is continued only with --resume and restarted only with --overwrite;
 OUT/log.jsonl is cut back to the checkpoint's step when a run starts, so it never repeats steps.
 """
@@ -23,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import torch.distributed as dist
 import flagdit_kernels as fk
 
 from . import cli_args as ca
+from .checkpoint import CheckpointError, atomic_write, load_training_checkpoint, save_training_checkpoint
 from .configs import FlagDiTConfig, get_config, names
 from .data import DATASETS, DEFAULT_VIEWS, WordEncoder, make_item
 from .flow import T_DISTS, null_caption, sample_t, training_loss
@@ -233,34 +234,6 @@ def _load_state_dicts(model, optimizer, model_sd, optim_sd) -> None:
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a platform without directory handles
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it, renames it over ``path`` and fsyncs
-    the directory: a reader sees the old file or the new one, complete, even after a crash or power loss."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConfig, args, rank: int) -> None:
     model_sd, optim_sd = _state_dicts(model, optimizer)
     if rank != 0:
@@ -272,7 +245,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConf
         "config": config.to_dict(),
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
-    atomic_write(path, lambda f: torch.save(payload, f))
+    save_training_checkpoint(path, payload)
 
 
 def lock_run_dir(out: Path):
@@ -337,27 +310,6 @@ def _claim_run_dir(args, out: Path, ckpt_path: Path, rank: int, world: int):
     return lock
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A training checkpoint, read safely (tensors and plain containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def model_from_state(ckpt: dict, backend: str | None = None) -> FlagDiT:
-    """The model of a loaded flagdit-train checkpoint."""
-    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
-        raise ValueError(
-            "not a flagdit-train checkpoint (it has no 'config' and 'model' entries); "
-            "Lumina-T2X weights load with flagdit.load_lumina"
-        )
-    model = FlagDiT(FlagDiTConfig(**ckpt["config"]), backend=backend)
-    model.load_state_dict(ckpt["model"], strict=True)
-    return model
-
-
-def model_from_checkpoint(path: str | Path, backend: str | None = None) -> FlagDiT:
-    return model_from_state(load_checkpoint(path), backend)
-
-
 def train(args: argparse.Namespace) -> list[float]:
     """Runs the training loop; returns the global-batch loss of every step run."""
     if args.threads:
@@ -378,7 +330,7 @@ def train(args: argparse.Namespace) -> list[float]:
 
 
 def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path: Path, mesh=None) -> list[float]:
-    resume = load_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
+    resume = load_training_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     config = FlagDiTConfig(**resume["config"]) if resume else build_config(args.config, args.set)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = FlagDiT(config, backend=args.backend).to(device)
@@ -469,7 +421,7 @@ def main(argv=None) -> None:
     try:
         try:
             train(args)
-        except RunDirError as e:
+        except (RunDirError, CheckpointError) as e:
             raise SystemExit(f"flagdit-train: error: {e}") from None
         if dist.is_initialized():
             # Every rank leaves its last collective (FSDP's checkpoint gather) before any tears gloo down: a

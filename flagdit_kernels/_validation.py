@@ -1,7 +1,13 @@
-"""Input checks shared by the public ops: each raises a ValueError/TypeError naming the argument."""
+"""Input checks shared by the public ops: each raises a ValueError/TypeError naming the argument.
+
+Checks of Python values, shapes, dtypes and devices always run (they cost no device work). Checks that read
+tensor values copy them to the host, so they run where that is free: CPU tensors in eager mode, or any device
+with ``FLAGDIT_KERNELS_VALIDATE=1`` (see :func:`values_checked`); the kernels stay in bounds without them.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from itertools import pairwise
@@ -35,6 +41,32 @@ def check_tensor(
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
     return t
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """An int >= ``minimum``. A bool is not an int here: ``True`` standing for 1 hides a mistake."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        want = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: object, *, positive: bool = False, maximum: float | None = None) -> float:
+    """A finite real number >= 0 (> 0 with ``positive``; <= ``maximum`` when given), as a float.
+
+    NaN passes every ``<`` comparison and inf makes tables of cos/sin or normalizers meaningless, so both are
+    rejected; so are bools (``eps=True``).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    low = "> 0" if positive else ">= 0"
+    in_range = value > 0 if positive else value >= 0
+    if maximum is not None:
+        in_range = in_range and value <= maximum
+        low = f"in {'(' if positive else '['}0, {maximum:g}]"
+    if not math.isfinite(value) or not in_range:
+        raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+    return float(value)
 
 
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
@@ -90,8 +122,7 @@ def check_cu_seqlens(
 def check_max_seqlen(name: str, max_seqlen: object, cu_seqlens: torch.Tensor, *, sync: bool) -> int:
     """A non-negative int; with ``sync`` (see :func:`values_checked`) also at least the longest sequence, since
     kernels launch ``cdiv(max_seqlen, BLOCK)`` blocks per sequence and a smaller value would drop tokens."""
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {max_seqlen!r}")
+    check_int(name, max_seqlen, 0)
     if sync and cu_seqlens.numel() > 1:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if max_seqlen < longest:
@@ -119,12 +150,16 @@ def check_per_sample(
         check_shape(name, t, (x.shape[0], d))
     else:
         try:
-            torch.broadcast_shapes(t.shape, x.shape)
+            broadcast = torch.broadcast_shapes(t.shape, x.shape)
         except RuntimeError:
+            broadcast = None
+        # The output has x's shape: a tensor that would broadcast x to something bigger (scale (3, T, D) with
+        # x (T, D)) is an error on every backend, not a bigger result on one and an exception on another.
+        if broadcast != x.shape:
             raise ValueError(
                 f"{name} of shape {tuple(t.shape)} does not broadcast to x of shape {tuple(x.shape)}; "
                 "use (B, D) with padded (B, L, D) x, or (B, D) with packed (T, D) x and cu_seqlens"
-            ) from None
+            )
         if t.shape[-1] != d:
             raise ValueError(f"{name} must end in the feature size {d}, got shape {tuple(t.shape)}")
     return t

@@ -150,9 +150,9 @@ def test_good_inputs_pass():
         ({"text_cu_seqlens": torch.tensor([0, 3], dtype=torch.int32)}, ValueError, "text_cu_seqlens must have 3"),
         ({"text_cu_seqlens": torch.tensor([0, 2, 2], dtype=torch.int32)}, ValueError, r"text_cu_seqlens\[-1\]"),
         ({"text_max_seqlen": 1}, ValueError, "text_max_seqlen .1. is smaller"),
-        ({"softmax_scale": "0.1"}, TypeError, "softmax_scale must be a float"),
-        ({"softmax_scale": -0.1}, ValueError, "softmax_scale must be a finite number >= 0"),
-        ({"softmax_scale": float("nan")}, ValueError, "softmax_scale must be a finite number >= 0"),
+        ({"softmax_scale": "0.1"}, TypeError, "softmax_scale must be a number"),
+        ({"softmax_scale": -0.1}, ValueError, r"softmax_scale must be a finite number in \[0, 10000\]"),
+        ({"softmax_scale": float("nan")}, ValueError, r"softmax_scale must be a finite number in \[0, 10000\]"),
         ({"freqs": torch.randn(7, 4, 2)}, ValueError, "freqs must have shape"),
     ],
 )

@@ -9,7 +9,7 @@ import wave
 import pytest
 import torch
 
-from flagdit import data, train
+from flagdit import checkpoint, data, train
 from flagdit.data import audio
 from flagdit.sample_cli import build_parser as sample_parser
 from flagdit.sample_cli import main as sample_main
@@ -50,7 +50,7 @@ def test_every_modality_trains_with_falling_loss(trained, modality):
 
 @pytest.mark.parametrize("modality", data.MODALITIES)
 def test_every_modality_samples_finite_latents_of_its_shape(trained, modality):
-    model = train.model_from_checkpoint(trained[modality][1]).eval()
+    model = checkpoint.model_from_checkpoint(trained[modality][1]).eval()
     item = data.make_item(0, 0, modality=modality)
     shape = tuple(item.latent.shape)
     feats, mask = data.WordEncoder(model.config.cap_feat_dim)([item.caption] * 2)
@@ -95,7 +95,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     rest = _run(tmp_path / "b", "--steps", "4", "--resume")
     assert len(straight) == 4 and len(first) == 2 and len(rest) == 2
     assert first + rest == straight
-    ckpt = train.load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    ckpt = checkpoint.load_training_checkpoint(tmp_path / "b" / "ckpt.pt")
     assert ckpt["step"] == 4 and ckpt["config"]["dim"] == 64 and ckpt["args"]["modality"] == "image"
     assert _log_steps(tmp_path / "b") == [1, 2, 3, 4]
 
@@ -116,7 +116,7 @@ def test_a_checkpoint_is_never_silently_overwritten(tmp_path):
         _run(tmp_path, "--steps", "2")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert _run(tmp_path, "--steps", "1", "--overwrite")
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1 and _log_steps(tmp_path) == [1]
+    assert checkpoint.load_training_checkpoint(tmp_path / "ckpt.pt")["step"] == 1 and _log_steps(tmp_path) == [1]
 
 
 def test_a_second_run_on_one_directory_is_refused(tmp_path):
@@ -194,7 +194,7 @@ def test_sample_errors_that_need_the_checkpoint(trained, tmp_path, capsys):
         (["--ckpt", ckpt, "--modality", "image", "--sizes", "15x16"], "--sizes: 15x16 is not a multiple"),
     ]
     torch.save({"x_embedder.weight": torch.zeros(2, 2)}, tmp_path / "lumina.pth")
-    cases.append((["--ckpt", str(tmp_path / "lumina.pth")], "--ckpt: not a flagdit-train checkpoint"))
+    cases.append((["--ckpt", str(tmp_path / "lumina.pth")], "is not a flagdit-train checkpoint: it is a bare"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit:
             sample_main([*argv, "--out", str(tmp_path / "x.png"), "--no-progress"])

@@ -304,9 +304,9 @@ def test_positions_of_wrong_rank():
 
 
 def test_bad_scaling_arguments():
-    with pytest.raises(ValueError, match="theta must be a positive number"):
+    with pytest.raises(ValueError, match="theta must be a finite number > 0"):
         fk.rope_freqs(16, torch.arange(3), theta=0.0)
-    with pytest.raises(ValueError, match="linear_factor must be a positive number"):
+    with pytest.raises(ValueError, match="linear_factor must be a finite number > 0"):
         fk.rope_freqs(16, torch.arange(3), linear_factor=-1.0)
 
 

@@ -11,7 +11,9 @@ from .. import reference as ref
 from .._layout import VarlenLayout, check_layout
 from .._validation import (
     check_cu_seqlens,
+    check_int,
     check_max_seqlen,
+    check_number,
     check_same_dtype,
     check_shape,
     check_tensor,
@@ -20,6 +22,14 @@ from .._validation import (
 from .rope import check_freqs
 
 SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
+# The Triton kernels' online softmax computes p = exp2(fma(s, c, -m)), c = scale * log2(e) and m the rounded row
+# maximum of s * c (flash-attn's trick: one FMA per score). The fma keeps the unrounded product, so even the
+# maximum's own exponent is off by up to half an fp32 ulp of m: from |m| = 2^32 on that reaches 256, exp2
+# overflows to inf or underflows to 0, and the row is NaN (the reference rounds s * scale first and stays
+# finite). The bound keeps every score of unit-RMS q and k (QK-normed: |q.k| <= Dh <= 256) below 2^22 in log2
+# units, where the error is at most 1/8 (a few percent on a probability, as the reference's own rounding of its
+# logits); models use 1/sqrt(Dh) (the default) or Lumina's proportional scale, both below 1.
+MAX_SOFTMAX_SCALE = 1e4
 
 _dispatch.register("varlen_attention", "reference", ref.varlen_attention, devices=("cpu", "cuda"))
 
@@ -110,7 +120,8 @@ def varlen_attention(
     q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)`` with ``H % Hkv == 0``; ``cu_seqlens`` int32 ``(B+1,)``;
     ``max_seqlen`` the longest sequence (a Python int, so kernels need no host sync). A
     :class:`~flagdit_kernels.VarlenLayout` may stand for ``cu_seqlens`` (then ``max_seqlen`` may be omitted)
-    and for ``text_cu_seqlens``. ``softmax_scale`` defaults to ``1/sqrt(Dh)``. With ``freqs``
+    and for ``text_cu_seqlens``. ``softmax_scale`` defaults to ``1/sqrt(Dh)`` and must lie in
+    ``[0, MAX_SOFTMAX_SCALE]`` (1e4; 0 is uniform attention). With ``freqs``
     ``(T, Dh/2, 2)`` RoPE (interleaved) is applied to q and k first. With ``text_k``/``text_v`` ``(Tt, Hkv, Dh)``
     packed by ``text_cu_seqlens`` and ``gate (H,)``: ``out += tanh(gate[h]) * softmax(q k_t^T / sqrt(Dh)) v_t``
     per sample; a sample without text tokens adds exactly 0. Returns ``(T, H, Dh)`` in q's dtype.
@@ -142,10 +153,8 @@ def varlen_attention(
     )
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    elif not math.isfinite(softmax_scale) or softmax_scale < 0:
-        raise ValueError(f"softmax_scale must be a finite number >= 0, got {softmax_scale}")
+    else:
+        softmax_scale = check_number("softmax_scale", softmax_scale, maximum=MAX_SOFTMAX_SCALE)
     text_cu, text_max_seqlen = _check_text(
         q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, cu.numel() - 1, k.shape[1]
     )
@@ -172,12 +181,9 @@ def varlen_attention(
 
 def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
     """Lumina's softmax scale for resolution extrapolation: ``sqrt(log(seqlen, base_seqlen) / head_dim)``."""
-    if not isinstance(seqlen, int) or seqlen < 1:
-        raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
-    if not isinstance(base_seqlen, int) or base_seqlen < 2:
-        raise ValueError(f"base_seqlen must be an int >= 2, got {base_seqlen!r}")
-    if not isinstance(head_dim, int) or head_dim < 1:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    check_int("seqlen", seqlen, 1)
+    check_int("base_seqlen", base_seqlen, 2)
+    check_int("head_dim", head_dim, 1)
     return ref.proportional_scale(seqlen, base_seqlen, head_dim)
 
 

@@ -16,7 +16,7 @@ from .. import _dispatch
 from .. import reference as ref
 from .._extension import extension_missing
 from .._layout import VarlenLayout, check_layout
-from .._validation import check_cu_seqlens, check_per_sample, check_shape, check_tensor
+from .._validation import check_cu_seqlens, check_number, check_per_sample, check_shape, check_tensor
 from ..reference.norms import EPS
 
 for _op, _fn in (
@@ -35,8 +35,7 @@ def _check_norm_inputs(x_name: str, x: object, weight: object, eps: float) -> to
     if weight is not None:
         check_tensor("weight", weight, ndim=1, device=x.device)
         check_shape("weight", weight, (x.shape[-1],))
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    check_number("eps", eps)
     return x
 
 

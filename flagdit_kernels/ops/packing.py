@@ -16,6 +16,7 @@ call, more than this launch-bound op's whole GPU time on a mixed batch.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch
 from .. import _dispatch
 from .. import reference as ref
 from .._extension import extension, extension_missing
-from .._validation import check_same_dtype, check_tensor
+from .._validation import check_int, check_same_dtype, check_tensor, values_checked
 from ..reference.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, frames_hw, item_tokens
 
 __all__ = ["NEXTFRAME", "NEXTLINE", "PATCH", "Packed", "pack", "unpack"]
@@ -66,10 +67,8 @@ def unpack(
     Placeholder rows are dropped. Vectors are read in (ph, pw, C) order (Lumina's final layer), or
     (C, ph, pw) with ``channels_last=False`` (then ``unpack(pack(x).patches, ...)`` returns x exactly).
     """
-    if not isinstance(packed, Packed):
-        raise TypeError(f"packed must be a Packed from fk.pack, got {type(packed).__name__}")
-    if not isinstance(out_channels, int) or out_channels < 1:
-        raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
+    _check_packed(packed)
+    check_int("out_channels", out_channels, 1)
     check_tensor("tokens", tokens, ndim=2, device=packed.kind.device)
     want = (packed.kind.shape[0], packed.patch_size**2 * out_channels)
     if tuple(tokens.shape) != want:
@@ -81,8 +80,7 @@ def unpack(
 
 
 def _check_latents(latents: object, patch_size: object) -> list[torch.Tensor]:
-    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    check_int("patch_size", patch_size, 1)
     if isinstance(latents, torch.Tensor) and latents.dim() in (4, 5):
         latents = list(latents.unbind(0))
     if not isinstance(latents, (list, tuple)) or len(latents) == 0:
@@ -93,13 +91,61 @@ def _check_latents(latents: object, patch_size: object) -> list[torch.Tensor]:
         check_same_dtype(f"latents[{i}]", x, "latents[0]", first)
         if x.shape[0] != first.shape[0]:
             raise ValueError(f"latents[{i}] has {x.shape[0]} channels but latents[0] has {first.shape[0]}")
-        f, h, w = frames_hw(tuple(x.shape))
-        if f < 1 or h < patch_size or w < patch_size or h % patch_size or w % patch_size:
-            raise ValueError(
-                f"latents[{i}] of shape {tuple(x.shape)}: H and W must be positive multiples of "
-                f"patch_size={patch_size} and F >= 1"
-            )
+        _check_item_shape(f"latents[{i}]", tuple(x.shape), patch_size)
     return list(latents)
+
+
+def _check_item_shape(name: str, shape: tuple[int, ...], patch_size: int) -> None:
+    if len(shape) not in (3, 4) or shape[0] < 1:
+        raise ValueError(f"{name} must be (C, H, W) or (C, F, H, W) with C >= 1, got {shape}")
+    f, h, w = frames_hw(shape)
+    if f < 1 or h < patch_size or w < patch_size or h % patch_size or w % patch_size:
+        raise ValueError(
+            f"{name} of shape {shape}: H and W must be positive multiples of patch_size={patch_size} and F >= 1"
+        )
+
+
+def _check_packed(packed: object) -> None:
+    """A :class:`Packed` whose fields agree with each other (Python values and tensor shapes: no device work).
+
+    The unpack kernels write each item's (C, [F,] H, W) output from its shape alone, so a hand-built or edited
+    ``Packed`` whose shapes do not tile the token rows (H not a multiple of the patch size, more items than
+    offsets, a token count the shapes do not give) would leave output memory unwritten; it is refused here.
+    """
+    if not isinstance(packed, Packed):
+        raise TypeError(f"packed must be a Packed from fk.pack, got {type(packed).__name__}")
+    p = check_int("packed.patch_size", packed.patch_size, 1)
+    for flag in ("nextline", "nextframe"):
+        if not isinstance(getattr(packed, flag), bool):
+            raise TypeError(f"packed.{flag} must be a bool, got {type(getattr(packed, flag)).__name__}")
+    if not isinstance(packed.shapes, (list, tuple)) or not packed.shapes:
+        raise ValueError(f"packed.shapes must be a non-empty list of latent shapes, got {packed.shapes!r}")
+    for i, shape in enumerate(packed.shapes):
+        if not isinstance(shape, (tuple, list)) or not all(isinstance(d, int) for d in shape):
+            raise ValueError(f"packed.shapes[{i}] must be a tuple of ints, got {shape!r}")
+        _check_item_shape(f"packed.shapes[{i}]", tuple(shape), p)
+    kind = check_tensor("packed.kind", packed.kind, ndim=1, dtypes=(torch.int8,))
+    device, shapes = kind.device, [tuple(s) for s in packed.shapes]
+    tokens, patches = _packed_len(shapes, p, packed.nextline, packed.nextframe)
+    if kind.shape[0] != tokens:
+        raise ValueError(f"packed.kind has {kind.shape[0]} tokens but packed.shapes give {tokens}")
+    check_tensor("packed.cu_seqlens", packed.cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    if packed.cu_seqlens.shape[0] != len(shapes) + 1:
+        raise ValueError(
+            f"packed.cu_seqlens must have {len(shapes) + 1} entries for {len(shapes)} items, "
+            f"got {packed.cu_seqlens.shape[0]}"
+        )
+    lengths = [item_tokens(s, p, packed.nextline, packed.nextframe) for s in shapes]
+    if packed.max_seqlen != max(lengths):
+        raise ValueError(f"packed.max_seqlen ({packed.max_seqlen!r}) must be the longest item ({max(lengths)})")
+    if packed.patch_rows is not None:
+        check_tensor("packed.patch_rows", packed.patch_rows, ndim=1, dtypes=(torch.int64,), device=device)
+        if packed.patch_rows.shape[0] != patches:
+            raise ValueError(f"packed.patch_rows has {packed.patch_rows.shape[0]} rows but the shapes hold {patches}")
+    if values_checked(device):
+        offsets = [0, *itertools.accumulate(lengths)]
+        if packed.cu_seqlens.tolist() != offsets:
+            raise ValueError(f"packed.cu_seqlens ({packed.cu_seqlens.tolist()}) disagrees with packed.shapes {offsets}")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
-from .._validation import check_same_dtype, check_shape, check_tensor
+from .._validation import check_int, check_number, check_same_dtype, check_shape, check_tensor, values_checked
 from ..reference.rope import QK_NORM_EPS
 
 NORMS = ("layer_norm", "rms_norm", None)
@@ -42,15 +42,13 @@ def rope_freqs(
     alternates axes, pair k using axis k % 2 and frequency index k // 2 (Lumina-Next). ``ntk_factor``
     multiplies theta; ``linear_factor`` divides positions.
     """
-    if not isinstance(head_dim, int):
-        raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
+    check_int("head_dim", head_dim, 1)
     check_head_dim("rope_freqs", head_dim)
     check_tensor("positions", positions, ndim=(1, 2), dtypes=None)
     if positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions must be an integer or float tensor, got {positions.dtype}")
     for name, value in (("theta", theta), ("linear_factor", linear_factor), ("ntk_factor", ntk_factor)):
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        check_number(name, value, positive=True)
     if axes_dims is not None:
         axes_dims = tuple(int(d) for d in axes_dims)
         if positions.dim() != 2 or positions.shape[1] != len(axes_dims):
@@ -67,7 +65,15 @@ def rope_freqs(
     elif positions.dim() == 2 and positions.shape[1] == 2 and head_dim % 4:
         raise ValueError(f"2D alternating RoPE needs head_dim divisible by 4, got {head_dim}")
     fn = _dispatch.resolve("rope_freqs", positions, backend, prefer).fn
-    return fn(head_dim, positions, axes_dims, theta, linear_factor, ntk_factor)
+    freqs = fn(head_dim, positions, axes_dims, theta, linear_factor, ntk_factor)
+    # Finite factors can still overflow the fp32 angles (theta = 1e-100, or positions / linear_factor beyond
+    # 3e38): cos and sin of inf are NaN. Checked where reading values is free, like the offsets.
+    if values_checked(positions.device) and not bool(torch.isfinite(freqs).all()):
+        raise ValueError(
+            f"rope_freqs: the angles positions / linear_factor * (theta * ntk_factor) ** (-2i / head_dim) overflow "
+            f"float32 (theta={theta!r}, linear_factor={linear_factor!r}, ntk_factor={ntk_factor!r})"
+        )
+    return freqs
 
 
 def check_freqs(freqs: object, x_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -168,8 +174,8 @@ def qk_norm_rope(
     kw, kb, k_eps = _norm_params(
         "k_norm", k_norm, norm, k.shape[-1] if per_head else k.shape[-2] * k.shape[-1], q.device
     )
-    eps = q_eps if q_eps is not None else eps
-    if k_eps is not None and k_eps != eps:
+    eps = check_number("eps", eps) if q_eps is None else check_number("q_norm.eps", q_eps)
+    if k_eps is not None and check_number("k_norm.eps", k_eps) != eps:
         raise ValueError(f"q_norm and k_norm must share eps, got {eps} and {k_eps}")
     fn = _dispatch.resolve("qk_norm_rope", q, backend, prefer).fn
     return fn(q, k, freqs, (qw, qb), (kw, kb), norm, eps, interleaved)
