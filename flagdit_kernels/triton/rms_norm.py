@@ -18,9 +18,11 @@ tuple. A per-sample parameter (scale/shift/gate) is read either
 * strided: the parameter expanded to x's shape, read at ``b * stride_b + l * stride_l`` (``stride_l == 0``
   for per-sample ``(B, D)`` with padded ``(B, L, D)`` x and for a ``(D,)`` vector).
 
-Bad offsets. Whatever ``cu_seqlens`` holds (its values are not checked on the GPU), sample indices are
-clamped to ``[0, B)`` and rows to ``[0, T)``, so no kernel reads or writes outside its tensors; the
-per-sample gradient slots start zeroed, so no result holds memory nothing wrote (it is then wrong, not wild).
+Bad offsets. Whatever ``cu_seqlens`` holds (its values are not checked on the GPU), a row's sample is the
+number of sequence ends at or below it, clamped to ``[0, B)``, in the forward and in every backward reduction
+alike, and rows are clamped to ``[0, T)``: no kernel reads or writes outside its tensors, every row's gradient
+lands in the sample its forward used, and the per-sample gradient slots start zeroed, so no result holds
+memory nothing wrote.
 
 Backward reductions. ``dweight`` is summed per program into an fp32 ``(programs, D)`` buffer and finished
 by one ``sum(0)``. A parameter that is constant along L (per sample) is summed per (program, sample)
@@ -120,6 +122,15 @@ def _sample_of(ends, rows, n_samples):
     never index outside the (B, D) parameters."""
     s = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
     return tl.minimum(s, n_samples - 1)
+
+
+@triton.jit
+def _kth_smallest(values, k, BLOCK_B: tl.constexpr):
+    """The k-th smallest (from 0) of a [BLOCK_B] vector, ties broken by position."""
+    i = tl.arange(0, BLOCK_B)
+    before = (values[None, :] < values[:, None]) | ((values[None, :] == values[:, None]) & (i[None, :] < i[:, None]))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    return tl.sum(tl.where(rank == k, values, 0), axis=0)
 
 
 @triton.jit
@@ -404,17 +415,23 @@ def _segment_sum_kernel(
     L,
     rows_per_prog,
     n_prog,
+    n_samples,
     PACKED: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     """out[s] = sum of the segment slots ``p + s`` of every program p whose rows overlap sample s."""
     s = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < D
     if PACKED:
-        cu_ptr, cu_stride = cu
-        start = tl.load(cu_ptr + s * cu_stride)
-        end = tl.load(cu_ptr + (s + 1) * cu_stride)
+        # The rows the forward and _bwd_kernel give sample s (_sample_of: the count of sequence ends at or below a
+        # row, clamped): from the s-th smallest end (row 0 for the first sample) to the next one (the last row for
+        # the last sample). For valid offsets that is [cu[s], cu[s + 1]); for any others it still agrees with the
+        # rows' own samples, so every row's gradient lands in exactly one sample.
+        ends = _sequence_ends(cu, n_samples, BLOCK_B)
+        start = tl.where(s == 0, 0, _kth_smallest(ends, s - 1, BLOCK_B))
+        end = tl.where(s == n_samples - 1, n_rows, _kth_smallest(ends, s, BLOCK_B))
     else:
         start = s * L
         end = start + L
@@ -642,8 +659,8 @@ def backward(
             return q.grad_from_rows(buf, x)
         out = torch.empty((n_samples, d), device=dev, dtype=torch.float32)
         _segment_sum_kernel[(n_samples, triton.cdiv(d, SEGMENT_BLOCK))](
-            buf, out, _offsets(cu_seqlens, out), n_rows, d, seq_len, rows_per_prog, n_prog,
-            PACKED=packed, BLOCK=SEGMENT_BLOCK,
+            buf, out, _offsets(cu_seqlens, out), n_rows, d, seq_len, rows_per_prog, n_prog, n_samples,
+            PACKED=packed, BLOCK=SEGMENT_BLOCK, BLOCK_B=block_b,
         )  # fmt: skip
         return q.grad_from_samples(out, x)
 
