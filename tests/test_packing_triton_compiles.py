@@ -3,7 +3,7 @@ what they were built for: 16-byte accesses on both sides of an aligned bf16 batc
 shared memory, no spills.
 
 The interpreter (TRITON_INTERPRET=1) runs kernels as numpy and accepts code that the compiler rejects. Here the
-host launchers run on CPU tensors with their kernels recorded (tests/compile_sm90.py), and each launch is
+host launchers run on CPU tensors with their kernels recorded (flagdit_kernels/tools/recorder.py), and each launch is
 compiled ahead of time as the JIT would specialize it. It runs as a script in a subprocess without
 TRITON_INTERPRET.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compile_sm90 import compiler_unavailable, run_script
+from compile_subprocess import compiler_unavailable, run_script
 
 
 @pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
@@ -22,17 +22,17 @@ def test_packing_kernels_compile_for_sm90():
 
 
 def _compile_all() -> None:
-    from compile_sm90 import access_widths, compile_launch, cubin_resources, recording, sass
-
     from flagdit_kernels.ops.packing import _item_shapes
     from flagdit_kernels.reference.packing import frames_hw
+    from flagdit_kernels.tools.recorder import compile_launch, recording
+    from flagdit_kernels.tools.sass import access_widths, resource_usage, sass
     from flagdit_kernels.triton import embed as E
     from flagdit_kernels.triton import packing as K
 
     def check(launches, aligned_bf16: bool = False):
         for launch in launches:
             compiled = compile_launch(launch)
-            res = cubin_resources(compiled.asm["cubin"])
+            res = resource_usage(compiled.asm["cubin"])
             assert res["LOCAL"] == 0, f"{launch.label} spills"
             widths = access_widths(sass(compiled.asm["cubin"]))
             if aligned_bf16:  # latent side and token side both move 16-byte vectors

@@ -3,16 +3,16 @@ every variant compiles, none spills, and the persistent forward and backward loo
 shared memory with cp.async (the bytes in flight are then not bounded by registers), except the small-D
 backward variants whose multi-row tiles may span samples.
 
-The host launchers run on CPU tensors with their kernels recorded (tests/compile_sm90.py, which also sizes the
-persistent grids for an H200); each launch is compiled as the JIT would specialize it. It runs as a script in
-a subprocess without TRITON_INTERPRET.
+The host launchers run on CPU tensors with their kernels recorded (flagdit_kernels/tools/recorder.py, which
+also sizes the persistent grids for an H200); each launch is compiled as the JIT would specialize it. It runs
+as a script in a subprocess without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from compile_sm90 import compiler_unavailable, run_script
+from compile_subprocess import compiler_unavailable, run_script
 
 
 @pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
@@ -22,8 +22,8 @@ def test_norm_kernels_compile_for_sm90():
 
 
 def _compile_all() -> None:
-    from compile_sm90 import access_widths, compile_launch, cubin_resources, recording, sass
-
+    from flagdit_kernels.tools.recorder import compile_launch, recording
+    from flagdit_kernels.tools.sass import access_widths, resource_usage, sass
     from flagdit_kernels.triton import rms_norm as K
 
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
@@ -42,7 +42,7 @@ def _compile_all() -> None:
             K.backward(x3, x3, w, rstd, mode=K.MODE_GATED, p1=x3, tanh_gate=d != 72)
     for launch in launches:
         compiled = compile_launch(launch)
-        assert cubin_resources(compiled.asm["cubin"])["LOCAL"] == 0, f"{launch.label} spills"
+        assert resource_usage(compiled.asm["cubin"])["LOCAL"] == 0, f"{launch.label} spills"
         kw = launch.kwargs
         # A multi-row tile that may span samples sums its per-sample gradients in an inner loop, which the
         # pipeliner does not take: those (small-D) variants load their rows directly.

@@ -2,7 +2,7 @@
 
 The interpreter runs kernels as NumPy and never sees Triton's compiler, so a kernel can pass every
 interpreted test and still fail to compile. Here the host wrappers run on CPU tensors with the kernels
-replaced by recorders (tests/compile_sm90.py), and each recorded launch is compiled ahead of time to a cubin
+replaced by recorders (flagdit_kernels/tools/recorder.py), and each recorded launch is compiled ahead of time to a cubin
 with Triton's bundled ptxas, specialized as the JIT would. This runs as a script in a subprocess because
 ``TRITON_INTERPRET=1`` (set for the other tests) swaps the kernels for interpreted functions at import time.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compile_sm90 import compiler_unavailable, run_script
+from compile_subprocess import compiler_unavailable, run_script
 
 
 @pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
@@ -21,9 +21,9 @@ def test_kernels_compile_for_sm90():
 
 
 def _compile_all() -> None:
-    from compile_sm90 import compile_launch, cubin_resources, recording
-
     import flagdit_kernels.triton.rope as K
+    from flagdit_kernels.tools.recorder import compile_launch, recording
+    from flagdit_kernels.tools.sass import resource_usage
 
     names = ("_rope_kernel", "_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel")
     dt = torch.bfloat16
@@ -42,7 +42,7 @@ def _compile_all() -> None:
                     K.qk_norm_rope_bwd(q, k, q, k, f, *ps, norm, 1e-5, interleaved)
     for launch in launches:
         compiled = compile_launch(launch)
-        assert cubin_resources(compiled.asm["cubin"])["LOCAL"] == 0, f"{launch.label} spills"
+        assert resource_usage(compiled.asm["cubin"])["LOCAL"] == 0, f"{launch.label} spills"
     print("compiled", len(launches))
 
 

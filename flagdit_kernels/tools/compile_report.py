@@ -30,13 +30,14 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .sass import count_classes, instructions, sass
 
 # Opt-in shared memory per block on sm_90 and sm_100 (227 KB): a bigger tile fails to launch there.
 SHARED_LIMIT = 232448
@@ -203,44 +204,7 @@ def _call(shape: Shape, text: bool, rope: bool, dtype: torch.dtype, arch: int, d
 # Reading a compiled kernel
 # ----------------------------------------------------------------------------------------------------------------
 
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA(?:\.\S+)?\s+(?:`?\(?)(0x[0-9a-f]+)")
-# Instruction classes counted in a loop and in the whole kernel (matched against the opcode with modifiers).
-_CLASSES: dict[str, Callable[[str], bool]] = {
-    "instrs": lambda op: True,
-    "hgmma": lambda op: op.startswith("HGMMA"),
-    "cp_async": lambda op: op.startswith("LDGSTS"),
-    "tma_load": lambda op: op.startswith("UTMALDG"),
-    "ld128": lambda op: op.startswith("LDG") and ".128" in op,
-    "st128": lambda op: op.startswith("STG") and ".128" in op,
-    "ld16b": lambda op: op.startswith("LDG") and (".U16" in op or ".S16" in op),
-    "st16b": lambda op: op.startswith("STG") and (".U16" in op or ".S16" in op),
-    "local": lambda op: op.startswith(("LDL", "STL")),
-    # global reductions / atomics and the copy engine's reduce (not REDUX, a warp reduction, nor shared ATOMS)
-    "atomic": lambda op: op.split(".")[0] in ("RED", "REDG", "ATOM", "ATOMG", "UTMAREDG"),
-}
-
-
-def _sass(cubin: bytes) -> list[tuple[int, str]]:
-    """(address, opcode with modifiers and operands) of every instruction."""
-    from triton import knobs
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
-    out = []
-    for line in text.splitlines():
-        m = _SASS_LINE.search(line)
-        if m:
-            body = re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())
-            out.append((int(m.group(1), 16), body))
-    return out
-
-
-def _count(instrs: list[tuple[int, str]]) -> dict[str, int]:
-    return {name: sum(1 for _, ins in instrs if test(ins.split()[0])) for name, test in _CLASSES.items()}
 
 
 def _innermost_loops(instrs: list[tuple[int, str]]) -> list[tuple[int, int]]:
@@ -260,7 +224,7 @@ def _loop_bodies(instrs: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
 def _main_loop(instrs: list[tuple[int, str]]) -> list[tuple[int, str]]:
     """The instructions of the innermost loop with the most tensor-core ops, the last of equals (the forward's
     self-key loop comes after its text-key loop): the hot loop."""
-    hgmma = lambda body: sum(1 for _, ins in body if ins.startswith("HGMMA"))
+    hgmma = lambda body: count_classes(body)["hgmma"]
     return max(_loop_bodies(instrs), key=lambda body: (hgmma(body), body[0][0]), default=[])
 
 
@@ -316,10 +280,10 @@ def _row(shape: Shape, text: bool, rope: bool, launch: _Launch, logs: dict) -> R
     row.grid = launch.grid
     row.programs = math.prod(launch.grid)
     row.useful_programs = _useful_programs(name, launch.consts, shape, text)
-    instrs = _sass(kernel.asm["cubin"])
-    row.kernel_counts = _count(instrs)
-    row.loop_counts = _count(_main_loop(instrs))
-    row.local_in_loops = sum(_count(body)["local"] for body in _loop_bodies(instrs))
+    instrs = instructions(sass(kernel.asm["cubin"]))
+    row.kernel_counts = count_classes(instrs)
+    row.loop_counts = count_classes(_main_loop(instrs))
+    row.local_in_loops = sum(count_classes(body)["local"] for body in _loop_bodies(instrs))
     row.loop_dots, row.kernel_dots = _ttgir_dots(kernel.asm["ttgir"])
     return row
 
