@@ -2,7 +2,8 @@
 
 Nothing here unpickles code: ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)`` and
 ``.safetensors`` files with safetensors. Every way a file can be unusable (empty, truncated, corrupt, holding
-pickled objects, another program's format, missing shards, keys that are not a DiT's) is one
+pickled objects, another program's format, missing or duplicate shards, keys that are not a DiT's, two files
+holding the same tensors) is one
 :class:`CheckpointError` that names the file and what is wrong.
 
 flagdit-train checkpoints (:func:`save_training_checkpoint`): a dict (model, optimizer, step, config, args) with
@@ -284,7 +285,13 @@ def _complete_shards(path: Path, shards: list[Path]) -> list[Path]:
     found = {}
     for p in shards:
         match = _SHARD.search(p.name)
-        found.setdefault(int(match.group(3)), {})[int(match.group(2))] = p
+        ranks = found.setdefault(int(match.group(3)), {})
+        rank = int(match.group(2))
+        if rank in ranks:  # consolidated.00-of-01.pth beside consolidated.0-of-1.pth: which one is meant?
+            raise CheckpointError(
+                f"{path} holds two files for model-parallel shard {rank}: {ranks[rank].name} and {p.name}; remove one"
+            )
+        ranks[rank] = p
     if len(found) > 1:
         raise CheckpointError(f"{path} mixes shard counts {sorted(found)}: {[p.name for p in shards]}")
     [(count, ranks)] = found.items()
@@ -314,9 +321,17 @@ def read_state_dict(path: str | Path, ema: bool = True) -> dict[str, torch.Tenso
             files = sorted(path.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"{path} holds neither consolidated*.pth shards nor *.safetensors files")
-            state = {}
+            state, source = {}, {}
             for f in files:
-                state.update(_load_state_file(f))
+                part = _load_state_file(f)
+                both = [k for k in part if k in state]
+                if both:  # a later file silently replacing an earlier one's tensors would be a different model
+                    raise CheckpointError(
+                        f"{path}: {source[both[0]].name} and {f.name} both hold {len(both)} of the same tensors "
+                        f"({', '.join(both[:3])}{', ...' if len(both) > 3 else ''}); keep one of them"
+                    )
+                state.update(part)
+                source.update(dict.fromkeys(part, f))
     else:
         state = _load_state_file(path)
     out = {}
