@@ -186,10 +186,10 @@ def output_problem(paths: list[Path]) -> str | None:
 
     formats = Image.registered_extensions()
     for path in paths:
-        if path.suffix.lower() not in formats and path.suffix.lower() != ".wav":
-            return f"{path}: no picture format for the extension {path.suffix or '(none)'!r}; use .png"
         if path.is_dir():
             return f"{path} is a directory, not a file"
+        if path.suffix.lower() not in formats and path.suffix.lower() != ".wav":
+            return f"{path}: no picture format for the extension {path.suffix or '(none)'!r}; use .png"
         if path.exists() and not os.access(path, os.W_OK):
             return f"{path} exists and is not writable"
         folder = path.parent
