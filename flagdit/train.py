@@ -315,7 +315,8 @@ class DivergedError(FloatingPointError):
 def finite_everywhere(model, world: int) -> bool:
     """Whether every rank's parameters (its shards under FSDP) are finite: one all-reduce of a flag, so every
     rank decides the same."""
-    ok = torch.tensor([all(bool(torch.isfinite(p).all()) for p in model.parameters())], dtype=torch.int32)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: this rank's shard
+    ok = torch.tensor([all(bool(torch.isfinite(p).all()) for p in local)], dtype=torch.int32)
     if world > 1:
         device = next(model.parameters()).device
         ok = ok.to(device)

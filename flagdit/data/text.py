@@ -1,5 +1,6 @@
 """Caption features for the procedural data sets: :class:`WordEncoder`, a frozen stand-in for a language model
-(a fixed random vector per word plus a sinusoidal position code, ``(B, Lt, dim)`` with a mask)."""
+(a fixed random vector per word plus a sinusoidal position code, ``(B, Lt, dim)`` with a mask). Words are read
+lower-cased; a word outside :data:`VOCAB` or a caption of more than ``max_len`` words is a ``ValueError``."""
 
 from __future__ import annotations
 
