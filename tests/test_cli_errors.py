@@ -45,6 +45,12 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def run_files(run_dir) -> dict[str, bytes]:
+    """Every file of the run directory, as the first run left it."""
+    return {p.name: p.read_bytes() for p in run_dir.iterdir()}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # flagdit-train: argument, config, environment and world mistakes (exit 2, nothing on disk).
 
@@ -72,7 +78,7 @@ TRAIN_ARGUMENTS = [
 @pytest.mark.parametrize(("argv", "env", "message"), TRAIN_ARGUMENTS, ids=[" ".join(a) or str(e) for a, e, _ in
                                                                             TRAIN_ARGUMENTS])  # fmt: skip
 def test_train_argument_mistakes_are_one_line_before_anything_exists(argv, env, message, tmp_path, capsys,
-                                                                     monkeypatch):  # fmt: skip
+                                                                     monkeypatch, run_dir, run_files):  # fmt: skip
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "out"
@@ -80,6 +86,10 @@ def test_train_argument_mistakes_are_one_line_before_anything_exists(argv, env, 
         train.main([*SMALL, "--steps", "1", "--out", str(out), *argv])  # a later option wins over SMALL's
     _one_line(capsys, exit, 2, "flagdit-train: error: ", message)
     assert not out.exists()
+    with pytest.raises(SystemExit) as exit:  # the same beside a run to resume: it stays as it was
+        train.main([*SMALL, "--steps", "2", "--out", str(run_dir), "--resume", *argv])
+    _one_line(capsys, exit, 2, "flagdit-train: error: ", message)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == run_files
 
 
 @NO_CUDA
@@ -306,6 +316,7 @@ BENCH_ARGUMENTS = [
     (["--device", "meta"], "not meta"),
     (["--json", "{tmp}/missing/b.json"], "does not exist"),
     (["--json", "{tmp}"], "is a directory"),
+    (["--rep-ms", "-1"], "argument --rep-ms: expected a number of milliseconds > 0, got '-1'"),
     (["--families", "packing", "--ops", "pakc"], "--ops: no case of ['pakc'] in the families packing; their ops: "),
 ]
 

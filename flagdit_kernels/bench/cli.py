@@ -112,6 +112,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds > 0, got {text!r}")
+    return value
+
+
 def device_problem(name: str) -> str | None:
     """Why ``--device name`` cannot be benchmarked here, or None."""
     try:
@@ -162,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: all)")  # fmt: skip
     parser.add_argument("--ops", default="", help="comma-separated op names to keep (default: all)")
     parser.add_argument(
-        "--rep-ms", type=float, default=None, help="time budget per measurement in ms (default: 100 on GPU, 40 on CPU)"
+        "--rep-ms",
+        type=_positive_ms,
+        default=None,
+        help="time budget per measurement in ms (default: 100 on GPU, 40 on CPU)",
     )
     parser.add_argument(
         "--json", default=None, help="also write the rows and ceilings to this JSON file (default: none)"
