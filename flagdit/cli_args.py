@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 import sys
-import traceback
 from collections.abc import Callable
 
 
@@ -50,8 +49,6 @@ def run_main(prog: str, body: Callable[[], object], debug: bool, known: tuple[ty
         elif isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
             text = f"{text}: {e.filename}"
         print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
-        if os.environ.get("FLAGDIT_TRACEBACK"):  # pragma: no cover - for a CI log that wants both
-            traceback.print_exc()
         raise SystemExit(1) from None
 
 
@@ -84,9 +81,9 @@ MAX_SEED = 2**32 - 1  # the data and noise seeds are derived from it in 64-bit i
 seed = _bounded(int, f"an integer seed in [0, {MAX_SEED}]", low=0, high=MAX_SEED)
 
 
-def bounded_int(low: int, high: int, why: str = ""):
-    """An argparse type for an integer in [low, high]; ``why`` says where the upper limit comes from."""
-    return _bounded(int, f"an integer in [{low}, {high}]" + (f" ({why})" if why else ""), low=low, high=high)
+def bounded_int(low: int, high: int):
+    """An argparse type for an integer in [low, high]."""
+    return _bounded(int, f"an integer in [{low}, {high}]", low=low, high=high)
 
 
 def backend_problem(backend: str | None, device_type: str) -> str | None:

@@ -430,7 +430,7 @@ def train(args: argparse.Namespace) -> list[float]:
     """Runs the training loop; returns the global-batch loss of every step run."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    mode, rank, world, device = _setup_distributed(args.dist, getattr(args, "dist_timeout", DEFAULT_DIST_TIMEOUT_S))
+    mode, rank, world, device = _setup_distributed(args.dist, args.dist_timeout)
     mesh = _sequence_parallel_mesh(args.sp, mode, device)
     data_ranks = world // args.sp
     if args.batch_size % data_ranks:
@@ -504,7 +504,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
             dist.all_reduce(total, group=data_group)
         loss = total.item() / args.batch_size
         if not math.isfinite(loss):  # the same all-reduced value on every rank: all stop here together
-            raise DivergedError(_diverged(step + 1, f"the loss is {loss}", lr, ckpt_path, saved))
+            raise _stop(bar, log, DivergedError(_diverged(step + 1, f"the loss is {loss}", lr, ckpt_path, saved)))
         losses.append(loss)
         tokens += sum(x.numel() // x.shape[0] // config.patch_size**2 for x in xs) * data_ranks
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
@@ -518,7 +518,8 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
             log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             if not finite_everywhere(model, world):  # never replace a good checkpoint by non-finite weights
-                raise DivergedError(_diverged(step + 1, "the weights are not finite", lr, ckpt_path, saved))
+                what = "the weights are not finite"
+                raise _stop(bar, log, DivergedError(_diverged(step + 1, what, lr, ckpt_path, saved)))
             if log is not None:
                 os.fsync(log.fileno())  # the log holds every step the checkpoint does
             save_checkpoint(ckpt_path, model, optimizer, step + 1, config, args, rank)
@@ -537,6 +538,14 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         else:
             print(f"nothing to do: {ckpt_path} is at step {start} >= --steps {args.steps}")
     return losses
+
+
+def _stop(bar, log, error: Exception) -> Exception:
+    """``error``, after closing the progress bar (so the error starts a line of its own) and the log."""
+    for handle in (bar, log):
+        if handle is not None:
+            handle.close()
+    return error
 
 
 def _diverged(step: int, what: str, lr: float, ckpt_path: Path, saved: int | None) -> str:
