@@ -2,7 +2,8 @@
 
 Nothing here unpickles code: ``.pth``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)`` and
 ``.safetensors`` files with safetensors. Every way a file can be unusable (empty, truncated, corrupt, holding
-pickled objects, another program's format, missing shards, keys that are not a DiT's) is one
+pickled objects, another program's format, missing or duplicate shards, keys that are not a DiT's, two files
+holding the same tensors) is one
 :class:`CheckpointError` that names the file and what is wrong.
 
 flagdit-train checkpoints (:func:`save_training_checkpoint`): a dict (model, optimizer, step, config, args) with
@@ -188,25 +189,70 @@ def _describe(obj: object) -> str:
     return f"it holds a {type(obj).__name__}, not a dict"
 
 
-def model_from_state(ckpt: dict, backend: str | None = None) -> FlagDiT:
+def _config_of(ckpt: dict, where: str) -> FlagDiTConfig:
+    config = ckpt["config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}its config is a {type(config).__name__}, not a dict of FlagDiTConfig fields")
+    try:
+        return FlagDiTConfig(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}the checkpoint's config is not one this flagdit builds: {e}") from e
+
+
+def _where(path: str | Path | None) -> str:
+    return f"{path}: " if path is not None else ""
+
+
+def training_state(ckpt: dict, path: str | Path | None = None) -> tuple[FlagDiTConfig, int]:
+    """The config and step of a loaded flagdit-train checkpoint, or a :class:`CheckpointError` saying what does
+    not fit (a checkpoint can pass its checksum and still hold another program's idea of these)."""
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{_where(path)}not a flagdit-train checkpoint: {_describe(ckpt)}")
+    config = _config_of(ckpt, _where(path))
+    step = ckpt.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{_where(path)}its step must be an int >= 0, got {step!r}")
+    for name in ("optimizer", "args"):
+        if name in ckpt and not isinstance(ckpt[name], dict):
+            raise CheckpointError(f"{_where(path)}its {name} is a {type(ckpt[name]).__name__}, not a dict")
+    if "optimizer" not in ckpt:
+        raise CheckpointError(f"{_where(path)}it has no optimizer state to resume from")
+    return config, step
+
+
+def check_weights_fit(model: torch.nn.Module, state: object, path: str | Path | None = None) -> None:
+    """A :class:`CheckpointError` unless ``state`` has exactly ``model``'s parameter names and shapes."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{_where(path)}its model is a {type(state).__name__}, not a state_dict")
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    wrong = [
+        f"{k} {tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__} "
+        f"(the config's model has {tuple(want[k].shape)})"
+        for k in want
+        if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != want[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = [f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}"
+                 for name, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
+                 if items]  # fmt: skip
+        raise CheckpointError(f"{_where(path)}the checkpoint's weights do not fit its config: {'; '.join(parts)}")
+
+
+def model_from_state(ckpt: dict, backend: str | None = None, path: str | Path | None = None) -> FlagDiT:
     """The model of a loaded flagdit-train checkpoint (see :func:`load_training_checkpoint`)."""
     if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
-        raise CheckpointError(f"not a flagdit-train checkpoint: {_describe(ckpt)}")
-    try:
-        config = FlagDiTConfig(**ckpt["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's config is not one this flagdit builds: {e}") from e
-    model = FlagDiT(config, backend=backend)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint's weights do not fit its config: {e}") from e
+        raise CheckpointError(f"{_where(path)}not a flagdit-train checkpoint: {_describe(ckpt)}")
+    model = FlagDiT(_config_of(ckpt, _where(path)), backend=backend)
+    check_weights_fit(model, ckpt["model"], path)
+    model.load_state_dict(ckpt["model"], strict=True)
     return model
 
 
 def model_from_checkpoint(path: str | Path, backend: str | None = None) -> FlagDiT:
     """The model stored in a flagdit-train checkpoint file."""
-    return model_from_state(load_training_checkpoint(path), backend)
+    return model_from_state(load_training_checkpoint(path), backend, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,7 +330,13 @@ def _complete_shards(path: Path, shards: list[Path]) -> list[Path]:
     found = {}
     for p in shards:
         match = _SHARD.search(p.name)
-        found.setdefault(int(match.group(3)), {})[int(match.group(2))] = p
+        ranks = found.setdefault(int(match.group(3)), {})
+        rank = int(match.group(2))
+        if rank in ranks:  # consolidated.00-of-01.pth beside consolidated.0-of-1.pth: which one is meant?
+            raise CheckpointError(
+                f"{path} holds two files for model-parallel shard {rank}: {ranks[rank].name} and {p.name}; remove one"
+            )
+        ranks[rank] = p
     if len(found) > 1:
         raise CheckpointError(f"{path} mixes shard counts {sorted(found)}: {[p.name for p in shards]}")
     [(count, ranks)] = found.items()
@@ -314,9 +366,17 @@ def read_state_dict(path: str | Path, ema: bool = True) -> dict[str, torch.Tenso
             files = sorted(path.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"{path} holds neither consolidated*.pth shards nor *.safetensors files")
-            state = {}
+            state, source = {}, {}
             for f in files:
-                state.update(_load_state_file(f))
+                part = _load_state_file(f)
+                both = [k for k in part if k in state]
+                if both:  # a later file silently replacing an earlier one's tensors would be a different model
+                    raise CheckpointError(
+                        f"{path}: {source[both[0]].name} and {f.name} both hold {len(both)} of the same tensors "
+                        f"({', '.join(both[:3])}{', ...' if len(both) > 3 else ''}); keep one of them"
+                    )
+                state.update(part)
+                source.update(dict.fromkeys(part, f))
     else:
         state = _load_state_file(path)
     out = {}

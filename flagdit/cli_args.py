@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+from collections.abc import Callable
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -19,6 +22,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default is None or action.default == []:
             return f"{text} (default: none)"
         return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr (``PROG: error: ...``, exit status 2): the usage
+    text is what ``--help`` is for."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def run_main(prog: str, body: Callable[[], object], debug: bool, known: tuple[type, ...] = ()) -> object:
+    """Runs a CLI's work; an exception becomes one line on stderr, ``PROG: error: ...``, and exit status 1
+    (``--debug``: the traceback instead). The errors of our own checks (``ValueError``, ``OSError``,
+    ``ImportError`` and the ``known`` types) read as their message; anything else is named by its type, the
+    first line of its message and a pointer to --debug."""
+    try:
+        return body()
+    except Exception as e:
+        if debug:
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        text = lines[0] if lines else ""
+        if not isinstance(e, (ValueError, OSError, ImportError, *known)):
+            text = f"{type(e).__name__}: {text} (run with --debug for the traceback)"
+        elif isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+            text = f"{text}: {e.filename}"
+        print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def _bounded(kind: type, what: str, low: float | None = None, high: float | None = None, open_low: bool = False):
@@ -46,6 +77,33 @@ positive_float = _bounded(float, "a number > 0", low=0.0, open_low=True)
 non_negative_float = _bounded(float, "a number >= 0", low=0.0)
 finite_float = _bounded(float, "a finite number")
 probability = _bounded(float, "a probability in [0, 1]", low=0.0, high=1.0)
+MAX_SEED = 2**32 - 1  # the data and noise seeds are derived from it in 64-bit integers
+seed = _bounded(int, f"an integer seed in [0, {MAX_SEED}]", low=0, high=MAX_SEED)
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type for an integer in [low, high]."""
+    return _bounded(int, f"an integer in [{low}, {high}]", low=low, high=high)
+
+
+def backend_problem(backend: str | None, device_type: str) -> str | None:
+    """Why ``backend`` (and ``FLAGDIT_KERNELS_BACKEND``) cannot run a model on ``device_type``, or None."""
+    import flagdit_kernels as fk
+
+    info = fk.backend_info()
+    forced = os.environ.get("FLAGDIT_KERNELS_BACKEND")
+    if forced and forced not in fk.BACKENDS:
+        return f"FLAGDIT_KERNELS_BACKEND={forced!r} is not a backend; unset it or choose one of {fk.BACKENDS}"
+    if backend is None:
+        return None
+    usable = {b for op in info["ops"] for b in fk.available_backends(op, device_type)}
+    if backend not in usable:
+        detail = f" ({info['triton_status']})" if backend == "triton" and info.get("triton_status") else ""
+        return (
+            f"--backend {backend} cannot run on this machine's {device_type}{detail}; available here: "
+            f"{', '.join(sorted(usable))}"
+        )
+    return None
 
 
 def size(text: str) -> tuple[int, int]:

@@ -8,11 +8,22 @@ Each lookup returns a fresh copy, so callers may change fields (``dataclasses.re
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 from dataclasses import dataclass
 
 VARIANTS = ("flag", "next")
+# The head dims flagdit_kernels.varlen_attention takes on every backend (its head-dim check); a config outside
+# them would fail at the first forward, after a run had started.
+HEAD_DIM_MULTIPLE, MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 16, 256
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -55,6 +66,28 @@ class FlagDiTConfig:
     camera_cond: bool = False
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises a ``ValueError`` / ``TypeError`` naming the first field a model cannot be built or run with
+        (called on construction and by :class:`flagdit.FlagDiT`, so a config changed in place is checked too)."""
+        for name in ("patch_size", "in_channels", "dim", "n_layers", "n_heads", "multiple_of", "cap_feat_dim"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("n_kv_heads", "ffn_hidden_dim", "base_seqlen"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_int("n_modalities", self.n_modalities, 0)
+        for name in ("learn_sigma", "qk_norm", "nextline", "nextframe", "camera_cond"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "rope_theta", "rope_linear_factor", "rope_ntk_factor", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if value is None and name == "ffn_dim_multiplier":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.dim % self.n_heads:
@@ -63,10 +96,13 @@ class FlagDiTConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
         if self.variant == "next" and self.head_dim % 4:
             raise ValueError(f"2D RoPE (variant 'next') needs head_dim divisible by 4, got {self.head_dim}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.n_modalities < 0:
-            raise ValueError(f"n_modalities must be >= 0, got {self.n_modalities}")
+        if self.head_dim % HEAD_DIM_MULTIPLE or not MIN_HEAD_DIM <= self.head_dim <= MAX_HEAD_DIM:
+            raise ValueError(
+                f"head_dim = dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim}: the attention takes "
+                f"multiples of {HEAD_DIM_MULTIPLE} from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}"
+            )
+        if self.ffn_dim < 1:
+            raise ValueError(f"the FFN width (ffn_dim_multiplier {self.ffn_dim_multiplier}) rounds to {self.ffn_dim}")
 
     @property
     def head_dim(self) -> int:

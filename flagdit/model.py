@@ -213,6 +213,7 @@ class FlagDiT(nn.Module):
     def __init__(self, config: FlagDiTConfig | str, backend: str | None = None):
         super().__init__()
         self.config = c = get_config(config) if isinstance(config, str) else config
+        c.validate()  # a config changed in place after construction is checked here
         self.backend = backend
         self.x_embedder = nn.Linear(c.patch_size**2 * c.in_channels, c.dim)
         nn.init.xavier_uniform_(self.x_embedder.weight)

@@ -12,7 +12,10 @@ MSE averaged over the global batch, so any number of processes follows the same 
 torch.load(weights_only=True), written atomically (temporary file, fsync, rename) with a SHA-256 of their content
 that loading verifies (flagdit/checkpoint.py). One run at a time holds
 OUT/.lock; a directory with a checkpoint is continued only with --resume and restarted only with --overwrite;
-OUT/log.jsonl is cut back to the checkpoint's step when a run starts, so it never repeats steps.
+OUT/log.jsonl is cut back to the checkpoint's step when a run starts, so it never repeats steps. A run whose loss
+or weights stop being finite stops at that step without saving (the checkpoint keeps the last finite state).
+Every mistake in the arguments or the environment is one line on stderr, found before anything is written;
+--debug shows tracebacks instead.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import datetime
+import importlib.util
 import json
 import math
 import os
@@ -33,9 +38,16 @@ import torch.distributed as dist
 import flagdit_kernels as fk
 
 from . import cli_args as ca
-from .checkpoint import CheckpointError, atomic_write, load_training_checkpoint, save_training_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    check_weights_fit,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    training_state,
+)
 from .configs import FlagDiTConfig, get_config, names
-from .data import DATASETS, DEFAULT_VIEWS, WordEncoder, make_item
+from .data import DATASETS, DEFAULT_VIEWS, WordEncoder, audio, make_item, multiview, shapes
 from .flow import T_DISTS, null_caption, sample_t, training_loss
 from .modality import MODALITIES
 from .model import FlagDiT
@@ -43,6 +55,14 @@ from .model import FlagDiT
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlagDiTConfig))
 # flagdit-train builds every model able to take every modality (the config can still turn it off with --set).
 ANY_MODALITY = {"n_modalities": len(MODALITIES), "camera_cond": True}
+# Every latent side of the data sets (image and view sizes, mel bins, spectrogram frames) is a multiple of this,
+# so the patch size must divide it.
+DATA_SIZE_MULTIPLE = math.gcd(
+    *(side for size in shapes.IMAGE_SIZES for side in size), *shapes.VIDEO_SIZE[1:], *multiview.VIEW_SIZE,
+    audio.N_MELS, *audio.FRAME_CHOICES,
+)  # fmt: skip
+VISUAL_CHANNELS = 3  # the image, video and multi-view data are RGB
+DEFAULT_DIST_TIMEOUT_S = 900
 
 
 class RunDirError(RuntimeError):
@@ -61,13 +81,12 @@ def _config_override(text: str) -> tuple[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
-    p = argparse.ArgumentParser(
-        prog="flagdit-train", description="\n\n".join(doc[:2]), formatter_class=ca.HelpFormatter
-    )
+    p = ca.ArgumentParser(prog="flagdit-train", description="\n\n".join(doc[:2]), formatter_class=ca.HelpFormatter)
     p.add_argument("--modality", default="image", choices=DATASETS,
                    help="data set: image (shapes, with --video-fraction short clips), video, multiview, audio, or "
                         "mixed (every batch holds all four in one packed sequence)")  # fmt: skip
-    p.add_argument("--views", type=ca.positive_int, default=DEFAULT_VIEWS, help="cameras per multi-view item")
+    p.add_argument("--views", type=ca.bounded_int(1, multiview.MAX_VIEWS), default=DEFAULT_VIEWS,
+                   help="cameras per multi-view item")  # fmt: skip
     p.add_argument("--config", default="tiny", choices=names(), help="named model config")
     p.add_argument("--set", action="append", default=[], type=_config_override, metavar="KEY=VALUE",
                    help="override a config field, repeatable (default: none; flagdit-train sets "
@@ -83,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability of training an item on the null caption (for guidance)")  # fmt: skip
     p.add_argument("--video-fraction", type=ca.probability, default=0.15,
                    help="share of short clips in --modality image")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the noise and the initial weights")
+    p.add_argument("--seed", type=ca.seed, default=0, help="seed of the data, the noise and the initial weights")
     p.add_argument("--backend", default=None, choices=fk.BACKENDS,
                    help="flagdit_kernels backend for every op that has it (default: the fastest per op)")  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), for GPUs")
@@ -109,17 +128,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=ca.non_negative_int, default=0,
                    help="torch CPU threads per process (default: 0, leave torch's choice)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dist-timeout", type=ca.positive_float, default=DEFAULT_DIST_TIMEOUT_S, metavar="SECONDS",
+                   help="how long a rank waits in a collective for the others before the run fails (raise it if "
+                        "saving a checkpoint takes longer)")  # fmt: skip
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, checked against each other, the model config and the environment (backends, librosa,
+    the torchrun world): every mistake is an argparse error here, before anything exists on disk."""
     p = build_parser()
     args = p.parse_args(argv)
     try:
-        build_config(args.config, args.set)
+        config = build_config(args.config, args.set)
     except (ValueError, TypeError) as e:
         p.error(f"--config/--set: {e}")
+    problem = _data_problem(config, args.modality) or _environment_problem(args) or _world_problem(args, config)
+    if problem:
+        p.error(problem)
     return args
+
+
+def _data_problem(config: FlagDiTConfig, modality: str) -> str | None:
+    if DATA_SIZE_MULTIPLE % config.patch_size:
+        return (
+            f"--set patch_size={config.patch_size}: the data sets' sizes are multiples of {DATA_SIZE_MULTIPLE}, "
+            f"so the patch size must divide {DATA_SIZE_MULTIPLE}"
+        )
+    if modality != "audio" and config.in_channels < VISUAL_CHANNELS:
+        return f"--set in_channels={config.in_channels}: {modality} data has {VISUAL_CHANNELS} channels"
+    return None
+
+
+def _environment_problem(args) -> str | None:
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = ca.backend_problem(args.backend, device_type)
+    if problem:
+        return problem
+    if args.modality in ("audio", "mixed") and importlib.util.find_spec("librosa") is None:
+        return f"--modality {args.modality} needs librosa for its audio: pip install 'flagdit-kernels[audio]'"
+    return None
+
+
+def _world_problem(args, config: FlagDiTConfig) -> str | None:
+    """What the process count torchrun gives (WORLD_SIZE, the same on every rank) cannot do with these
+    arguments: each rank reports the same line and no rank waits for another."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.sp > 1:
+        if world % args.sp or world == 1:
+            return (
+                f"--sp {args.sp} spreads each item over {args.sp} processes: run under torchrun with a multiple of "
+                f"{args.sp} processes (this is {world})"
+            )
+        if args.dist == "none":
+            return f"--sp {args.sp} needs --dist ddp or fsdp (or auto), got --dist none"
+        if args.sp_strategy == "ulysses":
+            from .parallel.ulysses import check_heads
+
+            try:
+                check_heads(config.n_heads, config.kv_heads, args.sp)
+            except ValueError as e:
+                return f"--sp-strategy ulysses: {e} (--sp-strategy ring takes any head count)"
+    data_ranks = world // args.sp
+    if args.batch_size % data_ranks:
+        return f"--batch-size {args.batch_size} must be divisible by the {data_ranks} data-parallel ranks"
+    return None
 
 
 def build_config(name: str, sets: list[tuple[str, object]]) -> FlagDiTConfig:
@@ -164,7 +238,7 @@ def conditioning(config: FlagDiTConfig, modality: list[str], cameras: list, devi
     return kwargs
 
 
-def _setup_distributed(mode: str):
+def _setup_distributed(mode: str, timeout_s: float = DEFAULT_DIST_TIMEOUT_S):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "auto":
         mode = "ddp" if world > 1 else "none"
@@ -176,7 +250,7 @@ def _setup_distributed(mode: str):
         os.environ.setdefault("WORLD_SIZE", "1")
     if mode != "none" and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if torch.cuda.is_available():
@@ -234,6 +308,22 @@ def _load_state_dicts(model, optimizer, model_sd, optim_sd) -> None:
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+class DivergedError(FloatingPointError):
+    """The loss or the weights stopped being finite; nothing of that state was saved."""
+
+
+def finite_everywhere(model, world: int) -> bool:
+    """Whether every rank's parameters (its shards under FSDP) are finite: one all-reduce of a flag, so every
+    rank decides the same."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: this rank's shard
+    ok = torch.tensor([all(bool(torch.isfinite(p).all()) for p in local)], dtype=torch.int32)
+    if world > 1:
+        device = next(model.parameters()).device
+        ok = ok.to(device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConfig, args, rank: int) -> None:
     model_sd, optim_sd = _state_dicts(model, optimizer)
     if rank != 0:
@@ -286,6 +376,28 @@ def truncate_log(path: Path, step: int) -> None:
     atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
+def _check_checkpoint_path(ckpt_path: Path) -> None:
+    """Anything at OUT/ckpt.pt that is not a regular file (or a link to one) is an error, never a fresh start:
+    a dangling link or a loop would otherwise read as "no checkpoint" and be replaced by a run from step 0."""
+    if not os.path.lexists(ckpt_path):
+        return
+    if ckpt_path.is_symlink():
+        try:
+            target = ckpt_path.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing target, or a loop (RuntimeError before Python 3.13)
+            raise RunDirError(
+                f"{ckpt_path} is a symbolic link to {os.readlink(ckpt_path)!r}, which does not resolve (missing, "
+                "or a loop); point it at a checkpoint or remove it"
+            ) from None
+        if not target.is_file():
+            raise RunDirError(f"{ckpt_path} links to {target}, which is not a checkpoint file")
+    elif not ckpt_path.is_file():
+        kind = "a directory" if ckpt_path.is_dir() else "not a regular file"
+        raise RunDirError(f"{ckpt_path} is {kind}, not a checkpoint; move it away or choose another --out")
+    if not os.access(ckpt_path, os.R_OK):
+        raise RunDirError(f"{ckpt_path} is not readable (permissions)")
+
+
 def _claim_run_dir(args, out: Path, ckpt_path: Path, rank: int, world: int):
     """Rank 0 locks OUT and checks that starting here loses no run; every rank raises the same error if not."""
     lock, error = None, None
@@ -293,6 +405,7 @@ def _claim_run_dir(args, out: Path, ckpt_path: Path, rank: int, world: int):
         try:
             out.mkdir(parents=True, exist_ok=True)
             lock = lock_run_dir(out)
+            _check_checkpoint_path(ckpt_path)
             if ckpt_path.exists() and not (args.resume or args.overwrite):
                 lock.close()
                 lock = None
@@ -300,6 +413,9 @@ def _claim_run_dir(args, out: Path, ckpt_path: Path, rank: int, world: int):
                     f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to start over"
                 )
         except (RunDirError, OSError) as e:
+            if lock is not None:
+                lock.close()
+                lock = None
             error = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
     if world > 1:
         box = [error]
@@ -314,7 +430,7 @@ def train(args: argparse.Namespace) -> list[float]:
     """Runs the training loop; returns the global-batch loss of every step run."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    mode, rank, world, device = _setup_distributed(args.dist)
+    mode, rank, world, device = _setup_distributed(args.dist, args.dist_timeout)
     mesh = _sequence_parallel_mesh(args.sp, mode, device)
     data_ranks = world // args.sp
     if args.batch_size % data_ranks:
@@ -331,9 +447,11 @@ def train(args: argparse.Namespace) -> list[float]:
 
 def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path: Path, mesh=None) -> list[float]:
     resume = load_training_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
-    config = FlagDiTConfig(**resume["config"]) if resume else build_config(args.config, args.set)
+    config, start = training_state(resume, ckpt_path) if resume else (build_config(args.config, args.set), 0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = FlagDiT(config, backend=args.backend).to(device)
+    if resume:  # before any wrapping, the same error on every rank
+        check_weights_fit(model, resume["model"], ckpt_path)
     data_rank, data_ranks, data_group, sp = rank, world, None, ""
     if mesh is not None:
         from .parallel import parallelize
@@ -343,10 +461,12 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         sp = f" (sequence-parallel groups of {args.sp}, {model.sequence_parallel.strategy})"
     model = _wrap(model, mode, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    start = 0
+    saved = start if resume else None  # the step of the checkpoint on disk that this run must never lose
     if resume:
-        _load_state_dicts(model, optimizer, resume["model"], resume["optimizer"])
-        start = resume["step"]
+        try:
+            _load_state_dicts(model, optimizer, resume["model"], resume["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{ckpt_path}: the checkpoint's optimizer state does not fit the model: {e}") from e
     encoder = WordEncoder(config.cap_feat_dim)
     log = None
     if rank == 0:
@@ -383,6 +503,8 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         if data_ranks > 1:
             dist.all_reduce(total, group=data_group)
         loss = total.item() / args.batch_size
+        if not math.isfinite(loss):  # the same all-reduced value on every rank: all stop here together
+            raise _stop(bar, log, DivergedError(_diverged(step + 1, f"the loss is {loss}", lr, ckpt_path, saved)))
         losses.append(loss)
         tokens += sum(x.numel() // x.shape[0] // config.patch_size**2 for x in xs) * data_ranks
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
@@ -395,9 +517,13 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
                                   "patch_tokens_per_s": rate}) + "\n")  # fmt: skip
             log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if not finite_everywhere(model, world):  # never replace a good checkpoint by non-finite weights
+                what = "the weights are not finite"
+                raise _stop(bar, log, DivergedError(_diverged(step + 1, what, lr, ckpt_path, saved)))
             if log is not None:
                 os.fsync(log.fileno())  # the log holds every step the checkpoint does
             save_checkpoint(ckpt_path, model, optimizer, step + 1, config, args, rank)
+            saved = step + 1
     if bar is not None:
         bar.close()
     if log is not None:
@@ -411,18 +537,26 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
                   f"checkpoint {ckpt_path}")  # fmt: skip
         else:
             print(f"nothing to do: {ckpt_path} is at step {start} >= --steps {args.steps}")
-    if math.isnan(losses[-1] if losses else 0.0):
-        raise FloatingPointError("the loss became NaN")
     return losses
+
+
+def _stop(bar, log, error: Exception) -> Exception:
+    """``error``, after closing the progress bar (so the error starts a line of its own) and the log."""
+    for handle in (bar, log):
+        if handle is not None:
+            handle.close()
+    return error
+
+
+def _diverged(step: int, what: str, lr: float, ckpt_path: Path, saved: int | None) -> str:
+    kept = f"{ckpt_path} still holds step {saved}" if saved is not None else "no checkpoint was written"
+    return f"training diverged at step {step}: {what} (learning rate {lr:.3g}); nothing was saved, {kept}"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        try:
-            train(args)
-        except (RunDirError, CheckpointError) as e:
-            raise SystemExit(f"flagdit-train: error: {e}") from None
+        ca.run_main("flagdit-train", lambda: train(args), args.debug, (RunDirError, DivergedError))
         if dist.is_initialized():
             # Every rank leaves its last collective (FSDP's checkpoint gather) before any tears gloo down: a
             # rank destroying the group while another is still inside one aborts that rank.

@@ -146,3 +146,51 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="video_fraction must be in"):
         make_item(0, 0, -0.5)
     assert audio.frames_for(0.016) == 2 and audio.frames_for(1.0) == 62
+
+
+def test_stereo_wav_keeps_its_channels_and_bad_shapes_are_refused(tmp_path):
+    import wave
+
+    left = np.linspace(-0.5, 0.5, 300, dtype=np.float32)
+    stereo = np.stack([left, -left])
+    audio.write_wav(tmp_path / "s.wav", stereo)
+    with wave.open(str(tmp_path / "s.wav")) as f:
+        assert (f.getnchannels(), f.getnframes()) == (2, 300)  # 300 frames of 2 samples, not 600 mono frames
+        pcm = np.frombuffer(f.readframes(300), dtype="<i2").reshape(300, 2)
+    assert np.array_equal(pcm[:, 0], (left * 32767).round().astype("<i2"))
+    assert np.array_equal(pcm[:, 1], -pcm[:, 0])
+    with pytest.raises(ValueError, match=r"\(channels, samples\) with 1 to 8 channels, got shape \(300, 2\)"):
+        audio.write_wav(tmp_path / "t.wav", stereo.T)
+    with pytest.raises(ValueError, match="NaN"):
+        audio.write_wav(tmp_path / "n.wav", np.full(10, np.nan))
+    with pytest.raises(TypeError, match="complex"):
+        audio.write_wav(tmp_path / "c.wav", np.zeros(10, dtype=np.complex64))
+
+
+def test_integer_pcm_is_scaled_and_complex_input_refused(tmp_path):
+    import wave
+
+    t = np.arange(audio.samples_for(16)) / audio.SAMPLE_RATE
+    y = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    audio.write_wav(tmp_path / "a.wav", y)
+    with wave.open(str(tmp_path / "a.wav")) as f:
+        pcm = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2")
+    from_pcm, from_float = audio.waveform_to_latent(pcm), audio.waveform_to_latent(y)
+    assert (from_pcm - from_float).abs().max() < 0.01  # quantization only; unscaled PCM saturates at 0 dB
+    assert torch.equal(audio.waveform_to_latent(torch.from_numpy(pcm)), from_pcm)
+    u8 = (np.round(y * 127) + 128).astype(np.uint8)
+    loud = from_float > -0.5  # 8-bit quantization noise (-48 dB) fills the quiet bands
+    assert (audio.waveform_to_latent(u8) - from_float)[loud].abs().max() < 0.1
+    with pytest.raises(TypeError, match="complex"):
+        audio.waveform_to_latent(y.astype(np.complex64) + 1j)
+    with pytest.raises(TypeError, match="complex"):
+        audio.waveform_to_latent(torch.from_numpy(y).to(torch.complex64))
+
+
+def test_latents_the_inverse_cannot_take_are_clear_errors():
+    with pytest.raises(ValueError, match="latent must be finite"):
+        audio.latent_to_waveform(torch.full((1, audio.N_MELS, 8), float("nan")))
+    with pytest.raises(ValueError, match="latent must have >= 2 frames"):
+        audio.latent_to_waveform(torch.zeros(1, audio.N_MELS, 0))
+    with pytest.raises(ValueError, match="patch_size must be a positive int, got 0"):
+        audio.frames_for(1.0, 0)

@@ -353,3 +353,36 @@ def test_model_benchmark_cases_run_in_quick_mode():
     for case in cases:
         assert case.flops > 0 and case.notes["tokens"] > 0 and "reference" in case.impls
         case.impls["reference"]()()
+
+
+BAD_FIELDS = [
+    (dict(n_heads=0), ValueError, "n_heads must be >= 1, got 0"),
+    (dict(dim=32, n_heads=4), ValueError, r"head_dim = dim / n_heads = 32 / 4 = 8: the attention takes multiples"),
+    (dict(dim=264 * 4, n_heads=4), ValueError, "= 264: the attention takes multiples of 8 from 16 to 256"),
+    (dict(multiple_of=0), ValueError, "multiple_of must be >= 1"),
+    (dict(patch_size=0), ValueError, "patch_size must be >= 1"),
+    (dict(norm_eps=-1.0), ValueError, "norm_eps must be a finite number > 0"),
+    (dict(norm_eps=float("nan")), ValueError, "norm_eps must be a finite number > 0"),
+    (dict(cap_feat_dim=0), ValueError, "cap_feat_dim must be >= 1"),
+    (dict(in_channels=0), ValueError, "in_channels must be >= 1"),
+    (dict(dim=64.0), TypeError, "dim must be an int, got 64.0"),
+    (dict(n_layers=True), TypeError, "n_layers must be an int"),
+    (dict(qk_norm=1), TypeError, "qk_norm must be a bool"),
+    (dict(n_kv_heads=0), ValueError, "n_kv_heads must be >= 1"),
+    (dict(ffn_dim_multiplier=0.0), ValueError, "ffn_dim_multiplier must be a finite number > 0"),
+    (dict(rope_theta="big"), TypeError, "rope_theta must be a number"),
+    (dict(n_modalities=-1), ValueError, "n_modalities must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("fields", "error", "message"), BAD_FIELDS, ids=[str(f) for f, _, _ in BAD_FIELDS])
+def test_configs_a_model_cannot_take_are_refused_on_construction(fields, error, message):
+    with pytest.raises(error, match=message):
+        small_config(**fields)
+
+
+def test_a_config_changed_in_place_is_checked_when_the_model_is_built():
+    config = small_config()
+    config.n_heads = 8  # head_dim 8
+    with pytest.raises(ValueError, match="head_dim = dim / n_heads = 64 / 8 = 8"):
+        flagdit.FlagDiT(config)

@@ -110,3 +110,27 @@ def test_infer_config_overrides():
     _, sd = make_case("next")
     cfg = infer_config(sd, norm_eps=1e-6)
     assert cfg.norm_eps == 1e-6 and cfg.variant == "next" and cfg.n_kv_heads == 2
+
+
+def test_ambiguous_checkpoint_directories_are_refused_naming_both_files(tmp_path):
+    from safetensors.torch import save_file
+
+    _, sd = make_case("flag")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    torch.save(sd, shards / "consolidated.00-of-01.pth")
+    torch.save({k: v + 1 for k, v in sd.items()}, shards / "consolidated.0-of-1.pth")  # the same rank, other weights
+    with pytest.raises(CheckpointError, match=r"two files for model-parallel shard 0: consolidated\.0"):
+        read_state_dict(shards)
+    with pytest.raises(CheckpointError, match=r"consolidated\.00-of-01\.pth") as error:
+        flagdit.load_lumina(shards)
+    assert "consolidated.0-of-1.pth" in str(error.value)
+    split = tmp_path / "split"
+    split.mkdir()
+    keys = sorted(sd)
+    save_file({k: sd[k].contiguous() for k in keys[: len(keys) // 2]}, str(split / "a.safetensors"))
+    save_file({k: sd[k].contiguous() for k in keys[len(keys) // 2 :]}, str(split / "b.safetensors"))
+    assert read_state_dict(split).keys() == sd.keys()  # disjoint files join
+    save_file({keys[0]: sd[keys[0]].contiguous() + 1}, str(split / "c.safetensors"))
+    with pytest.raises(CheckpointError, match=r"a\.safetensors and c\.safetensors both hold 1 of the same tensors"):
+        read_state_dict(split)

@@ -4,6 +4,7 @@ errors, and --help."""
 from __future__ import annotations
 
 import json
+import re
 import wave
 
 import pytest
@@ -119,7 +120,7 @@ def test_a_checkpoint_is_never_silently_overwritten(tmp_path):
     assert checkpoint.load_training_checkpoint(tmp_path / "ckpt.pt")["step"] == 1 and _log_steps(tmp_path) == [1]
 
 
-def test_a_second_run_on_one_directory_is_refused(tmp_path):
+def test_a_second_run_on_one_directory_is_refused(tmp_path, capsys):
     held = train.lock_run_dir(tmp_path)  # as a first run holds it
     try:
         with pytest.raises(train.RunDirError, match="in use by another flagdit-train"):
@@ -127,8 +128,12 @@ def test_a_second_run_on_one_directory_is_refused(tmp_path):
     finally:
         held.close()
     assert _run(tmp_path, "--steps", "1")  # free again once the first run ends
-    with pytest.raises(SystemExit, match=r"flagdit-train: error: .* exists: pass --resume"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
         train.main([*SMALL, "--out", str(tmp_path), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.count("\n") == 1, err
+    assert re.match(r"flagdit-train: error: .* exists: pass --resume", err), err
 
 
 def test_checkpoints_are_written_atomically_and_durably(tmp_path, monkeypatch):

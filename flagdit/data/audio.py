@@ -41,6 +41,7 @@ SOUNDS = ("tone", "rising", "falling", "major", "minor", "noise")
 REGISTERS = {"low": (150.0, 300.0), "high": (600.0, 1200.0)}
 WORDS = ("tone", "rising", "falling", "low", "high", "major", "minor", "chord", "noise", "burst")
 _FADE_S = 0.01
+MAX_WAV_CHANNELS = 8
 
 
 def _librosa():
@@ -57,7 +58,9 @@ def _mel_kwargs() -> dict:
 
 def frames_for(duration: float, patch_size: int = 2) -> int:
     """Spectrogram frames for ``duration`` seconds, rounded down to a multiple of ``patch_size``."""
-    if not math.isfinite(duration) or duration <= 0:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration <= 0:
         raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")
     frames = (1 + int(duration * SAMPLE_RATE) // HOP) // patch_size * patch_size
     if frames < patch_size:
@@ -74,9 +77,28 @@ def samples_for(frames: int) -> int:
     return (frames - 1) * HOP
 
 
+def _amplitudes(waveform: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``waveform`` as float32 amplitudes: floats as they are, integer PCM scaled to [-1, 1] (int16 as
+    :func:`write_wav` writes it: / 32768; unsigned 8-bit WAV samples centred on 128)."""
+    raw = np.asarray(waveform.detach().cpu() if isinstance(waveform, torch.Tensor) else waveform)
+    if np.iscomplexobj(raw):
+        raise TypeError(f"waveform must be real samples, got complex dtype {raw.dtype}")
+    if raw.dtype == np.bool_ or not np.issubdtype(raw.dtype, np.number):
+        raise TypeError(f"waveform must hold float amplitudes or integer PCM samples, got dtype {raw.dtype}")
+    if np.issubdtype(raw.dtype, np.signedinteger):
+        return (raw / float(2 ** (8 * raw.dtype.itemsize - 1))).astype(np.float32)
+    if raw.dtype == np.uint8:
+        return ((raw.astype(np.float32) - 128) / 128).astype(np.float32)
+    if np.issubdtype(raw.dtype, np.unsignedinteger):
+        raise TypeError(f"waveform: unsigned PCM other than 8-bit has no standard scale, got dtype {raw.dtype}")
+    return raw.astype(np.float32)
+
+
 def waveform_to_latent(waveform: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``(T,)`` samples at :data:`SAMPLE_RATE` -> ``(1, N_MELS, 1 + T // HOP)`` log-mel latent in [-1, 1]."""
-    y = np.asarray(waveform.detach().cpu() if isinstance(waveform, torch.Tensor) else waveform, dtype=np.float32)
+    """``(T,)`` samples at :data:`SAMPLE_RATE` -> ``(1, N_MELS, 1 + T // HOP)`` log-mel latent in [-1, 1].
+    Float samples are amplitudes; integer samples are PCM (int16 as :func:`write_wav` writes) and are scaled to
+    [-1, 1] first; complex samples are a ``TypeError`` (dropping the imaginary part would be silent)."""
+    y = _amplitudes(waveform)
     if y.ndim != 1:
         raise ValueError(f"waveform must be 1-D (samples,), got shape {y.shape}")
     if y.shape[0] < HOP:
@@ -93,6 +115,10 @@ def latent_to_waveform(latent: torch.Tensor, n_iter: int = GRIFFIN_LIM_ITERS, se
     """``(1, N_MELS, frames)`` latent -> ``(samples_for(frames),)`` float32 waveform (NNLS + Griffin-Lim)."""
     if latent.dim() != 3 or latent.shape[0] != 1 or latent.shape[1] != N_MELS:
         raise ValueError(f"latent must be (1, {N_MELS}, frames), got {tuple(latent.shape)}")
+    if latent.shape[-1] < 2:
+        raise ValueError(f"latent must have >= 2 frames (one hop of samples), got {latent.shape[-1]}")
+    if not torch.isfinite(latent).all():
+        raise ValueError("latent must be finite (it holds NaN or inf: a diverged model?)")
     librosa = _librosa()
     db = (latent[0].detach().cpu().double().clamp(-1, 1).numpy() - 1) * (TOP_DB / 2)
     power = librosa.db_to_power(db) * REF_POWER
@@ -160,10 +186,23 @@ def make_audio(g: torch.Generator, frames: int | None = None) -> Item:
 
 
 def write_wav(path: str | Path | io.BytesIO, waveform: np.ndarray) -> None:
-    """16-bit PCM mono WAV at :data:`SAMPLE_RATE`; samples are clipped to [-1, 1]."""
-    pcm = (np.clip(waveform, -1.0, 1.0) * 32767).round().astype("<i2")
+    """16-bit PCM WAV at :data:`SAMPLE_RATE`: ``(samples,)`` mono or ``(channels, samples)`` with up to
+    :data:`MAX_WAV_CHANNELS` channels (interleaved in the file); float samples are clipped to [-1, 1]."""
+    y = np.asarray(waveform.detach().cpu() if isinstance(waveform, torch.Tensor) else waveform)
+    if np.iscomplexobj(y) or not np.issubdtype(y.dtype, np.floating):
+        raise TypeError(f"waveform must hold float amplitudes, got dtype {y.dtype}")
+    if y.ndim == 1:
+        y = y[None]
+    if y.ndim != 2 or not 1 <= y.shape[0] <= MAX_WAV_CHANNELS:
+        raise ValueError(
+            f"waveform must be (samples,) or (channels, samples) with 1 to {MAX_WAV_CHANNELS} channels, got shape "
+            f"{y.shape} (transpose a (samples, channels) array)"
+        )
+    if np.isnan(y).any():
+        raise ValueError("waveform holds NaN samples")
+    pcm = (np.clip(y, -1.0, 1.0) * 32767).round().astype("<i2").T  # frames of interleaved channels
     with wave.open(str(path) if isinstance(path, Path) else path, "wb") as f:
-        f.setnchannels(1)
+        f.setnchannels(y.shape[0])
         f.setsampwidth(2)
         f.setframerate(SAMPLE_RATE)
         f.writeframes(pcm.tobytes())

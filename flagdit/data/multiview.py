@@ -29,6 +29,7 @@ SOLID_COLORS = tuple(c for c in COLORS if c != "black")  # black solids vanish i
 WORDS = ("beside", *SOLIDS)
 VIEW_SIZE = (16, 16)
 DEFAULT_VIEWS = 4
+MAX_VIEWS = 64  # what the CLIs accept: 64 views of 16x16 are ~4600 tokens, one long packed sample already
 ELEVATION_RANGE = (math.radians(10.0), math.radians(40.0))
 SUPERSAMPLE = 2
 EXTENT = 0.85  # half-width of the orthographic view, in scene units

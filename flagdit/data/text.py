@@ -1,5 +1,6 @@
 """Caption features for the procedural data sets: :class:`WordEncoder`, a frozen stand-in for a language model
-(a fixed random vector per word plus a sinusoidal position code, ``(B, Lt, dim)`` with a mask)."""
+(a fixed random vector per word plus a sinusoidal position code, ``(B, Lt, dim)`` with a mask). Words are read
+lower-cased; a word outside :data:`VOCAB` or a caption of more than ``max_len`` words is a ``ValueError``."""
 
 from __future__ import annotations
 
@@ -28,16 +29,26 @@ class WordEncoder:
         pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
         self.pe = 0.5 * pe
 
+    def words(self, caption: str) -> list[str]:
+        """The caption's words, lower-cased (the vocabulary is lower-case, so "A red circle" reads as "a red
+        circle"); a ``ValueError`` naming the caption for more than ``max_len`` words or a word not in VOCAB."""
+        if not isinstance(caption, str):
+            raise TypeError(f"a caption must be a str, got {type(caption).__name__}")
+        words = caption.lower().split()
+        if len(words) > self.max_len:
+            raise ValueError(f"caption {caption!r} has {len(words)} words; the encoder takes at most {self.max_len}")
+        unknown = [w for w in words if w not in VOCAB]
+        if unknown:
+            raise ValueError(
+                f"caption {caption!r}: {', '.join(map(repr, unknown))} not in the vocabulary ({' '.join(VOCAB[1:])})"
+            )
+        return words
+
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         feats = torch.zeros(len(captions), self.max_len, self.dim)
         mask = torch.zeros(len(captions), self.max_len, dtype=torch.int32)
         for i, caption in enumerate(captions):
-            words = caption.split()
-            if len(words) > self.max_len:
-                raise ValueError(f"caption {caption!r} has {len(words)} words; the encoder takes {self.max_len}")
-            for j, word in enumerate(words):
-                if word not in VOCAB:
-                    raise ValueError(f"unknown word {word!r} in caption {caption!r}; the vocabulary is {VOCAB}")
+            for j, word in enumerate(self.words(caption)):
                 feats[i, j] = self.table[VOCAB.index(word)] + self.pe[j]
                 mask[i, j] = 1
         return feats, mask

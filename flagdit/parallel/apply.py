@@ -30,7 +30,7 @@ import flagdit_kernels as fk
 from ..model import FlagDiT, TokenLayout
 from .mesh import SPGroup, sp_group
 from .ring import ring_attention
-from .sharding import CHUNKED, CONTIGUOUS, ShardedLayout, shard_tokens
+from .sharding import AGREED_DTYPES, CHUNKED, CONTIGUOUS, ShardedLayout, shard_tokens
 from .ulysses import check_heads, ulysses_attention
 
 STRATEGIES = ("auto", "ulysses", "ring")
@@ -66,11 +66,27 @@ class SequenceParallel:
         docstring); returns the whole batch's output on every rank."""
         inputs = model.prepare(x, t, cap_feats, cap_mask, **kwargs)
         layout = inputs.layout
-        shard = shard_tokens(layout.seqs, inputs.packed.seqlens, self.sp, self.shard_kind, inputs.text.seqs)
+        agreement = model_agreement(model, self.shard_kind)
+        shard = shard_tokens(layout.seqs, inputs.packed.seqlens, self.sp, self.shard_kind, inputs.text.seqs, agreement)
         local = TokenLayout(shard.layout, shard.split(layout.freqs), layout.softmax_scale)
         h, adaln_input = model.embed_rows(inputs, shard.rows)
         h = model.transform(h, local, inputs.text, adaln_input)
         return model.unpack_output(shard.gather(h), inputs)
+
+
+def model_agreement(model: FlagDiT, shard_kind: str) -> dict[str, int]:
+    """What every rank of a group must agree about, as integers for :func:`~.sharding.check_batch`: the head
+    counts and widths (shapes of every exchange), the dtype the attention runs in (autocast's, when on) and the
+    strategy (Ulysses' all-to-alls and the ring's shifts never meet: mixing them would hang)."""
+    c = model.config
+    param = next(model.parameters())
+    dtype = param.dtype
+    if torch.is_autocast_enabled(param.device.type):
+        dtype = torch.get_autocast_dtype(param.device.type)
+    code = AGREED_DTYPES.index(dtype) if dtype in AGREED_DTYPES else len(AGREED_DTYPES)
+    strategy = (CONTIGUOUS, CHUNKED).index(shard_kind)
+    return {"n_heads": c.n_heads, "n_kv_heads": c.kv_heads, "head_dim": c.head_dim, "dim": c.dim,
+            "cap_feat_dim": c.cap_feat_dim, "dtype": code, "strategy": strategy}  # fmt: skip
 
 
 def sequence_parallel_attention(

@@ -104,16 +104,30 @@ def _owner(i: torch.Tensor, n: int, parts: int) -> tuple[torch.Tensor, torch.Ten
     return part, part * q + torch.minimum(part, torch.tensor(r))
 
 
-def check_batch(sp: SPGroup, lengths: list[int], text_lengths: list[int], device: torch.device) -> None:
+def check_batch(
+    sp: SPGroup, lengths: list[int], text_lengths: list[int], device: torch.device, model: dict[str, int] | None = None
+) -> None:
     """Raises the same ``ValueError`` on every rank when the ranks were given batches of different layouts
     (token and caption counts per sample; the values are the caller's to keep equal, e.g. by one seed) or a
-    batch that cannot be split; one all-gather of a few integers, which every rank reaches whatever its batch."""
+    batch that cannot be split; one all-gather of a few integers, which every rank reaches whatever its batch.
+    ``model`` (:func:`~.apply.model_agreement`: heads, width, dtype, strategy as integers) travels in the same
+    all-gather, so ranks that disagree about the model fail here, together, before any tensor of a
+    rank-dependent shape is exchanged (which would abort or hang them)."""
     total = sum(lengths)
     weighted = sum((b + 1) * n for b, n in enumerate(lengths)) % (1 << 61)
     text_weighted = sum((b + 1) * n for b, n in enumerate(text_lengths)) % (1 << 61)
-    mine = torch.tensor([total, len(lengths), weighted, sum(text_lengths), text_weighted], device=device)
+    names = list(model or {})
+    values = [total, len(lengths), weighted, sum(text_lengths), text_weighted, *(model or {}).values()]
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
     seen = [torch.empty_like(mine) for _ in range(sp.size)]
     dist.all_gather(seen, mine, group=sp.group)
+    differ = [n for i, n in enumerate(names) if any(int(s[5 + i]) != int(seen[0][5 + i]) for s in seen)]
+    if differ:
+        summary = "; ".join(
+            f"rank {r}: " + ", ".join(f"{n} {describe_value(n, int(s[5 + names.index(n)]))}" for n in differ)
+            for r, s in enumerate(seen)
+        )
+        raise ValueError(f"the ranks of the sequence-parallel group disagree about the model ({summary})")
     if any(not torch.equal(s, seen[0]) for s in seen):
         summary = ", ".join(f"rank {i}: {int(s[0])} tokens in {int(s[1])} samples" for i, s in enumerate(seen))
         raise ValueError(f"the ranks of the sequence-parallel group were given different batches ({summary})")
@@ -124,16 +138,35 @@ def check_batch(sp: SPGroup, lengths: list[int], text_lengths: list[int], device
         )
 
 
+def describe_value(name: str, value: int) -> str:
+    """A model-agreement integer as the words it stands for (dtype and strategy are table indices)."""
+    if name == "dtype":
+        return str(AGREED_DTYPES[value]).removeprefix("torch.") if 0 <= value < len(AGREED_DTYPES) else "other"
+    if name == "strategy":
+        return (CONTIGUOUS, CHUNKED)[value] if value in (0, 1) else "other"
+    return str(value)
+
+
+# The dtypes a model-agreement record names by index (any other dtype is one more code).
+AGREED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def shard_tokens(
-    batch: fk.VarlenLayout, lengths: list[int], sp: SPGroup, kind: str, text: fk.VarlenLayout | None = None
+    batch: fk.VarlenLayout,
+    lengths: list[int],
+    sp: SPGroup,
+    kind: str,
+    text: fk.VarlenLayout | None = None,
+    model: dict[str, int] | None = None,
 ) -> TokenShard:
     """This rank's :class:`TokenShard` of the packed batch ``batch`` whose samples have ``lengths`` tokens
-    (host ints, e.g. ``Packed.seqlens``). ``text``: the captions' layout, checked for agreement too."""
+    (host ints, e.g. ``Packed.seqlens``). ``text``: the captions' layout, and ``model``: what the ranks must
+    agree about the model (:func:`check_batch`), both checked for agreement too."""
     if kind not in (CONTIGUOUS, CHUNKED):
         raise ValueError(f"kind must be {CONTIGUOUS!r} or {CHUNKED!r}, got {kind!r}")
     device = batch.cu_seqlens.device
     text_offsets = text.cu_seqlens.tolist() if text is not None else [0] * (len(lengths) + 1)
-    check_batch(sp, lengths, [b - a for a, b in pairwise(text_offsets)], device)
+    check_batch(sp, lengths, [b - a for a, b in pairwise(text_offsets)], device, model)
     build = contiguous_shard if kind == CONTIGUOUS else chunked_shard
     shard, local_lengths = build(batch, lengths, sp)
     shard.text_offsets = text_offsets

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
@@ -103,6 +105,51 @@ def cpu_note() -> str:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line on stderr (exit status 2); the usage is what --help is for."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds > 0, got {text!r}")
+    return value
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``--device name`` cannot be benchmarked here, or None."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        return f"--device {name!r} is not a torch device ({str(exc).splitlines()[0]}); use cpu or cuda[:N]"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"--device {name}: there are {torch.cuda.device_count()} CUDA devices"
+    elif device.type != "cpu":
+        return f"--device {name}: flagdit-bench times cpu and cuda devices, not {device.type}"
+    return None
+
+
+def json_path_problem(path: str) -> str | None:
+    """Why the --json file cannot be written, checked before the run (whose results it would otherwise lose)."""
+    target = Path(path)
+    if target.is_dir():
+        return f"--json {path} is a directory; give a file name"
+    if not target.parent.is_dir():
+        return f"--json {path}: the folder {target.parent} does not exist"
+    if not os.access(target.parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"--json {path} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
@@ -110,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return report_main(argv[1:])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flagdit-bench",
         usage="flagdit-bench [options]\n       flagdit-bench report JSON... [--md FILE] [--png FILE]",
         description=__doc__,
@@ -125,12 +172,18 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: all)")  # fmt: skip
     parser.add_argument("--ops", default="", help="comma-separated op names to keep (default: all)")
     parser.add_argument(
-        "--rep-ms", type=float, default=None, help="time budget per measurement in ms (default: 100 on GPU, 40 on CPU)"
+        "--rep-ms",
+        type=_positive_ms,
+        default=None,
+        help="time budget per measurement in ms (default: 100 on GPU, 40 on CPU)",
     )
     parser.add_argument(
         "--json", default=None, help="also write the rows and ceilings to this JSON file (default: none)"
     )
     args = parser.parse_args(argv)
+    problem = device_problem(args.device) or (json_path_problem(args.json) if args.json else None)
+    if problem:
+        parser.error(problem)
 
     device = torch.device(args.device)
     quick = args.quick or (device.type == "cpu" and not args.full)
@@ -140,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown families {sorted(unknown)}; choose from {family_names()}")
     keep_ops = {o for o in args.ops.split(",") if o}
+    cases = all_cases(quick, device, families)
+    unknown_ops = keep_ops - {case.op for case in cases}
+    if unknown_ops:
+        parser.error(
+            f"--ops: no case of {sorted(unknown_ops)} in the families {', '.join(families)}; their ops: "
+            f"{', '.join(sorted({case.op for case in cases}))}"
+        )
 
     copy_gbs, mm_tflops = copy_bandwidth_gbs(str(device)), matmul_tflops(str(device))
     print(
@@ -154,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cpu_note())
     print(f"{PEAK_LEGEND}\n\n{format_header()}", flush=True)
     rows: list[dict] = []
-    for case in all_cases(quick, device, families):
+    for case in cases:
         if keep_ops and case.op not in keep_ops:
             continue
         for row in measure(case, device, rep_ms):

@@ -143,10 +143,17 @@ def load(paths: Iterable[str | Path]) -> Results:
             _from_results_log(path, results)
             results.sources.append(str(path))
             continue
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not JSON ({exc})") from None
         if not isinstance(data, dict) or not ("benchmarks" in data or "rows" in data):
             raise ValueError(f"{path}: neither pytest-benchmark JSON ('benchmarks') nor flagdit-bench JSON ('rows')")
-        (_from_pytest_benchmark if "benchmarks" in data else _from_cli)(data, results)
+        try:
+            (_from_pytest_benchmark if "benchmarks" in data else _from_cli)(data, results)
+        except (TypeError, AttributeError, KeyError) as exc:  # the right keys holding the wrong shapes of data
+            what = "pytest-benchmark" if "benchmarks" in data else "flagdit-bench"
+            raise ValueError(f"{path}: malformed {what} JSON ({type(exc).__name__}: {exc})") from None
         results.sources.append(str(path))
     latest: dict[tuple, Row] = {}
     for row in results.rows:
