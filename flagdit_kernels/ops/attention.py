@@ -385,4 +385,6 @@ def _varlen_attention_triton(
 
 _dispatch.register("varlen_attention", "triton", _varlen_attention_triton, dtypes=TRITON_DTYPES, **_dispatch.TRITON)
 
-from . import attention_flash_attn  # noqa: E402, F401 - registers the optional flash_attn backend
+# Registered last (they use the names above): the optional flash_attn backend, and "FLAGDIT" in torch's
+# flash-attention registry.
+from . import attention_flash_attn, attention_torch_flash  # noqa: E402, F401
