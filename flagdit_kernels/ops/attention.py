@@ -19,6 +19,7 @@ from .._validation import (
     check_tensor,
     values_checked,
 )
+from . import attention_engines
 from .rope import check_freqs
 
 SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
@@ -191,24 +192,20 @@ def varlen_attention(
     )
     if freqs is not None:
         check_freqs(freqs, "q", q)
-    fn = _dispatch.resolve("varlen_attention", q, backend, prefer).fn
-    return fn(
-        q,
-        k,
-        v,
-        cu,
-        max_seqlen,
-        softmax_scale,
-        text_k=text_k,
-        text_v=text_v,
-        text_cu_seqlens=text_cu,
-        text_max_seqlen=text_max_seqlen,
-        gate=gate,
-        freqs=freqs,
-        return_lse=return_lse,
-        deterministic=deterministic,
-        **({} if cu_k is None else {"cu_seqlens_k": cu_k, "max_seqlen_k": max_seqlen_k}),
-    )
+    impl = _dispatch.resolve("varlen_attention", q, backend, prefer)
+    args = (q, k, v, cu, max_seqlen, softmax_scale)
+    kwargs = dict(
+        text_k=text_k, text_v=text_v, text_cu_seqlens=text_cu, text_max_seqlen=text_max_seqlen, gate=gate,
+        freqs=freqs, return_lse=return_lse, deterministic=deterministic, **_key_offsets(cu_k, max_seqlen_k),
+    )  # fmt: skip
+    fn = impl.fn
+    chosen_freely = backend is None and prefer is None and _dispatch.forced_backend() is None
+    if chosen_freely and impl.backend == "triton" and q.is_cuda:  # the fastest engine here (attention_engines.py)
+        ordered = deterministic or (
+            torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        )
+        fn = attention_engines.engine_for(impl, args, kwargs, deterministic=ordered)
+    return fn(*args, **kwargs)
 
 
 def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
@@ -385,6 +382,6 @@ def _varlen_attention_triton(
 
 _dispatch.register("varlen_attention", "triton", _varlen_attention_triton, dtypes=TRITON_DTYPES, **_dispatch.TRITON)
 
-# Registered last (they use the names above): the optional flash_attn backend, and "FLAGDIT" in torch's
-# flash-attention registry.
-from . import attention_flash_attn, attention_torch_flash  # noqa: E402, F401
+# Registered last (they use the names above): the optional flash_attn and torch_varlen backends, and "FLAGDIT"
+# in torch's flash-attention registry.
+from . import attention_flash_attn, attention_torch_flash, attention_torch_varlen  # noqa: E402, F401

@@ -45,9 +45,11 @@ class _LseGradient(torch.autograd.Function):
     reaches the LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, deterministic, has_keys):
+    def forward(ctx, attend, q, k, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, deterministic,
+                has_keys):  # fmt: skip
         ctx.save_for_backward(q, k, cu_seqlens, cu_seqlens_k, has_keys)
         ctx.sizes = (max_seqlen, max_seqlen_k, scale, deterministic)
+        ctx.attend = attend
         return lse.clone()
 
     @staticmethod
@@ -58,13 +60,13 @@ class _LseGradient(torch.autograd.Function):
         g_rows = torch.where(has_keys[:, None, None], g.transpose(0, 1).unsqueeze(-1), 0.0)  # (T, H, 1)
         with torch.enable_grad():
             values = k.detach().requires_grad_()
-            p_k = flash_varlen_func()(
+            p_k = ctx.attend(
                 q.detach(), k.detach(), values, cu, cu_k, max_seqlen, max_seqlen_k, softmax_scale=scale,
                 causal=False, deterministic=deterministic,
             )  # fmt: skip
             (dk,) = torch.autograd.grad(p_k, values, (g_rows * q.float()).to(q.dtype))
         dq = (scale * g_rows * _where_keys(has_keys, p_k).float()).to(q.dtype)
-        return dq, scale * dk, None, None, None, None, None, None, None, None
+        return None, dq, scale * dk, None, None, None, None, None, None, None, None
 
 
 def _rows_with_keys(cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -83,7 +85,21 @@ def _varlen_attention_flash_attn(
     text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False, cu_seqlens_k=None,
     max_seqlen_k=None,
 ):  # fmt: skip
-    attend = flash_varlen_func()
+    return compose(
+        flash_varlen_func(), q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k=text_k, text_v=text_v,
+        text_cu_seqlens=text_cu_seqlens, text_max_seqlen=text_max_seqlen, gate=gate, freqs=freqs,
+        return_lse=return_lse, deterministic=deterministic, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
+
+
+def compose(
+    attend, q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, text_k=None, text_v=None, text_cu_seqlens=None,
+    text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False, cu_seqlens_k=None,
+    max_seqlen_k=None,
+):  # fmt: skip
+    """``varlen_attention``'s contract around ``attend``, a function with ``flash_attn_varlen_func``'s signature
+    (flash-attn's own, or torch's ``varlen_attn`` adapted): RoPE first, self-attention, the gated text branch,
+    0 and LSE -inf for samples without keys, the LSE's gradient."""
     scale = float(softmax_scale)
     cu_seqlens = cu_seqlens.contiguous()
     cross = cu_seqlens_k is not None
@@ -104,15 +120,16 @@ def _varlen_attention_flash_attn(
             lse = torch.where(has_keys[None, :], lse, -math.inf)
     if return_lse:
         has_keys = has_keys if cross else torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
-        lse = _LseGradient.apply(q, k, lse, cu_seqlens, cu_k, max_seqlen, max_k, scale, deterministic, has_keys)
-    out = _add_text(out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate,
+        lse = _LseGradient.apply(attend, q, k, lse, cu_seqlens, cu_k, max_seqlen, max_k, scale, deterministic,
+                                 has_keys)  # fmt: skip
+    out = _add_text(attend, out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate,
                     deterministic)  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-def _add_text(out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, deterministic):
+def _add_text(attend, out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate,
+              deterministic):  # fmt: skip
     """out + tanh(gate) * the text cross-attention of the same (rotated) queries; out alone without text."""
-    attend = flash_varlen_func()
     if text_k is None:
         return out
     if text_k.shape[0] == 0:  # no sample has text: out + tanh(gate) * 0 keeps d gate an exact zero
