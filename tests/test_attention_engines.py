@@ -21,8 +21,10 @@ from flagdit_kernels.ops import attention_engines as engines
 @pytest.fixture(autouse=True)
 def _fresh_choices():
     engines._chosen.clear()
+    engines._fast.clear()
     yield
     engines._chosen.clear()
+    engines._fast.clear()
 
 
 def _recorder(timings: dict[str, float]):
@@ -164,6 +166,13 @@ def test_untimed_regimes_take_the_default_while_compiling_and_backend_forces_one
     default = _dispatch.Impl("varlen_attention", "triton", lambda *a, **k: "default", ("cuda",))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert engines.engine_for(default, *_call_args(), deterministic=False) is default.fn and not ran
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    args, kwargs = _call_args()
+    engines.engine_for(default, args, kwargs, deterministic=False)  # timed outside the trace
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ran.clear()
+    engines.engine_for(default, args, kwargs, deterministic=False)(*args, **kwargs)
+    assert ran == ["torch_varlen"], "a regime timed before the trace keeps its engine in it"
     monkeypatch.undo()
 
     def must_not_run(*args, **kwargs):

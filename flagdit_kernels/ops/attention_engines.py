@@ -35,6 +35,7 @@ DETERMINISTIC = {"triton": True, "flash_attn": True, "torch_varlen": False}
 CACHE_VERSION = 1
 
 _chosen: dict[str, str] = {}  # key -> engine, this process
+_fast: dict[tuple, Callable] = {}  # engine_for's per-call lookup of the same choices
 
 
 def chosen() -> dict[str, str]:
@@ -122,10 +123,6 @@ def choose(
     return engine
 
 
-def _cached(fields: dict, names: list[str]) -> str | None:
-    return _chosen.get(json.dumps({**fields, "engines": sorted(names)}, sort_keys=True, default=str))
-
-
 def _timed_call(fn: Callable, args: tuple, kwargs: dict, backward: bool) -> Callable[[], object]:
     """A closure running the call (forward, and backward on fresh leaves when ``backward``)."""
     if not backward:
@@ -153,10 +150,22 @@ def _timed_call(fn: Callable, args: tuple, kwargs: dict, backward: bool) -> Call
 
 def engine_for(default: _dispatch.Impl, args: tuple, kwargs: dict, *, deterministic: bool) -> Callable:
     """The function ``varlen_attention`` runs: ``default``'s (the resolved backend), or the fastest engine."""
-    q, k = args[0], args[1]
     from ..triton import attention_autotune as tuning
 
     if tuning.AUTOTUNE_MODE != "1":
+        return default.fn
+    q, k = args[0], args[1]
+    text, rope, cross = kwargs.get("text_k") is not None, kwargs.get("freqs") is not None, "cu_seqlens_k" in kwargs
+    backward = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (*args, *kwargs.values())
+    )
+    # This process's choice, by plain Python values (no device query: cheap per call, and traceable).
+    seen = (q.device, q.dtype, q.shape[-1], q.shape[1], k.shape[1], text, rope, cross, backward, deterministic,
+            tuning.seq_bucket(args[4]))  # fmt: skip
+    fn = _fast.get(seen)
+    if fn is not None:
+        return fn
+    if torch.compiler.is_compiling():  # nothing can be timed in a trace
         return default.fn
     names = []
     for name in ENGINES:
@@ -166,19 +175,15 @@ def engine_for(default: _dispatch.Impl, args: tuple, kwargs: dict, *, determinis
             names.append(_dispatch.resolve("varlen_attention", q, backend=name).backend)
         except ValueError:  # not installed, or not for this device / dtype
             continue
-    if len(names) < 2:
-        return default.fn
     impls = {name: _dispatch.resolve("varlen_attention", q, backend=name).fn for name in names}
-    backward = torch.is_grad_enabled() and any(
-        isinstance(x, torch.Tensor) and x.requires_grad for x in (*args, *kwargs.values())
-    )
-    fields = regime(
-        q, k, args[4], text=kwargs.get("text_k") is not None,
-        rope=kwargs.get("freqs") is not None, cross="cu_seqlens_k" in kwargs, backward=backward,
-        deterministic=deterministic,
-    )  # fmt: skip
-    if torch.compiler.is_compiling():
-        return impls.get(_cached(fields, names) or "", default.fn)
-    candidates = {name: _timed_call(fn, args, kwargs, backward) for name, fn in impls.items()}
-    engine = choose(fields, candidates, measure=tuning.measure, directory=tuning.cache_dir(), warn=tuning._warn_once)
-    return impls[engine]
+    if len(impls) < 2:
+        fn = default.fn
+    else:
+        fields = regime(q, k, args[4], text=text, rope=rope, cross=cross, backward=backward,
+                        deterministic=deterministic)  # fmt: skip
+        candidates = {name: _timed_call(f, args, kwargs, backward) for name, f in impls.items()}
+        engine = choose(fields, candidates, measure=tuning.measure, directory=tuning.cache_dir(),
+                        warn=tuning._warn_once)  # fmt: skip
+        fn = impls[engine]
+    _fast[seen] = fn
+    return fn
