@@ -171,6 +171,37 @@ def chroma_inputs(batch=2, image=6, text=5):
     return inputs
 
 
+def ltx_model():
+    return _randomize(
+        diffusers.LTXVideoTransformer3DModel(
+            in_channels=8,
+            out_channels=8,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            cross_attention_dim=32,
+            num_layers=1,
+            caption_channels=24,
+        ),
+        seed=0,
+    )
+
+
+def ltx_inputs(batch=2):
+    # A padded prompt: LTX turns it into a -10000 additive bias repeated per head, (B, H, 1, Lt).
+    keep = torch.ones(batch, 6, device=DEVICE)
+    keep[0, 4:] = 0
+    return dict(
+        hidden_states=fresh((batch, 2 * 2 * 3, 8), torch.float32, seed=1),
+        encoder_hidden_states=fresh((batch, 6, 24), torch.float32, seed=2),
+        timestep=torch.tensor([300, 700][:batch], device=DEVICE),
+        encoder_attention_mask=keep,
+        num_frames=2,
+        height=2,
+        width=3,
+        return_dict=False,
+    )
+
+
 MODELS = {
     # name: (model, inputs, dispatcher calls per forward that run varlen / native, whether masks reach it)
     "flux": (flux_model, flux_inputs, {"varlen": 2}, False),
@@ -178,6 +209,7 @@ MODELS = {
     "wan": (wan_model, wan_inputs, {"varlen": 4}, True),  # its text attention: cross-attention, Lq != Lk
     "cosmos-text-as-long-as-video": (cosmos_model, cosmos_inputs, {"varlen": 2}, True),
     "chroma-boolean-mask": (chroma_model, chroma_inputs, {"varlen": 2}, True),
+    "ltx-padded-prompt": (ltx_model, ltx_inputs, {"varlen": 2}, True),
 }
 
 
@@ -268,17 +300,20 @@ def _keep(batch: int, length: int) -> torch.Tensor:
     return keep
 
 
-def _against_native(q, k, v, attn_mask, native_mask, **kwargs):
-    """Ours (reference backend) and native on every row, outputs and q/k/v gradients (rel-L2 1e-5)."""
+def _against_native(q, k, v, attn_mask, native_mask, native_dtype=torch.float32, **kwargs):
+    """Ours (reference backend) and native (on ``native_dtype`` copies) on every row, outputs and q/k/v
+    gradients (rel-L2 1e-5)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    native_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    native_leaves = [t.detach().to(native_dtype).requires_grad_() for t in (q, k, v)]
+    if native_mask is not None and native_mask.is_floating_point():
+        native_mask = native_mask.to(native_dtype)
     upstream = fresh(q.shape, torch.float32, seed=7)
     with fkd.attention_backend(backend="reference"):
         out = attention_dispatch.dispatch_attention_fn(*leaves, attn_mask=attn_mask, **kwargs)
     native = attention_dispatch.dispatch_attention_fn(*native_leaves, attn_mask=native_mask, backend="native",
                                                       **kwargs)  # fmt: skip
     (out * upstream).sum().backward()
-    (native * upstream).sum().backward()
+    (native * upstream.to(native_dtype)).sum().backward()
     assert_rel_close(out, native, 1e-5, "every row")
     for name, a, b in zip("qkv", leaves, native_leaves):
         assert_rel_close(a.grad, b.grad, 1e-5, f"grad {name}")
@@ -330,3 +365,25 @@ def test_separable_per_query_masks_run_ours_and_compiled_tracing_runs_native(mon
     # While torch.compile traces, the separability test (a host read) is not possible: native, and said so.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert diffusers_attention._key_mask(outer, 2, 9, 9)[2].startswith("per-query mask while torch.compile traces")
+
+
+def test_float_padding_biases_and_per_head_copies_are_key_masks(monkeypatch):
+    # 0 / -10000 biases (LTX-Video's), repeated per head as diffusers' prepare_attention_mask does; a sample
+    # whose every key carries the bias: the constant cancels, every key counts (as native). And -inf biases.
+    q = fresh((2, 6, 2, 16), torch.float32, seed=1)
+    k, v = (fresh((2, 5, 2, 16), torch.float32, seed=s) for s in (2, 3))
+    keep = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    keep[0, 3:] = False
+    keep[1] = False
+    bias = ((~keep).float() * -10000.0)[:, None, None, :].repeat(1, 2, 1, 1)  # (B, H, 1, Lk), real copies
+    # Native in float64: in fp32 it rounds score - 10000 to a 1e-3 grid (the all-biased sample), ours does not.
+    _against_native(q, k, v, bias, bias, native_dtype=torch.float64)
+    inf_bias = torch.zeros(2, 1, 1, 5, device=DEVICE).masked_fill(~keep[:, None, None, :], float("-inf"))
+    inf_bias[1] = 0.0  # (a fully -inf row is NaN in SDPA's fused kernels; only the math path gives 0)
+    _against_native(q, k, v, inf_bias, inf_bias)
+    assert diffusers_attention.calls() == {"varlen": 2}
+    # Biases that are not a key selection, or any value read while torch.compile traces: native.
+    small = bias / 100
+    assert "not a 0 / <= -10000 key mask" in diffusers_attention._key_mask(small, 2, 6, 5)[2]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "while torch.compile traces" in diffusers_attention._key_mask(bias, 2, 6, 5)[2]

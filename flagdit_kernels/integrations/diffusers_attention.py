@@ -35,21 +35,24 @@ What runs where, per call (``calls()`` counts both):
   as many tokens), so no query row is ever removed: each sample's keys are reordered on the device (kept keys
   first, a stable sort) and its queries attend to its kept keys; the masked keys form a second key sequence
   that no query attends. No host sync; ``max_seqlen`` / ``max_seqlen_k`` come from the shapes;
-- a boolean mask of shape ``(B|1, 1, Lq, Lk)`` whose query rows differ in memory (Chroma's blocks build
-  ``keep[:, None, None, :] * keep[:, None, :, None]``): it runs our kernel when it is separable, every query row
-  either the same key mask (the keys any row sees) or entirely False. That is computed on the device, but the
-  decision needs one host read of one boolean per call (a sync); while ``torch.compile`` traces no host read
-  is possible, so such masks run native there (``calls()`` says so), as do masks that are not separable;
+- masks whose shape alone does not prove them key masks run our kernel after one host read of one boolean
+  per call (a sync), computed on the device: a boolean ``(B|1, 1, Lq, Lk)`` whose query rows differ in memory
+  (Chroma's blocks build ``keep[:, None, None, :] * keep[:, None, :, None]``) when it is separable, every query
+  row either the same key mask (the keys any row sees) or entirely False; a mask repeated per head
+  (``(B, H, ...)``, diffusers' ``prepare_attention_mask``) whose heads are equal; a float mask whose values are
+  0 and one constant <= -1e4 (LTX-Video's ``-10000`` padding bias; a sample biased everywhere keeps every key,
+  since the constant cancels, and -inf keeps none). While ``torch.compile`` traces no host read is possible, so
+  these run native there (``calls()`` says so), as do masks that fail the test;
 - GQA (``enable_gqa`` with fewer key/value heads) directly;
-- everything else runs diffusers' native backend, unchanged: dropout, causal, ``return_lse``, float masks
-  (additive biases: LTX-Video's ``-10000`` padding bias and ChromaPipeline's float 0/1 mask are added to the
-  logits, which a key selection does not reproduce), masks that vary per head, head dims outside
-  ``fk.varlen_attention``'s range.
+- everything else runs diffusers' native backend, unchanged: dropout, causal, ``return_lse``, other float
+  masks (additive biases, e.g. ChromaPipeline's float 0/1 mask, which diffusers adds to the logits), masks
+  that vary per head, head dims outside ``fk.varlen_attention``'s range.
 
-Which rows differ from native: none, except query rows that see no key at all (a sample whose key mask is all
-False, or a fully masked row of a per-query mask): ours are exactly 0 with zero gradients, as torch's math
-SDPA gives since torch 2.5 (its "safe softmax"); fused SDPA kernels may return NaN there. Every other row,
-masked tokens' rows included, attends to the kept keys exactly as native does.
+Which rows differ from native: none, except query rows that see no key at all (a sample whose boolean or -inf
+key mask is all False, or a fully masked row of a per-query mask): ours are exactly 0 with zero gradients, as
+torch's math SDPA gives since torch 2.5 (its "safe softmax"); fused SDPA kernels may return NaN there. Every
+other row, masked tokens' rows included, attends to the kept keys exactly as native does (with a -1e4 bias,
+native's weight of a biased key beside a kept one is exp(-1e4 + ...) = 0 in fp32 too).
 """
 
 from __future__ import annotations
@@ -141,22 +144,49 @@ def reset_attention_backend(model: nn.Module) -> None:
     _preference["backend"] = None
 
 
+# An additive float mask selects keys when each value is 0 (kept) or one constant at most this (masked): a
+# masked key's weight exp(bias + score - max) is then exactly 0 in fp32 beside any kept key (for scores within
+# a few thousand of each other), as a key selection gives. diffusers' padding biases are -10000 (LTX-Video).
+MASKING_BIAS = -1e4
+
+
+def _as_boolean(attn_mask: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """A float mask of 0 / one masking constant as the boolean key selection it equals (one host read), else
+    (None, why). Rows with no 0 at all: a finite constant cancels in the softmax (every key kept); -inf keeps
+    none (the row is 0, as torch's math SDPA gives)."""
+    if torch.compiler.is_compiling():
+        return None, f"{attn_mask.dtype} mask while torch.compile traces (reading its values is a host read)"
+    low = attn_mask.amin()
+    if not bool(((attn_mask == 0) | (attn_mask == low)).all() & (low <= MASKING_BIAS)):  # the one host read
+        return None, f"{attn_mask.dtype} mask (an additive bias on the logits, not a 0 / <= {MASKING_BIAS:g} key mask)"
+    keep = attn_mask == 0
+    if torch.isfinite(low):
+        keep = keep | ~keep.any(dim=-1, keepdim=True)
+    return keep, ""
+
+
 def _key_mask(attn_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int):
     """``(keep, live, why)``: ``keep`` the ``(B, Lk)`` bool key mask (None: no mask), ``live`` the ``(B, Lq)``
     bool rows that see any key for a per-query mask (else None), or ``why`` not (then the call runs native)."""
     if attn_mask is None:
         return None, None, ""
-    if attn_mask.dtype != torch.bool:
-        return None, None, f"{attn_mask.dtype} mask (an additive bias on the logits, not a key selection)"
     shape = tuple(attn_mask.shape)
     if attn_mask.dim() > 4 or shape[-1] != k_len:
         return None, None, f"mask of shape {shape} is not (..., Lk = {k_len})"
-    if attn_mask.dim() == 4 and shape[1] != 1:
-        return None, None, f"mask of shape {shape} varies per head"
     if attn_mask.dim() >= 3 and shape[-2] not in (1, q_len):
         return None, None, f"mask of shape {shape} does not broadcast over the queries"
     if attn_mask.dim() > 1 and shape[0] not in (1, batch):
         return None, None, f"mask of shape {shape} does not broadcast over the batch"
+    if attn_mask.dtype != torch.bool:
+        attn_mask, why = _as_boolean(attn_mask)
+        if why:
+            return None, None, why
+    if attn_mask.dim() == 4 and shape[1] != 1:  # diffusers' prepare_attention_mask repeats a mask per head
+        if torch.compiler.is_compiling():
+            return None, None, f"mask of shape {shape} while torch.compile traces (comparing heads is a host read)"
+        if not torch.equal(attn_mask, attn_mask[:, :1].expand(shape)):  # a host read
+            return None, None, f"mask of shape {shape} varies per head"
+        attn_mask = attn_mask[:, :1]
     rows = attn_mask.reshape(shape[0] if attn_mask.dim() > 1 else 1, -1, k_len)  # (B|1, Lq|1, Lk)
     if rows.shape[1] == 1 or attn_mask.stride(-2) == 0:  # one key mask for every query row, by its shape
         return rows[:, 0].expand(batch, k_len), None, ""
