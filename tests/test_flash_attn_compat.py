@@ -202,3 +202,26 @@ def test_one_line_swap_by_module_aliasing(monkeypatch):
         bert_padding.pad_input,
         bert_padding.unpad_input,
     )
+
+
+def test_a_lumina_next_style_call_by_keyword_matches_its_sdpa_path():
+    # Lumina-Next's attention (written here from its call pattern): padded (B, L, H, D) tokens with a key/query
+    # padding mask, unpadded by index_first_axis with one offsets tensor for queries and keys, attended by
+    # keyword, padded back; in fp16 it must match its own fp32 SDPA path within flash-attn's test criterion.
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, _ = _inputs(2, 24, 24, 4, 2, 32, torch.float16, seed=5)
+    x_mask = _padding_mask(24, 2, gen, "random")
+    lengths = x_mask.sum(-1, dtype=torch.int32)
+    indices = torch.nonzero(x_mask.flatten()).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    rows = [bert_padding.index_first_axis(t.reshape(48, t.shape[2], 32), indices) for t in (q, k, v)]
+    scale = math.sqrt(math.log(24, 16) / 32)  # its proportional attention scale
+    out = fa.flash_attn_varlen_func(
+        *rows, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=lengths.max().item(),
+        max_seqlen_k=lengths.max().item(), dropout_p=0.0, causal=False, softmax_scale=scale,
+    )  # fmt: skip
+    out = bert_padding.pad_input(out, indices, 2, 24)
+    out_ref, _ = _attention_ref(q, k, v, x_mask, x_mask, scale)
+    out_pt, _ = _attention_ref(q, k, v, x_mask, x_mask, scale, upcast=False)
+    _check(out, out_ref, out_pt, "output")
+    assert torch.count_nonzero(out[~x_mask]) == 0  # padded rows: zeros, as pad_input gives
