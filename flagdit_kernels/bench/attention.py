@@ -116,6 +116,15 @@ def _padded_flash(seqlens: list[int]):
     return run
 
 
+def _flash_attn_dense():
+    """flash-attn's flash_attn_func on (B, L, H, Dh), where flash-attn is installed; else None."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
 def _torch_varlen_attn(cu: torch.Tensor, length: int):
     """torch's varlen_attn over a dense (B, L, H, Dh) batch flattened to packed rows; None before torch 2.10."""
     try:
@@ -227,6 +236,11 @@ def _dense_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[
                 for name in ("flash", "cudnn"):
                     impls[f"SDPA {name}"] = lambda name=name, leaves=leaves, direction=direction: _timed(
                         _sdpa_backend(name), leaves, direction
+                    )
+                dense_flash = _flash_attn_dense()
+                if dense_flash is not None:
+                    impls["flash_attn"] = lambda leaves=leaves, direction=direction, fn=dense_flash: _timed(
+                        fn, leaves, direction
                     )
                 varlen = _torch_varlen_attn(cu, L)
                 if varlen is not None:
