@@ -237,3 +237,19 @@ def test_torch_varlen_steps_aside_while_flagdit_is_active():
         assert "FLAGDIT" in attention_torch_varlen._why_missing()
     finally:
         attention.restore_flash_attention_impl()
+
+
+def test_a_timed_choice_is_traced_without_graph_breaks(fake_engines):
+    ran, timings = fake_engines
+    timings.update(triton=1.0, torch_varlen=0.4, flash_attn=0.7)
+    default = _dispatch.Impl("varlen_attention", "triton", lambda *a, **k: a[0] * 2.0, ("cuda",))
+    args, kwargs = _call_args()
+    engines.engine_for(default, args, kwargs, deterministic=False)  # timed eagerly first
+
+    def call(q):
+        fn = engines.engine_for(default, (q, *args[1:]), kwargs, deterministic=False)
+        return fn(q, *args[1:], **kwargs)
+
+    ran.clear()
+    out = torch.compile(call, fullgraph=True, backend="eager")(args[0])
+    assert ran == ["torch_varlen"] and torch.equal(out, args[0])
