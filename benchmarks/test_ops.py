@@ -57,7 +57,12 @@ def test_op(benchmark, case, impl, bench_device):
         )
         attention = sys.modules.get("flagdit_kernels.triton.varlen_attention")
         if attention is not None and attention.AUTOTUNE_MODE == "1":
-            benchmark.extra_info["tuned_tiles"] = attention.tuned_tiles()  # what the autotuner chose so far
+            engines = sys.modules["flagdit_kernels.ops.attention_engines"].chosen()  # which engine each regime kept
+            # what the autotuner chose so far
+            benchmark.extra_info["tuned_tiles"] = {
+                **attention.tuned_tiles(),
+                **({"engine": engines} if engines else {}),
+            }
     benchmark.pedantic(
         run, rounds=10 if not benchmark.disabled else 1, warmup_rounds=1 if not benchmark.disabled else 0
     )

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda", "cpu", "flash_attn")
+BACKENDS = ("reference", "triton", "cuda", "cpu", "flash_attn", "torch_varlen")
 ENV_VAR = "FLAGDIT_KERNELS_BACKEND"
 
 # Fastest first. Ops override this per device (set_preference) once measurements say otherwise.

@@ -35,7 +35,10 @@ def triton_status(cuda: bool) -> str:
 
 
 def backend_info() -> dict:
-    """A summary of backends: the extension's build, Triton, CUDA, and each op's available backends."""
+    """A summary of backends: the extension's build, Triton, CUDA, each op's available backends, and the engine
+    each attention regime chose by measurement (ops/attention_engines.py)."""
+    from .ops import attention_engines
+
     ext = extension()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -50,4 +53,5 @@ def backend_info() -> dict:
         "default_device": device,
         "forced_backend": _dispatch.forced_backend(),
         "ops": {op: _dispatch.available_backends(op, device) for op in _dispatch.ops()},
+        "attention_engines": attention_engines.chosen(),  # the engine each attention regime chose (measured)
     }

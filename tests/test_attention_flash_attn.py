@@ -150,3 +150,37 @@ def test_lse_and_its_gradient(flash_attn):
     for name in x:
         g, r = mine[name].grad.double(), exp[name].grad
         assert (g - r).norm() / r.norm() < tol, name
+
+
+def test_cross_attention_with_a_sample_without_keys(flash_attn):
+    # Keys packed by their own offsets (more and fewer than the queries, none for one sample: NaN from the
+    # stand-in, 0 and LSE -inf from the backend), GQA 4 -> 2, a text branch; output, LSE and every gradient.
+    gen = torch.Generator().manual_seed(7)
+    q_lens, k_lens, heads, kv_heads, dim = [13, 4, 9], [20, 0, 3], 4, 2, 32
+    shapes = {"q": (26, heads), "k": (23, kv_heads), "v": (23, kv_heads), "text_k": (5, kv_heads)}
+    shapes["text_v"] = (5, kv_heads)
+    x = {n: torch.randn(*s, dim, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    x["gate"] = torch.randn(heads, generator=gen, dtype=torch.float64)
+    fixed = dict(cu_seqlens=_offsets(q_lens), max_seqlen=13, softmax_scale=0.2, cu_seqlens_k=_offsets(k_lens))
+    fixed.update(max_seqlen_k=20, text_cu_seqlens=_offsets([2, 3, 0]), text_max_seqlen=3, return_lse=True)
+    w_out = torch.randn(26, heads, dim, generator=gen, dtype=torch.float64)
+    w_lse = torch.randn(heads, 26, generator=gen, dtype=torch.float64)
+    finite = torch.ones(26, dtype=torch.bool)
+    finite[13:17] = False
+
+    def run(fn, leaves):
+        out, lse = fn(**leaves, **fixed)
+        ((out.double() * w_out).sum() + (lse[:, finite].double() * w_lse[:, finite]).sum()).backward()
+        return out, lse
+
+    mine = {n: t.to(torch.float16).requires_grad_() for n, t in x.items()}
+    exp = {n: t.clone().requires_grad_() for n, t in x.items()}
+    out, lse = run(fa._varlen_attention_flash_attn, mine)
+    exp_out, exp_lse = run(ref.varlen_attention, exp)
+    tol = TOLERANCE["attention"][torch.float16]
+    assert torch.isneginf(lse[:, ~finite]).all() and torch.isneginf(exp_lse[:, ~finite]).all()
+    assert (out.double() - exp_out).norm() / exp_out.norm() < tol
+    assert (lse[:, finite].double() - exp_lse[:, finite]).norm() / exp_lse[:, finite].norm() < tol
+    for name in x:
+        g, r = mine[name].grad.double(), exp[name].grad
+        assert torch.isfinite(g).all() and (g - r).norm() / r.norm() < tol, name

@@ -1,7 +1,9 @@
-"""fk.varlen_attention as a backend of diffusers' attention dispatcher, on tiny random Flux and Wan transformers.
+"""fk.varlen_attention as a backend of diffusers' attention dispatcher, on tiny random Flux, Wan, Cosmos and
+Chroma transformers.
 
-Outputs and gradients against diffusers' native backend (fp32 rel-L2 < 1e-4); padding masks become packed
-layouts, what the kernel does not cover runs the native backend and is counted as such.
+Outputs and gradients against diffusers' native backend (fp32 rel-L2 < 1e-4); padding masks become packed key
+layouts (cross-attention: no query row is removed), what the kernel does not cover runs the native backend and
+is counted as such. Masked calls go through ``cu_seqlens_k``: their Triton cases need launchers that take it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import torch
 from helpers import DEVICE, assert_rel_close, fresh
 from integration_fixtures import backends
+from test_attention_cross import launchers_take_key_offsets
 from torch import nn
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
@@ -105,11 +108,108 @@ def wan_inputs(batch=2):
     )
 
 
+def cosmos_model():
+    # Text keys as many as video queries (8 = 1 frame x 2 x 4 patches): a cross-attention with Lq == Lk.
+    return _randomize(
+        diffusers.CosmosTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=1,
+            mlp_ratio=2.0,
+            text_embed_dim=24,
+            adaln_lora_dim=4,
+            max_size=(4, 8, 8),
+            patch_size=(1, 2, 2),
+            concat_padding_mask=False,  # its padding-mask resize needs torchvision
+        ),
+        seed=0,
+    )
+
+
+def cosmos_inputs(batch=2):
+    keep = torch.ones(batch, 8, dtype=torch.bool, device=DEVICE)
+    keep[0, 5:] = False  # the video rows at these positions must still attend the kept text
+    keep[1, 0] = False
+    return dict(
+        hidden_states=fresh((batch, 4, 1, 4, 8), torch.float32, seed=1),
+        timestep=torch.tensor([0.3, 0.7][:batch], device=DEVICE),
+        encoder_hidden_states=fresh((batch, 8, 24), torch.float32, seed=2),
+        attention_mask=keep,
+        return_dict=False,
+    )
+
+
+def chroma_model():
+    return _randomize(
+        diffusers.ChromaTransformer2DModel(
+            patch_size=1,
+            in_channels=8,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            axes_dims_rope=(4, 6, 6),
+            approximator_num_channels=8,
+            approximator_hidden_dim=16,
+            approximator_layers=1,
+        ),
+        seed=0,
+    )
+
+
+def chroma_inputs(batch=2, image=6, text=5):
+    # A boolean prompt mask over the joint [text, image] sequence: Chroma's blocks turn it into (B, 1, L, L).
+    inputs = flux_inputs(batch, image, text)
+    del inputs["pooled_projections"]
+    keep = torch.ones(batch, text + image, dtype=torch.bool, device=DEVICE)
+    keep[0, 3:text] = False
+    keep[1, 1] = False
+    inputs["attention_mask"] = keep
+    return inputs
+
+
+def ltx_model():
+    return _randomize(
+        diffusers.LTXVideoTransformer3DModel(
+            in_channels=8,
+            out_channels=8,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            cross_attention_dim=32,
+            num_layers=1,
+            caption_channels=24,
+        ),
+        seed=0,
+    )
+
+
+def ltx_inputs(batch=2):
+    # A padded prompt: LTX turns it into a -10000 additive bias repeated per head, (B, H, 1, Lt).
+    keep = torch.ones(batch, 6, device=DEVICE)
+    keep[0, 4:] = 0
+    return dict(
+        hidden_states=fresh((batch, 2 * 2 * 3, 8), torch.float32, seed=1),
+        encoder_hidden_states=fresh((batch, 6, 24), torch.float32, seed=2),
+        timestep=torch.tensor([300, 700][:batch], device=DEVICE),
+        encoder_attention_mask=keep,
+        num_frames=2,
+        height=2,
+        width=3,
+        return_dict=False,
+    )
+
+
 MODELS = {
-    # name: (model, inputs, dispatcher calls per forward that run varlen / native)
-    "flux": (flux_model, flux_inputs, {"varlen": 2}),
-    "flux-padded-prompt": (flux_model, lambda: flux_inputs(mask=True), {"varlen": 2}),
-    "wan": (wan_model, wan_inputs, {"varlen": 2, "native: cross-attention (Lq != Lk)": 2}),
+    # name: (model, inputs, dispatcher calls per forward that run varlen / native, whether masks reach it)
+    "flux": (flux_model, flux_inputs, {"varlen": 2}, False),
+    "flux-padded-prompt": (flux_model, lambda: flux_inputs(mask=True), {"varlen": 2}, True),
+    "wan": (wan_model, wan_inputs, {"varlen": 4}, True),  # its text attention: cross-attention, Lq != Lk
+    "cosmos-text-as-long-as-video": (cosmos_model, cosmos_inputs, {"varlen": 2}, True),
+    "chroma-boolean-mask": (chroma_model, chroma_inputs, {"varlen": 2}, True),
+    "ltx-padded-prompt": (ltx_model, ltx_inputs, {"varlen": 2}, True),
 }
 
 
@@ -123,7 +223,9 @@ def _forward_backward(model: nn.Module, inputs: dict, upstream: torch.Tensor):
 @pytest.mark.parametrize("backend", backends(("varlen_attention",)))
 @pytest.mark.parametrize("name", MODELS)
 def test_outputs_and_gradients_match_native(name, backend):
-    make_model, make_inputs, expected_calls = MODELS[name]
+    make_model, make_inputs, expected_calls, cross = MODELS[name]
+    if cross and backend == "triton" and not launchers_take_key_offsets():
+        pytest.skip("masked and cross-attention calls need Triton launchers that take cu_seqlens_k")
     model, inputs = make_model(), make_inputs()
     upstream = fresh(model(**inputs)[0].shape, torch.float32, seed=9)
     want_out, want_grads = _forward_backward(model, inputs, upstream)
@@ -170,11 +272,12 @@ def test_context_parallel_models_are_refused():
 @pytest.mark.parametrize(
     ("mask", "why"),
     [
-        (lambda b, lq: torch.zeros(b, 1, lq, lq), "mask (an additive mask"),
-        (lambda b, lq: torch.ones(b, 1, lq, lq, dtype=torch.bool), "varies per query or head"),
+        (lambda b, lq: torch.zeros(b, 1, lq, lq), "mask (an additive bias"),
+        (lambda b, lq: torch.ones(lq, lq, dtype=torch.bool).tril().expand(b, 1, lq, lq).clone(), "varies per query"),
+        (lambda b, lq: torch.rand(b, 2, 1, lq) > 0.3, "varies per head"),
         (lambda b, lq: torch.ones(3, lq, dtype=torch.bool), "does not broadcast over the batch"),
     ],
-    ids=["additive", "per-query", "batch"],
+    ids=["additive", "per-query", "per-head", "batch"],
 )
 def test_masks_it_cannot_convert_run_native(mask, why):
     q, k, v = (fresh((2, 9, 2, 16), torch.float32, seed=s) for s in (1, 2, 3))
@@ -190,21 +293,97 @@ def test_masks_it_cannot_convert_run_native(mask, why):
     assert [r for r in diffusers_attention.calls() if why in r], diffusers_attention.calls()
 
 
-@pytest.mark.parametrize("mask_shape", [(9,), (1, 9), (2, 9), (2, 1, 9), (2, 1, 1, 9)], ids=str)
-def test_key_padding_masks_and_gqa(mask_shape):
-    """Every broadcastable key-padding shape; rows of masked tokens come back as 0; 4 query heads on 2 kv heads."""
-    q = fresh((2, 9, 4, 16), torch.float32, seed=1)
-    k, v = (fresh((2, 9, 2, 16), torch.float32, seed=s) for s in (2, 3))
-    keep = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+def _keep(batch: int, length: int) -> torch.Tensor:
+    keep = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
     keep[0, 2] = keep[0, 7] = False
     keep[1, 5:] = False
-    keep = keep[:1] if mask_shape[0] in (1, 9) else keep
-    attn_mask = keep.reshape(mask_shape)
+    return keep
+
+
+def _against_native(q, k, v, attn_mask, native_mask, native_dtype=torch.float32, **kwargs):
+    """Ours (reference backend) and native (on ``native_dtype`` copies) on every row, outputs and q/k/v
+    gradients (rel-L2 1e-5)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    native_leaves = [t.detach().to(native_dtype).requires_grad_() for t in (q, k, v)]
+    if native_mask is not None and native_mask.is_floating_point():
+        native_mask = native_mask.to(native_dtype)
+    upstream = fresh(q.shape, torch.float32, seed=7)
     with fkd.attention_backend(backend="reference"):
-        out = attention_dispatch.dispatch_attention_fn(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-    sdpa_mask = keep.view(keep.shape[0], 1, 1, 9)  # the native backend does not take 1-D masks
-    native = attention_dispatch.dispatch_attention_fn(q, k, v, attn_mask=sdpa_mask, enable_gqa=True, backend="native")
-    real = keep.expand(2, 9)
+        out = attention_dispatch.dispatch_attention_fn(*leaves, attn_mask=attn_mask, **kwargs)
+    native = attention_dispatch.dispatch_attention_fn(*native_leaves, attn_mask=native_mask, backend="native",
+                                                      **kwargs)  # fmt: skip
+    (out * upstream).sum().backward()
+    (native * upstream.to(native_dtype)).sum().backward()
+    assert_rel_close(out, native, 1e-5, "every row")
+    for name, a, b in zip("qkv", leaves, native_leaves):
+        assert_rel_close(a.grad, b.grad, 1e-5, f"grad {name}")
+    return out
+
+
+@pytest.mark.parametrize("mask_shape", [(9,), (1, 9), (2, 9), (2, 1, 9), (2, 1, 1, 9), (2, 1, 9, 9)], ids=str)
+@pytest.mark.parametrize("k_len", [9, 5], ids=["Lq==Lk", "Lq!=Lk"])
+def test_key_masks_never_remove_query_rows(mask_shape, k_len):
+    """Every broadcastable key-mask shape (one expanded over queries, stride 0), with as many keys as queries
+    (Cosmos: diffusers cannot say it is a cross-attention) and fewer; every row, masked tokens' rows included,
+    equals native; 4 query heads on 2 kv heads."""
+    q = fresh((2, 9, 4, 16), torch.float32, seed=1)
+    k, v = (fresh((2, k_len, 2, 16), torch.float32, seed=s) for s in (2, 3))
+    keep = _keep(2, 9)[:, :k_len]
+    keep = keep[:1] if mask_shape[0] in (1, 9) else keep
+    shape = (*mask_shape[:-1], k_len)
+    attn_mask = keep.reshape(shape[0], 1, 1, k_len).expand(shape) if len(shape) == 4 else keep.reshape(shape)
+    sdpa_mask = keep.view(keep.shape[0], 1, 1, k_len)  # the native backend does not take 1-D masks
+    _against_native(q, k, v, attn_mask, sdpa_mask, enable_gqa=True)
     assert diffusers_attention.calls() == {"varlen": 1}
-    assert_rel_close(out[real], native[real], 1e-5, "real rows")
-    assert torch.equal(out[~real], torch.zeros_like(out[~real]))
+
+
+def test_sample_without_keys_and_cross_attention_without_mask():
+    # A sample whose every key is masked: rows of exactly 0, as torch's math SDPA gives; then Lq != Lk unmasked.
+    q, k, v = (
+        fresh((2, 6, 2, 16), torch.float32, seed=1),
+        *(fresh((2, 4, 2, 16), torch.float32, seed=s) for s in (2, 3)),
+    )
+    keep = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
+    keep[1] = False
+    out = _against_native(q, k, v, keep, keep.view(2, 1, 1, 4))
+    assert torch.count_nonzero(out[1]) == 0
+    _against_native(q, k, v, None, None)
+    assert diffusers_attention.calls() == {"varlen": 2}
+
+
+def test_separable_per_query_masks_run_ours_and_compiled_tracing_runs_native(monkeypatch):
+    # Chroma's (B, 1, L, L) mask, keep[:, None, None, :] * keep[:, None, :, None]: every row the key mask or all
+    # False. Ours on every row (the fully masked rows 0, as native), gradients included.
+    q, k, v = (fresh((2, 9, 2, 16), torch.float32, seed=s) for s in (1, 2, 3))
+    keep = _keep(2, 9)
+    outer = keep[:, None, None, :] * keep[:, None, :, None]
+    assert outer.dtype == torch.bool and outer.stride(-2) != 0
+    _against_native(q, k, v, outer, outer)
+    # A key mask materialized over queries (every row the same) is separable too.
+    _against_native(q, k, v, keep[:, None, None, :].expand(2, 1, 9, 9).clone(), outer.any(-2, keepdim=True))
+    assert diffusers_attention.calls() == {"varlen": 2}
+    # While torch.compile traces, the separability test (a host read) is not possible: native, and said so.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert diffusers_attention._key_mask(outer, 2, 9, 9)[2].startswith("per-query mask while torch.compile traces")
+
+
+def test_float_padding_biases_and_per_head_copies_are_key_masks(monkeypatch):
+    # 0 / -10000 biases (LTX-Video's), repeated per head as diffusers' prepare_attention_mask does; a sample
+    # whose every key carries the bias: the constant cancels, every key counts (as native). And -inf biases.
+    q = fresh((2, 6, 2, 16), torch.float32, seed=1)
+    k, v = (fresh((2, 5, 2, 16), torch.float32, seed=s) for s in (2, 3))
+    keep = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    keep[0, 3:] = False
+    keep[1] = False
+    bias = ((~keep).float() * -10000.0)[:, None, None, :].repeat(1, 2, 1, 1)  # (B, H, 1, Lk), real copies
+    # Native in float64: in fp32 it rounds score - 10000 to a 1e-3 grid (the all-biased sample), ours does not.
+    _against_native(q, k, v, bias, bias, native_dtype=torch.float64)
+    inf_bias = torch.zeros(2, 1, 1, 5, device=DEVICE).masked_fill(~keep[:, None, None, :], float("-inf"))
+    inf_bias[1] = 0.0  # (a fully -inf row is NaN in SDPA's fused kernels; only the math path gives 0)
+    _against_native(q, k, v, inf_bias, inf_bias)
+    assert diffusers_attention.calls() == {"varlen": 2}
+    # Biases that are not a key selection, or any value read while torch.compile traces: native.
+    small = bias / 100
+    assert "not a 0 / <= -10000 key mask" in diffusers_attention._key_mask(small, 2, 6, 5)[2]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "while torch.compile traces" in diffusers_attention._key_mask(bias, 2, 6, 5)[2]

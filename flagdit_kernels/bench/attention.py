@@ -8,6 +8,12 @@
 (c) Lumina's whole gated attention after the projections (QK LayerNorm + RoPE + self + gated text, text keys
     LayerNorm'd) at B4 L4160 H32 Dh128 with 256 text tokens, against the eager Lumina chain and its torch.compile.
 
+In every family, torch's ``torch.nn.attention.varlen.varlen_attn`` is a baseline where torch has it (packed:
+the ``torch_varlen`` backend, our text branch composed around it; dense: ``varlen_attn`` on the flattened
+batch; Lumina: the fused chain on the ``torch_varlen`` backend), flash-attn where installed (its backend), and
+``fk auto`` is ``fk.varlen_attention`` with no backend named: the engine the measured choice keeps
+(``attention_engines.py``; the benchmark report lists what each regime chose).
+
 FLOPs are the useful matmul work: 4 * Lq * Lk * Dh per head forward (QK^T and PV), and 3.5x that for
 forward + backward (the backward's five matmuls: dV, dP, dQ, dK plus the recomputed QK^T = 2.5x the forward).
 """
@@ -110,6 +116,29 @@ def _padded_flash(seqlens: list[int]):
     return run
 
 
+def _flash_attn_dense():
+    """flash-attn's flash_attn_func on (B, L, H, Dh), where flash-attn is installed; else None."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def _torch_varlen_attn(cu: torch.Tensor, length: int):
+    """torch's varlen_attn over a dense (B, L, H, Dh) batch flattened to packed rows; None before torch 2.10."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+
+    def run(q, k, v):
+        rows = [t.flatten(0, 1) for t in (q, k, v)]
+        return varlen_attn(*rows, cu, cu, length, length, enable_gqa=k.shape[2] != q.shape[2]).view(q.shape)
+
+    return run
+
+
 def _sdpa_default(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
@@ -158,6 +187,10 @@ def _packed_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
                 )
                 if not quick:
                     impls.pop("reference", None)  # a host loop over (H, L, L) fp32 score matrices: minutes, GBs
+                if _triton_on(device):
+                    impls["fk auto"] = lambda ours=ours, leaves=leaves, direction=direction, grads=grads: _timed(
+                        lambda *a: ours(*a, backend=None), leaves, direction, grads
+                    )
                 if not with_text:
                     impls["padded SDPA"] = lambda leaves=leaves, direction=direction: _timed(
                         lambda a, b, c: padded_sdpa(a, b, c, seqlens, max(seqlens)), leaves[:3], direction
@@ -203,6 +236,20 @@ def _dense_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list[
                 for name in ("flash", "cudnn"):
                     impls[f"SDPA {name}"] = lambda name=name, leaves=leaves, direction=direction: _timed(
                         _sdpa_backend(name), leaves, direction
+                    )
+                dense_flash = _flash_attn_dense()
+                if dense_flash is not None:
+                    impls["flash_attn"] = lambda leaves=leaves, direction=direction, fn=dense_flash: _timed(
+                        fn, leaves, direction
+                    )
+                varlen = _torch_varlen_attn(cu, L)
+                if varlen is not None:
+                    impls["varlen_attn"] = lambda leaves=leaves, direction=direction, varlen=varlen: _timed(
+                        varlen, leaves, direction
+                    )
+                if _triton_on(device):
+                    impls["fk auto"] = lambda leaves=leaves, direction=direction, ours=ours: _timed(
+                        lambda *a: ours(*a, backend=None), leaves, direction
                     )
             else:
                 impls["SDPA"] = lambda leaves=leaves, direction=direction: _timed(_sdpa_default, leaves, direction)
@@ -261,6 +308,15 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
             text_max_seqlen=lt, gate=gate, backend="triton",
         ).view(b, L, h, dh)  # fmt: skip
 
+    def fused_torch_varlen(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
+        # The same chain with torch's varlen_attn in place of our attention kernel (our text branch around it).
+        q, k = ops.rope.qk_norm_rope(xq.flatten(0, 1), xk.flatten(0, 1), packed_freqs, (qw, qb), (kw, kb))
+        yk = F.layer_norm(yk.flatten(2), (h * dh,), kyw, kyb).view(-1, h, dh)
+        return ops.attention.varlen_attention(
+            q, k, xv.flatten(0, 1), cu, L, scale, text_k=yk, text_v=yv.flatten(0, 1), text_cu_seqlens=text_cu,
+            text_max_seqlen=lt, gate=gate, backend="torch_varlen",
+        ).view(b, L, h, dh)  # fmt: skip
+
     def fused_rope_by_freqs(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
         # LayerNorm only; RoPE through the attention's freqs= (q and k rotated once into a copy, then attended).
         q = F.layer_norm(xq.flatten(2), (h * dh,), qw, qb).view(-1, h, dh)
@@ -275,6 +331,8 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
     if _triton_on(device):
         impls_fns["fk fused"] = fused
         impls_fns["fk fused freqs="] = fused_rope_by_freqs
+    if "torch_varlen" in _dispatch.available_backends("varlen_attention", device):
+        impls_fns["fk fused torch_varlen"] = fused_torch_varlen
     out: list[Case] = []
     for direction in ("fwd", "fwd+bwd"):
         leaves = [x.detach().clone().requires_grad_(direction != "fwd") for x in tensors]

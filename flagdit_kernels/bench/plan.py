@@ -43,6 +43,8 @@ GPU_PLAN: dict[str, tuple[Select, ...]] = {
         Select("varlen_attention", "packed*-D72*", impl=OURS),
         Select("attention_dense", impl="triton|SDPA flash"),
         Select("lumina_gated_attention", impl="fk*"),
+        # torch's varlen_attn (what users compare us with on packed batches) and the engine choice.
+        Select("varlen_attention|attention_dense", impl="torch_varlen|varlen_attn|fk auto|flash_attn"),
     ),
     "bandwidth": (
         *(

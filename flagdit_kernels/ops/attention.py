@@ -1,4 +1,4 @@
-"""Public ``varlen_attention`` (packed self-attention + zero-init gated text cross-attention)."""
+"""Public ``varlen_attention`` (packed self- or cross-attention + zero-init gated text cross-attention)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .._validation import (
     check_tensor,
     values_checked,
 )
+from . import attention_engines
 from .rope import check_freqs
 
 SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
@@ -96,6 +97,26 @@ def _check_text(q, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, num_s
     return text_cu, text_max_seqlen
 
 
+def _check_keys(cu_seqlens_k, max_seqlen_k, k, num_offsets: int, freqs):
+    """(key offsets, max key length) of a cross-attention call, or (None, None) for self-attention."""
+    if cu_seqlens_k is None:
+        if max_seqlen_k is not None:
+            raise ValueError("max_seqlen_k is given without cu_seqlens_k (self-attention uses max_seqlen)")
+        return None, None
+    if freqs is not None:
+        raise ValueError("freqs (RoPE) is only supported for self-attention, not with cu_seqlens_k")
+    cu_k, max_seqlen_k = _check_offsets(
+        "cu_seqlens_k", cu_seqlens_k, "max_seqlen_k", max_seqlen_k, k.shape[0], "k.shape[0]", k.device,
+        max_required=True,
+    )  # fmt: skip
+    if cu_k.numel() != num_offsets:
+        raise ValueError(
+            f"cu_seqlens_k must have {num_offsets} entries like cu_seqlens (one key sequence per sample), "
+            f"got {cu_k.numel()}"
+        )
+    return cu_k, max_seqlen_k
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,6 +133,8 @@ def varlen_attention(
     freqs: torch.Tensor | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
+    cu_seqlens_k: torch.Tensor | VarlenLayout | None = None,
+    max_seqlen_k: int | None = None,
     backend: str | None = None,
     prefer: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +155,12 @@ def varlen_attention(
     ``deterministic=True`` asks for a backward whose gradients are bitwise reproducible (the Triton backend's
     default accumulates dq with atomics; it also takes the ordered path under
     ``torch.use_deterministic_algorithms(True)``).
+
+    Cross-attention: with ``cu_seqlens_k`` (int32 ``(B+1,)``, the same B, or a VarlenLayout) k/v are
+    ``(Tk, Hkv, Dh)`` packed by their own offsets, ``Tk = cu_seqlens_k[-1]``, and the queries of sample b attend
+    to keys ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` (any length, 0 included); ``max_seqlen_k`` is the longest key
+    sequence (required with raw offsets, like ``max_seqlen``). A sample without keys gives exactly 0 (before
+    the text branch) and an LSE of ``-inf``. RoPE (``freqs``) is for self-attention only.
     """
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
@@ -144,13 +173,16 @@ def varlen_attention(
     _check_head_dim(q.shape[-1])
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"k must be (T, Hkv, Dh) = ({q.shape[0]}, Hkv, {q.shape[2]}), got {tuple(k.shape)}")
+    cross = cu_seqlens_k is not None
+    if (not cross and k.shape[0] != q.shape[0]) or k.shape[2] != q.shape[2]:
+        rows = "Tk" if cross else q.shape[0]
+        raise ValueError(f"k must be (T, Hkv, Dh) = ({rows}, Hkv, {q.shape[2]}), got {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
     cu, max_seqlen = _check_offsets(
         "cu_seqlens", cu_seqlens, "max_seqlen", max_seqlen, q.shape[0], "q.shape[0]", q.device, max_required=True
     )
+    cu_k, max_seqlen_k = _check_keys(cu_seqlens_k, max_seqlen_k, k, cu.numel(), freqs)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     else:
@@ -160,23 +192,20 @@ def varlen_attention(
     )
     if freqs is not None:
         check_freqs(freqs, "q", q)
-    fn = _dispatch.resolve("varlen_attention", q, backend, prefer).fn
-    return fn(
-        q,
-        k,
-        v,
-        cu,
-        max_seqlen,
-        softmax_scale,
-        text_k=text_k,
-        text_v=text_v,
-        text_cu_seqlens=text_cu,
-        text_max_seqlen=text_max_seqlen,
-        gate=gate,
-        freqs=freqs,
-        return_lse=return_lse,
-        deterministic=deterministic,
-    )
+    impl = _dispatch.resolve("varlen_attention", q, backend, prefer)
+    args = (q, k, v, cu, max_seqlen, softmax_scale)
+    kwargs = dict(
+        text_k=text_k, text_v=text_v, text_cu_seqlens=text_cu, text_max_seqlen=text_max_seqlen, gate=gate,
+        freqs=freqs, return_lse=return_lse, deterministic=deterministic, **_key_offsets(cu_k, max_seqlen_k),
+    )  # fmt: skip
+    fn = impl.fn
+    chosen_freely = backend is None and prefer is None and _dispatch.forced_backend() is None
+    if chosen_freely and impl.backend == "triton" and q.is_cuda:  # the fastest engine here (attention_engines.py)
+        ordered = deterministic or (
+            torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        )
+        fn = attention_engines.engine_for(impl, args, kwargs, deterministic=ordered)
+    return fn(*args, **kwargs)
 
 
 def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
@@ -195,6 +224,11 @@ def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
 Tensor = torch.Tensor
 
 
+def _key_offsets(cu_seqlens_k: Tensor | None, max_seqlen_k: int | None) -> dict:
+    """The launchers' cross-attention keywords, passed only for a cross-attention call."""
+    return {} if cu_seqlens_k is None else {"cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k}
+
+
 @torch.library.custom_op("flagdit_kernels::varlen_attention_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor,
@@ -210,16 +244,20 @@ def _fwd_op(
     freqs: Tensor | None,
     lse_returned: bool,
     deterministic: bool,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_k: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, o_text, lse_self, lse_text, q_rot, k_rot), LSEs in natural log; all but out are saved for
     the backward. q_rot / k_rot are q and k rotated by RoPE (empty without ``freqs``): the backward reads them.
     ``lse_returned`` and ``deterministic`` are for the backward: whether lse_self reached the caller (else the
-    zero gradient autograd hands an unused output is not read) and which dq path to take."""
+    zero gradient autograd hands an unused output is not read) and which dq path to take. ``cu_seqlens_k`` /
+    ``max_seqlen_k``: the keys' own offsets of a cross-attention call (None: self-attention)."""
     from ..triton import varlen_attention as kernels
 
     out, o_text, lse, lse_t, q_rot, k_rot = kernels.forward(
-        q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs
-    )
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
+        **_key_offsets(cu_seqlens_k, max_seqlen_k),
+    )  # fmt: skip
     if freqs is None:  # q_rot, k_rot are q, k themselves: an output may not alias an input
         q_rot, k_rot = q.new_empty(0), k.new_empty(0)
     return out, o_text, lse, lse_t, q_rot, k_rot
@@ -227,7 +265,7 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
-              lse_returned, deterministic):  # fmt: skip
+              lse_returned, deterministic, cu_seqlens_k, max_seqlen_k):  # fmt: skip
     T, H, D = q.shape
     has_text = text_k is not None
     out = q.new_empty((T, H, D))
@@ -260,6 +298,8 @@ def _bwd_op(
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
     deterministic: bool,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_k: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
     the gradient of the self-attention LSE (None when the caller did not take it). With ``freqs``, q and k are
@@ -268,7 +308,7 @@ def _bwd_op(
 
     dq, dk, dv, dtk, dtv, dtg = kernels.backward(
         dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
-        text_k, text_v, text_cu_seqlens, tanh_gate, freqs, deterministic,
+        text_k, text_v, text_cu_seqlens, tanh_gate, freqs, deterministic, **_key_offsets(cu_seqlens_k, max_seqlen_k),
     )  # fmt: skip
     if text_k is None:
         dtk, dtv, dtg = q.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
@@ -277,7 +317,7 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
-              text_cu_seqlens, tanh_gate, freqs, deterministic):  # fmt: skip
+              text_cu_seqlens, tanh_gate, freqs, deterministic, cu_seqlens_k, max_seqlen_k):  # fmt: skip
     has_text = text_k is not None
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -290,25 +330,26 @@ def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seql
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, tanh_gate, freqs, lse_returned, deterministic = inputs
+    q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, tanh_gate, freqs, lse_returned, deterministic = inputs[:13]
+    cu_k, max_seqlen_k = inputs[13:]
     out, o_text, lse, lse_t, q_rot, k_rot = output
     if freqs is not None:  # the backward reads the rotated copies, not the inputs
         q, k = q_rot, k_rot
-    ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs)
-    ctx.sizes = (max_seqlen, scale)
+    ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k)
+    ctx.sizes = (max_seqlen, scale, max_seqlen_k)
     ctx.lse_returned, ctx.deterministic = lse_returned, deterministic
 
 
 def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t, _d_q_rot, _d_k_rot):
-    q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs = ctx.saved_tensors
-    max_seqlen, scale = ctx.sizes
+    q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k = ctx.saved_tensors
+    max_seqlen, scale, max_seqlen_k = ctx.sizes
     dq, dk, dv, dtk, dtv, dtg = _bwd_op(
         dout, d_lse if ctx.lse_returned else None, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
-        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic,
+        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic, cu_k, max_seqlen_k,
     )  # fmt: skip
     if text_k is None:
         dtk = dtv = dtg = None
-    return dq, dk, dv, None, None, None, dtk, dtv, None, dtg, None, None, None
+    return dq, dk, dv, None, None, None, dtk, dtv, None, dtg, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -316,7 +357,8 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 def _varlen_attention_triton(
     q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, text_k=None, text_v=None, text_cu_seqlens=None,
-    text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False,
+    text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False, cu_seqlens_k=None,
+    max_seqlen_k=None,
 ):  # fmt: skip
     """The Triton backend: fused self + gated text kernels; see flagdit_kernels/triton/varlen_attention.py.
     The backward accumulates dq with atomics unless ``deterministic`` (or torch.use_deterministic_algorithms
@@ -333,11 +375,13 @@ def _varlen_attention_triton(
     )
     out, _, lse, _, _, _ = _fwd_op(
         q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs, return_lse,
-        deterministic,
+        deterministic, cu_seqlens_k, max_seqlen_k,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
 _dispatch.register("varlen_attention", "triton", _varlen_attention_triton, dtypes=TRITON_DTYPES, **_dispatch.TRITON)
 
-from . import attention_flash_attn  # noqa: E402, F401 - registers the optional flash_attn backend
+# Registered last (they use the names above): the optional flash_attn and torch_varlen backends, and "FLAGDIT"
+# in torch's flash-attention registry.
+from . import attention_flash_attn, attention_torch_flash, attention_torch_varlen  # noqa: E402, F401

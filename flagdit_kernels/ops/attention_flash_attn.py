@@ -9,6 +9,8 @@ Gradients run through flash-attn's own backward. It is never a default: ``backen
 is also the baseline the benchmarks compare the fused Triton kernel with, where flash-attn is installed).
 ``return_lse=True`` returns flash-attn's ``softmax_lse`` (``return_attn_probs=True``); flash-attn's backward
 ignores a gradient on it, so :class:`_LseGradient` supplies that gradient; ``deterministic`` is passed through.
+Cross-attention (``cu_seqlens_k``) passes the keys' offsets to flash-attn; queries of a sample without keys
+(flash-attn leaves 0 there, with an LSE of +inf) become exactly 0 with an LSE of -inf, as on every backend.
 """
 
 from __future__ import annotations
@@ -43,52 +45,91 @@ class _LseGradient(torch.autograd.Function):
     reaches the LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, lse, cu_seqlens, max_seqlen, scale, deterministic):
-        ctx.save_for_backward(q, k, cu_seqlens)
-        ctx.sizes = (max_seqlen, scale, deterministic)
+    def forward(ctx, attend, q, k, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, deterministic,
+                has_keys):  # fmt: skip
+        ctx.save_for_backward(q, k, cu_seqlens, cu_seqlens_k, has_keys)
+        ctx.sizes = (max_seqlen, max_seqlen_k, scale, deterministic)
+        ctx.attend = attend
         return lse.clone()
 
     @staticmethod
     def backward(ctx, g):
-        q, k, cu = ctx.saved_tensors
-        max_seqlen, scale, deterministic = ctx.sizes
-        g_rows = g.transpose(0, 1).unsqueeze(-1)  # (T, H, 1)
+        q, k, cu, cu_k, has_keys = ctx.saved_tensors
+        max_seqlen, max_seqlen_k, scale, deterministic = ctx.sizes
+        # Rows without keys have a constant LSE (-inf): no gradient flows from them, whatever g holds there.
+        g_rows = torch.where(has_keys[:, None, None], g.transpose(0, 1).unsqueeze(-1), 0.0)  # (T, H, 1)
         with torch.enable_grad():
             values = k.detach().requires_grad_()
-            p_k = flash_varlen_func()(
-                q.detach(), k.detach(), values, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=False,
-                deterministic=deterministic,
+            p_k = ctx.attend(
+                q.detach(), k.detach(), values, cu, cu_k, max_seqlen, max_seqlen_k, softmax_scale=scale,
+                causal=False, deterministic=deterministic,
             )  # fmt: skip
             (dk,) = torch.autograd.grad(p_k, values, (g_rows * q.float()).to(q.dtype))
-        dq = (scale * g_rows * p_k.float()).to(q.dtype)
-        return dq, scale * dk, None, None, None, None, None
+        dq = (scale * g_rows * _where_keys(has_keys, p_k).float()).to(q.dtype)
+        return None, dq, scale * dk, None, None, None, None, None, None, None, None
+
+
+def _rows_with_keys(cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``(T,)`` bool: whether each query row's sample has at least one key (no host sync)."""
+    has_keys = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]) > 0
+    return torch.repeat_interleave(has_keys, cu_seqlens[1:] - cu_seqlens[:-1], output_size=num_rows)
+
+
+def _where_keys(has_keys: torch.Tensor, x: torch.Tensor, empty: float = 0.0) -> torch.Tensor:
+    """``(T, H, D)`` x with the rows of samples without keys set to ``empty`` (their gradient to 0)."""
+    return torch.where(has_keys[:, None, None], x, torch.full((), empty, dtype=x.dtype, device=x.device))
 
 
 def _varlen_attention_flash_attn(
     q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, text_k=None, text_v=None, text_cu_seqlens=None,
-    text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False,
+    text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False, cu_seqlens_k=None,
+    max_seqlen_k=None,
 ):  # fmt: skip
-    attend = flash_varlen_func()
+    return compose(
+        flash_varlen_func(), q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k=text_k, text_v=text_v,
+        text_cu_seqlens=text_cu_seqlens, text_max_seqlen=text_max_seqlen, gate=gate, freqs=freqs,
+        return_lse=return_lse, deterministic=deterministic, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
+
+
+def compose(
+    attend, q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, text_k=None, text_v=None, text_cu_seqlens=None,
+    text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False, cu_seqlens_k=None,
+    max_seqlen_k=None,
+):  # fmt: skip
+    """``varlen_attention``'s contract around ``attend``, a function with ``flash_attn_varlen_func``'s signature
+    (flash-attn's own, or torch's ``varlen_attn`` adapted): RoPE first, self-attention, the gated text branch,
+    0 and LSE -inf for samples without keys, the LSE's gradient."""
     scale = float(softmax_scale)
     cu_seqlens = cu_seqlens.contiguous()
+    cross = cu_seqlens_k is not None
+    cu_k, max_k = (cu_seqlens_k.contiguous(), max_seqlen_k) if cross else (cu_seqlens, max_seqlen)
     if freqs is not None:
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
     out = attend(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=False,
+        q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, softmax_scale=scale, causal=False,
         deterministic=deterministic, return_attn_probs=return_lse,
     )  # fmt: skip
     lse = None
     if return_lse:
         out, lse, _ = out
-        lse = _LseGradient.apply(q, k, lse, cu_seqlens, max_seqlen, scale, deterministic)
-    out = _add_text(out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate,
+    if cross:  # a sample without keys: exactly 0, LSE -inf
+        has_keys = _rows_with_keys(cu_seqlens, cu_k, q.shape[0])
+        out = _where_keys(has_keys, out)
+        if return_lse:
+            lse = torch.where(has_keys[None, :], lse, -math.inf)
+    if return_lse:
+        has_keys = has_keys if cross else torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        lse = _LseGradient.apply(attend, q, k, lse, cu_seqlens, cu_k, max_seqlen, max_k, scale, deterministic,
+                                 has_keys)  # fmt: skip
+    out = _add_text(attend, out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate,
                     deterministic)  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-def _add_text(out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate, deterministic):
+def _add_text(attend, out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, text_max_seqlen, gate,
+              deterministic):  # fmt: skip
     """out + tanh(gate) * the text cross-attention of the same (rotated) queries; out alone without text."""
-    attend = flash_varlen_func()
     if text_k is None:
         return out
     if text_k.shape[0] == 0:  # no sample has text: out + tanh(gate) * 0 keeps d gate an exact zero
@@ -102,9 +143,7 @@ def _add_text(out, q, cu_seqlens, max_seqlen, text_k, text_v, text_cu_seqlens, t
         )  # fmt: skip
         # Queries of a sample without text keys: whatever the kernel leaves there (0 or NaN) becomes exactly 0,
         # and torch.where sends those rows a zero gradient.
-        has_text = (text_cu_seqlens[1:] - text_cu_seqlens[:-1]) > 0
-        per_token = torch.repeat_interleave(has_text, cu_seqlens[1:] - cu_seqlens[:-1], output_size=q.shape[0])
-        o_text = torch.where(per_token[:, None, None], o_text, torch.zeros((), dtype=o_text.dtype, device=q.device))
+        o_text = _where_keys(_rows_with_keys(cu_seqlens, text_cu_seqlens, q.shape[0]), o_text)
     # Summed in fp32 and rounded once, like the fused kernel.
     return (out.float() + torch.tanh(gate.float())[None, :, None] * o_text.float()).to(out.dtype)
 

@@ -5,6 +5,8 @@ with RoPE (interleaved) applied to q and k when ``freqs`` is given and never to 
 (fp64 for fp64 inputs), one rounding to q's dtype at the end. This loops over sequences on the host.
 With ``return_lse`` it also returns ``lse (H, T)``: ``logsumexp`` of the scaled self-attention scores of each
 query (natural log; the text branch is not part of it), float32 (float64 for float64 inputs).
+With ``cu_seqlens_k`` the keys are packed by their own offsets (cross-attention); the queries of a sample
+without keys get exactly 0 from the self part and an LSE of ``-inf``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention of q (Lq, H, D) over k, v (Lk, Hkv, D) with GQA head sharing: (out, lse (H, Lq))."""
+    """Dense attention of q (Lq, H, D) over k, v (Lk, Hkv, D) with GQA head sharing: (out, lse (H, Lq)).
+    Without keys (Lk = 0) the sums are empty: the output is 0 and the LSE -inf, with gradients (zero) as usual."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
@@ -47,8 +50,10 @@ def varlen_attention(
     freqs: torch.Tensor | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    del deterministic  # this implementation is deterministic anyway
+    del deterministic, max_seqlen_k  # deterministic anyway; key lengths come from the offsets
     head_dim = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -64,12 +69,14 @@ def varlen_attention(
         text_offsets = text_cu_seqlens.tolist()
         text_gate = torch.tanh(gate.to(acc)).view(1, -1, 1)
     offsets = cu_seqlens.tolist()
+    key_offsets = offsets if cu_seqlens_k is None else cu_seqlens_k.tolist()
     outputs, lses = [], []
     for b, (start, end) in enumerate(pairwise(offsets)):
         if end == start:
             continue
         qb = qa[start:end]
-        out, lse = _attend(qb, ka[start:end], va[start:end], scale)
+        k0, k1 = key_offsets[b], key_offsets[b + 1]
+        out, lse = _attend(qb, ka[k0:k1], va[k0:k1], scale)
         if with_text:
             t0, t1 = text_offsets[b], text_offsets[b + 1]
             if t1 > t0:
