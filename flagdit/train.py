@@ -37,8 +37,9 @@ from .checkpoint import CheckpointError, atomic_write, load_training_checkpoint,
 from .configs import FlagDiTConfig, get_config, names
 from .data import DATASETS, DEFAULT_VIEWS, WordEncoder, make_item
 from .flow import T_DISTS, null_caption, sample_t, training_loss
+from .memory import SavedBytes
 from .modality import MODALITIES
-from .model import FlagDiT
+from .model import CHECKPOINTING, FlagDiT
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlagDiTConfig))
 # flagdit-train builds every model able to take every modality (the config can still turn it off with --set).
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "ulysses", "ring"),
         help="sequence-parallel attention; auto is Ulysses where the heads split over --sp, else ring",
     )
+    p.add_argument("--activation-checkpointing", default="none", choices=CHECKPOINTING,
+                   help="what each block keeps for the backward: everything (none), its input (block: the block runs "
+                        "again in the backward), or the attention's inputs, output and LSE (selective)")  # fmt: skip
     p.add_argument("--save-every", type=ca.positive_int, default=200, help="checkpoint every this many steps")
     p.add_argument("--log-every", type=ca.positive_int, default=10, help="append to log.jsonl every this many steps")
     again = p.add_mutually_exclusive_group()
@@ -333,7 +337,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
     resume = load_training_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     config = FlagDiTConfig(**resume["config"]) if resume else build_config(args.config, args.set)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = FlagDiT(config, backend=args.backend).to(device)
+    model = FlagDiT(config, backend=args.backend, checkpointing=args.activation_checkpointing).to(device)
     data_rank, data_ranks, data_group, sp = rank, world, None, ""
     if mesh is not None:
         from .parallel import parallelize
@@ -371,10 +375,15 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         noise = [n.to(device) for n in batch["x0"]]
         cond = conditioning(config, batch["modality"], batch["cameras"], device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-        with autocast:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with autocast, SavedBytes(model) as saved:
             per_item = training_loss(model, xs, batch["feats"].to(device), batch["mask"].to(device),
                                      t=batch["t"].to(device), x0=noise, reduction="none", **cond)  # fmt: skip
+        memory = {"saved_bytes": saved.bytes}  # this rank's, read before the backward frees them
         per_item.mean().backward()
+        if device.type == "cuda":
+            memory["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
@@ -392,7 +401,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         if log is not None and ((step + 1) % args.log_every == 0 or step == start):
             rate = tokens / max(time.time() - t_start, 1e-9)
             log.write(json.dumps({"step": step + 1, "loss": loss, "loss_ema": smooth, "lr": lr,
-                                  "patch_tokens_per_s": rate}) + "\n")  # fmt: skip
+                                  "patch_tokens_per_s": rate, **memory}) + "\n")  # fmt: skip
             log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             if log is not None:
