@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the noise and the initial weights")
     p.add_argument("--backend", default=None, choices=fk.BACKENDS,
                    help="flagdit_kernels backend for every op that has it (default: the fastest per op)")  # fmt: skip
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), for GPUs")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 compute with fp32 master weights, for GPUs: autocast, and under --dist fsdp bf16 "
+                        "parameters in compute (a bf16 residual stream) with fp32 gradient reduction")  # fmt: skip
     p.add_argument("--dist", default="auto", choices=("auto", "none", "ddp", "fsdp"),
                    help="data parallelism; auto is ddp under torchrun with several processes, else none")  # fmt: skip
     p.add_argument(
@@ -203,7 +205,12 @@ def _sequence_parallel_mesh(sp: int, mode: str, device: torch.device):
     return init_mesh(sp, device.type)
 
 
-def _wrap(model: FlagDiT, mode: str, device: torch.device):
+def _wrap(model: FlagDiT, mode: str, device: torch.device, bf16: bool = False):
+    """DDP or FSDP2 around the model. With ``bf16``, FSDP2 gathers bf16 copies of the fp32 parameters for
+    compute and reduce-scatters fp32 gradients (the optimizer keeps fp32 master weights); the model casts its
+    inputs to its weights' dtype, so the residual stream is bf16 (inputs are not cast by FSDP2: the RoPE table
+    in the layout stays fp32). DDP keeps fp32 parameters, gradients and their all-reduce, and bf16 comes from
+    autocast (matmuls in bf16, the residual stream fp32)."""
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -211,11 +218,14 @@ def _wrap(model: FlagDiT, mode: str, device: torch.device):
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=True)  # fmt: skip
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy()  # fp32 throughout
+        if bf16:
+            policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
         for layer in model.layers:  # sharded over the whole world, sequence-parallel ranks too
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -345,7 +355,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         model = parallelize(model, mesh, args.sp_strategy)
         data_rank, data_ranks, data_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()
         sp = f" (sequence-parallel groups of {args.sp}, {model.sequence_parallel.strategy})"
-    model = _wrap(model, mode, device)
+    model = _wrap(model, mode, device, args.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = 0
     if resume:

@@ -66,6 +66,19 @@ def test_the_cases_cover_what_they_claim(results):
     assert record["sp4/ring_gqa_kv_lt_p"]["tokens"] == 29  # with a 3-token sample: rank 3 holds only its copy
 
 
+# Saved bytes per rank against one process on the same batch (issue 24's target for the ring at sp 4: 0.35).
+SAVED_BYTES_RATIO = {4: 0.35, 2: 0.6}
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+@pytest.mark.parametrize("size", sorted(CASES))
+def test_a_rank_saves_about_its_share_of_the_activations(results, size, strategy):
+    for rank, record in enumerate(results):
+        r = record[f"sp{size}/{strategy}_saved_bytes"]
+        assert "error" not in r, f"rank {rank}: {r.get('error')}"
+        assert r["ratio"] <= SAVED_BYTES_RATIO[size], (rank, r)
+
+
 BAD_INPUTS = {
     "group_of_one": "at least 2 ranks",
     "ulysses_heads": r"n_heads \(5\) must be divisible by the sequence-parallel group size",
