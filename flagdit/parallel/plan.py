@@ -107,10 +107,12 @@ def step_flops(model: Model, run: Run) -> dict[str, float]:
     """Matmul FLOPs of one training step of one sequence-parallel group (one sample), all blocks."""
     block = block_forward_flops(model.config, [run.tokens], [run.caption_tokens])
     forwards = 2 if run.checkpointing else 1  # checkpointing runs every block's forward again in the backward
+    # the ring's backward recomputes each step's attention forward (flagdit.parallel.ring)
+    attention_forwards = forwards + (run.strategy == "ring")
     layers = model.config.n_layers
     return {
         "gemm": layers * block["gemm"] * (forwards + GEMM_BACKWARD),
-        "attention": layers * block["attention"] * (forwards + ATTENTION_BACKWARD),
+        "attention": layers * block["attention"] * (attention_forwards + ATTENTION_BACKWARD),
     }
 
 
@@ -118,9 +120,10 @@ def step_flops(model: Model, run: Run) -> dict[str, float]:
 
 
 def saved_per_token(model: Model, run: Run) -> list[tuple[str, float]]:
-    """What autograd keeps for one block's backward, in bytes per local token (bf16 activations, fp32 softmax
-    statistics), as the model and flagdit.parallel compute it."""
-    d, kv, f, sp = model.dim, model.kv_dim, model.config.ffn_dim, run.sp
+    """What autograd keeps for one block's backward without checkpointing, in bytes per local token (bf16
+    activations, fp32 softmax statistics), as the model and flagdit.parallel compute it with the Triton kernels.
+    tests/test_parallel_plan.py measures a real block (flagdit.memory.SavedBytes) against it."""
+    d, kv, f = model.dim, model.kv_dim, model.config.ffn_dim
     heads = model.config.n_heads
     common = [
         ("attention norm input (residual stream)", d * BF16),
@@ -141,14 +144,14 @@ def saved_per_token(model: Model, run: Run) -> list[tuple[str, float]]:
             ("kernel: self and text LSE (fp32)", 2 * heads * FP32),
         ]
     else:
-        # Plain autograd keeps every key/value block the ring brought, and each step's partial and merged output.
+        # The ring's autograd function keeps this rank's q, k, v, the merged output and its LSE; the text branch
+        # is one kernel call with zero values (flagdit.parallel.ring), which keeps its own outputs and LSEs.
         attention = [
-            ("ring: q (this rank's rows)", d * BF16),
-            (f"ring: the {sp} key/value blocks", sp * 2 * kv * BF16),
-            (f"ring: per step, kernel output + its fp32 copy + fp32 merged output, x{sp}", sp * d * (BF16 + 2 * FP32)),
-            (f"ring: per step, block and merged LSE (fp32), x{sp}", sp * 2 * heads * FP32),
-            ("ring: text branch output (bf16 + fp32)", d * (BF16 + FP32)),
-        ]  # fmt: skip
+            ("ring: q, k, v (this rank's rows)", (d + 2 * kv) * BF16),
+            ("ring: merged self output and its LSE (fp32)", d * BF16 + heads * FP32),
+            ("ring text call: zero values, output and text output", (kv + 2 * d) * BF16),
+            ("ring text call: self and text LSE (fp32)", 2 * heads * FP32),
+        ]
     return common + attention
 
 
@@ -159,6 +162,9 @@ def memory(model: Model, run: Run, hw: Hardware = Hardware()) -> dict[str, float
     states = 16 * model.params / run.gpus  # fp32 master weights, fp32 gradients, AdamW m and v: FSDP2 shards
     fsdp = 2 * BF16 * model.block_params + FP32 * model.block_params  # gathered: this block + the prefetched one
     workspace = n * (4 * c.dim + 2 * c.ffn_dim) * BF16  # gradients alive inside one block's backward
+    if run.strategy == "ring":  # the ring's backward: fp32 dq, dk/dv in flight and arriving, two k/v blocks,
+        kv = model.kv_dim  # and one step's recomputed output (bf16 and fp32)
+        workspace += n * (c.dim * FP32 + 4 * kv * FP32 + 4 * kv * BF16 + c.dim * (BF16 + FP32))
     if run.checkpointing:
         activations = c.n_layers * n * c.dim * BF16 + n * block  # every block's input + one block recomputed
     else:
@@ -182,7 +188,8 @@ def _link_seconds(nbytes: float, ranks: int, hw: Hardware) -> float:
 
 
 def block_traffic(model: Model, run: Run, hw: Hardware = Hardware()) -> dict[str, float]:
-    """Bytes each GPU sends per block forward (the backward sends as much again) and their link seconds."""
+    """Bytes each GPU sends per block forward (the backward sends as much again; the ring's three times as much)
+    and their link seconds."""
     c, n, sp = model.config, run.local_tokens, run.sp
     if run.strategy == "ulysses":
         # q, k, v to the heads' ranks, the output back; kv heads copied to each rank that reads them when Hkv < P
@@ -215,10 +222,12 @@ def step_time(model: Model, run: Run, hw: Hardware = Hardware()) -> dict[str, fl
     forwards = 2 if run.checkpointing else 1
     if run.strategy == "ulysses":  # on the critical path: attention needs the whole sequence, wo the output
         exposed_sp = layers * (forwards + 1) * traffic["sp_seconds"]
-    else:  # forward: each step's send hides behind the step's attention; backward: autograd waits for each hop
-        attention_step = block_forward / run.sp
-        hidden = max(0.0, traffic["sp_seconds"] / (run.sp - 1) - attention_step) * (run.sp - 1)
-        exposed_sp = layers * (forwards * hidden + traffic["sp_seconds"])
+    else:  # every hop is posted before a step's kernels: only what exceeds the step's compute shows
+        attention_step, hop = block_forward / run.sp, traffic["sp_seconds"] / (run.sp - 1)
+        forward = max(0.0, hop - attention_step) * (run.sp - 1)
+        # backward: k/v (bf16) and dk/dv (fp32) travel, P hops, against a recomputed forward and a backward
+        backward = max(0.0, 3 * hop - (1 + ATTENTION_BACKWARD) * attention_step) * run.sp
+        exposed_sp = layers * (forwards * forward + backward)
     # FSDP2 prefetches the next block's weights during this block's compute, and reduce-scatters a block's
     # gradients during the next block's backward: only what exceeds a block's compute shows.
     exposed_fsdp = layers * (
@@ -261,9 +270,9 @@ OVERLAP = """\
   block's compute (tens of ms) dwarfs both, even across nodes.
 - **Ulysses**: both all-to-alls sit on the critical path (attention needs the whole sequence of its heads,
   wo needs every head of its tokens); nothing hides them. They are a few percent of the block at 128K.
-- **Ring**: in the forward each step's key/value block is sent while the step's attention runs (`RingShift`,
-  started before the kernel, waited for after it); the backward, plain autograd, returns each block's
-  gradient hop by hop and waits for it.
+- **Ring**: each step's key/value block is sent while the step's attention runs (`RingHop`, posted before
+  the kernels, waited for after them), in the forward and again in the backward, where each block's dk/dv
+  (fp32) follow one hop behind and are waited for only when the next step adds to them.
 - **Everything else** (norms, modulation, RoPE, FFN) is token-local: no communication.
 """
 
@@ -361,9 +370,12 @@ measured.
 - Time = GEMM FLOPs / matmul rate + attention FLOPs / attention rate (backward {GEMM_BACKWARD:g}x and
   {ATTENTION_BACKWARD:g}x the forward) + the communication no compute hides; norms and other memory-bound ops are
   left out, so these are floors.
-- `flagdit-train` today differs in two ways the plan does not: it autocasts over fp32 weights (FSDP2
-  gathers fp32, the residual stream is fp32: twice those terms) and it has no activation checkpointing
-  (the rows without AC are what it needs).
+- What autograd keeps per token and block is the inventory below, as `flagdit-train --bf16 --dist fsdp`
+  runs (FSDP2 gathers bf16 weights, so the residual stream is bf16; `--activation-checkpointing block` is the
+  AC column). `tests/test_parallel_plan.py` measures a real block's saved bytes (saved-tensor hooks,
+  `flagdit.memory.SavedBytes`, Triton kernels, bf16) at a small size and holds this inventory to it within
+  10%, with and without block checkpointing. The ring's backward adds a workspace of one step (fp32 dq and
+  dk/dv, two key/value blocks, one recomputed output) and recomputes each step's attention forward.
 
 ## What autograd keeps per local token and block (bytes)
 
@@ -378,7 +390,8 @@ measured.
         f"## Time per step at {k}K tokens (with AC)",
         "",
         "Per block: the sequence-parallel bytes each GPU sends in the forward (the backward sends as much",
-        "again) and their time on the links, against the block's forward compute per GPU.",
+        "again; the ring three times as much, its dk/dv travel in fp32) and their time on the links, against the",
+        "block's forward compute per GPU.",
         "",
         *_time_table(model, hw),
         "",
