@@ -68,6 +68,27 @@ def test_checkpointing_gives_the_same_outputs_and_gradients(variant, mode):
     assert 0 < ac_bytes < plain_bytes
 
 
+@pytest.mark.slow  # about 40 s of dynamo tracing on a CPU
+def test_checkpointing_under_torch_compile_gives_the_eager_gradients():
+    sizes = dict(dim=64, n_heads=4, n_kv_heads=2, cap_feat_dim=24)
+    xs, t, cap, mask = _batch(24)
+
+    def grads(model, fn):
+        out = fn(xs, t, cap, mask)
+        sum((o * o).sum() for o in out).backward()
+        return torch.cat([o.detach().flatten() for o in out]), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                                          if p.grad is not None])  # fmt: skip
+
+    eager = _model("flag", "none", layers=1, **sizes)
+    out, g = grads(eager, eager)
+    for mode in ("block", "selective"):
+        torch._dynamo.reset()
+        model = _model("flag", mode, layers=1, **sizes)
+        out_c, g_c = grads(model, torch.compile(model, backend="aot_eager"))
+        torch.testing.assert_close(out_c, out, rtol=1e-6, atol=1e-6)
+        assert ((g_c - g).norm() / g.norm()).item() < 1e-6, mode  # AOTAutograd's decompositions round alike
+
+
 def test_block_checkpointing_saves_under_a_third_of_none_and_selective_lies_between():
     """The target of issue 24 on the tiny config (4 layers): block <= 0.3x of none."""
     batch = _batch(64, hw=16)
