@@ -129,3 +129,22 @@ def test_the_inventory_is_what_a_real_block_saves():
     predicted = {"none": sum(b for _, b in plan.saved_per_token(model, single_process)), "block": 128 * plan.BF16}
     for mode, bytes_per_token in predicted.items():
         assert abs(measured[mode] - bytes_per_token) <= 0.1 * bytes_per_token, (mode, measured, predicted)
+
+
+def test_the_gpu_memory_check_runs_and_predicts_the_checkpointed_block(tmp_path):
+    """python -m flagdit.parallel.measure (benchmarks/gpu_check.sh --phases memory) on the CPU at a tiny size:
+    one record per case; with block checkpointing a block saves its bf16 input, as the plan says (the caption's
+    few per-batch bytes aside). Without, the reference attention saves its score matrices, not the kernel's
+    inventory: that comparison is the GPU's."""
+    from flagdit.parallel import measure
+
+    log = tmp_path / "results.jsonl"
+    measure.main(["--config", "tiny", "--tokens", "64", "--backend", "reference", "--jsonl", str(log)])
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["kind"], r["checkpointing"]) for r in records] == [("memory", "none"), ("memory", "block")]
+    block = records[1]
+    assert block["tokens"] == 64 and block["predicted_saved_bytes"] == 64 * 128 * 2
+    assert abs(block["saved_bytes"] - block["predicted_saved_bytes"]) <= 0.05 * block["predicted_saved_bytes"]
+    assert records[0]["saved_bytes"] > 10 * block["saved_bytes"]
+    with pytest.raises(SystemExit):
+        measure.main(["--modes", "selective"])

@@ -175,6 +175,23 @@ def memory(model: Model, run: Run, hw: Hardware = Hardware()) -> dict[str, float
     return parts
 
 
+def one_block(model: Model, tokens: int, checkpointing: bool) -> dict[str, float]:
+    """One block's training step on one device, one sample of ``tokens`` tokens, bf16, no FSDP (what
+    ``python -m flagdit.parallel.measure`` measures on a GPU): ``saved``, what autograd keeps after the forward
+    (the input alone with checkpointing), and ``peak``, the most allocated above the weights and the block's
+    input during forward and backward (the block's activations, recomputed or not, its backward workspace and
+    the weights' bf16 gradients; checkpointing changes ``saved``, not one block's peak). Per-token terms only:
+    the caption's keys/values (a few MB at 7B with 256 caption tokens) are left out."""
+    c = model.config
+    inventory = tokens * sum(b for _, b in saved_per_token(model, Run(1, 1, "ulysses", checkpointing, tokens)))
+    residual = tokens * c.dim * BF16
+    workspace = tokens * (4 * c.dim + 2 * c.ffn_dim) * BF16
+    return {
+        "saved": residual if checkpointing else inventory,
+        "peak": inventory - residual + workspace + model.block_params * BF16,
+    }
+
+
 # ---- communication and time -------------------------------------------------------------------------------
 
 
