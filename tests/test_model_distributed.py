@@ -121,12 +121,22 @@ out = model([torch.randn(3, 6, 8)], torch.rand(1), torch.randn(1, 4, 64), torch.
 out[0].float().square().sum().backward()
 p = model.layers[0].attention.wq.weight
 seen.update(param=str(p.dtype), grad=str(p.grad.dtype), output=str(out[0].dtype))
+torch.manual_seed(0)
+ddp = _wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "ddp", torch.device("cpu"), bf16=True)
+def probe_ddp(layer, args, output):
+    seen["ddp_residual"] = str(output.dtype)
+    seen["ddp_wq_out"] = str(layer.attention.wq(args[0][:1]).dtype)
+ddp.module.layers[0].register_forward_hook(probe_ddp)
+with torch.autocast("cpu", dtype=torch.bfloat16):  # flagdit-train's --bf16 under DDP
+    out = ddp([torch.randn(3, 6, 8)], torch.rand(1), torch.randn(1, 4, 64), torch.ones(1, 4))
+out[0].float().square().sum().backward()
+seen["ddp_grad"] = str(ddp.module.layers[0].attention.wq.weight.grad.dtype)
 print(json.dumps(seen))
 dist.destroy_process_group()
 """
 
 
-def test_fsdp2_bf16_policy_computes_in_bf16_and_keeps_fp32_weights_and_gradients():
+def test_bf16_policies_compute_in_bf16_and_keep_fp32_weights_and_gradients():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", BF16_PROBE], env=env, capture_output=True, text=True, timeout=120)
@@ -139,4 +149,9 @@ def test_fsdp2_bf16_policy_computes_in_bf16_and_keeps_fp32_weights_and_gradients
         "param": "torch.float32",  # the sharded master weights the optimizer steps
         "grad": "torch.float32",  # reduce-scattered in fp32
         "output": "torch.bfloat16",
+        # DDP: fp32 weights, gradients and all-reduce; autocast computes the matmuls in bf16, the residual
+        # stream stays fp32
+        "ddp_residual": "torch.float32",
+        "ddp_wq_out": "torch.bfloat16",
+        "ddp_grad": "torch.float32",
     }, seen
