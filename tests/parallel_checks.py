@@ -10,6 +10,8 @@ errors) runs once as one process and once sequence-parallel over the group, on t
 the rel-L2 errors of the output and of every gradient (parameters, latents, caption features). A parallel
 rank's parameter gradients are P times its share (see flagdit.parallel.apply), so their mean over the group
 is compared.
+Saved-bytes checks: what autograd saves for one forward (flagdit.memory.SavedBytes) on a rank of the group,
+against one process on the same batch.
 Bad-input checks: every rank must raise the ValueError, then meet the others at a barrier (a rank stuck in a
 collective would time the job out instead).
 """
