@@ -19,7 +19,7 @@
 #   attention 100  plan group attention: packed D128 self / text, fwd and fwd+bwd, autotuner timings per
 #                  config; D72 GQA; dense Triton vs SDPA flash; the fused Lumina chain
 #   memory     90  (only when named) python -m flagdit.parallel.measure: one Flag-DiT 7B block, bf16, forward +
-#                  backward at 16K and 32K tokens without and with block checkpointing: the bytes autograd saved
+#                  backward at 16K and 32K tokens in each checkpointing mode: the bytes autograd saved
 #                  and the peak allocated against flagdit.parallel.plan.one_block (kind "memory" records)
 #   bench     135  plan groups bandwidth (60: RMSNorm 32768 x {4096, 2304}, packed norms, RoPE, packing, embed,
 #                  every baseline that needs no compile), baselines (45: FlexAttention, cuDNN, padded SDPA,

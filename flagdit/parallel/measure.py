@@ -1,5 +1,5 @@
-"""The plan's first measured point: one Flag-DiT block's forward and backward on one device, with and without
-activation checkpointing, against :func:`flagdit.parallel.plan.one_block`.
+"""The plan's first measured point: one Flag-DiT block's forward and backward on one device in each activation
+checkpointing mode, against :func:`flagdit.parallel.plan.one_block`.
 
 ``python -m flagdit.parallel.measure [--config flag-dit-7b] [--tokens 16384,32768] [--jsonl PATH]`` builds one
 block of the config in bf16 (the embedders, no other block), one sample of each token count with a 256-token
@@ -19,7 +19,7 @@ import torch
 
 from ..configs import get_config
 from ..memory import SavedBytes
-from ..model import FlagDiT
+from ..model import CHECKPOINTING, FlagDiT
 from . import plan
 
 CAPTION_TOKENS = 256
@@ -56,7 +56,7 @@ def measure(config_name: str, tokens: int, checkpointing: str, device: torch.dev
     saved_bytes = saved.bytes
     out.backward(torch.randn_like(out))
     n = h.shape[0]
-    predicted = plan.one_block(plan.Model.of(config), n, checkpointing != "none")
+    predicted = plan.one_block(plan.Model.of(config), n, checkpointing)
     record = {
         "kind": "memory",
         "config": config_name,
@@ -77,14 +77,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m flagdit.parallel.measure", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="flag-dit-7b", help="model config (default flag-dit-7b)")
     p.add_argument("--tokens", default="16384,32768", help="comma-separated token counts (default 16384,32768)")
-    p.add_argument("--modes", default="none,block", help="checkpointing modes among none,block (the plan's)")
+    p.add_argument("--modes", default="none,block,selective", help="checkpointing modes (default: all three)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default=None, help="flagdit_kernels backend preference (default: the fastest)")
     p.add_argument("--jsonl", help="append one record per case to this file")
     args = p.parse_args(argv)
     modes = args.modes.split(",")
-    if not set(modes) <= {"none", "block"}:
-        p.error(f"--modes: none and/or block (what the plan predicts), got {args.modes}")
+    if not set(modes) <= set(CHECKPOINTING):
+        p.error(f"--modes: a comma-separated subset of {', '.join(CHECKPOINTING)}, got {args.modes}")
     for tokens in (int(t) for t in args.tokens.split(",")):
         for mode in modes:
             record = measure(args.config, tokens, mode, torch.device(args.device), args.backend)
