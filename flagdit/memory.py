@@ -34,6 +34,9 @@ class SavedBytes:
         self._bytes: int | None = None
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        # Detached: what autograd stores must not refer to t (t's graph may refer to it: a reference cycle that
+        # would keep the activations alive past the backward). A detached tensor shares t's storage.
+        t = t.detach()
         self._saved.append(t)
         return t
 

@@ -113,6 +113,25 @@ def test_saved_bytes_counts_each_storage_once_and_no_parameter():
     assert unexcluded.bytes == x.nbytes + w.nbytes
 
 
+def test_saved_bytes_leaves_no_reference_cycle():
+    """The pack hook must not hand autograd the tensor itself: an output saved by its own node would then keep
+    itself and its graph alive in a cycle (a forward whose backward never runs) until the garbage collector."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        x = torch.randn(64, 8, requires_grad=True)
+        with SavedBytes() as saved:
+            y = x.exp()  # exp saves its output
+        assert saved.bytes == y.nbytes
+        alive = weakref.ref(y)
+        del y
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_checkpointing_mode_is_checked():
     with pytest.raises(ValueError, match="checkpointing must be one of"):
         flagdit.FlagDiT("tiny", checkpointing="full")
