@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]              smoke, benchmarks in plan order, tests (about 7 min)
 #   bash benchmarks/gpu_check.sh --sanitize [OUT_DIR]   smoke, then compute-sanitizer memcheck + racecheck
 #   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]    the same orchestration on a CPU (interpreter, tiny shapes)
-#   options: --phases smoke,warm,sanitize,attention,bench,tests (a subset, always run in this order)
+#   options: --phases smoke,warm,sanitize,attention,memory,bench,tests (a subset, always run in this order;
+#            memory only when named)
 #
 # Phases, in order of information per second (budgets in seconds; DEADLINE, default 420, caps the sum, so a
 # second, shorter run, --sanitize say, fits the same 15-minute lease with the machine's start):
@@ -17,6 +18,9 @@
 #                  FLAGDIT_KERNELS_AUTOTUNE=compile), racecheck on the attention cases; errors counted
 #   attention 100  plan group attention: packed D128 self / text, fwd and fwd+bwd, autotuner timings per
 #                  config; D72 GQA; dense Triton vs SDPA flash; the fused Lumina chain
+#   memory     90  (only when named) python -m flagdit.parallel.measure: one Flag-DiT 7B block, bf16, forward +
+#                  backward at 16K and 32K tokens in each checkpointing mode: the bytes autograd saved
+#                  and the peak allocated against flagdit.parallel.plan.one_block (kind "memory" records)
 #   bench     135  plan groups bandwidth (60: RMSNorm 32768 x {4096, 2304}, packed norms, RoPE, packing, embed,
 #                  every baseline that needs no compile), baselines (45: FlexAttention, cuDNN, padded SDPA,
 #                  Lumina eager / torch.compile), model (30: the Flag-DiT 600M step) in one process
@@ -29,7 +33,7 @@
 # sanitizer.log (--sanitize), report.md, roofline.png, RESULTS.md.
 # Knobs: DEADLINE, BUDGET_<PHASE> (BUDGET_BANDWIDTH / _BASELINES / _MODEL split the bench phase), BUILD_BUDGET,
 # CASE_TIMEOUT, PYTHON (default python3), JOBS (xdist workers), WARM_JOBS, BENCH_FAMILIES, SMOKE_SELECT (-k),
-# TESTS_ARGS, COMPUTE_SANITIZER.
+# TESTS_ARGS, COMPUTE_SANITIZER, MEMORY_ARGS.
 # Liger-Kernel (a baseline) is not in the device image: put its wheel in .whl/ (benchmarks/RESULTS.md says how).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +66,7 @@ if ((DRY_RUN)); then
   : "${BUDGET_TESTS:=40}" "${BUDGET_REPORT:=30}" "${CASE_TIMEOUT:=5}" "${JOBS:=1}" "${WARM_JOBS:=1}"
   : "${BENCH_FAMILIES:=packing}"
   : "${SMOKE_SELECT:=rms_norm-cpu or pack-cpu}" "${TESTS_ARGS:=tests/test_smoke.py -k unpack-cpu}"
+  : "${BUDGET_MEMORY:=60}" "${MEMORY_ARGS:=--config tiny --tokens 64 --backend reference}"
   PLAN_SET=dry-run SIZE=--bench-quick WARM_SIZE=--quick MIN_PHASE=2
 else
   export FLAGDIT_TEST_DEVICE=cuda
@@ -70,6 +75,7 @@ else
   : "${BUDGET_TESTS:=90}" "${BUDGET_REPORT:=20}" "${CASE_TIMEOUT:=120}" "${JOBS:=8}" "${WARM_JOBS:=8}"
   : "${BENCH_FAMILIES:=attention,norms,rope,packing,model,diffusers_lumina}"
   : "${SMOKE_SELECT:=}" "${TESTS_ARGS:=tests/test_smoke.py tests}"
+  : "${BUDGET_MEMORY:=90}" "${MEMORY_ARGS:=--config flag-dit-7b --tokens 16384,32768}"
   PLAN_SET=gpu SIZE="" WARM_SIZE="" MIN_PHASE=10
 fi
 : "${BUILD_BUDGET:=240}"
@@ -96,7 +102,8 @@ jstr() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '"%s"' "${s//$'\n'/ }"; 
 
 # The budget table, also as the first record (the dry-run test checks that the budgets fit the deadline).
 budgets=(prep "$BUDGET_PREP" smoke "$BUDGET_SMOKE" warm "$BUDGET_WARM" sanitize "$BUDGET_SANITIZE"
-  attention "$BUDGET_ATTENTION" bench "$BUDGET_BENCH" tests "$BUDGET_TESTS" report "$BUDGET_REPORT")
+  attention "$BUDGET_ATTENTION" memory "$BUDGET_MEMORY" bench "$BUDGET_BENCH" tests "$BUDGET_TESTS"
+  report "$BUDGET_REPORT")
 plan_json="" sum=0 table=""
 for ((i = 0; i < ${#budgets[@]}; i += 2)); do
   name=${budgets[i]} budget=${budgets[i + 1]}
@@ -292,6 +299,8 @@ fi
 
 # ---- benchmarks ------------------------------------------------------------------------------------------
 wants attention && bench_phase attention "$BUDGET_ATTENTION" attention "attention=$BUDGET_ATTENTION"
+# shellcheck disable=SC2086
+wants memory && run_phase memory "$BUDGET_MEMORY" "$PY" -m flagdit.parallel.measure $MEMORY_ARGS --jsonl "$LOG"
 if wants bench; then
   wait_build $((BUILD_BUDGET - $(elapsed) < 30 ? BUILD_BUDGET - $(elapsed) : 30)) # the cuda backends' cases
   bench_phase bench "$BUDGET_BENCH" "$BENCH_FAMILIES" \

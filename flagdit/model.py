@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import flagdit_kernels as fk
 from flagdit_kernels.nn import GatedVarlenAttention, RMSNorm
@@ -114,13 +115,18 @@ class ModelInputs:
     cameras: list[torch.Tensor | None] | None = None
 
 
+# Activation checkpointing (FlagDiT(checkpointing=...)): what a block keeps for its backward.
+CHECKPOINTING = ("none", "block", "selective")
+
+
 class TransformerBlock(nn.Module):
     """One Flag-DiT block (shift/scale/gate adaLN) or Next-DiT block (scale-only, tanh gates, sandwich norms)."""
 
-    def __init__(self, config: FlagDiTConfig, backend: str | None = None):
+    def __init__(self, config: FlagDiTConfig, backend: str | None = None, checkpointing: str = "none"):
         super().__init__()
         c = config
         self.variant, self.eps, self.backend = c.variant, c.norm_eps, backend
+        self.checkpointing = checkpointing  # one of CHECKPOINTING, checked by FlagDiT
         self.attention = GatedVarlenAttention(
             c.dim, c.n_heads, c.n_kv_heads, qk_norm=c.qk_norm, y_dim=c.cap_feat_dim, backend=backend
         )
@@ -144,36 +150,55 @@ class TransformerBlock(nn.Module):
         """This block's text keys/values for packed caption features y ``(Tt, cap_feat_dim)``."""
         return self.attention.text_kv(self.attention_y_norm(y))
 
-    def _attend(self, h: torch.Tensor, layout: TokenLayout, text: TextContext, kv) -> torch.Tensor:
-        return self.attention(
-            h,
-            layout.seqs,
-            None,
-            layout.freqs,
-            y_cu_seqlens=text.seqs,
-            softmax_scale=layout.softmax_scale,
-            text_kv=kv,
-        )
-
     def forward(self, x, layout: TokenLayout, text: TextContext, kv, adaln_input: torch.Tensor) -> torch.Tensor:
-        seqs, eps, prefer = layout.seqs, self.eps, self.backend
-        sample = seqs.sample_index
+        if self.checkpointing == "block":  # keeps x (and adaln_input); the backward runs _forward again
+            return checkpoint(self._forward, x, layout, text, kv, adaln_input, use_reentrant=False)
+        return self._forward(x, layout, text, kv, adaln_input)
+
+    def _forward(self, x, layout: TokenLayout, text: TextContext, kv, adaln_input: torch.Tensor) -> torch.Tensor:
         if kv is None:
             kv = self.text_kv(text.y)
         mod = self.adaLN_modulation(adaln_input)
+        # selective: the attention (q, k, v, its output and LSE) is kept; what comes before it (norm,
+        # modulation, projections, QK norm, RoPE) and after it (wo, residuals, FFN) is recomputed.
+        around = _recomputed if self.checkpointing == "selective" else _run
+        q, k, v = around(self._qkv, x, mod, layout)
+        out = self.attention.attend(q, k, v, layout.seqs, None, None, text.seqs, None, layout.softmax_scale, kv)
+        return around(self._finish, x, out, mod, layout)
+
+    def _qkv(self, x: torch.Tensor, mod: torch.Tensor, layout: TokenLayout):
+        """Attention norm and modulation, then the projections, QK norm and RoPE."""
+        seqs = layout.seqs
         if self.variant == "flag":
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-            h = fk.rms_norm_modulate(x, self.attention_norm.weight, scale_msa, shift_msa, eps, seqs, prefer=prefer)
-            x = x + gate_msa[sample] * self._attend(h, layout, text, kv)
+            (shift, scale), norm = mod.chunk(6, dim=1)[:2], self.attention_norm
+        else:
+            shift, scale, norm = None, mod.chunk(4, dim=1)[0], self.attention_norm1
+        h = fk.rms_norm_modulate(x, norm.weight, scale, shift, self.eps, seqs, prefer=self.backend)
+        return self.attention.qkv(h, layout.freqs)
+
+    def _finish(self, x: torch.Tensor, out: torch.Tensor, mod: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """wo, the gated residual, the FFN norm and modulation, the FFN and its gated residual."""
+        seqs, eps, prefer = layout.seqs, self.eps, self.backend
+        sample = seqs.sample_index
+        a = self.attention.wo(out.flatten(1))
+        if self.variant == "flag":
+            _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+            x = x + gate_msa[sample] * a
             h = fk.rms_norm_modulate(x, self.ffn_norm.weight, scale_mlp, shift_mlp, eps, seqs, prefer=prefer)
             return x + gate_mlp[sample] * self.feed_forward(h)
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
-        h = fk.rms_norm_modulate(x, self.attention_norm1.weight, scale_msa, None, eps, seqs, prefer=prefer)
-        a = self._attend(h, layout, text, kv)
+        _, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
         x = fk.gated_residual_rms_norm(x, a, self.attention_norm2.weight, gate_msa, eps, True, seqs, prefer=prefer)
         h = fk.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, None, eps, seqs, prefer=prefer)
         f = self.feed_forward(h)
         return fk.gated_residual_rms_norm(x, f, self.ffn_norm2.weight, gate_mlp, eps, True, seqs, prefer=prefer)
+
+
+def _run(fn, *args):
+    return fn(*args)
+
+
+def _recomputed(fn, *args):
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 class FinalLayer(nn.Module):
@@ -208,9 +233,15 @@ class FlagDiT(nn.Module):
     cap_mask ``(B, Lt)``; returns the predicted velocity in the same structure with ``in_channels`` channels
     (the learned-sigma half is dropped). ``backend`` is the model's preference, passed to every
     ``flagdit_kernels`` op as ``prefer=`` (ops that implement it run it, the others their default).
+
+    ``checkpointing`` (activation checkpointing, ``torch.utils.checkpoint`` without reentrance, also settable
+    later as the attribute): ``"none"`` keeps every activation for the backward; ``"block"`` keeps each block's
+    input and runs the block again in the backward; ``"selective"`` keeps the attention's q, k, v, output and
+    LSE and recomputes the norms, modulation, projections, RoPE and the FFN around it. Same results either way;
+    sequence-parallel collectives inside a recomputed part run again, on every rank alike.
     """
 
-    def __init__(self, config: FlagDiTConfig | str, backend: str | None = None):
+    def __init__(self, config: FlagDiTConfig | str, backend: str | None = None, checkpointing: str = "none"):
         super().__init__()
         self.config = c = get_config(config) if isinstance(config, str) else config
         c.validate()  # a config changed in place after construction is checked here
@@ -221,6 +252,7 @@ class FlagDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(c.adaln_dim)
         self.cap_embedder = nn.Sequential(nn.LayerNorm(c.cap_feat_dim), _zero_linear(c.cap_feat_dim, c.adaln_dim))
         self.layers = nn.ModuleList([TransformerBlock(c, backend) for _ in range(c.n_layers)])
+        self.checkpointing = checkpointing
         self.final_layer = FinalLayer(c)
         if c.nextline:
             self.eol_token = nn.Parameter(torch.randn(c.dim) * 0.02)
@@ -233,6 +265,18 @@ class FlagDiT(nn.Module):
         self.conditioning = None
         if c.n_modalities or c.camera_cond:
             self.conditioning = ModalityConditioning(c.n_modalities, c.camera_cond, c.dim, c.adaln_dim)
+
+    @property
+    def checkpointing(self) -> str:
+        return self._checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, mode: str) -> None:
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {mode!r}")
+        self._checkpointing = mode
+        for layer in self.layers:
+            layer.checkpointing = mode
 
     # ---- inputs -----------------------------------------------------------------------------------------
 

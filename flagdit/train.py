@@ -49,8 +49,9 @@ from .checkpoint import (
 from .configs import FlagDiTConfig, get_config, names
 from .data import DATASETS, DEFAULT_VIEWS, WordEncoder, audio, make_item, multiview, shapes
 from .flow import T_DISTS, null_caption, sample_t, training_loss
+from .memory import SavedBytes
 from .modality import MODALITIES
-from .model import FlagDiT
+from .model import CHECKPOINTING, FlagDiT
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlagDiTConfig))
 # flagdit-train builds every model able to take every modality (the config can still turn it off with --set).
@@ -105,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=ca.seed, default=0, help="seed of the data, the noise and the initial weights")
     p.add_argument("--backend", default=None, choices=fk.BACKENDS,
                    help="flagdit_kernels backend for every op that has it (default: the fastest per op)")  # fmt: skip
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights), for GPUs")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 compute with fp32 master weights, for GPUs: autocast, and under --dist fsdp bf16 "
+                        "parameters in compute (a bf16 residual stream) with fp32 gradient reduction")  # fmt: skip
     p.add_argument("--dist", default="auto", choices=("auto", "none", "ddp", "fsdp"),
                    help="data parallelism; auto is ddp under torchrun with several processes, else none")  # fmt: skip
     p.add_argument(
@@ -120,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "ulysses", "ring"),
         help="sequence-parallel attention; auto is Ulysses where the heads split over --sp, else ring",
     )
+    p.add_argument("--activation-checkpointing", default="none", choices=CHECKPOINTING,
+                   help="what each block keeps for the backward: everything (none), its input (block: the block runs "
+                        "again in the backward), or the attention's inputs, output and LSE (selective)")  # fmt: skip
     p.add_argument("--save-every", type=ca.positive_int, default=200, help="checkpoint every this many steps")
     p.add_argument("--log-every", type=ca.positive_int, default=10, help="append to log.jsonl every this many steps")
     again = p.add_mutually_exclusive_group()
@@ -273,7 +279,12 @@ def _sequence_parallel_mesh(sp: int, mode: str, device: torch.device):
     return init_mesh(sp, device.type)
 
 
-def _wrap(model: FlagDiT, mode: str, device: torch.device):
+def _wrap(model: FlagDiT, mode: str, device: torch.device, bf16: bool = False):
+    """DDP or FSDP2 around the model. With ``bf16``, FSDP2 gathers bf16 copies of the fp32 parameters for
+    compute and reduce-scatters fp32 gradients (the optimizer keeps fp32 master weights); the model casts its
+    inputs to its weights' dtype, so the residual stream is bf16 (inputs are not cast by FSDP2: the RoPE table
+    in the layout stays fp32). DDP keeps fp32 parameters, gradients and their all-reduce, and bf16 comes from
+    autocast (matmuls in bf16, the residual stream fp32)."""
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -281,11 +292,14 @@ def _wrap(model: FlagDiT, mode: str, device: torch.device):
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=True)  # fmt: skip
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy()  # fp32 throughout
+        if bf16:
+            policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
         for layer in model.layers:  # sharded over the whole world, sequence-parallel ranks too
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -449,7 +463,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
     resume = load_training_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     config, start = training_state(resume, ckpt_path) if resume else (build_config(args.config, args.set), 0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = FlagDiT(config, backend=args.backend).to(device)
+    model = FlagDiT(config, backend=args.backend, checkpointing=args.activation_checkpointing).to(device)
     if resume:  # before any wrapping, the same error on every rank
         check_weights_fit(model, resume["model"], ckpt_path)
     data_rank, data_ranks, data_group, sp = rank, world, None, ""
@@ -459,7 +473,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         model = parallelize(model, mesh, args.sp_strategy)
         data_rank, data_ranks, data_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()
         sp = f" (sequence-parallel groups of {args.sp}, {model.sequence_parallel.strategy})"
-    model = _wrap(model, mode, device)
+    model = _wrap(model, mode, device, args.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     saved = start if resume else None  # the step of the checkpoint on disk that this run must never lose
     if resume:
@@ -491,10 +505,15 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         noise = [n.to(device) for n in batch["x0"]]
         cond = conditioning(config, batch["modality"], batch["cameras"], device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-        with autocast:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with autocast, SavedBytes(model) as saved_tensors:
             per_item = training_loss(model, xs, batch["feats"].to(device), batch["mask"].to(device),
                                      t=batch["t"].to(device), x0=noise, reduction="none", **cond)  # fmt: skip
+        memory = {"saved_bytes": saved_tensors.bytes}  # this rank's, read before the backward frees them
         per_item.mean().backward()
+        if device.type == "cuda":
+            memory["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
@@ -514,7 +533,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         if log is not None and ((step + 1) % args.log_every == 0 or step == start):
             rate = tokens / max(time.time() - t_start, 1e-9)
             log.write(json.dumps({"step": step + 1, "loss": loss, "loss_ema": smooth, "lr": lr,
-                                  "patch_tokens_per_s": rate}) + "\n")  # fmt: skip
+                                  "patch_tokens_per_s": rate, **memory}) + "\n")  # fmt: skip
             log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             if not finite_everywhere(model, world):  # never replace a good checkpoint by non-finite weights

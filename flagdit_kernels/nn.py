@@ -156,7 +156,16 @@ class GatedVarlenAttention(nn.Module):
     ) -> torch.Tensor:
         """x ``(T, dim)`` packed by ``cu_seqlens``; y ``(Tt, y_dim)`` caption features packed by ``y_cu_seqlens``,
         or ``text_kv`` = :meth:`text_kv` of them computed earlier (same ``y_cu_seqlens``). Offsets may be
-        :class:`~flagdit_kernels.VarlenLayout` objects (then the max_seqlens may be None)."""
+        :class:`~flagdit_kernels.VarlenLayout` objects (then the max_seqlens may be None).
+
+        The three steps are public (:meth:`qkv`, :meth:`attend`, then ``wo``) so that a caller can treat them
+        differently, e.g. recompute the projections in the backward but keep the attention's output."""
+        q, k, v = self.qkv(x, freqs)
+        out = self.attend(q, k, v, cu_seqlens, max_seqlen, y, y_cu_seqlens, y_max_seqlen, softmax_scale, text_kv)
+        return self.wo(out.flatten(1))
+
+    def qkv(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``(T, H, Dh)`` and k, v ``(T, Hkv, Dh)`` of x ``(T, dim)``: projected, QK-normalized, q and k rotated."""
         t = x.shape[0]
         q = self.wq(x).view(t, self.n_heads, self.head_dim)
         k = self.wk(x).view(t, self.n_kv_heads, self.head_dim)
@@ -165,6 +174,22 @@ class GatedVarlenAttention(nn.Module):
         q_norm = self.q_norm if self.qk_norm else None
         k_norm = self.k_norm if self.qk_norm else None
         q, k = qk_norm_rope(q, k, freqs, q_norm, k_norm, norm, prefer=self.backend)
+        return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor | VarlenLayout,
+        max_seqlen: int | None,
+        y: torch.Tensor | None = None,
+        y_cu_seqlens: torch.Tensor | VarlenLayout | None = None,
+        y_max_seqlen: int | None = None,
+        softmax_scale: float | None = None,
+        text_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """:attr:`core` over :meth:`qkv`'s q, k, v and the gated text branch: ``(T, H, Dh)``, the input of wo."""
         text = {}
         if self.y_dim > 0 and (y is not None or text_kv is not None):
             ky, vy = text_kv if text_kv is not None else self.text_kv(y)
@@ -175,5 +200,4 @@ class GatedVarlenAttention(nn.Module):
                 text_max_seqlen=y_max_seqlen,
                 gate=self.gate,
             )
-        out = self.core(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **text)
-        return self.wo(out.flatten(1))
+        return self.core(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **text)

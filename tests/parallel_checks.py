@@ -10,6 +10,8 @@ errors) runs once as one process and once sequence-parallel over the group, on t
 the rel-L2 errors of the output and of every gradient (parameters, latents, caption features). A parallel
 rank's parameter gradients are P times its share (see flagdit.parallel.apply), so their mean over the group
 is compared.
+Saved-bytes checks: what autograd saves for one forward (flagdit.memory.SavedBytes) on a rank of the group,
+against one process on the same batch.
 Bad-input checks: every rank must raise the ValueError, then meet the others at a barrier (a rank stuck in a
 collective would time the job out instead).
 """
@@ -63,6 +65,18 @@ def _batch(shapes: list[tuple[int, ...]], caption_lengths: list[int], seed: int 
     return xs, t, cap, mask, upstream
 
 
+def _saved_bytes(model, batch) -> int:
+    """What autograd saves for the backward of one forward (flagdit.memory.SavedBytes), then the backward."""
+    from flagdit.memory import SavedBytes
+
+    xs, t, cap, mask, upstream = batch
+    with SavedBytes(model) as saved:
+        out = model(xs, t, cap, mask)
+    nbytes = saved.bytes
+    sum((o * u).sum() for o, u in zip(out, upstream)).backward()
+    return nbytes
+
+
 def _run(model, batch, mean_over=None):
     """Output and gradients (by name; zeros where autograd gives none) of sum(out * upstream), the gradients
     averaged over the group ``mean_over``: the inputs, replicated on every rank, are like the parameters there."""
@@ -87,13 +101,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     return ((a.double() - b.double()).norm() / max(b.double().norm().item(), floor, 1e-30)).item()
 
 
-def compare(group, strategy, heads, kv_heads, shapes, caption_lengths, variant="flag") -> dict:
+def compare(group, strategy, heads, kv_heads, shapes, caption_lengths, variant="flag", checkpointing="none") -> dict:
+    """The case run as one process without checkpointing, then over the group with ``checkpointing``."""
     import flagdit.parallel as fp
     import flagdit_kernels as fk
 
     model = _model(heads, kv_heads, variant)
     batch = _batch(shapes, caption_lengths)
     out, grads = _run(model, batch)
+    model.checkpointing = checkpointing
     fp.parallelize(model, group, strategy)
     chosen = model.sequence_parallel.strategy
     out_sp, grads_sp = _run(model, batch, mean_over=group)
@@ -114,6 +130,19 @@ def compare(group, strategy, heads, kv_heads, shapes, caption_lengths, variant="
         "worst_grad": per_param[worst],
         "worst_name": worst,
     }
+
+
+def compare_saved_bytes(group, strategy: str) -> dict:
+    """Saved bytes of one forward per rank over the group, against one process on the same batch."""
+    import flagdit.parallel as fp
+
+    model = _model(4, 4)
+    batch = _batch(LONG, [3, 5])
+    single = _saved_bytes(model, batch)
+    fp.parallelize(model, group, strategy)
+    spread = _saved_bytes(model, batch)
+    fp.unparallelize(model)
+    return {"single": single, "spread": spread, "ratio": spread / single}
 
 
 def compare_sampling(group) -> dict:
@@ -178,7 +207,9 @@ def _bad_inputs(group, size: int) -> dict:
 VIDEO = (3, 3, 4, 6)  # 3 frames of 2x3 patches: 3 * 2 * 4 + 2 = 26 tokens
 ODD = [(3, 6, 10), VIDEO, (3, 2, 4)]  # 18 + 26 + 3 = 47 tokens: odd, sample boundaries inside rank runs
 SHORT = [(3, 6, 10), (3, 2, 4), (3, 4, 6)]  # 18, 3 (fewer than 4: empty chunks) and 10 tokens
-# name -> (strategy, n_heads, n_kv_heads, latent shapes, caption lengths[, variant]), per group size
+LONG = [(3, 16, 16), (3, 2, 8, 12)]  # 72 + 97 tokens: per-token memory outweighs the per-batch terms
+# name -> (strategy, n_heads, n_kv_heads, latent shapes, caption lengths[, variant[, checkpointing]]), per group
+# size
 CASES = {
     2: {
         "ulysses_mha": ("ulysses", 4, 4, ODD, [3, 0, 5]),
@@ -190,6 +221,8 @@ CASES = {
         "ring_all_captions_empty": ("ring", 4, 4, ODD, [0, 0, 0]),
         "ring_next_dit": ("ring", 4, 2, ODD, [3, 0, 5], "next"),
         "auto_odd_heads_is_ring": ("auto", 6, 3, ODD, [3, 2, 1]),
+        "ring_block_checkpointing": ("ring", 4, 2, ODD, [3, 0, 5], "flag", "block"),
+        "ulysses_selective_checkpointing": ("ulysses", 4, 2, ODD, [3, 0, 5], "next", "selective"),
     },
     4: {
         "ulysses_gqa_kv_lt_p": ("ulysses", 4, 2, ODD, [3, 0, 5]),
@@ -198,6 +231,8 @@ CASES = {
         "ring_gqa_kv_lt_p": ("ring", 4, 2, SHORT, [3, 0, 5]),
         "ring_gqa_kv_ge_p": ("ring", 8, 4, ODD, [2, 4, 1]),
         "auto_odd_heads_is_ring": ("auto", 6, 3, SHORT, [3, 2, 0], "next"),
+        "ring_selective_checkpointing": ("ring", 4, 2, SHORT, [3, 0, 5], "next", "selective"),
+        "ulysses_block_checkpointing": ("ulysses", 4, 2, ODD, [3, 1, 5], "flag", "block"),
     },
 }
 
@@ -213,6 +248,11 @@ def checks() -> dict:
                 results[f"sp{size}/{name}"] = compare(group, *case)
             except Exception:
                 results[f"sp{size}/{name}"] = {"error": traceback.format_exc()}
+        for strategy in ("ring", "ulysses"):
+            try:
+                results[f"sp{size}/{strategy}_saved_bytes"] = compare_saved_bytes(group, strategy)
+            except Exception:
+                results[f"sp{size}/{strategy}_saved_bytes"] = {"error": traceback.format_exc()}
         try:
             results[f"sp{size}/sampling"] = compare_sampling(group)
         except Exception:

@@ -1,17 +1,18 @@
-"""The three exchanges sequence parallelism needs, as autograd functions over ``torch.distributed`` collectives.
+"""The exchanges sequence parallelism needs, over collectives gloo and NCCL both have.
 
-Each forward is one ``torch.distributed`` call and each backward its exact adjoint, so gradients flow through
-them like through any op (torch's own ``torch.distributed.nn`` wrappers are deprecated; these are the three
-we need, over the collectives gloo and NCCL both have):
+Two autograd functions, each forward one ``torch.distributed`` call and each backward its exact adjoint, so
+gradients flow through them like through any op (torch's own ``torch.distributed.nn`` wrappers are
+deprecated):
 
 - :func:`all_to_all`: rows of ``x`` to every rank by counts (``all_to_all_single`` with split sizes); the
   backward sends the gradient rows back the same way reversed.
 - :func:`all_gather_rows`: every rank's rows, in rank order (``all_gather``); the backward sums each rank's
   gradient of my rows (a reduce-scatter, written as an ``all_to_all_single`` because gloo has no
-  reduce-scatter).
-- :class:`RingShift`: a tensor to the next rank of the ring and the previous rank's in return
-  (``batch_isend_irecv``), started by the constructor and finished by :meth:`RingShift.wait`, so that compute
-  runs while it travels; the backward sends the gradient one rank back.
+  reduce-scatter);
+
+and :class:`RingHop`, a tensor to the next rank of the ring and the previous rank's in return
+(``batch_isend_irecv``), started by the constructor and finished by :meth:`RingHop.wait`, so that compute runs
+while it travels; not differentiable (the ring attention's autograd function moves its gradients itself).
 """
 
 from __future__ import annotations
@@ -67,47 +68,25 @@ def all_gather_rows(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     return _AllGatherRows.apply(x, group)
 
 
-def _exchange(send: torch.Tensor, recv: torch.Tensor, group: ProcessGroup, step: int) -> list:
-    """Starts sending ``send`` ``step`` ranks up the ring and receiving into ``recv`` from ``step`` ranks down."""
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    ops = [
-        dist.P2POp(dist.isend, send, group=group, group_peer=(rank + step) % size),
-        dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - step) % size),
-    ]
-    return dist.batch_isend_irecv(ops)
+class RingHop:
+    """``RingHop(x, group).wait()`` is the previous rank's ``x``: the send to the next rank and the receive from
+    the previous one (``batch_isend_irecv``) are posted by the constructor and run until :meth:`wait`, so that
+    compute runs while ``x`` travels. ``x`` must stay unchanged until then. ``tag`` keeps two hops in flight
+    between the same ranks apart (gloo matches messages by tag; NCCL by order, the same on every rank).
+    Not differentiable: the ring attention's autograd function sends its gradients itself."""
 
-
-class _Shift(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, pending):
-        ctx.group = group
-        recv = torch.empty_like(x)
-        pending.extend(_exchange(x, recv, group, 1))  # in flight: RingShift.wait() finishes it
-        return recv
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = torch.empty_like(grad)
-        for work in _exchange(grad.contiguous(), out, ctx.group, -1):
-            work.wait()
-        return out, None, None
-
-
-class RingShift:
-    """``RingShift(x, group).wait()`` is the previous rank's ``x``; the send and receive run in between.
-
-    ``x`` must stay unchanged until :meth:`wait` returns (it is being sent). Differentiable: the backward
-    returns the gradient to the rank it came from (synchronously: autograd runs one node at a time).
-    """
-
-    def __init__(self, x: torch.Tensor, group: ProcessGroup):
-        self._pending: list = []
+    def __init__(self, x: torch.Tensor, group: ProcessGroup, tag: int = 0):
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
         self._sent = x.contiguous()  # the buffer in flight lives until wait()
-        self._out = _Shift.apply(self._sent, group, self._pending)
+        self._recv = torch.empty_like(self._sent)
+        ops = [
+            dist.P2POp(dist.isend, self._sent, group=group, tag=tag, group_peer=(rank + 1) % size),
+            dist.P2POp(dist.irecv, self._recv, group=group, tag=tag, group_peer=(rank - 1) % size),
+        ]
+        self._pending = dist.batch_isend_irecv(ops)
 
     def wait(self) -> torch.Tensor:
         for work in self._pending:
             work.wait()
-        self._pending.clear()
-        self._sent = None
-        return self._out
+        self._pending, self._sent = [], None
+        return self._recv

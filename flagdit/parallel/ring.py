@@ -3,9 +3,18 @@
 Every rank holds the same number of rows of every sample (:mod:`.sharding`, chunked), so its queries and any
 rank's key/value block share one local layout. In ``P`` steps each rank attends with its queries over the
 block it holds (``fk.varlen_attention(..., return_lse=True)``), while that block is already on its way to
-the next rank (:class:`~.collectives.RingShift`, started before the step's attention and waited for after
-it); the partial results merge by log-sum-exp. All of it is plain autograd: the kernel is differentiable
-through ``out`` and ``lse``, and the shift's backward returns each block's gradient to where it came from.
+the next rank (:class:`~.collectives.RingHop`, posted before the step's kernels and waited for after them);
+the partial results merge by log-sum-exp.
+
+Backward. A custom autograd function (:class:`_RingAttention`): the forward keeps only this rank's q, k, v,
+the merged output and its LSE, O(T/P) per block. The backward sends the key/value blocks around the ring
+again; at each step it recomputes that block's (out, lse) with autograd (the kernel's forward and the copy
+correction below: the public op, so every backend works) and differentiates it with the cotangents the merge
+gives it, ``w d_out`` and ``w (d_out . (o_j - out))`` with ``w = exp(lse_j - lse)``. dq stays home in fp32;
+each block's dk/dv, summed in fp32, travel with the ring one hop behind the blocks and are home after
+``P`` hops. Every hop is posted before the step's kernels and waited for only when its data is needed. The
+recomputed forward is the price of going through the public op (a backward kernel that took the merged
+out/lse, as ring-flash-attn does, would skip it).
 
 Copies. Where a sample's length is not a multiple of P, the ranks holding fewer of its tokens fill their
 chunk with a copy of one of them. A query meeting that block sees the copied key twice: with ``e`` the copy's
@@ -16,8 +25,9 @@ block holding nothing but a copy of a sample is left out of that sample's merge 
 whose weight is 0).
 
 Text. The gated text branch attends the same queries over the sample's caption, a separate softmax outside
-the merge: it is added once, after it, by PyTorch's ``scaled_dot_product_attention`` per sample (the kernel
-computes self and text together, so its text part alone is not exposed; the caption is short).
+the merge: it is added once, after it, by one call of the fused kernel with zero values for the self part
+(whose output is then exactly 0; the kernel computes self and text together and does not expose the text
+part alone). That call spends one local block's self-attention, 1/P of the ring's.
 """
 
 from __future__ import annotations
@@ -25,11 +35,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 import flagdit_kernels as fk
 
-from .collectives import RingShift
+from .collectives import RingHop
 from .sharding import TokenShard
 
 # The LSE given to a block that holds no key of a query's sample: exp(NO_KEYS - lse) is exactly 0 for any
@@ -66,21 +75,62 @@ def _without_copies(o, lse, q, k, v, shard: TokenShard, origin: int, scale: floa
     return o, lse
 
 
-def _text_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, shard: TokenShard) -> torch.Tensor:
-    """Each sample's local queries over its caption tokens (scale 1/sqrt(Dh), GQA); zero without a caption."""
-    rows = [0, *torch.tensor(shard.chunk_rows).cumsum(0).tolist()]
-    texts = shard.text_offsets
-    parts = []
-    for b in range(len(shard.chunk_rows)):
-        r0, r1, t0, t1 = rows[b], rows[b + 1], texts[b], texts[b + 1]
-        if r1 == r0:
-            continue
-        if t1 == t0:
-            parts.append(q.new_zeros((r1 - r0, *q.shape[1:])))
-            continue
-        qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q[r0:r1], text_k[t0:t1], text_v[t0:t1]))
-        parts.append(F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True)[0].transpose(0, 1))
-    return torch.cat(parts)
+class _RingAttention(torch.autograd.Function):
+    """Self-attention of this rank's queries over every rank's key/value block (the module docstring); saves
+    only this rank's q, k, v, the merged output and its LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, shard: TokenShard, scale: float, attention_kwargs: dict):
+        sp = shard.sp
+        kv = torch.stack([k, v])
+        out = lse = None
+        for step in range(sp.size):
+            hop = RingHop(kv, sp.group) if step < sp.size - 1 else None  # the next block travels meanwhile
+            o, block_lse = _block(q, kv, shard, (sp.rank - step) % sp.size, scale, attention_kwargs)
+            out, lse = (o, block_lse) if out is None else _merge(out, lse, o, block_lse)
+            if hop is not None:
+                kv = hop.wait()
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.shard, ctx.scale, ctx.attention_kwargs = shard, scale, attention_kwargs
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        shard, scale, kwargs = ctx.shard, ctx.scale, ctx.attention_kwargs
+        sp = shard.sp
+        d_out = d_out.to(lse.dtype)
+        # The merged output's gradient reaches block j's (o_j, lse_j) through the weights w_j = exp(lse_j - lse):
+        # d o_j = w_j d_out and d lse_j = w_j (d_out . (o_j - out)).
+        d_out_dot_out = (d_out * out.to(lse.dtype)).sum(-1).T  # (H, N)
+        dq = torch.zeros_like(q, dtype=lse.dtype)
+        kv = torch.stack([k, v])
+        d_kv = arriving = None
+        for step in range(sp.size):
+            hop = RingHop(kv, sp.group) if step < sp.size - 1 else None  # posted before this step's kernels
+            with torch.enable_grad():
+                q_, kv_ = q.detach().requires_grad_(), kv.detach().requires_grad_()
+                o, block_lse = _block(q_, kv_, shard, (sp.rank - step) % sp.size, scale, kwargs)
+                w = torch.exp(block_lse.detach() - lse)
+                d_o = w.T.unsqueeze(-1) * d_out
+                d_lse = w * ((d_out * o.detach()).sum(-1).T - d_out_dot_out)
+                dq_step, d_kv_step = torch.autograd.grad((o, block_lse), (q_, kv_), (d_o, d_lse))
+            dq += dq_step
+            # This block's dk/dv, summed in fp32 by the ranks that held it before, arrive from the previous
+            # rank (posted at the end of the last step, waited only now); mine are added and they travel on.
+            d_kv = d_kv_step.to(lse.dtype) if arriving is None else arriving.wait() + d_kv_step
+            arriving = RingHop(d_kv, sp.group, tag=1)
+            if hop is not None:
+                kv = hop.wait()
+        d_kv = arriving.wait()  # after P hops, every rank's dk/dv are back home
+        return dq.to(q.dtype), d_kv[0].to(k.dtype), d_kv[1].to(v.dtype), None, None, None
+
+
+def _block(q: torch.Tensor, kv: torch.Tensor, shard: TokenShard, origin: int, scale: float, kwargs: dict):
+    """The attention of q over the key/value block of rank ``origin`` without its copies: (out, lse), fp32."""
+    o, lse = fk.varlen_attention(q, kv[0], kv[1], shard.layout, None, scale, return_lse=True, **kwargs)
+    return _without_copies(o, lse, q, kv[0], kv[1], shard, origin, scale)
 
 
 def ring_attention(
@@ -93,24 +143,14 @@ def ring_attention(
     **attention_kwargs,
 ) -> torch.Tensor:
     """Attention of this rank's rows ``(N, H, Dh)`` over their samples' keys on every rank (see the module
-    docstring). ``text``: the kernel's text keywords or empty; their offsets are the shard's host copy (the
-    captions the shard was built with). ``attention_kwargs`` (backend, prefer, deterministic) go to each
-    block's kernel call."""
-    sp = shard.sp
+    docstring). ``text``: the kernel's text keywords or empty. ``attention_kwargs`` (backend, prefer,
+    deterministic) go to each kernel call."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    kv = torch.stack([k, v])
-    out = lse = None
-    for step in range(sp.size):
-        origin = (sp.rank - step) % sp.size
-        shift = RingShift(kv, sp.group) if step < sp.size - 1 else None
-        o, block_lse = fk.varlen_attention(
-            q, kv[0], kv[1], shard.layout, None, scale, return_lse=True, **attention_kwargs
-        )
-        o, block_lse = _without_copies(o, block_lse, q, kv[0], kv[1], shard, origin, scale)
-        out, lse = (o, block_lse) if out is None else _merge(out, lse, o, block_lse)
-        if shift is not None:
-            kv = shift.wait()
+    out = _RingAttention.apply(q, k, v, shard, scale, attention_kwargs)
     if text.get("text_k") is not None:
-        o_text = _text_attention(q, text["text_k"], text["text_v"], shard).to(out.dtype)
-        out = out + torch.tanh(text["gate"].to(out.dtype)).view(1, -1, 1) * o_text
-    return out.to(q.dtype)
+        # The text branch alone from the fused kernel: with zero values its self part is exactly 0 (and its
+        # keys, detached, get no gradient), so the result is tanh(gate) * softmax(q k_t^T / sqrt(Dh)) v_t.
+        out = out + fk.varlen_attention(
+            q, k.detach(), torch.zeros_like(v), shard.layout, None, scale, **text, **attention_kwargs
+        )
+    return out

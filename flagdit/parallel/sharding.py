@@ -59,7 +59,6 @@ class TokenShard:
         self.rank_rows: list[int] = rank_rows  # rows held by each rank
         self.gather_index: torch.Tensor = gather_index  # int64 (T,): every token's row in the all-gathered rows
         self.layout: ShardedLayout | None = None  # the local rows' layout, once built
-        self.text_offsets: list[int] | None = None  # host copy of the caption offsets (the ring's text branch)
         # chunked: rows per sample on every rank, and per key block (origin rank) which samples' chunks hold a
         # copy (padded) or nothing but a copy (empty) there, as (P, B) tables and per origin as host flags
         self.chunk_rows: list[int] | None = None
@@ -169,7 +168,6 @@ def shard_tokens(
     check_batch(sp, lengths, [b - a for a, b in pairwise(text_offsets)], device, model)
     build = contiguous_shard if kind == CONTIGUOUS else chunked_shard
     shard, local_lengths = build(batch, lengths, sp)
-    shard.text_offsets = text_offsets
     shard.rows, shard.gather_index = shard.rows.to(device), shard.gather_index.to(device)
     if kind == CHUNKED:
         shard.padded, shard.empty = shard.padded.to(device), shard.empty.to(device)
