@@ -1,0 +1,510 @@
+"""Gluon forward of the varlen attention for Hopper (sm_90): warp-specialized, persistent, TMA-fed.
+
+NOT A DEFAULT. Gluon kernels never run under the interpreter and no GPU has run this one yet: it is offered to
+the autotuner only on sm_90 devices, and only after it matched the Triton forward on the same inputs there
+(attention_autotune.py, ``GluonCandidate``); nothing Gluon becomes a default without a passing GPU record in
+benchmarks/RESULTS.md. What is proven without a GPU is that it compiles for sm_90 on Triton 3.6 and 3.9 and the
+structure the compile shows (tests/test_attention_gluon_compile.py, the compile report).
+
+Same contract as ``_fwd_kernel`` (attention_fwd.py): packed q ``(T, H, D)``, k/v ``(T, Hkv, D)`` split by
+``cu_seqlens``, GQA by ``h // GROUP``, Lumina's gated text keys per sample; writes ``out``, ``o_text``, and the
+natural-log LSEs ``(H, T)`` fp32 the Triton backward reads.
+
+Structure (one CTA per SM, 9 warps in three partitions of ``gl.warp_specialize``):
+  * producer (1 warp, few registers): TMA loads of each work item's two Q tiles and of every K/V tile into a
+    ``STAGES``-deep shared-memory ring, each slot guarded by mbarriers (K ready, V ready, slot free);
+  * two consumers (4 warps each, one warpgroup, most of the registers): each owns 64 of the 128 query rows of a
+    work item and runs the online softmax over the same K/V slots (a slot is free once both consumers' reads of
+    it are done). Within a consumer, QK^T of key tile j+1 is issued before the softmax of tile j, and every
+    wgmma wait leaves one group in flight (``warpgroup_mma_wait(1)``); the last key tile is peeled off the loop
+    (the only one that needs the key mask);
+  * the work items are (128-query tile, head) pairs over real tiles only (no program per empty tile): the
+    launcher orders the sequences longest first (a device-side argsort, no host sync) and every CTA strides over
+    the items, heads innermost, so heads sharing a KV head (GQA) read the same keys close together in time.
+The text keys of a sample run through the same ring before its self keys, with their own softmax; ``o_text``
+is written to memory (the backward reads it) and read back by the same threads for ``out = o_self +
+tanh(gate[h]) * o_text`` (exactly 0 for a sample without text).
+
+Not (yet) here, against the FA3 plan of issue 22: the two consumers are not forced into ping-pong order (no
+named-barrier hand-off between their softmax and matmul phases; they interleave as the warp schedulers pick),
+the output is rescaled every key tile (a lazy rescale needs a warpgroup-uniform branch Gluon does not give
+without a cross-warp reduction), and head dims that are not powers of two (72, 96) are not offered: Gluon
+register tensors must be powers of two, so D72 cannot run as one 80-wide product here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# Triton 3.6 names the TMA load async_copy_global_to_shared; 3.9 renamed it async_load (the old name raises).
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+LN2 = gl.constexpr(0.6931471805599453)
+# Query rows of a work item: two consumers of 64 rows (the wgmma M of one warpgroup).
+BLOCK_M = 128
+# Registers a thread of each worker partition asks for (setmaxnreg): the producer only issues copies.
+PRODUCER_REGS = gl.constexpr(24)
+CONSUMER_REGS = gl.constexpr(240)
+
+
+@gluon.jit
+def _work_item(w, H, ORDER, TILE_CUM, CU, n_seqs, BLOCK_M: gl.constexpr):
+    """(sequence b, query tile m, head h, sequence start, length) of work item ``w``: items are (tile, head)
+    with heads innermost, the tiles of the sequences in ORDER (longest first) numbered by TILE_CUM (their prefix
+    sums of cdiv(len, BLOCK_M)); the sequence is the last position i with TILE_CUM[i] <= tile, by bisection."""
+    t = w // H
+    h = w % H
+    lo = 0
+    hi = n_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if gl.load(TILE_CUM + mid) <= t:
+            lo = mid
+        else:
+            hi = mid
+    b = gl.load(ORDER + lo)
+    start = gl.load(CU + b)
+    return b, t - gl.load(TILE_CUM + lo), h, start, gl.load(CU + b + 1) - start
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Producer: one warp issuing TMA copies
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _produce_keys(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_free, row0, col, n_keys, it,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Copies cdiv(n_keys, BLOCK_N) K and V tiles (rows from row0, columns col..col+D) into the ring from slot
+    counter ``it`` on; returns the counter after them."""
+    for j in range(gl.cdiv(n_keys, BLOCK_N)):
+        slot = it % STAGES
+        # Wait for both consumers to release the slot (a fresh barrier passes the first wait at parity 1).
+        mbarrier.wait(kv_free.index(slot), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        _tma_load(k_desc, [row0 + j * BLOCK_N, col], k_ready.index(slot), k_ring.index(slot))
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        _tma_load(v_desc, [row0 + j * BLOCK_N, col], v_ready.index(slot), v_ring.index(slot))
+        it += 1
+    return it
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, tk_desc, tv_desc, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready,
+              kv_free, ORDER, TILE_CUM, CU, TCU, H, GROUP, n_seqs, n_items,
+              HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr):  # fmt: skip
+    ROWS: gl.constexpr = BLOCK_M // 2
+    it = 0
+    n_done = 0
+    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        if w < gl.load(TILE_CUM + n_seqs) * H:
+            b, m, h, start, seq_len = _work_item(w, H, ORDER, TILE_CUM, CU, n_seqs, BLOCK_M)
+            kv_col = (h // GROUP) * HEAD_DIM
+            for c in gl.static_range(2):
+                mbarrier.wait(q_free.index(c), (n_done & 1) ^ 1)
+                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+                _tma_load(q_desc, [start + m * BLOCK_M + c * ROWS, h * HEAD_DIM], q_ready.index(c), q_smem.index(c))
+            if HAS_TEXT:
+                t_start = gl.load(TCU + b)
+                it = _produce_keys(tk_desc, tv_desc, k_ring, v_ring, k_ready, v_ready, kv_free, t_start, kv_col,
+                                   gl.load(TCU + b + 1) - t_start, it, BLOCK_N, STAGES)  # fmt: skip
+            it = _produce_keys(k_desc, v_desc, k_ring, v_ring, k_ready, v_ready, kv_free, start, kv_col, seq_len, it,
+                               BLOCK_N, STAGES)  # fmt: skip
+            n_done += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Consumers: one warpgroup each, 64 query rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, qk_scale, n_valid, MASK: gl.constexpr, s_layout: gl.constexpr):
+    """Online-softmax update of one score tile (log2 units, scale folded into one FMA per score): returns
+    (p, alpha, m_new, l_new). Only the last tile of a key range is MASKed (keys at or past ``n_valid``)."""
+    if MASK:
+        cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < n_valid, 0), s, float("-inf"))
+    # Every tile holds at least one real key, so m_new is finite.
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(gl.fma(s, qk_scale, -gl.expand_dims(m_new, 1)))
+    if MASK:
+        p = gl.where(gl.expand_dims(cols < n_valid, 0), p, 0.0)  # -inf * 0 is NaN with a zero scale
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, n_keys, qk_scale, it,
+                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  num_warps: gl.constexpr):  # fmt: skip
+    """Online softmax of the Q tile ``q`` (shared memory) over cdiv(n_keys, BLOCK_N) >= 1 ring slots from ``it``:
+    returns (acc, m_i, l_i, it). Software-pipelined so QK^T of tile j+1 runs under the softmax of tile j; each
+    wait keeps one wgmma group in flight (groups retire in issue order)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = k_ring.dtype
+
+    n_tiles = gl.cdiv(n_keys, BLOCK_N)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+
+    slot = it % STAGES
+    mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
+    s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s])
+    acc = warpgroup_mma_init(acc)  # the loop carries acc as an in-flight wgmma result
+    for j in range(n_tiles - 1):
+        # Issue QK^T of the next tile before this tile's softmax.
+        nxt = (it + 1) % STAGES
+        mbarrier.wait(k_ready.index(nxt), ((it + 1) // STAGES) & 1)
+        s_next = warpgroup_mma(q, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, n_keys, False, s_layout)
+        # The previous tile's PV must be done before acc is rescaled: one group (QK^T above) stays in flight.
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        if j > 0:
+            mbarrier.arrive(kv_free.index((it + STAGES - 1) % STAGES), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+        mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(slot), acc, is_async=True)
+        # QK^T of the next tile done (it was issued first); this tile's PV stays in flight.
+        s = warpgroup_mma_wait(1, deps=[s_next])
+        it += 1
+        slot = nxt
+    # The last tile: the only one with keys past the end of the range.
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, n_keys - (n_tiles - 1) * BLOCK_N, True, s_layout)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    if n_tiles > 1:
+        mbarrier.arrive(kv_free.index((it + STAGES - 1) % STAGES), count=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+    mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(slot), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(kv_free.index(slot), count=1)
+    return acc, gl.convert_layout(m_i, orow_layout), gl.convert_layout(l_i, orow_layout), it + 1
+
+
+@gluon.jit
+def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT,
+              OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
+              stride_ot, stride_oh,
+              HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Consumer ``c`` (0: the default partition, 1: a worker): rows c*64 .. c*64+63 of every work item."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ocol_layout: gl.constexpr = gl.SliceLayout(0, o_layout)
+    dtype: gl.constexpr = k_ring.dtype
+    it = 0
+    n_done = 0
+    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        if w < gl.load(TILE_CUM + n_seqs) * H:
+            b, m, h, start, seq_len = _work_item(w, H, ORDER, TILE_CUM, CU, n_seqs, BLOCK_M)
+            q = q_smem.index(c)
+            mbarrier.wait(q_ready.index(c), n_done & 1)
+            local = m * BLOCK_M + c * ROWS + gl.arange(0, ROWS, layout=orow_layout)
+            row_ok = local < seq_len
+            rows = (start + local).to(gl.int64)
+            o_offs = gl.expand_dims(rows * stride_ot + h * stride_oh, 1) + gl.expand_dims(
+                gl.arange(0, HEAD_DIM, layout=ocol_layout), 0
+            )
+            o_mask = gl.expand_dims(row_ok, 1)
+            lse_offs = h.to(gl.int64) * T + rows
+            if HAS_TEXT:
+                t_len = gl.load(TCU + b + 1) - gl.load(TCU + b)
+                o_t = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+                lse_t = gl.zeros([ROWS], gl.float32, layout=orow_layout)
+                if t_len > 0:
+                    acc_t, m_t, l_t, it = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, t_len,
+                                                        text_qk_scale, it, ROWS, BLOCK_N, HEAD_DIM, STAGES,
+                                                        num_warps)  # fmt: skip
+                    o_t = acc_t / gl.expand_dims(l_t, 1)
+                    lse_t = (m_t + gl.log2(l_t)) * LN2
+                # Parked in memory (the backward reads it) and read back below by these same threads.
+                gl.store(OTEXT + o_offs, o_t.to(dtype), mask=o_mask)
+                gl.store(LSE_T + lse_offs, lse_t, mask=row_ok)
+            acc, m_i, l_i, it = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, seq_len, qk_scale, it,
+                                              ROWS, BLOCK_N, HEAD_DIM, STAGES, num_warps)  # fmt: skip
+            # Every QK^T of this item is done: the producer may load the next Q tile.
+            mbarrier.arrive(q_free.index(c), count=1)
+            out = acc / gl.expand_dims(l_i, 1)
+            gl.store(LSE + lse_offs, (m_i + gl.log2(l_i)) * LN2, mask=row_ok)
+            if HAS_TEXT:
+                out = out + gl.load(TGATE + h) * gl.load(OTEXT + o_offs, mask=o_mask, other=0.0).to(gl.float32)
+            gl.store(OUT + o_offs, out.to(dtype), mask=o_mask)
+            n_done += 1
+
+
+@gluon.jit
+def _consumer1(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT, OTEXT, LSE, LSE_T,
+               ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
+               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr):  # fmt: skip
+    _consumer(1, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT, OTEXT, LSE, LSE_T,
+              ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
+              HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
+
+
+@gluon.jit
+def _consumer0(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT, OTEXT, LSE, LSE_T,
+               ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
+               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr):  # fmt: skip
+    _consumer(0, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT, OTEXT, LSE, LSE_T,
+              ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
+              HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
+
+
+@gluon.jit
+def _gluon_fwd_kernel(
+    q_desc, k_desc, v_desc, tk_desc, tv_desc, TGATE, OUT, OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU,
+    qk_scale, text_qk_scale, T, H, GROUP, n_seqs, n_items, stride_ot, stride_oh,
+    HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    BLOCK_M: gl.constexpr = 128
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_free.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_free.index(i), count=2)  # both consumers read every slot
+    fence_async_shared()
+
+    # The argument tuples are written out in the call: a tuple bound to a name first turns its constexprs into
+    # runtime values.
+    gl.warp_specialize(
+        [
+            (
+                _consumer0,
+                (
+                    q_smem,
+                    k_ring,
+                    v_ring,
+                    q_ready,
+                    q_free,
+                    k_ready,
+                    v_ready,
+                    kv_free,
+                    TGATE,
+                    OUT,
+                    OTEXT,
+                    LSE,
+                    LSE_T,
+                    ORDER,
+                    TILE_CUM,
+                    CU,
+                    TCU,
+                    qk_scale,
+                    text_qk_scale,
+                    T,
+                    H,
+                    n_seqs,
+                    n_items,
+                    stride_ot,
+                    stride_oh,
+                    HEAD_DIM,
+                    HAS_TEXT,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+            (
+                _consumer1,
+                (
+                    q_smem,
+                    k_ring,
+                    v_ring,
+                    q_ready,
+                    q_free,
+                    k_ready,
+                    v_ready,
+                    kv_free,
+                    TGATE,
+                    OUT,
+                    OTEXT,
+                    LSE,
+                    LSE_T,
+                    ORDER,
+                    TILE_CUM,
+                    CU,
+                    TCU,
+                    qk_scale,
+                    text_qk_scale,
+                    T,
+                    H,
+                    n_seqs,
+                    n_items,
+                    stride_ot,
+                    stride_oh,
+                    HEAD_DIM,
+                    HAS_TEXT,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+            (
+                _producer,
+                (
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    tk_desc,
+                    tv_desc,
+                    q_smem,
+                    k_ring,
+                    v_ring,
+                    q_ready,
+                    q_free,
+                    k_ready,
+                    v_ready,
+                    kv_free,
+                    ORDER,
+                    TILE_CUM,
+                    CU,
+                    TCU,
+                    H,
+                    GROUP,
+                    n_seqs,
+                    n_items,
+                    HEAD_DIM,
+                    HAS_TEXT,
+                    BLOCK_M,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------------
+
+HEAD_DIMS = (64, 128)
+
+
+def supported(q: torch.Tensor, *kv: torch.Tensor | None) -> bool:
+    """Whether this kernel takes these (T, H, D) tensors: bf16/fp16, D in HEAD_DIMS, each tensor readable as a
+    (T, H * D) matrix by TMA (head dim contiguous, heads adjacent, 16-byte aligned base and token stride)."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in HEAD_DIMS:
+        return False
+    return all(t is None or t.numel() == 0 or _as_matrix(t) is not None for t in (q, *kv))
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` (T, H, D) as a (T, H * D) view over the same memory, or None if TMA cannot read it so."""
+    T, H, D = t.shape
+    if t.stride(2) != 1 or (H > 1 and t.stride(1) != D) or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        return None
+    return t.as_strided((T, H * D), (t.stride(0), 1))
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    m = _as_matrix(t)
+    block = [rows, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(m, list(m.shape), list(m.stride()), block, layout)
+
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+@dataclass(frozen=True)
+class GluonConfig:
+    """A launch configuration of the Gluon forward: keys per tile and depth of the K/V ring."""
+
+    block_n: int
+    stages: int
+
+    def __str__(self) -> str:
+        return f"gluon {BLOCK_M}x{self.block_n}/ws(4+4+1)/s{self.stages}"
+
+
+# Chosen from the sm_90 compile (no GPU has timed them): rings that fit 227 KB of shared memory with two 64-row Q
+# tiles, and no spills. At Dh 128, 128-key tiles spill in the consumers (scores, next scores and the output
+# accumulator in flight together: 4-28 bytes on Triton 3.6 / 3.9), so only 64-key tiles are offered there.
+CONFIGS = {64: [GluonConfig(128, 3), GluonConfig(64, 4)], 128: [GluonConfig(64, 3)]}
+
+
+def schedule(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ORDER, TILE_CUM): the sequences longest first, and the prefix sums of their query tiles (int32, B + 1),
+    computed on the device without a host sync; TILE_CUM[B] is the number of real tiles."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    order = torch.argsort(lens, descending=True, stable=True)
+    tiles = (lens[order] + BLOCK_M - 1) // BLOCK_M
+    cum = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=lens.device)
+    cum[1:] = tiles.cumsum(0)
+    return order.to(torch.int32), cum
+
+
+def launch(
+    config: GluonConfig,
+    q,
+    k,
+    v,
+    tk,
+    tv,
+    tg,
+    out,
+    ot,
+    lse,
+    lt,
+    cu,
+    tcu,
+    qk_scale,
+    text_qk_scale,
+    T,
+    group,
+    batch,
+    has_text: bool,
+    programs: int,
+) -> None:
+    """One launch over the whole batch, arguments as ``_fwd_kernel``'s launcher passes them (tk/tv/tcu stand-ins
+    without text); ``programs``: the persistent grid (the SM count)."""
+    H, D = q.shape[1], q.shape[2]
+    order, tile_cum = schedule(cu)
+    n_items = (T // BLOCK_M + batch) * H  # an upper bound on the real items, known without a host sync
+    _gluon_fwd_kernel[(max(1, min(programs, n_items)),)](
+        _descriptor(q, BLOCK_M // 2), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
+        _descriptor(tk, config.block_n), _descriptor(tv, config.block_n), tg, out, ot, lse, lt, order, tile_cum,
+        cu, tcu, qk_scale, text_qk_scale, T, H, group, batch, n_items, out.stride(0), out.stride(1),
+        HEAD_DIM=D, HAS_TEXT=has_text, BLOCK_N=config.block_n, STAGES=config.stages, num_warps=4,
+    )  # fmt: skip
