@@ -285,6 +285,9 @@ def _gluon_fwd_kernel(
     HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
     BLOCK_M: gl.constexpr = 128
+    # A consumer holds two slots (tile j, and j+1 whose QK^T is in flight) while the producer fills a third; with
+    # two stages the producer would wait for the slot of tile j-1, which is only released after that wait.
+    gl.static_assert(STAGES >= 3)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -508,3 +511,35 @@ def launch(
         cu, tcu, qk_scale, text_qk_scale, T, H, group, batch, n_items, out.stride(0), out.stride(1),
         HEAD_DIM=D, HAS_TEXT=has_text, BLOCK_N=config.block_n, STAGES=config.stages, num_warps=4,
     )  # fmt: skip
+
+
+def offer(tuned, grid, args: tuple, consts: dict, regime: dict, offered: list, reset) -> bool:
+    """Runs this kernel for a launch of the Triton forward ``tuned`` (a TunedKernel of ``_fwd_kernel``; its
+    arguments are read by the kernel's parameter names) if these tensors suit it and it was chosen for the regime
+    (attention_candidates.choose: verified against the Triton kernel on these inputs first); True if it ran."""
+    from . import _helpers, attention_candidates
+
+    a = dict(zip(tuned.fn.arg_names, args))
+    has_text = bool(consts["HAS_TEXT"])
+    q, k, v, tk, tv = a["Q"], a["K"], a["V"], a["TK"], a["TV"]
+    if not supported(q, k, v, tk, tv):
+        return False
+    programs = _helpers.device_limits(q.device)[0]
+
+    def run(config: GluonConfig) -> None:
+        launch(config, q, k, v, tk, tv, a["TGATE"], a["OUT"], a["OTEXT"], a["LSE"], a["LSE_T"], a["CU"], a["TCU"],
+               a["qk_scale"], a["text_qk_scale"], a["T"], a["GROUP"], a["n_seqs"], has_text, programs)  # fmt: skip
+
+    def reference() -> None:
+        tile = tuned._tuned(grid, args, consts, regime, offered, reset)
+        reset()
+        tuned._run(tile, grid, args, consts)
+
+    candidates = {str(c): (lambda c=c: run(c)) for c in CONFIGS[q.shape[-1]]}
+    outputs = [a["OUT"], a["LSE"]] + ([a["OTEXT"], a["LSE_T"]] if has_text else [])
+    key = "gluon forward " + tuned.key(consts, regime)
+    choice = attention_candidates.choose(key, reference, candidates, outputs, attention_candidates.TOLERANCE[q.dtype])
+    if choice == attention_candidates.TRITON:
+        return False
+    candidates[choice]()
+    return True
