@@ -1,23 +1,25 @@
 """Gluon forward of the varlen attention for Hopper (sm_90): warp-specialized, persistent, TMA-fed.
 
-NOT A DEFAULT. Gluon kernels never run under the interpreter and no GPU has run this one yet: it is offered to
-the autotuner only on sm_90 devices, and only after it matched the Triton forward on the same inputs there
-(attention_autotune.py, ``GluonCandidate``); nothing Gluon becomes a default without a passing GPU record in
-benchmarks/RESULTS.md. What is proven without a GPU is that it compiles for sm_90 on Triton 3.6 and 3.9 and the
-structure the compile shows (tests/test_attention_gluon_compile.py, the compile report).
+NOT A DEFAULT. Gluon kernels never run under the interpreter and no GPU has run this one yet: the attention
+autotuner offers it only on sm_90 devices with FLAGDIT_KERNELS_GLUON=1, and only after it matched the Triton
+forward on the same inputs there (attention_candidates.py); nothing Gluon becomes a default without a passing
+GPU record (benchmarks/gpu_check.sh runs tests/test_smoke_gluon.py first; benchmarks/RESULTS.md). What is proven
+without a GPU is that it compiles for sm_90 on Triton 3.6 and 3.9, with the structure the compile shows
+(tests/test_compile_structure.py; ``python -m flagdit_kernels.tools.compile_report --gluon``).
 
 Same contract as ``_fwd_kernel`` (attention_fwd.py): packed q ``(T, H, D)``, k/v ``(T, Hkv, D)`` split by
-``cu_seqlens``, GQA by ``h // GROUP``, Lumina's gated text keys per sample; writes ``out``, ``o_text``, and the
-natural-log LSEs ``(H, T)`` fp32 the Triton backward reads.
+``cu_seqlens``, GQA by ``h // GROUP``, Lumina's gated text keys per sample; writes ``out``, ``o_text`` and the
+natural-log LSEs ``(H, T)`` fp32 that the Triton backward reads.
 
 Structure (one CTA per SM, 9 warps in three partitions of ``gl.warp_specialize``):
-  * producer (1 warp, few registers): TMA loads of each work item's two Q tiles and of every K/V tile into a
+  * producer (1 warp, 24 registers): TMA loads of each work item's two Q tiles and of every K/V tile into a
     ``STAGES``-deep shared-memory ring, each slot guarded by mbarriers (K ready, V ready, slot free);
-  * two consumers (4 warps each, one warpgroup, most of the registers): each owns 64 of the 128 query rows of a
-    work item and runs the online softmax over the same K/V slots (a slot is free once both consumers' reads of
-    it are done). Within a consumer, QK^T of key tile j+1 is issued before the softmax of tile j, and every
-    wgmma wait leaves one group in flight (``warpgroup_mma_wait(1)``); the last key tile is peeled off the loop
-    (the only one that needs the key mask);
+  * two consumers (4 warps each, one warpgroup, 240 registers): each owns 64 of the 128 query rows of a work item
+    and runs the online softmax over the same K/V slots (a slot is free once both consumers are done with it).
+    Within a consumer (FA3's intra-warpgroup overlap), QK^T of tile j and PV of tile j-1 are issued together
+    and the softmax of tile j runs while that PV is in flight (``warpgroup_mma_wait(1)``); between the
+    consumers, ping-pong: they take turns issuing their wgmmas (an mbarrier token), so one's softmax runs under
+    the other's matmuls. Only the first and last key tiles are masked, outside the loop;
   * the work items are (128-query tile, head) pairs over real tiles only (no program per empty tile): the
     launcher orders the sequences longest first (a device-side argsort, no host sync) and every CTA strides over
     the items, heads innermost, so heads sharing a KV head (GQA) read the same keys close together in time.
@@ -25,11 +27,13 @@ The text keys of a sample run through the same ring before its self keys, with t
 is written to memory (the backward reads it) and read back by the same threads for ``out = o_self +
 tanh(gate[h]) * o_text`` (exactly 0 for a sample without text).
 
-Not (yet) here, against the FA3 plan of issue 22: the two consumers are not forced into ping-pong order (no
-named-barrier hand-off between their softmax and matmul phases; they interleave as the warp schedulers pick),
-the output is rescaled every key tile (a lazy rescale needs a warpgroup-uniform branch Gluon does not give
-without a cross-warp reduction), and head dims that are not powers of two (72, 96) are not offered: Gluon
-register tensors must be powers of two, so D72 cannot run as one 80-wide product here.
+Not here, against the FA3 plan of issue 22: the output is rescaled every key tile (a lazy rescale needs a
+warpgroup-uniform branch that Gluon does not give without a cross-warp reduction); the QK^T of tile j+1 is not
+issued before the softmax of tile j (that order carries a wgmma in flight over the loop's back edge, and ptxas
+then serializes every wgmma of the kernel: its C7514 note); head dims that are not powers of two (72, 96) are
+not offered (Gluon register tensors are powers of two, so D72 cannot run as one 80-wide product here); 128-key
+tiles (they spill); key tiles past a sequence's end are read from the next sequence and masked (TMA zero-fills
+only past the end of the whole tensor), so a non-finite value there would reach the output as NaN.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -133,6 +136,27 @@ def _producer(q_desc, k_desc, v_desc, tk_desc, tv_desc, q_smem, k_ring, v_ring, 
 
 
 @gluon.jit
+def _take_turn(turns, turn, C: gl.constexpr):
+    """Waits until consumer ``C`` may issue its wgmmas (ping-pong: the two consumers take turns, so one issues
+    its matmuls while the other runs its softmax); returns the turn counter after this one."""
+    mbarrier.wait(turns.index(C), turn & 1)
+    return turn + 1
+
+
+@gluon.jit
+def _pass_turn(turns, C: gl.constexpr):
+    """Hands the turn to the other consumer once ``C``'s wgmmas are issued."""
+    mbarrier.arrive(turns.index(1 - C), count=1)
+
+
+@gluon.jit
+def _keep(x):
+    """x, through an empty inline asm whose output is tied to its input register: no instruction, but x's
+    registers stay allocated up to here (for an operand an asynchronous wgmma may still be reading)."""
+    return gl.inline_asm_elementwise("", "=r,0", [x], dtype=x.dtype, is_pure=False, pack=2)
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, n_valid, MASK: gl.constexpr, s_layout: gl.constexpr):
     """Online-softmax update of one score tile (log2 units, scale folded into one FMA per score): returns
     (p, alpha, m_new, l_new). Only the last tile of a key range is MASKed (keys at or past ``n_valid``)."""
@@ -149,12 +173,60 @@ def _softmax_step(s, m_i, l_i, qk_scale, n_valid, MASK: gl.constexpr, s_layout: 
 
 
 @gluon.jit
-def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, n_keys, qk_scale, it,
+def _issue_qk(q, k_ring, k_ready, it, dead, STAGES: gl.constexpr):
+    """Waits for K tile ``it`` and issues S = Q K^T asynchronously into the registers of ``dead`` (a tile whose
+    values are no longer needed: use_acc=False ignores them)."""
+    slot = it % STAGES
+    mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
+    return warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), dead, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(acc, p16, v_ring, v_ready, it, STAGES: gl.constexpr):
+    """Waits for V tile ``it`` and issues acc += P V asynchronously (``p16``: P in the dot-operand layout, which
+    must stay live until the wgmma retires)."""
+    slot = it % STAGES
+    mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
+    return warpgroup_mma(p16, v_ring.index(slot), acc, is_async=True)
+
+
+@gluon.jit
+def _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, it, n_valid, qk_scale,
+          C: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
+          orow_layout: gl.constexpr):  # fmt: skip
+    """One key tile ``it`` (FA3's intra-warpgroup overlap): QK^T of this tile and PV of the previous one (its P
+    in ``p``) are issued together; the wait for the scores leaves the PV in flight, so this tile's softmax runs
+    under it; then the PV is waited for, its slot released, and acc rescaled. The two wgmmas are issued in
+    consumer ``C``'s turn (_take_turn). Returns (acc, m_i, l_i, p, turn)."""
+    p16 = gl.convert_layout(p.to(v_ring.dtype), p_layout)
+    turn = _take_turn(turns, turn, C)
+    s = _issue_qk(q, k_ring, k_ready, it, p, STAGES)  # p is dead now: its registers take the scores
+    acc = _issue_pv(acc, p16, v_ring, v_ready, it - 1, STAGES)
+    _pass_turn(turns, C)
+    s = warpgroup_mma_wait(1, deps=[s])
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, n_valid, MASK, s_layout)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    p16 = _keep(p16)
+    mbarrier.arrive(kv_free.index((it + STAGES - 1) % STAGES), count=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+    return acc, m_i, l_i, p, turn
+
+
+@gluon.jit
+def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, n_keys, qk_scale, it, C: gl.constexpr,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   num_warps: gl.constexpr):  # fmt: skip
     """Online softmax of the Q tile ``q`` (shared memory) over cdiv(n_keys, BLOCK_N) >= 1 ring slots from ``it``:
-    returns (acc, m_i, l_i, it). Software-pipelined so QK^T of tile j+1 runs under the softmax of tile j; each
-    wait keeps one wgmma group in flight (groups retire in issue order)."""
+    returns (acc, m_i, l_i, it, turn). Each tile after the first is a _step: the softmax of tile j runs while the PV
+    wgmma of tile j-1 is in flight (a wait with one group outstanding).
+
+    Written for ptxas, which serializes every wgmma of the kernel when it cannot prove that no other instruction
+    touches the registers of one in flight: nothing is in flight across a loop back edge (ptxas loses the order
+    of groups there: issuing QK^T of tile j+1 before the softmax of tile j, with the PV of j-1 carried over the
+    back edge, is serialized whole, C7514); the QK^T accumulator takes the registers of the previous tile's fp32
+    P (dead once converted for its PV) instead of a zero fill; each P operand is kept live (_keep) until the wait
+    that retires its PV.
+    Only the first tile (it may be the only one) and the last are masked, outside the loop."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -162,51 +234,40 @@ def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, n_keys, qk_scale
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-    dtype: gl.constexpr = k_ring.dtype
 
     n_tiles = gl.cdiv(n_keys, BLOCK_N)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-
-    slot = it % STAGES
-    mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
-    s = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    p = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    # Tile 0 (masked: it may be the only one, and holds fewer than BLOCK_N keys then).
+    turn = _take_turn(turns, turn, C)
+    s = _issue_qk(q, k_ring, k_ready, it, p, STAGES)
+    _pass_turn(turns, C)
     s = warpgroup_mma_wait(0, deps=[s])
-    acc = warpgroup_mma_init(acc)  # the loop carries acc as an in-flight wgmma result
-    for j in range(n_tiles - 1):
-        # Issue QK^T of the next tile before this tile's softmax.
-        nxt = (it + 1) % STAGES
-        mbarrier.wait(k_ready.index(nxt), ((it + 1) // STAGES) & 1)
-        s_next = warpgroup_mma(q, k_ring.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, n_keys, False, s_layout)
-        # The previous tile's PV must be done before acc is rescaled: one group (QK^T above) stays in flight.
-        acc = warpgroup_mma_wait(1, deps=[acc])
-        if j > 0:
-            mbarrier.arrive(kv_free.index((it + STAGES - 1) % STAGES), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-        mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(slot), acc, is_async=True)
-        # QK^T of the next tile done (it was issued first); this tile's PV stays in flight.
-        s = warpgroup_mma_wait(1, deps=[s_next])
-        it += 1
-        slot = nxt
-    # The last tile: the only one with keys past the end of the range.
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, n_keys - (n_tiles - 1) * BLOCK_N, True, s_layout)
-    acc = warpgroup_mma_wait(0, deps=[acc])
+    p, _, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, n_keys, True, s_layout)  # acc is 0: no rescale
+    for j in range(1, n_tiles - 1):
+        acc, m_i, l_i, p, turn = _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn,
+                                       it + j, BLOCK_N, qk_scale, C, False, STAGES, s_layout, p_layout,
+                                       orow_layout)  # fmt: skip
     if n_tiles > 1:
-        mbarrier.arrive(kv_free.index((it + STAGES - 1) % STAGES), count=1)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-    mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_ring.index(slot), acc, is_async=True)
+        acc, m_i, l_i, p, turn = _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn,
+                                       it + n_tiles - 1, n_keys - (n_tiles - 1) * BLOCK_N, qk_scale, C, True, STAGES,
+                                       s_layout, p_layout, orow_layout)  # fmt: skip
+    # The PV of the last tile.
+    last = it + n_tiles - 1
+    p16 = gl.convert_layout(p.to(v_ring.dtype), p_layout)
+    turn = _take_turn(turns, turn, C)
+    acc = _issue_pv(acc, p16, v_ring, v_ready, last, STAGES)
+    _pass_turn(turns, C)
     acc = warpgroup_mma_wait(0, deps=[acc])
-    mbarrier.arrive(kv_free.index(slot), count=1)
-    return acc, gl.convert_layout(m_i, orow_layout), gl.convert_layout(l_i, orow_layout), it + 1
+    p16 = _keep(p16)
+    mbarrier.arrive(kv_free.index(last % STAGES), count=1)
+    return acc, gl.convert_layout(m_i, orow_layout), gl.convert_layout(l_i, orow_layout), last + 1, turn
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT,
+def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
               OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
               stride_ot, stride_oh,
               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -220,6 +281,7 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
     dtype: gl.constexpr = k_ring.dtype
     it = 0
     n_done = 0
+    turn = 0
     for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
         if w < gl.load(TILE_CUM + n_seqs) * H:
             b, m, h, start, seq_len = _work_item(w, H, ORDER, TILE_CUM, CU, n_seqs, BLOCK_M)
@@ -238,16 +300,17 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
                 o_t = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
                 lse_t = gl.zeros([ROWS], gl.float32, layout=orow_layout)
                 if t_len > 0:
-                    acc_t, m_t, l_t, it = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, t_len,
-                                                        text_qk_scale, it, ROWS, BLOCK_N, HEAD_DIM, STAGES,
-                                                        num_warps)  # fmt: skip
+                    acc_t, m_t, l_t, it, turn = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns,
+                                                              turn, t_len, text_qk_scale, it, c, ROWS, BLOCK_N,
+                                                              HEAD_DIM, STAGES, num_warps)  # fmt: skip
                     o_t = acc_t / gl.expand_dims(l_t, 1)
                     lse_t = (m_t + gl.log2(l_t)) * LN2
                 # Parked in memory (the backward reads it) and read back below by these same threads.
                 gl.store(OTEXT + o_offs, o_t.to(dtype), mask=o_mask)
                 gl.store(LSE_T + lse_offs, lse_t, mask=row_ok)
-            acc, m_i, l_i, it = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, seq_len, qk_scale, it,
-                                              ROWS, BLOCK_N, HEAD_DIM, STAGES, num_warps)  # fmt: skip
+            acc, m_i, l_i, it, turn = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, seq_len,
+                                                    qk_scale, it, c, ROWS, BLOCK_N, HEAD_DIM, STAGES,
+                                                    num_warps)  # fmt: skip
             # Every QK^T of this item is done: the producer may load the next Q tile.
             mbarrier.arrive(q_free.index(c), count=1)
             out = acc / gl.expand_dims(l_i, 1)
@@ -259,22 +322,22 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
 
 
 @gluon.jit
-def _consumer1(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT, OTEXT, LSE, LSE_T,
-               ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
+def _consumer1(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
+               LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
                HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr):  # fmt: skip
-    _consumer(1, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT, OTEXT, LSE, LSE_T,
-              ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
+    _consumer(1, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
+              LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
               HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
 
 
 @gluon.jit
-def _consumer0(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT, OTEXT, LSE, LSE_T,
-               ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
+def _consumer0(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
+               LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
                HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr):  # fmt: skip
-    _consumer(0, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, TGATE, OUT, OTEXT, LSE, LSE_T,
-              ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
+    _consumer(0, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
+              LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
               HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
 
 
@@ -285,9 +348,8 @@ def _gluon_fwd_kernel(
     HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
     BLOCK_M: gl.constexpr = 128
-    # A consumer holds two slots (tile j, and j+1 whose QK^T is in flight) while the producer fills a third; with
-    # two stages the producer would wait for the slot of tile j-1, which is only released after that wait.
-    gl.static_assert(STAGES >= 3)
+    # A consumer holds two slots at a time (the PV of tile j-1, the QK^T of tile j) and frees j-1 in that step.
+    gl.static_assert(STAGES >= 2)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -297,124 +359,37 @@ def _gluon_fwd_kernel(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_free.index(i), count=1)
+        mbarrier.init(turns.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_free.index(i), count=2)  # both consumers read every slot
     fence_async_shared()
+    mbarrier.arrive(turns.index(0), count=1)  # consumer 0 issues first
 
     # The argument tuples are written out in the call: a tuple bound to a name first turns its constexprs into
     # runtime values.
+    # fmt: off
     gl.warp_specialize(
         [
-            (
-                _consumer0,
-                (
-                    q_smem,
-                    k_ring,
-                    v_ring,
-                    q_ready,
-                    q_free,
-                    k_ready,
-                    v_ready,
-                    kv_free,
-                    TGATE,
-                    OUT,
-                    OTEXT,
-                    LSE,
-                    LSE_T,
-                    ORDER,
-                    TILE_CUM,
-                    CU,
-                    TCU,
-                    qk_scale,
-                    text_qk_scale,
-                    T,
-                    H,
-                    n_seqs,
-                    n_items,
-                    stride_ot,
-                    stride_oh,
-                    HEAD_DIM,
-                    HAS_TEXT,
-                    BLOCK_M,
-                    BLOCK_N,
-                    STAGES,
-                ),
-            ),
-            (
-                _consumer1,
-                (
-                    q_smem,
-                    k_ring,
-                    v_ring,
-                    q_ready,
-                    q_free,
-                    k_ready,
-                    v_ready,
-                    kv_free,
-                    TGATE,
-                    OUT,
-                    OTEXT,
-                    LSE,
-                    LSE_T,
-                    ORDER,
-                    TILE_CUM,
-                    CU,
-                    TCU,
-                    qk_scale,
-                    text_qk_scale,
-                    T,
-                    H,
-                    n_seqs,
-                    n_items,
-                    stride_ot,
-                    stride_oh,
-                    HEAD_DIM,
-                    HAS_TEXT,
-                    BLOCK_M,
-                    BLOCK_N,
-                    STAGES,
-                ),
-            ),
-            (
-                _producer,
-                (
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    tk_desc,
-                    tv_desc,
-                    q_smem,
-                    k_ring,
-                    v_ring,
-                    q_ready,
-                    q_free,
-                    k_ready,
-                    v_ready,
-                    kv_free,
-                    ORDER,
-                    TILE_CUM,
-                    CU,
-                    TCU,
-                    H,
-                    GROUP,
-                    n_seqs,
-                    n_items,
-                    HEAD_DIM,
-                    HAS_TEXT,
-                    BLOCK_M,
-                    BLOCK_N,
-                    STAGES,
-                ),
-            ),
+            (_consumer0, (q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
+                          OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
+                          stride_ot, stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES)),
+            (_consumer1, (q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
+                          OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
+                          stride_ot, stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES)),
+            (_producer, (q_desc, k_desc, v_desc, tk_desc, tv_desc, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
+                         v_ready, kv_free, ORDER, TILE_CUM, CU, TCU, H, GROUP, n_seqs, n_items, HEAD_DIM, HAS_TEXT,
+                         BLOCK_M, BLOCK_N, STAGES)),
         ],
         [4, 1],
         [CONSUMER_REGS, PRODUCER_REGS],
     )
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,10 +436,10 @@ class GluonConfig:
         return f"gluon {BLOCK_M}x{self.block_n}/ws(4+4+1)/s{self.stages}"
 
 
-# Chosen from the sm_90 compile (no GPU has timed them): rings that fit 227 KB of shared memory with two 64-row Q
-# tiles, and no spills. At Dh 128, 128-key tiles spill in the consumers (scores, next scores and the output
-# accumulator in flight together: 4-28 bytes on Triton 3.6 / 3.9), so only 64-key tiles are offered there.
-CONFIGS = {64: [GluonConfig(128, 3), GluonConfig(64, 4)], 128: [GluonConfig(64, 3)]}
+# Chosen from the sm_90 compile (no GPU has timed them): 64-key tiles, rings that fit 227 KB of shared memory
+# with the two 64-row Q tiles. 128-key tiles spill in the consumers (scores, the previous P and the output
+# accumulator live together: 40-1320 bytes on Triton 3.9, 0-168 on 3.6), so they are not offered.
+CONFIGS = {64: [GluonConfig(64, 4), GluonConfig(64, 2)], 128: [GluonConfig(64, 3), GluonConfig(64, 2)]}
 
 
 def schedule(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
