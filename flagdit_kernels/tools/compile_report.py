@@ -250,15 +250,19 @@ def _ttgir_dots(ttgir: str) -> tuple[int, int]:
     return max(per_loop, default=0), sum(1 for line in lines if is_dot.search(line))
 
 
-def _partitions(ttgir: str, num_warps: int, regs: int | None) -> list[dict]:
-    """The warp-specialized partitions of a kernel, from its final TTGIR: the default partition (the launch's
-    warps; registers: ptxas's allocation for the kernel, what it starts with) and each worker partition of a
-    ``ttg.warp_specialize`` (its warps and the registers it asks for with setmaxnreg; None when the op asks
-    none). A kernel without warp specialization is one default partition."""
+def _partitions(ttgir: str, ptx: str, num_warps: int, regs: int | None) -> list[dict]:
+    """The warp-specialized partitions of a kernel: the default partition (the launch's warps, from the final
+    TTGIR) and each worker partition of a ``ttg.warp_specialize`` (its warps and the registers it asks for with
+    setmaxnreg; None when the op asks none). The default partition's registers: on a warp-specialized kernel, the
+    ``setmaxnreg.dec`` its warps run before the default region (the first one in the PTX, after the entry's
+    ``setmaxnreg.inc``); else ptxas's allocation. A kernel without warp specialization is one default partition."""
     own_warps = re.search(r'"ttg.num-warps" = (\d+)', ttgir)  # the default partition's (the launch's: all of them)
     default = {"name": "default", "warps": int(own_warps.group(1)) if own_warps else num_warps, "registers": regs}
     if "ttg.warp_specialize" not in ttgir:
         return [default]
+    setmaxnreg = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
+    if len(setmaxnreg) >= 2 and setmaxnreg[0][0] == "inc" and setmaxnreg[1][0] == "dec":
+        default["registers"] = int(setmaxnreg[1][1])
     requested = re.search(r"requestedRegisters = array<i32: ([\d, ]+)>", ttgir)
     reg_list = [int(x) for x in requested.group(1).split(",")] if requested else []
     workers = [int(w) for w in re.findall(r"^\s*partition\d+\(.*num_warps\((\d+)\)", ttgir, re.M)]
@@ -338,9 +342,9 @@ def _row(shape: Shape, text: bool, rope: bool, launch: _Launch, logs: dict) -> R
 def _add_structure(row: Row, fn, kernel, instrs: list[tuple[int, str]], log: str) -> None:
     """Engine, partitions and per-loop structure of a compiled kernel (the report's structure table)."""
     row.engine = "gluon" if "gluon" in type(fn).__module__ else "triton"
-    row.partitions = _partitions(kernel.asm["ttgir"], kernel.metadata.num_warps, row.regs)
-    row.loops = _working_loops(instrs)
     ptx = kernel.asm.get("ptx", "")
+    row.partitions = _partitions(kernel.asm["ttgir"], ptx, kernel.metadata.num_warps, row.regs)
+    row.loops = _working_loops(instrs)
     row.ptx_wgmma_waits = sorted({int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
     row.ptxas_notes = sorted(
         {m.strip() for m in re.findall(r"Potential Performance Loss: ([^\n]*?)(?: in the function|\n)", log)}
