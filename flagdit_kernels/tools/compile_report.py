@@ -19,6 +19,13 @@ instructions, tensor-core ops (``HGMMA``, i.e. wgmma; and ``tl.dot``s in the TTG
 (``LDGSTS``), TMA loads (``UTMALDG``), 16-byte global loads / stores, scalar 2-byte global accesses, local
 memory accesses (spills inside the loop) and atomics. For the attention kernels the grid is compared with the
 tiles that hold tokens. Run without ``TRITON_INTERPRET``; one target per process.
+
+Structure (a second table, and keys of every JSON row): ``engine`` (triton or gluon), ``partitions`` (warps and
+registers of the default partition and of each warp-specialized worker), and per inner loop that does work
+(``loops``): wgmma count and shapes, ``wgmma_wait_pending`` (the deepest wgmma wait, 0 = waited to zero) and every
+wait depth, CTA-wide and named barriers, TMA loads, cp.async, 16- and 2-byte global accesses, ``mma_sync``
+(HMMA), ``spill_accesses`` and EX2; per kernel the PTX's wait depths and ptxas's notes when it serialized the
+wgmmas. ``--gluon`` adds the Gluon forward (attention_gluon_fwd.py) at the head dims it takes.
 """
 
 from __future__ import annotations
