@@ -11,8 +11,9 @@
 # second, shorter run, --sanitize say, fits the same 15-minute lease with the machine's start):
 #   prep       10  wheels from .whl/, nvidia-smi, the CUDA extension build started in the background
 #                  (BUILD_BUDGET 240; only the cases that need the extension wait for it)
-#   smoke      60  tests/test_smoke.py: one tiny fwd+bwd of every op on every Triton backend against the
-#                  float64 reference, bf16 and fp32; at the same time
+#   smoke      60  tests/test_smoke_gluon.py first (every Gluon kernel against the float64 reference, sm_90
+#                  only), then tests/test_smoke.py: one tiny fwd+bwd of every op on every Triton backend against
+#                  the float64 reference, bf16 and fp32; at the same time
 #   warm       60  python -m flagdit_kernels.bench.warm --plan: compile caches for the timed pairs, plan order
 #   sanitize  200  (--sanitize) compute-sanitizer memcheck on every smoke case (Triton and CUDA, every tile:
 #                  FLAGDIT_KERNELS_AUTOTUNE=compile), racecheck on the attention cases; errors counted
@@ -254,7 +255,14 @@ if wants smoke || wants warm; then
   select=()
   [ -n "$SMOKE_SELECT" ] && select=(-k "$SMOKE_SELECT")
   if wants smoke; then
-    run_phase smoke "$BUDGET_SMOKE" "${smoke_env[@]}" "${PYTEST[@]}" --results-phase smoke "${xdist[@]}" \
+    # Every Gluon kernel against the float64 reference first, in a process of its own (a faulting kernel must
+    # not take the other cases with it; skipped off sm_90), then the smoke cases. The phase fails if either does.
+    base=("${PYTEST[@]}" --results-phase smoke)
+    # shellcheck disable=SC2016
+    run_phase smoke "$BUDGET_SMOKE" "${smoke_env[@]}" bash -c 'n=$1; shift
+      "${@:1:n}" tests/test_smoke_gluon.py; gluon=$?
+      "${@:1:n}" "${@:n+1}"; rc=$?
+      ((gluon == 0 || gluon == 5)) || rc=$gluon; exit $rc' _ "${#base[@]}" "${base[@]}" "${xdist[@]}" \
       tests/test_smoke.py "${select[@]}" &
     smoke_pid=$!
   fi

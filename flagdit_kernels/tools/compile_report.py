@@ -19,6 +19,13 @@ instructions, tensor-core ops (``HGMMA``, i.e. wgmma; and ``tl.dot``s in the TTG
 (``LDGSTS``), TMA loads (``UTMALDG``), 16-byte global loads / stores, scalar 2-byte global accesses, local
 memory accesses (spills inside the loop) and atomics. For the attention kernels the grid is compared with the
 tiles that hold tokens. Run without ``TRITON_INTERPRET``; one target per process.
+
+Structure (a second table, and keys of every JSON row): ``engine`` (triton or gluon), ``partitions`` (warps and
+registers of the default partition and of each warp-specialized worker), and per inner loop that does work
+(``loops``): wgmma count and shapes, ``wgmma_wait_pending`` (the deepest wgmma wait, 0 = waited to zero) and every
+wait depth, CTA-wide and named barriers, TMA loads, cp.async, 16- and 2-byte global accesses, ``mma_sync``
+(HMMA), ``spill_accesses`` and EX2; per kernel the PTX's wait depths and ptxas's notes when it serialized the
+wgmmas. ``--gluon`` adds the Gluon forward (attention_gluon_fwd.py) at the head dims it takes.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .sass import count_classes, instructions, sass
+from .sass import barriers, count_classes, instructions, sass, wgmma_shapes, wgmma_waits
 
 # Opt-in shared memory per block on sm_90 and sm_100 (227 KB): a bigger tile fails to launch there.
 SHARED_LIMIT = 232448
@@ -89,6 +96,11 @@ class Row:
     loop_dots: int = 0
     kernel_dots: int = 0
     local_in_loops: int = 0  # local-memory accesses (spills) in all innermost loops together
+    engine: str = "triton"  # or "gluon"
+    partitions: list = field(default_factory=list)  # see _partitions
+    loops: list = field(default_factory=list)  # see _loop_structure, one per innermost loop that does work
+    ptx_wgmma_waits: list = field(default_factory=list)  # distinct wgmma.wait_group depths in the PTX
+    ptxas_notes: list = field(default_factory=list)  # ptxas's "Potential Performance Loss" notes (serialized wgmma)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,6 +257,51 @@ def _ttgir_dots(ttgir: str) -> tuple[int, int]:
     return max(per_loop, default=0), sum(1 for line in lines if is_dot.search(line))
 
 
+def _partitions(ttgir: str, ptx: str, num_warps: int, regs: int | None) -> list[dict]:
+    """The warp-specialized partitions of a kernel: the default partition (the launch's warps, from the final
+    TTGIR) and each worker partition of a ``ttg.warp_specialize`` (its warps and the registers it asks for with
+    setmaxnreg; None when the op asks none). The default partition's registers: on a warp-specialized kernel, the
+    ``setmaxnreg.dec`` its warps run before the default region (the first one in the PTX, after the entry's
+    ``setmaxnreg.inc``); else ptxas's allocation. A kernel without warp specialization is one default partition."""
+    own_warps = re.search(r'"ttg.num-warps" = (\d+)', ttgir)  # the default partition's (the launch's: all of them)
+    default = {"name": "default", "warps": int(own_warps.group(1)) if own_warps else num_warps, "registers": regs}
+    if "ttg.warp_specialize" not in ttgir:
+        return [default]
+    setmaxnreg = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
+    if len(setmaxnreg) >= 2 and setmaxnreg[0][0] == "inc" and setmaxnreg[1][0] == "dec":
+        default["registers"] = int(setmaxnreg[1][1])
+    requested = re.search(r"requestedRegisters = array<i32: ([\d, ]+)>", ttgir)
+    reg_list = [int(x) for x in requested.group(1).split(",")] if requested else []
+    workers = [int(w) for w in re.findall(r"^\s*partition\d+\(.*num_warps\((\d+)\)", ttgir, re.M)]
+    return [default] + [
+        {"name": f"partition{i}", "warps": w, "registers": reg_list[i] if i < len(reg_list) else None}
+        for i, w in enumerate(workers)
+    ]
+
+
+def _loop_structure(body: list[tuple[int, str]]) -> dict:
+    """What one innermost SASS loop does per iteration: the keys of the report's structure table."""
+    c = count_classes(body)
+    cta, named = barriers(body)
+    waits = wgmma_waits(body)
+    return {
+        "first": hex(body[0][0]), "instrs": c["instrs"], "wgmma": c["hgmma"], "wgmma_shapes": wgmma_shapes(body),
+        # The deepest wait: with waits [1] one group stays in flight; [0, 1] still drains to zero once.
+        "wgmma_wait_pending": max(waits) if waits else None, "wgmma_waits": waits,
+        "cta_barriers": cta, "named_barriers": named, "tma_loads": c["tma_load"], "cp_async": c["cp_async"],
+        "global_16B": c["ld128"] + c["st128"], "global_2B": c["ld16b"] + c["st16b"], "mma_sync": c["mma_sync"],
+        "spill_accesses": c["local"], "ex2": c["ex2"], "atomics": c["atomic"],
+    }  # fmt: skip
+
+
+def _working_loops(instrs: list[tuple[int, str]]) -> list[dict]:
+    """_loop_structure of each innermost loop that computes or moves tensors (not the spin loops of mbarrier
+    waits and register hand-offs)."""
+    keys = ("wgmma", "mma_sync", "tma_loads", "cp_async", "global_16B", "global_2B", "spill_accesses", "ex2")
+    loops = [_loop_structure(body) for body in _loop_bodies(instrs)]
+    return [loop for loop in loops if any(loop[k] for k in keys)]
+
+
 def _ptxas(log: str) -> tuple[int | None, int | None, int | None]:
     regs = re.findall(r"Used (\d+) registers", log)
     stores = re.findall(r"(\d+) bytes spill stores", log)
@@ -285,7 +342,20 @@ def _row(shape: Shape, text: bool, rope: bool, launch: _Launch, logs: dict) -> R
     row.loop_counts = count_classes(_main_loop(instrs))
     row.local_in_loops = sum(count_classes(body)["local"] for body in _loop_bodies(instrs))
     row.loop_dots, row.kernel_dots = _ttgir_dots(kernel.asm["ttgir"])
+    _add_structure(row, launch.fn, kernel, instrs, logs.get(kernel.hash, ""))
     return row
+
+
+def _add_structure(row: Row, fn, kernel, instrs: list[tuple[int, str]], log: str) -> None:
+    """Engine, partitions and per-loop structure of a compiled kernel (the report's structure table)."""
+    row.engine = "gluon" if "gluon" in type(fn).__module__ else "triton"
+    ptx = kernel.asm.get("ptx", "")
+    row.partitions = _partitions(kernel.asm["ttgir"], ptx, kernel.metadata.num_warps, row.regs)
+    row.loops = _working_loops(instrs)
+    row.ptx_wgmma_waits = sorted({int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
+    row.ptxas_notes = sorted(
+        {m.strip() for m in re.findall(r"Potential Performance Loss: ([^\n]*?)(?: in the function|\n)", log)}
+    )
 
 
 def report(
@@ -329,6 +399,71 @@ _COLUMNS = (
 )  # fmt: skip
 
 
+def gluon_report(head_dims=(64, 72, 96, 128), arch: int = 90, texts=(False, True), dtype=torch.bfloat16) -> list[Row]:
+    """One Row per Gluon forward config at each head dim's benchmark shape it supports (attention_gluon_fwd.py;
+    a head dim it does not take has no row), with and without text. RoPE does not change the Gluon kernel (q
+    and k are rotated before it), so it has no variant here."""
+    from ..triton import attention_gluon_fwd as gluon_fwd
+
+    rows: list[Row] = []
+    for d in head_dims:
+        shape = SHAPES[d]
+        T, B, H, Hk = sum(shape.lens), len(shape.lens), shape.heads, shape.kv_heads
+        q, k, v = (torch.empty(T, h, d, dtype=dtype) for h in (H, Hk, Hk))
+        if not gluon_fwd.supported(q, k, v):
+            continue
+        cu = torch.tensor([0, *torch.tensor(shape.lens).cumsum(0).tolist()], dtype=torch.int32)
+        for text in texts:
+            tk, tv = (torch.empty(B * TEXT_TOKENS, Hk, d, dtype=dtype) for _ in range(2)) if text else (k, v)
+            tcu = torch.arange(B + 1, dtype=torch.int32) * TEXT_TOKENS if text else cu
+            out, ot = torch.empty_like(q), torch.empty_like(q)
+            lse, lt = torch.empty(H, T), torch.empty(H, T)
+            for config in gluon_fwd.CONFIGS[d]:
+                launches: list[_Launch] = []
+                with _captured_launches(arch, launches, _PTXAS_LOGS):
+                    gluon_fwd.launch(config, q, k, v, tk, tv, torch.zeros(H), out, ot, lse, lt, cu, tcu, 0.1, 0.1, T,
+                                     H // Hk, B, text, 132)  # fmt: skip
+                for launch in launches:
+                    row = _row(shape, text, False, launch, _PTXAS_LOGS)
+                    row.config = str(config)
+                    rows.append(row)
+    return rows
+
+
+def _partition_text(parts: list[dict]) -> str:
+    return " + ".join(f"{p['warps']}w/{p['registers'] if p['registers'] is not None else '?'}r" for p in parts)
+
+
+_STRUCTURE_COLUMNS = (
+    "Dh", "text", "rope", "kernel", "engine", "config", "partitions (warps/regs)", "loop", "wgmma (shapes)",
+    "wgmma wait", "CTA bar (named)", "TMA", "cp.async", "16B/2B global", "mma.sync", "spill", "EX2",
+)  # fmt: skip
+
+
+def structure_markdown(rows: list[Row]) -> str:
+    """The structure table: one line per working inner loop of each kernel (partitions: default first, then the
+    workers of a warp-specialized kernel; wgmma wait: the deepest, 0 = waited to zero, with the PTX's depths
+    when ptxas serialized them)."""
+    lines = ["| " + " | ".join(_STRUCTURE_COLUMNS) + " |", "|" + " --- |" * len(_STRUCTURE_COLUMNS)]
+    for r in rows:
+        for i, loop in enumerate(r.loops or [{}]):
+            shapes = ", ".join(f"{n}x {s}" for s, n in loop.get("wgmma_shapes", {}).items())
+            wait = loop.get("wgmma_wait_pending")
+            wait_text = "" if wait is None else str(wait)
+            if wait is not None and r.ptxas_notes:
+                wait_text += f" (PTX waits {r.ptx_wgmma_waits}; ptxas serialized the wgmmas)"
+            cells = [
+                r.head_dim, "y" if r.text else "", "y" if r.rope else "", r.kernel, r.engine, r.config,
+                _partition_text(r.partitions), f"{i + 1}/{len(r.loops)} @{loop['first']}" if loop else "none",
+                f"{loop.get('wgmma', 0)}" + (f" ({shapes})" if shapes else ""), wait_text,
+                f"{loop.get('cta_barriers', 0)} ({loop.get('named_barriers', 0)})", loop.get("tma_loads", 0),
+                loop.get("cp_async", 0), f"{loop.get('global_16B', 0)}/{loop.get('global_2B', 0)}",
+                loop.get("mma_sync", 0), loop.get("spill_accesses", 0), loop.get("ex2", 0),
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[Row]) -> str:
     """The report as a Markdown table (loop columns: the kernel's main loop). A tile over the card's shared
     memory is listed (the launcher tried it) and marked: it does not launch, the next tile does."""
@@ -356,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", default="64,72,96,128,256", help="comma-separated, from " + str(list(SHAPES)))
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the default")
     parser.add_argument("--deterministic", action="store_true", help="the deterministic backward (separate dq)")
+    parser.add_argument("--gluon", action="store_true", help="also the Gluon forward (attention_gluon_fwd.py)")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
     parser.add_argument("--md", metavar="PATH", help="write the Markdown table here instead of stdout")
     args = parser.parse_args(argv)
@@ -363,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
 
     head_dims = tuple(int(d) for d in args.head_dims.split(",") if d)
     rows = report(head_dims, args.arch, args.all_configs, deterministic=args.deterministic)
-    table = markdown(rows)
+    if args.gluon:
+        rows += gluon_report(head_dims, args.arch)
+    table = markdown(rows) + "\nStructure (per working inner loop)\n\n" + structure_markdown(rows)
     path = "deterministic backward" if args.deterministic else "default backward (dq by atomics)"
     header = f"Triton {triton.__version__}, sm_{args.arch}, bf16, torch {torch.__version__}, {path}\n\n"
     if args.md:

@@ -101,6 +101,8 @@ CLASSES: dict[str, Callable[[str], bool]] = {
     "ld16b": _moves(("LDG", "LDGSTS"), ("2B",)),
     "st16b": _moves(("STG",), ("2B",)),
     "local": lambda op: op.startswith(("LDL", "STL")),
+    "mma_sync": lambda op: op.startswith("HMMA"),  # mma.sync: a warp-level tensor-core op (no wgmma)
+    "ex2": lambda op: op.startswith("MUFU.EX2"),
     # global reductions / atomics and the copy engine's reduce (not REDUX, a warp reduction, nor shared ATOMS)
     "atomic": lambda op: op.split(".")[0] in ("RED", "REDG", "ATOM", "ATOMG", "UTMAREDG"),
 }
@@ -109,3 +111,42 @@ CLASSES: dict[str, Callable[[str], bool]] = {
 def count_classes(instrs: list[tuple[int, str]]) -> dict[str, int]:
     """How many of ``instrs`` (from ``instructions``) fall in each of ``CLASSES``."""
     return {name: sum(1 for _, ins in instrs if test(ins.split()[0])) for name, test in CLASSES.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structure of a loop: wgmma shapes and waits, barriers
+# ----------------------------------------------------------------------------------------------------------------
+
+_HGMMA_SHAPE = re.compile(r"^HGMMA\.(\d+x\d+x\d+)")
+_DEPBAR = re.compile(r"^WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-f]+|\d+)")
+_BARRIER = re.compile(r"^BAR\.(SYNC|RED|ARV)\S*\s+([^,]+)(,\s*\S+)?")
+
+
+def wgmma_shapes(instrs: list[tuple[int, str]]) -> dict[str, int]:
+    """{"64x128x16": n, ...}: the wgmma (HGMMA) instructions of ``instrs`` by M x N x K shape."""
+    out: Counter = Counter()
+    for _, ins in instrs:
+        m = _HGMMA_SHAPE.match(ins)
+        if m:
+            out[m.group(1)] += 1
+    return dict(out)
+
+
+def wgmma_waits(instrs: list[tuple[int, str]]) -> list[int]:
+    """The distinct depths of the wgmma waits in ``instrs`` (``WARPGROUP.DEPBAR.LE gsb0, n``: wait until at most
+    n groups are in flight; 0 = waited to zero), ascending."""
+    return sorted({int(m.group(1), 0) for _, ins in instrs if (m := _DEPBAR.match(ins))})
+
+
+def barriers(instrs: list[tuple[int, str]]) -> tuple[int, int]:
+    """(CTA-wide barriers, named barriers over part of the CTA) in ``instrs``. ``BAR.SYNC b`` with no thread count
+    waits for every thread of the CTA; ``BAR.SYNC b, n`` only for n threads (one warp-specialized partition)."""
+    cta = named = 0
+    for _, ins in instrs:
+        m = _BARRIER.match(ins)
+        if m:
+            if m.group(3):
+                named += 1
+            else:
+                cta += 1
+    return cta, named

@@ -197,6 +197,9 @@ class TunedKernel:
     def __init__(self, name: str, fn, tiles: list[Tile], pruner: Callable = prune):
         self.name, self.fn, self.tiles, self.pruner = name, fn, tiles, pruner
         self.chosen: dict[str, Tile] = {}  # tuning key -> tile, this process
+        # Other kernels for the same launch, verified against this one before use (attention_candidates.py):
+        # called as alternatives(self, grid, args, consts, regime, offered, reset), True when one ran instead.
+        self.alternatives: Callable[..., bool] | None = None
 
     def _run(self, tile: Tile, grid, args, consts) -> None:
         self.fn[grid](*args, **consts, **tile.consts(), num_warps=tile.warps, num_stages=tile.stages)
@@ -225,6 +228,8 @@ class TunedKernel:
         reset = reset or (lambda: None)
         offered = self.pruner(self.tiles, consts)
         if AUTOTUNE_MODE == "1":
+            if self.alternatives is not None and self.alternatives(self, grid, args, consts, regime, offered, reset):
+                return
             tile = self._tuned(grid, args, consts, regime, offered, reset)
             reset()
             self._run(tile, grid, args, consts)

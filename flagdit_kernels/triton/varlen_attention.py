@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import attention_autotune as tuning
+from . import attention_candidates
 from . import rope as rope_kernels
 from .attention_bwd import _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
 from .attention_fwd import _fwd_kernel
@@ -39,6 +40,7 @@ autotune_mode = tuning.autotune_mode
 
 
 FORWARD = tuning.TunedKernel("forward", _fwd_kernel, tuning.FWD_TILES)
+FORWARD.alternatives = attention_candidates.gluon_forward  # the Gluon forward, sm_90 only, verified first
 DKDV = tuning.TunedKernel("dk/dv", _bwd_dkdv, tuning.DKDV_TILES, tuning.dkdv_prune)
 DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES)
 
