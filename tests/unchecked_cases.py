@@ -94,9 +94,9 @@ def test_norms_read_each_row_s_sample_from_any_offsets(cu, op):
     offs = _offsets(values, strided, g["x"].device)
     with poisoned_allocations():
         if op == "rms_norm_modulate":
-            y = _triton(op, g["x"])(g["x"], g["w"], g["p"], g["p"], 1e-5, offs, None)
+            y = _triton(op, g["x"])(g["x"], g["w"], g["p"], g["p"], 1e-5, offs)
         else:
-            y = _triton(op, g["x"])(g["res"], g["x"], g["w"], g["p"], 1e-5, True, offs, None)
+            y = _triton(op, g["x"])(g["res"], g["x"], g["w"], g["p"], 1e-5, True, offs)
         y.backward(dy)
     exp = {n: t.double().requires_grad_() for n, t in leaves.items()}
     per_row = exp["p"][norm_sample_index(values, T)]  # (T, D): the documented sample's parameters
