@@ -66,10 +66,18 @@ def offsets(draw, total: int, max_seqs: int = 4):
 
 
 def norm_sample_index(values: list[int], rows: int) -> torch.Tensor:
-    """The documented sample of every row: the number of offsets ends at or below it, clamped to [0, B)."""
-    ends = torch.tensor(values[1:])
-    counts = (ends[None, :] <= torch.arange(rows)[:, None]).sum(1)
-    return counts.clamp(0, len(values) - 2)
+    """The documented sample of every row (flagdit_kernels/triton/rms_norm.py, Samples), written out: a binary
+    search of the row over the offsets' ends (bisect_right), clamped to [0, B). For valid offsets: the number
+    of ends at or below the row."""
+    ends, b = values[1:], len(values) - 1
+    out = []
+    for row in range(rows):
+        lo, hi = 0, b
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if ends[mid] <= row else (lo, mid)
+        out.append(min(lo, b - 1))
+    return torch.tensor(out)
 
 
 def repaired(values: list[int], total: int) -> list[int]:

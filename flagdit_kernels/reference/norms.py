@@ -20,7 +20,7 @@ def token_sample_index(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tenso
     """Sample index of every packed token, found on the device (no host sync): the number of sequence ends at
     or below it, clamped to ``[0, B)`` so that offsets nobody checked never index outside a ``(B, D)`` tensor."""
     tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    found = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+    found = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True, out_int32=True)
     return found.clamp_(max=cu_seqlens.shape[0] - 2)
 
 
