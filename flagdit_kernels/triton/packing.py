@@ -518,7 +518,7 @@ def _flags(latents, fhw, patch_size: int, channels: int, channels_last: bool, ne
     )
 
 
-def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, tile, with_layout):
+def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, tile=(), *, with_layout):
     """Launches :func:`pack_kernel` once for the batch, in raster order (``tile`` empty) or tile-major order.
     Returns ``patches`` or, with ``with_layout``, ``(patches, positions, kind, patch_rows, cu_seqlens)``."""
     _check_tiling(fhw, patch_size)
@@ -545,7 +545,7 @@ def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, tile, wit
     return (out, positions, kind, patch_rows, cu) if with_layout else out
 
 
-def unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last, tile):
+def unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last, tile=()):
     """Launches :func:`unpack_kernel` once for the batch; ``item_shapes`` holds (ndim, F, H, W) per item and
     ``tile`` the token order (empty: raster). Returns new contiguous latents, one per item."""
     dims = [tuple(item_shapes[i : i + 4]) for i in range(0, len(item_shapes), 4)]
