@@ -228,3 +228,28 @@ def test_bad_arguments_are_refused():
         fk.tile_sparse_blocks(q[:, :3], k, packed.cu_seqlens, packed.tiles, sparsity)
     with pytest.raises(ValueError, match="v must"):
         fk.tile_sparse_attention(q, k, v[:, :1], packed.cu_seqlens, packed.tiles, sparsity)
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Fails on anything that reads a tensor's values into Python or sizes an output by its values (each a
+    device-to-host sync on a GPU): item/tolist/bool/int/float, nonzero, boolean-mask indexing."""
+
+    SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select", "unique"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        assert name not in self.SYNCING, f"host read: {name}"
+        if name == "__getitem__":
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            assert not any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index), "boolean index"
+        return func(*args, **(kwargs or {}))
+
+
+def test_block_lists_are_built_without_reading_values_on_the_host():
+    packed = _pack()
+    q, k, _ = _qkv(packed, seed=95)
+    with _NoHostReads():
+        blocks = fk.tile_sparse_blocks(
+            q, k, packed.cu_seqlens, packed.tiles, fk.TileSparsity(window=(3, 3, 3), top_k=2)
+        )
+    assert blocks.counts.min() >= 1  # every query tile lists at least itself or its best key tile
