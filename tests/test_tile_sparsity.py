@@ -234,7 +234,9 @@ class _NoHostReads(torch.overrides.TorchFunctionMode):
     """Fails on anything that reads a tensor's values into Python or sizes an output by its values (each a
     device-to-host sync on a GPU): item/tolist/bool/int/float, nonzero, boolean-mask indexing."""
 
-    SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select", "unique"}
+    SYNCING = frozenset(
+        {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select", "unique"}
+    )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
