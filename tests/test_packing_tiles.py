@@ -200,3 +200,24 @@ def test_dense_attention_on_a_tile_major_pack_equals_the_raster_pack(backend, ti
         outs.append(ref.unpack(o.reshape(o.shape[0], -1), packed, heads * head_dim // (P * P)))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (INTERPRETED or ON_GPU), reason="triton runs only on a GPU or under TRITON_INTERPRET=1")
+def test_tile_major_pack_compiles_fullgraph():
+    """The tile table is built from the shapes (python ints) and device ops only: torch.compile traces the
+    tile-major pack, unpack and their backward in one graph."""
+    tile = (2, 2, 3)
+    latents = _latents(MIXED[:3], seed=60)
+    weights = [fresh(x.shape, torch.float32, seed=70 + i) for i, x in enumerate(latents)]
+
+    def step(xs):
+        packed = fk.pack(xs, P, tile=tile, backend="triton")
+        outs = fk.unpack(packed.patches * 2.0, packed, C, channels_last=False, backend="triton")
+        return sum((o * w).sum() for o, w in zip(outs, weights)), packed.positions, packed.tiles.token_tile
+
+    xs = [x.clone().requires_grad_() for x in latents]
+    loss, positions, token_tile = torch.compile(step, fullgraph=True, backend="aot_eager")(xs)
+    loss.backward()
+    want = ref.pack(latents, P, tile=tile)
+    assert torch.equal(positions, want.positions) and torch.equal(token_tile, want.tiles.token_tile)
+    assert all(torch.equal(x.grad, 2.0 * w) for x, w in zip(xs, weights))

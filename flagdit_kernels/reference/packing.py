@@ -13,6 +13,7 @@ Every token keeps its (frame, row, col) position, so non-causal attention with R
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -138,8 +139,8 @@ def tile_layout(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe
         starts.append(start)
         patch_end.append(start + f * hp * wp)
         start += item_tokens(shape, p, nextline, nextframe)
-    counts = torch.tensor([len(s) for s in sizes])
-    cu_tiles = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    counts = [len(s) for s in sizes]
+    cu_tiles = torch.tensor([0, *itertools.accumulate(counts)])
     sample = torch.cat(samples)
     ends = torch.cat([first + s.cumsum(0) for first, s in zip(starts, sizes)])
     sizes = torch.cat(sizes)
@@ -159,7 +160,7 @@ def tile_layout(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe
         sample=move(sample),
         patch_end=move(torch.tensor(patch_end)),
         token_tile=token_tile,
-        max_tiles=int(counts.max()),
+        max_tiles=max(counts),
     )
 
 
