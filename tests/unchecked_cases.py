@@ -193,4 +193,4 @@ def test_packing_launchers_refuse_shapes_that_do_not_tile_the_tokens():
     tokens = fresh((6, 12), torch.float32)
     for shapes in ([3, 1, 4, 8], [3, 1, 2, 2], [4, 0, 4, 4]):
         with pytest.raises((ValueError, RuntimeError)):
-            packing._triton_unpack(tokens, shapes, 2, 3, True, True, True)
+            packing._triton_unpack(tokens, shapes, 2, 3, True, True, True, [])

@@ -5,11 +5,12 @@ These functions assume validated inputs; the public wrappers in ``flagdit_kernel
 
 from .attention import proportional_scale, varlen_attention
 from .norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
-from .packing import Packed, pack, token_layout, unpack
+from .packing import Packed, TileLayout, pack, tile_layout, token_layout, unpack
 from .rope import apply_rope, qk_norm_rope, rope_freqs
 
 __all__ = [
     "Packed",
+    "TileLayout",
     "apply_rope",
     "gated_residual_rms_norm",
     "pack",
@@ -18,6 +19,7 @@ __all__ = [
     "rms_norm",
     "rms_norm_modulate",
     "rope_freqs",
+    "tile_layout",
     "token_layout",
     "unpack",
     "varlen_attention",
