@@ -10,7 +10,16 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
+from helpers import (
+    DEVICE,
+    DOT_DTYPES,
+    INTERPRETED,
+    ON_GPU,
+    TOLERANCE,
+    assert_rel_close,
+    compare_with_reference,
+    poisoned_allocations,
+)
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch
@@ -330,3 +339,44 @@ def test_autotuned_launch(monkeypatch):
     inputs, mine, reference = _case([300, 129], [40, 7], 4, 2, 64, torch.bfloat16)
     compare_with_reference(mine, reference, inputs, torch.bfloat16, family="attention")
     assert va.FORWARD.chosen and va.DKDV.chosen
+
+
+def _assert_close_where_finite(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """The same NaN / inf pattern as the reference, and rel-L2 close on the finite rest."""
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN pattern differs from the reference"
+    assert torch.equal(actual.isinf(), expected.isinf()), f"{what}: inf pattern differs from the reference"
+    finite = torch.isfinite(expected)
+    assert_rel_close(actual[finite], expected[finite], tol, what)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_gate_never_reach_a_sample_without_text(dtype, deterministic):
+    # Gate NaN on head 0, +inf on head 1 (tanh = 1), finite on head 2; sample 1 has no text tokens: the contract
+    # adds exactly 0 there (the reference skips it), so its rows and the gradients of its tokens stay finite,
+    # while NaN reaches exactly the rows and gradients it reaches in the reference. GQA 4 -> 2.
+    inputs, mine, reference = _case([21, 9, 35], [4, 0, 11], 4, 2, 32, dtype)
+    inputs["gate"] = torch.tensor([float("nan"), float("inf"), 0.7, -1.3], dtype=dtype, device=DEVICE)
+    mine_leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
+    with poisoned_allocations():
+        out = mine(**mine_leaves, deterministic=deterministic)
+    expected = reference(**ref_leaves)
+    tol = TOLERANCE["attention"][dtype]
+    _assert_close_where_finite(out, expected, tol, "output")
+    assert torch.isfinite(out[21:30]).all()  # the sample without text, every head
+    upstream = torch.randn(out.shape, dtype=torch.float64, device=DEVICE)
+    with poisoned_allocations():
+        out.backward(upstream.to(dtype))
+    expected.backward(upstream)
+    for name, leaf in mine_leaves.items():
+        if name != "k":
+            _assert_close_where_finite(leaf.grad, ref_leaves[name].grad, tol, f"grad {name}")
+    # Self keys seen by a NaN-gated head of a sample WITH text: the backward recovers o_self as out - tg * o_text
+    # (NaN there) where the reference's autograd keeps it, so those key gradients are NaN (the output is NaN
+    # anyway). Everything else of dk: the sample without text, and kv head 1 (heads 2, 3) throughout.
+    k_grad, k_ref = mine_leaves["k"].grad, ref_leaves["k"].grad
+    _assert_close_where_finite(k_grad[21:30], k_ref[21:30], tol, "grad k, the sample without text")
+    _assert_close_where_finite(k_grad[:, 1], k_ref[:, 1], tol, "grad k, kv head 1")
+    for name in ("q", "k", "v"):
+        assert torch.isfinite(mine_leaves[name].grad[21:30]).all(), name

@@ -1,7 +1,8 @@
 """Backward kernels of the varlen attention.
 
 * ``_bwd_preprocess``: ``delta_self = rowsum(dO * o_self) - dlse`` with ``o_self = out - tg * o_text``,
-  ``r = rowsum(dO * o_text)``, ``delta_text = tg * r``; the caller sums ``r`` per head for d tanh(gate).
+  ``r = rowsum(dO * o_text)``, ``delta_text = tg * r``; the caller sums ``r`` per head for d tanh(gate). Rows
+  of a sample without text (text LSE -inf) take tg = 0: the forward added nothing there, whatever the gate.
 * ``_bwd_dkdv``: one program per (key block, sample, kv head) loops over the GQA group's query heads and the
   sample's query blocks; one launch covers the text key blocks (dO scaled by tg, first in the grid) and the
   self key blocks. Per (key block, query block) pair it runs the backward's five matmuls: S^T = K Q^T,
@@ -57,7 +58,7 @@ _TMA_REDUCE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 @triton.jit
 def _bwd_preprocess(
-    DO, OUT, OTEXT, TGATE, DLSE, DELTA, DELTA_T, R, T,
+    DO, OUT, OTEXT, TGATE, LSE_T, DLSE, DELTA, DELTA_T, R, T,
     stride_dot, stride_doh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_DLSE: tl.constexpr,
     VEC: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -81,9 +82,11 @@ def _bwd_preprocess(
     o_self = tl.load(OUT + o_off, mask=mask, other=0.0).to(tl.float32)
     out_off = h.to(tl.int64) * T + rows
     if HAS_TEXT:
-        tg = tl.load(TGATE + h)
+        # Per row: a NaN or infinite gate never reaches a sample without text (o_text = 0, r = 0 there).
+        has_text = tl.load(LSE_T + out_off, mask=t_mask, other=float("-inf")) > float("-inf")
+        tg = tl.where(has_text, tl.load(TGATE + h), 0.0)
         o_text = tl.load(OTEXT + o_off, mask=mask, other=0.0).to(tl.float32)
-        o_self = o_self - tg * o_text  # out = o_self + tg * o_text
+        o_self = o_self - tg[:, None] * o_text  # out = o_self + tg * o_text
         r = tl.sum(do * o_text, 1)
         tl.store(R + out_off, r, mask=t_mask)
         tl.store(DELTA_T + out_off, tg * r, mask=t_mask)

@@ -115,10 +115,11 @@ def _fwd_kernel(
         acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
                                        TV + t_start * stride_tvt + hk * stride_tvh, stride_tkt, stride_tvt, t_len,
                                        text_qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
-        # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
+        # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0), and its text
+        # LSE is -inf, which tells the backward's preprocess that no gate applies to these rows.
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
-        tl.store(LSE_T + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * LN2, 0.0), mask=m_mask)
+        tl.store(LSE_T + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * LN2, float("-inf")), mask=m_mask)
         store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
                    HEAD_DIM, D0, D1)
 
@@ -131,7 +132,8 @@ def _fwd_kernel(
     if HAS_TEXT:
         # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
         tl.debug_barrier()
-        tg = tl.load(TGATE + h)
+        # Nothing is added for a sample without text, whatever the gate (a NaN gate times o_text = 0 is NaN).
+        tg = tl.where(t_len > 0, tl.load(TGATE + h), 0.0)
         ot0, ot1 = load_tile(OTEXT + o_base, rows, m_mask, stride_ot, BLOCK_M, HEAD_DIM, D0, D1)
         out0 = out0 + tg * ot0.to(tl.float32)
         if D1 > 0:

@@ -266,7 +266,7 @@ def backward(
     if dlse is not None:
         dlse = dlse.contiguous()
     _bwd_preprocess[(triton.cdiv(T, block_t), H)](
-        dout, out, ot, tg, delta if dlse is None else dlse, delta, delta_t, r, T,
+        dout, out, ot, tg, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r, T,
         *_rows(dout, out),
         HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_TEXT=has_text, HAS_DLSE=dlse is not None, VEC=_vector_width(dout, out, ot),
         BLOCK_T=block_t,
