@@ -146,7 +146,7 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
+    Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
@@ -162,7 +162,8 @@ def _bwd_dkdv(
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order,
     and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch (grid: T_TEXT // BLOCK_N +
-    n_seqs text key tiles, then T // BLOCK_N + n_seqs self key tiles, then kv heads). (A separate text launch has
+    n_seqs text key tiles, then Tk // BLOCK_N + n_seqs self key tiles over the key offsets KCU (CU itself for
+    self-attention), then kv heads). (A separate text launch has
     only batch * Hkv programs, each looping over all of its sample's queries: on a long sample it runs as long as
     a self key block, on an idle GPU.) Both kinds run the same code on run-time pointers and scales, so the loop
     is compiled once; what only the epilogue needs is selected after the loop, so it holds no registers in it."""
@@ -188,7 +189,7 @@ def _bwd_dkdv(
         stride_vt, stride_vh = stride_tvt, stride_tvh
         qk_scale = text_qk_scale
     else:
-        k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, CU
+        k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, KCU
         pid -= n_text
     b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
     k_start, k_len = segment(cu_k, b)
@@ -264,8 +265,10 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v
 def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, stride_kt, stride_vt, k_len,
               qk_scale, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
               D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    k_src0, k_src1 = row_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
-    v_src0, v_src1 = row_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
+    k_rows = tl.maximum(k_len, 1)
+    k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1,
@@ -280,7 +283,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
+    Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
@@ -311,8 +314,10 @@ def _bwd_dq(
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
-    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
-                         V + start * stride_vt + hk * stride_vh, stride_kt, stride_vt, seq_len, qk_scale, TMA,
+    k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
+    k_start = k_start.to(tl.int64)
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
+                         V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
                          BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)

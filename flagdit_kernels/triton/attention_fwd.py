@@ -4,7 +4,8 @@ One program per (block of BLOCK_M queries of one sequence, query head):
   1. load the q tile (already rotated by RoPE when the call has ``freqs``: the launcher rotates q and k once);
   2. online softmax with scale 1/sqrt(Dh) over the sample's text keys; ``o_text`` is written to memory (the
      backward needs it) and read back in step 4, so it holds no registers during step 3;
-  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys (pointer loads, or
+  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, or with
+     cross-attention the sample's keys by their own offsets (``KCU``; any number, 0 included) (pointer loads, or
      tensor descriptors / the copy engine where the autotuner picks them on sm_90+);
   4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (natural log, the public ``lse`` unit).
 """
@@ -61,8 +62,10 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax of q's attention over ``k_len`` keys (full tiles, then the tail), from a fresh state.
     Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units)."""
-    k_src0, k_src1 = row_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
-    v_src0, v_src1 = row_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
+    k_rows = tl.maximum(k_len, 1)
+    k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -80,7 +83,7 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU,
+    Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, T, GROUP, n_seqs,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
@@ -123,12 +126,18 @@ def _fwd_kernel(
         store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
                    HEAD_DIM, D0, D1)
 
-    acc0, acc1, m_i, l_i = _attend(q0, q1, K + start * stride_kt + hk * stride_kh,
-                                   V + start * stride_vt + hk * stride_vh, stride_kt, stride_vt, seq_len, qk_scale, TMA,
+    # Self keys: the sequence's own (KCU is CU) or, for cross-attention, the sample's keys by their offsets.
+    k_start, k_len = segment(KCU, b)
+    k_start = k_start.to(tl.int64)
+    acc0, acc1, m_i, l_i = _attend(q0, q1, K + k_start * stride_kt + hk * stride_kh,
+                                   V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
                                    BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
-    tl.store(LSE + lse_off, (m_i + tl.log2(l_i)) * LN2, mask=m_mask)
-    out0 = acc0 / l_i[:, None]
-    out1 = acc1 / l_i[:, None]
+    # A sample without keys (cross-attention): l_i == 0 and acc == 0, so the self part is exactly 0 and its LSE
+    # is -inf (m_i = -inf), which merges right by log-sum-exp.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(LSE + lse_off, tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf")), mask=m_mask)
+    out0 = acc0 / l_safe[:, None]
+    out1 = acc1 / l_safe[:, None]
     if HAS_TEXT:
         # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
         tl.debug_barrier()
