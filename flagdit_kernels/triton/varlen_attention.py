@@ -3,8 +3,9 @@
 Layout (flash-attn varlen convention): q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)``, sequences delimited by
 ``cu_seqlens`` (int32, ``(B+1,)``); text keys/values ``(Tt, Hkv, Dh)`` delimited per sample by
 ``text_cu_seqlens``. Cross-attention: with ``cu_seqlens_k`` the keys/values ``(Tk, Hkv, Dh)`` are packed by
-their own offsets (same sample count; any key count per sample, 0 included). Tensors are read through their token and head strides, so q/k/v may be views of one fused
-QKV projection (not copied); the head dim is read as contiguous (a tensor whose head dim is not is copied).
+their own offsets (same sample count; any key count per sample, 0 included). Tensors are read through their
+token and head strides, so q/k/v may be views of one fused QKV projection (not copied); the head dim is read
+as contiguous (a tensor whose head dim is not is copied).
 Plain tensors in, plain tensors out: autograd lives in flagdit_kernels/ops/attention.py.
 
 The kernels: attention_fwd.py (forward), attention_bwd.py (backward), attention_tiles.py (shared tile code),
