@@ -147,7 +147,7 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
-    qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs,
+    qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs, bisect_steps,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -158,7 +158,7 @@ def _bwd_dkdv(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order,
     and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch (grid: T_TEXT // BLOCK_N +
@@ -175,6 +175,9 @@ def _bwd_dkdv(
     stride_dtkt, stride_dtkh = aligned(stride_dtkt, VEC), aligned(stride_dtkh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)  # the fp32 dq buffer, contiguous
     tl.static_assert(TMA_OK or not TMA)  # TMA: dq added through tensor descriptors, where the launcher allows it
+    # WS: the query loop in the shape Triton warp-specializes (as the forward's, see attention_fwd._attend): a
+    # counted bisection and no early return, k / v through descriptors, one masked loop per query head.
+    tl.static_assert((TMA and WS_OK) or not WS)
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     if HAS_TEXT:
@@ -191,18 +194,29 @@ def _bwd_dkdv(
     else:
         k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, KCU
         pid -= n_text
-    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
+    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, WS)
     k_start, k_len = segment(cu_k, b)
-    if pid_n * BLOCK_N >= k_len:
-        return
     q_start, q_len = segment(CU, b)
+    if WS:
+        q_len = tl.where(pid_n * BLOCK_N < k_len, q_len, 0)  # an idle program: no query loop, nothing stored
+    elif pid_n * BLOCK_N >= k_len:
+        return
     q_start = q_start.to(tl.int64)
     k_start = k_start.to(tl.int64)
     n_rows, n_mask = tile_rows(pid_n * BLOCK_N, k_len, True, BLOCK_N)
-    k0, k1 = load_tile(k_ptr + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, BLOCK_N, HEAD_DIM,
-                       D0, D1)
-    v0, v1 = load_tile(v_ptr + k_start * stride_vt + hk * stride_vh, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM,
-                       D0, D1)
+    k_base = k_ptr + k_start * stride_kt + hk * stride_kh
+    v_base = v_ptr + k_start * stride_vt + hk * stride_vh
+    if WS:
+        k_rows = tl.maximum(k_len, 1)
+        k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, True, BLOCK_N, HEAD_DIM, D0, D1)
+        v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
+        k0, k1 = load_rows(k_src0, k_src1, pid_n * BLOCK_N, n_rows, n_mask, stride_kt, True, BLOCK_N, HEAD_DIM, D0,
+                           D1)
+        v0, v1 = load_rows(v_src0, v_src1, pid_n * BLOCK_N, n_rows, n_mask, stride_vt, True, BLOCK_N, HEAD_DIM, D0,
+                           D1)
+    else:
+        k0, k1 = load_tile(k_base, n_rows, n_mask, stride_kt, BLOCK_N, HEAD_DIM, D0, D1)
+        v0, v1 = load_tile(v_base, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM, D0, D1)
     dk0, dk1 = zeros_tile(BLOCK_N, D0, D1)
     dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
     m_full = (q_len // BLOCK_M) * BLOCK_M
@@ -222,16 +236,23 @@ def _bwd_dkdv(
                                       TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
         lse_ptr = lse_base + h.to(tl.int64) * T + q_start
         delta_ptr = delta_base + h.to(tl.int64) * T + q_start
-        for start_m in range(0, m_full, BLOCK_M):
-            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
-                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
-                                            start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False, BLOCK_M,
-                                            HEAD_DIM, D0, D1, DOT_PREC)
-        if m_full < q_len:
-            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
-                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
-                                            m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True, BLOCK_M,
-                                            HEAD_DIM, D0, D1, DOT_PREC)
+        if WS:
+            for start_m in tl.range(0, q_len, BLOCK_M, warp_specialize=True):
+                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
+                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                stride_dqt, start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True,
+                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+        else:
+            for start_m in range(0, m_full, BLOCK_M):
+                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
+                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                stride_dqt, start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False,
+                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+            if m_full < q_len:
+                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
+                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                stride_dqt, m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True,
+                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
     if is_text:
         dk_ptr, dv_ptr, stride_dkt, stride_dkh = DTK, DTV, stride_dtkt, stride_dtkh
     else:

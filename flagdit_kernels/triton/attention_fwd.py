@@ -25,6 +25,7 @@ from .attention_tiles import (
     scores,
     segment,
     store_tile,
+    tile_of,
     zeros_tile,
 )
 
@@ -59,9 +60,17 @@ def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, s
 
 @triton.jit
 def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr,
+            WS: tl.constexpr = False):
     """Online softmax of q's attention over ``k_len`` keys (full tiles, then the tail), from a fresh state.
-    Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units)."""
+    Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units).
+
+    WS (with TMA): the shape Triton's warp specialization splits on sm_90 (Triton 3.6): one loop over every key
+    tile, the tail masked inside it (the descriptors zero-fill rows past the sequence; their scores are masked),
+    ``tl.range(..., warp_specialize=True)``, so the pass gives the descriptor loads to a producer warp and the
+    matmuls and softmax to consumer warpgroups. (A full-tile loop plus a tail step keeps the pass from splitting
+    any loop of the kernel.) The interpreter ignores warp_specialize: the numbers are those of the two loops."""
+    tl.static_assert(TMA or not WS)
     # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
     k_rows = tl.maximum(k_len, 1)
     k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
@@ -69,6 +78,12 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
     acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if WS:
+        for start_n in tl.range(0, k_len, BLOCK_N, warp_specialize=True):
+            acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
+                                                stride_kt, stride_vt, start_n, k_len, qk_scale, True, TMA, BLOCK_N,
+                                                HEAD_DIM, D0, D1, DOT_PREC)
+        return acc0, acc1, m_i, l_i
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
@@ -84,7 +99,7 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU, KCU,
-    qk_scale, text_qk_scale, T, GROUP, n_seqs,
+    qk_scale, text_qk_scale, T, GROUP, n_seqs, bisect_steps,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -93,20 +108,33 @@ def _fwd_kernel(
     stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
+    # WS: the loops in the shape Triton warp-specializes (see _attend); q, keys, values, text keys and values
+    # through descriptors, which WS_OK says the launcher found possible (sm_90, aligned tensors).
     tl.static_assert(TMA_OK or not TMA)
+    tl.static_assert((TMA and WS_OK) or not WS)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
     stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
     # One program per (query tile, head) over the tiles that hold tokens: grid (T // BLOCK_M + n_seqs, H).
-    b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)
-    if pid_m * BLOCK_M >= seq_len:
-        return
+    if WS:
+        # Triton's warp-specialization pass (3.6) fails on an early return and on any while loop in the kernel:
+        # the (at most one per sequence) idle program runs with no keys and stores nothing (its rows are masked).
+        b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M, bisect_steps, True)
+        h = tl.program_id(1)
+        hk = h // GROUP
+        start, seq_len = segment(CU, b)
+        live = pid_m * BLOCK_M < seq_len
+    else:
+        b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)
+        if pid_m * BLOCK_M >= seq_len:
+            return
     start = start.to(tl.int64)
     rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,
-                                               HEAD_DIM, D0, D1)
+                                               HEAD_DIM, D0, D1, WS)
     o_base = start * stride_ot + h * stride_oh
 
     # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
@@ -115,9 +143,12 @@ def _fwd_kernel(
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)
         t_start = t_start.to(tl.int64)
+        if WS:
+            t_len = tl.where(live, t_len, 0)
+        # (WS: text keys through descriptors in the same one-loop shape, else the pass splits no loop at all.)
         acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
                                        TV + t_start * stride_tvt + hk * stride_tvh, stride_tkt, stride_tvt, t_len,
-                                       text_qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                                       text_qk_scale, WS, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
         # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0), and its text
         # LSE is -inf, which tells the backward's preprocess that no gate applies to these rows.
         has = l_t > 0
@@ -129,9 +160,11 @@ def _fwd_kernel(
     # Self keys: the sequence's own (KCU is CU) or, for cross-attention, the sample's keys by their offsets.
     k_start, k_len = segment(KCU, b)
     k_start = k_start.to(tl.int64)
+    if WS:
+        k_len = tl.where(live, k_len, 0)
     acc0, acc1, m_i, l_i = _attend(q0, q1, K + k_start * stride_kt + hk * stride_kh,
                                    V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
-                                   BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                                   BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
     # A sample without keys (cross-attention): l_i == 0 and acc == 0, so the self part is exactly 0 and its LSE
     # is -inf (m_i = -inf), which merges right by log-sum-exp.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -138,6 +138,30 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
+# Triton's warp specialization of the forward (attention_fwd.py, _attend's WS shape) compiles and splits into
+# producer / consumer partitions on sm_90 from Triton 3.6, checked by compiling every head dim and text variant
+# for sm_90 (benchmarks/RESULTS.md). Its pass aborts the process (a C++ assertion, not an exception) on shapes it
+# does not handle, so WS tiles are offered only where that check ran: 16-bit dtypes, head dims in WS_HEAD_DIMS.
+WS_TRITON = (3, 6)
+WS_HEAD_DIMS = (64, 72, 96, 128)
+# The deterministic backward's dk/dv loop splits only without text (the run-time text / self key selection keeps
+# the pass from splitting) and without GQA (Dh 72 at GQA 4: the pass fails), at these head dims, on Triton 3.6
+# (3.9 does not split it, and its 4-warp tile then spills in the loop).
+DKDV_WS_HEAD_DIMS = (64, 96, 128)
+DKDV_WS_TRITONS = ((3, 6),)
+
+
+def _warp_specialize_ready(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the forward may run its warp-specialized tiles: descriptors for q and every key / value tensor, an
+    sm_90 GPU (Blackwell's pass is another one, never checked here), a checked Triton, dtype and head dim."""
+    capability = _capability(q.device)
+    return (
+        capability is not None and capability[0] == 9 and tuning.TRITON_VERSION >= WS_TRITON
+        and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in WS_HEAD_DIMS
+        and _descriptor_ready(q, *tensors)
+    )  # fmt: skip
+
+
 def _ensure_scratch_allocator() -> None:
     from triton.runtime import _allocation
 
@@ -249,10 +273,11 @@ def forward(
     FORWARD.launch(
         _query_tiles(T, batch, H),
         q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu, kcu,
-        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch,
+        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch, (batch - 1).bit_length(),
         *_rows(q, k, v, tk, tv, out),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=_dot_precision(q.dtype),
         TMA_OK=_descriptor_ready(k, v), VEC=_vector_width(q, k, v, tk, tv, out),
+        WS_OK=_warp_specialize_ready(q, k, v, tk, tv),
         regime=_regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k),
     )  # fmt: skip
     return out, o_text, lse, lse_t, q_used, k_used
@@ -345,10 +370,12 @@ def backward(
         grid,
         q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
         cu_seqlens, tcu, kcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch,
+        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(),
         *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not deterministic,
         TMA_OK=_descriptor_ready(q, dout, dq_acc), VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_),
+        WS_OK=not has_text and h_kv == H and D in DKDV_WS_HEAD_DIMS and tuning.TRITON_VERSION in DKDV_WS_TRITONS
+        and _warp_specialize_ready(q, dout, dq_acc, k, v),
         regime=regime, reset=dq_acc.zero_ if not deterministic else None,
     )  # fmt: skip
     if deterministic:
