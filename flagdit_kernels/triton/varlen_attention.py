@@ -145,7 +145,8 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
 WS_TRITON = (3, 6)
 WS_HEAD_DIMS = (64, 72, 96, 128)
 # The deterministic backward's dk/dv loop splits only without text (the run-time text / self key selection keeps
-# the pass from splitting) and without GQA (Dh 72 at GQA 4: the pass fails), at these head dims, on Triton 3.6
+# the pass from splitting) and without GQA (at the Dh 72, GQA 4 shape the pass fails; GQA or the 64 + 16 split:
+# not isolated), at these head dims, on Triton 3.6
 # (3.9 does not split it, and its 4-warp tile then spills in the loop).
 DKDV_WS_HEAD_DIMS = (64, 96, 128)
 DKDV_WS_TRITONS = ((3, 6),)
