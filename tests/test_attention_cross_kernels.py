@@ -177,3 +177,23 @@ def test_cross_attention_no_key_at_all_and_rope_refused():
                    cu_seqlens_k=offsets["cu_k"])  # fmt: skip
     with pytest.raises(ValueError, match="cu_seqlens_k"):
         va.forward(q, k, v, offsets["cu"], 9, scale, None, None, None, None, None, cu_seqlens_k=offsets["cu_k"][:2])
+
+
+def test_cross_attention_through_the_warp_specialized_forward(monkeypatch):
+    # The forward's WS shape (descriptor loads, counted bisection, idle programs without an early return) with
+    # keys by their own offsets, 0 included; forced as the only tile (warp_specialize itself acts on sm_90 only).
+    from flagdit_kernels.triton import attention_autotune as tuning
+    from flagdit_kernels.triton import varlen_attention as va
+
+    if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialized tiles are offered on sm_90 only")
+    if not ON_GPU:
+        monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
+        monkeypatch.setattr(va, "_warp_specialize_ready", lambda *tensors: True)
+    block = 32 if INTERPRETED else 128
+    monkeypatch.setattr(va.FORWARD, "tiles", [tuning.Tile(block, 32 if INTERPRETED else 64, 4, 2, tma=True, ws=True)])
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
+    dtype = torch.float16
+    inputs, offsets = _case(LENS_Q, LENS_K, TEXT, 4, 2, 32, dtype, seed=4)
+    scale = 1 / math.sqrt(32)
+    compare_with_reference(_mine(offsets, scale, False), _ref(offsets, scale), inputs, dtype, family="attention")
