@@ -10,7 +10,16 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
+from helpers import (
+    DEVICE,
+    DOT_DTYPES,
+    INTERPRETED,
+    ON_GPU,
+    TOLERANCE,
+    assert_rel_close,
+    compare_with_reference,
+    poisoned_allocations,
+)
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch
@@ -132,6 +141,41 @@ def test_descriptor_loads(monkeypatch, dtype):
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
     inputs, mine, reference = _case([37, 1, 0, 70], [5, 0, 4, 9], 4, 2, 72, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
+
+
+@pytest.mark.parametrize(
+    ("lens", "text_lens", "kv_heads", "head_dim", "dtype"),
+    [
+        # Tails (37 = 32 + 5), a 1-token and an empty sequence, a sample without text; Dh 72 = 64 + 16; GQA.
+        ([37, 1, 0, 70], [5, 0, 4, 40], 2, 72, torch.float16),
+        # 11 samples: the counted bisection takes 4 steps; idle programs (one per sequence) must store nothing.
+        # No text, no GQA, Dh 64: the dk/dv kernel's WS tile runs too (the launcher offers it only there).
+        ([9, 3, 33, 1, 7, 2, 64, 5, 1, 12, 30], None, 4, 64, torch.float32),
+    ],
+)
+def test_warp_specialized_tiles(monkeypatch, lens, text_lens, kv_heads, head_dim, dtype):
+    # The warp-specialized shapes forced as the only tiles: the forward (one masked loop per key kind; q, k, v,
+    # text through descriptors; counted bisection, no early return) and the deterministic backward's dk/dv (one
+    # masked loop over query tiles, k / v through descriptors); warp_specialize itself only acts on sm_90.
+    from flagdit_kernels.triton import attention_autotune as tuning
+    from flagdit_kernels.triton import varlen_attention as va
+
+    if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialized tiles are offered on sm_90 only")
+    if not ON_GPU:
+        monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
+        monkeypatch.setattr(va, "_warp_specialize_ready", lambda *tensors: True)
+        monkeypatch.setattr(va, "DKDV_WS_TRITONS", (tuning.TRITON_VERSION,))
+    block = 32 if INTERPRETED else 128
+    monkeypatch.setattr(
+        va.FORWARD, "tiles", [tuning.Tile(block, block // 2 if ON_GPU else 32, 4, 2, tma=True, ws=True)]
+    )
+    fallback = tuning.Tile(32, block, 4, 1, tma=True)  # where the dk/dv WS tile is not offered
+    monkeypatch.setattr(va.DKDV, "tiles", [tuning.Tile(32, block, 4, 1, tma=True, ws=True), fallback])
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
+    inputs, mine, reference = _case(lens, text_lens, 4, kv_heads, head_dim, dtype, rope=True)
+    deterministic = lambda **t: mine(**t, deterministic=True)  # the dk/dv WS tiles serve this path only
+    compare_with_reference(deterministic, reference, inputs, dtype, family="attention")
 
 
 def test_many_short_sequences():
@@ -330,3 +374,44 @@ def test_autotuned_launch(monkeypatch):
     inputs, mine, reference = _case([300, 129], [40, 7], 4, 2, 64, torch.bfloat16)
     compare_with_reference(mine, reference, inputs, torch.bfloat16, family="attention")
     assert va.FORWARD.chosen and va.DKDV.chosen
+
+
+def _assert_close_where_finite(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """The same NaN / inf pattern as the reference, and rel-L2 close on the finite rest."""
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN pattern differs from the reference"
+    assert torch.equal(actual.isinf(), expected.isinf()), f"{what}: inf pattern differs from the reference"
+    finite = torch.isfinite(expected)
+    assert_rel_close(actual[finite], expected[finite], tol, what)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_gate_never_reach_a_sample_without_text(dtype, deterministic):
+    # Gate NaN on head 0, +inf on head 1 (tanh = 1), finite on head 2; sample 1 has no text tokens: the contract
+    # adds exactly 0 there (the reference skips it), so its rows and the gradients of its tokens stay finite,
+    # while NaN reaches exactly the rows and gradients it reaches in the reference. GQA 4 -> 2.
+    inputs, mine, reference = _case([21, 9, 35], [4, 0, 11], 4, 2, 32, dtype)
+    inputs["gate"] = torch.tensor([float("nan"), float("inf"), 0.7, -1.3], dtype=dtype, device=DEVICE)
+    mine_leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in inputs.items()}
+    with poisoned_allocations():
+        out = mine(**mine_leaves, deterministic=deterministic)
+    expected = reference(**ref_leaves)
+    tol = TOLERANCE["attention"][dtype]
+    _assert_close_where_finite(out, expected, tol, "output")
+    assert torch.isfinite(out[21:30]).all()  # the sample without text, every head
+    upstream = torch.randn(out.shape, dtype=torch.float64, device=DEVICE)
+    with poisoned_allocations():
+        out.backward(upstream.to(dtype))
+    expected.backward(upstream)
+    for name, leaf in mine_leaves.items():
+        if name != "k":
+            _assert_close_where_finite(leaf.grad, ref_leaves[name].grad, tol, f"grad {name}")
+    # Self keys seen by a NaN-gated head of a sample WITH text: the backward recovers o_self as out - tg * o_text
+    # (NaN there) where the reference's autograd keeps it, so those key gradients are NaN (the output is NaN
+    # anyway). Everything else of dk: the sample without text, and kv head 1 (heads 2, 3) throughout.
+    k_grad, k_ref = mine_leaves["k"].grad, ref_leaves["k"].grad
+    _assert_close_where_finite(k_grad[21:30], k_ref[21:30], tol, "grad k, the sample without text")
+    _assert_close_where_finite(k_grad[:, 1], k_ref[:, 1], tol, "grad k, kv head 1")
+    for name in ("q", "k", "v"):
+        assert torch.isfinite(mine_leaves[name].grad[21:30]).all(), name

@@ -59,12 +59,19 @@ class Tile:
     warps: int
     stages: int
     tma: bool = False
+    ws: bool = False  # the warp-specialized loop shape (forward only; with tma)
 
     def consts(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "TMA": self.tma}
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "TMA": self.tma,
+            **({"WS": self.ws} if self.ws else {}),
+        }
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}/w{self.warps}/s{self.stages}" + (" TMA" if self.tma else "")
+        return (f"{self.block_m}x{self.block_n}/w{self.warps}/s{self.stages}" + (" TMA" if self.tma else "")
+                + (" WS" if self.ws else ""))  # fmt: skip
 
 
 if INTERPRETED:
@@ -73,8 +80,10 @@ else:
     # Chosen from the compile report for sm_90 (Triton 3.6 and 3.9, bf16; no GPU was available to time them),
     # the untuned default first: 8 warps (two warpgroups) for 128-row tiles (4 warps spill the 128-row fp32
     # accumulator). The forward and dq kernels may also read keys and values through the copy engine (TMA): no
-    # address arithmetic in the loop. Triton's warp specialization (tl.range(..., warp_specialize=True)) was
-    # tried: 3.6 does not split this loop on sm_90, so it is not offered.
+    # address arithmetic in the loop. The warp-specialized tiles (ws=True, last: never the untuned default) run
+    # the loops in the shape Triton 3.6's pass splits on sm_90 into a TMA producer warpgroup and two consumer
+    # warpgroups (4 warps each, 12 in all; attention_fwd._attend); they are offered only where the launcher
+    # found that split checked (WS_OK). Tiles over the card's shared memory fail to launch and are skipped.
     FWD_TILES = [
         Tile(128, 64, 8, 3),
         Tile(128, 128, 8, 2),
@@ -84,6 +93,8 @@ else:
         Tile(64, 32, 4, 2),
         Tile(128, 64, 8, 3, tma=True),
         Tile(128, 128, 8, 2, tma=True),
+        Tile(128, 64, 4, 2, tma=True, ws=True),
+        Tile(128, 128, 4, 2, tma=True, ws=True),
     ]
     DQ_TILES = [
         Tile(128, 64, 8, 2),
@@ -105,23 +116,31 @@ else:
         Tile(32, 64, 8, 2),
         Tile(64, 128, 8, 3, tma=True),
         Tile(64, 128, 8, 1, tma=True),
+        Tile(32, 128, 4, 1, tma=True, ws=True),  # deterministic backward only (see dkdv_prune)
     ]
 
 
 def prune(tiles: list[Tile], consts: dict) -> list[Tile]:
     """The tiles whose q/k/v/acc footprint fits this head dim (256 needs small tiles), descriptor tiles only
-    where the launcher found the tensors fit descriptors (TMA_OK)."""
+    where the launcher found the tensors fit descriptors (TMA_OK), warp-specialized ones only where it found
+    the split checked (WS_OK: sm_90, a checked Triton, dtype and head dim; see varlen_attention.py)."""
     block_d = consts.get("D0", 128) + consts.get("D1", 0)
-    usable = [t for t in tiles if consts.get("TMA_OK", False) or not t.tma]
+    usable = [
+        t for t in tiles if (consts.get("TMA_OK", False) or not t.tma) and (consts.get("WS_OK", False) or not t.ws)
+    ]
     keep = [t for t in usable if max(t.block_m, t.block_n) * block_d <= 128 * 128]
     return keep or [min(usable, key=lambda t: t.block_m * t.block_n)]
 
 
 def dkdv_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
     """prune, less the pipelined 64x128 dk/dv tile at head dims of 128 columns or more on Triton 3.6, where it
-    spills inside its loop (40 local accesses per iteration at Dh 128; Triton 3.9 holds it in registers)."""
+    spills inside its loop (40 local accesses per iteration at Dh 128; Triton 3.9 holds it in registers), and
+    less the warp-specialized tiles when dq is added by atomics: Triton 3.6's pass fails on that loop (an
+    atomic or descriptor reduce-add in it), so they serve the deterministic backward only."""
     if TRITON_VERSION < (3, 7) and consts.get("D0", 128) + consts.get("D1", 0) >= 128:
         tiles = [t for t in tiles if not (t.block_m == 64 and t.stages > 1)]
+    if consts.get("ATOMIC_DQ", True):
+        tiles = [t for t in tiles if not t.ws]
     return prune(tiles, consts)
 
 
@@ -180,7 +199,9 @@ def _read(path: str, key: str, offered: list[Tile]) -> Tile | None:
 
 def _write(path: str, key: str, tile: Tile, timings: dict[str, float]) -> None:
     """Atomically (write a temporary file, then rename); an unwritable directory leaves the result in memory."""
-    data = {"version": CACHE_VERSION, "key": key, "tile": asdict(tile), "timings_ms": timings}
+    # ws only when set: the files of tiles without it stay as they were before warp-specialized tiles existed.
+    fields = {name: value for name, value in asdict(tile).items() if name != "ws" or value}
+    data = {"version": CACHE_VERSION, "key": key, "tile": fields, "timings_ms": timings}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:

@@ -1,7 +1,8 @@
 """Backward kernels of the varlen attention.
 
 * ``_bwd_preprocess``: ``delta_self = rowsum(dO * o_self) - dlse`` with ``o_self = out - tg * o_text``,
-  ``r = rowsum(dO * o_text)``, ``delta_text = tg * r``; the caller sums ``r`` per head for d tanh(gate).
+  ``r = rowsum(dO * o_text)``, ``delta_text = tg * r``; the caller sums ``r`` per head for d tanh(gate). Rows
+  of a sample without text (text LSE -inf) take tg = 0: the forward added nothing there, whatever the gate.
 * ``_bwd_dkdv``: one program per (key block, sample, kv head) loops over the GQA group's query heads and the
   sample's query blocks; one launch covers the text key blocks (dO scaled by tg, first in the grid) and the
   self key blocks. Per (key block, query block) pair it runs the backward's five matmuls: S^T = K Q^T,
@@ -57,7 +58,7 @@ _TMA_REDUCE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 @triton.jit
 def _bwd_preprocess(
-    DO, OUT, OTEXT, TGATE, DLSE, DELTA, DELTA_T, R, T,
+    DO, OUT, OTEXT, TGATE, LSE_T, DLSE, DELTA, DELTA_T, R, T,
     stride_dot, stride_doh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_DLSE: tl.constexpr,
     VEC: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -81,9 +82,11 @@ def _bwd_preprocess(
     o_self = tl.load(OUT + o_off, mask=mask, other=0.0).to(tl.float32)
     out_off = h.to(tl.int64) * T + rows
     if HAS_TEXT:
-        tg = tl.load(TGATE + h)
+        # Per row: a NaN or infinite gate never reaches a sample without text (o_text = 0, r = 0 there).
+        has_text = tl.load(LSE_T + out_off, mask=t_mask, other=float("-inf")) > float("-inf")
+        tg = tl.where(has_text, tl.load(TGATE + h), 0.0)
         o_text = tl.load(OTEXT + o_off, mask=mask, other=0.0).to(tl.float32)
-        o_self = o_self - tg * o_text  # out = o_self + tg * o_text
+        o_self = o_self - tg[:, None] * o_text  # out = o_self + tg * o_text
         r = tl.sum(do * o_text, 1)
         tl.store(R + out_off, r, mask=t_mask)
         tl.store(DELTA_T + out_off, tg * r, mask=t_mask)
@@ -143,8 +146,8 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
-    qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs,
+    Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
+    qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs, bisect_steps,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -155,11 +158,12 @@ def _bwd_dkdv(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order,
     and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch (grid: T_TEXT // BLOCK_N +
-    n_seqs text key tiles, then T // BLOCK_N + n_seqs self key tiles, then kv heads). (A separate text launch has
+    n_seqs text key tiles, then Tk // BLOCK_N + n_seqs self key tiles over the key offsets KCU (CU itself for
+    self-attention), then kv heads). (A separate text launch has
     only batch * Hkv programs, each looping over all of its sample's queries: on a long sample it runs as long as
     a self key block, on an idle GPU.) Both kinds run the same code on run-time pointers and scales, so the loop
     is compiled once; what only the epilogue needs is selected after the loop, so it holds no registers in it."""
@@ -171,6 +175,9 @@ def _bwd_dkdv(
     stride_dtkt, stride_dtkh = aligned(stride_dtkt, VEC), aligned(stride_dtkh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)  # the fp32 dq buffer, contiguous
     tl.static_assert(TMA_OK or not TMA)  # TMA: dq added through tensor descriptors, where the launcher allows it
+    # WS: the query loop in the shape Triton warp-specializes (as the forward's, see attention_fwd._attend): a
+    # counted bisection and no early return, k / v through descriptors, one masked loop per query head.
+    tl.static_assert((TMA and WS_OK) or not WS)
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     if HAS_TEXT:
@@ -185,20 +192,31 @@ def _bwd_dkdv(
         stride_vt, stride_vh = stride_tvt, stride_tvh
         qk_scale = text_qk_scale
     else:
-        k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, CU
+        k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, KCU
         pid -= n_text
-    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
+    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, WS)
     k_start, k_len = segment(cu_k, b)
-    if pid_n * BLOCK_N >= k_len:
-        return
     q_start, q_len = segment(CU, b)
+    if WS:
+        q_len = tl.where(pid_n * BLOCK_N < k_len, q_len, 0)  # an idle program: no query loop, nothing stored
+    elif pid_n * BLOCK_N >= k_len:
+        return
     q_start = q_start.to(tl.int64)
     k_start = k_start.to(tl.int64)
     n_rows, n_mask = tile_rows(pid_n * BLOCK_N, k_len, True, BLOCK_N)
-    k0, k1 = load_tile(k_ptr + k_start * stride_kt + hk * stride_kh, n_rows, n_mask, stride_kt, BLOCK_N, HEAD_DIM,
-                       D0, D1)
-    v0, v1 = load_tile(v_ptr + k_start * stride_vt + hk * stride_vh, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM,
-                       D0, D1)
+    k_base = k_ptr + k_start * stride_kt + hk * stride_kh
+    v_base = v_ptr + k_start * stride_vt + hk * stride_vh
+    if WS:
+        k_rows = tl.maximum(k_len, 1)
+        k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, True, BLOCK_N, HEAD_DIM, D0, D1)
+        v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
+        k0, k1 = load_rows(k_src0, k_src1, pid_n * BLOCK_N, n_rows, n_mask, stride_kt, True, BLOCK_N, HEAD_DIM, D0,
+                           D1)
+        v0, v1 = load_rows(v_src0, v_src1, pid_n * BLOCK_N, n_rows, n_mask, stride_vt, True, BLOCK_N, HEAD_DIM, D0,
+                           D1)
+    else:
+        k0, k1 = load_tile(k_base, n_rows, n_mask, stride_kt, BLOCK_N, HEAD_DIM, D0, D1)
+        v0, v1 = load_tile(v_base, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM, D0, D1)
     dk0, dk1 = zeros_tile(BLOCK_N, D0, D1)
     dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
     m_full = (q_len // BLOCK_M) * BLOCK_M
@@ -218,16 +236,23 @@ def _bwd_dkdv(
                                       TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
         lse_ptr = lse_base + h.to(tl.int64) * T + q_start
         delta_ptr = delta_base + h.to(tl.int64) * T + q_start
-        for start_m in range(0, m_full, BLOCK_M):
-            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
-                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
-                                            start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False, BLOCK_M,
-                                            HEAD_DIM, D0, D1, DOT_PREC)
-        if m_full < q_len:
-            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
-                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
-                                            m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True, BLOCK_M,
-                                            HEAD_DIM, D0, D1, DOT_PREC)
+        if WS:
+            for start_m in tl.range(0, q_len, BLOCK_M, warp_specialize=True):
+                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
+                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                stride_dqt, start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True,
+                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+        else:
+            for start_m in range(0, m_full, BLOCK_M):
+                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
+                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                stride_dqt, start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False,
+                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+            if m_full < q_len:
+                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
+                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                                stride_dqt, m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True,
+                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
     if is_text:
         dk_ptr, dv_ptr, stride_dkt, stride_dkh = DTK, DTV, stride_dtkt, stride_dtkh
     else:
@@ -261,8 +286,10 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v
 def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, stride_kt, stride_vt, k_len,
               qk_scale, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
               D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    k_src0, k_src1 = row_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
-    v_src0, v_src1 = row_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
+    k_rows = tl.maximum(k_len, 1)
+    k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1,
@@ -277,7 +304,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU,
+    Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
@@ -308,8 +335,10 @@ def _bwd_dq(
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
-    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + start * stride_kt + hk * stride_kh,
-                         V + start * stride_vt + hk * stride_vh, stride_kt, stride_vt, seq_len, qk_scale, TMA,
+    k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
+    k_start = k_start.to(tl.int64)
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
+                         V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
                          BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)

@@ -4,7 +4,8 @@ One program per (block of BLOCK_M queries of one sequence, query head):
   1. load the q tile (already rotated by RoPE when the call has ``freqs``: the launcher rotates q and k once);
   2. online softmax with scale 1/sqrt(Dh) over the sample's text keys; ``o_text`` is written to memory (the
      backward needs it) and read back in step 4, so it holds no registers during step 3;
-  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys (pointer loads, or
+  3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, or with
+     cross-attention the sample's keys by their own offsets (``KCU``; any number, 0 included) (pointer loads, or
      tensor descriptors / the copy engine where the autotuner picks them on sm_90+);
   4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (natural log, the public ``lse`` unit).
 """
@@ -24,6 +25,7 @@ from .attention_tiles import (
     scores,
     segment,
     store_tile,
+    tile_of,
     zeros_tile,
 )
 
@@ -58,14 +60,30 @@ def _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1, s
 
 @triton.jit
 def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr,
+            WS: tl.constexpr = False):
     """Online softmax of q's attention over ``k_len`` keys (full tiles, then the tail), from a fresh state.
-    Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units)."""
-    k_src0, k_src1 = row_source(k_base, k_len, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
-    v_src0, v_src1 = row_source(v_base, k_len, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    Returns (acc0, acc1, m_i, l_i): unnormalized output chunks, running max and sum (log2 units).
+
+    WS (with TMA): the shape Triton's warp specialization splits on sm_90 (Triton 3.6): one loop over every key
+    tile, the tail masked inside it (the descriptors zero-fill rows past the sequence; their scores are masked),
+    ``tl.range(..., warp_specialize=True)``, so the pass gives the descriptor loads to a producer warp and the
+    matmuls and softmax to consumer warpgroups. (A full-tile loop plus a tail step keeps the pass from splitting
+    any loop of the kernel.) The interpreter ignores warp_specialize: the numbers are those of the two loops."""
+    tl.static_assert(TMA or not WS)
+    # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
+    k_rows = tl.maximum(k_len, 1)
+    k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if WS:
+        for start_n in tl.range(0, k_len, BLOCK_N, warp_specialize=True):
+            acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
+                                                stride_kt, stride_vt, start_n, k_len, qk_scale, True, TMA, BLOCK_N,
+                                                HEAD_DIM, D0, D1, DOT_PREC)
+        return acc0, acc1, m_i, l_i
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
@@ -80,8 +98,8 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU,
-    qk_scale, text_qk_scale, T, GROUP, n_seqs,
+    Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU, KCU,
+    qk_scale, text_qk_scale, T, GROUP, n_seqs, bisect_steps,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -90,20 +108,33 @@ def _fwd_kernel(
     stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
+    # WS: the loops in the shape Triton warp-specializes (see _attend); q, keys, values, text keys and values
+    # through descriptors, which WS_OK says the launcher found possible (sm_90, aligned tensors).
     tl.static_assert(TMA_OK or not TMA)
+    tl.static_assert((TMA and WS_OK) or not WS)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
     stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
     # One program per (query tile, head) over the tiles that hold tokens: grid (T // BLOCK_M + n_seqs, H).
-    b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)
-    if pid_m * BLOCK_M >= seq_len:
-        return
+    if WS:
+        # Triton's warp-specialization pass (3.6) fails on an early return and on any while loop in the kernel:
+        # the (at most one per sequence) idle program runs with no keys and stores nothing (its rows are masked).
+        b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M, bisect_steps, True)
+        h = tl.program_id(1)
+        hk = h // GROUP
+        start, seq_len = segment(CU, b)
+        live = pid_m * BLOCK_M < seq_len
+    else:
+        b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)
+        if pid_m * BLOCK_M >= seq_len:
+            return
     start = start.to(tl.int64)
     rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,
-                                               HEAD_DIM, D0, D1)
+                                               HEAD_DIM, D0, D1, WS)
     o_base = start * stride_ot + h * stride_oh
 
     # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
@@ -112,26 +143,39 @@ def _fwd_kernel(
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)
         t_start = t_start.to(tl.int64)
+        if WS:
+            t_len = tl.where(live, t_len, 0)
+        # (WS: text keys through descriptors in the same one-loop shape, else the pass splits no loop at all.)
         acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
                                        TV + t_start * stride_tvt + hk * stride_tvh, stride_tkt, stride_tvt, t_len,
-                                       text_qk_scale, False, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
-        # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0).
+                                       text_qk_scale, WS, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
+        # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0), and its text
+        # LSE is -inf, which tells the backward's preprocess that no gate applies to these rows.
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
-        tl.store(LSE_T + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * LN2, 0.0), mask=m_mask)
+        tl.store(LSE_T + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * LN2, float("-inf")), mask=m_mask)
         store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
                    HEAD_DIM, D0, D1)
 
-    acc0, acc1, m_i, l_i = _attend(q0, q1, K + start * stride_kt + hk * stride_kh,
-                                   V + start * stride_vt + hk * stride_vh, stride_kt, stride_vt, seq_len, qk_scale, TMA,
-                                   BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
-    tl.store(LSE + lse_off, (m_i + tl.log2(l_i)) * LN2, mask=m_mask)
-    out0 = acc0 / l_i[:, None]
-    out1 = acc1 / l_i[:, None]
+    # Self keys: the sequence's own (KCU is CU) or, for cross-attention, the sample's keys by their offsets.
+    k_start, k_len = segment(KCU, b)
+    k_start = k_start.to(tl.int64)
+    if WS:
+        k_len = tl.where(live, k_len, 0)
+    acc0, acc1, m_i, l_i = _attend(q0, q1, K + k_start * stride_kt + hk * stride_kh,
+                                   V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
+                                   BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
+    # A sample without keys (cross-attention): l_i == 0 and acc == 0, so the self part is exactly 0 and its LSE
+    # is -inf (m_i = -inf), which merges right by log-sum-exp.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(LSE + lse_off, tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf")), mask=m_mask)
+    out0 = acc0 / l_safe[:, None]
+    out1 = acc1 / l_safe[:, None]
     if HAS_TEXT:
         # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
         tl.debug_barrier()
-        tg = tl.load(TGATE + h)
+        # Nothing is added for a sample without text, whatever the gate (a NaN gate times o_text = 0 is NaN).
+        tg = tl.where(t_len > 0, tl.load(TGATE + h), 0.0)
         ot0, ot1 = load_tile(OTEXT + o_base, rows, m_mask, stride_ot, BLOCK_M, HEAD_DIM, D0, D1)
         out0 = out0 + tg * ot0.to(tl.float32)
         if D1 > 0:

@@ -37,25 +37,42 @@ def _repair(src, stride, dst, n, total, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _repair_offsets(CU, CU_OUT, n, stride, total, TCU, TCU_OUT, stride_t, text_total, BLOCK: tl.constexpr):
-    """Program 0 repairs cu_seqlens (total tokens ``total``), program 1 text_cu_seqlens (``text_total``)."""
-    if tl.program_id(0) == 0:
+def _repair_offsets(CU, CU_OUT, n, stride, total, TCU, TCU_OUT, stride_t, text_total, KCU, KCU_OUT, stride_k,
+                    k_total, BLOCK: tl.constexpr):  # fmt: skip
+    """Program 0 repairs cu_seqlens (total tokens ``total``), program 1 text_cu_seqlens (``text_total``),
+    program 2 cu_seqlens_k (``k_total``)."""
+    pid = tl.program_id(0)
+    if pid == 0:
         _repair(CU, stride, CU_OUT, n, total, BLOCK)
-    else:
+    elif pid == 1:
         _repair(TCU, stride_t, TCU_OUT, n, text_total, BLOCK)
+    else:
+        _repair(KCU, stride_k, KCU_OUT, n, k_total, BLOCK)
 
 
 def safe_offsets(
-    cu_seqlens: torch.Tensor, total: int, text_cu_seqlens: torch.Tensor | None = None, text_total: int = 0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cu_seqlens, text_cu_seqlens) repaired as the module says, int32 and contiguous, in one launch."""
+    cu_seqlens: torch.Tensor,
+    total: int,
+    text_cu_seqlens: torch.Tensor | None = None,
+    text_total: int = 0,
+    cu_seqlens_k: torch.Tensor | None = None,
+    k_total: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(cu_seqlens, text_cu_seqlens, cu_seqlens_k) repaired as the module says, int32 and contiguous, in one
+    launch. Without ``cu_seqlens_k`` (self-attention) the third is the repaired cu_seqlens itself; the offsets
+    arrays must have the same length (one sample count)."""
     n = cu_seqlens.numel()
-    cu = torch.empty(n, dtype=torch.int32, device=cu_seqlens.device)
-    has_text = text_cu_seqlens is not None
-    tcu = torch.empty(n, dtype=torch.int32, device=cu_seqlens.device) if has_text else cu
+    dev = cu_seqlens.device
+    cu = torch.empty(n, dtype=torch.int32, device=dev)
+    has_text, cross = text_cu_seqlens is not None, cu_seqlens_k is not None
+    # Program 1 also runs for cross-attention without text: it then repairs cu_seqlens into a scratch copy.
+    tcu = torch.empty(n, dtype=torch.int32, device=dev) if has_text or cross else cu
+    kcu = torch.empty(n, dtype=torch.int32, device=dev) if cross else cu
     text_src = text_cu_seqlens if has_text else cu_seqlens
+    k_src = cu_seqlens_k if cross else cu_seqlens
     block = min(1024, triton.next_power_of_2(n))
-    _repair_offsets[(2 if has_text else 1,)](
-        cu_seqlens, cu, n, cu_seqlens.stride(0), total, text_src, tcu, text_src.stride(0), text_total, BLOCK=block
-    )
-    return cu, tcu if has_text else None
+    _repair_offsets[(3 if cross else 2 if has_text else 1,)](
+        cu_seqlens, cu, n, cu_seqlens.stride(0), total, text_src, tcu, text_src.stride(0), text_total,
+        k_src, kcu, k_src.stride(0), k_total, BLOCK=block,
+    )  # fmt: skip
+    return cu, tcu if has_text else None, kcu

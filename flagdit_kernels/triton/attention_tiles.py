@@ -48,7 +48,7 @@ def segment(cu, b):
 
 
 @triton.jit
-def tile_of(pid, cu, n_seqs, BLOCK: tl.constexpr):
+def tile_of(pid, cu, n_seqs, BLOCK: tl.constexpr, steps=0, FIXED_STEPS: tl.constexpr = False):
     """(sequence b, tile m) of program ``pid`` of a grid of total // BLOCK + n_seqs programs over the sequences of
     cu_seqlens ``cu`` (non-decreasing, 0 to total), each tile BLOCK rows of one sequence, no host sync needed.
 
@@ -57,15 +57,25 @@ def tile_of(pid, cu, n_seqs, BLOCK: tl.constexpr):
     at most one program per sequence is left over (it finds m * BLOCK >= len_b and returns): on a packed batch
     at most n_seqs programs idle, instead of every block past each sequence's end of a cdiv(max_seqlen, BLOCK)
     x n_seqs grid (59% of the benchmark batch's). b is the last sequence with first(b) <= pid, by bisection
-    over cu (first is non-decreasing): log2(n_seqs) dependent scalar loads at the start of a program."""
+    over cu (first is non-decreasing): log2(n_seqs) dependent scalar loads at the start of a program.
+
+    FIXED_STEPS: the same bisection as a counted loop of ``steps`` = ceil(log2(n_seqs)) branch-free halvings
+    (from the host: a shape), for kernels Triton warp-specializes: its pass (3.6) fails on any scf.while."""
     lo = 0
     hi = n_seqs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if tl.load(cu + mid) // BLOCK + mid <= pid:
-            lo = mid
-        else:
-            hi = mid
+    if FIXED_STEPS:
+        for _ in range(steps):
+            mid = (lo + hi) // 2
+            right = tl.load(cu + mid) // BLOCK + mid <= pid
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if tl.load(cu + mid) // BLOCK + mid <= pid:
+                lo = mid
+            else:
+                hi = mid
     return lo, pid - (tl.load(cu + lo) // BLOCK + lo)
 
 
@@ -212,9 +222,15 @@ def load_kv_pair(k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, 
 
 @triton.jit
 def query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               D0: tl.constexpr, D1: tl.constexpr):
+               D0: tl.constexpr, D1: tl.constexpr, DESC: tl.constexpr = False):
     """Block ``pid_m`` of the queries of head h in the sequence starting at token ``start`` (int64): (rows,
-    mask, the q chunks, offsets into (H, T) LSE-shaped arrays)."""
+    mask, the q chunks, offsets into (H, T) LSE-shaped arrays). DESC: q through tensor descriptors (what
+    Triton's warp specialization needs: with a pointer load of q its pass asserts in WSLowerToken, 3.6)."""
     rows, m_mask = tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
-    q0, q1 = load_tile(Q + start * stride_qt + h * stride_qh, rows, m_mask, stride_qt, BLOCK_M, HEAD_DIM, D0, D1)
+    base = Q + start * stride_qt + h * stride_qh
+    if DESC:
+        src0, src1 = row_source(base, tl.maximum(seq_len, 1), stride_qt, True, BLOCK_M, HEAD_DIM, D0, D1)
+        q0, q1 = load_rows(src0, src1, pid_m * BLOCK_M, rows, m_mask, stride_qt, True, BLOCK_M, HEAD_DIM, D0, D1)
+    else:
+        q0, q1 = load_tile(base, rows, m_mask, stride_qt, BLOCK_M, HEAD_DIM, D0, D1)
     return rows, m_mask, q0, q1, h.to(tl.int64) * T + start + rows

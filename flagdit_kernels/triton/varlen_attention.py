@@ -2,8 +2,10 @@
 
 Layout (flash-attn varlen convention): q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)``, sequences delimited by
 ``cu_seqlens`` (int32, ``(B+1,)``); text keys/values ``(Tt, Hkv, Dh)`` delimited per sample by
-``text_cu_seqlens``. Tensors are read through their token and head strides, so q/k/v may be views of one fused
-QKV projection (not copied); the head dim is read as contiguous (a tensor whose head dim is not is copied).
+``text_cu_seqlens``. Cross-attention: with ``cu_seqlens_k`` the keys/values ``(Tk, Hkv, Dh)`` are packed by
+their own offsets (same sample count; any key count per sample, 0 included). Tensors are read through their
+token and head strides, so q/k/v may be views of one fused QKV projection (not copied); the head dim is read
+as contiguous (a tensor whose head dim is not is copied).
 Plain tensors in, plain tensors out: autograd lives in flagdit_kernels/ops/attention.py.
 
 The kernels: attention_fwd.py (forward), attention_bwd.py (backward), attention_tiles.py (shared tile code),
@@ -50,11 +52,15 @@ def tuned_tiles() -> dict[str, dict[str, str]]:
     return {k.name: k.tuned() for k in (FORWARD, DKDV, DQ)}
 
 
-def _regime(q: torch.Tensor, k: torch.Tensor, has_text: bool, rope: bool, max_seqlen: int) -> dict:
-    """The launch's fields of a tuning key (see attention_autotune.py)."""
+def _regime(
+    q: torch.Tensor, k: torch.Tensor, has_text: bool, rope: bool, max_seqlen: int, max_seqlen_k: int | None = None
+) -> dict:
+    """The launch's fields of a tuning key (see attention_autotune.py); cross-attention adds its key bucket."""
+    cross = {} if max_seqlen_k is None else {"seq_k": tuning.seq_bucket(max_seqlen_k)}
     return {
         **tuning.device_fields(q.device), "dtype": str(q.dtype), "head_dim": q.shape[-1],
         "gqa": q.shape[1] // max(k.shape[1], 1), "text": has_text, "rope": rope, "seq": tuning.seq_bucket(max_seqlen),
+        **cross,
     }  # fmt: skip
 
 
@@ -134,6 +140,31 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
+# Triton's warp specialization of the forward (attention_fwd.py, _attend's WS shape) compiles and splits into
+# producer / consumer partitions on sm_90 from Triton 3.6, checked by compiling every head dim and text variant
+# for sm_90 (benchmarks/RESULTS.md). Its pass aborts the process (a C++ assertion, not an exception) on shapes it
+# does not handle, so WS tiles are offered only where that check ran: 16-bit dtypes, head dims in WS_HEAD_DIMS.
+WS_TRITON = (3, 6)
+WS_HEAD_DIMS = (64, 72, 96, 128)
+# The deterministic backward's dk/dv loop splits only without text (the run-time text / self key selection keeps
+# the pass from splitting) and without GQA (at the Dh 72, GQA 4 shape the pass fails; GQA or the 64 + 16 split:
+# not isolated), at these head dims, on Triton 3.6
+# (3.9 does not split it, and its 4-warp tile then spills in the loop).
+DKDV_WS_HEAD_DIMS = (64, 96, 128)
+DKDV_WS_TRITONS = ((3, 6),)
+
+
+def _warp_specialize_ready(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the forward may run its warp-specialized tiles: descriptors for q and every key / value tensor, an
+    sm_90 GPU (Blackwell's pass is another one, never checked here), a checked Triton, dtype and head dim."""
+    capability = _capability(q.device)
+    return (
+        capability is not None and capability[0] == 9 and tuning.TRITON_VERSION >= WS_TRITON
+        and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in WS_HEAD_DIMS
+        and _descriptor_ready(q, *tensors)
+    )  # fmt: skip
+
+
 def _ensure_scratch_allocator() -> None:
     from triton.runtime import _allocation
 
@@ -149,6 +180,34 @@ def _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens):
     tk = text_k if has_text and text_k.numel() else k
     tv = text_v if has_text and text_v.numel() else v
     return tk, tv, text_cu_seqlens if has_text else cu_seqlens
+
+
+def _stand_in(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``t``, or ``other`` where ``t`` holds no element (cross-attention without any key): no program
+    dereferences it then (every key length is 0), but Triton must not be handed an empty tensor's pointer."""
+    return t if t.numel() else other
+
+
+def _key_offsets(
+    cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seqlen_k: int | None, freqs: torch.Tensor | None
+) -> None:
+    """Checks the cross-attention arguments against the query offsets (shapes only: no host sync)."""
+    if cu_seqlens_k is None:
+        if max_seqlen_k is not None:
+            raise ValueError("max_seqlen_k is given without cu_seqlens_k")
+        return
+    if cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() != cu_seqlens.numel():
+        raise ValueError(
+            f"cu_seqlens_k must be 1-D with as many entries as cu_seqlens ({cu_seqlens.numel()}: one per sample "
+            f"plus one), got shape {tuple(cu_seqlens_k.shape)}"
+        )
+    if cu_seqlens_k.dtype not in (torch.int32, torch.int64) or cu_seqlens_k.device != cu_seqlens.device:
+        raise TypeError(
+            f"cu_seqlens_k must be int32 or int64 on {cu_seqlens.device}, got {cu_seqlens_k.dtype} on "
+            f"{cu_seqlens_k.device}"
+        )
+    if freqs is not None:
+        raise ValueError("freqs (RoPE) is supported only for self-attention: pass cu_seqlens_k=None or freqs=None")
 
 
 def _query_tiles(T: int, batch: int, heads: int):
@@ -175,10 +234,20 @@ def forward(
     text_cu_seqlens: torch.Tensor | None,
     tanh_gate: torch.Tensor | None,
     freqs: torch.Tensor | None,
+    *,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Returns ``(out, o_text, lse_self, lse_text, q_used, k_used)``; LSEs are fp32 ``(H, T)`` in natural log;
     o_text and lse_text are empty without text; q_used / k_used are what the backward must read (q and k
-    rotated by RoPE with ``freqs``, else q and k). ``tanh_gate`` is fp32 ``(H,)`` (the gate through tanh)."""
+    rotated by RoPE with ``freqs``, else q and k). ``tanh_gate`` is fp32 ``(H,)`` (the gate through tanh).
+
+    Cross-attention: with ``cu_seqlens_k`` (as many entries as ``cu_seqlens``), k and v are ``(Tk, Hkv, Dh)``
+    and sample b's queries attend to key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` (any number, 0 included:
+    then the self part of its rows is exactly 0 and their self LSE -inf). ``max_seqlen_k`` is a tuning hint
+    only. RoPE (``freqs``) is supported only for self-attention (ValueError otherwise). The text branch and
+    gate work as for self-attention."""
+    _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
     q, k = _rotated(q, freqs), _rotated(k, freqs)
     q, k, v, text_k, text_v = _unit_head_dim(q, k, v, text_k, text_v)
     T, H, D = q.shape
@@ -195,21 +264,26 @@ def forward(
     lse_t = alloc((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
     if T == 0 or batch <= 0:
         return out, o_text, lse, lse_t, q, k
-    cu_seqlens, text_cu_seqlens = safe_offsets(cu_seqlens, T, text_cu_seqlens, text_k.shape[0] if has_text else 0)
+    q_used, k_used = q, k
+    cu_seqlens, text_cu_seqlens, kcu = safe_offsets(
+        cu_seqlens, T, text_cu_seqlens, text_k.shape[0] if has_text else 0, cu_seqlens_k, k.shape[0]
+    )
+    k, v = _stand_in(k, q), _stand_in(v, q)
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
     FORWARD.launch(
         _query_tiles(T, batch, H),
-        q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu,
-        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch,
+        q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu, kcu,
+        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch, (batch - 1).bit_length(),
         *_rows(q, k, v, tk, tv, out),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=_dot_precision(q.dtype),
         TMA_OK=_descriptor_ready(k, v), VEC=_vector_width(q, k, v, tk, tv, out),
-        regime=_regime(q, k, has_text, freqs is not None, max_seqlen),
+        WS_OK=_warp_specialize_ready(q, k, v, tk, tv),
+        regime=_regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k),
     )  # fmt: skip
-    return out, o_text, lse, lse_t, q, k
+    return out, o_text, lse, lse_t, q_used, k_used
 
 
 def backward(
@@ -231,6 +305,9 @@ def backward(
     tanh_gate: torch.Tensor | None,
     freqs: torch.Tensor | None,
     deterministic: bool = False,
+    *,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ):
     """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text); ``dlse`` is
     the gradient of the self-attention LSE, fp32 ``(H, T)``, or None. q and k are the forward's ``q_used`` /
@@ -239,7 +316,11 @@ def backward(
 
     Default: five matmuls per (key block, query block), dq added with fp32 atomics by the dk/dv programs, so
     its sums run in whatever order the programs finish. ``deterministic``: the dk/dv kernel skips dq and a
-    separate dq kernel recomputes the scores (seven matmuls), every sum in a fixed order, bit for bit stable."""
+    separate dq kernel recomputes the scores (seven matmuls), every sum in a fixed order, bit for bit stable.
+
+    ``cu_seqlens_k`` / ``max_seqlen_k``: cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys
+    of a sample without queries get exactly 0)."""
+    _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
     dout, q, k, v, text_k, text_v = _unit_head_dim(dout, q, k, v, text_k, text_v)
     T, H, D = q.shape
     h_kv = k.shape[1]
@@ -251,8 +332,8 @@ def backward(
     # fp32, in units of log2(e) * dq: zeroed before the atomic adds (the dk/dv launch's reset), written whole by
     # the deterministic dq kernel.
     dq_acc = torch.empty((T, H, D), dtype=torch.float32, device=dev)
-    dk = alloc((T, h_kv, D), dtype=k.dtype, device=dev)
-    dv = alloc((T, h_kv, D), dtype=v.dtype, device=dev)
+    dk = alloc(k.shape, dtype=k.dtype, device=dev)
+    dv = alloc(v.shape, dtype=v.dtype, device=dev)
     dtk = alloc(text_k.shape, dtype=text_k.dtype, device=dev) if has_text else None
     dtv = alloc(text_v.shape, dtype=text_v.dtype, device=dev) if has_text else None
     delta = torch.empty((H, T), dtype=torch.float32, device=dev)
@@ -261,41 +342,49 @@ def backward(
     if T == 0 or batch <= 0:
         dgate = torch.zeros(H, dtype=torch.float32, device=dev) if has_text else None
         return dq, dk, dv, dtk, dtv, dgate
-    cu_seqlens, text_cu_seqlens = safe_offsets(cu_seqlens, T, text_cu_seqlens, text_k.shape[0] if has_text else 0)
+    t_keys = k.shape[0]
+    cu_seqlens, text_cu_seqlens, kcu = safe_offsets(
+        cu_seqlens, T, text_cu_seqlens, text_k.shape[0] if has_text else 0, cu_seqlens_k, t_keys
+    )
     tg = tanh_gate if has_text else delta
     ot = o_text if has_text else out
     block_t = 32  # token-parallel kernels: 32 rows of up to three head-dim tiles stay in registers
     if dlse is not None:
         dlse = dlse.contiguous()
     _bwd_preprocess[(triton.cdiv(T, block_t), H)](
-        dout, out, ot, tg, delta if dlse is None else dlse, delta, delta_t, r, T,
+        dout, out, ot, tg, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r, T,
         *_rows(dout, out),
         HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_TEXT=has_text, HAS_DLSE=dlse is not None, VEC=_vector_width(dout, out, ot),
         BLOCK_T=block_t,
     )  # fmt: skip
+    # No key at all (cross-attention): stand-ins no program dereferences (see _stand_in).
+    k, v, dk_, dv_ = _stand_in(k, q), _stand_in(v, q), _stand_in(dk, dq), _stand_in(dv, dq)
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     prec = _dot_precision(q.dtype)
     text_scale = 1.0 / math.sqrt(D)
     # Text key tiles first in the grid (program ids are dispatched in order): they run alongside the self ones.
     t_text = text_k.shape[0] if has_text else 0
     text_tiles = (lambda meta: t_text // meta["BLOCK_N"] + batch) if has_text else (lambda meta: 0)
-    grid = lambda meta: (text_tiles(meta) + T // meta["BLOCK_N"] + batch, h_kv)
-    dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk, dv)
-    regime = _regime(q, k, has_text, freqs is not None, max_seqlen)
+    # Then the self key tiles, over the key offsets (the query offsets for self-attention): only real tiles.
+    grid = lambda meta: (text_tiles(meta) + t_keys // meta["BLOCK_N"] + batch, h_kv)
+    dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk_, dv_)
+    regime = _regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k)
     DKDV.launch(
         grid,
-        q, k, v, tk, tv, tg, dout, dk, dv, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
-        cu_seqlens, tcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch,
-        *_rows(q, k, v, tk, tv, dout, dk, dtk_, dq_acc),
+        q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
+        cu_seqlens, tcu, kcu,
+        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(),
+        *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not deterministic,
-        TMA_OK=_descriptor_ready(q, dout, dq_acc), VEC=_vector_width(q, k, v, tk, tv, dout, dk, dtk_),
+        TMA_OK=_descriptor_ready(q, dout, dq_acc), VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_),
+        WS_OK=not has_text and h_kv == H and D in DKDV_WS_HEAD_DIMS and tuning.TRITON_VERSION in DKDV_WS_TRITONS
+        and _warp_specialize_ready(q, dout, dq_acc, k, v),
         regime=regime, reset=dq_acc.zero_ if not deterministic else None,
     )  # fmt: skip
     if deterministic:
         DQ.launch(
             _query_tiles(T, batch, H),
-            q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu,
+            q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu, kcu,
             softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
             *_rows(q, k, v, tk, tv, dout, dq_acc),
             HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
