@@ -298,7 +298,8 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
             if HAS_TEXT:
                 t_len = gl.load(TCU + b + 1) - gl.load(TCU + b)
                 o_t = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-                lse_t = gl.zeros([ROWS], gl.float32, layout=orow_layout)
+                # -inf marks rows without text for the Triton backward, which then applies no gate there.
+                lse_t = gl.full([ROWS], float("-inf"), gl.float32, layout=orow_layout)
                 if t_len > 0:
                     acc_t, m_t, l_t, it, turn = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns,
                                                               turn, t_len, text_qk_scale, it, c, ROWS, BLOCK_N,
@@ -316,7 +317,9 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
             out = acc / gl.expand_dims(l_i, 1)
             gl.store(LSE + lse_offs, (m_i + gl.log2(l_i)) * LN2, mask=row_ok)
             if HAS_TEXT:
-                out = out + gl.load(TGATE + h) * gl.load(OTEXT + o_offs, mask=o_mask, other=0.0).to(gl.float32)
+                # Nothing is added for a sample without text, whatever the gate (NaN * 0 would be NaN).
+                gate = gl.where(t_len > 0, gl.load(TGATE + h), 0.0)
+                out = out + gate * gl.load(OTEXT + o_offs, mask=o_mask, other=0.0).to(gl.float32)
             gl.store(OUT + o_offs, out.to(dtype), mask=o_mask)
             n_done += 1
 
@@ -494,6 +497,8 @@ def offer(tuned, grid, args: tuple, consts: dict, regime: dict, offered: list, r
     (attention_candidates.choose: verified against the Triton kernel on these inputs first); True if it ran."""
     from . import _helpers, attention_candidates
 
+    if "seq_k" in regime:  # cross-attention (keys packed by their own offsets): not implemented here
+        return False
     a = dict(zip(tuned.fn.arg_names, args))
     has_text = bool(consts["HAS_TEXT"])
     q, k, v, tk, tv = a["Q"], a["K"], a["V"], a["TK"], a["TV"]
