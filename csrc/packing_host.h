@@ -42,11 +42,12 @@ inline void check_latents(const char* op, at::TensorList latents, int64_t p, at:
   }
 }
 
-// The tile of a tile-major order: empty (raster order) or three positive sizes (frames, rows, columns).
+// The tile of a tile-major order: empty or three zeros (raster order) or three positive sizes (frames, rows,
+// columns).
 inline TileShape check_tile(const char* op, at::IntArrayRef tile) {
-  if (tile.empty()) return TileShape{};
+  if (tile.empty() || (tile.size() == 3 && tile[0] == 0 && tile[1] == 0 && tile[2] == 0)) return TileShape{};
   TORCH_CHECK(tile.size() == 3 && tile[0] >= 1 && tile[1] >= 1 && tile[2] >= 1, op,
-              ": tile must be empty (raster order) or (frames, rows, columns) of positive sizes, got ", tile);
+              ": tile must be empty or zeros (raster order) or (frames, rows, columns) of positive sizes, got ", tile);
   TileShape t;
   t.t = tile[0];
   t.h = tile[1];

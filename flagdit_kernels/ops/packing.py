@@ -173,7 +173,9 @@ def _check_packed(packed: object) -> None:
 
 @dataclass(frozen=True)
 class _Kernels:
-    # Each takes the token order's tile last: [] raster, [tt, th, tw] tile-major.
+    # Each takes the token order's tile last: [0, 0, 0] raster, [tt, th, tw] tile-major. Never the empty list the
+    # schemas also take as raster: torch.library wants an empty list's "gradient" as [] from a direct call but as
+    # None from a graph torch.compile traced, while a list of ints is None in both.
     # (latents, patch_size, nextline, nextframe, channels_last, tile)
     #   -> (patches, positions, kind, patch_rows, cu_seqlens)
     pack_layout: Callable
@@ -196,6 +198,9 @@ def _packed_len(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe
         tokens += item_tokens(s, p, nextline, nextframe)
         patches += f * (h // p) * (w // p)
     return tokens, patches
+
+
+RASTER = (0, 0, 0)  # the compiled ops' tile for raster order (see _Kernels)
 
 
 def _pack_setup(ctx, latents, patch_size, nextline, nextframe, channels_last, tile) -> None:
@@ -255,22 +260,18 @@ def _register_compile_path(ops: _Kernels) -> None:
     def pack_setup(ctx, inputs, output):
         _pack_setup(ctx, *inputs[:5], inputs[-1])
 
-    # The "gradient" of the tile argument: torch.library matches an empty list input to an empty list, any other
-    # list of ints to None.
-    no_grad = lambda tile: [] if len(tile) == 0 else None
-
     def pack_layout_backward(ctx, grad, *_int_grads):
-        return _pack_grads(ctx, grad, ops.unpack), None, None, None, None, no_grad(ctx.tile)
+        return _pack_grads(ctx, grad, ops.unpack), None, None, None, None, None
 
     def pack_rows_backward(ctx, grad):
-        return _pack_grads(ctx, grad, ops.unpack), None, None, None, None, None, no_grad(ctx.tile)
+        return _pack_grads(ctx, grad, ops.unpack), None, None, None, None, None, None
 
     def unpack_setup(ctx, inputs, output):
         tokens, _, patch_size, _, nextline, nextframe, channels_last, tile = inputs
         _unpack_setup(ctx, tokens, output, patch_size, nextline, nextframe, channels_last, tile)
 
     def unpack_backward(ctx, grads):
-        return _unpack_grad(ctx, grads, ops.pack_rows), None, None, None, None, None, None, no_grad(ctx.tile)
+        return _unpack_grad(ctx, grads, ops.pack_rows), None, None, None, None, None, None, None
 
     lib.register_autograd(ops.pack_layout, pack_layout_backward, setup_context=pack_setup)
     lib.register_autograd(ops.pack_rows, pack_rows_backward, setup_context=pack_setup)
@@ -326,7 +327,7 @@ def _backend(eager: _Kernels, compiled: _Kernels) -> tuple[Callable, Callable]:
     (under the autograd Functions when a gradient is recorded)."""
 
     def pack_impl(latents, patch_size, nextline, nextframe, channels_last, tile=None) -> Packed:
-        flags = (patch_size, nextline, nextframe, channels_last, list(tile or ()))
+        flags = (patch_size, nextline, nextframe, channels_last, list(tile or RASTER))
         if torch.compiler.is_compiling():
             out = compiled.pack_layout(latents, *flags)
         elif _needs_grad(latents):
@@ -344,7 +345,7 @@ def _backend(eager: _Kernels, compiled: _Kernels) -> tuple[Callable, Callable]:
 
     def unpack_impl(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
         args = (tokens, _item_shapes(packed.shapes), packed.patch_size, out_channels, packed.nextline,
-                packed.nextframe, channels_last, list(packed.tile or ()))  # fmt: skip
+                packed.nextframe, channels_last, list(packed.tile or RASTER))  # fmt: skip
         if torch.compiler.is_compiling():
             return list(compiled.unpack(*args))
         if _needs_grad([tokens]):

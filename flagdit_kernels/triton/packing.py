@@ -434,11 +434,13 @@ def _check_tiling(fhw, patch_size: int) -> None:
 
 
 def _check_tile(tile) -> tuple[int, int, int]:
-    """The token order's tile: empty (raster order, returned as zeros) or three positive patch counts."""
-    if len(tile) == 0:
+    """The token order's tile: empty or zeros (raster order, returned as zeros) or three positive patch counts."""
+    if len(tile) == 0 or tuple(tile) == (0, 0, 0):
         return (0, 0, 0)
     if len(tile) != 3 or any(int(t) < 1 for t in tile):
-        raise ValueError(f"tile must be empty (raster order) or (frames, rows, cols) of positive sizes, got {tile}")
+        raise ValueError(
+            f"tile must be empty or zeros (raster order) or (frames, rows, cols) of positive sizes, got {tile}"
+        )
     return tuple(int(t) for t in tile)
 
 
