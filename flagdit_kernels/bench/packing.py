@@ -47,10 +47,6 @@ def large_shapes(quick: bool) -> list[tuple[int, ...]]:
     return [(CHANNELS, 256, 256)] * 64 + [(CHANNELS, 128, 192)] * 16 + [(CHANNELS, 9, 128, 128)] * 8
 
 
-def mixed_batch(quick: bool, device, dtype) -> list[torch.Tensor]:
-    return [torch.randn(s, device=device, dtype=dtype) for s in mixed_shapes(quick)]
-
-
 def python_loop_pack(latents, p):
     """The baseline: Lumina-T2X style patchify + [nextline] zeros + cat, one item at a time."""
     rows = []
