@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from .._conventions import frames_hw
 from ..ops import embed as embed_ops
-from ..reference.packing import frames_hw
 from .cases import Case, backend_impls, forward_backward
 
 P = 2

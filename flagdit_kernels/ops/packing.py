@@ -24,9 +24,10 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
+from .._conventions import frames_hw, item_shapes
 from .._extension import extension, extension_missing
 from .._validation import check_int, check_same_dtype, check_tensor, values_checked
-from ..reference.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, frames_hw, item_tokens
+from ..reference.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, item_tokens
 
 __all__ = ["NEXTFRAME", "NEXTLINE", "PATCH", "Packed", "pack", "unpack"]
 
@@ -163,11 +164,6 @@ class _Kernels:
     unpack: Callable
 
 
-def _item_shapes(shapes: list[tuple[int, ...]]) -> list[int]:
-    """(ndim, F, H, W) per item, flattened, as the unpack launchers take them."""
-    return [v for s in shapes for v in (len(s), *frames_hw(s))]
-
-
 def _packed_len(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe: bool) -> tuple[int, int]:
     """(tokens, patch tokens) of a batch of latent shapes."""
     tokens = patches = 0
@@ -179,7 +175,7 @@ def _packed_len(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe
 
 
 def _pack_setup(ctx, latents, patch_size, nextline, nextframe, channels_last) -> None:
-    ctx.item_shapes = _item_shapes([tuple(x.shape) for x in latents])
+    ctx.item_shapes = item_shapes([tuple(x.shape) for x in latents])
     ctx.flags = (patch_size, nextline, nextframe, channels_last)
 
 
@@ -310,7 +306,7 @@ def _backend(eager: _Kernels, compiled: _Kernels) -> tuple[Callable, Callable]:
         )
 
     def unpack_impl(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
-        args = (tokens, _item_shapes(packed.shapes), packed.patch_size, out_channels, packed.nextline,
+        args = (tokens, item_shapes(packed.shapes), packed.patch_size, out_channels, packed.nextline,
                 packed.nextframe, channels_last)  # fmt: skip
         if torch.compiler.is_compiling():
             return list(compiled.unpack(*args))
