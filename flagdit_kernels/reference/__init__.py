@@ -4,6 +4,7 @@ These functions assume validated inputs; the public wrappers in ``flagdit_kernel
 """
 
 from .attention import proportional_scale, varlen_attention
+from .embed import embed_packed
 from .norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
 from .packing import Packed, pack, token_layout, unpack
 from .rope import apply_rope, qk_norm_rope, rope_freqs
@@ -11,6 +12,7 @@ from .rope import apply_rope, qk_norm_rope, rope_freqs
 __all__ = [
     "Packed",
     "apply_rope",
+    "embed_packed",
     "gated_residual_rms_norm",
     "pack",
     "proportional_scale",
