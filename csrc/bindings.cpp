@@ -4,19 +4,20 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(flagdit_kernels, m) {
-  // Packs latents (C, [F,] H, W) into (total_tokens, C*p*p) token rows; zeros at placeholder rows.
+  // Packs latents (C, [F,] H, W) into (total_tokens, C*p*p) token rows; zeros at placeholder rows. Every op
+  // takes the token order's tile (csrc/token_layout.h): [] raster, [t, h, w] tile-major.
   m.def(
       "pack_patches(Tensor[] latents, int patch_size, bool nextline, bool nextframe, bool channels_last, "
-      "SymInt total_tokens) -> Tensor");
+      "SymInt total_tokens, int[] tile=[]) -> Tensor");
   // pack_patches plus the token layout from the same pass: (patches, positions int32 (T, 3), kind int8 (T,),
   // patch_rows int64 (N,), cu_seqlens int32 (B+1,)). fk.pack uses it on the compiled backends.
   m.def(
-      "pack_patches_layout(Tensor[] latents, int patch_size, bool nextline, bool nextframe, bool channels_last) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "pack_patches_layout(Tensor[] latents, int patch_size, bool nextline, bool nextframe, bool channels_last, "
+      "int[] tile=[]) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Reads token rows (T, C*p*p) back into latents; item_shapes holds (ndim, F, H, W) per item.
   m.def(
       "unpack_patches(Tensor tokens, int[] item_shapes, int patch_size, int channels, bool nextline, "
-      "bool nextframe, bool channels_last) -> Tensor[]");
+      "bool nextframe, bool channels_last, int[] tile=[]) -> Tensor[]");
 }
 
 namespace {

@@ -20,11 +20,12 @@ struct Batch {
   std::vector<int64_t> starts;  // first packed token of each item, plus the total at the end
 };
 
-Batch make_batch(const std::vector<std::vector<int64_t>>& fhw, int64_t p, bool nextline, bool nextframe) {
+Batch make_batch(const std::vector<std::vector<int64_t>>& fhw, int64_t p, bool nextline, bool nextframe,
+                 TileShape tile) {
   Batch b;
   b.starts.push_back(0);
   for (const auto& s : fhw) {
-    b.items.push_back(ItemGeometry::make(s[0], s[1], s[2], p, nextline, nextframe));
+    b.items.push_back(ItemGeometry::make(s[0], s[1], s[2], p, nextline, nextframe, tile));
     b.starts.push_back(b.starts.back() + b.items.back().tokens);
   }
   return b;
@@ -39,12 +40,13 @@ constexpr int64_t kGrain = 64;
 // Packs the latents into (total, C*p*p) rows; with `layout` also writes positions, kind, patch_rows and
 // cu_seqlens from the same pass over the tokens.
 std::vector<at::Tensor> pack_cpu(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
-                                 std::optional<int64_t> total_tokens, bool layout) {
+                                 std::optional<int64_t> total_tokens, bool layout, at::IntArrayRef tile) {
   check_latents("pack_patches (cpu)", latents, p, at::kCPU);
+  const TileShape tiling = check_tile("pack_patches (cpu)", tile);
   const int64_t channels = latents[0].size(0);
   std::vector<std::vector<int64_t>> fhw;
   for (const auto& x : latents) fhw.push_back(latent_fhw(x));
-  const Batch batch = make_batch(fhw, p, nextline, nextframe);
+  const Batch batch = make_batch(fhw, p, nextline, nextframe, tiling);
   const int64_t total = batch.starts.back();
   TORCH_CHECK(!total_tokens || *total_tokens == total, "pack_patches: total_tokens disagrees with the shapes");
   const int64_t width = channels * p * p;
@@ -105,23 +107,25 @@ std::vector<at::Tensor> pack_cpu(at::TensorList latents, int64_t p, bool nextlin
 }
 
 at::Tensor pack_patches_cpu(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
-                            int64_t total_tokens) {
-  return pack_cpu(latents, p, nextline, nextframe, channels_last, total_tokens, false)[0];
+                            int64_t total_tokens, at::IntArrayRef tile) {
+  return pack_cpu(latents, p, nextline, nextframe, channels_last, total_tokens, false, tile)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_patches_layout_cpu(
-    at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last) {
-  auto r = pack_cpu(latents, p, nextline, nextframe, channels_last, std::nullopt, true);
+    at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last, at::IntArrayRef tile) {
+  auto r = pack_cpu(latents, p, nextline, nextframe, channels_last, std::nullopt, true, tile);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
 std::vector<at::Tensor> unpack_patches_cpu(const at::Tensor& tokens, at::IntArrayRef item_shapes, int64_t p,
-                                           int64_t channels, bool nextline, bool nextframe, bool channels_last) {
+                                           int64_t channels, bool nextline, bool nextframe, bool channels_last,
+                                           at::IntArrayRef tile) {
   check_unpack_args("unpack_patches (cpu)", tokens, item_shapes, p, channels, at::kCPU);
+  const TileShape tiling = check_tile("unpack_patches (cpu)", tile);
   std::vector<at::Tensor> outs = unpack_outputs(item_shapes, channels, tokens.options());
   std::vector<std::vector<int64_t>> fhw;
   for (const auto& o : outs) fhw.push_back(latent_fhw(o));
-  const Batch batch = make_batch(fhw, p, nextline, nextframe);
+  const Batch batch = make_batch(fhw, p, nextline, nextframe, tiling);
   TORCH_CHECK(batch.starts.back() == tokens.size(0), "unpack_patches: tokens.shape[0] disagrees with the shapes");
   const int64_t row_stride = tokens.stride(0), col_stride = tokens.stride(1);
 

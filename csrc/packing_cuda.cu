@@ -52,7 +52,7 @@ struct Batch {
 
 // The batch of `tensors` (latents for pack, freshly allocated outputs for unpack).
 Batch make_batch(const std::vector<at::Tensor>& tensors, int64_t p, bool nextline, bool nextframe,
-                 int64_t channels) {
+                 TileShape tile, int64_t channels) {
   std::vector<int64_t> fhw, strides, addrs;
   for (const at::Tensor& x : tensors) {
     const auto dims = latent_fhw(x);
@@ -64,7 +64,7 @@ Batch make_batch(const std::vector<at::Tensor>& tensors, int64_t p, bool nextlin
   Batch b{};
   const auto [max_rows, max_cols] = max_patch_grid(fhw, p);
   b.tiling = make_tiling(channels, p, max_rows, max_cols);
-  b.items = make_items(fhw, strides, addrs, p, nextline, nextframe, b.tiling, &b.total, &b.patches, &b.segments);
+  b.items = make_items(fhw, strides, addrs, p, nextline, nextframe, tile, b.tiling, &b.total, &b.patches, &b.segments);
   return b;
 }
 
@@ -88,14 +88,16 @@ void check_tile_fits(const char* op, int64_t p) {
 }
 
 std::vector<at::Tensor> pack_impl(at::TensorList latents, int64_t p, bool nextline, bool nextframe,
-                                  bool channels_last, std::optional<int64_t> expect_tokens, bool layout) {
+                                  bool channels_last, std::optional<int64_t> expect_tokens, bool layout,
+                                  at::IntArrayRef tile) {
   check_latents("pack_patches (cuda)", latents, p, at::kCUDA);
+  const TileShape tiling = check_tile("pack_patches (cuda)", tile);
   check_tile_fits("pack_patches (cuda)", p);
   const at::Tensor& x0 = latents[0];
   c10::DeviceGuard guard(x0.device());
   const int64_t channels = x0.size(0), n_items = static_cast<int64_t>(latents.size());
   const Batch batch = make_batch(std::vector<at::Tensor>(latents.begin(), latents.end()), p, nextline, nextframe,
-                                 channels);
+                                 tiling, channels);
   if (expect_tokens) {
     TORCH_CHECK(batch.total == *expect_tokens, "pack_patches: total_tokens disagrees with the shapes");
   }
@@ -133,23 +135,25 @@ std::vector<at::Tensor> pack_impl(at::TensorList latents, int64_t p, bool nextli
 }
 
 at::Tensor pack_patches_cuda(at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last,
-                             int64_t total_tokens) {
-  return pack_impl(latents, p, nextline, nextframe, channels_last, total_tokens, false)[0];
+                             int64_t total_tokens, at::IntArrayRef tile) {
+  return pack_impl(latents, p, nextline, nextframe, channels_last, total_tokens, false, tile)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_patches_layout_cuda(
-    at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last) {
-  auto r = pack_impl(latents, p, nextline, nextframe, channels_last, std::nullopt, true);
+    at::TensorList latents, int64_t p, bool nextline, bool nextframe, bool channels_last, at::IntArrayRef tile) {
+  auto r = pack_impl(latents, p, nextline, nextframe, channels_last, std::nullopt, true, tile);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
 std::vector<at::Tensor> unpack_patches_cuda(const at::Tensor& tokens, at::IntArrayRef item_shapes, int64_t p,
-                                            int64_t channels, bool nextline, bool nextframe, bool channels_last) {
+                                            int64_t channels, bool nextline, bool nextframe, bool channels_last,
+                                            at::IntArrayRef tile) {
   check_unpack_args("unpack_patches (cuda)", tokens, item_shapes, p, channels, at::kCUDA);
+  const TileShape tiling = check_tile("unpack_patches (cuda)", tile);
   check_tile_fits("unpack_patches (cuda)", p);
   c10::DeviceGuard guard(tokens.device());
   std::vector<at::Tensor> outs = unpack_outputs(item_shapes, channels, tokens.options());
-  const Batch batch = make_batch(outs, p, nextline, nextframe, channels);
+  const Batch batch = make_batch(outs, p, nextline, nextframe, tiling, channels);
   TORCH_CHECK(batch.total == tokens.size(0), "unpack_patches: tokens.shape[0] disagrees with the shapes");
   if (batch.total == 0) return outs;
   const int vec = vector_words(batch.items, tokens.element_size(), p, channels, batch.tiling, channels_last,

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "token_layout.h"
+
 namespace flagdit {
 
 // Argument checks, run by every compiled pack/unpack whatever calls it (the public ops validate first, but
@@ -38,6 +40,18 @@ inline void check_latents(const char* op, at::TensorList latents, int64_t p, at:
     const int64_t f = x.dim() == 4 ? x.size(1) : 1;
     check_item(op, "latents", static_cast<int64_t>(i), f, x.size(-2), x.size(-1), p);
   }
+}
+
+// The tile of a tile-major order: empty (raster order) or three positive sizes (frames, rows, columns).
+inline TileShape check_tile(const char* op, at::IntArrayRef tile) {
+  if (tile.empty()) return TileShape{};
+  TORCH_CHECK(tile.size() == 3 && tile[0] >= 1 && tile[1] >= 1 && tile[2] >= 1, op,
+              ": tile must be empty (raster order) or (frames, rows, columns) of positive sizes, got ", tile);
+  TileShape t;
+  t.t = tile[0];
+  t.h = tile[1];
+  t.w = tile[2];
+  return t;
 }
 
 // tokens (T, channels * p * p) floating on `device`; item_shapes (ndim, F, H, W) per item, each a latent shape

@@ -72,7 +72,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // first segment and first patch. Sets the batch's token, patch and segment counts.
 inline std::vector<ItemDesc> make_items(const std::vector<int64_t>& fhw, const std::vector<int64_t>& strides,
                                         const std::vector<int64_t>& addrs, int64_t p, bool nextline, bool nextframe,
-                                        const Tiling& tiling, int64_t* total, int64_t* patches, int64_t* segments) {
+                                        TileShape tile, const Tiling& tiling, int64_t* total, int64_t* patches, int64_t* segments) {
   std::vector<ItemDesc> items(addrs.size());
   int64_t start = 0, n_patches = 0, n_segments = 0;
   for (size_t i = 0; i < items.size(); ++i) {
@@ -85,7 +85,7 @@ inline std::vector<ItemDesc> make_items(const std::vector<int64_t>& fhw, const s
     d.sf = strides[4 * i + 1];
     d.sh = strides[4 * i + 2];
     d.sw = strides[4 * i + 3];
-    d.g = ItemGeometry::make(fhw[3 * i], fhw[3 * i + 1], fhw[3 * i + 2], p, nextline, nextframe);
+    d.g = ItemGeometry::make(fhw[3 * i], fhw[3 * i + 1], fhw[3 * i + 2], p, nextline, nextframe, tile);
     start += d.g.tokens;
     n_patches += d.g.frames * d.g.patch_rows * d.g.patch_cols;
     n_segments += d.g.frames * ceil_div(d.g.patch_rows, tiling.rows) * ceil_div(d.g.patch_cols, tiling.cols);

@@ -15,8 +15,9 @@ from ._layout import VarlenLayout
 from .ops.attention import proportional_scale, varlen_attention
 from .ops.embed import embed_packed
 from .ops.norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
-from .ops.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, pack, unpack
+from .ops.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, TileLayout, pack, unpack
 from .ops.rope import apply_rope, qk_norm_rope, rope_freqs
+from .ops.tile_sparsity import TileBlocks, TileSparsity, tile_sparse_attention, tile_sparse_blocks
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,9 @@ __all__ = [
     "NEXTLINE",
     "PATCH",
     "Packed",
+    "TileBlocks",
+    "TileLayout",
+    "TileSparsity",
     "VarlenLayout",
     "apply_rope",
     "available_backends",
@@ -40,6 +44,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_modulate",
     "rope_freqs",
+    "tile_sparse_attention",
+    "tile_sparse_blocks",
     "unpack",
     "varlen_attention",
 ]

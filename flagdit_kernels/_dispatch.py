@@ -48,6 +48,11 @@ TRITON = {
     "devices": ("cuda",),
     "missing": lambda: "" if TRITON_INSTALLED else "triton is not installed",
 }
+# The dtypes a kernel that computes in fp32 takes: every Triton kernel that computes (rather than copies) and
+# the CUDA C++ rms_norm. float64 inputs go to the backends that compute in float64 (reference, the C++ CPU
+# rms_norm) by default; naming such a kernel's backend for them is a ValueError that says which dtypes it takes.
+# Copy-only kernels (pack / unpack, the embedding's placeholder rows after a float64 GEMM) take any dtype.
+FP32_MATH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)

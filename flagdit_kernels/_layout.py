@@ -6,8 +6,13 @@ A model packs a batch once and then calls a dozen ops per block on the same toke
 when it is built and ops that receive it (wherever ``cu_seqlens=`` / ``text_cu_seqlens=`` is accepted) only
 compare its token count with their inputs'. Raw tensors keep working as before.
 
-It is a plain value type: its fields are the whole state, so a sequence-parallel runner can build a per-rank
-variant (a slice of the tokens with the global offsets) with ``dataclasses.replace``.
+It is a plain value type whose fields must agree, and every way of building one checks that they do:
+``__post_init__`` runs for the constructor, :meth:`VarlenLayout.from_cu_seqlens` and ``dataclasses.replace``
+alike (dtypes, shapes and devices always; values where values are checked, as for raw offsets: offsets from 0,
+non-decreasing, ending at the token count, ``sample_index`` what the offsets give each token, ``max_seqlen``
+covering the longest sequence). Kernels never read ``sample_index``: every backend finds a token's sample
+from ``cu_seqlens`` itself, so a layout whose values went unchecked (GPU tensors without
+``FLAGDIT_KERNELS_VALIDATE``) still gives the same result on every backend.
 """
 
 from __future__ import annotations
@@ -17,6 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import check_cu_seqlens, check_max_seqlen, check_tensor, values_checked
+
+
+def _sample_index(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The sample of every token of valid offsets (int64 on the offsets' device, no host sync)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    samples = torch.arange(lengths.shape[0], device=cu_seqlens.device)
+    return torch.repeat_interleave(samples, lengths, output_size=num_tokens)
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,28 @@ class VarlenLayout:
     max_seqlen: int
     sample_index: torch.Tensor
     positions: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        """Checks that the fields agree (see the module docstring); ``dataclasses.replace`` runs it too."""
+        check_tensor("cu_seqlens", self.cu_seqlens, ndim=1, dtypes=(torch.int32,))
+        device = self.cu_seqlens.device
+        check_tensor("sample_index", self.sample_index, ndim=1, dtypes=(torch.int64,), device=device)
+        num_tokens = self.sample_index.shape[0]
+        sync = values_checked(device)
+        tokens_name = "the token count (sample_index.shape[0])"
+        check_cu_seqlens("cu_seqlens", self.cu_seqlens, num_tokens, device, total_name=tokens_name, sync=sync)
+        check_max_seqlen("max_seqlen", self.max_seqlen, self.cu_seqlens, sync=sync)
+        if self.positions is not None:
+            check_tensor("positions", self.positions, ndim=2, dtypes=None, device=device)
+            if self.positions.shape[0] != num_tokens:
+                raise ValueError(
+                    f"positions must have one row per token ({num_tokens}), got {tuple(self.positions.shape)}"
+                )
+        if sync and not torch.equal(self.sample_index, _sample_index(self.cu_seqlens, num_tokens)):
+            raise ValueError(
+                "sample_index must hold the sample cu_seqlens gives each token (build layouts with "
+                "VarlenLayout.from_cu_seqlens, or replace cu_seqlens and sample_index together)"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -56,22 +90,16 @@ class VarlenLayout:
         Offset values are checked as ``fk.varlen_attention`` checks them (CPU tensors, or
         ``FLAGDIT_KERNELS_VALIDATE=1``).
         """
-        if not isinstance(num_tokens, int) or num_tokens < 0:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__} {num_tokens!r}")
+        if num_tokens < 0:
             raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
         device = cu_seqlens.device
         check_cu_seqlens("cu_seqlens", cu_seqlens, num_tokens, device, total_name="num_tokens")
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if max_seqlen is None:
-            max_seqlen = int(lengths.max())
-        check_max_seqlen("max_seqlen", max_seqlen, cu_seqlens, sync=values_checked(device))
-        if positions is not None:
-            check_tensor("positions", positions, ndim=2, dtypes=None, device=device)
-            if positions.shape[0] != num_tokens:
-                raise ValueError(f"positions must have one row per token ({num_tokens}), got {tuple(positions.shape)}")
-        samples = torch.arange(lengths.shape[0], device=device)
-        sample_index = torch.repeat_interleave(samples, lengths.long(), output_size=num_tokens)
-        return cls(cu_seqlens, max_seqlen, sample_index, positions)
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return cls(cu_seqlens, max_seqlen, _sample_index(cu_seqlens, num_tokens), positions)
 
 
 def check_layout(name: str, layout: VarlenLayout, num_tokens: int, tokens_name: str, device: torch.device) -> None:

@@ -2,19 +2,29 @@
 
 Checks of Python values, shapes, dtypes and devices always run (they cost no device work). Checks that read
 tensor values copy them to the host, so they run where that is free: CPU tensors in eager mode, or any device
-with ``FLAGDIT_KERNELS_VALIDATE=1`` (see :func:`values_checked`); the kernels stay in bounds without them.
+with ``FLAGDIT_KERNELS_VALIDATE=1`` (or true/yes/on; see :func:`values_checked`); the kernels stay in bounds
+without them.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from itertools import pairwise
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The largest offset an int32 ``cu_seqlens`` holds, so the longest sequence one can describe. Integers beyond it
+# (``max_seqlen``) are refused here rather than reaching a custom op's int64 argument or a kernel's grid.
+MAX_INT32 = 2**31 - 1
+
+VALIDATE_VAR = "FLAGDIT_KERNELS_VALIDATE"
+_VALIDATE_ON = ("1", "true", "yes", "on")
+_VALIDATE_OFF = ("", "0", "false", "no", "off")
+_warned_validate: set[str] = set()
 
 
 def check_tensor(
@@ -43,11 +53,14 @@ def check_tensor(
     return t
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
-    """An int >= ``minimum``. A bool is not an int here: ``True`` standing for 1 hides a mistake."""
+def check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """An int >= ``minimum`` (and <= ``maximum`` when given). A bool is not an int here: ``True`` standing for 1
+    hides a mistake."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         want = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {want}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
     return value
 
 
@@ -80,11 +93,30 @@ def check_same_dtype(name: str, t: torch.Tensor, other: str, like: torch.Tensor)
         raise TypeError(f"{name} has dtype {t.dtype} but {other} has {like.dtype}; they must match")
 
 
+def validate_requested() -> bool:
+    """``FLAGDIT_KERNELS_VALIDATE`` read as a switch: ``1``/``true``/``yes``/``on`` (any case) turn the value
+    checks on for every device; unset, empty, ``0``/``false``/``no``/``off`` leave them off; anything else
+    leaves them off and warns once per value, naming the variable and the accepted spellings."""
+    raw = os.environ.get(VALIDATE_VAR, "")
+    value = raw.strip().lower()
+    if value in _VALIDATE_ON:
+        return True
+    if value not in _VALIDATE_OFF and raw not in _warned_validate:
+        _warned_validate.add(raw)
+        warnings.warn(
+            f"{VALIDATE_VAR}={raw!r} is not understood; use one of {'/'.join(_VALIDATE_ON)} to turn value checks "
+            f"on or {'/'.join(v for v in _VALIDATE_OFF if v)} (or leave it unset) to keep them off; they stay off",
+            stacklevel=3,
+        )
+    return False
+
+
 def values_checked(device: torch.device) -> bool:
     """Whether checks that read tensor values on the host run for tensors on ``device`` (see check_cu_seqlens)."""
     if torch.compiler.is_compiling():
         return False
-    return device.type == "cpu" or os.environ.get("FLAGDIT_KERNELS_VALIDATE") == "1"
+    requested = validate_requested()  # read on every device, so that a misspelt value warns wherever it is set
+    return device.type == "cpu" or requested
 
 
 def check_cu_seqlens(
@@ -120,9 +152,10 @@ def check_cu_seqlens(
 
 
 def check_max_seqlen(name: str, max_seqlen: object, cu_seqlens: torch.Tensor, *, sync: bool) -> int:
-    """A non-negative int; with ``sync`` (see :func:`values_checked`) also at least the longest sequence, since
-    kernels launch ``cdiv(max_seqlen, BLOCK)`` blocks per sequence and a smaller value would drop tokens."""
-    check_int(name, max_seqlen, 0)
+    """A non-negative int no larger than an int32 offset can describe (:data:`MAX_INT32`); with ``sync`` (see
+    :func:`values_checked`) also at least the longest sequence, since kernels launch ``cdiv(max_seqlen, BLOCK)``
+    blocks per sequence and a smaller value would drop tokens."""
+    check_int(name, max_seqlen, 0, MAX_INT32)
     if sync and cu_seqlens.numel() > 1:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if max_seqlen < longest:

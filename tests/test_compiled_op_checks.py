@@ -106,6 +106,18 @@ PACKING_CASES = {
         "expect_error(lambda: ops.pack_patches([torch.randn(3, 4, 4, device=dev)], 2, True, True, False, 99), "
         "'total_tokens')"
     ),
+    "pack_zero_tile": (
+        "expect_error(lambda: ops.pack_patches_layout([torch.randn(3, 4, 4, device=dev)], 2, True, True, False, "
+        "[1, 0, 1]), 'tile')"
+    ),
+    "pack_short_tile": (
+        "expect_error(lambda: ops.pack_patches([torch.randn(3, 4, 4, device=dev)], 2, True, True, False, 6, [2, 2]), "
+        "'tile')"
+    ),
+    "unpack_negative_tile": (
+        "expect_error(lambda: ops.unpack_patches(torch.randn(6, 12, device=dev), [3, 1, 4, 4], 2, 3, True, True, "
+        "True, [1, -2, 1]), 'tile')"
+    ),
 }
 
 

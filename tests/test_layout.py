@@ -26,9 +26,10 @@ def test_layout_holds_the_sample_of_every_token():
     want = torch.repeat_interleave(torch.arange(4, device=DEVICE), torch.tensor(LENGTHS, device=DEVICE))
     assert torch.equal(layout.sample_index, want)
     assert layout.positions is None
-    # A plain value type: a per-rank variant is a dataclasses.replace away.
-    half = dataclasses.replace(layout, sample_index=layout.sample_index[:7])
-    assert half.num_tokens == 7 and half.cu_seqlens is cu
+    # A value type whose fields must agree: replacing fields together that still agree is fine.
+    cu7 = _offsets([5, 0, 2])
+    half = dataclasses.replace(layout, cu_seqlens=cu7, sample_index=layout.sample_index[:7], max_seqlen=5)
+    assert half.num_tokens == 7 and half.num_seqs == 3 and half.cu_seqlens is cu7
 
 
 @pytest.mark.parametrize(
@@ -40,13 +41,60 @@ def test_layout_holds_the_sample_of_every_token():
         ({"max_seqlen": 8}, ValueError, r"max_seqlen \(8\) is smaller than the longest sequence \(9\)"),
         ({"max_seqlen": -1}, ValueError, "max_seqlen must be a non-negative int"),
         ({"positions": torch.zeros(14, 3, dtype=torch.int32)}, ValueError, "positions must have one row per token"),
-        ({"num_tokens": 15.0}, ValueError, "num_tokens must be a non-negative int"),
+        ({"num_tokens": 15.0}, TypeError, "num_tokens must be an int, got float"),
+        ({"num_tokens": -1}, ValueError, "num_tokens must be a non-negative int"),
     ],
 )
 def test_bad_layouts_name_the_argument(kwargs, error, match):
     args = {"cu_seqlens": _offsets(LENGTHS).cpu(), "num_tokens": 15, **kwargs}  # value checks run on CPU tensors
     with pytest.raises(error, match=match):
         fk.VarlenLayout.from_cu_seqlens(**args)
+
+
+STALE = torch.tensor([0] * 5 + [1] * 9 + [3], dtype=torch.int64)  # the sample index of lengths [5, 9, 0, 1]
+HAND_BUILT = {
+    "non-monotonic offsets": ({"cu_seqlens": torch.tensor([0, 5, 12, 3, 15], dtype=torch.int32)}, "non-decreasing"),
+    "offsets ending elsewhere": ({"cu_seqlens": torch.tensor([0, 5, 5, 14, 17], dtype=torch.int32)}, "must equal"),
+    "stale sample_index": ({"sample_index": STALE}, "sample_index must hold the sample cu_seqlens gives each token"),
+    "out-of-range sample_index": ({"sample_index": STALE + 4}, "sample_index must hold the sample"),
+    "sample_index of another length": ({"sample_index": STALE[:12]}, r"cu_seqlens\[-1\] must equal the token count"),
+    "int32 sample_index": ({"sample_index": STALE.int()}, "sample_index must have dtype in \\(int64\\)"),
+    "short max_seqlen": ({"max_seqlen": 3}, r"max_seqlen \(3\) is smaller than the longest sequence \(9\)"),
+    "bool max_seqlen": ({"max_seqlen": True}, "max_seqlen must be a non-negative int"),
+    "huge max_seqlen": ({"max_seqlen": 2**63}, "max_seqlen must be at most"),
+}
+
+
+@pytest.mark.parametrize("case", HAND_BUILT)
+def test_hand_built_layouts_are_checked_like_built_ones(case):
+    """dataclasses.replace and the constructor run the same checks as from_cu_seqlens (values on CPU tensors),
+    so no backend ever sees a layout whose fields disagree; the same error for every way of building one."""
+    fields, match = HAND_BUILT[case]
+    layout = fk.VarlenLayout.from_cu_seqlens(_offsets(LENGTHS).cpu(), 15)
+    with pytest.raises((ValueError, TypeError), match=match):
+        dataclasses.replace(layout, **fields)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fk.VarlenLayout(**{**dataclasses.asdict(layout), **fields})
+
+
+@pytest.mark.parametrize("backend", fk.available_backends("rms_norm_modulate", DEVICE))
+def test_unchecked_layouts_give_every_backend_the_offsets_result(backend, monkeypatch):
+    """Where values go unchecked (GPU tensors without FLAGDIT_KERNELS_VALIDATE), a layout with a stale or
+    out-of-range sample_index still gives every backend the result of its offsets: kernels derive each token's
+    sample from cu_seqlens and never read sample_index."""
+    from flagdit_kernels import _layout
+
+    x, w, scale = _norm_inputs(seed=3)
+    cu = _offsets(LENGTHS)
+    want = fk.rms_norm_modulate(x, w, scale, cu_seqlens=cu, backend="reference")
+    monkeypatch.setattr(_layout, "values_checked", lambda device: False)
+    for bad in (STALE, STALE + 4, torch.zeros(15, dtype=torch.int64)):
+        layout = fk.VarlenLayout(cu, 9, bad.to(DEVICE))
+        out = fk.rms_norm_modulate(x, w, scale, cu_seqlens=layout, backend=backend)
+        assert torch.allclose(out, want, rtol=1e-5, atol=1e-6), backend
+        res = fk.gated_residual_rms_norm(x, out, w, scale, cu_seqlens=layout, backend=backend)
+        assert torch.allclose(res, fk.gated_residual_rms_norm(x, out, w, scale, cu_seqlens=cu, backend="reference"),
+                              rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 def _norm_inputs(seed=0):

@@ -30,9 +30,9 @@ def _i64(values) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
-def _batch_args(latents, element_size, channels, p, nextline, nextframe, channels_last) -> tuple:
+def _batch_args(latents, element_size, channels, p, nextline, nextframe, channels_last, tile) -> tuple:
     """The arguments emu_pack and emu_unpack share: element size, the latents' item table (count, (F, H, W),
-    (C, F, H, W) strides, addresses), channels, patch size and the layout flags."""
+    (C, F, H, W) strides, addresses), channels, patch size, the layout flags and the tile (None: raster)."""
     fhw = [v for x in latents for v in frames_hw(tuple(x.shape))]
     strides = [v for x in latents for v in (x.stride() if x.dim() == 4 else (x.stride(0), 0, *x.stride()[1:]))]
     return (
@@ -46,10 +46,11 @@ def _batch_args(latents, element_size, channels, p, nextline, nextframe, channel
         int(nextline),
         int(nextframe),
         int(channels_last),
+        _i64(tile or (0, 0, 0)),
     )
 
 
-def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False, vec_used=None):
+def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False, vec_used=None, tile=None):
     x0 = latents[0]
     shapes = [tuple(x.shape) for x in latents]
     total = sum(item_tokens(s, p, nextline, nextframe) for s in shapes)
@@ -62,7 +63,7 @@ def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=
     cu = torch.full((len(latents) + 1,), -7, dtype=torch.int32)
     vec = ctypes.c_int(0)
     got = emu.emu_pack(
-        *_batch_args(latents, x0.element_size(), x0.shape[0], p, nextline, nextframe, channels_last),
+        *_batch_args(latents, x0.element_size(), x0.shape[0], p, nextline, nextframe, channels_last, tile),
         1,
         ctypes.c_void_p(out.data_ptr()),
         ctypes.c_int64(out.stride(0)),
@@ -78,14 +79,16 @@ def emulated_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=
     return out, positions, kind, patch_rows, cu
 
 
-def emulated_unpack(emu, tokens, shapes, p, channels, nextline=True, nextframe=True, channels_last=True, vec_used=None):
+def emulated_unpack(
+    emu, tokens, shapes, p, channels, nextline=True, nextframe=True, channels_last=True, vec_used=None, tile=None
+):
     nan = float("nan")
     outs = [
         torch.full((channels, *s[1:]), nan, dtype=tokens.dtype) for s in shapes
     ]  # contiguous, like the CUDA op's outputs
     vec = ctypes.c_int(0)
     got = emu.emu_unpack(
-        *_batch_args(outs, tokens.element_size(), channels, p, nextline, nextframe, channels_last),
+        *_batch_args(outs, tokens.element_size(), channels, p, nextline, nextframe, channels_last, tile),
         ctypes.c_void_p(tokens.data_ptr()),
         ctypes.c_int64(tokens.stride(0)),
         ctypes.c_int64(tokens.stride(1)),
@@ -97,9 +100,11 @@ def emulated_unpack(emu, tokens, shapes, p, channels, nextline=True, nextframe=T
     return outs
 
 
-def _check_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False, vec_used=None):
-    out, positions, kind, patch_rows, cu = emulated_pack(emu, latents, p, nextline, nextframe, channels_last, vec_used)
-    want = ref.pack([x.contiguous() for x in latents], p, nextline, nextframe, channels_last)
+def _check_pack(emu, latents, p, nextline=True, nextframe=True, channels_last=False, vec_used=None, tile=None):
+    out, positions, kind, patch_rows, cu = emulated_pack(
+        emu, latents, p, nextline, nextframe, channels_last, vec_used, tile
+    )
+    want = ref.pack([x.contiguous() for x in latents], p, nextline, nextframe, channels_last, tile)
     assert torch.equal(out, want.patches)
     assert torch.equal(positions, want.positions)
     assert torch.equal(kind, want.kind)
@@ -117,6 +122,19 @@ def test_emulated_pack_unpack_mixed(emu, nextline, nextframe, channels_last):
     outs = emulated_unpack(emu, tokens, want.shapes, 2, 5, nextline, nextframe, channels_last)
     for o, w in zip(outs, ref.unpack(tokens, want, 5, channels_last)):
         assert torch.equal(o, w)
+
+
+@pytest.mark.parametrize(("nextline", "nextframe"), [(True, True), (False, False), (False, True)])
+@pytest.mark.parametrize("tile", [(1, 1, 1), (2, 3, 2), (4, 16, 16)], ids=str)
+def test_emulated_tile_major_pack_unpack(emu, nextline, nextframe, tile):
+    """Tile-major order (edge tiles partial, a tile bigger than the items): the kernels unchanged, only the
+    token index of each patch and slot differs; vector path included (16 channels, aligned)."""
+    for channels, channels_last in ((C, False), (16, True)):
+        latents = [fresh((channels, *s[1:]), torch.float32, seed=80 + i) for i, s in enumerate(MIXED)]
+        want = _check_pack(emu, latents, 2, nextline, nextframe, channels_last, tile=tile)
+        outs = emulated_unpack(emu, want.patches, want.shapes, 2, channels, nextline, nextframe, channels_last,
+                               tile=tile)  # fmt: skip
+        assert all(torch.equal(o, x) for o, x in zip(outs, latents))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -18,7 +18,7 @@ from compile_subprocess import compiler_unavailable, run_script
 @pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
 def test_packing_kernels_compile_for_sm90():
     out = run_script(__file__)
-    assert out.count("compiled ") == 9, out
+    assert out.count("compiled ") == 11, out
 
 
 def _compile_all() -> None:
@@ -45,24 +45,27 @@ def _compile_all() -> None:
     latents = [torch.empty(s, dtype=torch.bfloat16) for s in shapes]
     fhw = [frames_hw(s) for s in shapes]
     with recording(K, ("pack_kernel", "unpack_kernel")) as rec:
-        patches = K.pack(latents, fhw, 2, True, True, False, with_layout=True)[0]
-        K.pack(latents, fhw, 2, False, True, True, with_layout=False)
-        K.unpack(patches, item_shapes(shapes), 2, 16, True, True, True)
+        patches = K.pack(latents, fhw, 2, True, True, False, [], with_layout=True)[0]
+        K.pack(latents, fhw, 2, False, True, True, [], with_layout=False)
+        K.unpack(patches, item_shapes(shapes), 2, 16, True, True, True, [])
+        # Tile-major order: the same segments, scattered token rows, each still one 16-byte-vector run.
+        K.pack(latents, fhw, 2, True, True, False, [2, 4, 4], with_layout=True)
+        K.unpack(patches, item_shapes(shapes), 2, 16, True, True, True, [2, 4, 4])
     check(rec, aligned_bf16=True)
     # p = 3 and 5 channels, a transposed latent (W stride != 1), fp32: the 4-D gather paths.
     latents = [torch.empty(5, 9, 6).transpose(1, 2), torch.empty(5, 2, 6, 9)]
     shapes = [tuple(x.shape) for x in latents]
     fhw = [frames_hw(s) for s in shapes]
     with recording(K, ("pack_kernel", "unpack_kernel")) as rec:
-        patches = K.pack(latents, fhw, 3, True, False, True, with_layout=True)[0]
-        K.unpack(patches, item_shapes(shapes), 3, 5, True, False, False)
-        K.unpack(torch.empty(45, patches.shape[0]).t(), item_shapes(shapes), 3, 5, True, False, True)
+        patches = K.pack(latents, fhw, 3, True, False, True, [], with_layout=True)[0]
+        K.unpack(patches, item_shapes(shapes), 3, 5, True, False, False, [])
+        K.unpack(torch.empty(45, patches.shape[0]).t(), item_shapes(shapes), 3, 5, True, False, True, [])
     check(rec)
     # Channel blocks (150 channels) and the embedding epilogue.
     latents = [torch.empty(150, 4, 6, dtype=torch.float16)]
     with recording(K, ("pack_kernel", "unpack_kernel")) as rec:
-        patches = K.pack(latents, [(1, 4, 6)], 2, True, True, True, with_layout=False)
-        K.unpack(patches, [3, 1, 4, 6], 2, 150, True, True, True)
+        patches = K.pack(latents, [(1, 4, 6)], 2, True, True, True, [], with_layout=False)
+        K.unpack(patches, [3, 1, 4, 6], 2, 150, True, True, True, [])
     check(rec)
     out = torch.empty(64, 72, dtype=torch.bfloat16)
     with recording(E, ("placeholder_rows_kernel",)) as rec:

@@ -19,6 +19,9 @@ from compile_subprocess import compiler_unavailable, run_script
 def test_norm_kernels_compile_for_sm90():
     out = run_script(__file__)
     assert "compiled 24" in out, out
+    # Packs of 8 and of 4096 samples launch the same kernels with the same constexprs and get the same
+    # binaries: neither the compile time nor the code depends on the number of samples (issue 25, item 4).
+    assert "same binaries for 8 and 4096 samples: 4 launches" in out, out
 
 
 def _compile_all() -> None:
@@ -54,5 +57,29 @@ def _compile_all() -> None:
     print("compiled", len(launches))
 
 
+def _same_binaries_for_any_sample_count() -> None:
+    from flagdit_kernels.tools.recorder import compile_launch, recording
+    from flagdit_kernels.triton import rms_norm as K
+
+    names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
+    d, rows = 2304, 8192
+    per_count = []
+    for samples in (8, 4096):
+        x = torch.empty(rows, d, dtype=torch.bfloat16)
+        p = torch.empty(samples, d, dtype=torch.bfloat16)
+        cu = torch.linspace(0, rows, samples + 1).round().to(torch.int32)
+        with recording(K, names) as launches:
+            _, rstd = K.forward(x, x[0], 1e-5, mode=K.MODE_MODULATE, p1=p, p2=p, cu_seqlens=cu)
+            K.backward(x, x, x[0], rstd, mode=K.MODE_MODULATE, p1=p, p2=p, cu_seqlens=cu)
+        per_count.append([(launch.label, launch.kwargs, compile_launch(launch).asm["cubin"]) for launch in launches])
+    few, many = per_count
+    assert len(few) == len(many), (len(few), len(many))
+    for (label, kwargs, cubin), (label2, kwargs2, cubin2) in zip(few, many):
+        assert (label, kwargs) == (label2, kwargs2), (label, kwargs, label2, kwargs2)
+        assert cubin == cubin2, f"{label}: the binary depends on the number of samples"
+    print(f"same binaries for 8 and 4096 samples: {len(few)} launches")
+
+
 if __name__ == "__main__":
     _compile_all()
+    _same_binaries_for_any_sample_count()

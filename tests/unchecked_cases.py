@@ -66,10 +66,18 @@ def offsets(draw, total: int, max_seqs: int = 4):
 
 
 def norm_sample_index(values: list[int], rows: int) -> torch.Tensor:
-    """The documented sample of every row: the number of offsets ends at or below it, clamped to [0, B)."""
-    ends = torch.tensor(values[1:])
-    counts = (ends[None, :] <= torch.arange(rows)[:, None]).sum(1)
-    return counts.clamp(0, len(values) - 2)
+    """The documented sample of every row (flagdit_kernels/triton/rms_norm.py, Samples), written out: a binary
+    search of the row over the offsets' ends (bisect_right), clamped to [0, B). For valid offsets: the number
+    of ends at or below the row."""
+    ends, b = values[1:], len(values) - 1
+    out = []
+    for row in range(rows):
+        lo, hi = 0, b
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if ends[mid] <= row else (lo, mid)
+        out.append(min(lo, b - 1))
+    return torch.tensor(out)
 
 
 def repaired(values: list[int], total: int) -> list[int]:
@@ -94,9 +102,9 @@ def test_norms_read_each_row_s_sample_from_any_offsets(cu, op):
     offs = _offsets(values, strided, g["x"].device)
     with poisoned_allocations():
         if op == "rms_norm_modulate":
-            y = _triton(op, g["x"])(g["x"], g["w"], g["p"], g["p"], 1e-5, offs, None)
+            y = _triton(op, g["x"])(g["x"], g["w"], g["p"], g["p"], 1e-5, offs)
         else:
-            y = _triton(op, g["x"])(g["res"], g["x"], g["w"], g["p"], 1e-5, True, offs, None)
+            y = _triton(op, g["x"])(g["res"], g["x"], g["w"], g["p"], 1e-5, True, offs)
         y.backward(dy)
     exp = {n: t.double().requires_grad_() for n, t in leaves.items()}
     per_row = exp["p"][norm_sample_index(values, T)]  # (T, D): the documented sample's parameters
@@ -185,4 +193,4 @@ def test_packing_launchers_refuse_shapes_that_do_not_tile_the_tokens():
     tokens = fresh((6, 12), torch.float32)
     for shapes in ([3, 1, 4, 8], [3, 1, 2, 2], [4, 0, 4, 4]):
         with pytest.raises((ValueError, RuntimeError)):
-            packing._triton_unpack(tokens, shapes, 2, 3, True, True, True)
+            packing._triton_unpack(tokens, shapes, 2, 3, True, True, True, [])

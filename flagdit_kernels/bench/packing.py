@@ -5,6 +5,10 @@
   [nextline] + cat, one item at a time), H200 baseline 0.33 ms.
 - ``large``: >= 256 MB moved (64 images of 16x256x256 bf16 plus videos), bandwidth-bound: the target is
   >= 75% of the measured device-to-device copy bandwidth, judged against ``bytes`` (the floor below).
+- ``pack_tiled`` / ``unpack_tiled`` (``video``): a video-heavy batch packed tile-major (``fk.pack(...,
+  tile=TILE)``, the layout of tile-sparse attention) against the same backend's raster pack (``<backend>
+  raster``): what the scattered token rows and the host-built tile table cost. Floors as raster, plus the
+  tile table's per-token entry (4 B).
 
 Byte floors (``Case.bytes``): pack reads every latent element once and writes the packed rows (placeholder
 rows included, as zeros) plus the token layout (positions 12 B, kind 1 B per token, patch_rows 8 B per patch,
@@ -23,6 +27,8 @@ from .cases import Case, backend_impls, forward_backward
 
 P = 2
 CHANNELS = 16
+# Tile of the tile-major cases: 2 frames x 8 x 8 patches (128 tokens), 2 x 4 x 4 in quick mode.
+TILE, QUICK_TILE = (2, 8, 8), (2, 4, 4)
 
 
 def mixed_shapes(quick: bool) -> list[tuple[int, ...]]:
@@ -45,6 +51,13 @@ def large_shapes(quick: bool) -> list[tuple[int, ...]]:
         return [(CHANNELS, 64, 64)] * 4 + [(CHANNELS, 3, 32, 32)]
     # 64 x 2 MiB images + 16 smaller ones + 8 videos of 9 frames: 149 MiB of bf16 latents, ~300 MiB moved.
     return [(CHANNELS, 256, 256)] * 64 + [(CHANNELS, 128, 192)] * 16 + [(CHANNELS, 9, 128, 128)] * 8
+
+
+def video_shapes(quick: bool) -> list[tuple[int, ...]]:
+    if quick:
+        return [(CHANNELS, 5, 32, 48), (CHANNELS, 32, 32), (CHANNELS, 3, 16, 24)]
+    # A 720p-like latent (17 frames of 96x160: 65K patches), a smaller video and two images.
+    return [(CHANNELS, 17, 96, 160), (CHANNELS, 9, 64, 112), (CHANNELS, 128, 128), (CHANNELS, 64, 192)]
 
 
 def python_loop_pack(latents, p):
@@ -127,6 +140,42 @@ def _pack_unpack_cases(name: str, shapes, device, dtype) -> list[Case]:
     return out
 
 
+def _tiled_impls(shapes, tile, grad: bool, device, dtype) -> tuple[dict, dict]:
+    """(pack impls, unpack impls) of one direction: every backend tile-major, and the same raster."""
+    latents = [torch.randn(s, device=device, dtype=dtype).requires_grad_(grad) for s in shapes]
+    packs = {order: ops.packing.pack([x.detach() for x in latents], P, tile=order) for order in (tile, None)}
+    tokens = torch.randn(packs[tile].patches.shape, device=device, dtype=dtype).requires_grad_(grad)
+    timed = lambda fn, inputs: forward_backward(fn, inputs) if grad else fn
+    pack_impls, unpack_impls = {}, {}
+    for order, suffix in ((tile, ""), (None, " raster")):
+
+        def pack(b, order=order):
+            return timed(lambda: ops.packing.pack(latents, P, tile=order, backend=b).patches, latents)
+
+        def unpack(b, packed=packs[order]):
+            return timed(lambda: ops.packing.unpack(tokens, packed, CHANNELS, backend=b), [tokens])
+
+        pack_impls |= {name + suffix: make for name, make in backend_impls("pack", device, pack).items()}
+        unpack_impls |= {name + suffix: make for name, make in backend_impls("unpack", device, unpack).items()}
+    return pack_impls, unpack_impls
+
+
+def _tiled_cases(shapes, tile, device, dtype) -> list[Case]:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    latent_bytes, row_bytes, layout_bytes = _floors(shapes, elem)
+    layout_bytes += row_bytes // (CHANNELS * P * P * elem) * 4  # the tile table's token_tile
+    shape = f"video-{len(shapes)}items-{latent_bytes / 2**20:.1f}MiB-tile{'x'.join(map(str, tile))}"
+    out: list[Case] = []
+    for direction in ("fwd", "fwd+bwd"):
+        grad = direction == "fwd+bwd"
+        pack_impls, unpack_impls = _tiled_impls(shapes, tile, grad, device, dtype)
+        pack_bytes = latent_bytes + row_bytes + layout_bytes + (2 * latent_bytes if grad else 0)
+        unpack_bytes = 2 * latent_bytes + (latent_bytes + row_bytes if grad else 0)
+        out.append(Case("pack_tiled", shape, direction, pack_impls, bytes=pack_bytes))
+        out.append(Case("unpack_tiled", shape, direction, unpack_impls, bytes=unpack_bytes))
+    return out
+
+
 def _embed_cases(shapes, device, dtype, dim: int) -> list[Case]:
     elem = torch.tensor([], dtype=dtype).element_size()
     packed = ops.packing.pack([torch.randn(s, device=device, dtype=dtype) for s in shapes], P)
@@ -159,5 +208,6 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = _pack_unpack_cases("mixed", mixed_shapes(quick), device, dtype)
     out += _pack_unpack_cases("large", large_shapes(quick), device, dtype)
+    out += _tiled_cases(video_shapes(quick), QUICK_TILE if quick else TILE, device, dtype)
     out += _embed_cases(mixed_shapes(quick), device, dtype, dim=256 if quick else 2304)
     return out

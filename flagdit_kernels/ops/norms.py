@@ -41,19 +41,20 @@ def _check_norm_inputs(x_name: str, x: object, weight: object, eps: float) -> to
 
 def _check_packed(
     x_name: str, x: torch.Tensor, cu_seqlens: torch.Tensor | VarlenLayout | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:
-    """(offsets, per-token sample index or None, number of sequences) of a packed x, or Nones when padded."""
+) -> tuple[torch.Tensor | None, int | None]:
+    """(offsets, number of sequences) of a packed x, or Nones when padded. Every backend finds a token's sample
+    from the offsets (a layout's ``sample_index`` is not read: see ``flagdit_kernels/_layout.py``)."""
     if cu_seqlens is None:
-        return None, None, None
+        return None, None
     if x.dim() != 2:
         raise ValueError(f"{x_name} must be packed (T, D) when cu_seqlens is given, got {tuple(x.shape)}")
     if isinstance(cu_seqlens, VarlenLayout):
         check_layout("cu_seqlens", cu_seqlens, x.shape[0], f"{x_name}.shape[0]", x.device)
-        return cu_seqlens.cu_seqlens, cu_seqlens.sample_index, cu_seqlens.num_seqs
+        return cu_seqlens.cu_seqlens, cu_seqlens.num_seqs
     # On the GPU the kernels never read outside the (B, D) parameters whatever the offsets hold (sample
     # indices are clamped), so the host-side value checks are skipped there unless asked for.
     check_cu_seqlens("cu_seqlens", cu_seqlens, x.shape[0], x.device, total_name=f"{x_name}.shape[0]")
-    return cu_seqlens, None, cu_seqlens.numel() - 1
+    return cu_seqlens, cu_seqlens.numel() - 1
 
 
 def rms_norm(
@@ -98,12 +99,12 @@ def rms_norm_modulate(
     sync on the GPU path); a layout was checked when it was built.
     """
     _check_norm_inputs("x", x, weight, eps)
-    cu, sample_index, num_seqs = _check_packed("x", x, cu_seqlens)
+    cu, num_seqs = _check_packed("x", x, cu_seqlens)
     check_per_sample("scale", scale, x, num_seqs)
     if shift is not None:
         check_per_sample("shift", shift, x, num_seqs)
     fn = _dispatch.resolve("rms_norm_modulate", x, backend, prefer).fn
-    return fn(x, weight, scale, shift, eps, cu, sample_index)
+    return fn(x, weight, scale, shift, eps, cu)
 
 
 def gated_residual_rms_norm(
@@ -125,10 +126,10 @@ def gated_residual_rms_norm(
     _check_norm_inputs("h", h, weight, eps)
     check_tensor("residual", residual, device=h.device)
     check_shape("residual", residual, h.shape)
-    cu, sample_index, num_seqs = _check_packed("h", h, cu_seqlens)
+    cu, num_seqs = _check_packed("h", h, cu_seqlens)
     check_per_sample("gate", gate, h, num_seqs)
     fn = _dispatch.resolve("gated_residual_rms_norm", h, backend, prefer).fn
-    return fn(residual, h, weight, gate, eps, tanh_gate, cu, sample_index)
+    return fn(residual, h, weight, gate, eps, tanh_gate, cu)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,26 +318,26 @@ def _gated_backward(ctx, dy, _drstd):
 _gated_triton_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
-# The kernels find each token's sample from cu_seqlens on the device: they take no sample index.
-
-
 def _rms_norm_triton(x, weight, eps):
     return torch.ops.flagdit_kernels.rms_norm_triton(x, weight, float(eps))[0]
 
 
-def _rms_norm_modulate_triton(x, weight, scale, shift, eps, cu_seqlens, _sample_index):
+def _rms_norm_modulate_triton(x, weight, scale, shift, eps, cu_seqlens):
     return torch.ops.flagdit_kernels.rms_norm_modulate_triton(x, weight, scale, shift, float(eps), cu_seqlens)[0]
 
 
-def _gated_residual_rms_norm_triton(residual, h, weight, gate, eps, tanh_gate, cu_seqlens, _sample_index):
+def _gated_residual_rms_norm_triton(residual, h, weight, gate, eps, tanh_gate, cu_seqlens):
     return torch.ops.flagdit_kernels.gated_residual_rms_norm_triton(
         residual, h, weight, gate, float(eps), bool(tanh_gate), cu_seqlens
     )[0]
 
 
-_dispatch.register("rms_norm", "triton", _rms_norm_triton, **_dispatch.TRITON)
-_dispatch.register("rms_norm_modulate", "triton", _rms_norm_modulate_triton, **_dispatch.TRITON)
-_dispatch.register("gated_residual_rms_norm", "triton", _gated_residual_rms_norm_triton, **_dispatch.TRITON)
+for _op, _fn in (
+    ("rms_norm", _rms_norm_triton),
+    ("rms_norm_modulate", _rms_norm_modulate_triton),
+    ("gated_residual_rms_norm", _gated_residual_rms_norm_triton),
+):
+    _dispatch.register(_op, "triton", _fn, dtypes=_dispatch.FP32_MATH_DTYPES, **_dispatch.TRITON)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,7 +378,12 @@ for _device in ("cuda", "cpu"):
     if not _missing:
         _register_compiled_autograd(_device)
     _dispatch.register(
-        "rms_norm", _device, _compiled_rms_norm(_device), devices=(_device,), missing=lambda m=_missing: m
+        "rms_norm",
+        _device,
+        _compiled_rms_norm(_device),
+        devices=(_device,),
+        dtypes=_dispatch.FP32_MATH_DTYPES if _device == "cuda" else None,  # the CPU kernels compute float64 in float64
+        missing=lambda m=_missing: m,
     )
 
 # Default order on CUDA tensors. Not measured yet (no GPU in the session that wrote these kernels): the fused

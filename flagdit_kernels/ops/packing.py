@@ -27,9 +27,9 @@ from .. import reference as ref
 from .._conventions import frames_hw, item_shapes
 from .._extension import extension, extension_missing
 from .._validation import check_int, check_same_dtype, check_tensor, values_checked
-from ..reference.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, item_tokens
+from ..reference.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, TileLayout, item_tokens, tile_layout
 
-__all__ = ["NEXTFRAME", "NEXTLINE", "PATCH", "Packed", "pack", "unpack"]
+__all__ = ["NEXTFRAME", "NEXTLINE", "PATCH", "Packed", "TileLayout", "pack", "unpack"]
 
 
 def pack(
@@ -39,6 +39,7 @@ def pack(
     nextframe: bool = True,
     *,
     channels_last: bool = False,
+    tile: tuple[int, int, int] | None = None,
     backend: str | None = None,
     prefer: str | None = None,
 ) -> Packed:
@@ -48,10 +49,16 @@ def pack(
     order: a [nextline] slot closes every patch row and a [nextframe] slot separates frames. Returns a
     :class:`Packed` with ``patches (T, C*p*p)`` (zeros at slots; (C, ph, pw) vector order, or (ph, pw, C)
     with ``channels_last``), ``cu_seqlens``, ``max_seqlen``, ``positions (T, 3)``, ``kind (T,)`` and shapes.
+
+    With ``tile=(tt, th, tw)`` (positive patch counts) the tokens are tile-major instead: an item's patches
+    tile by tile (``tt`` frames x ``th`` rows x ``tw`` columns, edge tiles partial, raster order of tiles and
+    inside a tile), then its placeholder slots; positions are unchanged and ``Packed.tiles`` (a
+    :class:`TileLayout`) describes the tiles, for tile-sparse attention.
     """
     latents = _check_latents(latents, patch_size)
+    tile = _check_tile(tile)
     fn = _dispatch.resolve("pack", latents[0], backend, prefer).fn
-    return fn(latents, patch_size, bool(nextline), bool(nextframe), bool(channels_last))
+    return fn(latents, patch_size, bool(nextline), bool(nextframe), bool(channels_last), tile)
 
 
 def unpack(
@@ -78,6 +85,15 @@ def unpack(
         )
     fn = _dispatch.resolve("unpack", tokens, backend, prefer).fn
     return fn(tokens, packed, out_channels, bool(channels_last))
+
+
+def _check_tile(tile: object) -> tuple[int, int, int] | None:
+    """None (raster order) or three positive ints (frames, rows, columns of patches per tile)."""
+    if tile is None:
+        return None
+    if not isinstance(tile, (tuple, list)) or len(tile) != 3:
+        raise ValueError(f"tile must be None or (frames, rows, cols) of patches per tile, got {tile!r}")
+    return tuple(check_int(f"tile[{i}]", t, 1) for i, t in enumerate(tile))
 
 
 def _check_latents(latents: object, patch_size: object) -> list[torch.Tensor]:
@@ -139,6 +155,8 @@ def _check_packed(packed: object) -> None:
     lengths = [item_tokens(s, p, packed.nextline, packed.nextframe) for s in shapes]
     if packed.max_seqlen != max(lengths):
         raise ValueError(f"packed.max_seqlen ({packed.max_seqlen!r}) must be the longest item ({max(lengths)})")
+    if _check_tile(packed.tile) != (None if packed.tiles is None else packed.tiles.tile):
+        raise ValueError(f"packed.tile ({packed.tile!r}) disagrees with packed.tiles; build a Packed with fk.pack")
     if packed.patch_rows is not None:
         check_tensor("packed.patch_rows", packed.patch_rows, ndim=1, dtypes=(torch.int64,), device=device)
         if packed.patch_rows.shape[0] != patches:
@@ -156,11 +174,13 @@ def _check_packed(packed: object) -> None:
 
 @dataclass(frozen=True)
 class _Kernels:
-    # (latents, patch_size, nextline, nextframe, channels_last) -> (patches, positions, kind, patch_rows, cu_seqlens)
+    # Each takes the token order's tile last: [] raster, [tt, th, tw] tile-major.
+    # (latents, patch_size, nextline, nextframe, channels_last, tile)
+    #   -> (patches, positions, kind, patch_rows, cu_seqlens)
     pack_layout: Callable
-    # (latents, patch_size, nextline, nextframe, channels_last, total_tokens) -> patches
+    # (latents, patch_size, nextline, nextframe, channels_last, total_tokens, tile) -> patches
     pack_rows: Callable
-    # (tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last) -> list of latents
+    # (tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last, tile) -> list of latents
     unpack: Callable
 
 
@@ -174,19 +194,22 @@ def _packed_len(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe
     return tokens, patches
 
 
-def _pack_setup(ctx, latents, patch_size, nextline, nextframe, channels_last) -> None:
+def _pack_setup(ctx, latents, patch_size, nextline, nextframe, channels_last, tile) -> None:
     ctx.item_shapes = item_shapes([tuple(x.shape) for x in latents])
     ctx.flags = (patch_size, nextline, nextframe, channels_last)
+    ctx.tile = list(tile)
 
 
 def _pack_grads(ctx, grad: torch.Tensor, unpack_fn: Callable) -> list[torch.Tensor]:
     """Pack's backward: the unpack of the patch-row gradient, one gradient per latent."""
     p, nextline, nextframe, channels_last = ctx.flags
-    return list(unpack_fn(grad, ctx.item_shapes, p, grad.shape[1] // p**2, nextline, nextframe, channels_last))
+    channels = grad.shape[1] // p**2
+    return list(unpack_fn(grad, ctx.item_shapes, p, channels, nextline, nextframe, channels_last, ctx.tile))
 
 
-def _unpack_setup(ctx, tokens, outputs, patch_size, nextline, nextframe, channels_last) -> None:
+def _unpack_setup(ctx, tokens, outputs, patch_size, nextline, nextframe, channels_last, tile) -> None:
     ctx.flags = (patch_size, nextline, nextframe, channels_last)
+    ctx.tile = list(tile)
     ctx.total_tokens, ctx.device, ctx.dtype = tokens.shape[0], tokens.device, tokens.dtype
     ctx.shapes = [tuple(o.shape) for o in outputs]
 
@@ -194,10 +217,10 @@ def _unpack_setup(ctx, tokens, outputs, patch_size, nextline, nextframe, channel
 def _unpack_grad(ctx, grads, pack_rows_fn: Callable) -> torch.Tensor:
     """Unpack's backward: the pack of the latent gradients (zeros for a latent that autograd gives none)."""
     grads = [torch.zeros(s, device=ctx.device, dtype=ctx.dtype) if g is None else g for g, s in zip(grads, ctx.shapes)]
-    return pack_rows_fn(grads, *ctx.flags, ctx.total_tokens)
+    return pack_rows_fn(grads, *ctx.flags, ctx.total_tokens, ctx.tile)
 
 
-def _pack_layout_fake(latents, patch_size, nextline, nextframe, channels_last):
+def _pack_layout_fake(latents, patch_size, nextline, nextframe, channels_last, tile=()):
     x0 = latents[0]
     total, n_patches = _packed_len([tuple(x.shape) for x in latents], patch_size, nextline, nextframe)
     return (
@@ -209,11 +232,11 @@ def _pack_layout_fake(latents, patch_size, nextline, nextframe, channels_last):
     )
 
 
-def _pack_rows_fake(latents, patch_size, nextline, nextframe, channels_last, total_tokens):
+def _pack_rows_fake(latents, patch_size, nextline, nextframe, channels_last, total_tokens, tile=()):
     return latents[0].new_empty(total_tokens, latents[0].shape[0] * patch_size**2)
 
 
-def _unpack_fake(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last):
+def _unpack_fake(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last, tile=()):
     dims = [item_shapes[i : i + 4] for i in range(0, len(item_shapes), 4)]
     return [tokens.new_empty((channels, f, h, w) if nd == 4 else (channels, h, w)) for nd, f, h, w in dims]
 
@@ -226,20 +249,24 @@ def _register_compile_path(ops: _Kernels) -> None:
     lib.register_fake(ops.unpack, _unpack_fake)
 
     def pack_setup(ctx, inputs, output):
-        _pack_setup(ctx, *inputs[:5])
+        _pack_setup(ctx, *inputs[:5], inputs[-1])
+
+    # The "gradient" of the tile argument: torch.library matches an empty list input to an empty list, any other
+    # list of ints to None.
+    no_grad = lambda tile: [] if len(tile) == 0 else None
 
     def pack_layout_backward(ctx, grad, *_int_grads):
-        return _pack_grads(ctx, grad, ops.unpack), None, None, None, None
+        return _pack_grads(ctx, grad, ops.unpack), None, None, None, None, no_grad(ctx.tile)
 
     def pack_rows_backward(ctx, grad):
-        return _pack_grads(ctx, grad, ops.unpack), None, None, None, None, None
+        return _pack_grads(ctx, grad, ops.unpack), None, None, None, None, None, no_grad(ctx.tile)
 
     def unpack_setup(ctx, inputs, output):
-        tokens, _, patch_size, _, nextline, nextframe, channels_last = inputs
-        _unpack_setup(ctx, tokens, output, patch_size, nextline, nextframe, channels_last)
+        tokens, _, patch_size, _, nextline, nextframe, channels_last, tile = inputs
+        _unpack_setup(ctx, tokens, output, patch_size, nextline, nextframe, channels_last, tile)
 
     def unpack_backward(ctx, grads):
-        return _unpack_grad(ctx, grads, ops.pack_rows), None, None, None, None, None, None
+        return _unpack_grad(ctx, grads, ops.pack_rows), None, None, None, None, None, None, no_grad(ctx.tile)
 
     lib.register_autograd(ops.pack_layout, pack_layout_backward, setup_context=pack_setup)
     lib.register_autograd(ops.pack_rows, pack_rows_backward, setup_context=pack_setup)
@@ -250,37 +277,40 @@ class _Pack(torch.autograd.Function):
     """The eager pack over a backend's launchers: with ``total_tokens`` None the layout too, else rows only."""
 
     @staticmethod
-    def forward(ctx, kernels: _Kernels, total_tokens, patch_size, nextline, nextframe, channels_last, *latents):
-        _pack_setup(ctx, latents, patch_size, nextline, nextframe, channels_last)
+    def forward(ctx, kernels: _Kernels, total_tokens, patch_size, nextline, nextframe, channels_last, tile, *latents):
+        _pack_setup(ctx, latents, patch_size, nextline, nextframe, channels_last, tile)
         ctx.kernels = kernels
         if total_tokens is not None:
-            return kernels.pack_rows(list(latents), patch_size, nextline, nextframe, channels_last, total_tokens)
-        out = kernels.pack_layout(list(latents), patch_size, nextline, nextframe, channels_last)
+            return kernels.pack_rows(list(latents), patch_size, nextline, nextframe, channels_last, total_tokens, tile)
+        out = kernels.pack_layout(list(latents), patch_size, nextline, nextframe, channels_last, tile)
         ctx.mark_non_differentiable(*out[1:])
         return tuple(out)
 
     @staticmethod
     def backward(ctx, grad, *_int_grads):
         unpack_fn = lambda *args: _Unpack.apply(ctx.kernels, *args)
-        return (None,) * 6 + tuple(_pack_grads(ctx, grad, unpack_fn))
+        return (None,) * 7 + tuple(_pack_grads(ctx, grad, unpack_fn))
 
 
 class _Unpack(torch.autograd.Function):
     """The eager unpack over a backend's launchers."""
 
     @staticmethod
-    def forward(ctx, kernels: _Kernels, tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last):
-        outs = kernels.unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last)
-        _unpack_setup(ctx, tokens, outs, patch_size, nextline, nextframe, channels_last)
+    def forward(
+        ctx, kernels: _Kernels, tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last, tile
+    ):
+        outs = kernels.unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last, tile)
+        _unpack_setup(ctx, tokens, outs, patch_size, nextline, nextframe, channels_last, tile)
         ctx.kernels = kernels
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        def pack_rows_fn(latents, patch_size, nextline, nextframe, channels_last, total_tokens):
-            return _Pack.apply(ctx.kernels, total_tokens, patch_size, nextline, nextframe, channels_last, *latents)
+        def pack_rows_fn(latents, patch_size, nextline, nextframe, channels_last, total_tokens, tile):
+            flags = (patch_size, nextline, nextframe, channels_last, tile)
+            return _Pack.apply(ctx.kernels, total_tokens, *flags, *latents)
 
-        return None, _unpack_grad(ctx, grads, pack_rows_fn), None, None, None, None, None, None
+        return None, _unpack_grad(ctx, grads, pack_rows_fn), None, None, None, None, None, None, None
 
 
 def _needs_grad(tensors: list[torch.Tensor]) -> bool:
@@ -291,23 +321,26 @@ def _backend(eager: _Kernels, compiled: _Kernels) -> tuple[Callable, Callable]:
     """(pack, unpack) implementations running ``compiled``'s ops under torch.compile, else ``eager``'s launchers
     (under the autograd Functions when a gradient is recorded)."""
 
-    def pack_impl(latents, patch_size, nextline, nextframe, channels_last) -> Packed:
+    def pack_impl(latents, patch_size, nextline, nextframe, channels_last, tile=None) -> Packed:
+        flags = (patch_size, nextline, nextframe, channels_last, list(tile or ()))
         if torch.compiler.is_compiling():
-            out = compiled.pack_layout(latents, patch_size, nextline, nextframe, channels_last)
+            out = compiled.pack_layout(latents, *flags)
         elif _needs_grad(latents):
-            out = _Pack.apply(eager, None, patch_size, nextline, nextframe, channels_last, *latents)
+            out = _Pack.apply(eager, None, *flags, *latents)
         else:
-            out = eager.pack_layout(latents, patch_size, nextline, nextframe, channels_last)
+            out = eager.pack_layout(latents, *flags)
         patches, positions, kind, patch_rows, cu_seqlens = out
         shapes = [tuple(x.shape) for x in latents]
         max_len = max(item_tokens(s, patch_size, nextline, nextframe) for s in shapes)
+        tiles = None if tile is None else tile_layout(shapes, patch_size, nextline, nextframe, tile, patches.device)
         return Packed(
-            patches, cu_seqlens, max_len, positions, kind, shapes, patch_size, nextline, nextframe, patch_rows
-        )
+            patches, cu_seqlens, max_len, positions, kind, shapes, patch_size, nextline, nextframe, patch_rows, tile,
+            tiles,
+        )  # fmt: skip
 
     def unpack_impl(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
         args = (tokens, item_shapes(packed.shapes), packed.patch_size, out_channels, packed.nextline,
-                packed.nextframe, channels_last)  # fmt: skip
+                packed.nextframe, channels_last, list(packed.tile or ()))  # fmt: skip
         if torch.compiler.is_compiling():
             return list(compiled.unpack(*args))
         if _needs_grad([tokens]):
@@ -322,12 +355,17 @@ def _backend(eager: _Kernels, compiled: _Kernels) -> tuple[Callable, Callable]:
 
 
 def _triton_pack_layout(
-    latents: list[torch.Tensor], patch_size: int, nextline: bool, nextframe: bool, channels_last: bool
+    latents: list[torch.Tensor],
+    patch_size: int,
+    nextline: bool,
+    nextframe: bool,
+    channels_last: bool,
+    tile: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton import packing as tk
 
     fhw = [frames_hw(tuple(x.shape)) for x in latents]
-    return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=True)
+    return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, tile, with_layout=True)
 
 
 def _triton_pack_rows(
@@ -337,11 +375,12 @@ def _triton_pack_rows(
     nextframe: bool,
     channels_last: bool,
     total_tokens: int,
+    tile: list[int],
 ) -> torch.Tensor:
     from ..triton import packing as tk
 
     fhw = [frames_hw(tuple(x.shape)) for x in latents]
-    return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout=False)
+    return tk.pack(latents, fhw, patch_size, nextline, nextframe, channels_last, tile, with_layout=False)
 
 
 def _triton_unpack(
@@ -352,10 +391,11 @@ def _triton_unpack(
     nextline: bool,
     nextframe: bool,
     channels_last: bool,
+    tile: list[int],
 ) -> list[torch.Tensor]:
     from ..triton import packing as tk
 
-    return tk.unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last)
+    return tk.unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last, tile)
 
 
 _TRITON = _Kernels(_triton_pack_layout, _triton_pack_rows, _triton_unpack)

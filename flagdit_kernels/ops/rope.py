@@ -301,5 +301,7 @@ def _qk_norm_rope_triton(q, k, freqs, q_norm, k_norm, norm, eps, interleaved):
     return _qk_norm_rope_op(q, k, freqs, qw, qb, kw, kb, "none" if norm is None else norm, float(eps), interleaved)
 
 
-_dispatch.register("apply_rope", "triton", _apply_rope_triton, **_dispatch.TRITON)
-_dispatch.register("qk_norm_rope", "triton", _qk_norm_rope_triton, **_dispatch.TRITON)
+_dispatch.register("apply_rope", "triton", _apply_rope_triton, dtypes=_dispatch.FP32_MATH_DTYPES, **_dispatch.TRITON)
+_dispatch.register(
+    "qk_norm_rope", "triton", _qk_norm_rope_triton, dtypes=_dispatch.FP32_MATH_DTYPES, **_dispatch.TRITON
+)

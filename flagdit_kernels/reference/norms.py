@@ -17,18 +17,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def token_sample_index(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Sample index of every packed token, found on the device (no host sync)."""
+    """Sample index of every packed token, found on the device (no host sync): the number of sequence ends at
+    or below it, clamped to ``[0, B)`` so that offsets nobody checked never index outside a ``(B, D)`` tensor."""
     tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+    found = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True, out_int32=True)
+    return found.clamp_(max=cu_seqlens.shape[0] - 2)
 
 
-def per_token(
-    t: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None, sample_index: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Broadcasts a per-sample ``(B, D)`` tensor to x's tokens (packed or padded layout). ``sample_index``
-    ``(T,)``, when the caller has it, is the sample of every packed token (else it is found from cu_seqlens)."""
+def per_token(t: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Broadcasts a per-sample ``(B, D)`` tensor to x's tokens (packed or padded layout). A packed token's
+    sample is found from ``cu_seqlens``, as every backend finds it (a layout's ``sample_index`` is not read)."""
     if cu_seqlens is not None:
-        return t[token_sample_index(cu_seqlens, x.shape[0]) if sample_index is None else sample_index]
+        return t[token_sample_index(cu_seqlens, x.shape[0])]
     if x.dim() == 3 and t.dim() == 2:
         return t.unsqueeze(1)
     return t
@@ -50,12 +50,11 @@ def rms_norm_modulate(
     shift: torch.Tensor | None = None,
     eps: float = EPS,
     cu_seqlens: torch.Tensor | None = None,
-    sample_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     acc = compute_dtype(x.dtype)
-    out = rms_norm(x, weight, eps).to(acc) * (1 + per_token(scale, x, cu_seqlens, sample_index).to(acc))
+    out = rms_norm(x, weight, eps).to(acc) * (1 + per_token(scale, x, cu_seqlens).to(acc))
     if shift is not None:
-        out = out + per_token(shift, x, cu_seqlens, sample_index).to(acc)
+        out = out + per_token(shift, x, cu_seqlens).to(acc)
     return out.to(x.dtype)
 
 
@@ -67,10 +66,9 @@ def gated_residual_rms_norm(
     eps: float = EPS,
     tanh_gate: bool = True,
     cu_seqlens: torch.Tensor | None = None,
-    sample_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     acc = compute_dtype(h.dtype)
-    g = per_token(gate, h, cu_seqlens, sample_index).to(acc)
+    g = per_token(gate, h, cu_seqlens).to(acc)
     if tanh_gate:
         g = torch.tanh(g)
     return (residual.to(acc) + g * rms_norm(h, weight, eps).to(acc)).to(residual.dtype)

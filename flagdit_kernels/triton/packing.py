@@ -24,7 +24,8 @@ Placeholder rows ([nextline] after each patch row, [nextframe] between frames) h
 the segments at the end of their rows write them, and the layout outputs (kind, positions, patch_rows,
 cu_seqlens). Unpack never reads them. Token positions follow ``csrc/token_layout.h``; :func:`token_index` is
 its Triton twin (a placeholder's position is the place it would have as a patch: (f, r, W/p) for [nextline],
-(f, H/p, 0) for [nextframe]).
+(f, H/p, 0) for [nextframe]). Tile-major packs (``TILED``) reuse the same segments: only the token index of each
+patch and slot changes, so a segment's token rows are scattered (each row still one contiguous store).
 
 Bounds: every index a program uses comes from the table the host built from the tensors themselves, the item
 search is clamped to the table, and every load and store is masked by the real extents (channels, patch size,
@@ -57,12 +58,36 @@ CU_BLOCK = tl.constexpr(128)
 
 
 @triton.jit
-def token_index(start, frame, row, col, patch_rows, patch_cols, NEXTLINE: tl.constexpr, NEXTFRAME: tl.constexpr):
-    """Packed index of the token at position (frame, row, col) of an item whose first token is ``start``
-    (csrc/token_layout.h): frames of ``patch_rows`` rows of ``patch_cols`` patches, each row closed by a
-    [nextline] slot at col == patch_cols, frames separated by a [nextframe] slot at (frame, patch_rows, 0)."""
-    row_len = patch_cols + NEXTLINE
-    return start + frame * (patch_rows * row_len + NEXTFRAME) + row * row_len + col
+def token_index(start, frame, row, col, grid, tiling, NEXTLINE: tl.constexpr, NEXTFRAME: tl.constexpr,
+                TILED: tl.constexpr):  # fmt: skip
+    """Packed index of the token at position (frame, row, col) of an item ``grid`` = (first token, patch rows,
+    patch cols, frames) (csrc/token_layout.h). Raster order: frames of rows of patches, each row closed by a
+    [nextline] slot at col == patch cols, frames separated by a [nextframe] slot at (frame, patch rows, 0).
+    TILED: the patches tile-major (``tiling`` = (frames, rows, cols) per tile, edge tiles partial), then the
+    placeholder slots in raster order."""
+    start, patch_rows, patch_cols, frames = grid
+    if TILED:
+        tile_t, tile_h, tile_w = tiling
+        per_frame = patch_rows * NEXTLINE + NEXTFRAME  # placeholder slots of a frame
+        slot = frames * patch_rows * patch_cols + frame * per_frame + tl.where(row == patch_rows, per_frame - 1, row)
+        a = frame // tile_t
+        b = row // tile_h
+        c = col // tile_w
+        tf = tl.minimum(tile_t, frames - a * tile_t)
+        hb = tl.minimum(tile_h, patch_rows - b * tile_h)
+        wc = tl.minimum(tile_w, patch_cols - c * tile_w)
+        patch = (
+            a * tile_t * patch_rows * patch_cols
+            + b * tile_h * patch_cols * tf
+            + c * tile_w * tf * hb
+            + ((frame - a * tile_t) * hb + row - b * tile_h) * wc
+            + col
+            - c * tile_w
+        )
+        return start + tl.where((row == patch_rows) | (col == patch_cols), slot, patch)
+    else:
+        row_len = patch_cols + NEXTLINE
+        return start + frame * (patch_rows * row_len + NEXTFRAME) + row * row_len + col
 
 
 @triton.jit
@@ -211,32 +236,31 @@ def _to_latent_tile(vals, R_TILE: tl.constexpr, T_TILE: tl.constexpr, BLOCK_C: t
 
 
 @triton.jit
-def _patch_tokens(grid, frame, r0, t0, nrows, ncols, R_TILE: tl.constexpr, T_TILE: tl.constexpr,
-                  NEXTLINE: tl.constexpr, NEXTFRAME: tl.constexpr):  # fmt: skip
+def _patch_tokens(grid, tiling, frame, r0, t0, nrows, ncols, R_TILE: tl.constexpr, T_TILE: tl.constexpr,
+                  NEXTLINE: tl.constexpr, NEXTFRAME: tl.constexpr, TILED: tl.constexpr):  # fmt: skip
     """The segment's patch tokens, row-major: (token indices, in-segment mask, their rows, their columns)."""
-    start, rows, cols, _ = grid
     i = tl.arange(0, R_TILE * T_TILE)
     row = r0 + i // T_TILE
     col = t0 + i % T_TILE
     ok = (i // T_TILE < nrows) & (i % T_TILE < ncols)
-    return token_index(start, frame, row, col, rows, cols, NEXTLINE, NEXTFRAME), ok, row, col
+    return token_index(grid[0], frame, row, col, grid, tiling, NEXTLINE, NEXTFRAME, TILED), ok, row, col
 
 
 @triton.jit
-def _placeholder_slots(grid, frame, r0, nrows, last, R_TILE: tl.constexpr, NEXTLINE: tl.constexpr,
-                       NEXTFRAME: tl.constexpr):  # fmt: skip
+def _placeholder_slots(grid, tiling, frame, r0, nrows, last, R_TILE: tl.constexpr, NEXTLINE: tl.constexpr,
+                       NEXTFRAME: tl.constexpr, TILED: tl.constexpr):  # fmt: skip
     """The placeholder slots a segment closes, as (tokens, mask, rows, cols, kinds) of 2 * R_TILE slots: slot i
     < R_TILE is the [nextline] slot of row r0 + i, at (frame, r0 + i, cols); slot R_TILE the frame's
     [nextframe] slot at (frame, rows, 0), closed by the segment holding the frame's last row unless the frame is
     the item's last. Only the segments at the end of their rows (``last``) close any."""
-    start, rows, cols, frames = grid
+    _, rows, cols, frames = grid
     i = tl.arange(0, 2 * R_TILE)
     is_frame_slot = i == R_TILE
     slot_row = tl.where(is_frame_slot, rows, r0 + i)
     slot_col = tl.where(is_frame_slot, 0, cols)
     frame_ends = ((r0 + nrows == rows) & (frame < frames - 1)).to(tl.int32)
     wanted = tl.where(is_frame_slot, frame_ends * NEXTFRAME, (i < nrows).to(tl.int32) * NEXTLINE) != 0
-    tok = token_index(start, frame, slot_row, slot_col, rows, cols, NEXTLINE, NEXTFRAME)
+    tok = token_index(grid[0], frame, slot_row, slot_col, grid, tiling, NEXTLINE, NEXTFRAME, TILED)
     slot_kind = tl.where(is_frame_slot, KIND_NEXTFRAME, KIND_NEXTLINE).to(tl.int8)
     # where() rather than `&`: the interpreter mis-types a scalar bool combined with a vector.
     return tok, tl.where(wanted, last, False), slot_row, slot_col, slot_kind
@@ -275,6 +299,9 @@ def pack_kernel(
     n_items,
     channels,
     out_row_stride,
+    tile_t,  # the tile-major order's tile (patches), read when TILED
+    tile_h,
+    tile_w,
     P: tl.constexpr,
     P_BLOCK: tl.constexpr,
     R_TILE: tl.constexpr,
@@ -289,6 +316,7 @@ def pack_kernel(
     FULL_C: tl.constexpr,
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
+    TILED: tl.constexpr,
     WRITE_LAYOUT: tl.constexpr,
 ):
     stride = n_items + 1
@@ -303,7 +331,10 @@ def pack_kernel(
     )  # fmt: skip
     vals = tl.load(src, mask=load_mask, other=0.0)
     vals = _to_token_rows(vals, R_TILE, T_TILE, BLOCK_C, P, P_BLOCK, FLAT_W, CHANNELS_LAST, FLAT_ROWS)
-    tokens, ok, row, col = _patch_tokens(grid, frame, r0, t0, nrows, ncols, R_TILE, T_TILE, NEXTLINE, NEXTFRAME)
+    tiling = (tile_t, tile_h, tile_w)
+    tokens, ok, row, col = _patch_tokens(
+        grid, tiling, frame, r0, t0, nrows, ncols, R_TILE, T_TILE, NEXTLINE, NEXTFRAME, TILED
+    )
     dst, store_mask = _token_tile(
         tokens, ok, c0, ch, cmask, channels, out_row_stride, 1, P, P_BLOCK, BLOCK_C, CHANNELS_LAST, FLAT_ROWS,
         FULL_C,
@@ -311,7 +342,9 @@ def pack_kernel(
     tl.store(out + dst, vals, mask=store_mask)
 
     # The segments at the end of their rows write zeros over the placeholder rows they close.
-    slots = _placeholder_slots(grid, frame, r0, nrows, t0 + T_TILE >= grid[2], R_TILE, NEXTLINE, NEXTFRAME)
+    slots = _placeholder_slots(
+        grid, tiling, frame, r0, nrows, t0 + T_TILE >= grid[2], R_TILE, NEXTLINE, NEXTFRAME, TILED
+    )
     dst, store_mask = _token_tile(
         slots[0], slots[1], c0, ch, cmask, channels, out_row_stride, 1, P, P_BLOCK, BLOCK_C, CHANNELS_LAST,
         FLAT_ROWS, FULL_C,
@@ -337,6 +370,9 @@ def unpack_kernel(
     channels,
     row_stride,
     col_stride,
+    tile_t,  # the tile-major order's tile (patches), read when TILED
+    tile_h,
+    tile_w,
     P: tl.constexpr,
     P_BLOCK: tl.constexpr,
     R_TILE: tl.constexpr,
@@ -351,6 +387,7 @@ def unpack_kernel(
     FULL_C: tl.constexpr,
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     stride = n_items + 1
     item, grid, frame, r0, t0, nrows, ncols = _segment(table, stride, n_items, R_TILE, T_TILE, LOG2_ITEMS)
@@ -359,7 +396,9 @@ def unpack_kernel(
     cmask = ch < channels
 
     # Token side: the segment's patch rows (placeholder rows are neither read nor written).
-    tokens, ok, _, _ = _patch_tokens(grid, frame, r0, t0, nrows, ncols, R_TILE, T_TILE, NEXTLINE, NEXTFRAME)
+    tiling = (tile_t, tile_h, tile_w)
+    tokens, ok, _, _ = _patch_tokens(grid, tiling, frame, r0, t0, nrows, ncols, R_TILE, T_TILE, NEXTLINE, NEXTFRAME,
+                                     TILED)  # fmt: skip
     src, load_mask = _token_tile(
         tokens, ok, c0, ch, cmask, channels, row_stride, col_stride, P, P_BLOCK, BLOCK_C, CHANNELS_LAST, FLAT_ROWS,
         FULL_C,
@@ -392,6 +431,15 @@ def _check_tiling(fhw, patch_size: int) -> None:
                 f"item {i} has (F, H, W) = ({f}, {h}, {w}); F must be >= 1 and H, W positive multiples of "
                 f"patch_size={patch_size}"
             )
+
+
+def _check_tile(tile) -> tuple[int, int, int]:
+    """The token order's tile: empty (raster order, returned as zeros) or three positive patch counts."""
+    if len(tile) == 0:
+        return (0, 0, 0)
+    if len(tile) != 3 or any(int(t) < 1 for t in tile):
+        raise ValueError(f"tile must be empty (raster order) or (frames, rows, cols) of positive sizes, got {tile}")
+    return tuple(int(t) for t in tile)
 
 
 def _aligned(latents, vec: int) -> bool:
@@ -470,10 +518,11 @@ def _flags(latents, fhw, patch_size: int, channels: int, channels_last: bool, ne
     )
 
 
-def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layout):
-    """Launches :func:`pack_kernel` once for the batch. Returns ``patches`` or, with ``with_layout``,
-    ``(patches, positions, kind, patch_rows, cu_seqlens)``."""
+def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, tile=(), *, with_layout):
+    """Launches :func:`pack_kernel` once for the batch, in raster order (``tile`` empty) or tile-major order.
+    Returns ``patches`` or, with ``with_layout``, ``(patches, positions, kind, patch_rows, cu_seqlens)``."""
     _check_tiling(fhw, patch_size)
+    tile = _check_tile(tile)
     x0 = latents[0]
     channels = x0.shape[0]
     flags = _flags(latents, fhw, patch_size, channels, channels_last, nextline, nextframe)
@@ -490,18 +539,19 @@ def pack(latents, fhw, patch_size, nextline, nextframe, channels_last, with_layo
         positions = kind = patch_rows = cu = out  # unused: WRITE_LAYOUT=False compiles those stores away
     grid = (n_segments, triton.cdiv(channels, flags["BLOCK_C"]))
     pack_kernel[grid](
-        table, out, positions, kind, patch_rows, cu, len(fhw), channels, out.stride(0), **flags,
-        WRITE_LAYOUT=with_layout,
+        table, out, positions, kind, patch_rows, cu, len(fhw), channels, out.stride(0), *tile, **flags,
+        TILED=tile[0] > 0, WRITE_LAYOUT=with_layout,
     )  # fmt: skip
     return (out, positions, kind, patch_rows, cu) if with_layout else out
 
 
-def unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last):
-    """Launches :func:`unpack_kernel` once for the batch; ``item_shapes`` holds (ndim, F, H, W) per item.
-    Returns new contiguous latents, one per item."""
+def unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, channels_last, tile=()):
+    """Launches :func:`unpack_kernel` once for the batch; ``item_shapes`` holds (ndim, F, H, W) per item and
+    ``tile`` the token order (empty: raster). Returns new contiguous latents, one per item."""
     dims = [tuple(item_shapes[i : i + 4]) for i in range(0, len(item_shapes), 4)]
     fhw = [(f, h, w) for _, f, h, w in dims]
     _check_tiling(fhw, patch_size)
+    tile = _check_tile(tile)
     outs = [
         torch.empty((channels, f, h, w) if nd == 4 else (channels, h, w), device=tokens.device, dtype=tokens.dtype)
         for nd, f, h, w in dims
@@ -515,5 +565,7 @@ def unpack(tokens, item_shapes, patch_size, channels, nextline, nextframe, chann
     if tokens.shape[1] != channels * patch_size * patch_size:
         raise ValueError(f"tokens must have {channels * patch_size**2} columns, got {tokens.shape[1]}")
     grid = (n_segments, triton.cdiv(channels, flags["BLOCK_C"]))
-    unpack_kernel[grid](table, tokens, len(fhw), channels, tokens.stride(0), tokens.stride(1), **flags)
+    unpack_kernel[grid](
+        table, tokens, len(fhw), channels, tokens.stride(0), tokens.stride(1), *tile, **flags, TILED=tile[0] > 0
+    )
     return outs

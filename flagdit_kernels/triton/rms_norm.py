@@ -13,24 +13,34 @@ leading dims (a slice of a larger buffer, a transposed batch) are read in place;
 stride (the launchers copy otherwise). Kernels take such a view as one ``(pointer, stride_b, stride_l)``
 tuple. A per-sample parameter (scale/shift/gate) is read either
 
-* packed: ``(B, D)`` rows picked by the token's sample, found in the kernel by counting the ``cu_seqlens``
-  ends at or below the row index (no host sync; ``cu_seqlens`` may be strided), or
+* packed: ``(B, D)`` rows picked by the token's sample, read per row from the row-sample index the launcher
+  builds from ``cu_seqlens`` (on the device, no host sync; see Samples), or
 * strided: the parameter expanded to x's shape, read at ``b * stride_b + l * stride_l`` (``stride_l == 0``
   for per-sample ``(B, D)`` with padded ``(B, L, D)`` x and for a ``(D,)`` vector).
 
-Bad offsets. Whatever ``cu_seqlens`` holds (its values are not checked on the GPU), a row's sample is the
-number of sequence ends at or below it, clamped to ``[0, B)``, in the forward and in every backward reduction
-alike, and rows are clamped to ``[0, T)``: no kernel reads or writes outside its tensors, every row's gradient
-lands in the sample its forward used, and the per-sample gradient slots start zeroed, so no result holds
-memory nothing wrote.
+Samples. The launchers find every row's sample once per launch with the reference's own rule
+(``reference.norms.token_sample_index``: ``torch.searchsorted`` of the row over ``cu_seqlens[1:]``, a few small
+device ops, no host sync) and the kernels read it per row (4 bytes a row, prefetched with the row), clamped
+to ``[0, B)``. Neither the kernels' work per row, their registers nor their binaries depend on the number of
+samples (``n_samples`` is not specialized); an in-kernel search per row was tried and dropped: the pipeliner
+prefetches its index loads too (128 registers at 8 steps, a compile that did not finish at 31).
+
+Bad offsets. Whatever ``cu_seqlens`` holds (its values are not checked on the GPU), a row's sample is what
+that search finds, clamped to ``[0, B)``, in the forward and in every backward reduction alike and on the
+reference too; for any offsets it never decreases along the rows (a binary search is monotone in the value
+it looks for), and rows are clamped to ``[0, T)``: no kernel reads or writes outside its tensors, every row's
+gradient lands in the sample its forward used, and the per-sample gradient slots start zeroed, so no result
+holds memory nothing wrote.
 
 Backward reductions. ``dweight`` is summed per program into an fp32 ``(programs, D)`` buffer and finished
 by one ``sum(0)``. A parameter that is constant along L (per sample) is summed per (program, sample)
 segment: a program walks its contiguous block of rows and flushes its accumulator to slot
-``program + sample`` whenever the sample changes. ``program + sample`` is strictly increasing along the rows,
-so the slots never collide and the buffer has ``programs + samples - 1`` rows; ``_segment_sum_kernel`` then
-adds, for each sample, the slots of the programs that overlap it. No atomics anywhere, so the result is
-deterministic. A parameter that varies along L (the general broadcast, e.g. the same shape as x) gets its
+``program + sample`` whenever the sample changes, and records the first and last sample it saw.
+``program + sample`` is strictly increasing along the rows (samples never decrease along them), so the slots
+never collide and the buffer has ``programs + samples - 1`` rows; ``_segment_sum_kernel`` then adds, for
+each sample, the slots of the programs whose first..last range holds it (found by binary searches over the
+programs' records, so its work too is independent of the number of samples). No atomics anywhere, so the
+result is deterministic. A parameter that varies along L (the general broadcast, e.g. the same shape as x) gets its
 per-row gradient written out and reduced by ``Tensor.sum_to_size`` (a documented, slower path).
 
 Grids. Both kernels are persistent: as many programs as the GPU holds at once for the compiled variant
@@ -47,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.norms import token_sample_index
 from ._helpers import num_warps, persistent_grid, tanh, whole_vectors
 
 # The epilogue a kernel applies to the normalized rows (constexpr MODE).
@@ -75,7 +86,8 @@ BWD_STAGES = 3
 # tested.
 FWD_PROGRAMS_INTERPRETED = 3
 BWD_PROGRAMS_INTERPRETED = 4
-SEGMENT_BLOCK = 1024
+# A segment-sum program adds up about this many (sample, column) values: many samples per program for small D.
+SEGMENT_TILE = 4096
 
 
 @triton.jit
@@ -108,37 +120,32 @@ def _vector_view(view, ALIGNED: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _sequence_ends(cu, n_samples, BLOCK_B: tl.constexpr):
-    """cu_seqlens[1:] of a ``(pointer, stride)`` offsets vector, padded with int32 max (a padding slot is
-    never at or below a row)."""
-    cu_ptr, cu_stride = cu
-    bs = tl.arange(0, BLOCK_B)
-    return tl.load(cu_ptr + (1 + bs) * cu_stride, mask=bs < n_samples, other=2147483647)
+def _search_step(ptr, stride, n, value, found, step):
+    """One step of a branchless binary search for how many of the ``n`` sorted values ``ptr[0], ptr[stride],
+    ...`` are <= ``value``: takes ``step`` more where the value there is still <= ``value`` (loading only inside
+    the ``n`` values). Steps are powers of two, largest first. For unsorted values the count stays in [0, n]
+    and never decreases as ``value`` grows (where two values first go different ways, the larger takes the
+    step)."""
+    cand = found + step
+    inside = cand <= n
+    probe = tl.load(ptr + (cand - 1) * stride, mask=inside, other=0)
+    return tl.where(inside & (probe <= value), cand, found)
 
 
 @triton.jit
-def _sample_of(ends, rows, n_samples):
-    """Sample of each packed row: the number of sequence ends at or below it, clamped so that bad offsets can
-    never index outside the (B, D) parameters."""
-    s = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
-    return tl.minimum(s, n_samples - 1)
+def _sample_of(row_sample, rows, rmask, n_samples):
+    """Sample of each packed row (or of one row) from the launcher's row-sample index, clamped so that bad
+    offsets can never index outside the (B, D) parameters (see Bad offsets)."""
+    found = tl.load(row_sample + rows, mask=rmask, other=0)
+    return tl.minimum(found, n_samples - 1)
 
 
 @triton.jit
-def _kth_smallest(values, k, BLOCK_B: tl.constexpr):
-    """The k-th smallest (from 0) of a [BLOCK_B] vector, ties broken by position."""
-    i = tl.arange(0, BLOCK_B)
-    before = (values[None, :] < values[:, None]) | ((values[None, :] == values[:, None]) & (i[None, :] < i[:, None]))
-    rank = tl.sum(before.to(tl.int32), axis=1)
-    return tl.sum(tl.where(rank == k, values, 0), axis=0)
-
-
-@triton.jit
-def _param_offsets(param, rows, b, l, ends, n_samples, PACKED: tl.constexpr):
+def _param_offsets(param, rows, rmask, b, l, row_sample, n_samples, PACKED: tl.constexpr):
     """(row offsets of a per-sample / broadcast parameter view for the tile's rows, sample of each row)."""
     _, stride_b, stride_l = param
     if PACKED:
-        s = _sample_of(ends, rows, n_samples).to(tl.int64)
+        s = _sample_of(row_sample, rows, rmask, n_samples).to(tl.int64)
         off = s * stride_b
     else:
         s = b
@@ -162,7 +169,7 @@ def _weighted(n, w, HAS_W: tl.constexpr, x_dtype: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(x, residual, weight, p1, p2, y_ptr, rstd_ptr, ends, rows, cols, cmask, n_rows, D, L, n_samples, eps,
+def _fwd_tile(x, residual, weight, p1, p2, y_ptr, rstd_ptr, row_sample, rows, cols, cmask, n_rows, D, L, n_samples, eps,
               MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_P2: tl.constexpr, PACKED: tl.constexpr,
               TANH: tl.constexpr):  # fmt: skip
     """Normalizes one [ROWS, BLOCK_D] tile of rows, applies the MODE epilogue and stores y and rstd."""
@@ -176,12 +183,12 @@ def _fwd_tile(x, residual, weight, p1, p2, y_ptr, rstd_ptr, ends, rows, cols, cm
     w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None
     out = _weighted(n, w, HAS_W, x_dtype)
     if MODE != MODE_PLAIN:
-        off1, _ = _param_offsets(p1, rows, b, l, ends, n_samples, PACKED)
+        off1, _ = _param_offsets(p1, rows, rmask, b, l, row_sample, n_samples, PACKED)
         pv = tl.load(p1[0] + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if MODE == MODE_MODULATE:
             out = out * (1.0 + pv)
             if HAS_P2:
-                off2, _ = _param_offsets(p2, rows, b, l, ends, n_samples, PACKED)
+                off2, _ = _param_offsets(p2, rows, rmask, b, l, row_sample, n_samples, PACKED)
                 out += tl.load(p2[0] + off2[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
             g = tanh(pv) if TANH else pv
@@ -189,7 +196,7 @@ def _fwd_tile(x, residual, weight, p1, p2, y_ptr, rstd_ptr, ends, rows, cols, cm
     tl.store(y_ptr + rows[:, None] * D + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_samples"])  # one binary for every sample count
 def _fwd_kernel(
     x,  # (ptr, stride_b, stride_l) views of (B, L, D) tensors with unit D stride
     residual,
@@ -198,7 +205,7 @@ def _fwd_kernel(
     p2,  # shift (MODULATE) view
     y_ptr,  # contiguous output
     rstd_ptr,
-    cu,  # (ptr, stride) of cu_seqlens when PACKED
+    row_sample,  # (rows,) sample of every packed row when PACKED (see Samples)
     n_rows,
     D,
     L,
@@ -211,7 +218,6 @@ def _fwd_kernel(
     TANH: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_B: tl.constexpr,
     STAGES: tl.constexpr,
     ALIGNED: tl.constexpr,  # D, the row strides and the pointers are whole 16-byte vectors (VEC elements)
     VEC: tl.constexpr,
@@ -223,12 +229,11 @@ def _fwd_kernel(
     p1, p2 = _vector_view(p1, ALIGNED, VEC), _vector_view(p2, ALIGNED, VEC)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    ends = _sequence_ends(cu, n_samples, BLOCK_B) if PACKED else None
     n_tiles = tl.cdiv(n_rows, ROWS)
     for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
         rows = tl.arange(0, ROWS).to(tl.int64) + tile * ROWS  # int64: row * D offsets overflow int32
         _fwd_tile(
-            x, residual, weight, p1, p2, y_ptr, rstd_ptr, ends, rows, cols, cmask, n_rows, D, L, n_samples, eps,
+            x, residual, weight, p1, p2, y_ptr, rstd_ptr, row_sample, rows, cols, cmask, n_rows, D, L, n_samples, eps,
             MODE, HAS_W, HAS_P2, PACKED, TANH,
         )  # fmt: skip
 
@@ -302,7 +307,9 @@ def _flush_segments(acc1, acc2, cur, s, rmask, g1, g2, dp1_ptr, dp2_ptr, pid, D,
         if SEG2:
             acc2 += g2
         return acc1, acc2, s_lo
-    for t in range(s_lo, s_hi + 1):
+    # Only the samples the tile's rows have (at most ROWS): empty samples between them keep their zeroed slots.
+    t = s_lo
+    while t <= s_hi:
         acc1 = _for_sample(acc1, cur, t, dp1_ptr, pid, D, cols, cmask, SEG1)
         acc2 = _for_sample(acc2, cur, t, dp2_ptr, pid, D, cols, cmask, SEG2)
         cur = t
@@ -311,21 +318,23 @@ def _flush_segments(acc1, acc2, cur, s, rmask, g1, g2, dp1_ptr, dp2_ptr, pid, D,
             acc1 += tl.where(sel, g1, 0.0)
         if SEG2:
             acc2 += tl.where(sel, g2, 0.0)
+        t = tl.min(tl.where(rmask & (s > t), s, s_hi + 1), axis=0)
     return acc1, acc2, cur
 
 
-@triton.jit(do_not_specialize=["rows_per_prog"])
+@triton.jit(do_not_specialize=["n_samples", "rows_per_prog"])
 def _bwd_kernel(
     dy,  # (ptr, stride_b, stride_l) views like the forward's
     x,
     weight,
     p1,  # scale or gate (shift's value is not needed for any gradient)
     rstd_ptr,
-    cu,
+    row_sample,
     dx_ptr,
     dw_ptr,  # (programs, D) fp32 partial sums
     dp1_ptr,  # per-row (rows, D) fp32, or (programs + samples - 1, D) fp32 segment sums
     dp2_ptr,
+    seen_ptr,  # int32 (programs, 2): the first and last sample of each program's rows, when SEG1 or SEG2
     n_rows,
     D,
     L,
@@ -340,7 +349,6 @@ def _bwd_kernel(
     TANH: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_B: tl.constexpr,
     STAGES: tl.constexpr,
     ALIGNED: tl.constexpr,  # as in the forward
     VEC: tl.constexpr,
@@ -363,11 +371,10 @@ def _bwd_kernel(
     acc1 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     if PACKED:
-        ends = _sequence_ends(cu, n_samples, BLOCK_B)
-        cur = tl.minimum(tl.sum((ends <= row_start).to(tl.int32), axis=0), n_samples - 1).to(tl.int64)
+        cur = _sample_of(row_sample, row_start, row_start < n_rows, n_samples).to(tl.int64)
     else:
-        ends = None
         cur = row_start // L
+    first = cur
 
     for r0 in tl.range(row_start, row_end, ROWS, num_stages=STAGES):
         rows = r0 + tl.arange(0, ROWS)
@@ -380,7 +387,7 @@ def _bwd_kernel(
         if MODE == MODE_PLAIN:
             da = g
         else:
-            off1, s = _param_offsets(p1, rows, b, l, ends, n_samples, PACKED)
+            off1, s = _param_offsets(p1, rows, rmask, b, l, row_sample, n_samples, PACKED)
             pv = tl.load(p1[0] + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             # Masked rows load zeros, so every contribution below is zero there.
             da, g1, g2 = _epilogue_grads(g, _weighted(n, w, HAS_W, x_dtype), pv, MODE, TANH)
@@ -403,47 +410,37 @@ def _bwd_kernel(
         _store_slot(dp1_ptr, pid + cur, D, cols, cmask, acc1)
     if SEG2:
         _store_slot(dp2_ptr, pid + cur, D, cols, cmask, acc2)
+    if SEG1 or SEG2:
+        tl.store(seen_ptr + 2 * pid, first.to(tl.int32))
+        tl.store(seen_ptr + 2 * pid + 1, cur.to(tl.int32))
 
 
-@triton.jit
-def _segment_sum_kernel(
-    part_ptr,
-    out_ptr,
-    cu,
-    n_rows,
-    D,
-    L,
-    rows_per_prog,
-    n_prog,
-    n_samples,
-    PACKED: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-):
-    """out[s] = sum of the segment slots ``p + s`` of every program p whose rows overlap sample s."""
-    s = tl.program_id(0)
+@triton.jit(do_not_specialize=["n_samples", "n_prog", "prog_steps"])
+def _segment_sum_kernel(part_ptr, out_ptr, seen_ptr, D, n_samples, n_prog, prog_steps,
+                        SAMPLES: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """out[s] = sum of the segment slots ``p + s`` of every program p whose rows reach sample s, for a block of
+    SAMPLES samples and BLOCK columns (SAMPLES x BLOCK is about SEGMENT_TILE: small D sums many samples a program).
+
+    Programs' (first, last) samples never decrease with p, so those programs are a run found by two binary
+    searches over the programs' records (``prog_steps`` steps: log2 of the programs, not of the samples): from
+    the first program whose last sample is >= s to the last one whose first sample is <= s (an empty run for a
+    sample no row has). Each sample sums its slots in program order: deterministic.
+    """
+    s = tl.program_id(0) * SAMPLES + tl.arange(0, SAMPLES)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    cmask = cols < D
-    if PACKED:
-        # The rows the forward and _bwd_kernel give sample s (_sample_of: the count of sequence ends at or below a
-        # row, clamped): from the s-th smallest end (row 0 for the first sample) to the next one (the last row for
-        # the last sample). For valid offsets that is [cu[s], cu[s + 1]); for any others it still agrees with the
-        # rows' own samples, so every row's gradient lands in exactly one sample.
-        ends = _sequence_ends(cu, n_samples, BLOCK_B)
-        start = tl.where(s == 0, 0, _kth_smallest(ends, s - 1, BLOCK_B))
-        end = tl.where(s == n_samples - 1, n_rows, _kth_smallest(ends, s, BLOCK_B))
-    else:
-        start = s * L
-        end = start + L
-    start = tl.maximum(start, 0)
-    end = tl.minimum(end, n_rows)
-    p0 = start // rows_per_prog
-    # Empty samples (and any nonsense offsets) sum nothing; p stays inside the buffer either way.
-    p1 = tl.where(end > start, tl.minimum((end - 1) // rows_per_prog, n_prog - 1), p0 - 1)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for p in range(p0, p1 + 1):
-        acc += tl.load(part_ptr + (p + s).to(tl.int64) * D + cols, mask=cmask, other=0.0)
-    tl.store(out_ptr + s.to(tl.int64) * D + cols, acc, mask=cmask)
+    smask = s < n_samples
+    mask = smask[:, None] & (cols < D)[None, :]
+    p0 = tl.zeros_like(s)  # programs whose last sample is < s
+    p1 = tl.zeros_like(s)  # programs whose first sample is <= s
+    for k in range(prog_steps):
+        step = 1 << (prog_steps - 1 - k)
+        p0 = _search_step(seen_ptr + 1, 2, n_prog, s - 1, p0, step)
+        p1 = _search_step(seen_ptr, 2, n_prog, s, p1, step)
+    acc = tl.zeros([SAMPLES, BLOCK], dtype=tl.float32)
+    for p in range(tl.min(tl.where(smask, p0, n_prog), axis=0), tl.max(tl.where(smask, p1, 0), axis=0)):
+        take = mask & ((p >= p0) & (p < p1))[:, None]
+        acc += tl.load(part_ptr + (p + s).to(tl.int64)[:, None] * D + cols[None, :], mask=take, other=0.0)
+    tl.store(out_ptr + s.to(tl.int64)[:, None] * D + cols[None, :], acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,13 +520,12 @@ def _common(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
     # Rows are addressed as (b, l) = divmod(row, L) in x's (B, L, D) view; packed x is (1, T, D).
     n_samples = cu_seqlens.numel() - 1 if packed else x3.shape[0]
     seq_len = max(x3.shape[1], 1)
-    block_b = triton.next_power_of_2(n_samples) if packed else 1
-    return x3, n_rows, packed, n_samples, seq_len, block_b
+    return x3, n_rows, packed, n_samples, seq_len
 
 
-def _offsets(cu_seqlens: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
-    """The kernels' ``(pointer, stride)`` of cu_seqlens: any stride is read in place."""
-    return (cu_seqlens, cu_seqlens.stride(0)) if cu_seqlens is not None else (dummy, 0)
+def _row_samples(cu_seqlens: torch.Tensor | None, n_rows: int, dummy: torch.Tensor) -> torch.Tensor:
+    """The sample of every packed row (see Samples), or ``dummy`` when not packed."""
+    return token_sample_index(cu_seqlens, n_rows) if cu_seqlens is not None else dummy
 
 
 def _aligned(d: int, views: list[tuple], tensors: list[torch.Tensor | None], vec: int) -> bool:
@@ -565,7 +561,7 @@ def forward(
 
     ``p1`` is scale (MODULATE) or gate (GATED), ``p2`` the optional shift.
     """
-    x3, n_rows, packed, n_samples, seq_len, block_b = _common(x, cu_seqlens)
+    x3, n_rows, packed, n_samples, seq_len = _common(x, cu_seqlens)
     d = x.shape[-1]
     out_dtype = residual.dtype if mode == MODE_GATED else x.dtype
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
@@ -580,11 +576,11 @@ def forward(
     vec = 16 // x.element_size()
     args = (
         views[0], views[1], weight if weight is not None else x3, views[2], views[3],
-        y, rstd, _offsets(cu_seqlens, rstd), n_rows, d, seq_len, n_samples, float(eps),
+        y, rstd, _row_samples(cu_seqlens, n_rows, rstd), n_rows, d, seq_len, n_samples, float(eps),
     )  # fmt: skip
     flags = dict(
         MODE=mode, HAS_W=weight is not None, HAS_P2=q2 is not None, PACKED=packed, TANH=bool(tanh_gate),
-        ROWS=rows, BLOCK_D=block_d, BLOCK_B=block_b, STAGES=FWD_STAGES,
+        ROWS=rows, BLOCK_D=block_d, STAGES=FWD_STAGES,
         ALIGNED=_aligned(d, views, [x3, r3, weight, y, *(v[0] for v in views[2:])], vec), VEC=vec, num_warps=warps,
     )  # fmt: skip
     n_prog, _ = persistent_grid(_fwd_kernel, args, flags, triton.cdiv(n_rows, rows), x.device, FWD_PROGRAMS_INTERPRETED)
@@ -608,7 +604,7 @@ def backward(
 
     The residual's gradient of the GATED op is ``dy`` itself and is not computed here.
     """
-    x3, n_rows, packed, n_samples, seq_len, block_b = _common(x, cu_seqlens)
+    x3, n_rows, packed, n_samples, seq_len = _common(x, cu_seqlens)
     d = x.shape[-1]
     dev = x.device
     dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
@@ -623,21 +619,23 @@ def backward(
     seg2 = mode == MODE_MODULATE and q2 is not None and not q2.per_row
     views = [_view(dy3), _view(x3), _param_view(q1, x3)]
     vec = 16 // x.element_size()
+    row_sample = _row_samples(cu_seqlens, n_rows, rstd)
     flags = dict(
         MODE=mode, HAS_W=weight is not None, HAS_P2=q2 is not None, SEG1=seg1, SEG2=seg2, PACKED=packed,
-        TANH=bool(tanh_gate), ROWS=rows, BLOCK_D=block_d, BLOCK_B=block_b, STAGES=BWD_STAGES,
+        TANH=bool(tanh_gate), ROWS=rows, BLOCK_D=block_d, STAGES=BWD_STAGES,
         ALIGNED=_aligned(d, views, [dy3, x3, weight, dx, views[2][0]], vec), VEC=vec, num_warps=warps,
     )  # fmt: skip
 
-    def args(dw_part: torch.Tensor, dp1: torch.Tensor, dp2: torch.Tensor, rows_per_prog: int) -> tuple:
+    def args(dw_part: torch.Tensor, dp1: torch.Tensor, dp2: torch.Tensor, seen: torch.Tensor, rows_per_prog: int):
         return (
             views[0], views[1], weight if weight is not None else x3, views[2], rstd,
-            _offsets(cu_seqlens, rstd), dx, dw_part, dp1, dp2, n_rows, d, seq_len, n_samples, rows_per_prog,
+            row_sample, dx, dw_part, dp1, dp2, seen, n_rows, d, seq_len, n_samples, rows_per_prog,
         )  # fmt: skip
 
-    # Sized from the compiled kernel; its warm-up takes any fp32 buffers (rstd) in place of the partial sums.
+    # Sized from the compiled kernel; its warm-up takes any buffers (rstd) in place of the partial sums.
+    placeholder = (rstd, rstd, rstd, rstd.view(torch.int32), n_rows)
     n_prog, rows_per_prog = persistent_grid(
-        _bwd_kernel, args(rstd, rstd, rstd, n_rows), flags, n_rows, dev, BWD_PROGRAMS_INTERPRETED
+        _bwd_kernel, args(*placeholder), flags, n_rows, dev, BWD_PROGRAMS_INTERPRETED
     )
 
     def grad_buffer(q: _Param | None) -> torch.Tensor:
@@ -650,7 +648,8 @@ def backward(
 
     dw_part = torch.empty((n_prog, d), device=dev, dtype=torch.float32) if weight is not None else rstd
     dp1, dp2 = grad_buffer(q1), grad_buffer(q2)
-    _bwd_kernel[(n_prog,)](*args(dw_part, dp1, dp2, rows_per_prog), **flags)
+    seen = torch.empty((n_prog, 2), device=dev, dtype=torch.int32) if seg1 or seg2 else placeholder[3]
+    _bwd_kernel[(n_prog,)](*args(dw_part, dp1, dp2, seen, rows_per_prog), **flags)
 
     def finish(q: _Param | None, buf: torch.Tensor) -> torch.Tensor | None:
         if q is None:
@@ -658,10 +657,12 @@ def backward(
         if q.per_row:
             return q.grad_from_rows(buf, x)
         out = torch.empty((n_samples, d), device=dev, dtype=torch.float32)
-        _segment_sum_kernel[(n_samples, triton.cdiv(d, SEGMENT_BLOCK))](
-            buf, out, _offsets(cu_seqlens, out), n_rows, d, seq_len, rows_per_prog, n_prog, n_samples,
-            PACKED=packed, BLOCK=SEGMENT_BLOCK, BLOCK_B=block_b,
-        )  # fmt: skip
+        block = min(triton.next_power_of_2(d), SEGMENT_TILE)
+        samples = SEGMENT_TILE // block
+        grid = (triton.cdiv(n_samples, samples), triton.cdiv(d, block))
+        _segment_sum_kernel[grid](
+            buf, out, seen, d, n_samples, n_prog, n_prog.bit_length(), SAMPLES=samples, BLOCK=block, num_warps=8
+        )
         return q.grad_from_samples(out, x)
 
     dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else None

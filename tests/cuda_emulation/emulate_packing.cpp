@@ -95,27 +95,32 @@ struct Batch {
 };
 
 Batch make_batch(int64_t n_items, const int64_t* fhw, const int64_t* strides, const int64_t* addrs,
-                 int64_t channels, int64_t p, int nextline, int nextframe) {
+                 int64_t channels, int64_t p, int nextline, int nextframe, const int64_t* tile) {
   Batch b;
+  flagdit::TileShape order;
+  order.t = tile[0];
+  order.h = tile[1];
+  order.w = tile[2];
   int64_t patches = 0, segments = 0;
   const std::vector<int64_t> dims = copy(fhw, 3 * n_items);
   const auto [max_rows, max_cols] = max_patch_grid(dims, p);
   b.tiling = make_tiling(channels, p, max_rows, max_cols);
-  b.items = make_items(dims, copy(strides, 4 * n_items), copy(addrs, n_items), p, nextline, nextframe, b.tiling,
-                       &b.total, &patches, &segments);
+  b.items = make_items(dims, copy(strides, 4 * n_items), copy(addrs, n_items), p, nextline, nextframe, order,
+                       b.tiling, &b.total, &patches, &segments);
   b.grid = {static_cast<unsigned>(segments), static_cast<unsigned>(ceil_div(channels, b.tiling.channels)), 1};
   return b;
 }
 
 }  // namespace
 
-// fhw: (F, H, W) per item; strides: (C, F, H, W) element strides per item; addrs: latent addresses.
+// fhw: (F, H, W) per item; strides: (C, F, H, W) element strides per item; addrs: latent addresses; tile: the
+// token order's tile (t, h, w), all zero for raster order.
 // Returns the number of tokens, or -1 for an unsupported element size. *vec receives the words per access used.
 extern "C" int64_t emu_pack(int64_t elem_size, int64_t n_items, const int64_t* fhw, const int64_t* strides,
                             const int64_t* addrs, int64_t channels, int64_t p, int nextline, int nextframe,
-                            int channels_last, int layout, void* out, int64_t out_row_stride, int32_t* positions,
-                            int8_t* kind, int64_t* patch_rows, int32_t* cu_seqlens, int* vec_used) {
-  const Batch b = make_batch(n_items, fhw, strides, addrs, channels, p, nextline, nextframe);
+                            int channels_last, const int64_t* tile, int layout, void* out, int64_t out_row_stride,
+                            int32_t* positions, int8_t* kind, int64_t* patch_rows, int32_t* cu_seqlens, int* vec_used) {
+  const Batch b = make_batch(n_items, fhw, strides, addrs, channels, p, nextline, nextframe, tile);
   const int vec = vector_words(b.items, elem_size, p, channels, b.tiling, channels_last,
                                reinterpret_cast<int64_t>(out), out_row_stride, 1);
   *vec_used = vec;
@@ -133,9 +138,9 @@ extern "C" int64_t emu_pack(int64_t elem_size, int64_t n_items, const int64_t* f
 
 extern "C" int64_t emu_unpack(int64_t elem_size, int64_t n_items, const int64_t* fhw, const int64_t* strides,
                               const int64_t* addrs, int64_t channels, int64_t p, int nextline, int nextframe,
-                              int channels_last, const void* tokens, int64_t row_stride, int64_t col_stride,
+                              int channels_last, const int64_t* tile, const void* tokens, int64_t row_stride, int64_t col_stride,
                               int* vec_used) {
-  const Batch b = make_batch(n_items, fhw, strides, addrs, channels, p, nextline, nextframe);
+  const Batch b = make_batch(n_items, fhw, strides, addrs, channels, p, nextline, nextframe, tile);
   const int vec = vector_words(b.items, elem_size, p, channels, b.tiling, channels_last,
                                reinterpret_cast<int64_t>(tokens), row_stride, col_stride);
   *vec_used = vec;
