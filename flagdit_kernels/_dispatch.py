@@ -214,3 +214,10 @@ def available_backends(op: str, device: torch.device | str | None = None) -> lis
 
 def ops() -> list[str]:
     return sorted(_OPS)
+
+
+def registered_backends(op: str) -> list[str]:
+    """Every backend registered for ``op``, whether or not it can run here (what the op has, not what runs)."""
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(_OPS)}")
+    return [b for b in BACKENDS if b in _OPS[op].impls]

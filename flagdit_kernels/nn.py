@@ -10,12 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._conventions import EPS, QK_NORM_EPS
 from ._layout import VarlenLayout
 from .ops.attention import varlen_attention
 from .ops.norms import rms_norm, rms_norm_modulate
 from .ops.rope import qk_norm_rope
-from .reference.norms import EPS
-from .reference.rope import QK_NORM_EPS
 
 
 class RMSNorm(nn.Module):

@@ -22,8 +22,7 @@ def test_packing_kernels_compile_for_sm90():
 
 
 def _compile_all() -> None:
-    from flagdit_kernels.ops.packing import _item_shapes
-    from flagdit_kernels.reference.packing import frames_hw
+    from flagdit_kernels._conventions import frames_hw, item_shapes
     from flagdit_kernels.tools.recorder import compile_launch, recording
     from flagdit_kernels.tools.sass import access_widths, resource_usage, sass
     from flagdit_kernels.triton import embed as E
@@ -48,10 +47,10 @@ def _compile_all() -> None:
     with recording(K, ("pack_kernel", "unpack_kernel")) as rec:
         patches = K.pack(latents, fhw, 2, True, True, False, [], with_layout=True)[0]
         K.pack(latents, fhw, 2, False, True, True, [], with_layout=False)
-        K.unpack(patches, _item_shapes(shapes), 2, 16, True, True, True, [])
+        K.unpack(patches, item_shapes(shapes), 2, 16, True, True, True, [])
         # Tile-major order: the same segments, scattered token rows, each still one 16-byte-vector run.
         K.pack(latents, fhw, 2, True, True, False, [2, 4, 4], with_layout=True)
-        K.unpack(patches, _item_shapes(shapes), 2, 16, True, True, True, [2, 4, 4])
+        K.unpack(patches, item_shapes(shapes), 2, 16, True, True, True, [2, 4, 4])
     check(rec, aligned_bf16=True)
     # p = 3 and 5 channels, a transposed latent (W stride != 1), fp32: the 4-D gather paths.
     latents = [torch.empty(5, 9, 6).transpose(1, 2), torch.empty(5, 2, 6, 9)]
@@ -59,8 +58,8 @@ def _compile_all() -> None:
     fhw = [frames_hw(s) for s in shapes]
     with recording(K, ("pack_kernel", "unpack_kernel")) as rec:
         patches = K.pack(latents, fhw, 3, True, False, True, [], with_layout=True)[0]
-        K.unpack(patches, _item_shapes(shapes), 3, 5, True, False, False, [])
-        K.unpack(torch.empty(45, patches.shape[0]).t(), _item_shapes(shapes), 3, 5, True, False, True, [])
+        K.unpack(patches, item_shapes(shapes), 3, 5, True, False, False, [])
+        K.unpack(torch.empty(45, patches.shape[0]).t(), item_shapes(shapes), 3, 5, True, False, True, [])
     check(rec)
     # Channel blocks (150 channels) and the embedding epilogue.
     latents = [torch.empty(150, 4, 6, dtype=torch.float16)]

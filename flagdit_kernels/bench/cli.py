@@ -74,10 +74,6 @@ def format_row(row: dict, copy_gbs: float, mm_tflops: float) -> str:
     return " ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(cells, COLUMNS))
 
 
-def format_table(rows: list[dict], copy_gbs: float, mm_tflops: float) -> str:
-    return "\n".join([format_header(), *(format_row(r, copy_gbs, mm_tflops) for r in rows)])
-
-
 def noise_warnings(rows: list[dict], ceilings: dict[str, tuple[float, float]], copy_gbs, mm_tflops) -> list[str]:
     """Why the figures may not be trustworthy: ceilings that moved during the run, shares above 100%."""
     out = []

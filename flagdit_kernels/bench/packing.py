@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from .._conventions import frames_hw
 from ..ops import embed as embed_ops
-from ..reference.packing import frames_hw
 from .cases import Case, backend_impls, forward_backward
 
 P = 2
@@ -58,10 +58,6 @@ def video_shapes(quick: bool) -> list[tuple[int, ...]]:
         return [(CHANNELS, 5, 32, 48), (CHANNELS, 32, 32), (CHANNELS, 3, 16, 24)]
     # A 720p-like latent (17 frames of 96x160: 65K patches), a smaller video and two images.
     return [(CHANNELS, 17, 96, 160), (CHANNELS, 9, 64, 112), (CHANNELS, 128, 128), (CHANNELS, 64, 192)]
-
-
-def mixed_batch(quick: bool, device, dtype) -> list[torch.Tensor]:
-    return [torch.randn(s, device=device, dtype=dtype) for s in mixed_shapes(quick)]
 
 
 def python_loop_pack(latents, p):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .report import Results, _best, _cases, _fmt_ms, _peak_pct, is_ours
+from .results import Results, best, by_case, fmt_ms, is_ours, peak_pct
 
 BEGIN, END = "<!-- record:begin -->", "<!-- record:end -->"
 HEADER = ("op", "shape", "dir", "floor", "prediction", "measured", "vs baselines (same run)", "run")
@@ -90,8 +90,8 @@ def update(rows: list[RecordRow], results: Results) -> list[RecordRow]:
     by_key = {row.key: row for row in rows}
     out = list(rows)
     run = _run_text(results)
-    for key, impls in _cases(results.rows).items():
-        ours = _best(impls, True)
+    for key, impls in by_case(results.rows).items():
+        ours = best(impls, True)
         if ours is None:
             continue
         row = by_key.get(key)
@@ -100,8 +100,8 @@ def update(rows: list[RecordRow], results: Results) -> list[RecordRow]:
             by_key[key] = row
             out.append(row)
         row.floor = row.floor or _floor(ours, results)
-        peak = _peak_pct(ours, results)
-        row.measured = f"{ours.impl} {_fmt_ms(ours.ms)} ms" + (f" ({peak})" if peak else "")
+        peak = peak_pct(ours, results)
+        row.measured = f"{ours.impl} {fmt_ms(ours.ms)} ms" + (f" ({peak})" if peak else "")
         baselines = [r for r in impls if r.ms and not is_ours(r.impl) and r.impl != "reference"]
         baselines.sort(key=lambda r: r.ms)
         row.baselines = ", ".join(f"{r.ms / ours.ms:.2f}x {r.impl}" for r in baselines) or "no baseline ran"

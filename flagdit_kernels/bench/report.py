@@ -14,8 +14,7 @@ anywhere still reads). Writes
   the autotuner's timings per config), and with ``--record RESULTS.md`` the per-op record table
   (``flagdit_kernels.bench.record``), also written back as a whole file with ``--record-out``.
 
-Ours are the ``triton`` / ``cuda`` / ``cpu`` backends and labels starting with ``fk`` (whole-model
-cases); ``reference`` is our PyTorch spec and counts as neither ours nor a baseline; the rest are baselines.
+Which implementations count as ours, as the spec and as baselines: ``flagdit_kernels.bench.results``.
 """
 
 from __future__ import annotations
@@ -25,46 +24,10 @@ import json
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import run_log
-
-OUR_BACKENDS = ("triton", "cuda", "cpu")
-SPEC = ("reference",)
-
-
-def is_ours(impl: str) -> bool:
-    return impl in OUR_BACKENDS or impl.lower().startswith("fk")
-
-
-@dataclass
-class Row:
-    op: str
-    shape: str
-    direction: str
-    impl: str
-    ms: float | None
-    gbps: float | None = None
-    tflops: float | None = None
-    device: str = ""
-    error: str = ""
-
-    @property
-    def case(self) -> tuple[str, str, str]:
-        return (self.op, self.shape, self.direction)
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    copy_gbps: float | None = None
-    matmul_tflops: float | None = None
-    devices: set[str] = field(default_factory=set)
-    sources: list[str] = field(default_factory=list)
-    dates: set[str] = field(default_factory=set)
-    tuned_tiles: dict[str, dict[str, str]] = field(default_factory=dict)  # attention kernel -> {key: config}
-    run: run_log.RunLog | None = None  # from a results log
+from . import record, run_log
+from .results import SPEC, Results, Row, best, by_case, fmt, fmt_ms, is_ours, peak_pct
 
 
 def _num(value) -> float | None:
@@ -162,47 +125,15 @@ def load(paths: Iterable[str | Path]) -> Results:
     return results
 
 
-def _cases(rows: list[Row]) -> dict[tuple[str, str, str], list[Row]]:
-    cases: dict[tuple[str, str, str], list[Row]] = {}
-    for row in rows:
-        cases.setdefault(row.case, []).append(row)
-    for impls in cases.values():
-        impls.sort(key=lambda r: (not is_ours(r.impl), r.impl in SPEC, r.ms if r.ms else math.inf))
-    return cases
-
-
-def _best(rows: list[Row], ours: bool) -> Row | None:
-    pool = [r for r in rows if r.ms and is_ours(r.impl) == ours and r.impl not in SPEC]
-    return min(pool, key=lambda r: r.ms) if pool else None
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "" if value is None else f"{value:,.{digits}f}"
-
-
-def _fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return ""
-    return f"{ms:.4f}" if ms < 0.1 else f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
-
-
-def _peak_pct(row: Row, results: Results) -> str:
-    if row.gbps and results.copy_gbps:
-        return f"{100 * row.gbps / results.copy_gbps:.0f}% copy"
-    if row.tflops and results.matmul_tflops:
-        return f"{100 * row.tflops / results.matmul_tflops:.0f}% matmul"
-    return ""
-
-
 def markdown(results: Results, record_text: str | None = None) -> str:
     """The report; ``record_text`` (a RESULTS.md) adds the per-op record with this run's figures filled in."""
-    cases = _cases(results.rows)
+    cases = by_case(results.rows)
     lines = ["# flagdit-kernels benchmark report", ""]
     device = ", ".join(sorted(results.devices)) or "unknown device"
     lines.append(f"- device: {device}" + (f"; run date {', '.join(sorted(results.dates))}" if results.dates else ""))
     if results.copy_gbps or results.matmul_tflops:
         lines.append(
-            f"- measured ceilings: copy {_fmt(results.copy_gbps)} GB/s, matmul {_fmt(results.matmul_tflops, 2)} "
+            f"- measured ceilings: copy {fmt(results.copy_gbps)} GB/s, matmul {fmt(results.matmul_tflops, 2)} "
             "TFLOP/s (same run)"
         )
     lines.append(f"- sources: {', '.join(f'`{s}`' for s in results.sources)}")
@@ -213,24 +144,22 @@ def markdown(results: Results, record_text: str | None = None) -> str:
     if results.run is not None:
         lines += ["", *run_log.markdown(results.run)]
     if record_text is not None:
-        from . import record
-
         lines += ["", "## Per-op record (benchmarks/RESULTS.md format)", ""]
         lines.append(record.render(record.update(record.parse(record_text), results)))
     lines += ["", "## Summary", "", "| op | shape | dir | ours | ms | best baseline | ms | speed-up |"]
     lines.append("| --- | --- | --- | --- | ---: | --- | ---: | ---: |")
     for (op, shape, direction), rows in cases.items():
-        ours, base = _best(rows, True), _best(rows, False)
+        ours, base = best(rows, True), best(rows, False)
         speedup = f"**{base.ms / ours.ms:.2f}x**" if ours and base else ""
         lines.append(
-            f"| {op} | {shape} | {direction} | {ours.impl if ours else '-'} | {_fmt_ms(ours.ms) if ours else ''} | "
-            f"{base.impl if base else '-'} | {_fmt_ms(base.ms) if base else ''} | {speedup} |"
+            f"| {op} | {shape} | {direction} | {ours.impl if ours else '-'} | {fmt_ms(ours.ms) if ours else ''} | "
+            f"{base.impl if base else '-'} | {fmt_ms(base.ms) if base else ''} | {speedup} |"
         )
     lines += ["", "## Every implementation", "", "| op | shape | dir | impl | ms | GB/s | TFLOP/s | of ceiling |"]
     lines[-1] += " vs best baseline |"
     lines.append("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for (op, shape, direction), rows in cases.items():
-        base = _best(rows, False)
+        base = best(rows, False)
         for row in rows:
             name = f"**{row.impl}**" if is_ours(row.impl) else row.impl
             if row.error or not row.ms:
@@ -238,8 +167,8 @@ def markdown(results: Results, record_text: str | None = None) -> str:
                 continue
             ratio = f"{base.ms / row.ms:.2f}x" if base else ""
             lines.append(
-                f"| {op} | {shape} | {direction} | {name} | {_fmt_ms(row.ms)} | {_fmt(row.gbps)} | "
-                f"{_fmt(row.tflops, 2)} | {_peak_pct(row, results)} | {ratio} |"
+                f"| {op} | {shape} | {direction} | {name} | {fmt_ms(row.ms)} | {fmt(row.gbps)} | "
+                f"{fmt(row.tflops, 2)} | {peak_pct(row, results)} | {ratio} |"
             )
     if results.tuned_tiles:
         lines += ["", "## Tiles the autotuner chose (attention)", "", "| kernel | tuning key | config |"]
@@ -276,7 +205,7 @@ def plot(results: Results, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = _cases(results.rows)
+    cases = by_case(results.rows)
     panels = [
         ("memory-bound: achieved GB/s", "gbps", results.copy_gbps, "copy"),
         ("compute-bound: achieved TFLOP/s", "tflops", results.matmul_tflops, "matmul"),
@@ -348,8 +277,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flagdit-bench report: {exc}", file=sys.stderr)
         return 2
     if args.record_out and record_text is not None:
-        from . import record
-
         rows = record.update(record.parse(record_text), results)
         Path(args.record_out).write_text(record.rewrite(record_text, rows))
         print(f"wrote {args.record_out}")

@@ -24,9 +24,10 @@ import torch
 
 from .. import _dispatch
 from .. import reference as ref
+from .._conventions import frames_hw, item_shapes
 from .._extension import extension, extension_missing
 from .._validation import check_int, check_same_dtype, check_tensor, values_checked
-from ..reference.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, TileLayout, frames_hw, item_tokens, tile_layout
+from ..reference.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, TileLayout, item_tokens, tile_layout
 
 __all__ = ["NEXTFRAME", "NEXTLINE", "PATCH", "Packed", "TileLayout", "pack", "unpack"]
 
@@ -185,11 +186,6 @@ class _Kernels:
     unpack: Callable
 
 
-def _item_shapes(shapes: list[tuple[int, ...]]) -> list[int]:
-    """(ndim, F, H, W) per item, flattened, as the unpack launchers take them."""
-    return [v for s in shapes for v in (len(s), *frames_hw(s))]
-
-
 def _packed_len(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe: bool) -> tuple[int, int]:
     """(tokens, patch tokens) of a batch of latent shapes."""
     tokens = patches = 0
@@ -204,7 +200,7 @@ RASTER = (0, 0, 0)  # the compiled ops' tile for raster order (see _Kernels)
 
 
 def _pack_setup(ctx, latents, patch_size, nextline, nextframe, channels_last, tile) -> None:
-    ctx.item_shapes = _item_shapes([tuple(x.shape) for x in latents])
+    ctx.item_shapes = item_shapes([tuple(x.shape) for x in latents])
     ctx.flags = (patch_size, nextline, nextframe, channels_last)
     ctx.tile = list(tile)
 
@@ -344,7 +340,7 @@ def _backend(eager: _Kernels, compiled: _Kernels) -> tuple[Callable, Callable]:
         )  # fmt: skip
 
     def unpack_impl(tokens, packed: Packed, out_channels, channels_last) -> list[torch.Tensor]:
-        args = (tokens, _item_shapes(packed.shapes), packed.patch_size, out_channels, packed.nextline,
+        args = (tokens, item_shapes(packed.shapes), packed.patch_size, out_channels, packed.nextline,
                 packed.nextframe, channels_last, list(packed.tile or RASTER))  # fmt: skip
         if torch.compiler.is_compiling():
             return list(compiled.unpack(*args))

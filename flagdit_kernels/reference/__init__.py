@@ -4,6 +4,7 @@ These functions assume validated inputs; the public wrappers in ``flagdit_kernel
 """
 
 from .attention import proportional_scale, varlen_attention
+from .embed import embed_packed
 from .norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
 from .packing import Packed, TileLayout, pack, tile_layout, token_layout, unpack
 from .rope import apply_rope, qk_norm_rope, rope_freqs
@@ -12,6 +13,7 @@ __all__ = [
     "Packed",
     "TileLayout",
     "apply_rope",
+    "embed_packed",
     "gated_residual_rms_norm",
     "pack",
     "proportional_scale",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-EPS = 1e-5  # the default epsilon of every op in this family (and of fk.nn's RMSNorm modules)
+from .._conventions import EPS
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._conventions import frames_hw
+
 PATCH, NEXTLINE, NEXTFRAME = 0, 1, 2
 
 
@@ -57,11 +59,6 @@ class Packed:
     @property
     def seqlens(self) -> list[int]:
         return [item_tokens(s, self.patch_size, self.nextline, self.nextframe) for s in self.shapes]
-
-
-def frames_hw(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(F, H, W) of a (C, H, W) or (C, F, H, W) latent shape."""
-    return (1, shape[1], shape[2]) if len(shape) == 3 else (shape[1], shape[2], shape[3])
 
 
 def item_tokens(shape: tuple[int, ...], p: int, nextline: bool, nextframe: bool) -> int:

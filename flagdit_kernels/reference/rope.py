@@ -10,12 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._conventions import QK_NORM_EPS
 from .norms import compute_dtype
 
 NormParams = tuple[torch.Tensor | None, torch.Tensor | None]
-
-
-QK_NORM_EPS = 1e-5  # qk_norm_rope's default epsilon (LayerNorm's), also fk.nn.QKNormRoPE's
 
 
 def _inv_freq(step: int, dim: int, theta: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -110,8 +110,7 @@ def rope_launches() -> list[Launch]:
 
 
 def packing_launches() -> list[Launch]:
-    from ..ops.packing import _item_shapes
-    from ..reference.packing import frames_hw
+    from .._conventions import frames_hw, item_shapes
     from ..triton import embed as E
     from ..triton import packing as K
 
@@ -120,7 +119,7 @@ def packing_launches() -> list[Launch]:
     shapes = [(16, 128, 128), (16, 64, 192), (16, 5, 64, 64)]
     latents = [torch.empty(s, dtype=dt) for s in shapes]
     fhw = [frames_hw(s) for s in shapes]
-    items = _item_shapes(shapes)
+    items = item_shapes(shapes)
     with recording(K, ("pack_kernel", "unpack_kernel"), lambda n: f"{n} C16 p2") as rec:
         patches = K.pack(latents, fhw, 2, True, True, False, with_layout=True)[0]
         K.pack(latents, fhw, 2, True, True, True, with_layout=False)
@@ -131,7 +130,7 @@ def packing_launches() -> list[Launch]:
     latents = [torch.empty(s, dtype=dt) for s in shapes]
     with recording(K, ("pack_kernel", "unpack_kernel"), lambda n: f"{n} C4 p2") as rec:
         patches = K.pack(latents, [frames_hw(s) for s in shapes], 2, True, True, False, with_layout=True)[0]
-        K.unpack(patches, _item_shapes(shapes), 2, 4, True, True, True)
+        K.unpack(patches, item_shapes(shapes), 2, 4, True, True, True)
     launches += rec
     out = torch.empty(4096, 2304, dtype=dt)
     with recording(E, ("placeholder_rows_kernel",), lambda n: f"{n} dim2304") as rec:
