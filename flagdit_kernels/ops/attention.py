@@ -244,8 +244,8 @@ def _fwd_op(
     freqs: Tensor | None,
     lse_returned: bool,
     deterministic: bool,
-    cu_seqlens_k: Tensor | None,
-    max_seqlen_k: int | None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, o_text, lse_self, lse_text, q_rot, k_rot), LSEs in natural log; all but out are saved for
     the backward. q_rot / k_rot are q and k rotated by RoPE (empty without ``freqs``): the backward reads them.
@@ -265,7 +265,7 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
-              lse_returned, deterministic, cu_seqlens_k, max_seqlen_k):  # fmt: skip
+              lse_returned, deterministic, cu_seqlens_k=None, max_seqlen_k=None):  # fmt: skip
     T, H, D = q.shape
     has_text = text_k is not None
     out = q.new_empty((T, H, D))
@@ -298,8 +298,8 @@ def _bwd_op(
     tanh_gate: Tensor | None,
     freqs: Tensor | None,
     deterministic: bool,
-    cu_seqlens_k: Tensor | None,
-    max_seqlen_k: int | None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
     the gradient of the self-attention LSE (None when the caller did not take it). With ``freqs``, q and k are
@@ -317,7 +317,7 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
-              text_cu_seqlens, tanh_gate, freqs, deterministic, cu_seqlens_k, max_seqlen_k):  # fmt: skip
+              text_cu_seqlens, tanh_gate, freqs, deterministic, cu_seqlens_k=None, max_seqlen_k=None):  # fmt: skip
     has_text = text_k is not None
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
