@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 
 import torch
@@ -63,34 +62,20 @@ def regime(q, k, max_seqlen: int, *, text: bool, rope: bool, cross: bool, backwa
 
 def _read(path: str, key: str, offered: list[str], warn: Callable[[str, str], None]) -> str | None:
     """The engine a cache file names, if the file is this key's and the engine one of those offered."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, ValueError) as exc:
-        warn(path, f"ignoring the unreadable engine cache file {path} ({type(exc).__name__}); re-timing")
-        return None
-    engine = data.get("engine") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or data.get("key") != key:
-        engine = None
-    if engine not in offered:
-        warn(path, f"ignoring the engine cache file {path}: not a result for this regime, or it names an engine "
-                   "not offered for it; re-timing")  # fmt: skip
-        return None
-    return engine
+
+    def offered_engine(data: dict) -> str | None:
+        return data["engine"] if data["engine"] in offered else None
+
+    from ..triton import attention_autotune as tuning
+
+    return tuning.read_cache(path, key, CACHE_VERSION, offered_engine, "engine", "re-timing", warn)
 
 
 def _write(path: str, key: str, engine: str, timings: dict[str, float], warn: Callable[[str, str], None]) -> None:
+    from ..triton import attention_autotune as tuning
+
     data = {"version": CACHE_VERSION, "key": key, "engine": engine, "timings_ms": timings}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-            json.dump(data, f, indent=1)
-        os.replace(f.name, path)
-    except OSError as exc:
-        warn("unwritable", f"cannot write engine choices to {os.path.dirname(path)} ({exc}); keeping them in "
-                           "memory for this process")  # fmt: skip
+    tuning.write_cache(path, data, "engine", warn)
 
 
 def choose(

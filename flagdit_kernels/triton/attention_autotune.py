@@ -175,41 +175,65 @@ def _warn_once(topic: str, message: str) -> None:
         warnings.warn(f"flagdit_kernels: {message}", RuntimeWarning, stacklevel=4)
 
 
-def _read(path: str, key: str, offered: list[Tile]) -> Tile | None:
-    """The tile a cache file names, if the file is this key's and the tile one of those offered; else None."""
+def read_cache(
+    path: str,
+    key: str,
+    version: int,
+    pick: Callable[[dict], object],
+    what: str,
+    redo: str = "re-tuning",
+    warn: Callable[[str, str], None] | None = None,
+) -> object | None:
+    """The choice a tuning cache file records: ``pick(data)`` (None when it names nothing offered) of a file of
+    this ``version`` and ``key``; None with one warning for any other file (unreadable, empty, truncated, not
+    JSON, another regime's, tampered), quietly when there is none. ``what`` names the cache in the warning."""
+    warn = warn or _warn_once
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (FileNotFoundError, NotADirectoryError):  # never tuned here (or no cache directory at all)
         return None
     except (OSError, ValueError) as exc:  # unreadable, empty, truncated, not JSON, not UTF-8
-        _warn_once(path, f"ignoring the unreadable autotune cache file {path} ({type(exc).__name__}); re-tuning")
+        warn(path, f"ignoring the unreadable {what} cache file {path} ({type(exc).__name__}); {redo}")
         return None
-    try:
-        ok = data["version"] == CACHE_VERSION and data["key"] == key
-        tile = Tile(**data["tile"]) if ok else None
-    except (TypeError, KeyError):
-        tile = None
-    if tile not in offered:
-        _warn_once(path, f"ignoring the autotune cache file {path}: not a tuning result for this kernel and "
-                         "regime, or it names a tile not offered for it; re-tuning")  # fmt: skip
-        return None
-    return tile
+    choice = None
+    if isinstance(data, dict) and data.get("version") == version and data.get("key") == key:
+        try:
+            choice = pick(data)
+        except (TypeError, KeyError):
+            choice = None
+    if choice is None:
+        warn(path, f"ignoring the {what} cache file {path}: not a result for this regime, or it names a choice "
+                   f"not offered for it; {redo}")  # fmt: skip
+    return choice
 
 
-def _write(path: str, key: str, tile: Tile, timings: dict[str, float]) -> None:
+def write_cache(path: str, data: dict, what: str, warn: Callable[[str, str], None] | None = None) -> None:
     """Atomically (write a temporary file, then rename); an unwritable directory leaves the result in memory."""
-    # ws only when set: the files of tiles without it stay as they were before warp-specialized tiles existed.
-    fields = {name: value for name, value in asdict(tile).items() if name != "ws" or value}
-    data = {"version": CACHE_VERSION, "key": key, "tile": fields, "timings_ms": timings}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
             json.dump(data, f, indent=1)
         os.replace(f.name, path)
     except OSError as exc:
-        _warn_once("unwritable", f"cannot write autotune results to {os.path.dirname(path)} ({exc}); keeping them "
-                                 "in memory for this process")  # fmt: skip
+        (warn or _warn_once)("unwritable", f"cannot write {what} results to {os.path.dirname(path)} ({exc}); "
+                                           "keeping them in memory for this process")  # fmt: skip
+
+
+def _read(path: str, key: str, offered: list[Tile]) -> Tile | None:
+    """The tile a cache file names, if the file is this key's and the tile one of those offered; else None."""
+
+    def offered_tile(data: dict) -> Tile | None:
+        tile = Tile(**data["tile"])
+        return tile if tile in offered else None
+
+    return read_cache(path, key, CACHE_VERSION, offered_tile, "autotune")
+
+
+def _write(path: str, key: str, tile: Tile, timings: dict[str, float]) -> None:
+    # ws only when set: the files of tiles without it stay as they were before warp-specialized tiles existed.
+    fields = {name: value for name, value in asdict(tile).items() if name != "ws" or value}
+    write_cache(path, {"version": CACHE_VERSION, "key": key, "tile": fields, "timings_ms": timings}, "autotune")
 
 
 class TunedKernel:

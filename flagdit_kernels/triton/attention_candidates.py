@@ -17,9 +17,7 @@ FLAGDIT_KERNELS_GLUON=1: nothing Gluon is a default until a GPU run has recorded
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 from collections.abc import Callable
 
 import torch
@@ -64,33 +62,14 @@ def _path(key: str) -> str:
 
 
 def _read(path: str, key: str, offered: list[str]) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, ValueError) as exc:
-        tuning._warn_once(path, f"ignoring the unreadable candidate cache file {path} ({type(exc).__name__}); "
-                                "re-tuning")  # fmt: skip
-        return None
-    choice = data.get("choice") if isinstance(data, dict) else None
-    if not (isinstance(data, dict) and data.get("version") == CHOICE_VERSION and data.get("key") == key
-            and choice in (TRITON, *offered)):  # fmt: skip
-        tuning._warn_once(path, f"ignoring the candidate cache file {path}: not a result for this kernel and "
-                                "regime, or it names a kernel not offered for it; re-tuning")  # fmt: skip
-        return None
-    return choice
+    def offered_choice(data: dict) -> str | None:
+        return data["choice"] if data["choice"] in (TRITON, *offered) else None
+
+    return tuning.read_cache(path, key, CHOICE_VERSION, offered_choice, "candidate")
 
 
 def _write(path: str, data: dict) -> None:
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-            json.dump(data, f, indent=1)
-        os.replace(f.name, path)
-    except OSError as exc:
-        tuning._warn_once("unwritable", f"cannot write autotune results to {os.path.dirname(path)} ({exc}); keeping "
-                                        "them in memory for this process")  # fmt: skip
+    tuning.write_cache(path, data, "candidate")
 
 
 def choose(
