@@ -55,7 +55,7 @@ def test_op(benchmark, case, impl, bench_device):
             matmul_TFLOPs=mm,
             device=torch.cuda.get_device_name() if bench_device.type == "cuda" else "cpu",
         )
-        attention = sys.modules.get("flagdit_kernels.triton.varlen_attention")
+        attention = sys.modules.get("flagdit_kernels.triton.attention.launch")
         if attention is not None and attention.AUTOTUNE_MODE == "1":
             engines = sys.modules["flagdit_kernels.ops.attention_engines"].chosen()  # which engine each regime kept
             # what the autotuner chose so far

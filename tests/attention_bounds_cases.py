@@ -1,7 +1,7 @@
 """The Triton attention with offsets nobody checked (the GPU default, and any torch.compile trace, skip value checks
 of cu_seqlens): it must stay inside q/k/v/out and never return memory that no program wrote.
 
-The kernels repair offsets on the device (flagdit_kernels/triton/attention_offsets.py: clamp to [0, T], running
+The kernels repair offsets on the device (flagdit_kernels/triton/attention/offsets.py: clamp to [0, T], running
 maximum, 0 first and T last), so bad offsets give the attention of the repaired ones. Each case calls the Triton
 backend directly (as dispatch does once value checks are skipped) on inputs embedded in NaN guard rows (a read
 outside a tensor's rows poisons the result) under NaN-poisoned allocations (an unwritten output row shows), and

@@ -208,7 +208,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 # list only shrinks.
 KNOWN_CYCLES = {
     frozenset({"flagdit_kernels.ops.attention", "flagdit_kernels.ops.attention_torch_flash"}),
-    frozenset({"flagdit_kernels.triton.attention_candidates", "flagdit_kernels.triton.attention_gluon_fwd"}),
+    frozenset({"flagdit_kernels.triton.attention.candidates", "flagdit_kernels.triton.attention.gluon_fwd"}),
 }
 
 

@@ -1,5 +1,5 @@
 """Kernels offered beside the tuned Triton forward (the Gluon forward) are trusted only after they matched it on
-the GPU (flagdit_kernels/triton/attention_candidates.py). Gluon cannot run here, so stand-in candidates whose
+the GPU (flagdit_kernels/triton/attention/candidates.py). Gluon cannot run here, so stand-in candidates whose
 outputs the test controls go through the same selection: one agrees, one disagrees, one writes NaN, one fails
 to launch; timing is stubbed. Also: the hook is only consulted where it may apply (tuned mode, sm_90, opt-in),
 and the Gluon glue reads the Triton forward's arguments by the kernel's own parameter names.
@@ -23,8 +23,8 @@ SM90 = {"device": "NVIDIA H200", "capability": [9, 0], "dtype": "torch.bfloat16"
 
 @pytest.fixture
 def cand(monkeypatch, tmp_path):
-    from flagdit_kernels.triton import attention_autotune as tuning
-    from flagdit_kernels.triton import attention_candidates as cand
+    from flagdit_kernels.triton.attention import autotune as tuning
+    from flagdit_kernels.triton.attention import candidates as cand
 
     monkeypatch.setenv("FLAGDIT_KERNELS_AUTOTUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(cand, "_chosen", {})
@@ -115,7 +115,7 @@ def test_a_cache_file_naming_a_kernel_not_offered_is_retuned(cand, monkeypatch, 
 
 
 def test_disagreement_measure():
-    from flagdit_kernels.triton.attention_candidates import disagreement
+    from flagdit_kernels.triton.attention.candidates import disagreement
 
     x = torch.randn(100)
     assert disagreement([x * (1 + 1e-3)], [x], 1e-2) is None
@@ -126,8 +126,8 @@ def test_disagreement_measure():
 
 
 def test_the_hook_applies_only_tuned_on_sm90_with_opt_in(monkeypatch):
-    from flagdit_kernels.triton import attention_autotune as tuning
-    from flagdit_kernels.triton import attention_candidates as cand
+    from flagdit_kernels.triton.attention import autotune as tuning
+    from flagdit_kernels.triton.attention import candidates as cand
 
     monkeypatch.delenv("FLAGDIT_KERNELS_GLUON", raising=False)
     assert not cand.gluon_forward(None, None, (), {}, SM90, [], None)  # not opted in: nothing is looked at
@@ -154,8 +154,8 @@ def test_gluon_glue_reads_the_triton_forward_arguments_by_name(cand, monkeypatch
     """offer() maps a launch of the real _fwd_kernel onto the Gluon launch by parameter names: the tensors it
     hands the Gluon kernel are the ones the Triton launcher passed, and its outputs are compared."""
     from flagdit_kernels.triton import _helpers
-    from flagdit_kernels.triton import attention_gluon_fwd as gluon_fwd
-    from flagdit_kernels.triton.varlen_attention import FORWARD
+    from flagdit_kernels.triton.attention import gluon_fwd as gluon_fwd
+    from flagdit_kernels.triton.attention.launch import FORWARD
 
     T, H, D = 256, 4, 128
     q, k, v = (torch.randn(T, H, D).to(torch.bfloat16) for _ in range(3))

@@ -21,10 +21,10 @@ from flagdit_kernels import reference as ref
 
 
 def launchers_take_key_offsets() -> bool:
-    """Whether flagdit_kernels/triton/varlen_attention.py's forward takes ``cu_seqlens_k``."""
+    """Whether flagdit_kernels/triton/attention/launch.py's forward takes ``cu_seqlens_k``."""
     if not _dispatch.TRITON_INSTALLED:
         return False
-    from flagdit_kernels.triton import varlen_attention as kernels
+    from flagdit_kernels.triton.attention import launch as kernels
 
     return "cu_seqlens_k" in inspect.signature(kernels.forward).parameters
 

@@ -54,7 +54,7 @@ class _Launchers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, text_k, text_v, tanh_gate, cu, cu_k, text_cu, scale, deterministic):
-        from flagdit_kernels.triton import varlen_attention as va
+        from flagdit_kernels.triton.attention import launch as va
 
         max_q, max_k = int((cu[1:] - cu[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
         out, o_text, lse, lse_t, _, _ = va.forward(
@@ -67,7 +67,7 @@ class _Launchers(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        from flagdit_kernels.triton import varlen_attention as va
+        from flagdit_kernels.triton.attention import launch as va
 
         q, k, v, text_k, text_v, tanh_gate, cu, cu_k, text_cu, out, o_text, lse, lse_t = ctx.saved_tensors
         max_q, max_k, scale, deterministic = ctx.args
@@ -165,7 +165,7 @@ def test_cross_attention_lse_and_zero_key_samples():
 
 
 def test_cross_attention_no_key_at_all_and_rope_refused():
-    from flagdit_kernels.triton import varlen_attention as va
+    from flagdit_kernels.triton.attention import launch as va
 
     dtype = torch.float16
     inputs, offsets = _case([9, 4], [0, 0], [2, 0], 2, 1, 32, dtype, seed=3)
@@ -182,8 +182,8 @@ def test_cross_attention_no_key_at_all_and_rope_refused():
 def test_cross_attention_through_the_warp_specialized_forward(monkeypatch):
     # The forward's WS shape (descriptor loads, counted bisection, idle programs without an early return) with
     # keys by their own offsets, 0 included; forced as the only tile (warp_specialize itself acts on sm_90 only).
-    from flagdit_kernels.triton import attention_autotune as tuning
-    from flagdit_kernels.triton import varlen_attention as va
+    from flagdit_kernels.triton.attention import autotune as tuning
+    from flagdit_kernels.triton.attention import launch as va
 
     if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized tiles are offered on sm_90 only")

@@ -111,7 +111,7 @@ def test_unwritable_directory_keeps_choices_in_memory_and_failing_engines_are_le
 @pytest.fixture
 def fake_engines(monkeypatch, tmp_path):
     """Every engine available, each a function recording its name; timings set by the test."""
-    from flagdit_kernels.triton import attention_autotune as tuning
+    from flagdit_kernels.triton.attention import autotune as tuning
 
     ran: list[str] = []
     timings: dict[str, float] = {}

@@ -104,7 +104,7 @@ def test_zero_scale_and_strided_head_dims():
 def test_vector_width_hint_and_misaligned_views():
     # Contiguous Dh-72 tensors (head stride 72, not divisible by 16) are 16-byte aligned: the kernels may say so.
     # A view starting one element in is not: the launcher drops the hint and the kernels stay exact.
-    from flagdit_kernels.triton import varlen_attention as va
+    from flagdit_kernels.triton.attention import launch as va
 
     assert va._vector_width(torch.empty(5, 3, 72, dtype=torch.float16)) == 8
     assert va._vector_width(torch.empty(5, 3, 72, dtype=torch.float32)) == 4
@@ -128,8 +128,8 @@ def test_descriptor_loads(monkeypatch, dtype):
     # The tensor-descriptor (TMA) paths, forced: key/value loads of the forward, q/dO loads and the dq reduce-add
     # of the dk/dv kernel; zero-filled tails (37 = 32 + 5 keys, 1 key), the 72 = 64 + 16 head-dim split, GQA,
     # RoPE, gated text, text keys of a sample without queries.
-    from flagdit_kernels.triton import attention_autotune as tuning
-    from flagdit_kernels.triton import varlen_attention as va
+    from flagdit_kernels.triton.attention import autotune as tuning
+    from flagdit_kernels.triton.attention import launch as va
 
     if ON_GPU and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90+")
@@ -157,8 +157,8 @@ def test_warp_specialized_tiles(monkeypatch, lens, text_lens, kv_heads, head_dim
     # The warp-specialized shapes forced as the only tiles: the forward (one masked loop per key kind; q, k, v,
     # text through descriptors; counted bisection, no early return) and the deterministic backward's dk/dv (one
     # masked loop over query tiles, k / v through descriptors); warp_specialize itself only acts on sm_90.
-    from flagdit_kernels.triton import attention_autotune as tuning
-    from flagdit_kernels.triton import varlen_attention as va
+    from flagdit_kernels.triton.attention import autotune as tuning
+    from flagdit_kernels.triton.attention import launch as va
 
     if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized tiles are offered on sm_90 only")
@@ -367,8 +367,8 @@ def test_gpu_medium_packed_batch(head_dim, dtype):
 @pytest.mark.skipif(not ON_GPU, reason="autotuning times configs on the GPU")
 def test_autotuned_launch(monkeypatch):
     # The suite runs untuned (FLAGDIT_KERNELS_AUTOTUNE=0, tests/conftest.py); users get the autotuner.
-    from flagdit_kernels.triton import attention_autotune as tuning
-    from flagdit_kernels.triton import varlen_attention as va
+    from flagdit_kernels.triton.attention import autotune as tuning
+    from flagdit_kernels.triton.attention import launch as va
 
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "1")
     inputs, mine, reference = _case([300, 129], [40, 7], 4, 2, 64, torch.bfloat16)

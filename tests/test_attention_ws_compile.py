@@ -22,8 +22,8 @@ _CODE = """
 import json, re
 import torch
 from flagdit_kernels.tools import compile_report as cr
-from flagdit_kernels.triton import attention_autotune as tuning
-from flagdit_kernels.triton import varlen_attention as va
+from flagdit_kernels.triton.attention import autotune as tuning
+from flagdit_kernels.triton.attention import launch as va
 va.FORWARD.tiles = [tuning.Tile(128, 64, 4, 2, tma=True, ws=True)]
 va.DKDV.tiles = [tuning.Tile(32, 128, 4, 1, tma=True, ws=True), tuning.Tile(32, 128, 8, 2, tma=True)]
 rows = []

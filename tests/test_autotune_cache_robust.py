@@ -3,7 +3,7 @@ cache path is (a file, a directory where a file should be, a dangling symlink), 
 tile, warns at most once per file, and leaves a valid entry where the directory is writable.
 
 A stand-in kernel records launches and the timing is stubbed, so this runs on a CPU; the real kernels use the
-same ``TunedKernel`` (flagdit_kernels/triton/attention_autotune.py)."""
+same ``TunedKernel`` (flagdit_kernels/triton/attention/autotune.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class _Recorder:
 
 @pytest.fixture
 def tuning(monkeypatch, tmp_path):
-    from flagdit_kernels.triton import attention_autotune as tuning
+    from flagdit_kernels.triton.attention import autotune as tuning
 
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "1")
     monkeypatch.setattr(tuning, "measure", lambda fn: fn() or 1.0)

@@ -42,7 +42,7 @@ class _FakeKernel:
 def tuning(monkeypatch, tmp_path):
     """The autotune module with the cache under tmp_path, warnings reset, timing stubbed: a 64x64 tile is the
     fastest, 128x64 the slowest; ``tuning.timed`` lists the tiles measured."""
-    from flagdit_kernels.triton import attention_autotune as tuning
+    from flagdit_kernels.triton.attention import autotune as tuning
 
     monkeypatch.setenv("FLAGDIT_KERNELS_AUTOTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tuning, "_warned", set())

@@ -1,6 +1,6 @@
 """The compile report's structure keys (flagdit_kernels.tools.compile_report: engine, partitions, per-loop wgmma
 shapes and waits, barriers, TMA, spills, EX2) read from real sm_90 compiles on the CPU: the Triton forward and
-the Gluon forward (attention_gluon_fwd.py, which only ever runs on a GPU, so its compile is all the evidence
+the Gluon forward (triton/attention/gluon_fwd.py, which only ever runs on a GPU, so its compile is all the evidence
 there is without one), on whichever Triton is installed (3.6 and 3.9 both compile them).
 
 The parsers are also checked on SASS lines whose meaning is known (a barrier with a thread count is a named

@@ -30,7 +30,7 @@ LOG2E = 1.4426950408889634
 
 
 def _configs():
-    from flagdit_kernels.triton import attention_gluon_fwd as gluon_fwd
+    from flagdit_kernels.triton.attention import gluon_fwd as gluon_fwd
 
     for d, configs in gluon_fwd.CONFIGS.items():
         for config in configs:
@@ -64,7 +64,7 @@ def _text_reference(q, tk, tv, lens, text_lens):
 
 @pytest.mark.parametrize(("head_dim", "config", "dtype", "text"), list(_configs()))
 def test_gluon_forward_matches_reference(head_dim, config, dtype, text):
-    from flagdit_kernels.triton import attention_gluon_fwd as gluon_fwd
+    from flagdit_kernels.triton.attention import gluon_fwd as gluon_fwd
 
     T, B = sum(LENS), len(LENS)
     q = fresh((T, HEADS, head_dim), dtype)

@@ -218,7 +218,7 @@ def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton backend: torch.library custom ops (opaque to torch.compile, with fake impls) + autograd.
-# The kernels live in flagdit_kernels/triton/varlen_attention.py and are imported on first use only.
+# The kernels live in flagdit_kernels/triton/attention/launch.py and are imported on first use only.
 # ----------------------------------------------------------------------------------------------------------------
 
 Tensor = torch.Tensor
@@ -252,7 +252,7 @@ def _fwd_op(
     ``lse_returned`` and ``deterministic`` are for the backward: whether lse_self reached the caller (else the
     zero gradient autograd hands an unused output is not read) and which dq path to take. ``cu_seqlens_k`` /
     ``max_seqlen_k``: the keys' own offsets of a cross-attention call (None: self-attention)."""
-    from ..triton import varlen_attention as kernels
+    from ..triton.attention import launch as kernels
 
     out, o_text, lse, lse_t, q_rot, k_rot = kernels.forward(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
@@ -304,7 +304,7 @@ def _bwd_op(
     """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
     the gradient of the self-attention LSE (None when the caller did not take it). With ``freqs``, q and k are
     the forward's rotated copies and dq, dk come back as the gradients of the unrotated inputs."""
-    from ..triton import varlen_attention as kernels
+    from ..triton.attention import launch as kernels
 
     dq, dk, dv, dtk, dtv, dtg = kernels.backward(
         dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
@@ -360,7 +360,7 @@ def _varlen_attention_triton(
     text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False, cu_seqlens_k=None,
     max_seqlen_k=None,
 ):  # fmt: skip
-    """The Triton backend: fused self + gated text kernels; see flagdit_kernels/triton/varlen_attention.py.
+    """The Triton backend: fused self + gated text kernels; see flagdit_kernels/triton/attention/launch.py.
     The backward accumulates dq with atomics unless ``deterministic`` (or torch.use_deterministic_algorithms
     without warn_only) asks for the ordered path."""
     scale = float(softmax_scale)

@@ -7,7 +7,7 @@ regime is seen (card, dtype, head dim, heads, GQA ratio, text / RoPE / cross fla
 length, whether a backward follows, the engines offered, the torch and Triton versions) each engine that can run
 the call is timed on the call's own inputs (forward, plus backward when the inputs require grad; our Triton
 kernels tune their tiles during the warm-up runs) and the fastest is kept, in memory and on disk beside the
-attention tile cache, with its safety rules (``triton/attention_autotune.py``: the same directory, one JSON
+attention tile cache, with its safety rules (``triton/attention/autotune.py``: the same directory, one JSON
 file per key written atomically, a file trusted only if it parses, names exactly this key and an engine among
 those offered, else re-timed with one warning; an unwritable directory keeps results in memory).
 
@@ -49,7 +49,7 @@ def chosen() -> dict[str, str]:
 
 def regime(q, k, max_seqlen: int, *, text: bool, rope: bool, cross: bool, backward: bool, deterministic: bool):
     """The fields that can change which engine is fastest."""
-    from ..triton import attention_autotune as tuning
+    from ..triton.attention import autotune as tuning
 
     return {
         **tuning.device_fields(q.device),
@@ -66,13 +66,13 @@ def _read(path: str, key: str, offered: list[str], warn: Callable[[str, str], No
     def offered_engine(data: dict) -> str | None:
         return data["engine"] if data["engine"] in offered else None
 
-    from ..triton import attention_autotune as tuning
+    from ..triton.attention import autotune as tuning
 
     return tuning.read_cache(path, key, CACHE_VERSION, offered_engine, "engine", "re-timing", warn)
 
 
 def _write(path: str, key: str, engine: str, timings: dict[str, float], warn: Callable[[str, str], None]) -> None:
-    from ..triton import attention_autotune as tuning
+    from ..triton.attention import autotune as tuning
 
     data = {"version": CACHE_VERSION, "key": key, "engine": engine, "timings_ms": timings}
     tuning.write_cache(path, data, "engine", warn)
@@ -135,7 +135,7 @@ def _timed_call(fn: Callable, args: tuple, kwargs: dict, backward: bool) -> Call
 
 def engine_for(default: _dispatch.Impl, args: tuple, kwargs: dict, *, deterministic: bool) -> Callable:
     """The function ``varlen_attention`` runs: ``default``'s (the resolved backend), or the fastest engine."""
-    from ..triton import attention_autotune as tuning
+    from ..triton.attention import autotune as tuning
 
     if tuning.AUTOTUNE_MODE != "1":
         return default.fn

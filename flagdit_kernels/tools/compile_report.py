@@ -25,7 +25,7 @@ registers of the default partition and of each warp-specialized worker), and per
 (``loops``): wgmma count and shapes, ``wgmma_wait_pending`` (the deepest wgmma wait, 0 = waited to zero) and every
 wait depth, CTA-wide and named barriers, TMA loads, cp.async, 16- and 2-byte global accesses, ``mma_sync``
 (HMMA), ``spill_accesses`` and EX2; per kernel the PTX's wait depths and ptxas's notes when it serialized the
-wgmmas. ``--gluon`` adds the Gluon forward (attention_gluon_fwd.py) at the head dims it takes.
+wgmmas. ``--gluon`` adds the Gluon forward (triton/attention/gluon_fwd.py) at the head dims it takes.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def _call(shape: Shape, text: bool, rope: bool, dtype: torch.dtype, arch: int, d
     """One forward + backward of the Triton backend on never-touched CPU tensors of ``shape``."""
     from ..ops import attention as attn
     from ..ops.rope import rope_freqs
-    from ..triton import varlen_attention as kernels
+    from ..triton.attention import launch as kernels
 
     T, B = sum(shape.lens), len(shape.lens)
     H, Hk, D = shape.heads, shape.kv_heads, shape.head_dim
@@ -368,7 +368,7 @@ def report(
 ) -> list[Row]:
     """One Row per kernel launched by forward + backward at each head dim's benchmark shape, for every
     (text, rope) in ``variants`` (default: all four); ``deterministic`` takes the ordered backward."""
-    from ..triton import varlen_attention as kernels
+    from ..triton.attention import launch as kernels
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
@@ -400,10 +400,10 @@ _COLUMNS = (
 
 
 def gluon_report(head_dims=(64, 72, 96, 128), arch: int = 90, texts=(False, True), dtype=torch.bfloat16) -> list[Row]:
-    """One Row per Gluon forward config at each head dim's benchmark shape it supports (attention_gluon_fwd.py;
+    """One Row per Gluon forward config at each head dim's benchmark shape it supports (triton/attention/gluon_fwd.py;
     a head dim it does not take has no row), with and without text. RoPE does not change the Gluon kernel (q
     and k are rotated before it), so it has no variant here."""
-    from ..triton import attention_gluon_fwd as gluon_fwd
+    from ..triton.attention import gluon_fwd as gluon_fwd
 
     rows: list[Row] = []
     for d in head_dims:
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", default="64,72,96,128,256", help="comma-separated, from " + str(list(SHAPES)))
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the default")
     parser.add_argument("--deterministic", action="store_true", help="the deterministic backward (separate dq)")
-    parser.add_argument("--gluon", action="store_true", help="also the Gluon forward (attention_gluon_fwd.py)")
+    parser.add_argument("--gluon", action="store_true", help="also the Gluon forward (triton/attention/gluon_fwd.py)")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
     parser.add_argument("--md", metavar="PATH", help="write the Markdown table here instead of stdout")
     args = parser.parse_args(argv)

@@ -8,8 +8,8 @@ token and head strides, so q/k/v may be views of one fused QKV projection (not c
 as contiguous (a tensor whose head dim is not is copied).
 Plain tensors in, plain tensors out: autograd lives in flagdit_kernels/ops/attention.py.
 
-The kernels: attention_fwd.py (forward), attention_bwd.py (backward), attention_tiles.py (shared tile code),
-attention_autotune.py (tile choice). RoPE is applied once, outside the attention loops: q and k are rotated
+The kernels: fwd.py (forward), bwd.py (backward), tiles.py (shared tile code),
+autotune.py (tile choice). RoPE is applied once, outside the attention loops: q and k are rotated
 into a copy by the RoPE kernel (flagdit_kernels/triton/rope.py) before the forward; the copies are what the
 backward reads, and dq, dk are rotated back once at the end. (Rotating inside the loops re-rotated K for every
 query block and Q for every key block, and spilled in every config: see benchmarks/compile_reports.)
@@ -28,12 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention_autotune as tuning
-from . import attention_candidates
-from . import rope as rope_kernels
-from .attention_bwd import _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
-from .attention_fwd import _fwd_kernel
-from .attention_offsets import safe_offsets
+from .. import rope as rope_kernels
+from . import autotune as tuning
+from . import candidates
+from .bwd import _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
+from .fwd import _fwd_kernel
+from .offsets import safe_offsets
 
 LOG2E = 1.4426950408889634
 INTERPRETED = tuning.INTERPRETED
@@ -42,7 +42,7 @@ autotune_mode = tuning.autotune_mode
 
 
 FORWARD = tuning.TunedKernel("forward", _fwd_kernel, tuning.FWD_TILES)
-FORWARD.alternatives = attention_candidates.gluon_forward  # the Gluon forward, sm_90 only, verified first
+FORWARD.alternatives = candidates.gluon_forward  # the Gluon forward, sm_90 only, verified first
 DKDV = tuning.TunedKernel("dk/dv", _bwd_dkdv, tuning.DKDV_TILES, tuning.dkdv_prune)
 DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES)
 
@@ -55,7 +55,7 @@ def tuned_tiles() -> dict[str, dict[str, str]]:
 def _regime(
     q: torch.Tensor, k: torch.Tensor, has_text: bool, rope: bool, max_seqlen: int, max_seqlen_k: int | None = None
 ) -> dict:
-    """The launch's fields of a tuning key (see attention_autotune.py); cross-attention adds its key bucket."""
+    """The launch's fields of a tuning key (see autotune.py); cross-attention adds its key bucket."""
     cross = {} if max_seqlen_k is None else {"seq_k": tuning.seq_bucket(max_seqlen_k)}
     return {
         **tuning.device_fields(q.device), "dtype": str(q.dtype), "head_dim": q.shape[-1],
@@ -140,7 +140,7 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
-# Triton's warp specialization of the forward (attention_fwd.py, _attend's WS shape) compiles and splits into
+# Triton's warp specialization of the forward (fwd.py, _attend's WS shape) compiles and splits into
 # producer / consumer partitions on sm_90 from Triton 3.6, checked by compiling every head dim and text variant
 # for sm_90 (benchmarks/RESULTS.md). Its pass aborts the process (a C++ assertion, not an exception) on shapes it
 # does not handle, so WS tiles are offered only where that check ran: 16-bit dtypes, head dims in WS_HEAD_DIMS.
@@ -212,7 +212,7 @@ def _key_offsets(
 
 def _query_tiles(T: int, batch: int, heads: int):
     """The grid of a kernel with one program per (query tile, head): T // BLOCK_M + batch programs cover every
-    tile of every sequence with at most one idle program per sequence (tile_of in attention_tiles.py), known
+    tile of every sequence with at most one idle program per sequence (tile_of in tiles.py), known
     from the tensor shapes alone (no max_seqlen, no host sync)."""
     return lambda meta: (T // meta["BLOCK_M"] + batch, heads)
 
@@ -256,7 +256,7 @@ def forward(
     has_text = text_k is not None
     # No sequence at all (only with unchecked, bad offsets: one entry, yet tokens): nothing covers the tokens,
     # so the outputs are zeros rather than memory no program wrote. Otherwise every row is written (see
-    # attention_offsets.py), poisoned-output tests included.
+    # offsets.py), poisoned-output tests included.
     alloc = torch.empty if batch > 0 and T > 0 else torch.zeros
     out = alloc((T, H, D), dtype=q.dtype, device=q.device)
     lse = alloc((H, T), dtype=torch.float32, device=q.device)

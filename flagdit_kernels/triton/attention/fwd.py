@@ -13,7 +13,7 @@ One program per (block of BLOCK_M queries of one sequence, query head):
 import triton
 import triton.language as tl
 
-from .attention_tiles import (
+from .tiles import (
     LN2,
     aligned,
     aligned_inputs,

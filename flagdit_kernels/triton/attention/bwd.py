@@ -29,7 +29,7 @@ import os
 import triton
 import triton.language as tl
 
-from .attention_tiles import (
+from .tiles import (
     LN2,
     LOG2E,
     aligned,
@@ -175,7 +175,7 @@ def _bwd_dkdv(
     stride_dtkt, stride_dtkh = aligned(stride_dtkt, VEC), aligned(stride_dtkh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)  # the fp32 dq buffer, contiguous
     tl.static_assert(TMA_OK or not TMA)  # TMA: dq added through tensor descriptors, where the launcher allows it
-    # WS: the query loop in the shape Triton warp-specializes (as the forward's, see attention_fwd._attend): a
+    # WS: the query loop in the shape Triton warp-specializes (as the forward's, see fwd._attend): a
     # counted bisection and no early return, k / v through descriptors, one masked loop per query head.
     tl.static_assert((TMA and WS_OK) or not WS)
     pid = tl.program_id(0)

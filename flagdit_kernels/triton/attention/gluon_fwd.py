@@ -2,12 +2,12 @@
 
 NOT A DEFAULT. Gluon kernels never run under the interpreter and no GPU has run this one yet: the attention
 autotuner offers it only on sm_90 devices with FLAGDIT_KERNELS_GLUON=1, and only after it matched the Triton
-forward on the same inputs there (attention_candidates.py); nothing Gluon becomes a default without a passing
+forward on the same inputs there (candidates.py); nothing Gluon becomes a default without a passing
 GPU record (benchmarks/gpu_check.sh runs tests/test_smoke_gluon.py first; benchmarks/RESULTS.md). What is proven
 without a GPU is that it compiles for sm_90 on Triton 3.6 and 3.9, with the structure the compile shows
 (tests/test_compile_structure.py; ``python -m flagdit_kernels.tools.compile_report --gluon``).
 
-Same contract as ``_fwd_kernel`` (attention_fwd.py): packed q ``(T, H, D)``, k/v ``(T, Hkv, D)`` split by
+Same contract as ``_fwd_kernel`` (fwd.py): packed q ``(T, H, D)``, k/v ``(T, Hkv, D)`` split by
 ``cu_seqlens``, GQA by ``h // GROUP``, Lumina's gated text keys per sample; writes ``out``, ``o_text`` and the
 natural-log LSEs ``(H, T)`` fp32 that the Triton backward reads.
 
@@ -494,8 +494,9 @@ def launch(
 def offer(tuned, grid, args: tuple, consts: dict, regime: dict, offered: list, reset) -> bool:
     """Runs this kernel for a launch of the Triton forward ``tuned`` (a TunedKernel of ``_fwd_kernel``; its
     arguments are read by the kernel's parameter names) if these tensors suit it and it was chosen for the regime
-    (attention_candidates.choose: verified against the Triton kernel on these inputs first); True if it ran."""
-    from . import _helpers, attention_candidates
+    (candidates.choose: verified against the Triton kernel on these inputs first); True if it ran."""
+    from .. import _helpers
+    from . import candidates as verification
 
     if "seq_k" in regime:  # cross-attention (keys packed by their own offsets): not implemented here
         return False
@@ -518,8 +519,8 @@ def offer(tuned, grid, args: tuple, consts: dict, regime: dict, offered: list, r
     candidates = {str(c): (lambda c=c: run(c)) for c in CONFIGS[q.shape[-1]]}
     outputs = [a["OUT"], a["LSE"]] + ([a["OTEXT"], a["LSE_T"]] if has_text else [])
     key = "gluon forward " + tuned.key(consts, regime)
-    choice = attention_candidates.choose(key, reference, candidates, outputs, attention_candidates.TOLERANCE[q.dtype])
-    if choice == attention_candidates.TRITON:
+    choice = verification.choose(key, reference, candidates, outputs, verification.TOLERANCE[q.dtype])
+    if choice == verification.TRITON:
         return False
     candidates[choice]()
     return True

@@ -1,4 +1,4 @@
-"""Tile helpers shared by the varlen attention kernels (attention_fwd.py, attention_bwd.py).
+"""Tile helpers shared by the varlen attention kernels (fwd.py, bwd.py).
 
 Head dim in two column chunks: D0 = the largest power of two <= Dh, D1 = the power of two covering the rest
 (0 when Dh is a power of two), so Dh 72 runs as 64 + 16 (80 columns, not 128), 96 as 64 + 32 and 48 as 32 + 16.

@@ -6,7 +6,7 @@ beforehand, and is compared output by output (rel-L2 against the Triton result, 
 tolerance: DESIGN.md, Numerics). A candidate that disagrees, writes a non-finite value where Triton did not, or
 fails to compile is dropped for that regime with one warning naming it; the others are timed against the Triton
 kernel and the fastest of all wins. The result, rejections included, is a tuning-cache file beside the tile
-choice (attention_autotune.py), under the same rules: trusted only if it parses, names exactly this key and
+choice (autotune.py), under the same rules: trusted only if it parses, names exactly this key and
 names a choice among those offered now; an unwritable directory keeps it in memory.
 
 Candidates are offered only in autotune mode ``1``, only on sm_90 devices, and only with
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import attention_autotune as tuning
+from . import autotune as tuning
 
 CHOICE_VERSION = 1
 TRITON = "triton"  # the choice that keeps the tuned Triton kernel
@@ -36,7 +36,7 @@ def enabled() -> bool:
 
 
 def on_sm90(regime: dict) -> bool:
-    """Whether a tuning regime (attention_autotune.device_fields) is an sm_90 device."""
+    """Whether a tuning regime (autotune.device_fields) is an sm_90 device."""
     return list(regime.get("capability", ())) == [9, 0]
 
 
@@ -121,6 +121,6 @@ def gluon_forward(tuned, grid, args: tuple, consts: dict, regime: dict, offered:
     returns True when it is offered here and was chosen for this regime; False leaves the launch to Triton."""
     if not (enabled() and on_sm90(regime)):
         return False
-    from . import attention_gluon_fwd  # imports Gluon only where it may run
+    from . import gluon_fwd  # imports Gluon only where it may run
 
-    return attention_gluon_fwd.offer(tuned, grid, args, consts, regime, offered, reset)
+    return gluon_fwd.offer(tuned, grid, args, consts, regime, offered, reset)

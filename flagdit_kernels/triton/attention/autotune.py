@@ -82,7 +82,7 @@ else:
     # accumulator). The forward and dq kernels may also read keys and values through the copy engine (TMA): no
     # address arithmetic in the loop. The warp-specialized tiles (ws=True, last: never the untuned default) run
     # the loops in the shape Triton 3.6's pass splits on sm_90 into a TMA producer warpgroup and two consumer
-    # warpgroups (4 warps each, 12 in all; attention_fwd._attend); they are offered only where the launcher
+    # warpgroups (4 warps each, 12 in all; fwd._attend); they are offered only where the launcher
     # found that split checked (WS_OK). Tiles over the card's shared memory fail to launch and are skipped.
     FWD_TILES = [
         Tile(128, 64, 8, 3),
@@ -123,7 +123,7 @@ else:
 def prune(tiles: list[Tile], consts: dict) -> list[Tile]:
     """The tiles whose q/k/v/acc footprint fits this head dim (256 needs small tiles), descriptor tiles only
     where the launcher found the tensors fit descriptors (TMA_OK), warp-specialized ones only where it found
-    the split checked (WS_OK: sm_90, a checked Triton, dtype and head dim; see varlen_attention.py)."""
+    the split checked (WS_OK: sm_90, a checked Triton, dtype and head dim; see launch.py)."""
     block_d = consts.get("D0", 128) + consts.get("D1", 0)
     usable = [
         t for t in tiles if (consts.get("TMA_OK", False) or not t.tma) and (consts.get("WS_OK", False) or not t.ws)
@@ -242,7 +242,7 @@ class TunedKernel:
     def __init__(self, name: str, fn, tiles: list[Tile], pruner: Callable = prune):
         self.name, self.fn, self.tiles, self.pruner = name, fn, tiles, pruner
         self.chosen: dict[str, Tile] = {}  # tuning key -> tile, this process
-        # Other kernels for the same launch, verified against this one before use (attention_candidates.py):
+        # Other kernels for the same launch, verified against this one before use (candidates.py):
         # called as alternatives(self, grid, args, consts, regime, offered, reset), True when one ran instead.
         self.alternatives: Callable[..., bool] | None = None
 
