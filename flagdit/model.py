@@ -278,6 +278,21 @@ class FlagDiT(nn.Module):
         for layer in self.layers:
             layer.checkpointing = mode
 
+    def conditioning_inputs(
+        self, modality: list[str], cameras: list[torch.Tensor | None], device: torch.device | str | None = None
+    ) -> dict:
+        """The ``modality`` / ``cameras`` keywords of :meth:`forward` that this model takes, from what a data set
+        gives for every item (a modality name, a camera table or None): the names when the config has
+        ``n_modalities``, the cameras (on ``device``, by default the model's) when it has ``camera_cond`` and
+        some item has one. Trainers and samplers pass the result on as it is."""
+        c, kwargs = self.config, {}
+        if c.n_modalities:
+            kwargs["modality"] = modality
+        if c.camera_cond and any(cam is not None for cam in cameras):
+            device = self.x_embedder.weight.device if device is None else device
+            kwargs["cameras"] = [None if cam is None else cam.to(device) for cam in cameras]
+        return kwargs
+
     # ---- inputs -----------------------------------------------------------------------------------------
 
     def encode_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor, cache_kv: bool = False) -> TextContext:

@@ -56,7 +56,7 @@ def test_every_modality_samples_finite_latents_of_its_shape(trained, modality):
     item = data.make_item(0, 0, modality=modality)
     shape = tuple(item.latent.shape)
     feats, mask = data.WordEncoder(model.config.cap_feat_dim)([item.caption] * 2)
-    kwargs = train.conditioning(model.config, [modality] * 2, [item.cameras] * 2, "cpu")
+    kwargs = model.conditioning_inputs([modality] * 2, [item.cameras] * 2)
     assert set(kwargs) == ({"modality", "cameras"} if modality == "multiview" else {"modality"})
     out = sample(model, [shape, shape], feats, mask, steps=2, cfg_scale=2.0, **kwargs)
     assert [tuple(o.shape) for o in out] == [shape, shape] and all(torch.isfinite(o).all() for o in out)

@@ -234,16 +234,6 @@ def global_batch(args, step: int, encoder: WordEncoder, items: list[int]) -> dic
     return dict(x1=xs, t=torch.cat(ts), x0=noise, feats=feats, mask=mask, modality=modality, cameras=cameras)
 
 
-def conditioning(config: FlagDiTConfig, modality: list[str], cameras: list, device) -> dict:
-    """The modality / camera keyword arguments this config's model takes."""
-    kwargs = {}
-    if config.n_modalities:
-        kwargs["modality"] = modality
-    if config.camera_cond and any(c is not None for c in cameras):
-        kwargs["cameras"] = [None if c is None else c.to(device) for c in cameras]
-    return kwargs
-
-
 def _setup_distributed(mode: str, timeout_s: float = DEFAULT_DIST_TIMEOUT_S):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "auto":
@@ -464,6 +454,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
     config, start = training_state(resume, ckpt_path) if resume else (build_config(args.config, args.set), 0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = FlagDiT(config, backend=args.backend, checkpointing=args.activation_checkpointing).to(device)
+    conditioning_inputs = model.conditioning_inputs  # of the model itself, whatever wraps it below
     if resume:  # before any wrapping, the same error on every rank
         check_weights_fit(model, resume["model"], ckpt_path)
     data_rank, data_ranks, data_group, sp = rank, world, None, ""
@@ -503,7 +494,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         batch = global_batch(args, step, encoder, mine)
         xs = [x.to(device) for x in batch["x1"]]
         noise = [n.to(device) for n in batch["x0"]]
-        cond = conditioning(config, batch["modality"], batch["cameras"], device)
+        cond = conditioning_inputs(batch["modality"], batch["cameras"], device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
