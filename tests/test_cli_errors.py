@@ -18,6 +18,7 @@ import torch
 import flagdit_kernels as fk
 from flagdit import checkpoint
 from flagdit.cli import train
+from flagdit.cli.run_dir import RunDirError
 from flagdit.cli.sample import main as sample_main
 from flagdit.data import WordEncoder
 from flagdit_kernels.bench import report
@@ -178,7 +179,7 @@ def test_debug_shows_the_traceback(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "ckpt.pt").mkdir()
-    with pytest.raises(train.RunDirError, match="is a directory"):
+    with pytest.raises(RunDirError, match="is a directory"):
         train.main([*SMALL, "--out", str(out), "--resume", "--debug"])
 
 

@@ -39,7 +39,6 @@ import flagdit_kernels as fk
 
 from ..checkpoint import (
     CheckpointError,
-    atomic_write,
     check_weights_fit,
     load_training_checkpoint,
     save_training_checkpoint,
@@ -52,6 +51,7 @@ from ..memory import SavedBytes
 from ..modality import MODALITIES
 from ..model import CHECKPOINTING, FlagDiT
 from . import args as ca
+from .run_dir import RunDirError, claim_run_dir, truncate_log
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlagDiTConfig))
 # flagdit-train builds every model able to take every modality (the config can still turn it off with --set).
@@ -64,10 +64,6 @@ DATA_SIZE_MULTIPLE = math.gcd(
 )  # fmt: skip
 VISUAL_CHANNELS = 3  # the image, video and multi-view data are RGB
 DEFAULT_DIST_TIMEOUT_S = 900
-
-
-class RunDirError(RuntimeError):
-    """The output directory cannot be used as asked (in use, or holding a run that would be lost)."""
 
 
 def _config_override(text: str) -> tuple[str, object]:
@@ -342,94 +338,6 @@ def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConf
     save_training_checkpoint(path, payload)
 
 
-def lock_run_dir(out: Path):
-    """An exclusive lock on OUT/.lock, held until the returned file is closed (or the process ends)."""
-    import fcntl
-
-    f = open(out / ".lock", "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunDirError(
-            f"{out} is in use by another flagdit-train (pid {holder} holds {out / '.lock'}); "
-            "wait for it to finish or choose another --out"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keeps the records of log.jsonl up to ``step`` (the checkpoint a run starts from): a run killed after its
-    last checkpoint logged steps that the resumed run trains again. A torn last line is dropped too."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
-
-
-def _check_checkpoint_path(ckpt_path: Path) -> None:
-    """Anything at OUT/ckpt.pt that is not a regular file (or a link to one) is an error, never a fresh start:
-    a dangling link or a loop would otherwise read as "no checkpoint" and be replaced by a run from step 0."""
-    if not os.path.lexists(ckpt_path):
-        return
-    if ckpt_path.is_symlink():
-        try:
-            target = ckpt_path.resolve(strict=True)
-        except (OSError, RuntimeError):  # missing target, or a loop (RuntimeError before Python 3.13)
-            raise RunDirError(
-                f"{ckpt_path} is a symbolic link to {os.readlink(ckpt_path)!r}, which does not resolve (missing, "
-                "or a loop); point it at a checkpoint or remove it"
-            ) from None
-        if not target.is_file():
-            raise RunDirError(f"{ckpt_path} links to {target}, which is not a checkpoint file")
-    elif not ckpt_path.is_file():
-        kind = "a directory" if ckpt_path.is_dir() else "not a regular file"
-        raise RunDirError(f"{ckpt_path} is {kind}, not a checkpoint; move it away or choose another --out")
-    if not os.access(ckpt_path, os.R_OK):
-        raise RunDirError(f"{ckpt_path} is not readable (permissions)")
-
-
-def _claim_run_dir(args, out: Path, ckpt_path: Path, rank: int, world: int):
-    """Rank 0 locks OUT and checks that starting here loses no run; every rank raises the same error if not."""
-    lock, error = None, None
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = lock_run_dir(out)
-            _check_checkpoint_path(ckpt_path)
-            if ckpt_path.exists() and not (args.resume or args.overwrite):
-                lock.close()
-                lock = None
-                raise RunDirError(
-                    f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to start over"
-                )
-        except (RunDirError, OSError) as e:
-            if lock is not None:
-                lock.close()
-                lock = None
-            error = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
-    if world > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise RunDirError(error)
-    return lock
-
-
 def train(args: argparse.Namespace) -> list[float]:
     """Runs the training loop; returns the global-batch loss of every step run."""
     if args.threads:
@@ -441,7 +349,7 @@ def train(args: argparse.Namespace) -> list[float]:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {data_ranks} data-parallel ranks")
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
-    lock = _claim_run_dir(args, out, ckpt_path, rank, world)
+    lock = claim_run_dir(out, ckpt_path, args.resume, args.overwrite, rank, world)
     try:
         return _train(args, mode, rank, world, device, out, ckpt_path, mesh)
     finally:
