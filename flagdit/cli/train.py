@@ -279,7 +279,6 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
     config, start = training_state(resume, ckpt_path) if resume else (build_config(args.config, args.set), 0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = FlagDiT(config, backend=args.backend, checkpointing=args.activation_checkpointing).to(device)
-    conditioning_inputs = model.conditioning_inputs  # of the model itself, whatever wraps it below
     if resume:  # before any wrapping, the same error on every rank
         check_weights_fit(model, resume["model"], ckpt_path)
     data_rank, data_ranks, data_group, sp = rank, world, None, ""
@@ -289,6 +288,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         model = parallelize(model, mesh, args.sp_strategy)
         data_rank, data_ranks, data_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()
         sp = f" (sequence-parallel groups of {args.sp}, {model.sequence_parallel.strategy})"
+    conditioning_inputs = model.conditioning_inputs  # the FlagDiT's own, before DDP wraps it
     model = wrap(model, mode, device, args.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     saved = start if resume else None  # the step of the checkpoint on disk that this run must never lose
