@@ -54,6 +54,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; 3.9 renamed it async_load (the old name raises).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# A barrier of the calling partition's warps (a named barrier inside gl.warp_specialize): 3.6 names it
+# thread_barrier, 3.9 barrier.
+_partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 LN2 = gl.constexpr(0.6931471805599453)
 # Query rows of a work item: two consumers of 64 rows (the wgmma M of one warpgroup).
@@ -191,6 +194,28 @@ def _issue_pv(acc, p16, v_ring, v_ready, it, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _clean_tail(v_ring, v_ready, v_tail, it, n_valid, STAGES: gl.constexpr):
+    """``v_tail``, holding V tile ``it`` with its rows at or past ``n_valid`` zeroed: a key tile that runs past
+    the end of its key range was read from the next sequence's rows (TMA zero-fills only past the end of the
+    tensor), and a non-finite value there would give 0 * inf = NaN in the PV product even with P zero there.
+    ``v_tail`` belongs to this consumer; the PV that read it last was waited for before."""
+    BLOCK_N: gl.constexpr = v_tail.shape[0]
+    HEAD_DIM: gl.constexpr = v_tail.shape[1]
+    # 16-byte rows of 8 elements per thread; one warpgroup (4 warps) covers the tile.
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+    slot = it % STAGES
+    mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
+    v = v_ring.index(slot).load(layout)
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    v = gl.where(gl.expand_dims(rows < n_valid, 1), v, gl.zeros_like(v))
+    _partition_barrier()  # every warp of this consumer is past the wgmma that read v_tail before
+    v_tail.store(v)
+    fence_async_shared()  # the generic-proxy stores before the wgmma's async-proxy reads
+    _partition_barrier()  # the whole tile is written before any warp issues the wgmma
+    return v_tail
+
+
+@gluon.jit
 def _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, it, n_valid, qk_scale,
           C: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
           orow_layout: gl.constexpr):  # fmt: skip
@@ -213,9 +238,9 @@ def _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns,
 
 
 @gluon.jit
-def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, n_keys, qk_scale, it, C: gl.constexpr,
-                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  num_warps: gl.constexpr):  # fmt: skip
+def _consume_keys(q, k_ring, v_ring, v_tail, k_ready, v_ready, kv_free, turns, turn, n_keys, qk_scale, it,
+                  C: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Online softmax of the Q tile ``q`` (shared memory) over cdiv(n_keys, BLOCK_N) >= 1 ring slots from ``it``:
     returns (acc, m_i, l_i, it, turn). Each tile after the first is a _step: the softmax of tile j runs while the PV
     wgmma of tile j-1 is in flight (a wait with one group outstanding).
@@ -254,11 +279,12 @@ def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, n_k
         acc, m_i, l_i, p, turn = _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn,
                                        it + n_tiles - 1, n_keys - (n_tiles - 1) * BLOCK_N, qk_scale, C, True, STAGES,
                                        s_layout, p_layout, orow_layout)  # fmt: skip
-    # The PV of the last tile.
+    # The PV of the last tile, from a copy of its V without the rows past the key range.
     last = it + n_tiles - 1
     p16 = gl.convert_layout(p.to(v_ring.dtype), p_layout)
+    v_last = _clean_tail(v_ring, v_ready, v_tail.index(C), last, n_keys - (n_tiles - 1) * BLOCK_N, STAGES)
     turn = _take_turn(turns, turn, C)
-    acc = _issue_pv(acc, p16, v_ring, v_ready, last, STAGES)
+    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
     _pass_turn(turns, C)
     acc = warpgroup_mma_wait(0, deps=[acc])
     p16 = _keep(p16)
@@ -267,8 +293,8 @@ def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, n_k
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
-              OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
+def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns,
+              TGATE, OUT, OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
               stride_ot, stride_oh,
               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
@@ -301,16 +327,16 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
                 # -inf marks rows without text for the Triton backward, which then applies no gate there.
                 lse_t = gl.full([ROWS], float("-inf"), gl.float32, layout=orow_layout)
                 if t_len > 0:
-                    acc_t, m_t, l_t, it, turn = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns,
-                                                              turn, t_len, text_qk_scale, it, c, ROWS, BLOCK_N,
+                    acc_t, m_t, l_t, it, turn = _consume_keys(q, k_ring, v_ring, v_tail, k_ready, v_ready, kv_free,
+                                                              turns, turn, t_len, text_qk_scale, it, c, ROWS, BLOCK_N,
                                                               HEAD_DIM, STAGES, num_warps)  # fmt: skip
                     o_t = acc_t / gl.expand_dims(l_t, 1)
                     lse_t = (m_t + gl.log2(l_t)) * LN2
                 # Parked in memory (the backward reads it) and read back below by these same threads.
                 gl.store(OTEXT + o_offs, o_t.to(dtype), mask=o_mask)
                 gl.store(LSE_T + lse_offs, lse_t, mask=row_ok)
-            acc, m_i, l_i, it, turn = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, seq_len,
-                                                    qk_scale, it, c, ROWS, BLOCK_N, HEAD_DIM, STAGES,
+            acc, m_i, l_i, it, turn = _consume_keys(q, k_ring, v_ring, v_tail, k_ready, v_ready, kv_free, turns, turn,
+                                                    seq_len, qk_scale, it, c, ROWS, BLOCK_N, HEAD_DIM, STAGES,
                                                     num_warps)  # fmt: skip
             # Every QK^T of this item is done: the producer may load the next Q tile.
             mbarrier.arrive(q_free.index(c), count=1)
@@ -325,23 +351,23 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
 
 
 @gluon.jit
-def _consumer1(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
-               LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
-               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _consumer1(q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT,
+               LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot,
+               stride_oh, HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr):  # fmt: skip
-    _consumer(1, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
-              LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
-              HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
+    _consumer(1, q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT,
+              LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot,
+              stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
 
 
 @gluon.jit
-def _consumer0(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
-               LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
-               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _consumer0(q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT,
+               LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot,
+               stride_oh, HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr):  # fmt: skip
-    _consumer(0, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
-              LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
-              HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
+    _consumer(0, q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT,
+              LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot,
+              stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
 
 
 @gluon.jit
@@ -357,6 +383,7 @@ def _gluon_fwd_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    v_tail = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)  # one per consumer
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -379,10 +406,10 @@ def _gluon_fwd_kernel(
     # fmt: off
     gl.warp_specialize(
         [
-            (_consumer0, (q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
+            (_consumer0, (q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
                           OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
                           stride_ot, stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES)),
-            (_consumer1, (q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
+            (_consumer1, (q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
                           OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
                           stride_ot, stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES)),
             (_producer, (q_desc, k_desc, v_desc, tk_desc, tv_desc, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
