@@ -32,8 +32,12 @@ warpgroup-uniform branch that Gluon does not give without a cross-warp reduction
 issued before the softmax of tile j (that order carries a wgmma in flight over the loop's back edge, and ptxas
 then serializes every wgmma of the kernel: its C7514 note); head dims that are not powers of two (72, 96) are
 not offered (Gluon register tensors are powers of two, so D72 cannot run as one 80-wide product here); 128-key
-tiles (they spill); key tiles past a sequence's end are read from the next sequence and masked (TMA zero-fills
-only past the end of the whole tensor), so a non-finite value there would reach the output as NaN.
+tiles (they spill).
+
+A key tile past the end of a key range is read from the next sequence's rows (TMA zero-fills only past the end of
+the whole tensor): its scores are masked and its P columns zeroed, and its V is copied, rows past the range
+zeroed, into a tile of the consumer's own before the PV product (_clean_tail, once per key range, outside the
+loop), so a non-finite value in a neighbour's keys or values never reaches this sequence's results.
 """
 
 from __future__ import annotations
