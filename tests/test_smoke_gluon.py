@@ -7,7 +7,8 @@ Cases: each Gluon forward config at Dh 64 and 128, bf16 and fp16, GQA 4/2, a pac
 sequence, tails of every kind (odd lengths; a query tile whose second consumer has no row), with and without
 text (an empty caption included); every output (out, lse, o_text, lse_text) poisoned with NaN beforehand; and
 the same with non-finite keys and values in the rows a sample's last key tile reads past its end (the next
-sample's, its text's), which must not change that sample's results.
+sample's, its text's), which must not change that sample's results; and scores that grow along each sequence
+(the lazy rescale taken and skipped).
 """
 
 from __future__ import annotations
@@ -64,18 +65,23 @@ def _text_reference(q, tk, tv, lens, text_lens):
     return o, lse
 
 
-def _launch(config, head_dim, dtype, text, poison=False):
+def _launch(config, head_dim, dtype, text, poison=False, growing=False):
     """Runs the Gluon forward on fresh inputs (outputs poisoned with NaN first); returns its outputs, the float64
     references computed from the inputs as drawn, and the token rows whose results must match them. With
     ``poison``, after the draw, the self keys/values of samples 1 and 3 and the text keys/values of sample 2 are
     made non-finite (+inf keys, NaN and -inf values): the key tiles of samples 0 and 2 run past their ends into
     exactly those rows (and sample 0's text tile into sample 2's text), which must not change their results; the
-    poisoned samples' own results are not checked."""
+    poisoned samples' own results are not checked. With ``growing``, q is scaled up and each sequence's keys
+    grow along it (up to 7x), so the row max grows by more than the lazy rescale's threshold many times."""
     from flagdit_kernels.triton.attention import gluon_fwd as gluon_fwd
 
     T, B = sum(LENS), len(LENS)
     q = fresh((T, HEADS, head_dim), dtype)
     k, v = fresh((T, KV_HEADS, head_dim), dtype), fresh((T, KV_HEADS, head_dim), dtype)
+    if growing:
+        q = (q.float() * 4).to(dtype)
+        along = torch.cat([torch.arange(n, device="cuda") / n for n in LENS])
+        k = (k.float() * (1 + 6 * along)[:, None, None]).to(dtype)
     cu = _offsets(LENS)
     scale = 1 / math.sqrt(head_dim)
     nan = lambda *shape, dt=dtype: torch.full(shape, float("nan"), dtype=dt, device="cuda")
@@ -143,4 +149,12 @@ def test_gluon_forward_never_reads_a_neighbours_keys(head_dim, config, dtype, te
     """Key tiles past a sequence's end hold the next sequence's rows: non-finite values there (scores masked,
     P zero) must not reach this sequence's results (0 * NaN in the PV product)."""
     got, want, rows = _launch(config, head_dim, dtype, text, poison=True)
+    _check(got, want, rows, dtype)
+
+
+@pytest.mark.parametrize(("head_dim", "config", "dtype", "text"), list(_configs()))
+def test_gluon_forward_rescales_when_the_max_grows(head_dim, config, dtype, text):
+    """Scores that grow along every sequence: the lazy rescale (a row's output rescaled only when its max grew by
+    more than 2^8, a warp skipping the products when none of its rows did) is taken and skipped both."""
+    got, want, rows = _launch(config, head_dim, dtype, text, growing=True)
     _check(got, want, rows, dtype)

@@ -27,8 +27,12 @@ The text keys of a sample run through the same ring before its self keys, with t
 is written to memory (the backward reads it) and read back by the same threads for ``out = o_self +
 tanh(gate[h]) * o_text`` (exactly 0 for a sample without text).
 
-Not here, against the FA3 plan of issue 22: the output is rescaled every key tile (a lazy rescale needs a
-warpgroup-uniform branch that Gluon does not give without a cross-warp reduction); the QK^T of tile j+1 is not
+The output is rescaled lazily (FA4): a row keeps its running max until a tile raises it by more than 2^8
+(RESCALE_THRESHOLD in log2 units), which is exact (acc, l and the LSE share the stale max, which cancels in
+acc / l; P stays <= 256), and a warp none of whose rows moved skips the accumulator products (_rescale: a vote and
+a warp-uniform branch in inline PTX, since Gluon's branches are uniform over the whole partition only).
+
+Not here, against the FA3 plan of issue 22: the QK^T of tile j+1 is not
 issued before the softmax of tile j (that order carries a wgmma in flight over the loop's back edge, and ptxas
 then serializes every wgmma of the kernel: its C7514 note); head dims that are not powers of two (72, 96) are
 not offered (Gluon register tensors are powers of two, so D72 cannot run as one 80-wide product here); 128-key
@@ -68,6 +72,8 @@ BLOCK_M = 128
 # Registers a thread of each worker partition asks for (setmaxnreg): the producer only issues copies.
 PRODUCER_REGS = gl.constexpr(24)
 CONSUMER_REGS = gl.constexpr(240)
+# log2 of the factor a row's max may grow by before its output is rescaled (FA4's lazy rescale): P <= 256.
+RESCALE_THRESHOLD = gl.constexpr(8.0)
 
 
 @gluon.jit
@@ -163,6 +169,41 @@ def _keep(x):
     return gl.inline_asm_elementwise("", "=r,0", [x], dtype=x.dtype, is_pure=False, pack=2)
 
 
+@gluon.constexpr_function
+def _rescale_asm(n):
+    """PTX multiplying a thread's ``n`` accumulator elements by their rows' alpha, skipped by a warp-uniform
+    branch when no row of the warp has alpha != 1. Operands: $0..$n-1 the outputs (tied to the inputs
+    $n..$2n-1), $2n..$3n-1 each element's alpha. Elements 0 and 2 hold the thread's two rows: in the wgmma
+    accumulator layout (64 rows over 4 warps) register bit 0 steps one column, bit 1 eight rows."""
+    a = 2 * n
+    products = "\n".join(f"mul.f32 ${i}, ${i}, ${a + i};" for i in range(n))
+    return (
+        "{\n.reg .pred %lazy_row, %lazy_warp;\n"
+        f"setp.neu.f32 %lazy_row, ${a}, 0f3F800000;\n"
+        f"setp.neu.or.f32 %lazy_row, ${a + 2}, 0f3F800000, %lazy_row;\n"
+        "vote.sync.any.pred %lazy_warp, %lazy_row, -1;\n"
+        "@!%lazy_warp bra.uni lazy_rescale_done_${:uid};\n"
+        f"{products}\n"
+        "lazy_rescale_done_${:uid}:\n}"
+    )
+
+
+@gluon.constexpr_function
+def _rescale_constraints(n):
+    return ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * n)
+
+
+@gluon.jit
+def _rescale(acc, alpha):
+    """acc * alpha[:, None] for one warpgroup's (64, HEAD_DIM) accumulator, a warp at a time: a warp none of whose
+    16 rows has alpha != 1 (the lazy rescale keeps the max of most rows) skips the products."""
+    N: gl.constexpr = acc.shape[0] * acc.shape[1] // 128  # elements per thread
+    gl.static_assert(acc.shape[0] == 64)
+    a, acc = gl.broadcast(gl.expand_dims(alpha, 1), acc)
+    return gl.inline_asm_elementwise(_rescale_asm(N), _rescale_constraints(N), [acc, a], dtype=gl.float32,
+                                     is_pure=True, pack=N)  # fmt: skip
+
+
 @gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, n_valid, MASK: gl.constexpr, s_layout: gl.constexpr):
     """Online-softmax update of one score tile (log2 units, scale folded into one FMA per score): returns
@@ -170,8 +211,12 @@ def _softmax_step(s, m_i, l_i, qk_scale, n_valid, MASK: gl.constexpr, s_layout: 
     if MASK:
         cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
         s = gl.where(gl.expand_dims(cols < n_valid, 0), s, float("-inf"))
-    # Every tile holds at least one real key, so m_new is finite.
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    # Every tile holds at least one real key, so the grown max is finite. Lazy rescale: a row keeps its stale max
+    # unless the new one exceeds it by more than RESCALE_THRESHOLD (the first tile always moves it off -inf), so
+    # alpha is exactly 1 for most rows and tiles and _rescale skips them. Exact: p <= 2^RESCALE_THRESHOLD, and
+    # acc, l and the LSE all use the same max, which cancels in acc / l.
+    m_grown = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_new = gl.where(m_grown - m_i > RESCALE_THRESHOLD, m_grown, m_i)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(gl.fma(s, qk_scale, -gl.expand_dims(m_new, 1)))
     if MASK:
@@ -237,7 +282,7 @@ def _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns,
     acc = warpgroup_mma_wait(0, deps=[acc])
     p16 = _keep(p16)
     mbarrier.arrive(kv_free.index((it + STAGES - 1) % STAGES), count=1)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+    acc = _rescale(acc, gl.convert_layout(alpha, orow_layout))
     return acc, m_i, l_i, p, turn
 
 
@@ -487,6 +532,12 @@ def schedule(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.to(torch.int32), cum
 
 
+def item_bound(T: int, batch: int, heads: int) -> int:
+    """An upper bound on the work items (real query tiles x heads), known without a host sync: each sequence has
+    at most one partial tile. A program past the real items (TILE_CUM[B] * heads) skips them at one load."""
+    return (T // BLOCK_M + batch) * heads
+
+
 def launch(
     config: GluonConfig,
     q,
@@ -513,7 +564,7 @@ def launch(
     without text); ``programs``: the persistent grid (the SM count)."""
     H, D = q.shape[1], q.shape[2]
     order, tile_cum = schedule(cu)
-    n_items = (T // BLOCK_M + batch) * H  # an upper bound on the real items, known without a host sync
+    n_items = item_bound(T, batch, H)
     _gluon_fwd_kernel[(max(1, min(programs, n_items)),)](
         _descriptor(q, BLOCK_M // 2), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
         _descriptor(tk, config.block_n), _descriptor(tv, config.block_n), tg, out, ot, lse, lt, order, tile_cum,
