@@ -110,4 +110,7 @@ def test_gluon_forward_structure():
         for loop in consumers:
             assert loop["ex2"] > 0 and loop["tma_loads"] == 0, label
             assert loop["wgmma_wait_pending"] == 1 and loop["wgmma_waits"] == [0, 1], label
+            # The lazy rescale's warp-uniform skip survived ptxas: one warp vote per key step.
+            assert loop["warp_votes"] == 1, label
+        assert all(loop["warp_votes"] == 0 for loop in producers), label
         assert r["ptxas_notes"] == [] and 1 in r["ptx_wgmma_waits"], label
