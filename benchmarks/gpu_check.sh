@@ -12,7 +12,8 @@
 #   prep       10  wheels from .whl/, nvidia-smi, the CUDA extension build started in the background
 #                  (BUILD_BUDGET 240; only the cases that need the extension wait for it)
 #   smoke      60  tests/test_smoke_gluon.py first (every Gluon kernel against the float64 reference, sm_90
-#                  only), then tests/test_smoke.py: one tiny fwd+bwd of every op on every Triton backend against
+#                  only; also with non-finite keys/values in the rows a tail tile reads past its sequence, and
+#                  with scores that grow along the sequence for the lazy rescale), then tests/test_smoke.py: one tiny fwd+bwd of every op on every Triton backend against
 #                  the float64 reference, bf16 and fp32; at the same time
 #   warm       60  python -m flagdit_kernels.bench.warm --plan: compile caches for the timed pairs, plan order
 #   sanitize  200  (--sanitize) compute-sanitizer memcheck on every smoke case (Triton and CUDA, every tile:

@@ -84,11 +84,13 @@ def test_gluon_forward_structure():
     """The Gluon forward at Dh 64 and 128, with and without text: a producer partition (1 warp, few registers)
     that issues the TMA loads, two consumer partitions (the default one and a 4-warp worker) each with its own
     key loop of wgmmas waiting with one group in flight (ptxas did not serialize them), no CTA-wide barrier and
-    no spill in any loop or anywhere else. Dh 72 has no Gluon config (not a power of two)."""
+    no spill in any loop or anywhere else (the lazy rescale's branch and the tail tile's cleaned V copy keep all
+    of that). Dh 72 and 96 have no Gluon config: Gluon register tensors are powers of two, so neither can be one
+    80- or 96-wide product, and they are not offered rather than padded."""
     rows = _compile(
         "import json, dataclasses\n"
         "from flagdit_kernels.tools.compile_report import gluon_report\n"
-        "rows = gluon_report((64, 72, 128))\n"
+        "rows = gluon_report((64, 72, 96, 128))\n"
         "print(json.dumps([dataclasses.asdict(r) for r in rows]))\n"
     )
     assert {(r["head_dim"], r["text"]) for r in rows} == {(64, False), (64, True), (128, False), (128, True)}
@@ -108,4 +110,7 @@ def test_gluon_forward_structure():
         for loop in consumers:
             assert loop["ex2"] > 0 and loop["tma_loads"] == 0, label
             assert loop["wgmma_wait_pending"] == 1 and loop["wgmma_waits"] == [0, 1], label
+            # The lazy rescale's warp-uniform skip survived ptxas: one warp vote per key step.
+            assert loop["warp_votes"] == 1, label
+        assert all(loop["warp_votes"] == 0 for loop in producers), label
         assert r["ptxas_notes"] == [] and 1 in r["ptx_wgmma_waits"], label

@@ -25,7 +25,8 @@ registers of the default partition and of each warp-specialized worker), and per
 (``loops``): wgmma count and shapes, ``wgmma_wait_pending`` (the deepest wgmma wait, 0 = waited to zero) and every
 wait depth, CTA-wide and named barriers, TMA loads, cp.async, 16- and 2-byte global accesses, ``mma_sync``
 (HMMA), ``spill_accesses`` and EX2; per kernel the PTX's wait depths and ptxas's notes when it serialized the
-wgmmas. ``--gluon`` adds the Gluon forward (triton/attention/gluon_fwd.py) at the head dims it takes.
+wgmmas. ``--gluon`` adds the Gluon forward (triton/attention/gluon_fwd.py) at the head dims it takes; its loops
+also carry ``warp_votes`` (the lazy rescale's warp-uniform skip).
 """
 
 from __future__ import annotations
@@ -426,8 +427,18 @@ def gluon_report(head_dims=(64, 72, 96, 128), arch: int = 90, texts=(False, True
                 for launch in launches:
                     row = _row(shape, text, False, launch, _PTXAS_LOGS)
                     row.config = str(config)
+                    _add_warp_votes(row, instructions(sass(launch.kernel.asm["cubin"])))
                     rows.append(row)
     return rows
+
+
+def _add_warp_votes(row: Row, instrs: list[tuple[int, str]]) -> None:
+    """``warp_votes`` per working loop of a Gluon row: the VOTE.ANY of the lazy rescale's warp-uniform skip
+    (gluon_fwd._rescale), one per consumer key loop when ptxas kept the branch."""
+    bodies = {hex(body[0][0]): body for body in _loop_bodies(instrs)}
+    for loop in row.loops:
+        body = bodies[loop["first"]]
+        loop["warp_votes"] = sum(1 for _, text in body if re.match(r"VOTE\.ANY\s+P", text))
 
 
 def _partition_text(parts: list[dict]) -> str:
