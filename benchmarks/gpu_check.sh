@@ -83,7 +83,7 @@ fi
 BUDGET_BENCH=$((BUDGET_BANDWIDTH + BUDGET_BASELINES + BUDGET_MODEL))
 families=() # the benchmark families this checkout has (modules of flagdit_kernels.bench.cases.FAMILY_PACKAGES)
 for f in ${BENCH_FAMILIES//,/ }; do
-  [ -f "flagdit_kernels/bench/$f.py" ] || [ -f "flagdit/bench/$f.py" ] && families+=("$f")
+  [ -f "flagdit_kernels/bench/families/$f.py" ] || [ -f "flagdit/bench/$f.py" ] && families+=("$f")
 done
 BENCH_FAMILIES=$(IFS=,; echo "${families[*]}")
 PY=${PYTHON:-python3}

@@ -116,13 +116,13 @@ def test_layers_import_only_downwards(layer):
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in _sources("flagdit_kernels") if p.relative_to(PACKAGE).parts[0] != "tools"],
+    [p for p in _sources("flagdit_kernels") if p.relative_to(PACKAGE).parts[:2] != ("bench", "compile")],
     ids=lambda p: str(p.relative_to(PACKAGE)),
 )
-def test_nothing_in_the_package_imports_the_tools(path):
-    """The compile reports in tools/ sit on top of the kernels and ops they read (and may import any of them);
-    nothing in the package imports them, so they add nothing to importing it."""
-    assert not _reaches(path, ("flagdit_kernels.tools",))
+def test_nothing_in_the_package_imports_the_compile_tools(path):
+    """The compile reports in bench/compile/ sit on top of the kernels and ops they read (and may import any of
+    them); nothing in the package imports them, so they add nothing to importing it."""
+    assert not _reaches(path, ("flagdit_kernels.bench.compile",))
 
 
 @pytest.mark.parametrize(
@@ -141,13 +141,13 @@ def test_the_public_api_is_the_only_door(path):
             assert module.split(".")[1] in PUBLIC_SUBPACKAGES, (path, module)
 
 
-def test_importing_the_kernels_loads_neither_the_model_nor_diffusers_nor_the_integrations_nor_the_tools():
+def test_importing_the_kernels_loads_neither_the_model_nor_diffusers_nor_the_integrations_nor_the_compile_tools():
     code = (
         "import sys, flagdit_kernels as fk, flagdit_kernels.nn, flagdit_kernels.bench.cli\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('flagdit', 'diffusers')]\n"
         "assert not loaded, loaded\n"
         "assert 'flagdit_kernels.integrations' not in sys.modules\n"
-        "assert 'flagdit_kernels.tools' not in sys.modules\n"
+        "assert 'flagdit_kernels.bench.compile' not in sys.modules\n"
         "assert fk.integrations.patch_rms_norm is not None  # imported on first use\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

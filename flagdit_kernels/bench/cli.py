@@ -149,7 +149,7 @@ def json_path_problem(path: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
-        from .report import main as report_main
+        from .results.report import main as report_main
 
         return report_main(argv[1:])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,8 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch, ops
-from .cases import Case, backend_impls, forward_backward
+from ... import _dispatch, ops
+from ..cases import Case, backend_impls, forward_backward
 
 FWD_BWD_FACTOR = 3.5
 

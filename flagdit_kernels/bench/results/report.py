@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import record, run_log
-from .results import SPEC, Results, Row, best, by_case, fmt, fmt_ms, is_ours, peak_pct
+from .rows import SPEC, Results, Row, best, by_case, fmt, fmt_ms, is_ours, peak_pct
 
 
 def _num(value) -> float | None:

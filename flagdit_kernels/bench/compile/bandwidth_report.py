@@ -36,7 +36,7 @@ def _widths(counter: Counter) -> str:
 def describe(launch: Launch, arch: int = 90) -> str:
     """One line on what the launch compiles to: grid, warps, registers, spills, shared memory, residency on an
     H200, global accesses by width and the SASS length."""
-    from ..triton import _helpers
+    from ...triton import _helpers
 
     compiled = compile_launch(launch, arch)
     res = resource_usage(compiled.asm["cubin"])
@@ -59,7 +59,7 @@ def describe(launch: Launch, arch: int = 90) -> str:
 
 
 def norm_launches() -> list[Launch]:
-    from ..triton import rms_norm as K
+    from ...triton import rms_norm as K
 
     dt = torch.bfloat16
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
@@ -86,7 +86,7 @@ def norm_launches() -> list[Launch]:
 
 
 def rope_launches() -> list[Launch]:
-    from ..triton import rope as K
+    from ...triton import rope as K
 
     dt = torch.bfloat16
     names = ("_rope_kernel", "_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel")
@@ -110,9 +110,9 @@ def rope_launches() -> list[Launch]:
 
 
 def packing_launches() -> list[Launch]:
-    from .._conventions import frames_hw, item_shapes
-    from ..triton import embed as E
-    from ..triton import packing as K
+    from ..._conventions import frames_hw, item_shapes
+    from ...triton import embed as E
+    from ...triton import packing as K
 
     dt = torch.bfloat16
     launches: list[Launch] = []

@@ -186,9 +186,9 @@ def _is_scalar(v) -> bool:
 
 def _call(shape: Shape, text: bool, rope: bool, dtype: torch.dtype, arch: int, deterministic: bool = False) -> None:
     """One forward + backward of the Triton backend on never-touched CPU tensors of ``shape``."""
-    from ..ops import attention as attn
-    from ..ops.rope import rope_freqs
-    from ..triton.attention import launch as kernels
+    from ...ops import attention as attn
+    from ...ops.rope import rope_freqs
+    from ...triton.attention import launch as kernels
 
     T, B = sum(shape.lens), len(shape.lens)
     H, Hk, D = shape.heads, shape.kv_heads, shape.head_dim
@@ -368,7 +368,7 @@ def report(
 ) -> list[Row]:
     """One Row per kernel launched by forward + backward at each head dim's benchmark shape, for every
     (text, rope) in ``variants`` (default: all four); ``deterministic`` takes the ordered backward."""
-    from ..triton.attention import launch as kernels
+    from ...triton.attention import launch as kernels
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
@@ -403,7 +403,7 @@ def gluon_report(head_dims=(64, 72, 96, 128), arch: int = 90, texts=(False, True
     """One Row per Gluon forward config at each head dim's benchmark shape it supports (triton/attention/gluon_fwd.py;
     a head dim it does not take has no row), with and without text. RoPE does not change the Gluon kernel (q
     and k are rotated before it), so it has no variant here."""
-    from ..triton.attention import gluon_fwd as gluon_fwd
+    from ...triton.attention import gluon_fwd as gluon_fwd
 
     rows: list[Row] = []
     for d in head_dims:
