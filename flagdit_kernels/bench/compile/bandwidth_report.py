@@ -9,9 +9,9 @@ H100/H200, and the global loads and stores in the SASS by width (16-byte vectors
 
 Run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled)::
 
-    python -m flagdit_kernels.tools.bandwidth_report                  # every family, default shapes
-    python -m flagdit_kernels.tools.bandwidth_report norms rope       # some families
-    PYTHONPATH=/path/to/triton-3.6:$PWD python -m flagdit_kernels.tools.bandwidth_report   # another Triton
+    flagdit-bench bandwidth-report                  # every family, default shapes
+    flagdit-bench bandwidth-report norms rope       # some families
+    PYTHONPATH=/path/to/triton-3.6:$PWD python -m flagdit_kernels.bench bandwidth-report   # another Triton
 
 The tests ``test_*_compile*.py`` use the same recorder to check that these kernels compile at all.
 """
@@ -143,7 +143,7 @@ FAMILIES = {"norms": norm_launches, "rope": rope_launches, "packing": packing_la
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flagdit_kernels.tools.bandwidth_report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="flagdit-bench bandwidth-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("families", nargs="*", help="some of " + str(list(FAMILIES)) + " (default: all)")
     args = parser.parse_args(argv)
@@ -160,7 +160,3 @@ def main(argv: list[str] | None = None) -> int:
         for launch in FAMILIES[family]():
             print(describe(launch), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,9 +12,9 @@ anywhere still reads). Writes
   implementation against the measured copy-bandwidth and matmul ceilings;
 - for a results log, the run first (phases and budgets, outcomes, cases cut off, compute-sanitizer counts,
   the autotuner's timings per config), and with ``--record RESULTS.md`` the per-op record table
-  (``flagdit_kernels.bench.record``), also written back as a whole file with ``--record-out``.
+  (``flagdit_kernels.bench.results.record``), also written back as a whole file with ``--record-out``.
 
-Which implementations count as ours, as the spec and as baselines: ``flagdit_kernels.bench.results``.
+Which implementations count as ours, as the spec and as baselines: ``flagdit_kernels.bench.results.rows``.
 """
 
 from __future__ import annotations
@@ -293,7 +293,3 @@ def main(argv: list[str] | None = None) -> int:
         plot(results, args.png)
         print(f"wrote {args.png}")
     return 0 if results.rows else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
