@@ -388,7 +388,7 @@ for _device in ("cuda", "cpu"):
 
 # Default order on CUDA tensors. Not measured yet (no GPU in the session that wrote these kernels): the fused
 # Triton kernels go first because they read x once and fuse the modulation / gate; the CUDA C++ rms_norm is
-# the alternative. Revisit with benchmarks/ (flagdit_kernels.bench.norms) on the GPU and reorder if needed.
+# the alternative. Revisit with benchmarks/ (flagdit_kernels.bench.families.norms) on the GPU and reorder if needed.
 _dispatch.set_preference("rms_norm", "cuda", ("triton", "cuda", "reference"))
 _dispatch.set_preference("rms_norm_modulate", "cuda", ("triton", "reference"))
 _dispatch.set_preference("gated_residual_rms_norm", "cuda", ("triton", "reference"))
