@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
+from support.helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
+from support.helpers import DEVICE, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
 
 from flagdit_kernels import _dispatch
 

@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from helpers import TOLERANCE, compare_with_reference
+from support.helpers import TOLERANCE, compare_with_reference
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch

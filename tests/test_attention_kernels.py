@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import (
+from support.helpers import (
     DEVICE,
     DOT_DTYPES,
     INTERPRETED,

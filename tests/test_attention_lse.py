@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, poisoned_allocations
+from support.helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, poisoned_allocations
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_l2
+from support.helpers import rel_l2
 
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref

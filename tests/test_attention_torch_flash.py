@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, assert_rel_close
+from support.helpers import DEVICE, INTERPRETED, ON_GPU, assert_rel_close
 from test_attention_cross import _math, launchers_take_key_offsets
 
 from flagdit_kernels import _dispatch

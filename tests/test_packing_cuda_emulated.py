@@ -11,8 +11,8 @@ import ctypes
 
 import pytest
 import torch
-from cxx_shim import build_shim
-from helpers import fresh
+from support.cxx_shim import build_shim
+from support.helpers import fresh
 
 from flagdit_kernels import reference as ref
 from flagdit_kernels.reference.packing import frames_hw, item_tokens

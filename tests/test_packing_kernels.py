@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, compare_with_reference, fresh, poisoned_allocations
+from support.helpers import DEVICE, INTERPRETED, ON_GPU, compare_with_reference, fresh, poisoned_allocations
 
 import flagdit_kernels.ops.packing as packing
 from flagdit_kernels import _dispatch

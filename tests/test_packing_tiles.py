@@ -8,7 +8,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, fresh, poisoned_allocations
+from support.helpers import DEVICE, INTERPRETED, ON_GPU, fresh, poisoned_allocations
 from test_packing_kernels import PACK_BACKENDS
 
 import flagdit_kernels as fk

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, compare_with_reference, fresh, make_inputs, poisoned_allocations
+from support.helpers import (
+    DEVICE,
+    KERNEL_DTYPES,
+    ON_GPU,
+    compare_with_reference,
+    fresh,
+    make_inputs,
+    poisoned_allocations,
+)
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch

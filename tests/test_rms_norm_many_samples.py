@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, compare_with_reference, make_inputs
+from support.helpers import DEVICE, compare_with_reference, make_inputs
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, ON_GPU, compare_with_reference, fresh
+from support.helpers import DEVICE, ON_GPU, compare_with_reference, fresh
 
 import flagdit_kernels as fk
 

@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
+from support.helpers import TOLERANCE, assert_rel_close, fresh
 
 from flagdit_kernels.reference import attention as reference
-from tests.helpers import TOLERANCE, assert_rel_close, fresh
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DEVICE, fresh
+from support.helpers import DEVICE, fresh
 
 import flagdit_kernels as fk
 from flagdit_kernels import _validation

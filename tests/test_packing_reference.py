@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import poisoned_allocations
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.helpers import poisoned_allocations
 
 import flagdit_kernels as fk
 from flagdit_kernels.reference.packing import item_tokens

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import DEVICE
+from support.helpers import DEVICE
 
 import flagdit_kernels.flash_attn_compat as fa
 from flagdit_kernels.flash_attn_compat import bert_padding

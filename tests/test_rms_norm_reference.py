@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_l2
+from support.helpers import rel_l2
 
 from flagdit_kernels import reference as ref
 

@@ -10,8 +10,8 @@ import ctypes
 
 import pytest
 import torch
-from cxx_shim import build_shim
-from helpers import INTERPRETED, ON_GPU, fresh
+from support.cxx_shim import build_shim
+from support.helpers import INTERPRETED, ON_GPU, fresh
 
 from flagdit_kernels.reference.packing import NEXTFRAME, NEXTLINE, PATCH, _item_layout, item_tokens
 

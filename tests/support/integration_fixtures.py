@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED
+from support.helpers import DEVICE, INTERPRETED
 from torch import nn
 
 import flagdit_kernels as fk

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import DEVICE, fresh
+from support.helpers import DEVICE, fresh
 
 import flagdit_kernels as fk
 from flagdit_kernels.ops import attention as attention_ops

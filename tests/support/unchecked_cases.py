@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, fresh, poisoned_allocations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.helpers import INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, fresh, poisoned_allocations
 
 from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref

@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
-from helpers import assert_rel_close, poisoned_allocations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.helpers import assert_rel_close, poisoned_allocations
 
 import flagdit_kernels as fk
 from flagdit_kernels.ops.attention import MAX_SOFTMAX_SCALE

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, fresh, poisoned_allocations
+from support.helpers import DEVICE, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, fresh, poisoned_allocations
 
 from flagdit_kernels import reference as ref
 from flagdit_kernels.ops import attention as attn

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from parallel_checks import CASES, WORLD
+from support.parallel_checks import CASES, WORLD
 
 import flagdit
 import flagdit.parallel as fp
@@ -35,7 +35,7 @@ def results(tmp_path_factory) -> list[dict]:
     """Every rank's record of every check (one job; a rank stuck in a collective times it out)."""
     out = tmp_path_factory.mktemp("parallel")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_checks.py"), str(out)], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "parallel_checks.py"), str(out)], env=env,
                           capture_output=True, text=True, timeout=420, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]

@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from isolated import run_isolated
+from support.isolated import run_isolated
 from test_model_lumina import make_case
 
 import flagdit

@@ -15,9 +15,9 @@ import subprocess
 import sys
 
 import pytest
+from support.compile_subprocess import ROOT, compiler_unavailable
 
 from flagdit_kernels.tools.sass import barriers, count_classes, wgmma_shapes, wgmma_waits
-from tests.compile_subprocess import ROOT, compiler_unavailable
 
 KEYS = ("wgmma", "wgmma_shapes", "wgmma_wait_pending", "cta_barriers", "tma_loads", "cp_async", "global_16B",
         "global_2B", "mma_sync", "spill_accesses", "ex2")  # fmt: skip

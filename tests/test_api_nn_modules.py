@@ -4,7 +4,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from helpers import rel_l2
+from support.helpers import rel_l2
 
 import flagdit_kernels as fk
 

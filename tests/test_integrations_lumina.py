@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, assert_rel_close, fresh, rel_l2
-from integration_fixtures import assert_same_state, backends, state_snapshot
+from support.helpers import DEVICE, assert_rel_close, fresh, rel_l2
+from support.integration_fixtures import assert_same_state, backends, state_snapshot
 from torch import nn
 
 import flagdit_kernels as fk

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from isolated import ROOT
+from support.isolated import ROOT
 
 from flagdit import checkpoint
 

@@ -9,7 +9,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from helpers import fresh
+from support.helpers import fresh
 
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
