@@ -1,5 +1,5 @@
 """Kernels given offsets and kinds nobody checked stay in bounds, write every output and follow their documented
-rule (tests/unchecked_cases.py), run in a child process so that an out-of-bounds access fails this test."""
+rule (tests/support/unchecked_cases.py), run in a child process so that an out-of-bounds access fails this test."""
 
 from support.isolated import run_pytest_isolated
 

@@ -1,6 +1,6 @@
-"""Unchecked offsets in the Triton attention (tests/attention_bounds_cases.py), run in a subprocess: a kernel that
-reads or writes out of bounds can take the process down (the interpreter segfaults on it), which must fail this
-test, not the whole run."""
+"""Unchecked offsets in the Triton attention (tests/support/attention_bounds_cases.py), run in a subprocess: a
+kernel that reads or writes out of bounds can take the process down (the interpreter segfaults on it), which must
+fail this test, not the whole run."""
 
 from __future__ import annotations
 

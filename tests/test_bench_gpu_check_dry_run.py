@@ -5,7 +5,7 @@ Proves what a real GPU window depends on: every test and benchmark leaves a JSON
 phases stay inside their budgets, which add up to at most the deadline; a case that hangs is stopped by the
 per-case watchdog, only that case is lost, and its phase goes on with the next case in a new process; the merge
 and ``flagdit-bench report`` read the log (also one cut off mid-line) into the report and the per-op record; at
-most 8 files come back. (``--sanitize`` adds two processes, too slow for CI: tests/test_sanitizer_summary.py
+most 8 files come back. (``--sanitize`` adds two processes, too slow for CI: tests/test_bench_sanitizer_summary.py
 checks how its logs are read.)
 """
 

@@ -3,7 +3,7 @@ the single-process model, forward and every gradient (fp32 rel-L2 < 1e-5), also 
 activation checkpointing (the collectives run again in the recomputation); a rank saves about its share of the
 activations (the ring at sp 4: at most 0.35x of one process); flagdit.sample with the group equals one
 process; bad input raises the same ValueError on every rank without a hang. The checks run in one spawned job
-(tests/parallel_checks.py)."""
+(tests/support/parallel_checks.py)."""
 
 from __future__ import annotations
 

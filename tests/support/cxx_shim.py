@@ -1,4 +1,4 @@
-"""Builds a C++ test shim (tests/cuda_emulation/*.cpp, compiled against csrc/) into a shared library that tests
+"""Builds a C++ test shim (tests/support/cuda_emulation/*.cpp, compiled against csrc/) into a shared library that tests
 call through ctypes; skips the test where no C++ compiler is installed."""
 
 from __future__ import annotations

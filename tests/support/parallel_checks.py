@@ -1,8 +1,8 @@
 """The multi-process checks of flagdit.parallel: one gloo job of 4 processes, groups of 4 and of 2.
 
-``python tests/parallel_checks.py OUT_DIR`` spawns 4 processes; each runs every check for a group of 4 (the
+``python tests/support/parallel_checks.py OUT_DIR`` spawns 4 processes; each runs every check for a group of 4 (the
 world) and for a group of 2 (a 2 x 2 mesh's "sp" dimension) and writes ``OUT_DIR/rank{r}.json`` (check name ->
-result); the tests in ``test_parallel.py`` read them. One job keeps the process start-up (most of the time on
+result); the tests in ``test_parallel_sequence.py`` read them. One job keeps the process start-up (most of the time on
 a CPU) to one per test run.
 
 Model checks: a tiny Flag-DiT / Next-DiT with every parameter perturbed (its zero-initialized layers would hide

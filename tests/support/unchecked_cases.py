@@ -1,4 +1,4 @@
-"""What a kernel does with inputs nobody checked: run by tests/test_unchecked_inputs.py in a child process.
+"""What a kernel does with inputs nobody checked: run by tests/test_api_unchecked_inputs.py in a child process.
 
 On the GPU (and inside any torch.compile trace) the values of ``cu_seqlens`` / ``kind`` are not read on the host,
 so the Triton kernels get whatever the caller passed. Each case here calls a backend implementation directly

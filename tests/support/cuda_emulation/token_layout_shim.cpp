@@ -1,5 +1,5 @@
 // csrc/token_layout.h behind a C interface, so that tests compare the one C++ statement of the token layout
-// with the reference and with its Triton twin (tests/test_token_layout.py builds this with g++).
+// with the reference and with its Triton twin (tests/test_packing_token_layout.py builds this with g++).
 #include <cstdint>
 
 #include "token_layout.h"
