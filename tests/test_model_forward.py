@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+from support.helpers import rel_l2
+from support.model_fixtures import randomized, small_config
 
 import flagdit
 import flagdit_kernels as fk
@@ -14,32 +16,6 @@ from flagdit.sampling import shifted_times
 from flagdit_kernels import _dispatch
 
 MODEL_OPS = ("pack", "unpack", "rope_freqs", "qk_norm_rope", "varlen_attention", "rms_norm", "rms_norm_modulate")
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def small_config(variant="flag", **kw):
-    base = dict(in_channels=3, dim=64, n_layers=2, n_heads=4, multiple_of=16, cap_feat_dim=16, variant=variant)
-    if variant == "next":
-        base.update(n_kv_heads=2, nextline=False)
-    base.update(kw)
-    return flagdit.FlagDiTConfig(**base)
-
-
-def randomized(model, seed=0):
-    """Random weights everywhere, also where the model zero-initializes (gates, adaLN, final layer)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def batch(cap_dim=16, seed=0):
@@ -110,7 +86,7 @@ def test_packed_batch_equals_items_alone(variant):
         together = model(xs, t, cap, mask)
         for i in range(len(xs)):
             alone = model([xs[i]], t[i : i + 1], cap[i : i + 1], mask[i : i + 1])[0]
-            assert _rel(together[i], alone) < 1e-5
+            assert rel_l2(together[i], alone) < 1e-5
 
 
 @pytest.mark.parametrize("variant", ["flag", "next"])
@@ -140,8 +116,8 @@ def test_placeholder_tokens_condition_the_output():
         model.eof_token.sub_(1.0)
         model.eol_token.add_(1.0)
         moved_eol = model(xs, t, cap, mask)
-    assert _rel(moved[0], ref[0]) < 1e-6 and _rel(moved[1], ref[1]) > 1e-3  # only the video has [nextframe]
-    assert all(_rel(a, b) > 1e-3 for a, b in zip(moved_eol, ref))
+    assert rel_l2(moved[0], ref[0]) < 1e-6 and rel_l2(moved[1], ref[1]) > 1e-3  # only the video has [nextframe]
+    assert all(rel_l2(a, b) > 1e-3 for a, b in zip(moved_eol, ref))
 
 
 def test_caption_conditions_output_and_empty_caption_is_finite():
@@ -158,8 +134,8 @@ def test_caption_conditions_output_and_empty_caption_is_finite():
         empty = mask.clone()
         empty[2] = 0
         out4 = model(xs, t, cap, empty)
-    assert _rel(out[1], ref[1]) > 1e-4 and _rel(out[0], ref[0]) < 1e-6
-    assert all(_rel(a, b) < 1e-6 for a, b in zip(out3, ref))
+    assert rel_l2(out[1], ref[1]) > 1e-4 and rel_l2(out[0], ref[0]) < 1e-6
+    assert all(rel_l2(a, b) < 1e-6 for a, b in zip(out3, ref))
     assert all(torch.isfinite(o).all() for o in out4)
 
 
@@ -199,7 +175,7 @@ def test_bf16_forward_runs():
         out = model([x.bfloat16() for x in xs], t, cap.bfloat16(), mask)
         want = ref(xs, t, cap, mask)
     assert all(o.dtype == torch.bfloat16 for o in out)
-    assert all(_rel(o, w) < 5e-2 for o, w in zip(out, want))
+    assert all(rel_l2(o, w) < 5e-2 for o, w in zip(out, want))
 
 
 def test_bad_inputs():
@@ -218,7 +194,7 @@ def test_bad_inputs():
 def _fused_backends():
     out = []
     for b in ("triton", "cuda", "cpu"):
-        if any(b in _dispatch.available_backends(op, "cpu") for op in MODEL_OPS if op not in ("pack", "unpack")):
+        if any(b in fk.available_backends(op, "cpu") for op in MODEL_OPS if op not in ("pack", "unpack")):
             out.append(b)
     return out
 
@@ -241,7 +217,7 @@ def test_fused_backend_matches_reference(backend, variant):
         sum((o * o.detach().sin()).sum() for o in out).backward()
         outs.append(out)
     for a, b in zip(outs[1], outs[0]):
-        assert _rel(a, b) < 1e-4
+        assert rel_l2(a, b) < 1e-4
     grads = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
         if grads[name].grad is None:
@@ -252,7 +228,7 @@ def test_fused_backend_matches_reference(backend, variant):
             # Mathematically zero (e.g. a key bias under softmax shift invariance): both sides are round-off.
             assert p.grad.norm() < 1e-5, name
             continue
-        assert _rel(p.grad, want) < 1e-3, name
+        assert rel_l2(p.grad, want) < 1e-3, name
 
 
 # ---- flow matching --------------------------------------------------------------------------------------
@@ -324,7 +300,7 @@ def test_sampler_steps_match_hand_integration(solver):
         x = [a + dt * b for a, b in zip(x, k)]
     assert [tuple(o.shape) for o in got] == shapes
     for a, b in zip(got, x):
-        assert _rel(a, b) < 1e-5
+        assert rel_l2(a, b) < 1e-5
 
 
 def test_sampler_without_guidance_and_bad_args():

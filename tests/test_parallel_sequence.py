@@ -34,9 +34,9 @@ pytestmark = pytest.mark.skipif(
 def results(tmp_path_factory) -> list[dict]:
     """Every rank's record of every check (one job; a rank stuck in a collective times it out)."""
     out = tmp_path_factory.mktemp("parallel")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "parallel_checks.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=420, cwd=ROOT)  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "support.parallel_checks", str(out)], env=env, capture_output=True,
+                          text=True, timeout=420, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 

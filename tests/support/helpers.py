@@ -13,14 +13,23 @@ upstream gradient) are compared by relative L2 error against DESIGN.md's toleran
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import socket
 from collections.abc import Callable, Iterator
 
+import pytest
 import torch
+
+import flagdit_kernels as fk
+from flagdit_kernels import _dispatch
 
 DEVICE = torch.device(os.environ.get("FLAGDIT_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 ON_GPU = DEVICE.type == "cuda"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Triton kernels run here: compiled on a GPU, or as NumPy under the interpreter.
+TRITON_RUNS = TRITON_INSTALLED and (ON_GPU or INTERPRETED)
 # The Triton interpreter gets tl.dot on bf16 wrong (triton-lang/triton#11584): bf16 dots are GPU-only.
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DOT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
@@ -30,6 +39,41 @@ TOLERANCE = {
     "norm": {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10},
     "attention": {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10},
 }
+
+
+def offsets_of(lengths: list[int], device: torch.device | str = DEVICE) -> torch.Tensor:
+    """The int32 offsets ``[0, l0, l0 + l1, ...]`` of a packed batch of sequences of these lengths."""
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32,
+                        device=device)  # fmt: skip
+
+
+def backend_params(op: str, *, reference: bool = True) -> list:
+    """Every backend ``op`` registers (without ``reference`` when it is the spec the test compares with), each a
+    pytest parameter that is skipped, with the reason, where it cannot run on DEVICE: a test lists them all, so a
+    backend that stops running here shows as a skip instead of vanishing."""
+    runnable = fk.available_backends(op, DEVICE)
+    out = []
+    # The registry's full list is not public API: the public fk.available_backends only names what runs here.
+    for name in _dispatch.registered_backends(op):
+        if name == "reference" and not reference:
+            continue
+        if name in runnable:
+            out.append(name)
+            continue
+        why = {
+            "triton": "triton runs here only on a GPU or under TRITON_INTERPRET=1",
+            "cpu": "the compiled extension is not loaded",
+            "cuda": "needs a GPU and the CUDA build of the compiled extension",
+        }.get(name, f"not available on {DEVICE.type}")
+        out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{op}/{name}: {why}")))
+    return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:

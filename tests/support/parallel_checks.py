@@ -1,9 +1,9 @@
 """The multi-process checks of flagdit.parallel: one gloo job of 4 processes, groups of 4 and of 2.
 
-``python tests/support/parallel_checks.py OUT_DIR`` spawns 4 processes; each runs every check for a group of 4 (the
-world) and for a group of 2 (a 2 x 2 mesh's "sp" dimension) and writes ``OUT_DIR/rank{r}.json`` (check name ->
-result); the tests in ``test_parallel_sequence.py`` read them. One job keeps the process start-up (most of the time on
-a CPU) to one per test run.
+``python -m support.parallel_checks OUT_DIR`` (with tests/ on the path) spawns 4 processes; each runs every check
+for a group of 4 (the world) and for a group of 2 (a 2 x 2 mesh's "sp" dimension) and writes
+``OUT_DIR/rank{r}.json`` (check name -> result); the tests in ``test_parallel_sequence.py`` read them. One job
+keeps the process start-up (most of the time on a CPU) to one per test run.
 
 Model checks: a tiny Flag-DiT / Next-DiT with every parameter perturbed (its zero-initialized layers would hide
 errors) runs once as one process and once sequence-parallel over the group, on the same batch; the record holds
@@ -21,22 +21,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from support.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(heads: int, kv_heads: int, variant: str = "flag"):
@@ -280,4 +274,4 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(WORLD, _free_port(), sys.argv[1]), nprocs=WORLD)
+    mp.spawn(_worker, args=(WORLD, free_port(), sys.argv[1]), nprocs=WORLD)
