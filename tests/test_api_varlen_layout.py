@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from support.helpers import DEVICE, fresh
+from support.helpers import DEVICE, fresh, offsets_of
 
 import flagdit_kernels as fk
 from flagdit_kernels.ops import attention as attention_ops
@@ -15,19 +15,15 @@ from flagdit_kernels.ops import norms as norm_ops
 LENGTHS = [5, 0, 9, 1]
 
 
-def _offsets(lengths) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-
-
 def test_layout_holds_the_sample_of_every_token():
-    cu = _offsets(LENGTHS)
+    cu = offsets_of(LENGTHS)
     layout = fk.VarlenLayout.from_cu_seqlens(cu, sum(LENGTHS))
     assert layout.max_seqlen == 9 and layout.num_seqs == 4 and layout.num_tokens == 15
     want = torch.repeat_interleave(torch.arange(4, device=DEVICE), torch.tensor(LENGTHS, device=DEVICE))
     assert torch.equal(layout.sample_index, want)
     assert layout.positions is None
     # A value type whose fields must agree: replacing fields together that still agree is fine.
-    cu7 = _offsets([5, 0, 2])
+    cu7 = offsets_of([5, 0, 2])
     half = dataclasses.replace(layout, cu_seqlens=cu7, sample_index=layout.sample_index[:7], max_seqlen=5)
     assert half.num_tokens == 7 and half.num_seqs == 3 and half.cu_seqlens is cu7
 
@@ -35,7 +31,7 @@ def test_layout_holds_the_sample_of_every_token():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"cu_seqlens": _offsets(LENGTHS).long()}, TypeError, "cu_seqlens must have dtype"),
+        ({"cu_seqlens": offsets_of(LENGTHS).long()}, TypeError, "cu_seqlens must have dtype"),
         ({"cu_seqlens": torch.tensor([0, 6, 5, 15], dtype=torch.int32)}, ValueError, "non-decreasing"),  # CPU
         ({"num_tokens": 14}, ValueError, r"cu_seqlens\[-1\] must equal num_tokens"),
         ({"max_seqlen": 8}, ValueError, r"max_seqlen \(8\) is smaller than the longest sequence \(9\)"),
@@ -46,7 +42,7 @@ def test_layout_holds_the_sample_of_every_token():
     ],
 )
 def test_bad_layouts_name_the_argument(kwargs, error, match):
-    args = {"cu_seqlens": _offsets(LENGTHS).cpu(), "num_tokens": 15, **kwargs}  # value checks run on CPU tensors
+    args = {"cu_seqlens": offsets_of(LENGTHS).cpu(), "num_tokens": 15, **kwargs}  # value checks run on CPU tensors
     with pytest.raises(error, match=match):
         fk.VarlenLayout.from_cu_seqlens(**args)
 
@@ -70,7 +66,7 @@ def test_hand_built_layouts_are_checked_like_built_ones(case):
     """dataclasses.replace and the constructor run the same checks as from_cu_seqlens (values on CPU tensors),
     so no backend ever sees a layout whose fields disagree; the same error for every way of building one."""
     fields, match = HAND_BUILT[case]
-    layout = fk.VarlenLayout.from_cu_seqlens(_offsets(LENGTHS).cpu(), 15)
+    layout = fk.VarlenLayout.from_cu_seqlens(offsets_of(LENGTHS).cpu(), 15)
     with pytest.raises((ValueError, TypeError), match=match):
         dataclasses.replace(layout, **fields)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -85,7 +81,7 @@ def test_unchecked_layouts_give_every_backend_the_offsets_result(backend, monkey
     from flagdit_kernels import _layout
 
     x, w, scale = _norm_inputs(seed=3)
-    cu = _offsets(LENGTHS)
+    cu = offsets_of(LENGTHS)
     want = fk.rms_norm_modulate(x, w, scale, cu_seqlens=cu, backend="reference")
     monkeypatch.setattr(_layout, "values_checked", lambda device: False)
     for bad in (STALE, STALE + 4, torch.zeros(15, dtype=torch.int64)):
@@ -106,7 +102,7 @@ def _norm_inputs(seed=0):
 @pytest.mark.parametrize("backend", fk.available_backends("rms_norm_modulate", DEVICE))
 def test_norms_take_the_layout_for_cu_seqlens(backend):
     x, w, scale = _norm_inputs()
-    cu = _offsets(LENGTHS)
+    cu = offsets_of(LENGTHS)
     layout = fk.VarlenLayout.from_cu_seqlens(cu, 15)
     shift = fresh(scale.shape, torch.float32, seed=7)
     for use in (cu, layout):
@@ -124,7 +120,7 @@ def test_attention_takes_layouts_for_both_offsets(backend):
     text_lengths = [2, 3, 0, 1]
     tk, tv = fresh((6, 2, 16), torch.float32, seed=13), fresh((6, 2, 16), torch.float32, seed=14)
     gate = fresh((4,), torch.float32, seed=15)
-    cu, text_cu = _offsets(LENGTHS), _offsets(text_lengths)
+    cu, text_cu = offsets_of(LENGTHS), offsets_of(text_lengths)
     raw = fk.varlen_attention(q, k, v, cu, 9, text_k=tk, text_v=tv, text_cu_seqlens=text_cu, gate=gate, backend=backend)
     seqs, text = fk.VarlenLayout.from_cu_seqlens(cu, 15), fk.VarlenLayout.from_cu_seqlens(text_cu, 6)
     out = fk.varlen_attention(q, k, v, seqs, text_k=tk, text_v=tv, text_cu_seqlens=text, gate=gate, backend=backend)
@@ -133,13 +129,13 @@ def test_attention_takes_layouts_for_both_offsets(backend):
 
 def test_a_layout_of_another_batch_is_refused():
     x, w, scale = _norm_inputs()
-    layout = fk.VarlenLayout.from_cu_seqlens(_offsets([5, 0, 9, 2]), 16)
+    layout = fk.VarlenLayout.from_cu_seqlens(offsets_of([5, 0, 9, 2]), 16)
     with pytest.raises(ValueError, match=r"cu_seqlens describes 16 tokens but x.shape\[0\] is 15"):
         fk.rms_norm_modulate(x, w, scale, cu_seqlens=layout)
     q = fresh((15, 2, 16), torch.float32, seed=3)
     with pytest.raises(ValueError, match=r"cu_seqlens describes 16 tokens but q.shape\[0\] is 15"):
         fk.varlen_attention(q, q, q, layout)
-    good = fk.VarlenLayout.from_cu_seqlens(_offsets(LENGTHS), 15)
+    good = fk.VarlenLayout.from_cu_seqlens(offsets_of(LENGTHS), 15)
     with pytest.raises(ValueError, match=r"max_seqlen \(12\) differs from cu_seqlens.max_seqlen \(9\)"):
         fk.varlen_attention(q, q, q, good, 12)
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.helpers import TRITON_INSTALLED
 
-from flagdit_kernels import _dispatch
-
-pytestmark = pytest.mark.skipif(not _dispatch.TRITON_INSTALLED, reason="needs triton")
+pytestmark = pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 
 REGIME = {"device": "cpu", "dtype": "torch.float16", "head_dim": 64, "gqa": 2, "text": True, "rope": False,
           "seq": 1024}  # fmt: skip

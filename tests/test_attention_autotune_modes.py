@@ -8,10 +8,9 @@ import warnings
 
 import pytest
 import torch
+from support.helpers import TRITON_INSTALLED
 
-from flagdit_kernels import _dispatch
-
-pytestmark = pytest.mark.skipif(not _dispatch.TRITON_INSTALLED, reason="needs triton")
+pytestmark = pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 
 
 class _FakeKernel:

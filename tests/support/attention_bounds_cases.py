@@ -10,18 +10,24 @@ compares output, LSE and every gradient with the float64 reference run on the re
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
-from support.helpers import DEVICE, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, fresh, poisoned_allocations
+from support.helpers import (
+    DEVICE,
+    TOLERANCE,
+    TRITON_RUNS,
+    assert_rel_close,
+    fresh,
+    poisoned_allocations,
+)
 
 from flagdit_kernels import reference as ref
 from flagdit_kernels.ops import attention as attn
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or not (ON_GPU or INTERPRETED),
+    not TRITON_RUNS,
     reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
 )
 
