@@ -17,9 +17,9 @@ import math
 
 import pytest
 import torch
+from support.helpers import TOLERANCE, assert_rel_close, fresh, offsets_of
 
 from flagdit_kernels.reference import attention as reference
-from tests.helpers import TOLERANCE, assert_rel_close, fresh
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -40,10 +40,6 @@ def _configs():
             for dtype in (torch.bfloat16, torch.float16):
                 for text in (False, True):
                     yield pytest.param(d, config, dtype, text, id=f"D{d}-{config}-{str(dtype)[6:]}-text{int(text)}")
-
-
-def _offsets(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
 
 
 def _text_reference(q, tk, tv, lens, text_lens):
@@ -82,13 +78,13 @@ def _launch(config, head_dim, dtype, text, poison=False, growing=False):
         q = (q.float() * 4).to(dtype)
         along = torch.cat([torch.arange(n, device="cuda") / n for n in LENS])
         k = (k.float() * (1 + 6 * along)[:, None, None]).to(dtype)
-    cu = _offsets(LENS)
+    cu = offsets_of(LENS, "cuda")
     scale = 1 / math.sqrt(head_dim)
     nan = lambda *shape, dt=dtype: torch.full(shape, float("nan"), dtype=dt, device="cuda")
     out, lse = nan(T, HEADS, head_dim), nan(HEADS, T, dt=torch.float32)
     if text:
         tk, tv = fresh((sum(TEXT_LENS), KV_HEADS, head_dim), dtype), fresh((sum(TEXT_LENS), KV_HEADS, head_dim), dtype)
-        tcu, gate = _offsets(TEXT_LENS), fresh((HEADS,), torch.float32, scale=0.5)
+        tcu, gate = offsets_of(TEXT_LENS, "cuda"), fresh((HEADS,), torch.float32, scale=0.5)
         ot, lt = nan(T, HEADS, head_dim), nan(HEADS, T, dt=torch.float32)
         tg = torch.tanh(gate)
     else:
