@@ -27,7 +27,7 @@ def test_norm_kernels_compile_for_sm90():
 def _compile_all() -> None:
     from flagdit_kernels.tools.recorder import compile_launch, recording
     from flagdit_kernels.tools.sass import access_widths, resource_usage, sass
-    from flagdit_kernels.triton import rms_norm as K
+    from flagdit_kernels.triton import norms as K
 
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
     with recording(K, names) as launches:
@@ -59,7 +59,7 @@ def _compile_all() -> None:
 
 def _same_binaries_for_any_sample_count() -> None:
     from flagdit_kernels.tools.recorder import compile_launch, recording
-    from flagdit_kernels.triton import rms_norm as K
+    from flagdit_kernels.triton import norms as K
 
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
     d, rows = 2304, 8192

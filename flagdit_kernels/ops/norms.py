@@ -1,6 +1,6 @@
 """Public RMSNorm family: ``rms_norm``, ``rms_norm_modulate``, ``gated_residual_rms_norm``.
 
-Backends: ``reference`` (PyTorch), ``triton`` (``flagdit_kernels/triton/rms_norm.py``; all three ops) and
+Backends: ``reference`` (PyTorch), ``triton`` (``flagdit_kernels/triton/norms.py``; all three ops) and
 ``cuda`` (``csrc/rms_norm_cuda.cu``; ``rms_norm`` only, when the extension was built with CUDA) and ``cpu``
 (``csrc/rms_norm_cpu.cpp``; ``rms_norm`` only, the default for CPU tensors when the extension is built). The kernels
 are wrapped as ``torch.library`` custom ops (``flagdit_kernels::rms_norm_triton`` and friends, each with a
@@ -133,7 +133,7 @@ def gated_residual_rms_norm(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton backend: custom ops over flagdit_kernels/triton/rms_norm.py.
+# Triton backend: custom ops over flagdit_kernels/triton/norms.py.
 # Forward ops return (y, rstd); rstd (fp32, one per row) is saved for the backward and not differentiable.
 # Backward ops return an empty (0,) tensor for a gradient whose input is None (custom ops return tensors).
 
@@ -142,7 +142,7 @@ _NONE = (0,)
 
 
 def _kernels():
-    from ..triton import rms_norm as kernels  # imported on first use: Triton is optional
+    from ..triton import norms as kernels  # imported on first use: Triton is optional
 
     return kernels
 

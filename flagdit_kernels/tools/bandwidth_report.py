@@ -1,7 +1,7 @@
 """What the bandwidth kernels (RMSNorm family, RoPE / QK-norm, packing, embedding) compile to for sm_90, without
 a GPU, specialized exactly as real launches would be.
 
-Without a GPU the compile is the measurement. The host launchers of ``flagdit_kernels/triton/{rms_norm,rope,
+Without a GPU the compile is the measurement. The host launchers of ``flagdit_kernels/triton/{norms,rope,
 packing,embed}.py`` run on CPU tensors with their kernels recorded (``recorder.recording``), and every recorded
 launch is compiled through Triton's own argument binder (``recorder.compile_launch``). The report gives, per
 launch: warps, registers, local memory (spills), shared memory, the resident programs per SM that follow on an
@@ -59,7 +59,7 @@ def describe(launch: Launch, arch: int = 90) -> str:
 
 
 def norm_launches() -> list[Launch]:
-    from ..triton import rms_norm as K
+    from ..triton import norms as K
 
     dt = torch.bfloat16
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
