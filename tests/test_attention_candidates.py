@@ -13,10 +13,9 @@ import warnings
 
 import pytest
 import torch
+from support.helpers import TRITON_INSTALLED
 
-from flagdit_kernels import _dispatch
-
-pytestmark = pytest.mark.skipif(not _dispatch.TRITON_INSTALLED, reason="needs triton")
+pytestmark = pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 
 SM90 = {"device": "NVIDIA H200", "capability": [9, 0], "dtype": "torch.bfloat16", "head_dim": 128}
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.helpers import free_port
 
 import flagdit_kernels as fk
 from flagdit import checkpoint, train
@@ -125,16 +125,10 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     assert train.parse_args([]).dist_timeout == train.DEFAULT_DIST_TIMEOUT_S
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_torchrun_rank_reports_the_same_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "flagdit.train", *SMALL, "--batch-size", "3", "--out",
+           "--master_port", str(free_port()), "-m", "flagdit.train", *SMALL, "--batch-size", "3", "--out",
            str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("flagdit-train: error: ")]

@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from support.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--steps", "4", "--batch-size", "4", "--set", "dim=64", "--set", "n_layers=2", "--no-progress",
         "--threads", "1", "--log-every", "1", "--warmup", "1", "--lr", "3e-3"]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(out: Path, launcher: list[str], extra: list[str], args: list[str] = ARGS) -> list[float]:
@@ -47,7 +41,7 @@ def single(tmp_path_factory) -> list[float]:
 
 def _torchrun(processes: int) -> list[str]:
     return ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port())]  # fmt: skip
+            "--master_port", str(free_port())]  # fmt: skip
 
 
 def _assert_same(losses: list[float], single: list[float], what: str) -> None:
@@ -138,7 +132,7 @@ dist.destroy_process_group()
 
 def test_bf16_policies_compute_in_bf16_and_keep_fp32_weights_and_gradients():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))  # fmt: skip
+               MASTER_PORT=str(free_port()))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", BF16_PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compile_subprocess import compiler_unavailable, run_script
+from support.compile_subprocess import compiler_unavailable, run_script
 
 
 @pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))

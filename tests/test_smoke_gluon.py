@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
+from support.helpers import TOLERANCE, assert_rel_close, fresh, offsets_of
 
 from flagdit_kernels.reference import attention as reference
-from tests.helpers import TOLERANCE, assert_rel_close, fresh
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -37,10 +37,6 @@ def _configs():
             for dtype in (torch.bfloat16, torch.float16):
                 for text in (False, True):
                     yield pytest.param(d, config, dtype, text, id=f"D{d}-{config}-{str(dtype)[6:]}-text{int(text)}")
-
-
-def _offsets(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
 
 
 def _text_reference(q, tk, tv, lens, text_lens):
@@ -69,13 +65,13 @@ def test_gluon_forward_matches_reference(head_dim, config, dtype, text):
     T, B = sum(LENS), len(LENS)
     q = fresh((T, HEADS, head_dim), dtype)
     k, v = fresh((T, KV_HEADS, head_dim), dtype), fresh((T, KV_HEADS, head_dim), dtype)
-    cu = _offsets(LENS)
+    cu = offsets_of(LENS, "cuda")
     scale = 1 / math.sqrt(head_dim)
     nan = lambda *shape, dt=dtype: torch.full(shape, float("nan"), dtype=dt, device="cuda")
     out, lse = nan(T, HEADS, head_dim), nan(HEADS, T, dt=torch.float32)
     if text:
         tk, tv = fresh((sum(TEXT_LENS), KV_HEADS, head_dim), dtype), fresh((sum(TEXT_LENS), KV_HEADS, head_dim), dtype)
-        tcu, gate = _offsets(TEXT_LENS), fresh((HEADS,), torch.float32, scale=0.5)
+        tcu, gate = offsets_of(TEXT_LENS, "cuda"), fresh((HEADS,), torch.float32, scale=0.5)
         ot, lt = nan(T, HEADS, head_dim), nan(HEADS, T, dt=torch.float32)
         tg = torch.tanh(gate)
     else:

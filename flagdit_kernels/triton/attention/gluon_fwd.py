@@ -5,7 +5,7 @@ autotuner offers it only on sm_90 devices with FLAGDIT_KERNELS_GLUON=1, and only
 forward on the same inputs there (candidates.py); nothing Gluon becomes a default without a passing
 GPU record (benchmarks/gpu_check.sh runs tests/test_smoke_gluon.py first; benchmarks/RESULTS.md). What is proven
 without a GPU is that it compiles for sm_90 on Triton 3.6 and 3.9, with the structure the compile shows
-(tests/test_compile_structure.py; ``python -m flagdit_kernels.tools.compile_report --gluon``).
+(tests/test_attention_compile_structure.py; ``python -m flagdit_kernels.tools.compile_report --gluon``).
 
 Same contract as ``_fwd_kernel`` (fwd.py): packed q ``(T, H, D)``, k/v ``(T, Hkv, D)`` split by
 ``cu_seqlens``, GQA by ``h // GROUP``, Lumina's gated text keys per sample; writes ``out``, ``o_text`` and the
