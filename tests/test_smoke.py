@@ -50,7 +50,7 @@ def _gated_packed(dtype):
 
 
 def _layer_modulate_packed(dtype):
-    cu = _offsets([30, 1, 39])
+    cu = offsets_of([30, 1, 39])
 
     def run(b, x, scale, shift, weight, bias):
         return fk.layer_norm_modulate(x, scale, shift, weight, bias, cu_seqlens=cu, backend=b)

@@ -9,26 +9,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, KERNEL_DTYPES, assert_rel_close, compare_with_reference, fresh, make_inputs
+from support.helpers import (
+    DEVICE,
+    KERNEL_DTYPES,
+    assert_rel_close,
+    backend_params,
+    compare_with_reference,
+    fresh,
+    make_inputs,
+    offsets_of,
+)
 
 import flagdit_kernels as fk
-from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 
 OP = "layer_norm_modulate"
-
-
-def _backends() -> list:
-    """Every backend the op registers, skipped (with the reason) where it cannot run on DEVICE."""
-    runnable = _dispatch.available_backends(OP, DEVICE)
-    return [
-        b if b in runnable else pytest.param(b, marks=pytest.mark.skip(reason=f"{b} cannot run on {DEVICE}"))
-        for b in _dispatch.registered_backends(OP)
-    ]
-
-
-def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
 def test_reference_is_layer_norm_then_modulation():
@@ -42,7 +37,7 @@ def test_reference_is_layer_norm_then_modulation():
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     normed = (x - mean) / torch.sqrt(var + 1e-6) * weight + bias
     want = normed * (1 + scale[sample]) + shift[sample]
-    got = ref.layer_norm_modulate(x, scale, shift, weight, bias, 1e-6, _cu(lengths))
+    got = ref.layer_norm_modulate(x, scale, shift, weight, bias, 1e-6, offsets_of(lengths))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -56,7 +51,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params(OP))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("affine", [False, True], ids=["no_affine", "affine"])
@@ -73,7 +68,7 @@ def test_against_float64_reference(backend, dtype, layout, affine):
             "bias": (d,) if affine else None,
         },
         dtype,
-        cu_seqlens=_cu(lengths) if lengths is not None else None,
+        cu_seqlens=offsets_of(lengths) if lengths is not None else None,
     )
     inputs["x"] = inputs["x"] * 2 + 0.5  # a non-zero mean: the centring matters
 
@@ -83,7 +78,7 @@ def test_against_float64_reference(backend, dtype, layout, affine):
     compare_with_reference(call, ref.layer_norm_modulate, inputs, dtype)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params(OP))
 def test_packed_many_samples(backend):
     """Many short samples (more samples than rows per program, empty ones among them) in one packed batch."""
     gen = torch.Generator().manual_seed(7)
@@ -92,7 +87,7 @@ def test_packed_many_samples(backend):
     inputs = make_inputs(
         {"x": (sum(lengths), d), "scale": (150, d), "shift": (150, d), "weight": (d,), "bias": (d,)},
         torch.float32,
-        cu_seqlens=_cu(lengths),
+        cu_seqlens=offsets_of(lengths),
     )
     compare_with_reference(
         lambda x, scale, shift, weight, bias, cu_seqlens: fk.layer_norm_modulate(
@@ -104,7 +99,7 @@ def test_packed_many_samples(backend):
     )
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backend_params(OP))
 def test_strided_rows(backend):
     """Rows with a stride larger than D (a column slice of a fused projection) are read as they are."""
     buf = fresh((13, 3 * 40), torch.float32)
@@ -132,9 +127,9 @@ def test_module_matches_layer_norm_then_modulation():
 
 def test_compile_fullgraph_through_custom_ops():
     """torch.compile(fullgraph=True) traces through the op (no graph break) and matches eager, gradients too."""
-    backend = "triton" if "triton" in _dispatch.available_backends(OP, DEVICE) else "reference"
+    backend = "triton" if "triton" in fk.available_backends(OP, DEVICE) else "reference"
     mod = fk.nn.ModulatedLayerNorm(40, elementwise_affine=True, backend=backend).to(DEVICE)
-    cu = _cu([5, 1, 7])
+    cu = offsets_of([5, 1, 7])
     x = fresh((13, 40), torch.float32).requires_grad_()
     scale, shift = (fresh((3, 40), torch.float32).requires_grad_() for _ in range(2))
     torch._dynamo.reset()
@@ -152,21 +147,23 @@ def test_compile_fullgraph_through_custom_ops():
 
 
 def test_custom_op_opcheck():
-    if "triton" not in _dispatch.available_backends(OP, DEVICE):
+    if "triton" not in fk.available_backends(OP, DEVICE):
         pytest.skip("triton cannot run here")
-    from flagdit_kernels.ops import norms
-
     x, scale, shift, w, b = (
         fresh((9, 24), torch.float32),
         *(fresh(s, torch.float32) for s in [(2, 24)] * 2 + [(24,)] * 2),
     )
-    args = (x.requires_grad_(), scale.requires_grad_(), shift, w, b, 1e-6, _cu([4, 5]))
-    torch.library.opcheck(norms._layer_modulate_triton_op, args, test_utils=("test_schema", "test_faketensor"))
+    args = (x.requires_grad_(), scale.requires_grad_(), shift, w, b, 1e-6, offsets_of([4, 5]))
+    torch.library.opcheck(
+        torch.ops.flagdit_kernels.layer_norm_modulate_triton.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_bad_inputs():
     x, sc, w = fresh((7, 40), torch.float32), fresh((2, 40), torch.float32), fresh((40,), torch.float32)
-    cu = _cu([3, 4])
+    cu = offsets_of([3, 4])
     with pytest.raises(ValueError, match=r"weight must have shape \(40,\)"):
         fk.layer_norm_modulate(x, sc, weight=fresh((39,), torch.float32), cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"bias must have shape \(40,\)"):
