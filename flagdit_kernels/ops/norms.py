@@ -2,10 +2,11 @@
 
 Backends: ``reference`` (PyTorch), ``triton`` (``flagdit_kernels/triton/norms.py``; all four ops) and
 ``cuda`` (``csrc/rms_norm_cuda.cu``; ``rms_norm`` only, when the extension was built with CUDA) and ``cpu``
-(``csrc/rms_norm_cpu.cpp``; ``rms_norm`` only, the default for CPU tensors when the extension is built). The kernels
-are wrapped as ``torch.library`` custom ops (``flagdit_kernels::rms_norm_triton`` and friends, each with a
-fake impl and an autograd formula whose backward is again a custom op) so that ``torch.compile(fullgraph=True)``
-traces through them without graph breaks.
+(``csrc/rms_norm_cpu.cpp``; ``rms_norm`` only, the default for CPU tensors when the extension is built): the
+two kernels of one C++ op, ``flagdit_kernels::rms_norm_fwd`` / ``_bwd``, under its CPU and CUDA dispatch keys.
+The Triton kernels are wrapped as ``torch.library`` custom ops (``flagdit_kernels::rms_norm_triton`` and
+friends, each with a fake impl and an autograd formula whose backward is again a custom op) so that
+``torch.compile(fullgraph=True)`` traces through them without graph breaks.
 """
 
 from __future__ import annotations
@@ -450,46 +451,43 @@ for _op, _fn in (
 
 # ----------------------------------------------------------------------------------------------------------
 # Compiled C++ backends, rms_norm only (the modulated and gated ops, and layer_norm_modulate, have none: their
-# fusions are Triton's): "cuda" (csrc/rms_norm_cuda.cu, schemas only in a CUDA build of _C) and
-# "cpu" (csrc/rms_norm_cpu.cpp). Both ops return (y, rstd) and share one fake / autograd wiring.
+# fusions are Triton's): one op pair, flagdit_kernels::rms_norm_fwd / rms_norm_bwd (csrc/bindings.cpp), with a
+# CPU kernel (csrc/rms_norm_cpu.cpp) and, in a CUDA build, a CUDA kernel (csrc/rms_norm_cuda.cu) under the
+# dispatch keys; registered as the "cpu" and "cuda" backends. Both return (y, rstd) and share one fake and
+# one autograd formula.
 
 
-def _register_compiled_autograd(device: str) -> None:
+def _register_compiled_autograd() -> None:
     lib = torch.library
-    fwd, bwd = f"flagdit_kernels::rms_norm_{device}_fwd", f"flagdit_kernels::rms_norm_{device}_bwd"
-    bwd_op = getattr(torch.ops.flagdit_kernels, f"rms_norm_{device}_bwd")
 
-    @lib.register_fake(fwd)
+    @lib.register_fake("flagdit_kernels::rms_norm_fwd")
     def _(x, weight, eps):
         return _fake_fwd(x, x.dtype)
 
-    @lib.register_fake(bwd)
+    @lib.register_fake("flagdit_kernels::rms_norm_bwd")
     def _(dy, x, weight, rstd):
         return x.new_empty(x.shape), _fake_grad(weight, x)
 
     def backward(ctx, dy, _drstd):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = bwd_op(dy, x, weight if ctx.has_weight else None, rstd)
+        dx, dw = torch.ops.flagdit_kernels.rms_norm_bwd(dy, x, weight if ctx.has_weight else None, rstd)
         return dx, (dw if ctx.has_weight else None), None
 
-    lib.register_autograd(fwd, backward, setup_context=_rms_norm_setup)
+    lib.register_autograd("flagdit_kernels::rms_norm_fwd", backward, setup_context=_rms_norm_setup)
 
 
-def _compiled_rms_norm(device: str):
-    def rms_norm_compiled(x, weight, eps):
-        return getattr(torch.ops.flagdit_kernels, f"rms_norm_{device}_fwd")(x, weight, float(eps))[0]
-
-    return rms_norm_compiled
+def _rms_norm_compiled(x, weight, eps):
+    return torch.ops.flagdit_kernels.rms_norm_fwd(x, weight, float(eps))[0]
 
 
+if not extension_missing(cuda=False):
+    _register_compiled_autograd()
 for _device in ("cuda", "cpu"):
     _missing = extension_missing(cuda=_device == "cuda")
-    if not _missing:
-        _register_compiled_autograd(_device)
     _dispatch.register(
         "rms_norm",
         _device,
-        _compiled_rms_norm(_device),
+        _rms_norm_compiled,
         devices=(_device,),
         dtypes=_dispatch.FP32_MATH_DTYPES if _device == "cuda" else None,  # the CPU kernels compute float64 in float64
         missing=lambda m=_missing: m,

@@ -82,6 +82,12 @@ def norm_launches() -> list[Launch]:
             _, rstd = K.forward(x, w, 1e-5, mode=K.MODE_GATED, p1=scale, residual=x, cu_seqlens=cu)
             K.backward(x, x, w, rstd, mode=K.MODE_GATED, p1=scale, cu_seqlens=cu)
         launches += rec
+        # layer_norm_modulate as DiT final layers call it: no affine, per-sample shift and scale.
+        layer = dict(norm=K.NORM_LAYER, mode=K.MODE_MODULATE, p1=scale, p2=scale, cu_seqlens=cu)
+        with recording(K, names, lambda n, d=d: f"layer modulate packed {n} D{d}") as rec:
+            _, rstd = K.forward(x, None, 1e-6, **layer)
+            K.backward(x, x, None, rstd, **layer)
+        launches += rec
     return launches
 
 

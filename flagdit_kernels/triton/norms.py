@@ -38,9 +38,10 @@ it looks for), and rows are clamped to ``[0, T)``: no kernel reads or writes out
 gradient lands in the sample its forward used, and the per-sample gradient slots start zeroed, so no result
 holds memory nothing wrote.
 
-Backward reductions. ``dweight`` is summed per program into an fp32 ``(programs, D)`` buffer and finished
-by one ``sum(0)``. A parameter that is constant along L (per sample) is summed per (program, sample)
-segment: a program walks its contiguous block of rows and flushes its accumulator to slot
+Backward reductions. ``dweight`` (and LayerNorm's ``dbias``) is summed per program into an fp32
+``(programs, D)`` buffer and finished by one ``sum(0)``. A parameter that is constant along L (per sample)
+is summed per (program, sample) segment: a program walks its contiguous block of rows and flushes its
+accumulator to slot
 ``program + sample`` whenever the sample changes, and records the first and last sample it saw.
 ``program + sample`` is strictly increasing along the rows (samples never decrease along them), so the slots
 never collide and the buffer has ``programs + samples - 1`` rows; ``_segment_sum_kernel`` then adds, for
