@@ -75,7 +75,7 @@ def _started(config) -> set[str]:
     path = config.getoption("--bench-resume")
     if not path:
         return set()
-    from flagdit_kernels.bench.run_log import read_jsonl
+    from flagdit_kernels.bench.results.run_log import read_jsonl
 
     phase = config.getoption("--results-phase", None)
     records, _ = read_jsonl(path)

@@ -98,31 +98,53 @@ def test_kernel_package_never_imports_the_model_or_diffusers(path):
 
 
 # A layer may import the ones below it, never one above; the reference is the spec the ops and the tests check
-# against, not an API, so the layers above the ops (nn, integrations, bench) never import it.
+# against, not an API, so the layers above the ops (nn, integrations, bench) never import it. Measurement has one
+# home, bench/, in rooms: the op families' cases (families/, above the ops), reading a run back (results/: JSON
+# and logs in, Markdown out; no kernel), the compile tools (compile/, above the kernels they compile), and beside
+# them cases, timing, plan, warm and cli (the one entry point, which alone may name a tool of another room).
+BENCH_ROOMS = ("flagdit_kernels.bench.families", "flagdit_kernels.bench.results", "flagdit_kernels.bench.compile")
+BENCH_TOOLS = ("flagdit_kernels.bench.cli", "flagdit_kernels.bench.warm", *BENCH_ROOMS)
 LAYERS = {
     "ops": ("flagdit_kernels.nn", "flagdit_kernels.integrations", "flagdit_kernels.bench"),
     "nn.py": ("flagdit_kernels.integrations", "flagdit_kernels.bench", "flagdit_kernels.reference"),
     "integrations": ("flagdit_kernels.bench", "flagdit_kernels.ops", "flagdit_kernels.triton"),
     "bench": ("flagdit_kernels.reference",),
+    "bench/families": tuple(t for t in BENCH_TOOLS if t != "flagdit_kernels.bench.families"),
+    "bench/results": (
+        *(t for t in BENCH_TOOLS if t != "flagdit_kernels.bench.results"),
+        *("flagdit_kernels." + m for m in ("ops", "triton", "_dispatch", "nn", "integrations", "bench.cases")),
+    ),
+    "bench/compile": tuple(t for t in BENCH_TOOLS if t != "flagdit_kernels.bench.compile"),
 }
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_layers_import_only_downwards(layer):
-    paths = [PACKAGE / layer] if layer.endswith(".py") else _sources("flagdit_kernels", layer)
+    paths = [PACKAGE / layer] if layer.endswith(".py") else _sources("flagdit_kernels", *layer.split("/"))
+    assert paths, layer
     for path in paths:
         assert not _reaches(path, LAYERS[layer]), path
 
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in _sources("flagdit_kernels") if p.relative_to(PACKAGE).parts[0] != "tools"],
+    [p for p in _sources("flagdit_kernels") if p.relative_to(PACKAGE).parts[:2] != ("bench", "compile")],
     ids=lambda p: str(p.relative_to(PACKAGE)),
 )
-def test_nothing_in_the_package_imports_the_tools(path):
-    """The compile reports in tools/ sit on top of the kernels and ops they read (and may import any of them);
-    nothing in the package imports them, so they add nothing to importing it."""
-    assert not _reaches(path, ("flagdit_kernels.tools",))
+def test_nothing_in_the_package_imports_the_compile_tools(path):
+    """The compile reports in bench/compile/ sit on top of the kernels and ops they read (and may import any of
+    them); nothing in the package imports them but the ``flagdit-bench`` entry point, inside the function that
+    runs a named subcommand, so they add nothing to importing the package or the entry point."""
+    if path == PACKAGE / "bench" / "cli.py":
+        compile_tools = [m for m, names, at_top in _imports(path) if at_top and _reaches_compile(m, names)]
+        assert not compile_tools, f"cli.py imports {compile_tools} at module level"
+    else:
+        assert not _reaches(path, ("flagdit_kernels.bench.compile",))
+
+
+def _reaches_compile(module: str, names: list[str]) -> bool:
+    tools = "flagdit_kernels.bench.compile"
+    return any(t == tools or t.startswith(tools + ".") for t in _targets(module, names))
 
 
 @pytest.mark.parametrize(
@@ -141,13 +163,14 @@ def test_the_public_api_is_the_only_door(path):
             assert module.split(".")[1] in PUBLIC_SUBPACKAGES, (path, module)
 
 
-def test_importing_the_kernels_loads_neither_the_model_nor_diffusers_nor_the_integrations_nor_the_tools():
+def test_importing_the_kernels_loads_neither_the_model_nor_diffusers_nor_the_integrations_nor_the_compile_tools():
     code = (
         "import sys, flagdit_kernels as fk, flagdit_kernels.nn, flagdit_kernels.bench.cli\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('flagdit', 'diffusers')]\n"
         "assert not loaded, loaded\n"
         "assert 'flagdit_kernels.integrations' not in sys.modules\n"
-        "assert 'flagdit_kernels.tools' not in sys.modules\n"
+        "assert 'flagdit_kernels.bench.compile' not in sys.modules\n"
+        "assert 'flagdit_kernels.bench.results.report' not in sys.modules  # and with it matplotlib\n"
         "assert fk.integrations.patch_rms_norm is not None  # imported on first use\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -20,8 +20,8 @@ from test_smoke import OPS as SMOKE_OPS
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch, reference
-from flagdit_kernels.bench import record
 from flagdit_kernels.bench.plan import GPU_PLAN
+from flagdit_kernels.bench.results import record
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DESIGN = (ROOT / "DESIGN.md").read_text()

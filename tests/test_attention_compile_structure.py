@@ -1,4 +1,4 @@
-"""The compile report's structure keys (flagdit_kernels.tools.compile_report: engine, partitions, per-loop wgmma
+"""The compile report's structure keys (flagdit_kernels.bench.compile.compile_report: engine, partitions, per-loop wgmma
 shapes and waits, barriers, TMA, spills, EX2) read from real sm_90 compiles on the CPU: the Triton forward and
 the Gluon forward (triton/attention/gluon_fwd.py, which only ever runs on a GPU, so its compile is all the evidence
 there is without one), on whichever Triton is installed (3.6 and 3.9 both compile them).
@@ -17,7 +17,7 @@ import sys
 import pytest
 from support.compile_subprocess import ROOT, compiler_unavailable
 
-from flagdit_kernels.tools.sass import barriers, count_classes, wgmma_shapes, wgmma_waits
+from flagdit_kernels.bench.compile.sass import barriers, count_classes, wgmma_shapes, wgmma_waits
 
 KEYS = ("wgmma", "wgmma_shapes", "wgmma_wait_pending", "cta_barriers", "tma_loads", "cp_async", "global_16B",
         "global_2B", "mma_sync", "spill_accesses", "ex2")  # fmt: skip
@@ -60,7 +60,7 @@ needs_compiler = pytest.mark.skipif(compiler_unavailable() is not None, reason=s
 def test_triton_forward_structure():
     rows = _compile(
         "import json, dataclasses\n"
-        "from flagdit_kernels.tools.compile_report import report\n"
+        "from flagdit_kernels.bench.compile.compile_report import report\n"
         "rows = [r for r in report((64,), variants=[(False, False)]) if r.kernel == '_fwd_kernel']\n"
         "print(json.dumps([dataclasses.asdict(r) for r in rows]))\n"
     )
@@ -87,7 +87,7 @@ def test_gluon_forward_structure():
     no spill in any loop or anywhere else. Dh 72 has no Gluon config (not a power of two)."""
     rows = _compile(
         "import json, dataclasses\n"
-        "from flagdit_kernels.tools.compile_report import gluon_report\n"
+        "from flagdit_kernels.bench.compile.compile_report import gluon_report\n"
         "rows = gluon_report((64, 72, 128))\n"
         "print(json.dumps([dataclasses.asdict(r) for r in rows]))\n"
     )

@@ -59,11 +59,24 @@ def test_help_shows_the_report_command_and_defaults(capsys):
     assert "(default: 100 on GPU, 40 on CPU)" in " ".join(text.split()) and "`" not in text
 
 
+@pytest.mark.parametrize("name", ["report", "warm", "compile-report", "bandwidth-report"])
+def test_every_measurement_tool_is_a_subcommand(name, capsys):
+    """flagdit-bench is the one entry point: each tool answers --help under its subcommand's name, and the
+    table's --help lists them all."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: flagdit-bench {name} ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"\n  {name} " in capsys.readouterr().out
+
+
 def test_families_are_discovered_from_their_modules():
     from flagdit_kernels.bench.cases import family_names
 
     names = family_names()
-    assert {"attention", "norms", "packing", "rope"} <= set(names)  # flagdit_kernels.bench: the op families
+    assert {"attention", "norms", "packing", "rope"} <= set(names)  # flagdit_kernels.bench.families: the ops
     assert {"model", "diffusers_lumina"} <= set(names)  # flagdit.bench: whole models, above the kernels
 
 

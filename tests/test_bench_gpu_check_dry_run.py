@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flagdit_kernels.bench import record, report
-from flagdit_kernels.bench.run_log import read_jsonl, summarize
+from flagdit_kernels.bench.results import record, report
+from flagdit_kernels.bench.results.run_log import read_jsonl, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 STALLED = "benchmarks/test_ops.py::test_op[pack[mixed-4items-0.2MiB]-fwd-python loop]"

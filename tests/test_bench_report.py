@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flagdit_kernels.bench import report
+from flagdit_kernels.bench.results import report
 
 COPY, MATMUL = 4257.0, 796.0
 
@@ -178,7 +178,7 @@ def test_results_log_cut_off_mid_line(tmp_path):
 
 
 def test_record_fills_measured_rows_and_keeps_the_rest(tmp_path):
-    from flagdit_kernels.bench import record
+    from flagdit_kernels.bench.results import record
 
     before = "\n".join(
         [

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flagdit_kernels.bench.run_log import read_jsonl, summarize
+from flagdit_kernels.bench.results.run_log import read_jsonl, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ import flagdit_kernels as fk
 from flagdit import checkpoint, train
 from flagdit.data import WordEncoder
 from flagdit.sample_cli import main as sample_main
-from flagdit_kernels.bench import report
 from flagdit_kernels.bench.cli import main as bench_main
+from flagdit_kernels.bench.results import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "dim=64", "--set", "n_layers=1", "--batch-size", "2", "--warmup", "1", "--no-progress",

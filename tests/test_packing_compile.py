@@ -3,8 +3,8 @@ what they were built for: 16-byte accesses on both sides of an aligned bf16 batc
 shared memory, no spills.
 
 The interpreter (TRITON_INTERPRET=1) runs kernels as numpy and accepts code that the compiler rejects. Here the
-host launchers run on CPU tensors with their kernels recorded (flagdit_kernels/tools/recorder.py), and each launch is
-compiled ahead of time as the JIT would specialize it. It runs as a script in a subprocess without
+host launchers run on CPU tensors with their kernels recorded (flagdit_kernels/bench/compile/recorder.py), and
+each launch is compiled ahead of time as the JIT would specialize it. It runs as a script in a subprocess without
 TRITON_INTERPRET.
 """
 
@@ -23,8 +23,8 @@ def test_packing_kernels_compile_for_sm90():
 
 def _compile_all() -> None:
     from flagdit_kernels._conventions import frames_hw, item_shapes
-    from flagdit_kernels.tools.recorder import compile_launch, recording
-    from flagdit_kernels.tools.sass import access_widths, resource_usage, sass
+    from flagdit_kernels.bench.compile.recorder import compile_launch, recording
+    from flagdit_kernels.bench.compile.sass import access_widths, resource_usage, sass
     from flagdit_kernels.triton import embed as E
     from flagdit_kernels.triton import packing as K
 

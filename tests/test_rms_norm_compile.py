@@ -3,7 +3,7 @@ every variant compiles, none spills, and the persistent forward and backward loo
 shared memory with cp.async (the bytes in flight are then not bounded by registers), except the small-D
 backward variants whose multi-row tiles may span samples.
 
-The host launchers run on CPU tensors with their kernels recorded (flagdit_kernels/tools/recorder.py, which
+The host launchers run on CPU tensors with their kernels recorded (flagdit_kernels/bench/compile/recorder.py, which
 also sizes the persistent grids for an H200); each launch is compiled as the JIT would specialize it. It runs
 as a script in a subprocess without TRITON_INTERPRET.
 """
@@ -25,8 +25,8 @@ def test_norm_kernels_compile_for_sm90():
 
 
 def _compile_all() -> None:
-    from flagdit_kernels.tools.recorder import compile_launch, recording
-    from flagdit_kernels.tools.sass import access_widths, resource_usage, sass
+    from flagdit_kernels.bench.compile.recorder import compile_launch, recording
+    from flagdit_kernels.bench.compile.sass import access_widths, resource_usage, sass
     from flagdit_kernels.triton import norms as K
 
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
@@ -58,7 +58,7 @@ def _compile_all() -> None:
 
 
 def _same_binaries_for_any_sample_count() -> None:
-    from flagdit_kernels.tools.recorder import compile_launch, recording
+    from flagdit_kernels.bench.compile.recorder import compile_launch, recording
     from flagdit_kernels.triton import norms as K
 
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")

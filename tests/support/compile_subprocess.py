@@ -1,6 +1,6 @@
 """Plumbing of the tests that compile kernels for sm_90 without a GPU: whether this machine can, and running
 a test file as a script in a subprocess without ``TRITON_INTERPRET`` (the recorder and compiler are
-``flagdit_kernels.tools.recorder`` and ``flagdit_kernels.tools.sass``)."""
+``flagdit_kernels.bench.compile.recorder`` and ``flagdit_kernels.bench.compile.sass``)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .results import Results, best, by_case, fmt_ms, is_ours, peak_pct
+from .rows import Results, best, by_case, fmt_ms, is_ours, peak_pct
 
 BEGIN, END = "<!-- record:begin -->", "<!-- record:end -->"
 HEADER = ("op", "shape", "dir", "floor", "prediction", "measured", "vs baselines (same run)", "run")

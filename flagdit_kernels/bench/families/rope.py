@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import ops
-from .cases import Case, backend_impls, forward_backward
+from ... import ops
+from ..cases import Case, backend_impls, forward_backward
 
 
 def lumina_rope(x, freqs_cis):

@@ -33,7 +33,7 @@ def recording(module, names: tuple[str, ...], label: Callable[[str], str] | None
     """Swaps ``module.<name>`` kernels for recorders while active, and makes the launchers size persistent
     grids for an H200 (its SM count, and the residency of each variant compiled here); yields the list the
     launches land in."""
-    from ..triton import _helpers
+    from ...triton import _helpers
 
     launches: list[Launch] = []
     saved = {name: getattr(module, name) for name in names}

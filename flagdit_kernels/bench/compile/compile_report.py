@@ -10,8 +10,8 @@ launcher picks tiles exactly as on the GPU (the untuned default: the first confi
 over the card's shared memory; ``--all-configs``: every config the autotuner would try). Tensors come from
 ``torch.empty``, so the 100+ MB inputs are never touched::
 
-    python -m flagdit_kernels.tools.compile_report                  # Markdown table to stdout
-    python -m flagdit_kernels.tools.compile_report --json out.json --md out.md --head-dims 72,128
+    flagdit-bench compile-report                  # Markdown table to stdout
+    flagdit-bench compile-report --json out.json --md out.md --head-dims 72,128
 
 Per compiled kernel: ptxas's registers and spill bytes (from the log of Triton's own ptxas run), shared memory,
 and, in the main loop (the innermost loop with the most matmul instructions in the SASS), the count of
@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -186,9 +185,9 @@ def _is_scalar(v) -> bool:
 
 def _call(shape: Shape, text: bool, rope: bool, dtype: torch.dtype, arch: int, deterministic: bool = False) -> None:
     """One forward + backward of the Triton backend on never-touched CPU tensors of ``shape``."""
-    from ..ops import attention as attn
-    from ..ops.rope import rope_freqs
-    from ..triton.attention import launch as kernels
+    from ...ops import attention as attn
+    from ...ops.rope import rope_freqs
+    from ...triton.attention import launch as kernels
 
     T, B = sum(shape.lens), len(shape.lens)
     H, Hk, D = shape.heads, shape.kv_heads, shape.head_dim
@@ -368,7 +367,7 @@ def report(
 ) -> list[Row]:
     """One Row per kernel launched by forward + backward at each head dim's benchmark shape, for every
     (text, rope) in ``variants`` (default: all four); ``deterministic`` takes the ordered backward."""
-    from ..triton.attention import launch as kernels
+    from ...triton.attention import launch as kernels
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
@@ -403,7 +402,7 @@ def gluon_report(head_dims=(64, 72, 96, 128), arch: int = 90, texts=(False, True
     """One Row per Gluon forward config at each head dim's benchmark shape it supports (triton/attention/gluon_fwd.py;
     a head dim it does not take has no row), with and without text. RoPE does not change the Gluon kernel (q
     and k are rotated before it), so it has no variant here."""
-    from ..triton.attention import gluon_fwd as gluon_fwd
+    from ...triton.attention import gluon_fwd as gluon_fwd
 
     rows: list[Row] = []
     for d in head_dims:
@@ -485,7 +484,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flagdit_kernels.tools.compile_report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="flagdit-bench compile-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
     parser.add_argument("--head-dims", default="64,72,96,128,256", help="comma-separated, from " + str(list(SHAPES)))
@@ -514,7 +513,3 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"triton": triton.__version__, "arch": args.arch, "rows": [asdict(r) for r in rows]}, f,
                       indent=1)  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import ops
-from .cases import Case, backend_impls, forward_backward
+from ... import ops
+from ..cases import Case, backend_impls, forward_backward
 
 
 def lumina_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -25,8 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch, ops
-from .cases import Case, backend_impls, forward_backward
+from ... import _dispatch, ops
+from ..cases import Case, backend_impls, forward_backward
 
 FWD_BWD_FACTOR = 3.5
 
@@ -298,24 +298,19 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
     def eager(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
         return lumina_gated_attention(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb, freqs_cis, scale)
 
-    def fused(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
+    def fused(backend: str):
         # QK LayerNorm + RoPE in one pass (fk.qk_norm_rope), text-key LayerNorm (256 tokens), then the fused
-        # self + gated-text kernel on the packed layout.
-        q, k = ops.rope.qk_norm_rope(xq.flatten(0, 1), xk.flatten(0, 1), packed_freqs, (qw, qb), (kw, kb))
-        yk = F.layer_norm(yk.flatten(2), (h * dh,), kyw, kyb).view(-1, h, dh)
-        return ops.attention.varlen_attention(
-            q, k, xv.flatten(0, 1), cu, L, scale, text_k=yk, text_v=yv.flatten(0, 1), text_cu_seqlens=text_cu,
-            text_max_seqlen=lt, gate=gate, backend="triton",
-        ).view(b, L, h, dh)  # fmt: skip
+        # self + gated-text attention on the packed layout: our kernel ("triton"), or torch's varlen_attn in its
+        # place ("torch_varlen", our text branch around it).
+        def chain(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
+            q, k = ops.rope.qk_norm_rope(xq.flatten(0, 1), xk.flatten(0, 1), packed_freqs, (qw, qb), (kw, kb))
+            yk = F.layer_norm(yk.flatten(2), (h * dh,), kyw, kyb).view(-1, h, dh)
+            return ops.attention.varlen_attention(
+                q, k, xv.flatten(0, 1), cu, L, scale, text_k=yk, text_v=yv.flatten(0, 1), text_cu_seqlens=text_cu,
+                text_max_seqlen=lt, gate=gate, backend=backend,
+            ).view(b, L, h, dh)  # fmt: skip
 
-    def fused_torch_varlen(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
-        # The same chain with torch's varlen_attn in place of our attention kernel (our text branch around it).
-        q, k = ops.rope.qk_norm_rope(xq.flatten(0, 1), xk.flatten(0, 1), packed_freqs, (qw, qb), (kw, kb))
-        yk = F.layer_norm(yk.flatten(2), (h * dh,), kyw, kyb).view(-1, h, dh)
-        return ops.attention.varlen_attention(
-            q, k, xv.flatten(0, 1), cu, L, scale, text_k=yk, text_v=yv.flatten(0, 1), text_cu_seqlens=text_cu,
-            text_max_seqlen=lt, gate=gate, backend="torch_varlen",
-        ).view(b, L, h, dh)  # fmt: skip
+        return chain
 
     def fused_rope_by_freqs(xq, xk, xv, yk, yv, gate, qw, qb, kw, kb, kyw, kyb):
         # LayerNorm only; RoPE through the attention's freqs= (q and k rotated once into a copy, then attended).
@@ -329,10 +324,10 @@ def _lumina_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
 
     impls_fns = {"lumina eager": eager, "torch.compile": torch.compile(eager)}
     if _triton_on(device):
-        impls_fns["fk fused"] = fused
+        impls_fns["fk fused"] = fused("triton")
         impls_fns["fk fused freqs="] = fused_rope_by_freqs
     if "torch_varlen" in _dispatch.available_backends("varlen_attention", device):
-        impls_fns["fk fused torch_varlen"] = fused_torch_varlen
+        impls_fns["fk fused torch_varlen"] = fused("torch_varlen")
     out: list[Case] = []
     for direction in ("fwd", "fwd+bwd"):
         leaves = [x.detach().clone().requires_grad_(direction != "fwd") for x in tensors]

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .._conventions import frames_hw
-from ..ops import embed as embed_ops
-from .cases import Case, backend_impls, forward_backward
+from ... import ops
+from ..._conventions import frames_hw
+from ...ops import embed as embed_ops
+from ..cases import Case, backend_impls, forward_backward
 
 P = 2
 CHANNELS = 16

@@ -9,9 +9,9 @@ H100/H200, and the global loads and stores in the SASS by width (16-byte vectors
 
 Run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled)::
 
-    python -m flagdit_kernels.tools.bandwidth_report                  # every family, default shapes
-    python -m flagdit_kernels.tools.bandwidth_report norms rope       # some families
-    PYTHONPATH=/path/to/triton-3.6:$PWD python -m flagdit_kernels.tools.bandwidth_report   # another Triton
+    flagdit-bench bandwidth-report                  # every family, default shapes
+    flagdit-bench bandwidth-report norms rope       # some families
+    PYTHONPATH=/path/to/triton-3.6:$PWD python -m flagdit_kernels.bench bandwidth-report   # another Triton
 
 The tests ``test_*_compile*.py`` use the same recorder to check that these kernels compile at all.
 """
@@ -36,7 +36,7 @@ def _widths(counter: Counter) -> str:
 def describe(launch: Launch, arch: int = 90) -> str:
     """One line on what the launch compiles to: grid, warps, registers, spills, shared memory, residency on an
     H200, global accesses by width and the SASS length."""
-    from ..triton import _helpers
+    from ...triton import _helpers
 
     compiled = compile_launch(launch, arch)
     res = resource_usage(compiled.asm["cubin"])
@@ -59,7 +59,7 @@ def describe(launch: Launch, arch: int = 90) -> str:
 
 
 def norm_launches() -> list[Launch]:
-    from ..triton import norms as K
+    from ...triton import norms as K
 
     dt = torch.bfloat16
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
@@ -92,7 +92,7 @@ def norm_launches() -> list[Launch]:
 
 
 def rope_launches() -> list[Launch]:
-    from ..triton import rope as K
+    from ...triton import rope as K
 
     dt = torch.bfloat16
     names = ("_rope_kernel", "_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel")
@@ -116,9 +116,9 @@ def rope_launches() -> list[Launch]:
 
 
 def packing_launches() -> list[Launch]:
-    from .._conventions import frames_hw, item_shapes
-    from ..triton import embed as E
-    from ..triton import packing as K
+    from ..._conventions import frames_hw, item_shapes
+    from ...triton import embed as E
+    from ...triton import packing as K
 
     dt = torch.bfloat16
     launches: list[Launch] = []
@@ -149,7 +149,7 @@ FAMILIES = {"norms": norm_launches, "rope": rope_launches, "packing": packing_la
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flagdit_kernels.tools.bandwidth_report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="flagdit-bench bandwidth-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("families", nargs="*", help="some of " + str(list(FAMILIES)) + " (default: all)")
     args = parser.parse_args(argv)
@@ -166,7 +166,3 @@ def main(argv: list[str] | None = None) -> int:
         for launch in FAMILIES[family]():
             print(describe(launch), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

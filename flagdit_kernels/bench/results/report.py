@@ -12,9 +12,9 @@ anywhere still reads). Writes
   implementation against the measured copy-bandwidth and matmul ceilings;
 - for a results log, the run first (phases and budgets, outcomes, cases cut off, compute-sanitizer counts,
   the autotuner's timings per config), and with ``--record RESULTS.md`` the per-op record table
-  (``flagdit_kernels.bench.record``), also written back as a whole file with ``--record-out``.
+  (``flagdit_kernels.bench.results.record``), also written back as a whole file with ``--record-out``.
 
-Which implementations count as ours, as the spec and as baselines: ``flagdit_kernels.bench.results``.
+Which implementations count as ours, as the spec and as baselines: ``flagdit_kernels.bench.results.rows``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import record, run_log
-from .results import SPEC, Results, Row, best, by_case, fmt, fmt_ms, is_ours, peak_pct
+from .rows import SPEC, Results, Row, best, by_case, fmt, fmt_ms, is_ours, peak_pct
 
 
 def _num(value) -> float | None:
@@ -36,26 +36,44 @@ def _num(value) -> float | None:
     return None
 
 
+# The keys of a row's ms, GB/s and TFLOP/s: a benchmark's ``extra_info`` (``benchmarks/test_ops.py``) and a row
+# of ``flagdit-bench --json``. Both name the ceilings and the device alike (``copy_GBps``, ``matmul_TFLOPs``,
+# ``device``), per benchmark and per file respectively.
+BENCH_FIGURES = ("median_ms", "GBps", "TFLOPs")
+CLI_FIGURES = ("ms", "GB/s", "TFLOP/s")
+
+
+def _add_row(r: dict, figures: tuple[str, str, str], device: str, results: Results, fallback_ms=None) -> None:
+    ms, gbps, tflops = figures
+    results.rows.append(
+        Row(
+            r["op"],
+            str(r.get("shape", "")),
+            r.get("direction", ""),
+            r["impl"],
+            _num(r.get(ms)) or fallback_ms,
+            _num(r.get(gbps)),
+            _num(r.get(tflops)),
+            device,
+            r.get("error", ""),
+        )
+    )
+
+
+def _add_ceilings(source: dict, results: Results) -> None:
+    """The measured ceilings and the device of one benchmark or one flagdit-bench file (the first seen stay)."""
+    results.copy_gbps = results.copy_gbps or _num(source.get("copy_GBps"))
+    results.matmul_tflops = results.matmul_tflops or _num(source.get("matmul_TFLOPs"))
+    if source.get("device"):
+        results.devices.add(str(source["device"]))
+
+
 def _add_bench(info: dict, results: Results, fallback_ms: float | None = None) -> None:
     """One benchmark's ``extra_info`` (as ``benchmarks/test_ops.py`` writes it) as a row."""
     if "op" not in info or "impl" not in info:
         return  # not one of ours (or run with --benchmark-disable)
-    results.rows.append(
-        Row(
-            info["op"],
-            str(info.get("shape", "")),
-            info.get("direction", ""),
-            info["impl"],
-            _num(info.get("median_ms")) or fallback_ms,
-            _num(info.get("GBps")),
-            _num(info.get("TFLOPs")),
-            str(info.get("device", "")),
-        )
-    )
-    results.copy_gbps = results.copy_gbps or _num(info.get("copy_GBps"))
-    results.matmul_tflops = results.matmul_tflops or _num(info.get("matmul_TFLOPs"))
-    if info.get("device"):
-        results.devices.add(str(info["device"]))
+    _add_row(info, BENCH_FIGURES, str(info.get("device", "")), results, fallback_ms)
+    _add_ceilings(info, results)
     for kernel, tiles in (info.get("tuned_tiles") or {}).items():
         results.tuned_tiles.setdefault(kernel, {}).update(tiles)
 
@@ -79,23 +97,8 @@ def _from_results_log(path: str | Path, results: Results) -> None:
 
 def _from_cli(data: dict, results: Results) -> None:
     for r in data.get("rows", []):
-        results.rows.append(
-            Row(
-                r["op"],
-                str(r.get("shape", "")),
-                r.get("direction", ""),
-                r["impl"],
-                _num(r.get("ms")),
-                _num(r.get("GB/s")),
-                _num(r.get("TFLOP/s")),
-                str(data.get("device", "")),
-                r.get("error", ""),
-            )
-        )
-    results.copy_gbps = results.copy_gbps or _num(data.get("copy_GBps"))
-    results.matmul_tflops = results.matmul_tflops or _num(data.get("matmul_TFLOPs"))
-    if data.get("device"):
-        results.devices.add(str(data["device"]))
+        _add_row(r, CLI_FIGURES, str(data.get("device", "")), results)
+    _add_ceilings(data, results)
 
 
 def load(paths: Iterable[str | Path]) -> Results:
@@ -293,7 +296,3 @@ def main(argv: list[str] | None = None) -> int:
         plot(results, args.png)
         print(f"wrote {args.png}")
     return 0 if results.rows else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
