@@ -198,14 +198,6 @@ def _norm_out(xhat, w, bias, HAS_W: tl.constexpr, HAS_B: tl.constexpr, NORM: tl.
 
 
 @triton.jit
-def _load_affine(weight, bias, cols, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """(weight, bias) as fp32 [1, BLOCK_D] rows (None where absent)."""
-    w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None
-    b = tl.load(bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_B else None
-    return w, b
-
-
-@triton.jit
 def _fwd_tile(x, residual, weight, bias, p1, p2, y_ptr, rstd_ptr, row_sample, rows, cols, cmask, n_rows, D, L,
               n_samples, eps, NORM: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
               HAS_P2: tl.constexpr, PACKED: tl.constexpr, TANH: tl.constexpr):  # fmt: skip
@@ -214,8 +206,9 @@ def _fwd_tile(x, residual, weight, bias, p1, p2, y_ptr, rstd_ptr, row_sample, ro
     xc = _centered_rows(_load_rows(x, b, l, cols, mask), mask, D, NORM)
     rstd = inv_rms(tl.sum(xc * xc, axis=1), D, eps)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    # The weight is loaded only now: live across the row reduction it would cost registers (occupancy).
-    w, bv = _load_affine(weight, bias, cols, cmask, HAS_W, HAS_B)
+    # The weight and bias are loaded only now: live across the row reduction they would cost registers.
+    w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None
+    bv = tl.load(bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_B else None
     out = _norm_out(xc * rstd[:, None], w, bv, HAS_W, HAS_B, NORM, x[0].dtype.element_ty)
     if MODE != MODE_PLAIN:
         off1, _ = _param_offsets(p1, rows, rmask, b, l, row_sample, n_samples, PACKED)
@@ -414,7 +407,8 @@ def _bwd_kernel(
     cmask = cols < D
     x_dtype = x[0].dtype.element_ty
 
-    w, bv = _load_affine(weight, bias, cols, cmask, HAS_W, HAS_B)
+    w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None
+    bv = tl.load(bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_B else None
     dw_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     db_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc1 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
