@@ -1,7 +1,8 @@
 """What the norm, RoPE and packing kernel files share: grid sizing from the device and the compiled kernel,
 warp counts, alignment facts the JIT cannot see, the RoPE rotation, a portable tanh, and the normalisation
-math of the norm family and the QK-norm kernel (the norm codes, centring, rstd and the input gradient; each
-kernel does its own reductions, over rows of a tile or over a token's pair tiles).
+math of the norm family and the QK-norm kernel (the norm codes, centring and the input gradient; each kernel
+does its own reductions, over rows of a tile or over a token's pair tiles, and its own rstd: the norm family's
+1/sqrt as the reference rounds it, the QK-norm's rsqrt).
 
 Persistent grids. A kernel whose programs walk a contiguous chunk of the work (and keep partial sums in
 registers) wants exactly as many programs as the GPU holds at once: fewer leave SMs idle, more run as a
@@ -144,12 +145,6 @@ def centered(x, mean, mask, NORM: tl.constexpr):
     if NORM == NORM_LAYER:
         return tl.where(mask, x - mean, 0.0)
     return x
-
-
-@triton.jit
-def inv_rms(sum_sq, n, eps):
-    """1 / sqrt(mean square + eps) from a sum of n squares (of centred values for LayerNorm)."""
-    return 1.0 / tl.sqrt(sum_sq / n + eps)
 
 
 @triton.jit

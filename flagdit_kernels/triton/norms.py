@@ -69,7 +69,6 @@ from ._helpers import (
     NORM_LAYER,
     NORM_RMS,
     centered,
-    inv_rms,
     norm_input_grad,
     num_warps,
     persistent_grid,
@@ -204,7 +203,7 @@ def _fwd_tile(x, residual, weight, bias, p1, p2, y_ptr, rstd_ptr, row_sample, ro
     """Normalizes one [ROWS, BLOCK_D] tile of rows, applies the MODE epilogue and stores y and rstd."""
     rmask, mask, b, l = _row_tile(rows, n_rows, cmask, L)
     xc = _centered_rows(_load_rows(x, b, l, cols, mask), mask, D, NORM)
-    rstd = inv_rms(tl.sum(xc * xc, axis=1), D, eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
     # The weight and bias are loaded only now: live across the row reduction they would cost registers.
     w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None

@@ -37,7 +37,6 @@ from ._helpers import (
     NORM_NONE,
     NORM_RMS,
     centered,
-    inv_rms,
     norm_input_grad,
     num_warps,
     persistent_grid,
@@ -183,11 +182,11 @@ def _normalize(x0, x1, mask, n_row, D, eps, NORM: tl.constexpr):
     if NORM == NORM_LAYER:
         mean = tl.sum(tl.sum(x0 + x1, axis=1), axis=0) / n_row
         xc0, xc1 = centered(x0, mean, mask, NORM), centered(x1, mean, mask, NORM)
-        rstd = inv_rms(tl.sum(tl.sum(xc0 * xc0 + xc1 * xc1, axis=1), axis=0), n_row, eps)
+        rstd = tl.rsqrt(tl.sum(tl.sum(xc0 * xc0 + xc1 * xc1, axis=1), axis=0) / n_row + eps)
         return xc0 * rstd, xc1 * rstd, rstd
     else:
         # Masked (padding) heads and pairs hold zeros, so they add nothing to the per-head sums.
-        rstd = inv_rms(tl.sum(x0 * x0 + x1 * x1, axis=1), D, eps)[:, None]
+        rstd = tl.rsqrt(tl.sum(x0 * x0 + x1 * x1, axis=1) / D + eps)[:, None]
         return x0 * rstd, x1 * rstd, rstd
 
 
