@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.helpers import DEVICE, INTERPRETED
+from support.helpers import DEVICE, TRITON_RUNS
 from torch import nn
 
 import flagdit_kernels as fk
@@ -16,8 +16,7 @@ def backends(ops: tuple[str, ...]) -> list:
     A patched model calls several ops: the triton run only means something when all of them resolve to triton.
     """
     params = [pytest.param("reference", id="reference")]
-    triton_ok = INTERPRETED or DEVICE.type == "cuda"
-    have = all("triton" in fk.available_backends(op, DEVICE) for op in ops) if triton_ok else False
+    have = TRITON_RUNS and all("triton" in fk.available_backends(op, DEVICE) for op in ops)
     params.append(
         pytest.param(
             "triton",
