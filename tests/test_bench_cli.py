@@ -1,6 +1,8 @@
 """flagdit-bench prints a real table (CPU, quick shapes) a newcomer can read, and writes its JSON."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -92,3 +94,26 @@ def test_backend_info_says_how_to_get_triton():
         assert status.startswith("interpreted on the CPU (TRITON_INTERPRET=1)")
     else:
         assert "set TRITON_INTERPRET=1" in status and "backend='triton'" in status
+
+
+def test_chosen_tiles_reads_the_autotuner_only_where_the_attention_is_loaded(monkeypatch):
+    code = (
+        "import sys\n"
+        "from flagdit_kernels.bench.tuning import LAUNCH, chosen_tiles\n"
+        "assert chosen_tiles() == {} and LAUNCH not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    from flagdit_kernels.bench import tuning
+    from flagdit_kernels.ops import attention_engines
+    from flagdit_kernels.triton.attention import launch
+
+    tiles = {"_fwd_kernel": {"key": "BLOCK_M=128"}}
+    monkeypatch.setattr(launch, "tuned_tiles", lambda: tiles)
+    monkeypatch.setattr(attention_engines, "chosen", lambda: {})
+    monkeypatch.setattr(launch, "AUTOTUNE_MODE", "0")
+    assert tuning.chosen_tiles() == {}  # FLAGDIT_KERNELS_AUTOTUNE=0: nothing was tuned
+    monkeypatch.setattr(launch, "AUTOTUNE_MODE", "1")
+    assert tuning.chosen_tiles() == tiles
+    monkeypatch.setattr(attention_engines, "chosen", lambda: {"head_dim=128": "triton"})
+    assert tuning.chosen_tiles() == {**tiles, "engine": {"head_dim=128": "triton"}}

@@ -10,9 +10,10 @@ without a GPU. One entry point, ``flagdit-bench`` (also ``python -m flagdit_kern
 Rooms: ``cases.py`` (the :class:`~flagdit_kernels.bench.cases.Case` type and the registry of families),
 ``families/`` (one module per op family with ``cases(quick, device)``; the whole-model families live with the
 model in ``flagdit.bench``, above the kernels, and the registry finds both), ``timing.py`` (timing and the
-measured ceilings), ``plan.py`` (the GPU check's measurement plan), ``warm.py``, ``results/`` (run log, rows,
-per-op record, report: JSON in, Markdown out, no kernel), ``compile/`` (recorder, SASS reader, the two compile
-reports; imported by nothing but the entry point). ``benchmarks/`` at the repository root holds what users run
+measured ceilings), ``tuning.py`` (the attention tiles and engines chosen so far, recorded with a benchmark),
+``plan.py`` (the GPU check's measurement plan), ``warm.py``, ``results/`` (run log, rows, per-op record,
+report: JSON in, Markdown out, no kernel), ``compile/`` (recorder, SASS reader, the two compile reports;
+imported by nothing but the entry point). ``benchmarks/`` at the repository root holds what users run
 (``pytest benchmarks/ --benchmark-only``, ``gpu_check.sh``) and the results log's writer, a pytest plugin that
 must load before this package.
 """
