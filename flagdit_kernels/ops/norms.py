@@ -480,10 +480,19 @@ def _rms_norm_compiled(x, weight, eps):
     return torch.ops.flagdit_kernels.rms_norm_fwd(x, weight, float(eps))[0]
 
 
-if not extension_missing(cuda=False):
+def _compiled_missing(cuda: bool) -> str:
+    """Why the C++ rms_norm cannot run ("" when it can): no extension, no CUDA in it, or an extension built
+    before the op had its present name (its schemas then lack ``rms_norm_fwd``)."""
+    missing = extension_missing(cuda=cuda)
+    if not missing and not hasattr(torch.ops.flagdit_kernels, "rms_norm_fwd"):
+        missing = "the compiled extension predates rms_norm_fwd: rebuild it (python setup.py build_ext --inplace)"
+    return missing
+
+
+if not _compiled_missing(cuda=False):
     _register_compiled_autograd()
 for _device in ("cuda", "cpu"):
-    _missing = extension_missing(cuda=_device == "cuda")
+    _missing = _compiled_missing(cuda=_device == "cuda")
     _dispatch.register(
         "rms_norm",
         _device,
