@@ -55,6 +55,10 @@ CASES = [
      ValueError, "scale of shape .* does not broadcast"),
     ("rms_norm_modulate", lambda b: fk.rms_norm_modulate(X, W, torch.randn(7, 16), torch.randn(2, 7, 16), backend=b),
      ValueError, "shift of shape .* does not broadcast"),
+    ("layer_norm_modulate", lambda b: fk.layer_norm_modulate(X, PER_SAMPLE, eps=NAN, cu_seqlens=CU, backend=b),
+     ValueError, "eps must be a finite"),
+    ("layer_norm_modulate", lambda b: fk.layer_norm_modulate(X, torch.randn(3, 7, 16), backend=b),
+     ValueError, r"scale of shape \(3, 7, 16\) does not broadcast to x of shape \(7, 16\)"),
     ("gated_residual_rms_norm", lambda b: fk.gated_residual_rms_norm(X, X, W, torch.randn(4, 1, 16), backend=b),
      ValueError, "gate of shape .* does not broadcast"),
     ("gated_residual_rms_norm", lambda b: fk.gated_residual_rms_norm(X, X, W, PER_SAMPLE, eps=-INF, cu_seqlens=CU,
@@ -130,6 +134,7 @@ def test_norm_eps_is_rejected_exactly_when_out_of_range(eps):
     for op, call in (
         ("rms_norm", lambda b: fk.rms_norm(X, W, eps=eps, backend=b)),
         ("rms_norm_modulate", lambda b: fk.rms_norm_modulate(X, W, PER_SAMPLE, eps=eps, cu_seqlens=CU, backend=b)),
+        ("layer_norm_modulate", lambda b: fk.layer_norm_modulate(X, PER_SAMPLE, eps=eps, cu_seqlens=CU, backend=b)),
         ("qk_norm_rope", lambda b: fk.qk_norm_rope(Q, K, FREQS, eps=eps, backend=b)),
     ):
         if valid:

@@ -18,6 +18,7 @@ COMPUTING = (
     "rms_norm",
     "rms_norm_modulate",
     "gated_residual_rms_norm",
+    "layer_norm_modulate",
     "apply_rope",
     "qk_norm_rope",
     "varlen_attention",
@@ -77,6 +78,7 @@ def test_naming_triton_for_float64_calls_says_why():
         "rms_norm": lambda: fk.rms_norm(x, w, backend="triton"),
         "rms_norm_modulate": lambda: fk.rms_norm_modulate(x, w, scale, cu_seqlens=cu, backend="triton"),
         "gated_residual_rms_norm": lambda: fk.gated_residual_rms_norm(x, x, w, scale, cu_seqlens=cu, backend="triton"),
+        "layer_norm_modulate": lambda: fk.layer_norm_modulate(x, scale, cu_seqlens=cu, backend="triton"),
         "apply_rope": lambda: fk.apply_rope(x.view(6, 2, 16), freqs, backend="triton"),
     }
     for op, call in calls.items():

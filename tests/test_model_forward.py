@@ -15,7 +15,20 @@ from flagdit import flow
 from flagdit.sampling import shifted_times
 from flagdit_kernels import _dispatch
 
-MODEL_OPS = ("pack", "unpack", "rope_freqs", "qk_norm_rope", "varlen_attention", "rms_norm", "rms_norm_modulate")
+MODEL_OPS = (
+    "pack",
+    "unpack",
+    "rope_freqs",
+    "qk_norm_rope",
+    "varlen_attention",
+    "rms_norm",
+    "rms_norm_modulate",
+    "layer_norm_modulate",
+)
+
+
+# The final layer's kernel, where it runs on this CPU (Triton under TRITON_INTERPRET=1).
+_FINAL_LAYER_KERNELS = [b for b in fk.available_backends("layer_norm_modulate", "cpu") if b != "reference"]
 
 
 def batch(cap_dim=16, seed=0):
@@ -200,6 +213,34 @@ def test_bad_inputs():
         model(xs[:2], t[:2], cap, mask)
     with pytest.raises(ValueError, match="give cap_feats and cap_mask"):
         model(xs, t)
+
+
+@pytest.mark.parametrize("backend", ["reference", *_FINAL_LAYER_KERNELS])
+@pytest.mark.parametrize("variant", ["flag", "next"])
+def test_final_layer_is_lumina_layer_norm_then_modulation(variant, backend):
+    """The fused final layer is Lumina's: nn.LayerNorm(elementwise_affine=False, eps=1e-6), then
+    x * (1 + scale) (+ shift for Flag-DiT) per sample, then the Linear; and it has Lumina's parameter names."""
+    cfg = small_config(variant)
+    final = randomized(flagdit.model.FinalLayer(cfg, backend), seed=5)
+    assert sorted(n for n, _ in final.named_parameters()) == [
+        "adaLN_modulation.1.bias",
+        "adaLN_modulation.1.weight",
+        "linear.bias",
+        "linear.weight",
+    ]
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    seqs = fk.VarlenLayout.from_cu_seqlens(cu, 13)
+    x, adaln = torch.randn(13, cfg.dim) * 3 + 1, torch.randn(3, cfg.adaln_dim)
+    mod = final.adaLN_modulation(adaln)
+    sample = torch.repeat_interleave(torch.arange(3), torch.diff(cu).long())
+    h = torch.nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)(x)
+    if variant == "flag":
+        shift, scale = mod.chunk(2, dim=1)
+        h = h * (1 + scale[sample]) + shift[sample]
+    else:
+        h = h * (1 + mod[sample])
+    got = final(x, flagdit.model.TokenLayout(seqs, None, None), adaln)
+    assert rel_l2(got, final.linear(h)) < 1e-6
 
 
 def _fused_backends():

@@ -93,7 +93,7 @@ def test_rms_norm_strided_rows(backend):
 def test_triton_reads_strided_rows_in_place():
     """The launchers' (B, L, D) view keeps the storage of strided inputs (no hidden copy)."""
     pytest.importorskip("triton")
-    from flagdit_kernels.triton.rms_norm import _rows_view
+    from flagdit_kernels.triton.norms import _rows_view
 
     buf = torch.randn(13, 3 * 72)
     x = buf[:, 72:144]
@@ -414,7 +414,7 @@ def test_bad_offsets_stay_in_bounds(op, bad):
     tensors and every output element, gradients included, is written (poisoned allocations stay NaN-free)."""
     if "triton" not in fk.available_backends(op, DEVICE):
         pytest.skip("triton cannot run here")
-    from flagdit_kernels.triton import rms_norm as kernels
+    from flagdit_kernels.triton import norms as kernels
 
     cu = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
     x, dy, res = (fresh((16, 72), torch.float32) for _ in range(3))

@@ -49,6 +49,16 @@ def _gated_packed(dtype):
     return "gated_residual_rms_norm", {"residual": (70, 96), "h": (70, 96), "weight": (96,), "gate": (3, 96)}, run
 
 
+def _layer_modulate_packed(dtype):
+    cu = offsets_of([30, 1, 39])
+
+    def run(b, x, scale, shift, weight, bias):
+        return fk.layer_norm_modulate(x, scale, shift, weight, bias, cu_seqlens=cu, backend=b)
+
+    shapes = {"x": (70, 96), "scale": (3, 96), "shift": (3, 96), "weight": (96,), "bias": (96,)}
+    return "layer_norm_modulate", shapes, run
+
+
 def _rope(interleaved: bool, head_dim: int):
     def case(dtype):
         freqs = fk.rope_freqs(head_dim, torch.arange(40, device=DEVICE))
@@ -118,6 +128,7 @@ CASES = {
     "rms_norm_modulate-packed": _modulate_packed,
     "rms_norm_modulate-padded": _modulate_padded,
     "gated_residual_rms_norm-packed": _gated_packed,
+    "layer_norm_modulate-packed": _layer_modulate_packed,
     "apply_rope-interleaved-D64": _rope(True, 64),
     "apply_rope-halves-D72": _rope(False, 72),
     "qk_norm_rope-layer_norm-gqa": _qk_norm_rope("layer_norm"),

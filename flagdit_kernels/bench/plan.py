@@ -54,7 +54,7 @@ GPU_PLAN: dict[str, tuple[Select, ...]] = {
         ),
         *(
             Select(op, "packed*x2304", impl=f"{CHEAP}|torch.compile")
-            for op in ("rms_norm_modulate", "gated_residual_rms_norm")
+            for op in ("rms_norm_modulate", "gated_residual_rms_norm", "layer_norm_modulate")
         ),
         Select("apply_rope", impl=f"{CHEAP}|torch.compile"),
         Select("qk_norm_rope", impl=f"{CHEAP}|torch.compile"),

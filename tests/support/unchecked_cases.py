@@ -66,7 +66,7 @@ def offsets(draw, total: int, max_seqs: int = 4):
 
 
 def norm_sample_index(values: list[int], rows: int) -> torch.Tensor:
-    """The documented sample of every row (flagdit_kernels/triton/rms_norm.py, Samples), written out: a binary
+    """The documented sample of every row (flagdit_kernels/triton/norms.py, Samples), written out: a binary
     search of the row over the offsets' ends (bisect_right), clamped to [0, B). For valid offsets: the number
     of ends at or below the row."""
     ends, b = values[1:], len(values) - 1

@@ -1,7 +1,7 @@
 """What the bandwidth kernels (RMSNorm family, RoPE / QK-norm, packing, embedding) compile to for sm_90, without
 a GPU, specialized exactly as real launches would be.
 
-Without a GPU the compile is the measurement. The host launchers of ``flagdit_kernels/triton/{rms_norm,rope,
+Without a GPU the compile is the measurement. The host launchers of ``flagdit_kernels/triton/{norms,rope,
 packing,embed}.py`` run on CPU tensors with their kernels recorded (``recorder.recording``), and every recorded
 launch is compiled through Triton's own argument binder (``recorder.compile_launch``). The report gives, per
 launch: warps, registers, local memory (spills), shared memory, the resident programs per SM that follow on an
@@ -59,7 +59,7 @@ def describe(launch: Launch, arch: int = 90) -> str:
 
 
 def norm_launches() -> list[Launch]:
-    from ...triton import rms_norm as K
+    from ...triton import norms as K
 
     dt = torch.bfloat16
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
@@ -81,6 +81,12 @@ def norm_launches() -> list[Launch]:
         with recording(K, names, lambda n, d=d: f"gated packed {n} D{d}") as rec:
             _, rstd = K.forward(x, w, 1e-5, mode=K.MODE_GATED, p1=scale, residual=x, cu_seqlens=cu)
             K.backward(x, x, w, rstd, mode=K.MODE_GATED, p1=scale, cu_seqlens=cu)
+        launches += rec
+        # layer_norm_modulate as DiT final layers call it: no affine, per-sample shift and scale.
+        layer = dict(norm=K.NORM_LAYER, mode=K.MODE_MODULATE, p1=scale, p2=scale, cu_seqlens=cu)
+        with recording(K, names, lambda n, d=d: f"layer modulate packed {n} D{d}") as rec:
+            _, rstd = K.forward(x, None, 1e-6, **layer)
+            K.backward(x, x, None, rstd, **layer)
         launches += rec
     return launches
 

@@ -1,7 +1,9 @@
-"""RMSNorm family cases: Flag-DiT widths at 32768 tokens (GPU) or 2048 tokens (quick / CPU).
+"""Norm family cases: Flag-DiT widths at 32768 tokens (GPU) or 2048 tokens (quick / CPU).
 
 Baselines: Lumina-T2X's eager code, ``torch.compile`` of it, ``F.rms_norm`` and, when ``liger_kernel`` imports
-(GPU only), Liger-Kernel's RMSNorm in its "llama" casting mode (Lumina's rounding). ``bytes`` is the DRAM floor:
+(GPU only), Liger-Kernel's RMSNorm in its "llama" casting mode (Lumina's rounding). ``layer_norm_modulate``'s
+baselines are Flag-DiT's final layer as it runs eager (``nn.LayerNorm(elementwise_affine=False)`` then the
+modulation) and its ``torch.compile``. ``bytes`` is the DRAM floor:
 every token-sized tensor read or written once (weights and per-sample tensors are negligible).
 """
 
@@ -110,12 +112,19 @@ def _packed_cases(tokens: int, seqs: int, d: int, device, dtype, elem: int) -> l
     def gated_ours(res, h, w, gate, backend):
         return ops.norms.gated_residual_rms_norm(res, h, w, gate, cu_seqlens=cu, backend=backend)
 
+    def layer_modulate_eager(x, scale, shift):
+        return F.layer_norm(x, (d,), eps=1e-6) * (1 + scale[sample]) + shift[sample]
+
+    def layer_modulate_ours(x, scale, shift, backend):
+        return ops.norms.layer_norm_modulate(x, scale, shift, cu_seqlens=cu, backend=backend)
+
     # (op, ours, eager, input shapes, fwd passes, fwd+bwd passes) over token-sized tensors:
-    # modulate: fwd reads x, writes y (2); bwd reads x, dy, writes dx (3).
+    # modulate (RMS or LayerNorm): fwd reads x, writes y (2); bwd reads x, dy, writes dx (3).
     # gated: fwd reads residual, h, writes y (3); bwd reads h, dy, writes dh (3); d residual is dy itself.
     specs = (
         ("rms_norm_modulate", modulate_ours, modulate_eager, [(tokens, d), (d,), (seqs, d), (seqs, d)], 2, 5),
         ("gated_residual_rms_norm", gated_ours, gated_eager, [(tokens, d), (tokens, d), (d,), (seqs, d)], 3, 6),
+        ("layer_norm_modulate", layer_modulate_ours, layer_modulate_eager, [(tokens, d), (seqs, d), (seqs, d)], 2, 5),
     )
     for op, ours, eager, shapes, fwd_passes, fwd_bwd_passes in specs:
         baselines = {"lumina eager": eager, "torch.compile": torch.compile(eager)}

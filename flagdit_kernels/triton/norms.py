@@ -1,12 +1,18 @@
-"""Fused RMSNorm kernels: ``rms_norm``, ``rms_norm_modulate`` and ``gated_residual_rms_norm``.
+"""The norm family's fused kernels: ``rms_norm``, ``rms_norm_modulate``, ``gated_residual_rms_norm`` and
+``layer_norm_modulate``.
 
-One forward kernel and one backward kernel serve all three ops (``MODE`` picks the epilogue), plus a small
-segment-sum kernel that finishes the per-sample parameter gradients. No autograd and no dispatch here:
-``flagdit_kernels/ops/norms.py`` wraps these launchers into ``torch.library`` custom ops.
+One forward kernel and one backward kernel serve every op: ``NORM`` picks the normalisation (RMSNorm or
+LayerNorm; its math is shared with the QK-norm kernel through ``_helpers.py``) and ``MODE`` the epilogue
+(plain, modulate, gated), plus a small segment-sum kernel that finishes the per-sample parameter gradients.
+No autograd and no dispatch here: ``flagdit_kernels/ops/norms.py`` wraps these launchers into
+``torch.library`` custom ops.
 
-Numerics follow ``flagdit_kernels/reference/norms.py`` (Lumina-T2X): the row's mean square and rstd in fp32,
-``x * rstd`` rounded to x's dtype, times the weight in fp32 and rounded again, then the modulation
-(``* (1 + scale) + shift``) or the gated residual (``residual + act(gate) * .``) in fp32, rounded once.
+Numerics follow ``flagdit_kernels/reference/norms.py``. RMSNorm (Lumina-T2X): the row's mean square and rstd
+in fp32, ``x * rstd`` rounded to x's dtype, times the weight in fp32 and rounded again. LayerNorm (torch's
+``layer_norm``): mean, centred variance and rstd in fp32, ``xhat * weight + bias`` in fp32 and rounded once.
+Then the modulation (``* (1 + scale) + shift``) or the gated residual (``residual + act(gate) * .``) in fp32,
+rounded once. rstd is the one statistic saved for the backward; LayerNorm's backward recomputes the row mean
+from x (it reads the row anyway).
 
 Layouts. Rows are addressed through a ``(B, L, D)`` view of x with arbitrary strides on B and L, so strided
 leading dims (a slice of a larger buffer, a transposed batch) are read in place; the last dim must have unit
@@ -32,9 +38,10 @@ it looks for), and rows are clamped to ``[0, T)``: no kernel reads or writes out
 gradient lands in the sample its forward used, and the per-sample gradient slots start zeroed, so no result
 holds memory nothing wrote.
 
-Backward reductions. ``dweight`` is summed per program into an fp32 ``(programs, D)`` buffer and finished
-by one ``sum(0)``. A parameter that is constant along L (per sample) is summed per (program, sample)
-segment: a program walks its contiguous block of rows and flushes its accumulator to slot
+Backward reductions. ``dweight`` (and LayerNorm's ``dbias``) is summed per program into an fp32
+``(programs, D)`` buffer and finished by one ``sum(0)``. A parameter that is constant along L (per sample)
+is summed per (program, sample) segment: a program walks its contiguous block of rows and flushes its
+accumulator to slot
 ``program + sample`` whenever the sample changes, and records the first and last sample it saw.
 ``program + sample`` is strictly increasing along the rows (samples never decrease along them), so the slots
 never collide and the buffer has ``programs + samples - 1`` rows; ``_segment_sum_kernel`` then adds, for
@@ -58,12 +65,22 @@ import triton
 import triton.language as tl
 
 from ..reference.norms import token_sample_index
-from ._helpers import num_warps, persistent_grid, tanh, whole_vectors
+from ._helpers import (
+    NORM_LAYER,
+    NORM_RMS,
+    centered,
+    norm_input_grad,
+    num_warps,
+    persistent_grid,
+    tanh,
+    whole_vectors,
+)
 
 # The epilogue a kernel applies to the normalized rows (constexpr MODE).
 MODE_PLAIN = tl.constexpr(0)  # y = rms_norm(x) * weight
 MODE_MODULATE = tl.constexpr(1)  # y = rms_norm(x) * weight * (1 + scale) + shift
 MODE_GATED = tl.constexpr(2)  # y = residual + act(gate) * rms_norm(x) * weight
+# The normalisation (constexpr NORM): NORM_RMS or NORM_LAYER (from _helpers.py, the QK-norm kernel's codes).
 
 # A forward program normalizes a [ROWS, BLOCK_D] tile; small D packs several rows into one program so the
 # tile stays around this many elements (enough loads in flight per SM without spilling registers).
@@ -154,34 +171,44 @@ def _param_offsets(param, rows, rmask, b, l, row_sample, n_samples, PACKED: tl.c
 
 
 @triton.jit
-def _normalized(x, rstd, x_dtype: tl.constexpr):
-    """(xhat, n): x * rstd in fp32 and its rounding to x's dtype (what the weight multiplies)."""
-    xhat = x * rstd[:, None]
-    return xhat, xhat.to(x_dtype).to(tl.float32)
+def _centered_rows(xv, mask, D, NORM: tl.constexpr):
+    """The rows the norm scales: x for RMSNorm, x minus its row mean for LayerNorm (zeros outside ``mask``)."""
+    if NORM == NORM_LAYER:
+        mean = (tl.sum(xv, axis=1) / D)[:, None]
+    else:
+        mean = 0.0
+    return centered(xv, mean, mask, NORM)
 
 
 @triton.jit
-def _weighted(n, w, HAS_W: tl.constexpr, x_dtype: tl.constexpr):
-    """The norm's output round(n * weight) in fp32 (n itself without a weight)."""
+def _norm_out(xhat, w, bias, HAS_W: tl.constexpr, HAS_B: tl.constexpr, NORM: tl.constexpr, x_dtype: tl.constexpr):
+    """The norm's output in fp32, rounded where the reference rounds: RMSNorm round(round(xhat) * weight)
+    (Lumina), LayerNorm round(xhat * weight + bias) (torch's layer_norm)."""
+    if NORM == NORM_LAYER:
+        if HAS_W:
+            xhat = xhat * w
+        if HAS_B:
+            xhat = xhat + bias
+        return xhat.to(x_dtype).to(tl.float32)
+    n = xhat.to(x_dtype).to(tl.float32)
     if HAS_W:
         n = (n * w).to(x_dtype).to(tl.float32)
     return n
 
 
 @triton.jit
-def _fwd_tile(x, residual, weight, p1, p2, y_ptr, rstd_ptr, row_sample, rows, cols, cmask, n_rows, D, L, n_samples, eps,
-              MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_P2: tl.constexpr, PACKED: tl.constexpr,
-              TANH: tl.constexpr):  # fmt: skip
+def _fwd_tile(x, residual, weight, bias, p1, p2, y_ptr, rstd_ptr, row_sample, rows, cols, cmask, n_rows, D, L,
+              n_samples, eps, NORM: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+              HAS_P2: tl.constexpr, PACKED: tl.constexpr, TANH: tl.constexpr):  # fmt: skip
     """Normalizes one [ROWS, BLOCK_D] tile of rows, applies the MODE epilogue and stores y and rstd."""
     rmask, mask, b, l = _row_tile(rows, n_rows, cmask, L)
-    xv = _load_rows(x, b, l, cols, mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) / D + eps)
+    xc = _centered_rows(_load_rows(x, b, l, cols, mask), mask, D, NORM)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    x_dtype = x[0].dtype.element_ty
-    _, n = _normalized(xv, rstd, x_dtype)
-    # The weight is loaded only now: live across the row reduction it would cost registers (occupancy).
+    # The weight and bias are loaded only now: live across the row reduction they would cost registers.
     w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None
-    out = _weighted(n, w, HAS_W, x_dtype)
+    bv = tl.load(bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_B else None
+    out = _norm_out(xc * rstd[:, None], w, bv, HAS_W, HAS_B, NORM, x[0].dtype.element_ty)
     if MODE != MODE_PLAIN:
         off1, _ = _param_offsets(p1, rows, rmask, b, l, row_sample, n_samples, PACKED)
         pv = tl.load(p1[0] + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -200,7 +227,8 @@ def _fwd_tile(x, residual, weight, p1, p2, y_ptr, rstd_ptr, row_sample, rows, co
 def _fwd_kernel(
     x,  # (ptr, stride_b, stride_l) views of (B, L, D) tensors with unit D stride
     residual,
-    weight,  # (D,) pointer
+    weight,  # (D,) pointers
+    bias,  # LayerNorm's
     p1,  # scale (MODULATE) or gate (GATED) view
     p2,  # shift (MODULATE) view
     y_ptr,  # contiguous output
@@ -211,8 +239,10 @@ def _fwd_kernel(
     L,
     n_samples,
     eps,
+    NORM: tl.constexpr,
     MODE: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
     HAS_P2: tl.constexpr,
     PACKED: tl.constexpr,
     TANH: tl.constexpr,
@@ -233,8 +263,8 @@ def _fwd_kernel(
     for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
         rows = tl.arange(0, ROWS).to(tl.int64) + tile * ROWS  # int64: row * D offsets overflow int32
         _fwd_tile(
-            x, residual, weight, p1, p2, y_ptr, rstd_ptr, row_sample, rows, cols, cmask, n_rows, D, L, n_samples, eps,
-            MODE, HAS_W, HAS_P2, PACKED, TANH,
+            x, residual, weight, bias, p1, p2, y_ptr, rstd_ptr, row_sample, rows, cols, cmask, n_rows, D, L,
+            n_samples, eps, NORM, MODE, HAS_W, HAS_B, HAS_P2, PACKED, TANH,
         )  # fmt: skip
 
 
@@ -258,18 +288,24 @@ def _epilogue_grads(dy, a, pv, MODE: tl.constexpr, TANH: tl.constexpr):
 
 
 @triton.jit
-def _input_grads(da, xhat, n, rstd, w, dw_acc, D, HAS_W: tl.constexpr):
-    """(dx, dw_acc): the gradient through the weight and the norm, and the weight-gradient sums updated.
-
-    d/dx of x * rstd(x) is rstd * (dn - xhat * mean(dn * xhat)); the roundings pass gradients straight.
-    """
+def _input_grads(da, xhat, rstd, w, dw_acc, db_acc, D, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 NORM: tl.constexpr, x_dtype: tl.constexpr):  # fmt: skip
+    """(dx, dw_acc, db_acc): the gradient through the affine and the norm, and the weight / bias gradient sums
+    updated (the weight multiplies round(xhat) in RMSNorm, xhat in LayerNorm). The roundings pass gradients
+    straight."""
     if HAS_W:
-        dw_acc += da * n
+        dw_acc += da * (xhat if NORM == NORM_LAYER else xhat.to(x_dtype).to(tl.float32))
         dn = da * w
     else:
         dn = da
-    c = tl.sum(dn * xhat, axis=1) / D
-    return (dn - xhat * c[:, None]) * rstd[:, None], dw_acc
+    if HAS_B:
+        db_acc += da
+    if NORM == NORM_LAYER:
+        mean_dn = (tl.sum(dn, axis=1) / D)[:, None]
+    else:
+        mean_dn = 0.0
+    mean_dn_xhat = (tl.sum(dn * xhat, axis=1) / D)[:, None]
+    return norm_input_grad(dn, xhat, rstd[:, None], mean_dn, mean_dn_xhat, NORM), dw_acc, db_acc
 
 
 @triton.jit
@@ -327,11 +363,13 @@ def _bwd_kernel(
     dy,  # (ptr, stride_b, stride_l) views like the forward's
     x,
     weight,
+    bias,  # LayerNorm's (the modulation's scale gradient needs the norm's output)
     p1,  # scale or gate (shift's value is not needed for any gradient)
     rstd_ptr,
     row_sample,
     dx_ptr,
     dw_ptr,  # (programs, D) fp32 partial sums
+    db_ptr,
     dp1_ptr,  # per-row (rows, D) fp32, or (programs + samples - 1, D) fp32 segment sums
     dp2_ptr,
     seen_ptr,  # int32 (programs, 2): the first and last sample of each program's rows, when SEG1 or SEG2
@@ -340,8 +378,10 @@ def _bwd_kernel(
     L,
     n_samples,
     rows_per_prog,
+    NORM: tl.constexpr,
     MODE: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
     HAS_P2: tl.constexpr,
     SEG1: tl.constexpr,  # p1's gradient is summed per sample (segments) rather than written per row
     SEG2: tl.constexpr,
@@ -367,7 +407,9 @@ def _bwd_kernel(
     x_dtype = x[0].dtype.element_ty
 
     w = tl.load(weight + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_W else None
+    bv = tl.load(bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :] if HAS_B else None
     dw_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    db_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc1 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     if PACKED:
@@ -382,7 +424,7 @@ def _bwd_kernel(
         xv = _load_rows(x, b, l, cols, mask)
         g = _load_rows(dy, b, l, cols, mask)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        xhat, n = _normalized(xv, rstd, x_dtype)
+        xhat = _centered_rows(xv, mask, D, NORM) * rstd[:, None]
 
         if MODE == MODE_PLAIN:
             da = g
@@ -390,8 +432,8 @@ def _bwd_kernel(
             off1, s = _param_offsets(p1, rows, rmask, b, l, row_sample, n_samples, PACKED)
             pv = tl.load(p1[0] + off1[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             # Masked rows load zeros, so every contribution below is zero there.
-            da, g1, g2 = _epilogue_grads(g, _weighted(n, w, HAS_W, x_dtype), pv, MODE, TANH)
-        out, dw_acc = _input_grads(da, xhat, n, rstd, w, dw_acc, D, HAS_W)
+            da, g1, g2 = _epilogue_grads(g, _norm_out(xhat, w, bv, HAS_W, HAS_B, NORM, x_dtype), pv, MODE, TANH)
+        out, dw_acc, db_acc = _input_grads(da, xhat, rstd, w, dw_acc, db_acc, D, HAS_W, HAS_B, NORM, x_dtype)
         tl.store(dx_ptr + rows[:, None] * D + cols[None, :], out.to(dx_ptr.dtype.element_ty), mask=mask)
 
         if MODE != MODE_PLAIN:
@@ -406,6 +448,8 @@ def _bwd_kernel(
 
     if HAS_W:
         _store_slot(dw_ptr, pid, D, cols, cmask, dw_acc)
+    if HAS_B:
+        _store_slot(db_ptr, pid, D, cols, cmask, db_acc)
     if SEG1:
         _store_slot(dp1_ptr, pid + cur, D, cols, cmask, acc1)
     if SEG2:
@@ -550,6 +594,8 @@ def forward(
     weight: torch.Tensor | None,
     eps: float,
     *,
+    norm: int = NORM_RMS,
+    bias: torch.Tensor | None = None,
     mode: int = MODE_PLAIN,
     p1: torch.Tensor | None = None,
     p2: torch.Tensor | None = None,
@@ -559,7 +605,8 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(y, rstd)``: y contiguous with x's shape (residual's dtype for GATED), rstd fp32 per row.
 
-    ``p1`` is scale (MODULATE) or gate (GATED), ``p2`` the optional shift.
+    ``norm`` is NORM_RMS or NORM_LAYER (``bias``: LayerNorm's only). ``p1`` is scale (MODULATE) or gate
+    (GATED), ``p2`` the optional shift.
     """
     x3, n_rows, packed, n_samples, seq_len = _common(x, cu_seqlens)
     d = x.shape[-1]
@@ -575,13 +622,14 @@ def forward(
     views = [_view(x3), _view(r3), _param_view(q1, x3), _param_view(q2, x3)]
     vec = 16 // x.element_size()
     args = (
-        views[0], views[1], weight if weight is not None else x3, views[2], views[3],
+        views[0], views[1], weight if weight is not None else x3, bias if bias is not None else x3, views[2], views[3],
         y, rstd, _row_samples(cu_seqlens, n_rows, rstd), n_rows, d, seq_len, n_samples, float(eps),
     )  # fmt: skip
     flags = dict(
-        MODE=mode, HAS_W=weight is not None, HAS_P2=q2 is not None, PACKED=packed, TANH=bool(tanh_gate),
-        ROWS=rows, BLOCK_D=block_d, STAGES=FWD_STAGES,
-        ALIGNED=_aligned(d, views, [x3, r3, weight, y, *(v[0] for v in views[2:])], vec), VEC=vec, num_warps=warps,
+        NORM=norm, MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None, HAS_P2=q2 is not None,
+        PACKED=packed, TANH=bool(tanh_gate), ROWS=rows, BLOCK_D=block_d, STAGES=FWD_STAGES,
+        ALIGNED=_aligned(d, views, [x3, r3, weight, bias, y, *(v[0] for v in views[2:])], vec), VEC=vec,
+        num_warps=warps,
     )  # fmt: skip
     n_prog, _ = persistent_grid(_fwd_kernel, args, flags, triton.cdiv(n_rows, rows), x.device, FWD_PROGRAMS_INTERPRETED)
     _fwd_kernel[(n_prog,)](*args, **flags)
@@ -594,13 +642,16 @@ def backward(
     weight: torch.Tensor | None,
     rstd: torch.Tensor,
     *,
+    norm: int = NORM_RMS,
+    bias: torch.Tensor | None = None,
     mode: int = MODE_PLAIN,
     p1: torch.Tensor | None = None,
     p2: torch.Tensor | None = None,
     tanh_gate: bool = True,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Returns ``(dx, dweight, dp1, dp2)`` (None where the input is None), each in its input's dtype/shape.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Returns ``(dx, dweight, dp1, dp2, dbias)`` (None where the input is None), each in its input's
+    dtype/shape.
 
     The residual's gradient of the GATED op is ``dy`` itself and is not computed here.
     """
@@ -612,7 +663,7 @@ def backward(
     q2 = _Param(p2, x, x3, packed) if p2 is not None else None
     if n_rows == 0:
         zeros = lambda t: None if t is None else torch.zeros_like(t)
-        return dx, zeros(weight), zeros(p1), zeros(p2)
+        return dx, zeros(weight), zeros(p1), zeros(p2), zeros(bias)
     dy3 = _rows_view(dy)
     block_d, rows, warps = _tile(d, BWD_TILE_ELEMS, MAX_BWD_ROWS, BWD_ELEMS_PER_WARP)
     seg1 = q1 is not None and not q1.per_row
@@ -621,19 +672,19 @@ def backward(
     vec = 16 // x.element_size()
     row_sample = _row_samples(cu_seqlens, n_rows, rstd)
     flags = dict(
-        MODE=mode, HAS_W=weight is not None, HAS_P2=q2 is not None, SEG1=seg1, SEG2=seg2, PACKED=packed,
-        TANH=bool(tanh_gate), ROWS=rows, BLOCK_D=block_d, STAGES=BWD_STAGES,
-        ALIGNED=_aligned(d, views, [dy3, x3, weight, dx, views[2][0]], vec), VEC=vec, num_warps=warps,
+        NORM=norm, MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None, HAS_P2=q2 is not None, SEG1=seg1,
+        SEG2=seg2, PACKED=packed, TANH=bool(tanh_gate), ROWS=rows, BLOCK_D=block_d, STAGES=BWD_STAGES,
+        ALIGNED=_aligned(d, views, [dy3, x3, weight, bias, dx, views[2][0]], vec), VEC=vec, num_warps=warps,
     )  # fmt: skip
 
-    def args(dw_part: torch.Tensor, dp1: torch.Tensor, dp2: torch.Tensor, seen: torch.Tensor, rows_per_prog: int):
+    def args(dw_part, db_part, dp1, dp2, seen: torch.Tensor, rows_per_prog: int):
         return (
-            views[0], views[1], weight if weight is not None else x3, views[2], rstd,
-            row_sample, dx, dw_part, dp1, dp2, seen, n_rows, d, seq_len, n_samples, rows_per_prog,
+            views[0], views[1], weight if weight is not None else x3, bias if bias is not None else x3, views[2],
+            rstd, row_sample, dx, dw_part, db_part, dp1, dp2, seen, n_rows, d, seq_len, n_samples, rows_per_prog,
         )  # fmt: skip
 
     # Sized from the compiled kernel; its warm-up takes any buffers (rstd) in place of the partial sums.
-    placeholder = (rstd, rstd, rstd, rstd.view(torch.int32), n_rows)
+    placeholder = (rstd, rstd, rstd, rstd, rstd.view(torch.int32), n_rows)
     n_prog, rows_per_prog = persistent_grid(
         _bwd_kernel, args(*placeholder), flags, n_rows, dev, BWD_PROGRAMS_INTERPRETED
     )
@@ -646,10 +697,13 @@ def backward(
         # Zeroed: with offsets that disagree with the rows, the segment sums may read slots no program wrote.
         return torch.zeros((n_prog + n_samples - 1, d), device=dev, dtype=torch.float32)
 
-    dw_part = torch.empty((n_prog, d), device=dev, dtype=torch.float32) if weight is not None else rstd
+    def affine_buffer(param: torch.Tensor | None) -> torch.Tensor:
+        return torch.empty((n_prog, d), device=dev, dtype=torch.float32) if param is not None else rstd
+
+    dw_part, db_part = affine_buffer(weight), affine_buffer(bias)
     dp1, dp2 = grad_buffer(q1), grad_buffer(q2)
-    seen = torch.empty((n_prog, 2), device=dev, dtype=torch.int32) if seg1 or seg2 else placeholder[3]
-    _bwd_kernel[(n_prog,)](*args(dw_part, dp1, dp2, seen, rows_per_prog), **flags)
+    seen = torch.empty((n_prog, 2), device=dev, dtype=torch.int32) if seg1 or seg2 else placeholder[4]
+    _bwd_kernel[(n_prog,)](*args(dw_part, db_part, dp1, dp2, seen, rows_per_prog), **flags)
 
     def finish(q: _Param | None, buf: torch.Tensor) -> torch.Tensor | None:
         if q is None:
@@ -666,4 +720,5 @@ def backward(
         return q.grad_from_samples(out, x)
 
     dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else None
-    return dx, dweight, finish(q1, dp1), finish(q2, dp2)
+    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, finish(q1, dp1), finish(q2, dp2), dbias
