@@ -156,7 +156,8 @@ def test_warp_specialized_tiles(monkeypatch, lens, text_lens, kv_heads, head_dim
     # The warp-specialized shapes forced as the only tiles: the forward (one masked loop per key kind; q, k, v,
     # text through descriptors; counted bisection, no early return) and the backward's dk/dv (one masked loop
     # over the GQA group's (head, query tile) pairs, q / dO / k / v through descriptors, text keys picked by
-    # selects), which takes dq to its own kernel, in the default and the deterministic backward alike;
+    # selects) and the dq kernel (the forward's shape; the rows' LSE and delta as a descriptor-loaded tile of
+    # tf32 terms, broadcast over the keys by a product), in the default and the deterministic backward alike;
     # warp_specialize itself only acts on sm_90.
     from flagdit_kernels.triton.attention import autotune as tuning
     from flagdit_kernels.triton.attention import launch as va
@@ -172,6 +173,7 @@ def test_warp_specialized_tiles(monkeypatch, lens, text_lens, kv_heads, head_dim
         va.FORWARD, "tiles", [tuning.Tile(block, block // 2 if ON_GPU else 32, 4, 2, tma=True, ws=True)]
     )
     monkeypatch.setattr(va.DKDV, "tiles", [tuning.Tile(32 if INTERPRETED else 64, block, 4, 2, tma=True, ws=True)])
+    monkeypatch.setattr(va.DQ, "tiles", [tuning.Tile(block, 32 if INTERPRETED else 64, 4, 2, tma=True, ws=True)])
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
     inputs, mine, reference = _case(lens, text_lens, 4, kv_heads, head_dim, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
