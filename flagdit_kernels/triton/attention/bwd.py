@@ -11,6 +11,10 @@
 * ``_bwd_dq`` (the deterministic path, ``deterministic=True``): one program per (query block, head) loops over
   self keys (pointer or descriptor loads, as for the forward), then text keys, recomputing P and dP (seven
   matmuls in all with the dk/dv kernel), and writes its dq block alone, so every sum runs in a fixed order.
+* Warp-specialized (WS tiles; the sm_90 default, see launch.py): ``_dkdv_ws`` runs the dk/dv kernel's query
+  loop as one ``tl.range(..., warp_specialize=True)`` over the GQA group's (head, query tile) pairs with q and dO
+  through 3-D descriptors, text / self keys picked by selects, no dq; ``_bwd_dq`` then runs the forward's WS shape,
+  the rows' LSE and delta entering as a product with a tile of tf32 terms written by the preprocess (STATS_*).
 * ``_bwd_dq_postprocess``: the fp32 dq buffer times its unit, rotated back by RoPE when the call has it, rounded
   once to q's dtype.
 

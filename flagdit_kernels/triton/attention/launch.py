@@ -315,6 +315,7 @@ def backward(
     Default: five matmuls per (key block, query block), dq added with fp32 atomics by the dk/dv programs, so
     its sums run in whatever order the programs finish. ``deterministic``: the dk/dv kernel skips dq and a
     separate dq kernel recomputes the scores (seven matmuls), every sum in a fixed order, bit for bit stable.
+    On sm_90 with a Triton in BWD_WS_TRITONS that seven-matmul pair is the default, warp-specialized (bwd.py).
 
     ``cu_seqlens_k`` / ``max_seqlen_k``: cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys
     of a sample without queries get exactly 0)."""
