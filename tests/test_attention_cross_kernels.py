@@ -12,12 +12,12 @@ import pytest
 import torch
 from support.helpers import (
     DEVICE,
-    INTERPRETED,
     ON_GPU,
     TOLERANCE,
     TRITON_RUNS,
     assert_rel_close,
     compare_with_reference,
+    force_warp_specialized,
     offsets_of,
 )
 
@@ -183,19 +183,12 @@ def test_cross_attention_no_key_at_all_and_rope_refused():
 
 
 def test_cross_attention_through_the_warp_specialized_forward(monkeypatch):
-    # The forward's WS shape (descriptor loads, counted bisection, idle programs without an early return) with
-    # keys by their own offsets, 0 included; forced as the only tile (warp_specialize itself acts on sm_90 only).
-    from flagdit_kernels.triton.attention import autotune as tuning
-    from flagdit_kernels.triton.attention import launch as va
-
+    # The WS shapes (descriptor loads, counted bisection, idle programs without an early return) with keys by
+    # their own offsets, 0 included: the forward and the backward's dk/dv and dq kernels, forced as the only tiles
+    # (warp_specialize itself acts on sm_90 only).
     if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized tiles are offered on sm_90 only")
-    if not ON_GPU:
-        monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
-        monkeypatch.setattr(va, "_warp_specialize_ready", lambda *tensors: True)
-    block = 32 if INTERPRETED else 128
-    monkeypatch.setattr(va.FORWARD, "tiles", [tuning.Tile(block, 32 if INTERPRETED else 64, 4, 2, tma=True, ws=True)])
-    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
+    force_warp_specialized(monkeypatch)
     dtype = torch.float16
     inputs, offsets = _case(LENS_Q, LENS_K, TEXT, 4, 2, 32, dtype, seed=4)
     scale = 1 / math.sqrt(32)
