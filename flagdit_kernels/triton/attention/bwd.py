@@ -29,6 +29,7 @@ import os
 import triton
 import triton.language as tl
 
+from . import sparse
 from .tiles import (
     LN2,
     LOG2E,
@@ -145,9 +146,46 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
 
 
 @triton.jit
+def _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base, delta_base, is_text, hk, GROUP, T,
+                q_start, q_len, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale,
+                ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dk, dv of one key tile, head by head of the GQA group: the full query tiles, then the masked tail."""
+    m_full = (q_len // BLOCK_M) * BLOCK_M
+    # Descriptors of a sequence's query rows need at least one row; with q_len == 0 (a text key tile of a sample
+    # without queries) the loop below never loads through them, and dk = dv = 0 is stored.
+    q_rows = tl.maximum(q_len, 1)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        do_scale = 1.0
+        if is_text:
+            do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
+        q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_rows, stride_qt, TMA, BLOCK_M,
+                                    HEAD_DIM, D0, D1)
+        do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_rows, stride_dot, TMA, BLOCK_M,
+                                      HEAD_DIM, D0, D1)
+        dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_rows, stride_dqt,
+                                      TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
+        lse_ptr = lse_base + h.to(tl.int64) * T + q_start
+        delta_ptr = delta_base + h.to(tl.int64) * T + q_start
+        for start_m in range(0, m_full, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
+                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                            start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False, BLOCK_M,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+        if m_full < q_len:
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
+                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                            m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True, BLOCK_M,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
 def _bwd_dkdv(
     Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs, bisect_steps,
+    LISTS, n_tiles, list_heads, list_width, volume,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -158,7 +196,7 @@ def _bwd_dkdv(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
+    TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order,
     and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch (grid: T_TEXT // BLOCK_N +
@@ -194,8 +232,19 @@ def _bwd_dkdv(
     else:
         k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, KCU
         pid -= n_text
-    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, WS)
-    k_start, k_len = segment(cu_k, b)
+    tl.static_assert(not (SPARSE and (TMA or WS)))  # SPARSE: self key tiles of the transposed lists (sparse.py)
+    if SPARSE:
+        if is_text:
+            b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
+            k_start, k_len = segment(cu_k, b)
+            tile = b * 0 - 1
+        else:
+            b, tile, k_start, k_len = sparse.program(pid, LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_N),
+                                                     BLOCK_N)
+            pid_n = b * 0
+    else:
+        b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, WS)
+        k_start, k_len = segment(cu_k, b)
     q_start, q_len = segment(CU, b)
     if WS:
         q_len = tl.where(pid_n * BLOCK_N < k_len, q_len, 0)  # an idle program: no query loop, nothing stored
@@ -219,40 +268,45 @@ def _bwd_dkdv(
         v0, v1 = load_tile(v_base, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM, D0, D1)
     dk0, dk1 = zeros_tile(BLOCK_N, D0, D1)
     dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
-    m_full = (q_len // BLOCK_M) * BLOCK_M
-    # Descriptors of a sequence's query rows need at least one row; with q_len == 0 (a text key tile of a sample
-    # without queries) the loop below never loads through them, and dk = dv = 0 is stored.
-    q_rows = tl.maximum(q_len, 1)
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        do_scale = 1.0
-        if is_text:
-            do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
-        q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_rows, stride_qt, TMA, BLOCK_M,
-                                    HEAD_DIM, D0, D1)
-        do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_rows, stride_dot, TMA, BLOCK_M,
-                                      HEAD_DIM, D0, D1)
-        dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_rows, stride_dqt,
-                                      TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
-        lse_ptr = lse_base + h.to(tl.int64) * T + q_start
-        delta_ptr = delta_base + h.to(tl.int64) * T + q_start
-        if WS:
+    if SPARSE:
+        # Tile-sparse self keys: per query head of the group, the same loop over each query run that visits this
+        # key tile (the transposed lists, sparse.py); a text key tile keeps its whole sample (one run).
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            n_runs = tl.where(is_text, 1, sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile))
+            for j in range(n_runs):
+                q_first, q_rows = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+                q_first = tl.where(is_text, q_start, q_first.to(tl.int64))
+                q_rows = tl.where(is_text, q_len, q_rows)
+                dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base,
+                                                 delta_base, is_text, h, 1, T, q_first, q_rows, stride_qt, stride_qh,
+                                                 stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale, ATOMIC_DQ,
+                                                 TMA, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    elif WS:
+        q_rows = tl.maximum(q_len, 1)
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            do_scale = 1.0
+            if is_text:
+                do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
+            q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_rows, stride_qt, TMA, BLOCK_M,
+                                        HEAD_DIM, D0, D1)
+            do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_rows, stride_dot, TMA,
+                                          BLOCK_M, HEAD_DIM, D0, D1)
+            dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_rows, stride_dqt,
+                                          TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
+            lse_ptr = lse_base + h.to(tl.int64) * T + q_start
+            delta_ptr = delta_base + h.to(tl.int64) * T + q_start
             for start_m in tl.range(0, q_len, BLOCK_M, warp_specialize=True):
                 dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
                                                 do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
                                                 stride_dqt, start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True,
                                                 BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
-        else:
-            for start_m in range(0, m_full, BLOCK_M):
-                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
-                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                                stride_dqt, start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False,
-                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
-            if m_full < q_len:
-                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
-                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                                stride_dqt, m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True,
-                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    else:
+        dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base,
+                                         delta_base, is_text, hk, GROUP, T, q_start, q_len, stride_qt, stride_qh,
+                                         stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale, ATOMIC_DQ, TMA,
+                                         BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
     if is_text:
         dk_ptr, dv_ptr, stride_dkt, stride_dkh = DTK, DTV, stride_dtkt, stride_dtkh
     else:
@@ -306,6 +360,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs,
+    LISTS, n_tiles, list_heads, list_width, volume,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -315,16 +370,25 @@ def _bwd_dq(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    SPARSE: tl.constexpr = False,
 ):
     """dq of one block of queries for one head (self keys through tensor descriptors with TMA, then text keys)
-    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq."""
+    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq. SPARSE: the forward's tile-sparse
+    programs and key runs (sparse.py), pointer loads."""
     tl.static_assert(TMA_OK or not TMA)
+    tl.static_assert(not (SPARSE and TMA))
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
-    b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)  # the forward's grid
+    if SPARSE:
+        b, tile, start, seq_len = sparse.program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs,
+                                                 tl.cdiv(volume, BLOCK_M), BLOCK_M)
+        pid_m, h = 0, tl.program_id(1)
+        hk = h // GROUP
+    else:
+        b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)  # the forward's grid
     if pid_m * BLOCK_M >= seq_len:
         return
     start = start.to(tl.int64)
@@ -335,11 +399,19 @@ def _bwd_dq(
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
-    k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
-    k_start = k_start.to(tl.int64)
-    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
-                         V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
-                         BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    if SPARSE:  # the same loop over each key run of the query tile
+        for j in range(sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile)):
+            k_start, k_len = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+            k_start = k_start.to(tl.int64)
+            dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0,
+                                 K + k_start * stride_kt + hk * stride_kh, V + k_start * stride_vt + hk * stride_vh,
+                                 stride_kt, stride_vt, k_len, qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    else:
+        k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
+        k_start = k_start.to(tl.int64)
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
+                             V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
+                             BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)
         t_start = t_start.to(tl.int64)

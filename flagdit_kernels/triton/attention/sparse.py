@@ -89,10 +89,9 @@ def grid_programs(n_tiles: int, volume: int, placeholders: int, samples: int, bl
 
 
 @triton.jit
-def program(LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
-    """(sample b, tile (-1: a placeholder program), first row, rows) of this program (module docstring). Rows
-    <= 0: an idle program (the caller returns)."""
-    pid = tl.program_id(0)
+def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
+    """(sample b, tile (-1: a placeholder program), first row, rows) of program ``pid`` (module docstring).
+    Rows <= 0: an idle program (the caller returns)."""
     by_tile = n_tiles * chunks
     if pid < by_tile:
         tile = pid // chunks
