@@ -148,12 +148,10 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
 # does not handle, so WS tiles are offered only where that check ran: 16-bit dtypes, head dims in WS_HEAD_DIMS.
 WS_TRITON = (3, 6)
 WS_HEAD_DIMS = (64, 72, 96, 128)
-# The deterministic backward's dk/dv loop splits only without text (the run-time text / self key selection keeps
-# the pass from splitting) and without GQA (at the Dh 72, GQA 4 shape the pass fails; GQA or the 64 + 16 split:
-# not isolated), at these head dims, on Triton 3.6
-# (3.9 does not split it, and its 4-warp tile then spills in the loop).
-DKDV_WS_HEAD_DIMS = (64, 96, 128)
-DKDV_WS_TRITONS = ((3, 6),)
+# The backward's warp-specialized shape (bwd._dkdv_ws, and _bwd_dq's WS loops) splits on sm_90 with Triton 3.6
+# at these head dims, with and without text and GQA (tests/test_attention_ws_compile.py); where it is offered it
+# is the default backward: dk/dv and dq in two kernels (no atomics: the pass fails on a loop with one).
+BWD_WS_TRITONS = ((3, 6),)
 
 
 def _warp_specialize_ready(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -402,20 +400,22 @@ def backward(
         grid = lambda meta: (text_tiles(meta) + key_programs(meta), h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk_, dv_)
     regime = _regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k)
+    # sm_90 with a checked Triton: the warp-specialized kernels, dq by its own kernel (deterministic too).
+    # (Not for a tile-sparse call: its loops are pointer loads over runs; see sparse.py.)
+    ws = tuning.TRITON_VERSION in BWD_WS_TRITONS and _warp_specialize_ready(q, dout, k, v, tk, tv) and not sparse_consts
+    split_dq = deterministic or ws
     DKDV.launch(
         grid,
         q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
         cu_seqlens, tcu, kcu,
         softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(), *key_lists,
         *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
-        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not deterministic,
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not split_dq,
         TMA_OK=_descriptor_ready(q, dout, dq_acc) and not sparse_consts,
-        VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_),
-        WS_OK=not has_text and h_kv == H and D in DKDV_WS_HEAD_DIMS and tuning.TRITON_VERSION in DKDV_WS_TRITONS
-        and _warp_specialize_ready(q, dout, dq_acc, k, v) and not sparse_consts,
-        regime=regime, reset=dq_acc.zero_ if not deterministic else None, **sparse_consts,
+        VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_), WS_OK=ws,
+        regime=regime, reset=dq_acc.zero_ if not split_dq else None, **sparse_consts,
     )  # fmt: skip
-    if deterministic:
+    if split_dq:
         DQ.launch(
             _query_tiles(T, batch, H) if query_programs is None else lambda meta: (query_programs(meta), H),
             q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu, kcu,
