@@ -5,6 +5,7 @@ the density each call reports, and the argument checks."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -151,3 +152,29 @@ def test_triton_matches_the_masked_reference(sparsity, dtype, text, rope, kv_hea
 
     inputs = {"q": q, "k": k, "v": v, **(text_inputs if text else {})}
     compare_with_reference(kernel, reference, {x: _to(t) for x, t in inputs.items()}, dtype, family="attention")
+
+
+@pytest.mark.parametrize("sparsity", [WINDOW, TOP_K], ids=str)
+def test_kernel_tables_are_the_lists(sparsity):
+    """The Triton kernels' tables (built with torch ops on the device, no sync): each list's stretches of
+    consecutive tiles are exactly its tiles, in order, and each stretch is one contiguous token run; the
+    transposed lists hold, per key tile, exactly the query tiles that list it."""
+    from flagdit_kernels.triton.attention import sparse
+
+    packed = _pack()
+    q, k, _, _, _ = _inputs(packed)
+    blocks = fk.tile_sparse_blocks(q, k, packed.cu_seqlens, packed.tiles, sparsity)
+    keys, counts = blocks.keys, blocks.counts
+    run_counts, pairs = sparse.runs(keys)
+    ranges = packed.tiles.ranges.tolist()
+    for h, t in itertools.product(range(keys.shape[0]), range(keys.shape[1])):
+        tiles = keys[h, t, : counts[h, t]].tolist()
+        stretches = pairs[h, t, : run_counts[h, t]].tolist()
+        assert [x for a, b in stretches for x in range(a, b + 1)] == tiles
+        assert all(ranges[x][1] == ranges[x + 1][0] for a, b in stretches for x in range(a, b))
+        assert (pairs[h, t, run_counts[h, t] :] == -1).all()
+    t_keys, t_counts = sparse.transposed(keys, packed.tiles.max_tiles)
+    for h, kt in itertools.product(range(keys.shape[0]), range(keys.shape[1])):
+        want = [t for t in range(keys.shape[1]) if kt in keys[h, t, : counts[h, t]].tolist()]
+        assert t_keys[h, kt, : t_counts[h, kt]].tolist() == want
+        assert (t_keys[h, kt, t_counts[h, kt] :] == -1).all()
