@@ -178,3 +178,26 @@ def test_kernel_tables_are_the_lists(sparsity):
         want = [t for t in range(keys.shape[1]) if kt in keys[h, t, : counts[h, t]].tolist()]
         assert t_keys[h, kt, : t_counts[h, kt]].tolist() == want
         assert (t_keys[h, kt, t_counts[h, kt] :] == -1).all()
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="Triton needs a GPU or TRITON_INTERPRET=1")
+def test_sparse_custom_op_schema():
+    """The custom ops with a tile-sparse call's tables (sparse_lists tensor, sparse_sizes int list): schema and
+    fake tensor checks."""
+    from flagdit_kernels.ops import attention as attn
+    from flagdit_kernels.triton.attention import sparse
+
+    packed = _pack([(C, 3, 6, 8), (C, 4, 6)], tile=(2, 2, 2))
+    cu = packed.cu_seqlens.to(DEVICE)
+    tiles = _on_device(packed.tiles)
+    q, k, v, _, _ = _inputs(packed, torch.float32, heads=2, kv_heads=1, seed=40)
+    q, k, v = _to(q), _to(k), _to(v)
+    blocks = fk.tile_sparse_blocks(q, k, cu, tiles, TOP_K)
+    lists, sizes = sparse.lists(tiles, cu, blocks.keys, blocks.counts)
+    n = packed.max_seqlen
+    fwd_args = (q, k, v, cu, n, 0.25, None, None, None, None, None, True, False, None, None, lists, sizes)
+    torch.library.opcheck(attn._fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
+    out, o_text, lse, lse_t, _, _ = attn._fwd_op(*fwd_args)
+    bwd_args = (torch.randn_like(out), None, q, k, v, out, o_text, lse, lse_t, cu, n, 0.25, None, None, None, None,
+                None, False, None, None, lists, sizes)  # fmt: skip
+    torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
