@@ -400,10 +400,12 @@ def backward(
         grid = lambda meta: (text_tiles(meta) + key_programs(meta), h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk_, dv_)
     regime = _regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k)
-    # sm_90 with a checked Triton: the warp-specialized kernels, dq by its own kernel (deterministic too).
-    # (Not for a tile-sparse call: its loops are pointer loads over runs; see sparse.py.)
-    ws = tuning.TRITON_VERSION in BWD_WS_TRITONS and _warp_specialize_ready(q, dout, k, v, tk, tv) and not sparse_consts
-    split_dq = deterministic or ws
+    # sm_90 with a checked Triton: the warp-specialized kernels, dq by its own kernel (deterministic too). A
+    # tile-sparse call is never warp-specialized (its loops are pointer loads over runs, sparse.py) but takes the
+    # same dq path there: its dk/dv with dq atomics spills and runs ds @ k on mma.sync (compile report).
+    ws_ready = tuning.TRITON_VERSION in BWD_WS_TRITONS and _warp_specialize_ready(q, dout, k, v, tk, tv)
+    ws = ws_ready and not sparse_consts
+    split_dq = deterministic or ws_ready
     DKDV.launch(
         grid,
         q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
