@@ -122,3 +122,23 @@ def compare_with_reference(
             continue
         assert g is not None, f"no gradient for {k}"
         assert_rel_close(g, r, grad_tol, f"grad {k}")
+
+
+def force_warp_specialized(monkeypatch) -> None:
+    """Makes the Triton varlen attention run only its warp-specialized tiles (forward, dk/dv and dq kernels;
+    descriptor loads; the WS loop shapes), untuned. On the CPU (the interpreter ignores warp_specialize itself)
+    descriptors and the split are declared ready; on a GPU the caller skips anything but sm_90."""
+    from flagdit_kernels.triton.attention import autotune as tuning
+    from flagdit_kernels.triton.attention import launch as va
+
+    if not ON_GPU:
+        monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
+        monkeypatch.setattr(va, "_warp_specialize_ready", lambda *tensors: True)
+        monkeypatch.setattr(va, "BWD_WS_TRITONS", (tuning.TRITON_VERSION,))
+    block = 32 if INTERPRETED else 128
+    monkeypatch.setattr(
+        va.FORWARD, "tiles", [tuning.Tile(block, block // 2 if ON_GPU else 32, 4, 2, tma=True, ws=True)]
+    )
+    monkeypatch.setattr(va.DKDV, "tiles", [tuning.Tile(32 if INTERPRETED else 64, block, 4, 2, tma=True, ws=True)])
+    monkeypatch.setattr(va.DQ, "tiles", [tuning.Tile(block, 32 if INTERPRETED else 64, 4, 2, tma=True, ws=True)])
+    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")

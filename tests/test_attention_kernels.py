@@ -18,6 +18,7 @@ from helpers import (
     TOLERANCE,
     assert_rel_close,
     compare_with_reference,
+    force_warp_specialized,
     poisoned_allocations,
 )
 
@@ -156,23 +157,12 @@ def test_warp_specialized_tiles(monkeypatch, lens, text_lens, kv_heads, head_dim
     # The warp-specialized shapes forced as the only tiles: the forward (one masked loop per key kind; q, k, v,
     # text through descriptors; counted bisection, no early return) and the backward's dk/dv (one masked loop
     # over the GQA group's (head, query tile) pairs, q / dO / k / v through descriptors, text keys picked by
-    # selects), which takes dq to its own kernel, in the default and the deterministic backward alike;
+    # selects) and the dq kernel (the forward's shape; the rows' LSE and delta as a descriptor-loaded tile of
+    # tf32 terms, broadcast over the keys by a product), in the default and the deterministic backward alike;
     # warp_specialize itself only acts on sm_90.
-    from flagdit_kernels.triton.attention import autotune as tuning
-    from flagdit_kernels.triton.attention import launch as va
-
     if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized tiles are offered on sm_90 only")
-    if not ON_GPU:
-        monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
-        monkeypatch.setattr(va, "_warp_specialize_ready", lambda *tensors: True)
-        monkeypatch.setattr(va, "BWD_WS_TRITONS", (tuning.TRITON_VERSION,))
-    block = 32 if INTERPRETED else 128
-    monkeypatch.setattr(
-        va.FORWARD, "tiles", [tuning.Tile(block, block // 2 if ON_GPU else 32, 4, 2, tma=True, ws=True)]
-    )
-    monkeypatch.setattr(va.DKDV, "tiles", [tuning.Tile(32 if INTERPRETED else 64, block, 4, 2, tma=True, ws=True)])
-    monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
+    force_warp_specialized(monkeypatch)
     inputs, mine, reference = _case(lens, text_lens, 4, kv_heads, head_dim, dtype, rope=True)
     compare_with_reference(mine, reference, inputs, dtype, family="attention")
     deterministic = lambda **t: mine(**t, deterministic=True)
@@ -249,8 +239,14 @@ def test_rope_in_kernel_matches_apply_rope_first():
         assert_rel_close(grads_fused[name], g, 1e-5, f"grad {name}")
 
 
-def test_strided_views_of_fused_qkv_and_deterministic_backward():
-    # q, k, v sliced from one (T, 3, H, Dh) projection output: non-unit token and head strides, no copies.
+@pytest.mark.parametrize("warp_specialized", [False, True])
+def test_strided_views_of_fused_qkv_and_deterministic_backward(monkeypatch, warp_specialized):
+    # q, k, v sliced from one (T, 3, H, Dh) projection output: non-unit token and head strides, no copies; also
+    # through the warp-specialized tiles (3-D descriptors over the views' head and token strides).
+    if warp_specialized:
+        if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("the warp-specialized tiles are offered on sm_90 only")
+        force_warp_specialized(monkeypatch)
     dtype, T, H, D = torch.float16, 45, 2, 32
     lens = [30, 15]
     cu, tcu = _offsets(lens), _offsets([3, 5])

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, poisoned_allocations
+from helpers import (
+    DEVICE,
+    DOT_DTYPES,
+    INTERPRETED,
+    ON_GPU,
+    TOLERANCE,
+    assert_rel_close,
+    force_warp_specialized,
+    poisoned_allocations,
+)
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch
@@ -87,6 +96,28 @@ def test_lse_forward_and_gradients_match_float64(backend, dtype):
     assert lse.dtype == torch.float32 and lse.shape == (4, out.shape[0])
     assert_rel_close(out, exp_out, tol)
     assert_rel_close(lse, exp_lse, 1e-5, "lse")  # fp32 statistics of exactly rounded inputs
+    for name, g in grads.items():
+        assert_rel_close(g, exp_grads[name], tol, f"grad {name}")
+
+
+@pytest.mark.skipif(not TRITON, reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_lse_gradients_through_the_warp_specialized_tiles(monkeypatch, deterministic):
+    # The LSE's gradient enters the backward through delta, which the warp-specialized dq kernel reads from its
+    # row statistics tile (bwd.STATS_WIDTH tf32 terms): forced WS tiles, fp16, against float64.
+    if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialized tiles are offered on sm_90 only")
+    force_warp_specialized(monkeypatch)
+    dtype = torch.float16
+    inputs, fixed, upstream = _lse_case(dtype, seed=2)
+    fixed["deterministic"] = deterministic
+    out, lse, grads = _grads("triton", inputs, fixed, upstream, dtype)
+    del fixed["deterministic"]
+    exp_out, exp_lse, exp_grads = _grads("reference", {n: t.double() for n, t in inputs.items()}, fixed, upstream,
+                                         torch.float64)  # fmt: skip
+    tol = TOLERANCE["attention"][dtype]
+    assert_rel_close(out, exp_out, tol)
+    assert_rel_close(lse, exp_lse, 1e-5, "lse")
     for name, g in grads.items():
         assert_rel_close(g, exp_grads[name], tol, f"grad {name}")
 

@@ -1,7 +1,10 @@
 """The warp-specialized attention tiles as a real call compiles them for Hopper (no GPU): Triton's pass must split
-the forward (and, on Triton 3.6, the deterministic dk/dv kernel) into a producer and two consumer partitions
-with no spill. A structure change that stops the split (an early return, a while loop, a pointer load of q, a
-two-loop tail) shows up here; the pass can abort the process, so the compile runs in a child process."""
+the forward and the default backward (dk/dv and dq kernels) into a producer and two consumer partitions with no
+spill, and the backward's loops must run every product as wgmma (no mma.sync) with no spill access and no CTA-wide
+barrier. A structure change that stops the split (an early return, a while loop, a pointer load of q, a two-loop
+tail, a branch on text keys, a row vector loaded by pointer in dq) shows up here; the pass can abort the process,
+so the compile runs in a child process.
+"""
 
 from __future__ import annotations
 
@@ -25,19 +28,20 @@ from flagdit_kernels.tools import compile_report as cr
 from flagdit_kernels.triton.attention import autotune as tuning
 from flagdit_kernels.triton.attention import launch as va
 va.FORWARD.tiles = [tuning.Tile(128, 64, 4, 2, tma=True, ws=True)]
-va.DKDV.tiles = [tuning.Tile(32, 128, 4, 1, tma=True, ws=True), tuning.Tile(32, 128, 8, 2, tma=True)]
 rows = []
-for head_dim, text in ((128, False), (72, True)):
+for head_dim, text in ((128, False), (128, True), (72, True)):
     launches = []
     with va.autotune_mode("0"), cr._captured_launches(90, launches, cr._PTXAS_LOGS):
-        cr._call(cr.SHAPES[head_dim], text, False, torch.bfloat16, 90, deterministic=True)
+        cr._call(cr.SHAPES[head_dim], text, False, torch.bfloat16, 90)
     for launch in launches:
-        if launch.fn.__name__ in ("_fwd_kernel", "_bwd_dkdv"):
+        fits = launch.kernel.metadata.shared <= cr.SHARED_LIMIT  # else the launcher takes the next tile
+        if launch.fn.__name__ in ("_fwd_kernel", "_bwd_dkdv", "_bwd_dq") and fits:
             ttgir, ptx = launch.kernel.asm["ttgir"], launch.kernel.asm["ptx"]
+            row = cr._row(cr.SHAPES[head_dim], text, False, launch, cr._PTXAS_LOGS)
             rows.append({"kernel": launch.fn.__name__, "head_dim": head_dim, "text": text,
                          "ws_tile": bool(launch.consts.get("WS")), "split": "ttg.warp_specialize" in ttgir,
                          "partition_warps": re.findall(r"partition\\d+\\([^\\n]*\\) num_warps\\((\\d+)\\)", ttgir),
-                         "local": ptx.count("ld.local") + ptx.count("st.local"),
+                         "local": ptx.count("ld.local") + ptx.count("st.local"), "loops": row.loops,
                          "triton": list(tuning.TRITON_VERSION)})
 print(json.dumps(rows))
 """
@@ -54,17 +58,25 @@ def rows() -> list[dict]:
 
 def test_forward_splits_into_producer_and_two_consumers(rows):
     forward = [r for r in rows if r["kernel"] == "_fwd_kernel"]
-    assert {(r["head_dim"], r["text"]) for r in forward} == {(128, False), (72, True)}
+    assert {(r["head_dim"], r["text"]) for r in forward} == {(128, False), (128, True), (72, True)}
     for r in forward:
         assert r["ws_tile"] and r["split"], r
         assert r["partition_warps"] == ["4", "4"], r
         assert r["local"] == 0, r
 
 
-def test_deterministic_dkdv_splits_where_offered(rows):
-    dkdv = {(r["head_dim"], r["text"]): r for r in rows if r["kernel"] == "_bwd_dkdv"}
-    offered = dkdv[(128, False)]
-    assert offered["ws_tile"] == (tuple(offered["triton"]) == (3, 6)), offered  # the launcher's WS_OK rule
-    if offered["ws_tile"]:
-        assert offered["split"] and offered["partition_warps"] == ["4", "4"] and offered["local"] == 0, offered
-    assert not dkdv[(72, True)]["ws_tile"]  # text and GQA: never offered
+def test_default_backward_splits_into_producer_and_two_consumers(rows):
+    """The default backward on sm_90 (no tile forced): dk/dv and dq kernels, both split, self keys only and with
+    text, GQA 4 at Dh 72 (the 64 + 16 column split); every loop that computes runs its products as wgmma."""
+    backward = {(r["kernel"], r["head_dim"], r["text"]): r for r in rows if r["kernel"] != "_fwd_kernel"}
+    configs = {(128, False), (128, True), (72, True)}
+    assert set(backward) == {(k, *c) for k in ("_bwd_dkdv", "_bwd_dq") for c in configs}, sorted(backward)
+    for r in backward.values():
+        assert r["ws_tile"] and r["split"], r
+        assert r["partition_warps"] == ["4", "4"], r
+        assert r["local"] == 0, r
+        consumers = [loop for loop in r["loops"] if loop["wgmma"] > 0]
+        # One loop per consumer partition and key kind (dq: self keys, then text keys).
+        assert len(consumers) == (4 if r["kernel"] == "_bwd_dq" and r["text"] else 2), r
+        for loop in r["loops"]:
+            assert loop["mma_sync"] == 0 and loop["spill_accesses"] == 0 and loop["cta_barriers"] == 0, r

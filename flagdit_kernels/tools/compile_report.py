@@ -553,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", default="64,72,96,128,256", help="comma-separated, from " + str(list(SHAPES)))
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the default")
     parser.add_argument("--deterministic", action="store_true", help="the deterministic backward (separate dq)")
+    parser.add_argument("--no-rope", action="store_true", help="skip the RoPE variants (same attention kernels)")
     parser.add_argument("--gluon", action="store_true", help="also the Gluon forward (triton/attention/gluon_fwd.py)")
     parser.add_argument("--sparse", action="store_true", help="also the tile-sparse kernels (SPARSE=True, issue 27)")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
@@ -561,14 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     head_dims = tuple(int(d) for d in args.head_dims.split(",") if d)
-    rows = report(head_dims, args.arch, args.all_configs, deterministic=args.deterministic)
+    variants = [(text, False) for text in (False, True)] if args.no_rope else None
+    rows = report(head_dims, args.arch, args.all_configs, variants, deterministic=args.deterministic)
     if args.gluon:
         rows += gluon_report(head_dims, args.arch)
     if args.sparse:
         rows += sparse_report(tuple(d for d in head_dims if d in (64, 128)) or (128,), args.arch,
                               deterministic=args.deterministic)  # fmt: skip
     table = markdown(rows) + "\nStructure (per working inner loop)\n\n" + structure_markdown(rows)
-    path = "deterministic backward" if args.deterministic else "default backward (dq by atomics)"
+    default = "default backward (sm_90, Triton 3.6 / 3.9: warp-specialized dk/dv and dq kernels; else dq by atomics)"
+    path = "deterministic backward" if args.deterministic else default
     header = f"Triton {triton.__version__}, sm_{args.arch}, bf16, torch {torch.__version__}, {path}\n\n"
     if args.md:
         with open(args.md, "w") as f:

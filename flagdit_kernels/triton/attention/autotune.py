@@ -102,6 +102,10 @@ else:
         Tile(64, 64, 4, 2),
         Tile(64, 32, 4, 2),
         Tile(128, 64, 8, 2, tma=True),
+        # Warp-specialized (dq in its own kernel): the sm_90 default where offered (see backward_prune); with text
+        # at Dh 128 the two-stage rings of both key loops are over the shared memory at 64 keys, not at 32.
+        Tile(128, 64, 4, 2, tma=True, ws=True),
+        Tile(128, 32, 4, 2, tma=True, ws=True),
     ]
     # dk/dv (+ dq by atomics): 8 warps hold the two (BLOCK_N, Dh) fp32 accumulators, 128 registers a thread at
     # BLOCK_N x Dh = 128 x 128. 64x128 fits without spilling in its loop only with tensor descriptors (q, dO
@@ -116,7 +120,9 @@ else:
         Tile(32, 64, 8, 2),
         Tile(64, 128, 8, 3, tma=True),
         Tile(64, 128, 8, 1, tma=True),
-        Tile(64, 128, 4, 2, tma=True, ws=True),  # the sm_90 default where offered (see backward_prune)
+        # Warp-specialized (one producer warpgroup, two consumer warpgroups of 64 keys each, dq in its own
+        # kernel): the sm_90 default where offered (see backward_prune and dkdv_prune).
+        Tile(64, 128, 4, 2, tma=True, ws=True),
         Tile(32, 128, 4, 2, tma=True, ws=True),
     ]
 
@@ -143,10 +149,12 @@ def backward_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
 def dkdv_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
     """backward_prune, less the pipelined 64x128 dk/dv tile at head dims of 128 columns or more on Triton 3.6,
     where it spills inside its loop (40 local accesses per iteration at Dh 128; Triton 3.9 holds it in
-    registers), and less the warp-specialized tiles when dq is added by atomics: Triton 3.6's pass fails on
-    that loop (an atomic or descriptor reduce-add in it)."""
+    registers; warp-specialized: with text, one access per iteration in a consumer), and less the
+    warp-specialized tiles when dq is added by atomics: Triton 3.6's pass fails on that loop (an atomic or
+    descriptor reduce-add in it)."""
     if TRITON_VERSION < (3, 7) and consts.get("D0", 128) + consts.get("D1", 0) >= 128:
-        tiles = [t for t in tiles if not (t.block_m == 64 and t.stages > 1 and not t.ws)]
+        text = consts.get("HAS_TEXT", False)
+        tiles = [t for t in tiles if not (t.block_m == 64 and t.stages > 1 and (text or not t.ws))]
     if consts.get("ATOMIC_DQ", True):
         tiles = [t for t in tiles if not t.ws]
     return backward_prune(tiles, consts)

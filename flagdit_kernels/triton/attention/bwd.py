@@ -11,6 +11,10 @@
 * ``_bwd_dq`` (the deterministic path, ``deterministic=True``): one program per (query block, head) loops over
   self keys (pointer or descriptor loads, as for the forward), then text keys, recomputing P and dP (seven
   matmuls in all with the dk/dv kernel), and writes its dq block alone, so every sum runs in a fixed order.
+* Warp-specialized (WS tiles; the sm_90 default, see launch.py): ``_dkdv_ws`` runs the dk/dv kernel's query
+  loop as one ``tl.range(..., warp_specialize=True)`` over the GQA group's (head, query tile) pairs with q and dO
+  through 3-D descriptors, text / self keys picked by selects, no dq; ``_bwd_dq`` then runs the forward's WS shape,
+  the rows' LSE and delta entering as a product with a tile of tf32 terms written by the preprocess (STATS_*).
 * ``_bwd_dq_postprocess``: the fp32 dq buffer times its unit, rotated back by RoPE when the call has it, rounded
   once to q's dtype.
 
@@ -58,18 +62,48 @@ _TMA_REDUCE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 # fmt: off
 
 
+# The row statistics tile of the warp-specialized dq kernel (_bwd_dq with WS), per (head, token) 16 fp32: each
+# quantity as three tf32-exact terms (_tf32_terms) from its column on, zeros after the last.
+STATS_WIDTH = tl.constexpr(16)
+LSE_COL = tl.constexpr(0)  # -lse * log2(e) / qk_scale: adds to the raw scores, so that exp2(s * qk_scale) = p
+DELTA_COL = tl.constexpr(3)  # -delta
+TEXT_LSE_COL = tl.constexpr(6)  # -lse_text * log2(e) / text_qk_scale
+R_COL = tl.constexpr(9)  # -r: the text branch's dS is tanh(gate) * p * (dP - r)
+
+
+@triton.jit
+def _tf32_terms(x):
+    """Three fp32 numbers of at most 11 significant bits each (tf32-exact: a tf32 product keeps them whole) that
+    sum to x exactly: the leading bits of x, of the rest, and the last two bits."""
+    t1 = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    rest = x - t1
+    t2 = (rest.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return t1, t2, rest - t2
+
+
+@triton.jit
+def _put_terms(tile, cols, COL: tl.constexpr, x):
+    """tile with x's three tf32 terms in columns COL, COL + 1, COL + 2 (x finite, else 0)."""
+    t1, t2, t3 = _tf32_terms(tl.where((x == x) & (tl.abs(x) < float("inf")), x, 0.0))
+    tile = tl.where(cols == COL, t1[:, None], tile)
+    tile = tl.where(cols == COL + 1, t2[:, None], tile)
+    return tl.where(cols == COL + 2, t3[:, None], tile)
+
+
 @triton.jit
 def _bwd_preprocess(
-    DO, OUT, OTEXT, TGATE, LSE_T, DLSE, DELTA, DELTA_T, R, T,
+    DO, OUT, OTEXT, TGATE, LSE, LSE_T, DLSE, DELTA, DELTA_T, R, STATS, T, qk_scale, text_qk_scale,
     stride_dot, stride_doh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_DLSE: tl.constexpr,
-    VEC: tl.constexpr, BLOCK_T: tl.constexpr,
+    VEC: tl.constexpr, BLOCK_T: tl.constexpr, HAS_STATS: tl.constexpr = False,
 ):
     """Per (token, head): delta_self = sum_d dO * o_self - dlse, and with text r = sum_d dO * o_text,
     delta_text = tg * r.
 
     A gradient g_i on lse_i = log sum_j exp(s_ij) adds g_i * P_ij to dS_ij (d lse_i / d s_ij = P_ij), so
-    dS_ij = P_ij * (dP_ij - delta_i + g_i): the kernels use delta_i - g_i and need nothing else."""
+    dS_ij = P_ij * (dP_ij - delta_i + g_i): the kernels use delta_i - g_i and need nothing else.
+
+    HAS_STATS: also the row statistics tile of the warp-specialized dq kernel (STATS_WIDTH columns per row)."""
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
     pid_t = tl.program_id(0)
@@ -96,6 +130,17 @@ def _bwd_preprocess(
     if HAS_DLSE:
         delta -= tl.load(DLSE + out_off, mask=t_mask, other=0.0)
     tl.store(DELTA + out_off, delta, mask=t_mask)
+    if HAS_STATS:
+        cols = tl.arange(0, STATS_WIDTH)[None, :]
+        stats = tl.zeros([BLOCK_T, STATS_WIDTH], dtype=tl.float32)
+        lse = tl.load(LSE + out_off, mask=t_mask, other=0.0)
+        stats = _put_terms(stats, cols, LSE_COL, lse * (-LOG2E / qk_scale))
+        stats = _put_terms(stats, cols, DELTA_COL, -delta)
+        if HAS_TEXT:
+            lse_t = tl.load(LSE_T + out_off, mask=t_mask, other=0.0)
+            stats = _put_terms(stats, cols, TEXT_LSE_COL, lse_t * (-LOG2E / text_qk_scale))
+            stats = _put_terms(stats, cols, R_COL, -r)
+        tl.store(STATS + out_off[:, None] * STATS_WIDTH + cols, stats, mask=t_mask[:, None])
 
 
 @triton.jit
@@ -404,29 +449,73 @@ def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v
 
 
 @triton.jit
+def _dq_tile_ws(dq0, dq1, q0, q1, do0, do1, stats, pick_lse, pick_delta, do_scale, k_src0, k_src1, v_src0, v_src1,
+                start_n, k_len, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """_dq_tile for the warp-specialized loop (descriptor loads, the tail masked): the row statistics enter as a
+    product, stats @ pick_* (pick_*: ones in the three rows of the quantity's terms), which starts the score and
+    dP accumulators: -lse / qk_scale and -delta broadcast over the keys by the tensor cores (exact: tf32 terms
+    times 1), since Triton 3.6's pass cannot split a loop whose consumers use row vectors loaded by pointer."""
+    k0, k1, v0, v1, n_mask = load_kv_pair(k_src0, k_src1, v_src0, v_src1, 0, 0, start_n, k_len, True, True, BLOCK_N,
+                                          HEAD_DIM, D0, D1)
+    s = tl.dot(stats, pick_lse, input_precision="tf32")
+    s = tl.dot(q0, tl.trans(k0), s, input_precision=DOT_PREC)
+    if D1 > 0:
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
+    p = tl.where(n_mask[None, :], tl.exp2(s * qk_scale), 0.0)
+    dp = tl.dot(stats, pick_delta, input_precision="tf32")
+    dp = tl.dot(do0, tl.trans(v0), dp, input_precision=DOT_PREC)
+    if D1 > 0:
+        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
+    ds = ((p * do_scale) * dp).to(k0.dtype)
+    dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
+    if D1 > 0:
+        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit
+def _picker(COL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(STATS_WIDTH, BLOCK_N) fp32: ones in rows COL..COL + 2, so stats @ it is the column's quantity on every key."""
+    rows = tl.arange(0, STATS_WIDTH)[:, None]
+    ones = tl.where((rows >= COL) & (rows < COL + 3), 1.0, 0.0)
+    return tl.broadcast_to(ones, [STATS_WIDTH, BLOCK_N])
+
+
+@triton.jit
 def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, stride_kt, stride_vt, k_len,
               qk_scale, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-              D1: tl.constexpr, DOT_PREC: tl.constexpr):
+              D1: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr = False, STATS_COL: tl.constexpr = 0):
+    """dq over ``k_len`` keys: full tiles, then the masked tail. WS (with TMA): one loop over every key tile with
+    the tail masked inside it, ``tl.range(..., warp_specialize=True)`` (fwd._attend's WS shape); ``lse`` is then
+    the row statistics tile, its LSE terms from column STATS_COL and delta's (or r's) three columns later."""
+    tl.static_assert(TMA or not WS)
     # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
     k_rows = tl.maximum(k_len, 1)
     k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
-    n_full = (k_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1,
-                            stride_kt, stride_vt, start_n, k_len, qk_scale, False, TMA, BLOCK_N, HEAD_DIM, D0, D1,
-                            DOT_PREC)
-    if n_full < k_len:
-        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1,
-                            stride_kt, stride_vt, n_full, k_len, qk_scale, True, TMA, BLOCK_N, HEAD_DIM, D0, D1,
-                            DOT_PREC)
+    if WS:
+        pick_lse, pick_delta = _picker(STATS_COL, BLOCK_N), _picker(STATS_COL + 3, BLOCK_N)
+        for start_n in tl.range(0, k_len, BLOCK_N, warp_specialize=True):
+            dq0, dq1 = _dq_tile_ws(dq0, dq1, q0, q1, do0, do1, lse, pick_lse, pick_delta, do_scale, k_src0, k_src1,
+                                   v_src0, v_src1, start_n, k_len, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    else:
+        n_full = (k_len // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1,
+                                stride_kt, stride_vt, start_n, k_len, qk_scale, False, TMA, BLOCK_N, HEAD_DIM, D0, D1,
+                                DOT_PREC)
+        if n_full < k_len:
+            dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_src0, k_src1, v_src0, v_src1,
+                                stride_kt, stride_vt, n_full, k_len, qk_scale, True, TMA, BLOCK_N, HEAD_DIM, D0, D1,
+                                DOT_PREC)
     return dq0, dq1
 
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
-    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs,
+    Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, STATS, CU, TCU, KCU,
+    qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs, bisect_steps,
     LISTS, n_tiles, list_heads, list_width, volume,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
@@ -437,34 +526,59 @@ def _bwd_dq(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-    SPARSE: tl.constexpr = False,
+    WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
 ):
     """dq of one block of queries for one head (self keys through tensor descriptors with TMA, then text keys)
-    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq. SPARSE: the forward's tile-sparse
-    programs and key runs (sparse.py), pointer loads."""
+    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq. SPARSE: the forward's tile-sparse programs
+    and key runs (sparse.py), pointer loads.
+
+    WS: the shape Triton 3.6 warp-specializes on sm_90, as the forward's (fwd._fwd_kernel): a counted bisection
+    and no early return, q / dO / keys / text keys and the row statistics (STATS, written by _bwd_preprocess)
+    through descriptors, one masked loop per key kind (_dq_inner)."""
     tl.static_assert(TMA_OK or not TMA)
-    tl.static_assert(not (SPARSE and TMA))
+    tl.static_assert((TMA and WS_OK) or not WS)
+    tl.static_assert(not (SPARSE and (TMA or WS)))
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
+    # The forward's grid. WS: the (at most one per sequence) idle program runs with no keys and stores nothing.
     if SPARSE:
         b, tile, start, seq_len = sparse.program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs,
                                                  tl.cdiv(volume, BLOCK_M), BLOCK_M)
         pid_m, h = 0, tl.program_id(1)
         hk = h // GROUP
+        if seq_len <= 0:
+            return
+    elif WS:
+        b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M, bisect_steps, True)
+        h = tl.program_id(1)
+        hk = h // GROUP
+        start, seq_len = segment(CU, b)
+        live = pid_m * BLOCK_M < seq_len
     else:
-        b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)  # the forward's grid
-    if pid_m * BLOCK_M >= seq_len:
-        return
+        b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)
+        if pid_m * BLOCK_M >= seq_len:
+            return
     start = start.to(tl.int64)
     rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,
-                                               HEAD_DIM, D0, D1)
-    do0, do1 = load_tile(DO + start * stride_dot + h * stride_doh, rows, m_mask, stride_dot, BLOCK_M, HEAD_DIM, D0,
-                         D1)
-    lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
-    delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
+                                               HEAD_DIM, D0, D1, WS)
+    do_base = DO + start * stride_dot + h * stride_doh
+    if WS:
+        seq_rows = tl.maximum(seq_len, 1)
+        do_src0, do_src1 = row_source(do_base, seq_rows, stride_dot, True, BLOCK_M, HEAD_DIM, D0, D1)
+        do0, do1 = load_rows(do_src0, do_src1, pid_m * BLOCK_M, rows, m_mask, stride_dot, True, BLOCK_M, HEAD_DIM,
+                             D0, D1)
+        stats_src = tl.make_tensor_descriptor(STATS + (h.to(tl.int64) * T + start) * STATS_WIDTH,
+                                              shape=[seq_rows, STATS_WIDTH], strides=[STATS_WIDTH, 1],
+                                              block_shape=[BLOCK_M, STATS_WIDTH])
+        lse = stats_src.load([pid_m * BLOCK_M, 0])  # the row statistics tile (see _dq_inner)
+        delta = lse
+    else:
+        do0, do1 = load_tile(do_base, rows, m_mask, stride_dot, BLOCK_M, HEAD_DIM, D0, D1)
+        lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
+        delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
     if SPARSE:  # the same loop over each key run of the query tile
         for j in range(sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile)):
@@ -472,24 +586,31 @@ def _bwd_dq(
             k_start = k_start.to(tl.int64)
             dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0,
                                  K + k_start * stride_kt + hk * stride_kh, V + k_start * stride_vt + hk * stride_vh,
-                                 stride_kt, stride_vt, k_len, qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                                 stride_kt, stride_vt, k_len, qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC,
+                                 WS, LSE_COL)
     else:
         k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
         k_start = k_start.to(tl.int64)
+        if WS:
+            k_len = tl.where(live, k_len, 0)
         dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
                              V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
-                             BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                             BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS, LSE_COL)
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)
         t_start = t_start.to(tl.int64)
-        lse_t = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0) * LOG2E
-        delta_t = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
+        if WS:
+            t_len = tl.where(live, t_len, 0)
+        else:
+            lse = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0) * LOG2E
+            delta = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
         # One accumulator pair for both branches: dq = ts * (self * sm / ts + text), scaled once at the end.
         dq0 = dq0 * (sm_scale / text_scale)
         dq1 = dq1 * (sm_scale / text_scale)
-        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_t, delta_t, tl.load(TGATE + h),
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, tl.load(TGATE + h),
                              TK + t_start * stride_tkt + hk * stride_tkh, TV + t_start * stride_tvt + hk * stride_tvh,
-                             stride_tkt, stride_tvt, t_len, text_qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+                             stride_tkt, stride_tvt, t_len, text_qk_scale, WS, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS,
+                             TEXT_LSE_COL)
         unit = text_scale * LOG2E
     else:
         unit = sm_scale * LOG2E

@@ -31,7 +31,7 @@ import triton.language as tl
 from .. import rope as rope_kernels
 from . import autotune as tuning
 from . import candidates, sparse
-from .bwd import _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
+from .bwd import STATS_WIDTH, _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
 from .fwd import _fwd_kernel
 from .offsets import safe_offsets
 
@@ -46,7 +46,7 @@ FORWARD.alternatives = candidates.gluon_forward  # the Gluon forward, sm_90 only
 # Tile-sparse forward (SPARSE=True): pointer loads (its key runs start anywhere), no Gluon alternative.
 SPARSE_FORWARD = tuning.TunedKernel("sparse forward", _fwd_kernel, tuning.FWD_TILES)
 DKDV = tuning.TunedKernel("dk/dv", _bwd_dkdv, tuning.DKDV_TILES, tuning.dkdv_prune)
-DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES)
+DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES, tuning.backward_prune)
 
 
 def tuned_tiles() -> dict[str, dict[str, str]]:
@@ -149,9 +149,9 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
 WS_TRITON = (3, 6)
 WS_HEAD_DIMS = (64, 72, 96, 128)
 # The backward's warp-specialized shape (bwd._dkdv_ws, and _bwd_dq's WS loops) splits on sm_90 with Triton 3.6
-# at these head dims, with and without text and GQA (tests/test_attention_ws_compile.py); where it is offered it
-# is the default backward: dk/dv and dq in two kernels (no atomics: the pass fails on a loop with one).
-BWD_WS_TRITONS = ((3, 6),)
+# and 3.9 at WS_HEAD_DIMS, with and without text and GQA (tests/test_attention_ws_compile.py); where it is
+# offered it is the default backward: dk/dv and dq in two kernels (no atomics: the pass fails on a loop with one).
+BWD_WS_TRITONS = ((3, 6), (3, 9))
 
 
 def _warp_specialize_ready(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -338,6 +338,7 @@ def backward(
     Default: five matmuls per (key block, query block), dq added with fp32 atomics by the dk/dv programs, so
     its sums run in whatever order the programs finish. ``deterministic``: the dk/dv kernel skips dq and a
     separate dq kernel recomputes the scores (seven matmuls), every sum in a fixed order, bit for bit stable.
+    On sm_90 with a Triton in BWD_WS_TRITONS that seven-matmul pair is the default, warp-specialized (bwd.py).
 
     ``cu_seqlens_k`` / ``max_seqlen_k``: cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys
     of a sample without queries get exactly 0). ``sparse_lists`` / ``sparse_sizes``: the forward's tile-sparse
@@ -374,17 +375,28 @@ def backward(
     block_t = 32  # token-parallel kernels: 32 rows of up to three head-dim tiles stay in registers
     if dlse is not None:
         dlse = dlse.contiguous()
+    text_scale = 1.0 / math.sqrt(D)
+    tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, _stand_in(k, q), _stand_in(v, q), cu_seqlens)
+    # sm_90 with a checked Triton: the warp-specialized kernels, dq by its own kernel (deterministic too), which
+    # reads the rows' statistics as one tile (bwd.STATS_WIDTH fp32 a row) and needs a positive scale for it.
+    ws_ready = (
+        tuning.TRITON_VERSION in BWD_WS_TRITONS and softmax_scale > 0
+        and _warp_specialize_ready(q, dout, _stand_in(k, q), _stand_in(v, q), tk, tv)
+    )  # fmt: skip
+    # A tile-sparse call is never warp-specialized (its loops are pointer loads over runs, sparse.py) but takes
+    # the same dq path: its dk/dv with dq atomics spills and runs ds @ k on mma.sync (compile report).
+    ws = ws_ready and sparse_lists is None
+    stats = torch.empty((H, T, STATS_WIDTH) if ws else (0,), dtype=torch.float32, device=dev)
     _bwd_preprocess[(triton.cdiv(T, block_t), H)](
-        dout, out, ot, tg, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r, T,
+        dout, out, ot, tg, lse, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r,
+        stats if ws else delta, T, softmax_scale * LOG2E, text_scale * LOG2E,
         *_rows(dout, out),
         HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_TEXT=has_text, HAS_DLSE=dlse is not None, VEC=_vector_width(dout, out, ot),
-        BLOCK_T=block_t,
+        BLOCK_T=block_t, HAS_STATS=ws,
     )  # fmt: skip
     # No key at all (cross-attention): stand-ins no program dereferences (see _stand_in).
     k, v, dk_, dv_ = _stand_in(k, q), _stand_in(v, q), _stand_in(dk, dq), _stand_in(dv, dq)
-    tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
     prec = _dot_precision(q.dtype)
-    text_scale = 1.0 / math.sqrt(D)
     # Text key tiles first in the grid (program ids are dispatched in order): they run alongside the self ones.
     t_text = text_k.shape[0] if has_text else 0
     text_tiles = (lambda meta: t_text // meta["BLOCK_N"] + batch) if has_text else (lambda meta: 0)
@@ -400,11 +412,6 @@ def backward(
         grid = lambda meta: (text_tiles(meta) + key_programs(meta), h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk_, dv_)
     regime = _regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k)
-    # sm_90 with a checked Triton: the warp-specialized kernels, dq by its own kernel (deterministic too). A
-    # tile-sparse call is never warp-specialized (its loops are pointer loads over runs, sparse.py) but takes the
-    # same dq path there: its dk/dv with dq atomics spills and runs ds @ k on mma.sync (compile report).
-    ws_ready = tuning.TRITON_VERSION in BWD_WS_TRITONS and _warp_specialize_ready(q, dout, k, v, tk, tv)
-    ws = ws_ready and not sparse_consts
     split_dq = deterministic or ws_ready
     DKDV.launch(
         grid,
@@ -420,11 +427,12 @@ def backward(
     if split_dq:
         DQ.launch(
             _query_tiles(T, batch, H) if query_programs is None else lambda meta: (query_programs(meta), H),
-            q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu, kcu,
-            softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch, *query_lists,
-            *_rows(q, k, v, tk, tv, dout, dq_acc),
+            q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
+            stats if ws else delta, cu_seqlens, tcu, kcu,
+            softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
+            (batch - 1).bit_length(), *query_lists, *_rows(q, k, v, tk, tv, dout, dq_acc),
             HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec,
-            TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, dout),
+            TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, dout), WS_OK=ws,
             regime=regime, **sparse_consts,
         )  # fmt: skip
     # dq: the buffer in q's dtype, rotated back with RoPE (the gradient of the rotated q -> the input's).
