@@ -1,4 +1,4 @@
-"""pytest-benchmark suites over the cases in ``flagdit_kernels.bench``.
+"""pytest-benchmark suites over the benchmark families (``flagdit_kernels.bench.families``, ``flagdit.bench``).
 
 ``pytest benchmarks/ --benchmark-only`` times every op x implementation (full DiT shapes on GPU, small
 shapes on CPU); ``--bench-quick`` / ``--bench-full`` force the size. With ``--benchmark-disable`` every case
@@ -75,7 +75,7 @@ def _started(config) -> set[str]:
     path = config.getoption("--bench-resume")
     if not path:
         return set()
-    from flagdit_kernels.bench.run_log import read_jsonl
+    from flagdit_kernels.bench.results.run_log import read_jsonl
 
     phase = config.getoption("--results-phase", None)
     records, _ = read_jsonl(path)

@@ -12,9 +12,10 @@
 #   prep       10  wheels from .whl/, nvidia-smi, the CUDA extension build started in the background
 #                  (BUILD_BUDGET 240; only the cases that need the extension wait for it)
 #   smoke      60  tests/test_smoke_gluon.py first (every Gluon kernel against the float64 reference, sm_90
-#                  only), then tests/test_smoke.py: one tiny fwd+bwd of every op on every Triton backend against
+#                  only; also with non-finite keys/values in the rows a tail tile reads past its sequence, and
+#                  with scores that grow along the sequence for the lazy rescale), then tests/test_smoke.py: one tiny fwd+bwd of every op on every Triton backend against
 #                  the float64 reference, bf16 and fp32; at the same time
-#   warm       60  python -m flagdit_kernels.bench.warm --plan: compile caches for the timed pairs, plan order
+#   warm       60  flagdit-bench warm --plan: compile caches for the timed pairs, plan order
 #   sanitize  200  (--sanitize) compute-sanitizer memcheck on every smoke case (Triton and CUDA, every tile:
 #                  FLAGDIT_KERNELS_AUTOTUNE=compile), racecheck on the attention cases; errors counted
 #   attention 100  plan group attention: packed D128 self / text, fwd and fwd+bwd, autotuner timings per
@@ -83,7 +84,7 @@ fi
 BUDGET_BENCH=$((BUDGET_BANDWIDTH + BUDGET_BASELINES + BUDGET_MODEL))
 families=() # the benchmark families this checkout has (modules of flagdit_kernels.bench.cases.FAMILY_PACKAGES)
 for f in ${BENCH_FAMILIES//,/ }; do
-  [ -f "flagdit_kernels/bench/$f.py" ] || [ -f "flagdit/bench/$f.py" ] && families+=("$f")
+  [ -f "flagdit_kernels/bench/families/$f.py" ] || [ -f "flagdit/bench/$f.py" ] && families+=("$f")
 done
 BENCH_FAMILIES=$(IFS=,; echo "${families[*]}")
 PY=${PYTHON:-python3}
@@ -268,7 +269,7 @@ if wants smoke || wants warm; then
   fi
   if wants warm; then
     # shellcheck disable=SC2086
-    run_phase warm "$BUDGET_WARM" "$PY" -m flagdit_kernels.bench.warm --jobs "$WARM_JOBS" --families \
+    run_phase warm "$BUDGET_WARM" "$PY" -m flagdit_kernels.bench warm --jobs "$WARM_JOBS" --families \
       "$BENCH_FAMILIES" --plan attention,bandwidth,baselines,model --plan-set "$PLAN_SET" $WARM_SIZE
   fi
   [ -n "${smoke_pid:-}" ] && wait "$smoke_pid"

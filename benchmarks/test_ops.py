@@ -4,14 +4,13 @@
 case's byte/FLOP floor, their share of the measured copy bandwidth / matmul rate, and the ceilings.
 """
 
-import sys
-
 import pytest
 import torch
 from conftest import bench_families, bench_settings
 
 from flagdit_kernels.bench.cases import all_cases
 from flagdit_kernels.bench.timing import copy_bandwidth_gbs, matmul_tflops, throughput, time_ms
+from flagdit_kernels.bench.tuning import chosen_tiles
 
 
 def _params(config):
@@ -55,14 +54,9 @@ def test_op(benchmark, case, impl, bench_device):
             matmul_TFLOPs=mm,
             device=torch.cuda.get_device_name() if bench_device.type == "cuda" else "cpu",
         )
-        attention = sys.modules.get("flagdit_kernels.triton.attention.launch")
-        if attention is not None and attention.AUTOTUNE_MODE == "1":
-            engines = sys.modules["flagdit_kernels.ops.attention_engines"].chosen()  # which engine each regime kept
-            # what the autotuner chose so far
-            benchmark.extra_info["tuned_tiles"] = {
-                **attention.tuned_tiles(),
-                **({"engine": engines} if engines else {}),
-            }
+        tiles = chosen_tiles()  # what the autotuner (and the engine chooser) kept so far
+        if tiles:
+            benchmark.extra_info["tuned_tiles"] = tiles
     benchmark.pedantic(
         run, rounds=10 if not benchmark.disabled else 1, warmup_rounds=1 if not benchmark.disabled else 0
     )

@@ -1,5 +1,6 @@
 // The one bindings file: op schemas for torch.library, and a pybind11 module reporting how _C was built.
-// Device kernels register their implementations with TORCH_LIBRARY_IMPL next to their sources.
+// Each op is declared once here; its device kernels register their implementations under the CPU and CUDA
+// dispatch keys with TORCH_LIBRARY_IMPL next to their sources (the CUDA ones only in a CUDA build).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -18,6 +19,11 @@ TORCH_LIBRARY(flagdit_kernels, m) {
   m.def(
       "unpack_patches(Tensor tokens, int[] item_shapes, int patch_size, int channels, bool nextline, "
       "bool nextframe, bool channels_last, int[] tile=[]) -> Tensor[]");
+  // RMSNorm over the last dim (the "cpu" and "cuda" backends of fk.rms_norm: csrc/rms_norm_cpu.cpp,
+  // csrc/rms_norm_cuda.cu): (y, rstd fp32 per row). The backward returns (dx, dweight), dweight an empty (0,)
+  // tensor when weight is None. Fake impls and autograd live in flagdit_kernels/ops/norms.py.
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -1,6 +1,6 @@
 // Device side of the CUDA pack/unpack (csrc/packing_cuda.cu): the item table entry, the tiling, the choice of
 // access width and the two kernels. A header of its own so that a host-only build can run these kernels,
-// unchanged, under a small CUDA emulation (tests/cuda_emulation/): define FLAGDIT_EMULATE_CUDA and the
+// unchanged, under a small CUDA emulation (tests/support/cuda_emulation/): define FLAGDIT_EMULATE_CUDA and the
 // emulation's thread model first.
 //
 // Work unit: a *segment*, up to `rows` consecutive patch rows of one frame of one item times up to `cols`

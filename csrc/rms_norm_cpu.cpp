@@ -6,10 +6,8 @@
 // are plain contiguous loops the compiler vectorizes. The weight gradient is summed per chunk of rows into
 // (chunks, D) partials and finished by one sum, so results do not depend on the thread count's scheduling.
 //
-// Schemas:
-//   rms_norm_cpu_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)
-//   rms_norm_cpu_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor dx, Tensor dweight)
-// dweight is an empty (0,) tensor when weight is None.
+// The CPU implementations of flagdit_kernels::rms_norm_fwd / rms_norm_bwd (schemas in csrc/bindings.cpp; the
+// CUDA ones are csrc/rms_norm_cuda.cu; fake impls and autograd live in flagdit_kernels/ops/norms.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -164,14 +162,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu_bwd(const at::Tensor& dy, const 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(flagdit_kernels, m) {
-  m.def("rms_norm_cpu_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
-  m.def("rms_norm_cpu_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(flagdit_kernels, CPU, m) {
-  m.impl("rms_norm_cpu_fwd", &rms_norm_cpu_fwd);
-  m.impl("rms_norm_cpu_bwd", &rms_norm_cpu_bwd);
+  m.impl("rms_norm_fwd", &rms_norm_cpu_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_cpu_bwd);
 }
 
 }  // namespace flagdit

@@ -14,10 +14,8 @@
 // Backward: dweight is summed per block in shared memory (each thread owns fixed columns, so no atomics and
 // no synchronization are needed), written as (blocks, D) fp32 partials and finished by one at::sum.
 //
-// Schemas (TORCH_LIBRARY_FRAGMENT below; fake impls and autograd live in flagdit_kernels/ops/norms.py):
-//   rms_norm_cuda_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)
-//   rms_norm_cuda_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor dx, Tensor dweight)
-// dweight is an empty (0,) tensor when weight is None.
+// The CUDA implementations of flagdit_kernels::rms_norm_fwd / rms_norm_bwd (schemas in csrc/bindings.cpp; the
+// CPU ones are csrc/rms_norm_cpu.cpp; fake impls and autograd live in flagdit_kernels/ops/norms.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
@@ -391,14 +389,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda_bwd(const at::Tensor& dy, const
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(flagdit_kernels, m) {
-  m.def("rms_norm_cuda_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
-  m.def("rms_norm_cuda_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(flagdit_kernels, CUDA, m) {
-  m.impl("rms_norm_cuda_fwd", &rms_norm_cuda_fwd);
-  m.impl("rms_norm_cuda_bwd", &rms_norm_cuda_bwd);
+  m.impl("rms_norm_fwd", &rms_norm_cuda_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_cuda_bwd);
 }
 
 }  // namespace flagdit

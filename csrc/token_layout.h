@@ -1,7 +1,7 @@
 // Geometry of one packed item: where each of its tokens comes from in its (C, F, H, W) latent, and the
 // (frame, row, col) position each token gets, placeholders included. The one statement of the token layout in
 // C++, shared by the CPU and CUDA pack/unpack kernels; flagdit_kernels/triton/packing.py holds its Triton twin
-// (tests/test_token_layout.py checks the two against each other and the reference).
+// (tests/test_packing_token_layout.py checks the two against each other and the reference).
 //
 // Placeholder positions: a [nextline] slot closing patch row r of frame f sits at (f, r, W/p), right after the
 // row's last patch; a [nextframe] slot after frame f sits at (f, H/p, 0), the row right after the frame's last.

@@ -18,7 +18,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import flagdit_kernels as fk
-from flagdit_kernels.nn import GatedVarlenAttention, RMSNorm
+from flagdit_kernels.nn import (
+    GatedResidualRMSNorm,
+    GatedVarlenAttention,
+    ModulatedLayerNorm,
+    ModulatedRMSNorm,
+    RMSNorm,
+)
 
 from .configs import FlagDiTConfig, get_config
 from .modality import ModalityConditioning, fit_channels, narrow_channels
@@ -125,7 +131,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: FlagDiTConfig, backend: str | None = None, checkpointing: str = "none"):
         super().__init__()
         c = config
-        self.variant, self.eps, self.backend = c.variant, c.norm_eps, backend
+        self.variant, self.backend = c.variant, backend
         self.checkpointing = checkpointing  # one of CHECKPOINTING, checked by FlagDiT
         self.attention = GatedVarlenAttention(
             c.dim, c.n_heads, c.n_kv_heads, qk_norm=c.qk_norm, y_dim=c.cap_feat_dim, backend=backend
@@ -133,15 +139,16 @@ class TransformerBlock(nn.Module):
         for name in ("wq", "wk", "wv", "wo", "wk_y", "wv_y"):
             nn.init.xavier_uniform_(getattr(self.attention, name).weight)
         self.feed_forward = FeedForward(c.dim, c.ffn_dim)
+        # The norms are the fused modules the forward calls (Lumina-T2X's parameter names: a `weight` each).
         if self.variant == "flag":
-            self.attention_norm = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
-            self.ffn_norm = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.attention_norm = ModulatedRMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.ffn_norm = ModulatedRMSNorm(c.dim, eps=c.norm_eps, backend=backend)
             n_mod = 6
         else:
-            self.attention_norm1 = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
-            self.ffn_norm1 = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
-            self.attention_norm2 = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
-            self.ffn_norm2 = RMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.attention_norm1 = ModulatedRMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.ffn_norm1 = ModulatedRMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.attention_norm2 = GatedResidualRMSNorm(c.dim, eps=c.norm_eps, backend=backend)
+            self.ffn_norm2 = GatedResidualRMSNorm(c.dim, eps=c.norm_eps, backend=backend)
             n_mod = 4
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), _zero_linear(c.adaln_dim, n_mod * c.dim))
         self.attention_y_norm = RMSNorm(c.cap_feat_dim, eps=c.norm_eps, backend=backend)
@@ -173,24 +180,23 @@ class TransformerBlock(nn.Module):
             (shift, scale), norm = mod.chunk(6, dim=1)[:2], self.attention_norm
         else:
             shift, scale, norm = None, mod.chunk(4, dim=1)[0], self.attention_norm1
-        h = fk.rms_norm_modulate(x, norm.weight, scale, shift, self.eps, seqs, prefer=self.backend)
+        h = norm(x, scale, shift, seqs)
         return self.attention.qkv(h, layout.freqs)
 
     def _finish(self, x: torch.Tensor, out: torch.Tensor, mod: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """wo, the gated residual, the FFN norm and modulation, the FFN and its gated residual."""
-        seqs, eps, prefer = layout.seqs, self.eps, self.backend
+        seqs = layout.seqs
         sample = seqs.sample_index
         a = self.attention.wo(out.flatten(1))
         if self.variant == "flag":
             _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
             x = x + gate_msa[sample] * a
-            h = fk.rms_norm_modulate(x, self.ffn_norm.weight, scale_mlp, shift_mlp, eps, seqs, prefer=prefer)
+            h = self.ffn_norm(x, scale_mlp, shift_mlp, seqs)
             return x + gate_mlp[sample] * self.feed_forward(h)
         _, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
-        x = fk.gated_residual_rms_norm(x, a, self.attention_norm2.weight, gate_msa, eps, True, seqs, prefer=prefer)
-        h = fk.rms_norm_modulate(x, self.ffn_norm1.weight, scale_mlp, None, eps, seqs, prefer=prefer)
-        f = self.feed_forward(h)
-        return fk.gated_residual_rms_norm(x, f, self.ffn_norm2.weight, gate_mlp, eps, True, seqs, prefer=prefer)
+        x = self.attention_norm2(x, a, gate_msa, seqs)
+        h = self.ffn_norm1(x, scale_mlp, None, seqs)
+        return self.ffn_norm2(x, self.feed_forward(h), gate_mlp, seqs)
 
 
 def _run(fn, *args):
@@ -202,27 +208,24 @@ def _recomputed(fn, *args):
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm (no affine, eps 1e-6) -> modulate (shift+scale for Flag-DiT, scale for Next-DiT) -> Linear."""
+    """LayerNorm (no affine, eps 1e-6) -> modulate (shift+scale for Flag-DiT, scale for Next-DiT) -> Linear.
 
-    def __init__(self, config: FlagDiTConfig):
+    The norm and the modulation are one fused ``fk.layer_norm_modulate`` (``norm_final`` has no parameters,
+    as Lumina's ``nn.LayerNorm(elementwise_affine=False)`` has none: checkpoints load unchanged)."""
+
+    def __init__(self, config: FlagDiTConfig, backend: str | None = None):
         super().__init__()
         c = config
         self.variant = c.variant
-        self.norm_final = nn.LayerNorm(c.dim, elementwise_affine=False, eps=1e-6)
+        self.norm_final = ModulatedLayerNorm(c.dim, eps=1e-6, backend=backend)
         self.linear = _zero_linear(c.dim, c.patch_size**2 * c.out_channels)
         n_mod = 2 if c.variant == "flag" else 1
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), _zero_linear(c.adaln_dim, n_mod * c.dim))
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, adaln_input: torch.Tensor) -> torch.Tensor:
         mod = self.adaLN_modulation(adaln_input)
-        h = self.norm_final(x)
-        sample = layout.seqs.sample_index
-        if self.variant == "flag":
-            shift, scale = mod.chunk(2, dim=1)
-            h = h * (1 + scale[sample]) + shift[sample]
-        else:
-            h = h * (1 + mod[sample])
-        return self.linear(h)
+        shift, scale = mod.chunk(2, dim=1) if self.variant == "flag" else (None, mod)
+        return self.linear(self.norm_final(x, scale, shift, layout.seqs))
 
 
 class FlagDiT(nn.Module):
@@ -232,7 +235,8 @@ class FlagDiT(nn.Module):
     ``(B, C, H, W)`` tensor, t ``(B,)`` in [0, 1] (0 noise, 1 data), cap_feats ``(B, Lt, cap_feat_dim)``,
     cap_mask ``(B, Lt)``; returns the predicted velocity in the same structure with ``in_channels`` channels
     (the learned-sigma half is dropped). ``backend`` is the model's preference, passed to every
-    ``flagdit_kernels`` op as ``prefer=`` (ops that implement it run it, the others their default).
+    ``flagdit_kernels`` op as ``prefer=`` (ops that implement it run it, the others their default); it is kept
+    at this level (also settable later as the attribute) and handed to the modules below.
 
     ``checkpointing`` (activation checkpointing, ``torch.utils.checkpoint`` without reentrance, also settable
     later as the attribute): ``"none"`` keeps every activation for the backward; ``"block"`` keeps each block's
@@ -253,7 +257,7 @@ class FlagDiT(nn.Module):
         self.cap_embedder = nn.Sequential(nn.LayerNorm(c.cap_feat_dim), _zero_linear(c.cap_feat_dim, c.adaln_dim))
         self.layers = nn.ModuleList([TransformerBlock(c, backend) for _ in range(c.n_layers)])
         self.checkpointing = checkpointing
-        self.final_layer = FinalLayer(c)
+        self.final_layer = FinalLayer(c, backend)
         if c.nextline:
             self.eol_token = nn.Parameter(torch.randn(c.dim) * 0.02)
         if c.nextframe:
@@ -277,6 +281,37 @@ class FlagDiT(nn.Module):
         self._checkpointing = mode
         for layer in self.layers:
             layer.checkpointing = mode
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str | None) -> None:
+        """The model's one backend preference: set here (at construction or later), it reaches every module
+        below that passes ``prefer=`` to an op (the ``flagdit_kernels.nn`` modules, the blocks), so no level
+        keeps a preference of its own."""
+        if backend is not None and backend not in fk.BACKENDS:
+            raise ValueError(f"backend must be one of {fk.BACKENDS} or None, got {backend!r}")
+        self._backend = backend
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = backend
+
+    def conditioning_inputs(
+        self, modality: list[str], cameras: list[torch.Tensor | None], device: torch.device | str | None = None
+    ) -> dict:
+        """The ``modality`` / ``cameras`` keywords of :meth:`forward` that this model takes, from what a data set
+        gives for every item (a modality name, a camera table or None): the names when the config has
+        ``n_modalities``, the cameras (on ``device``, by default the model's) when it has ``camera_cond`` and
+        some item has one. Trainers and samplers pass the result on as it is."""
+        c, kwargs = self.config, {}
+        if c.n_modalities:
+            kwargs["modality"] = modality
+        if c.camera_cond and any(cam is not None for cam in cameras):
+            device = self.x_embedder.weight.device if device is None else device
+            kwargs["cameras"] = [None if cam is None else cam.to(device) for cam in cameras]
+        return kwargs
 
     # ---- inputs -----------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from ._info import backend_info
 from ._layout import VarlenLayout
 from .ops.attention import proportional_scale, varlen_attention
 from .ops.embed import embed_packed
-from .ops.norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
+from .ops.norms import gated_residual_rms_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
 from .ops.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, TileLayout, pack, unpack
 from .ops.rope import apply_rope, qk_norm_rope, rope_freqs
 from .ops.tile_sparsity import (
@@ -44,6 +44,7 @@ __all__ = [
     "gated_residual_rms_norm",
     "integrations",
     "last_tile_blocks",
+    "layer_norm_modulate",
     "nn",
     "pack",
     "proportional_scale",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 EPS = 1e-5  # the default epsilon of the RMSNorm family (and of fk.nn's RMSNorm modules)
 QK_NORM_EPS = 1e-5  # qk_norm_rope's default epsilon (LayerNorm's), also fk.nn.QKNormRoPE's
+LAYER_NORM_EPS = 1e-6  # layer_norm_modulate's default epsilon: the DiT final layers' (Flag-DiT, Flux, SD3)
 
 
 def frames_hw(shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._conventions import EPS, QK_NORM_EPS
+from ._conventions import EPS, LAYER_NORM_EPS, QK_NORM_EPS
 from ._layout import VarlenLayout
 from .ops.attention import varlen_attention
-from .ops.norms import rms_norm, rms_norm_modulate
+from .ops.norms import gated_residual_rms_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
 from .ops.rope import qk_norm_rope
 
 
@@ -44,6 +44,55 @@ class ModulatedRMSNorm(RMSNorm):
         cu_seqlens: torch.Tensor | VarlenLayout | None = None,
     ) -> torch.Tensor:
         return rms_norm_modulate(x, self.weight, scale, shift, self.eps, cu_seqlens, prefer=self.backend)
+
+
+class GatedResidualRMSNorm(RMSNorm):
+    """``residual + act(gate) * rms_norm(h)`` with a per-sample gate (Next-DiT's sandwich norm), one fused pass;
+    act is tanh (``tanh_gate``) or the identity."""
+
+    def __init__(self, dim: int, eps: float = EPS, tanh_gate: bool = True, backend: str | None = None):
+        super().__init__(dim, eps, backend=backend)
+        self.tanh_gate = tanh_gate
+
+    def forward(
+        self,
+        residual: torch.Tensor,
+        h: torch.Tensor,
+        gate: torch.Tensor,
+        cu_seqlens: torch.Tensor | VarlenLayout | None = None,
+    ) -> torch.Tensor:
+        return gated_residual_rms_norm(
+            residual, h, self.weight, gate, self.eps, self.tanh_gate, cu_seqlens, prefer=self.backend
+        )
+
+
+class ModulatedLayerNorm(nn.Module):
+    """``LayerNorm(x) * (1 + scale) + shift`` with per-sample scale/shift (adaLN-LayerNorm), one fused pass.
+
+    ``nn.LayerNorm``'s ``weight`` / ``bias`` names when ``elementwise_affine``; DiT final layers use none.
+    """
+
+    def __init__(
+        self, dim: int, eps: float = LAYER_NORM_EPS, elementwise_affine: bool = False, backend: str | None = None
+    ):
+        super().__init__()
+        self.eps = eps
+        self.backend = backend
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine else None
+        self.dim = dim
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | VarlenLayout | None = None,
+    ) -> torch.Tensor:
+        return layer_norm_modulate(x, scale, shift, self.weight, self.bias, self.eps, cu_seqlens, prefer=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
 
 
 class QKNormRoPE(nn.Module):

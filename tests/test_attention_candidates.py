@@ -13,10 +13,9 @@ import warnings
 
 import pytest
 import torch
+from support.helpers import TRITON_INSTALLED
 
-from flagdit_kernels import _dispatch
-
-pytestmark = pytest.mark.skipif(not _dispatch.TRITON_INSTALLED, reason="needs triton")
+pytestmark = pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 
 SM90 = {"device": "NVIDIA H200", "capability": [9, 0], "dtype": "torch.bfloat16", "head_dim": 128}
 
@@ -189,3 +188,37 @@ def test_gluon_glue_reads_the_triton_forward_arguments_by_name(cand, monkeypatch
     assert ran
     assert seen["q"] is q and seen["k"] is k and seen["v"] is v and seen["out"] is out and seen["cu"] is cu
     assert (seen["T"], seen["batch"], seen["text"], seen["programs"]) == (T, 2, False, 132)
+
+
+def test_gluon_schedule_is_real_tiles_longest_first():
+    """The Gluon forward's work list: the sequences longest first (ties in batch order), the prefix sums of their
+    128-query tiles (an empty sequence has none), and the launch's item bound covers every real item."""
+    from flagdit_kernels.triton.attention import gluon_fwd as gluon_fwd
+
+    lens = [5, 0, 300, 128, 129, 300, 1]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    order, tile_cum = gluon_fwd.schedule(cu)
+    assert order.tolist() == [2, 5, 4, 3, 0, 6, 1]
+    tiles = [-(-lens[b] // gluon_fwd.BLOCK_M) for b in order.tolist()]
+    assert tiles == [3, 3, 2, 1, 1, 1, 0]
+    assert tile_cum.tolist() == [0, 3, 6, 8, 9, 10, 11, 11]
+    assert order.dtype == tile_cum.dtype == torch.int32
+    heads = 3
+    assert gluon_fwd.item_bound(sum(lens), len(lens), heads) >= tile_cum[-1].item() * heads
+
+
+@pytest.mark.parametrize("head_dim", [72, 96, 80, 256])
+def test_gluon_forward_not_offered_where_it_cannot_run(head_dim):
+    """Head dims without a Gluon config (Gluon register tensors are powers of two: no 80- or 96-wide product) and
+    layouts TMA cannot read (token stride not a multiple of 16 bytes, heads not adjacent) keep the Triton kernel."""
+    from flagdit_kernels.triton.attention import gluon_fwd as gluon_fwd
+
+    q = torch.randn(8, 2, head_dim).to(torch.bfloat16)
+    assert not gluon_fwd.supported(q, q, q)
+    q = torch.randn(8, 2, 64).to(torch.bfloat16)
+    assert gluon_fwd.supported(q, q, q)
+    padded = torch.randn(8, 2 * 64 + 4).to(torch.bfloat16)[:, : 2 * 64].view(8, 2, 64)  # 264-byte token stride
+    assert not gluon_fwd.supported(q, padded, q)
+    strided_heads = torch.randn(8, 2, 72).to(torch.bfloat16)[:, :, :64]
+    assert not gluon_fwd.supported(strided_heads, q, q)
+    assert not gluon_fwd.supported(q.float(), q, q)

@@ -1,5 +1,5 @@
 """The attention kernels as a real call compiles them for Hopper (Triton's NVIDIA backend and bundled ptxas; no GPU):
-the compile report (flagdit_kernels.tools.compile_report) at the Lumina-Next 2B shape (Dh 72, GQA 32/8) and the
+the compile report (flagdit_kernels.bench.compile.compile_report) at the Lumina-Next 2B shape (Dh 72, GQA 32/8) and the
 Flag-DiT shape (Dh 128), packed 16624 tokens, with and without text and RoPE, default tiles.
 
 The CPU interpreter never runs Triton's layout, pipelining or PTX passes: this is where a tile that no longer
@@ -32,7 +32,7 @@ def rows() -> list[dict]:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     code = (
         "import json, dataclasses\n"
-        "from flagdit_kernels.tools.compile_report import report\n"
+        "from flagdit_kernels.bench.compile.compile_report import report\n"
         "rows = report((72, 128), variants=[(False, False), (True, True)])\n"
         "print(json.dumps([dataclasses.asdict(r) for r in rows]))\n"
     )

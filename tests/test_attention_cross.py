@@ -13,16 +13,25 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, DOT_DTYPES, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
+from support.helpers import (
+    DEVICE,
+    DOT_DTYPES,
+    INTERPRETED,
+    ON_GPU,
+    TOLERANCE,
+    TRITON_INSTALLED,
+    assert_rel_close,
+    compare_with_reference,
+    offsets_of,
+)
 
 import flagdit_kernels as fk
-from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 
 
 def launchers_take_key_offsets() -> bool:
     """Whether flagdit_kernels/triton/attention/launch.py's forward takes ``cu_seqlens_k``."""
-    if not _dispatch.TRITON_INSTALLED:
+    if not TRITON_INSTALLED:
         return False
     from flagdit_kernels.triton.attention import launch as kernels
 
@@ -37,10 +46,6 @@ TRITON_CROSS = pytest.param(
     ),
 )
 BACKENDS = ["reference", TRITON_CROSS]
-
-
-def _offsets(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
 def _math(q, k, v, q_lens, k_lens, scale, text=None):
@@ -82,8 +87,8 @@ def test_reference_matches_the_definition_with_empty_key_and_query_samples():
     q, k, v = _rnd(gen, 18, 4, 16), _rnd(gen, 24, 2, 16), _rnd(gen, 24, 2, 16)
     tk, tv, gate = _rnd(gen, 10, 2, 16), _rnd(gen, 10, 2, 16), _rnd(gen, 4)
     out, lse = fk.varlen_attention(
-        q, k, v, _offsets(q_lens), 9, 0.3, cu_seqlens_k=_offsets(k_lens), max_seqlen_k=11, return_lse=True,
-        text_k=tk, text_v=tv, text_cu_seqlens=_offsets(t_lens), gate=gate, backend="reference",
+        q, k, v, offsets_of(q_lens), 9, 0.3, cu_seqlens_k=offsets_of(k_lens), max_seqlen_k=11, return_lse=True,
+        text_k=tk, text_v=tv, text_cu_seqlens=offsets_of(t_lens), gate=gate, backend="reference",
     )  # fmt: skip
     exp_out, exp_lse = _math(q, k, v, q_lens, k_lens, 0.3, (tk, tv, t_lens, gate))
     assert out.dtype == lse.dtype == torch.float64 and lse.shape == (4, 18)
@@ -91,7 +96,7 @@ def test_reference_matches_the_definition_with_empty_key_and_query_samples():
     torch.testing.assert_close(lse, exp_lse, rtol=1e-12, atol=1e-12)
     assert torch.isneginf(lse[:, 5:8]).all()  # the sample without keys
     # Without text, the empty-key sample's rows are exactly 0.
-    bare = fk.varlen_attention(q, k, v, _offsets(q_lens), 9, 0.3, cu_seqlens_k=_offsets(k_lens), max_seqlen_k=11)
+    bare = fk.varlen_attention(q, k, v, offsets_of(q_lens), 9, 0.3, cu_seqlens_k=offsets_of(k_lens), max_seqlen_k=11)
     assert torch.count_nonzero(bare[5:8]) == 0
 
 
@@ -102,7 +107,7 @@ def test_reference_gradcheck_float64():
 
     def fn(q, k, v):
         out, lse = ref.varlen_attention(
-            q, k, v, _offsets(q_lens), 3, 0.4, cu_seqlens_k=_offsets(k_lens), max_seqlen_k=4, return_lse=True
+            q, k, v, offsets_of(q_lens), 3, 0.4, cu_seqlens_k=offsets_of(k_lens), max_seqlen_k=4, return_lse=True
         )
         return out, lse[:, :3], lse[:, 5:]  # the finite LSEs (the empty sample's are constant -inf)
 
@@ -113,7 +118,7 @@ def test_equal_offsets_are_self_attention():
     gen = torch.Generator().manual_seed(2)
     lens = [6, 1, 9]
     q, k, v = _rnd(gen, 16, 2, 16), _rnd(gen, 16, 2, 16), _rnd(gen, 16, 2, 16)
-    cu = _offsets(lens)
+    cu = offsets_of(lens)
     layout = fk.VarlenLayout.from_cu_seqlens(cu, 16, 9)
     cross = fk.varlen_attention(q, k, v, cu, 9, cu_seqlens_k=layout, backend="reference")  # a layout for keys
     assert torch.equal(cross, fk.varlen_attention(q, k, v, cu, 9, backend="reference"))
@@ -129,8 +134,8 @@ def _cross_case(dtype, seed=0):
                   dtype=dtype))  # fmt: skip
     inputs.update(text_k=_rnd(gen, 6, kv_heads, dim, dtype=dtype), text_v=_rnd(gen, 6, kv_heads, dim, dtype=dtype))
     inputs["gate"] = _rnd(gen, heads, dtype=dtype) * 0.8
-    fixed = dict(cu_seqlens=_offsets(q_lens), max_seqlen=37, softmax_scale=0.19, cu_seqlens_k=_offsets(k_lens))
-    fixed.update(max_seqlen_k=70, text_cu_seqlens=_offsets(t_lens), text_max_seqlen=4)
+    fixed = dict(cu_seqlens=offsets_of(q_lens), max_seqlen=37, softmax_scale=0.19, cu_seqlens_k=offsets_of(k_lens))
+    fixed.update(max_seqlen_k=70, text_cu_seqlens=offsets_of(t_lens), text_max_seqlen=4)
     return inputs, fixed
 
 
@@ -167,7 +172,7 @@ def test_empty_keys_everywhere_and_deterministic(backend):
     k = _rnd(gen, 0, 1, 16, dtype=torch.float32).requires_grad_()
     v = _rnd(gen, 0, 1, 16, dtype=torch.float32).requires_grad_()
     out, lse = fk.varlen_attention(
-        q, k, v, _offsets([4, 5]), 5, cu_seqlens_k=_offsets([0, 0]), max_seqlen_k=0, return_lse=True,
+        q, k, v, offsets_of([4, 5]), 5, cu_seqlens_k=offsets_of([0, 0]), max_seqlen_k=0, return_lse=True,
         deterministic=True, backend=backend,
     )  # fmt: skip
     assert torch.count_nonzero(out) == 0 and torch.isneginf(lse).all()
@@ -178,8 +183,8 @@ def test_empty_keys_everywhere_and_deterministic(backend):
 def _good(**over):
     gen = torch.Generator().manual_seed(4)
     args = dict(q=_rnd(gen, 7, 4, 16, dtype=torch.float32), k=_rnd(gen, 5, 2, 16, dtype=torch.float32))
-    args.update(v=_rnd(gen, 5, 2, 16, dtype=torch.float32), cu_seqlens=_offsets([4, 3]), max_seqlen=4)
-    args.update(cu_seqlens_k=_offsets([2, 3]), max_seqlen_k=3)
+    args.update(v=_rnd(gen, 5, 2, 16, dtype=torch.float32), cu_seqlens=offsets_of([4, 3]), max_seqlen=4)
+    args.update(cu_seqlens_k=offsets_of([2, 3]), max_seqlen_k=3)
     args.update(over)
     return args
 
@@ -191,9 +196,9 @@ def test_good_inputs_pass():
 @pytest.mark.parametrize(
     ("over", "error", "match"),
     [
-        ({"cu_seqlens_k": _offsets([2, 2, 1])}, ValueError, "cu_seqlens_k must have 3 entries like cu_seqlens"),
-        ({"cu_seqlens_k": _offsets([2, 2])}, ValueError, r"cu_seqlens_k\[-1\] must equal k.shape\[0\] \(5\)"),
-        ({"cu_seqlens_k": _offsets([2, 3]).long()}, TypeError, "cu_seqlens_k must have dtype"),
+        ({"cu_seqlens_k": offsets_of([2, 2, 1])}, ValueError, "cu_seqlens_k must have 3 entries like cu_seqlens"),
+        ({"cu_seqlens_k": offsets_of([2, 2])}, ValueError, r"cu_seqlens_k\[-1\] must equal k.shape\[0\] \(5\)"),
+        ({"cu_seqlens_k": offsets_of([2, 3]).long()}, TypeError, "cu_seqlens_k must have dtype"),
         ({"cu_seqlens_k": torch.tensor([0, 4, 3, 5], dtype=torch.int32)[1:]}, ValueError, "must start at 0"),
         ({"max_seqlen_k": None}, ValueError, "max_seqlen_k must be a non-negative int"),
         ({"max_seqlen_k": 2}, ValueError, r"max_seqlen_k \(2\) is smaller than the longest sequence"),
@@ -213,12 +218,12 @@ def test_bad_inputs(over, error, match):
 
 
 def test_layout_for_keys_must_describe_k():
-    layout = fk.VarlenLayout.from_cu_seqlens(_offsets([1, 3]), 4, 3)
+    layout = fk.VarlenLayout.from_cu_seqlens(offsets_of([1, 3]), 4, 3)
     with pytest.raises(ValueError, match=r"cu_seqlens_k describes 4 tokens but k.shape\[0\] is 5"):
         fk.varlen_attention(**_good(cu_seqlens_k=layout, max_seqlen_k=None), backend="reference")
     assert_rel_close(
         fk.varlen_attention(
-            **_good(cu_seqlens_k=fk.VarlenLayout.from_cu_seqlens(_offsets([2, 3]), 5, 3), max_seqlen_k=None),
+            **_good(cu_seqlens_k=fk.VarlenLayout.from_cu_seqlens(offsets_of([2, 3]), 5, 3), max_seqlen_k=None),
             backend="reference",
         ),
         fk.varlen_attention(**_good(), backend="reference"),

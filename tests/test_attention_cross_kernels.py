@@ -10,18 +10,21 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, TOLERANCE, assert_rel_close, compare_with_reference
-
-from flagdit_kernels import _dispatch
-
-pytestmark = pytest.mark.skipif(
-    not _dispatch.TRITON_INSTALLED or not (ON_GPU or INTERPRETED),
-    reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
+from support.helpers import (
+    DEVICE,
+    INTERPRETED,
+    ON_GPU,
+    TOLERANCE,
+    TRITON_RUNS,
+    assert_rel_close,
+    compare_with_reference,
+    offsets_of,
 )
 
-
-def _offsets(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+pytestmark = pytest.mark.skipif(
+    not TRITON_RUNS,
+    reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
+)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,11 +89,11 @@ def _case(lens_q, lens_k, text_lens, heads, kv_heads, head_dim, dtype, seed=0):
 
     T, Tk = sum(lens_q), sum(lens_k)
     inputs = {"q": rnd(T, heads, head_dim), "k": rnd(Tk, kv_heads, head_dim), "v": rnd(Tk, kv_heads, head_dim)}
-    offsets = {"cu": _offsets(lens_q), "cu_k": _offsets(lens_k), "text_cu": None}
+    offsets = {"cu": offsets_of(lens_q), "cu_k": offsets_of(lens_k), "text_cu": None}
     if text_lens is not None:
         Tt = sum(text_lens)
         inputs.update(text_k=rnd(Tt, kv_heads, head_dim), text_v=rnd(Tt, kv_heads, head_dim), gate=rnd(heads, s=0.8))
-        offsets["text_cu"] = _offsets(text_lens)
+        offsets["text_cu"] = offsets_of(text_lens)
     return inputs, offsets
 
 

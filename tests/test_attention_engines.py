@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import compare_with_reference
+from support.helpers import compare_with_reference
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch

@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from helpers import TOLERANCE, compare_with_reference
+from support.helpers import TOLERANCE, compare_with_reference, offsets_of
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch
@@ -55,10 +55,6 @@ def flash_attn(monkeypatch):
     fa.flash_varlen_func.cache_clear()
 
 
-def _offsets(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-
 def test_listed_for_cuda_when_flash_attn_imports(flash_attn):
     assert "flash_attn" in fk.available_backends("varlen_attention", "cuda")
     assert "flash_attn" not in fk.available_backends("varlen_attention", "cpu")
@@ -70,7 +66,7 @@ def test_not_listed_without_flash_attn(monkeypatch):
     try:
         assert "flash_attn" not in fk.available_backends("varlen_attention", "cuda")
         with pytest.raises(ValueError, match="flash-attn is not installed"):
-            fk.varlen_attention(*[torch.zeros(1, 1, 16)] * 3, _offsets([1]), 1, backend="flash_attn")
+            fk.varlen_attention(*[torch.zeros(1, 1, 16)] * 3, offsets_of([1], "cpu"), 1, backend="flash_attn")
     finally:
         fa.flash_varlen_func.cache_clear()
 
@@ -88,8 +84,8 @@ def test_gated_text_composition_matches_reference(flash_attn, rope):
     inputs = {"q": rnd(T, heads, dim), "k": rnd(T, kv_heads, dim), "v": rnd(T, kv_heads, dim)}
     inputs.update(text_k=rnd(Tt, kv_heads, dim), text_v=rnd(Tt, kv_heads, dim), gate=rnd(heads, s=0.8))
     fixed = dict(
-        cu_seqlens=_offsets(lens), max_seqlen=max(lens), softmax_scale=fk.proportional_scale(4096, 1024, dim),
-        text_cu_seqlens=_offsets(text_lens), text_max_seqlen=max(text_lens),
+        cu_seqlens=offsets_of(lens, "cpu"), max_seqlen=max(lens), softmax_scale=fk.proportional_scale(4096, 1024, dim),
+        text_cu_seqlens=offsets_of(text_lens, "cpu"), text_max_seqlen=max(text_lens),
     )  # fmt: skip
     if rope:
         fixed["freqs"] = fk.rope_freqs(dim, torch.arange(T) % 11)
@@ -105,9 +101,9 @@ def test_gated_text_composition_matches_reference(flash_attn, rope):
 
 def test_no_text_tokens_and_no_text(flash_attn):
     q, k, v = (torch.randn(12, 2, 16, dtype=torch.bfloat16) for _ in range(3))
-    cu = _offsets([5, 7])
+    cu = offsets_of([5, 7], "cpu")
     gate = torch.randn(2, requires_grad=True)
-    empty = dict(text_k=k[:0], text_v=v[:0], text_cu_seqlens=_offsets([0, 0]), gate=gate)
+    empty = dict(text_k=k[:0], text_v=v[:0], text_cu_seqlens=offsets_of([0, 0], "cpu"), gate=gate)
     plain = fa._varlen_attention_flash_attn(q, k, v, cu, 7, 1 / math.sqrt(16))
     with_empty = fa._varlen_attention_flash_attn(q, k, v, cu, 7, 1 / math.sqrt(16), **empty)
     assert torch.equal(with_empty, plain)
@@ -132,7 +128,7 @@ def test_lse_and_its_gradient(flash_attn):
     x["v"] = torch.randn(T, kv_heads, dim, generator=gen, dtype=torch.float64)
     w_out = torch.randn(T, heads, dim, generator=gen, dtype=torch.float64)
     w_lse = torch.randn(heads, T, generator=gen, dtype=torch.float64)
-    cu, freqs = _offsets(lens), fk.rope_freqs(dim, torch.arange(T) % 7)
+    cu, freqs = offsets_of(lens, "cpu"), fk.rope_freqs(dim, torch.arange(T) % 7)
 
     def run(fn, leaves):
         out, lse = fn(*leaves.values(), cu, 30, 0.2, freqs=freqs, return_lse=True, deterministic=True)
@@ -161,8 +157,10 @@ def test_cross_attention_with_a_sample_without_keys(flash_attn):
     shapes["text_v"] = (5, kv_heads)
     x = {n: torch.randn(*s, dim, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
     x["gate"] = torch.randn(heads, generator=gen, dtype=torch.float64)
-    fixed = dict(cu_seqlens=_offsets(q_lens), max_seqlen=13, softmax_scale=0.2, cu_seqlens_k=_offsets(k_lens))
-    fixed.update(max_seqlen_k=20, text_cu_seqlens=_offsets([2, 3, 0]), text_max_seqlen=3, return_lse=True)
+    fixed = dict(
+        cu_seqlens=offsets_of(q_lens, "cpu"), max_seqlen=13, softmax_scale=0.2, cu_seqlens_k=offsets_of(k_lens, "cpu")
+    )
+    fixed.update(max_seqlen_k=20, text_cu_seqlens=offsets_of([2, 3, 0], "cpu"), text_max_seqlen=3, return_lse=True)
     w_out = torch.randn(26, heads, dim, generator=gen, dtype=torch.float64)
     w_lse = torch.randn(heads, 26, generator=gen, dtype=torch.float64)
     finite = torch.ones(26, dtype=torch.bool)

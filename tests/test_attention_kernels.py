@@ -10,30 +10,27 @@ import math
 
 import pytest
 import torch
-from helpers import (
+from support.helpers import (
     DEVICE,
     DOT_DTYPES,
     INTERPRETED,
     ON_GPU,
     TOLERANCE,
+    TRITON_RUNS,
     assert_rel_close,
     compare_with_reference,
     force_warp_specialized,
+    offsets_of,
     poisoned_allocations,
 )
 
 import flagdit_kernels as fk
-from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(
-    not _dispatch.TRITON_INSTALLED or not (ON_GPU or INTERPRETED),
+    not TRITON_RUNS,
     reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
 )
-
-
-def _offsets(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
 def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scale=None, seed=0):
@@ -45,10 +42,10 @@ def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scal
         return (torch.randn(shape, generator=gen, dtype=torch.float64) * s).to(dtype).to(DEVICE)
 
     inputs = {"q": rnd(T, heads, head_dim), "k": rnd(T, kv_heads, head_dim), "v": rnd(T, kv_heads, head_dim)}
-    fixed = {"cu_seqlens": _offsets(lens), "max_seqlen": max(lens), "softmax_scale": scale}
+    fixed = {"cu_seqlens": offsets_of(lens), "max_seqlen": max(lens), "softmax_scale": scale}
     if text_lens is not None:
         inputs.update(text_k=rnd(Tt, kv_heads, head_dim), text_v=rnd(Tt, kv_heads, head_dim), gate=rnd(heads, s=0.8))
-        fixed.update(text_cu_seqlens=_offsets(text_lens), text_max_seqlen=max(text_lens))
+        fixed.update(text_cu_seqlens=offsets_of(text_lens), text_max_seqlen=max(text_lens))
     if rope:
         # Positions restart per sequence like packed Lumina tokens; 2D alternating axes exercise every pair.
         pos = torch.cat([torch.stack([torch.arange(n) // 5, torch.arange(n) % 5], -1) for n in lens]).to(DEVICE)
@@ -186,9 +183,9 @@ def test_all_length_one():
 def test_empty_text_and_zero_gate_give_exactly_self_attention():
     dtype = torch.float32
     inputs, _, _ = _case([20, 13], [0, 9], 2, 2, 32, dtype)
-    cu = _offsets([20, 13])
+    cu = offsets_of([20, 13])
     self_only = fk.varlen_attention(inputs["q"], inputs["k"], inputs["v"], cu, 20, backend="triton")
-    text = dict(text_k=inputs["text_k"], text_v=inputs["text_v"], text_cu_seqlens=_offsets([0, 9]))
+    text = dict(text_k=inputs["text_k"], text_v=inputs["text_v"], text_cu_seqlens=offsets_of([0, 9]))
     with_text = fk.varlen_attention(
         inputs["q"], inputs["k"], inputs["v"], cu, 20, gate=inputs["gate"], backend="triton", **text
     )
@@ -202,7 +199,7 @@ def test_empty_text_and_zero_gate_give_exactly_self_attention():
     # No sample has text: zero-token text tensors, output and q grad as without text, d gate exactly 0.
     gate = inputs["gate"].clone().requires_grad_()
     q = inputs["q"].clone().requires_grad_()
-    empty = dict(text_k=inputs["text_k"][:0], text_v=inputs["text_v"][:0], text_cu_seqlens=_offsets([0, 0]))
+    empty = dict(text_k=inputs["text_k"][:0], text_v=inputs["text_v"][:0], text_cu_seqlens=offsets_of([0, 0]))
     none = fk.varlen_attention(q, inputs["k"], inputs["v"], cu, 20, gate=gate, backend="triton", **empty)
     assert torch.equal(none, self_only)
     none.backward(torch.ones_like(none))
@@ -217,7 +214,7 @@ def test_rope_in_kernel_matches_apply_rope_first():
     inputs, _, _ = _case([23, 40], [4, 7], 2, 1, 64, dtype, rope=True)
     pos = torch.arange(63, device=DEVICE)
     freqs = fk.rope_freqs(64, pos)
-    cu, tcu = _offsets([23, 40]), _offsets([4, 7])
+    cu, tcu = offsets_of([23, 40]), offsets_of([4, 7])
     text = dict(text_cu_seqlens=tcu, text_max_seqlen=7)
 
     def run(fused: bool):
@@ -249,7 +246,7 @@ def test_strided_views_of_fused_qkv_and_deterministic_backward(monkeypatch, warp
         force_warp_specialized(monkeypatch)
     dtype, T, H, D = torch.float16, 45, 2, 32
     lens = [30, 15]
-    cu, tcu = _offsets(lens), _offsets([3, 5])
+    cu, tcu = offsets_of(lens), offsets_of([3, 5])
     qkv = (torch.randn(T, 3, H, D, dtype=torch.float64)).to(dtype).to(DEVICE).requires_grad_()
     text_kv = torch.randn(8, 2, H, D, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
     gate = torch.randn(H, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
@@ -307,7 +304,7 @@ def test_custom_op_schema():
 
     q = torch.randn(9, 2, 32, device=DEVICE)
     k, v = q[:, :1], q[:, 1:]  # strided views
-    cu, tcu = _offsets([4, 5]), _offsets([2, 0])
+    cu, tcu = offsets_of([4, 5]), offsets_of([2, 0])
     tk, tv, tg = (
         torch.randn(2, 1, 32, device=DEVICE),
         torch.randn(2, 1, 32, device=DEVICE),

@@ -6,27 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
+from support.helpers import (
     DEVICE,
     DOT_DTYPES,
-    INTERPRETED,
     ON_GPU,
     TOLERANCE,
+    TRITON_RUNS,
     assert_rel_close,
     force_warp_specialized,
+    offsets_of,
     poisoned_allocations,
 )
 
 import flagdit_kernels as fk
-from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 
-TRITON = _dispatch.TRITON_INSTALLED and (ON_GPU or INTERPRETED)
-BACKENDS = ["reference"] + (["triton"] if TRITON else [])
-
-
-def _offsets(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+BACKENDS = ["reference"] + (["triton"] if TRITON_RUNS else [])
 
 
 def _rnd(gen, *shape, dtype, s=1.0):
@@ -50,13 +45,13 @@ def test_reference_lse_is_the_logsumexp_of_the_self_scores():
     q, k, v = _rnd(gen, 20, 4, 16, dtype=dt), _rnd(gen, 20, 2, 16, dtype=dt), _rnd(gen, 20, 2, 16, dtype=dt)
     text = dict(
         text_k=_rnd(gen, 10, 2, 16, dtype=dt), text_v=_rnd(gen, 10, 2, 16, dtype=dt),
-        text_cu_seqlens=_offsets(text_lens), gate=_rnd(gen, 4, dtype=dt),
+        text_cu_seqlens=offsets_of(text_lens), gate=_rnd(gen, 4, dtype=dt),
     )  # fmt: skip
-    out, lse = fk.varlen_attention(q, k, v, _offsets(lens), 12, 0.3, **text, return_lse=True, backend="reference")
+    out, lse = fk.varlen_attention(q, k, v, offsets_of(lens), 12, 0.3, **text, return_lse=True, backend="reference")
     assert lse.shape == (4, 20) and lse.dtype == torch.float64
     assert torch.allclose(lse, _dense_lse(q, k, lens, 0.3), rtol=1e-12, atol=1e-12)  # text keys are not part of it
-    assert torch.equal(out, fk.varlen_attention(q, k, v, _offsets(lens), 12, 0.3, **text, backend="reference"))
-    lse32 = fk.varlen_attention(q.float(), k.float(), v.float(), _offsets(lens), 12, return_lse=True)[1]
+    assert torch.equal(out, fk.varlen_attention(q, k, v, offsets_of(lens), 12, 0.3, **text, backend="reference"))
+    lse32 = fk.varlen_attention(q.float(), k.float(), v.float(), offsets_of(lens), 12, return_lse=True)[1]
     assert lse32.dtype == torch.float32
 
 
@@ -69,8 +64,8 @@ def _lse_case(dtype, seed=0, lens=(37, 1, 0, 66)):
     inputs = {"q": _rnd(gen, T, heads, dim, dtype=dtype), "k": _rnd(gen, T, kv_heads, dim, dtype=dtype)}
     inputs.update(v=_rnd(gen, T, kv_heads, dim, dtype=dtype), text_k=_rnd(gen, Tt, kv_heads, dim, dtype=dtype))
     inputs.update(text_v=_rnd(gen, Tt, kv_heads, dim, dtype=dtype), gate=_rnd(gen, heads, dtype=dtype, s=0.8))
-    fixed = dict(cu_seqlens=_offsets(lens), max_seqlen=max(lens), softmax_scale=0.17)
-    fixed.update(text_cu_seqlens=_offsets(text_lens), text_max_seqlen=max(text_lens))
+    fixed = dict(cu_seqlens=offsets_of(lens), max_seqlen=max(lens), softmax_scale=0.17)
+    fixed.update(text_cu_seqlens=offsets_of(text_lens), text_max_seqlen=max(text_lens))
     upstream = (_rnd(gen, T, heads, dim, dtype=torch.float64), _rnd(gen, heads, T, dtype=torch.float64))
     return inputs, fixed, upstream
 
@@ -100,7 +95,7 @@ def test_lse_forward_and_gradients_match_float64(backend, dtype):
         assert_rel_close(g, exp_grads[name], tol, f"grad {name}")
 
 
-@pytest.mark.skipif(not TRITON, reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU")
+@pytest.mark.skipif(not TRITON_RUNS, reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU")
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_lse_gradients_through_the_warp_specialized_tiles(monkeypatch, deterministic):
     # The LSE's gradient enters the backward through delta, which the warp-specialized dq kernel reads from its
@@ -169,7 +164,7 @@ def test_two_key_blocks_merged_by_lse_equal_full_attention(backend):
     for name in ("k1", "v1", "k2", "v2"):
         inputs[name] = _rnd(gen, T, kv_heads, dim, dtype=dtype)
     u_out, u_lse = _rnd(gen, T, heads, dim, dtype=torch.float64), _rnd(gen, heads, T, dtype=torch.float64)
-    cu = _offsets(lens)
+    cu = offsets_of(lens)
 
     def merged(q, k1, v1, k2, v2):
         o1, lse1 = fk.varlen_attention(q, k1, v1, cu, 40, scale, return_lse=True, backend=backend)
@@ -190,7 +185,7 @@ def test_two_key_blocks_merged_by_lse_equal_full_attention(backend):
         assert_rel_close(leaf.grad, exp_leaves[name].grad, tol, f"grad {name}")
 
 
-@pytest.mark.skipif(not TRITON, reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU")
+@pytest.mark.skipif(not TRITON_RUNS, reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU")
 def test_lse_with_rope_empty_text_and_torch_compile():
     # RoPE on, a batch whose text is empty everywhere; lse through torch.compile(fullgraph=True) equals eager.
     dtype = torch.float32
@@ -198,10 +193,11 @@ def test_lse_with_rope_empty_text_and_torch_compile():
     lens = [9, 14]
     q, k, v = _rnd(gen, 23, 2, 32, dtype=dtype), _rnd(gen, 23, 1, 32, dtype=dtype), _rnd(gen, 23, 1, 32, dtype=dtype)
     fixed = dict(
-        text_k=k[:0], text_v=v[:0], text_cu_seqlens=_offsets([0, 0]), text_max_seqlen=0, gate=_rnd(gen, 2, dtype=dtype),
+        text_k=k[:0], text_v=v[:0], text_cu_seqlens=offsets_of([0, 0]), text_max_seqlen=0,
+        gate=_rnd(gen, 2, dtype=dtype),
         freqs=fk.rope_freqs(32, torch.cat([torch.arange(n) for n in lens]).to(DEVICE)),
     )  # fmt: skip
-    cu = _offsets(lens)
+    cu = offsets_of(lens)
 
     def step(q, k):
         out, lse = fk.varlen_attention(q, k, v, cu, 14, return_lse=True, backend="triton", **fixed)

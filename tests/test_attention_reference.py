@@ -7,14 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_l2
+from support.helpers import offsets_of, rel_l2
 
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
-
-
-def _offsets(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def _lumina_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -64,8 +60,8 @@ def test_reference_matches_per_sequence_sdpa_with_gated_text(rope):
     freqs = fk.rope_freqs(24, torch.cat([torch.arange(n) for n in lens])) if rope else None
     scale = fk.proportional_scale(4096, 256, 24)
     out = ref.varlen_attention(
-        x["q"], x["k"], x["v"], _offsets(lens), 13, scale, text_k=x["text_k"], text_v=x["text_v"],
-        text_cu_seqlens=_offsets(text_lens), gate=x["gate"], freqs=freqs,
+        x["q"], x["k"], x["v"], offsets_of(lens, "cpu"), 13, scale, text_k=x["text_k"], text_v=x["text_v"],
+        text_cu_seqlens=offsets_of(text_lens, "cpu"), gate=x["gate"], freqs=freqs,
     )  # fmt: skip
     expected = _independent(x["q"], x["k"], x["v"], lens, scale, x["text_k"], x["text_v"], text_lens, x["gate"], freqs)
     assert out.dtype == torch.float64
@@ -75,12 +71,12 @@ def test_reference_matches_per_sequence_sdpa_with_gated_text(rope):
 def test_reference_without_text_and_empty_text_is_plain_attention():
     lens = [5, 9]
     x = _inputs(lens, [0, 0], 2, 2, 16)
-    cu = _offsets(lens)
+    cu = offsets_of(lens, "cpu")
     plain = ref.varlen_attention(x["q"], x["k"], x["v"], cu, 9)
     assert rel_l2(plain, _independent(x["q"], x["k"], x["v"], lens, 0.25)) < 1e-12
     no_text = ref.varlen_attention(
-        x["q"], x["k"], x["v"], cu, 9, text_k=x["text_k"], text_v=x["text_v"], text_cu_seqlens=_offsets([0, 0]),
-        gate=x["gate"],
+        x["q"], x["k"], x["v"], cu, 9, text_k=x["text_k"], text_v=x["text_v"],
+        text_cu_seqlens=offsets_of([0, 0], "cpu"), gate=x["gate"],
     )  # fmt: skip
     assert torch.isfinite(no_text).all()
     assert torch.equal(no_text, plain)
@@ -90,7 +86,7 @@ def test_reference_gradcheck_float64():
     lens, text_lens = [3, 2], [2, 1]
     x = _inputs(lens, text_lens, 2, 1, 16, requires_grad=True)
     freqs = fk.rope_freqs(16, torch.arange(5))
-    cu, tcu = _offsets(lens), _offsets(text_lens)
+    cu, tcu = offsets_of(lens, "cpu"), offsets_of(text_lens, "cpu")
 
     def fn(q, k, v, text_k, text_v, gate):
         return ref.varlen_attention(
@@ -114,7 +110,7 @@ def test_proportional_scale():
 def _good(**over):
     lens, text_lens = [4, 3], [2, 1]
     args = dict(_inputs(lens, text_lens, 4, 2, 16, dtype=torch.float32))
-    args.update(cu_seqlens=_offsets(lens), max_seqlen=4, text_cu_seqlens=_offsets(text_lens))
+    args.update(cu_seqlens=offsets_of(lens, "cpu"), max_seqlen=4, text_cu_seqlens=offsets_of(text_lens, "cpu"))
     args.update(over)
     return args
 
@@ -166,4 +162,4 @@ def test_bad_head_dim(head_dim):
     lens = [4, 3]
     q, k = torch.randn(7, 2, head_dim), torch.randn(7, 2, head_dim)
     with pytest.raises(ValueError, match="head_dim must be one of"):
-        fk.varlen_attention(q, k, k.clone(), _offsets(lens), 4)
+        fk.varlen_attention(q, k, k.clone(), offsets_of(lens, "cpu"), 4)

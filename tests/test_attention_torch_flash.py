@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, assert_rel_close
+from support.helpers import DEVICE, TRITON_RUNS, assert_rel_close, offsets_of
 from test_attention_cross import _math, launchers_take_key_offsets
 
 from flagdit_kernels import _dispatch
@@ -20,12 +20,7 @@ attention = pytest.importorskip("torch.nn.attention")
 if not hasattr(attention, "register_flash_attention_impl"):
     pytest.skip("torch has no flash-attention registry (torch < 2.10)", allow_module_level=True)
 
-TRITON_RUNS = _dispatch.TRITON_INSTALLED and (ON_GPU or INTERPRETED)
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
-
-
-def _offsets(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
 def _rnd(gen, *shape, dtype):
@@ -60,8 +55,8 @@ def test_varlen_forward_and_backward_from_saved_tensors(dtype, cross, backend):
     k_lens = [7, 20, 30] if cross else q_lens
     q, dout = _rnd(gen, 44, 4, 32, dtype=dtype), _rnd(gen, 44, 4, 32, dtype=dtype)
     k, v = _rnd(gen, sum(k_lens), 2, 32, dtype=dtype), _rnd(gen, sum(k_lens), 2, 32, dtype=dtype)
-    cu_q = _offsets(q_lens)
-    cu_k = _offsets(k_lens) if cross else cu_q
+    cu_q = offsets_of(q_lens)
+    cu_k = offsets_of(k_lens) if cross else cu_q
     assert _dispatch.resolve("varlen_attention", q).backend == backend
     out, lse, rng, unused, debug = tf.flash_attention_forward(
         q, k, v, cu_q, cu_k, 30, max(k_lens), 0.0, False, False, scale=0.2
@@ -116,7 +111,7 @@ def test_varlen_attn_and_sdpa_flash_op_run_ours_through_autograd(registered_for_
     gen = torch.Generator().manual_seed(2)
     lens = [9, 1, 17]
     q, k, v = (_rnd(gen, 27, h, 16, dtype=torch.float32).requires_grad_() for h in (4, 4, 4))
-    cu = _offsets(lens)
+    cu = offsets_of(lens)
     out = varlen_attn(q, k, v, cu, cu, 17, 17, scale=0.25)
     dout = _rnd(gen, 27, 4, 16, dtype=torch.float32)
     grads = torch.autograd.grad(out, (q, k, v), dout)

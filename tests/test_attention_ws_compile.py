@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 _CODE = """
 import json, re
 import torch
-from flagdit_kernels.tools import compile_report as cr
+from flagdit_kernels.bench.compile import compile_report as cr
 from flagdit_kernels.triton.attention import autotune as tuning
 from flagdit_kernels.triton.attention import launch as va
 va.FORWARD.tiles = [tuning.Tile(128, 64, 4, 2, tma=True, ws=True)]

@@ -1,6 +1,8 @@
 """flagdit-bench prints a real table (CPU, quick shapes) a newcomer can read, and writes its JSON."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -59,11 +61,24 @@ def test_help_shows_the_report_command_and_defaults(capsys):
     assert "(default: 100 on GPU, 40 on CPU)" in " ".join(text.split()) and "`" not in text
 
 
+@pytest.mark.parametrize("name", ["report", "warm", "compile-report", "bandwidth-report"])
+def test_every_measurement_tool_is_a_subcommand(name, capsys):
+    """flagdit-bench is the one entry point: each tool answers --help under its subcommand's name, and the
+    table's --help lists them all."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: flagdit-bench {name} ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert f"\n  {name} " in capsys.readouterr().out
+
+
 def test_families_are_discovered_from_their_modules():
     from flagdit_kernels.bench.cases import family_names
 
     names = family_names()
-    assert {"attention", "norms", "packing", "rope"} <= set(names)  # flagdit_kernels.bench: the op families
+    assert {"attention", "norms", "packing", "rope"} <= set(names)  # flagdit_kernels.bench.families: the ops
     assert {"model", "diffusers_lumina"} <= set(names)  # flagdit.bench: whole models, above the kernels
 
 
@@ -79,3 +94,26 @@ def test_backend_info_says_how_to_get_triton():
         assert status.startswith("interpreted on the CPU (TRITON_INTERPRET=1)")
     else:
         assert "set TRITON_INTERPRET=1" in status and "backend='triton'" in status
+
+
+def test_chosen_tiles_reads_the_autotuner_only_where_the_attention_is_loaded(monkeypatch):
+    code = (
+        "import sys\n"
+        "from flagdit_kernels.bench.tuning import LAUNCH, chosen_tiles\n"
+        "assert chosen_tiles() == {} and LAUNCH not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    from flagdit_kernels.bench import tuning
+    from flagdit_kernels.ops import attention_engines
+    from flagdit_kernels.triton.attention import launch
+
+    tiles = {"_fwd_kernel": {"key": "BLOCK_M=128"}}
+    monkeypatch.setattr(launch, "tuned_tiles", lambda: tiles)
+    monkeypatch.setattr(attention_engines, "chosen", lambda: {})
+    monkeypatch.setattr(launch, "AUTOTUNE_MODE", "0")
+    assert tuning.chosen_tiles() == {}  # FLAGDIT_KERNELS_AUTOTUNE=0: nothing was tuned
+    monkeypatch.setattr(launch, "AUTOTUNE_MODE", "1")
+    assert tuning.chosen_tiles() == tiles
+    monkeypatch.setattr(attention_engines, "chosen", lambda: {"head_dim=128": "triton"})
+    assert tuning.chosen_tiles() == {**tiles, "engine": {"head_dim=128": "triton"}}

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flagdit_kernels.bench import plan, record
+from flagdit_kernels.bench import plan
+from flagdit_kernels.bench.results import record
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
 

@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.helpers import free_port
 
 import flagdit_kernels as fk
-from flagdit import checkpoint, train
+from flagdit import checkpoint
+from flagdit.cli import distributed, train
+from flagdit.cli.run_dir import RunDirError
+from flagdit.cli.sample import main as sample_main
 from flagdit.data import WordEncoder
-from flagdit.sample_cli import main as sample_main
-from flagdit_kernels.bench import report
 from flagdit_kernels.bench.cli import main as bench_main
+from flagdit_kernels.bench.results import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "dim=64", "--set", "n_layers=1", "--batch-size", "2", "--warmup", "1", "--no-progress",
@@ -115,26 +117,20 @@ def test_train_audio_without_librosa(tmp_path, capsys, monkeypatch):
 
 def test_dist_timeout_reaches_the_process_group(monkeypatch):
     seen = {}
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: seen.update(timeout=timeout))
-    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(train.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, timeout: seen.update(timeout=timeout))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 1)
     monkeypatch.setenv("MASTER_PORT", "1")
-    train._setup_distributed("ddp", 7.5)
+    distributed.setup_distributed("ddp", 7.5)
     assert seen["timeout"].total_seconds() == 7.5
-    assert train.parse_args([]).dist_timeout == train.DEFAULT_DIST_TIMEOUT_S
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert train.parse_args([]).dist_timeout == distributed.DEFAULT_DIST_TIMEOUT_S
 
 
 def test_every_torchrun_rank_reports_the_same_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "flagdit.train", *SMALL, "--batch-size", "3", "--out",
+           "--master_port", str(free_port()), "-m", "flagdit.cli.train", *SMALL, "--batch-size", "3", "--out",
            str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("flagdit-train: error: ")]
@@ -177,7 +173,7 @@ def test_debug_shows_the_traceback(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "ckpt.pt").mkdir()
-    with pytest.raises(train.RunDirError, match="is a directory"):
+    with pytest.raises(RunDirError, match="is a directory"):
         train.main([*SMALL, "--out", str(out), "--resume", "--debug"])
 
 
@@ -278,7 +274,7 @@ def test_sample_mistakes_are_one_line_before_any_sampling(argv, message, run_dir
         Path(argv[i + 1]).mkdir()
         del argv[i : i + 2]
     sampled = []
-    monkeypatch.setattr("flagdit.sample_cli.Sampler.__call__", lambda *a, **k: sampled.append(1))
+    monkeypatch.setattr("flagdit.cli.sample.Sampler.__call__", lambda *a, **k: sampled.append(1))
     before = set(tmp_path.iterdir())
     with pytest.raises(SystemExit) as exit:
         sample_main(["--ckpt", str(run_dir / "ckpt.pt"), "--no-progress", "--steps", "1",

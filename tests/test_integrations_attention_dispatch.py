@@ -13,8 +13,8 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, assert_rel_close, fresh
-from integration_fixtures import backends
+from support.helpers import DEVICE, assert_rel_close, fresh
+from support.integration_fixtures import backends
 from test_attention_cross import launchers_take_key_offsets
 from torch import nn
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_rel_close, fresh
-from integration_fixtures import assert_same_state, backends, state_snapshot
+from support.helpers import DEVICE, assert_rel_close, fresh
+from support.integration_fixtures import assert_same_state, backends, state_snapshot
 from torch import nn
 
 from flagdit_kernels.integrations import patch_rms_norm, unpatch

@@ -6,28 +6,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from support.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--steps", "4", "--batch-size", "4", "--set", "dim=64", "--set", "n_layers=2", "--no-progress",
         "--threads", "1", "--log-every", "1", "--warmup", "1", "--lr", "3e-3"]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(out: Path, launcher: list[str], extra: list[str], args: list[str] = ARGS) -> list[float]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, *launcher, "-m", "flagdit.train", "--out", str(out), *args, *extra]
+    cmd = [sys.executable, *launcher, "-m", "flagdit.cli.train", "--out", str(out), *args, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -47,7 +41,7 @@ def single(tmp_path_factory) -> list[float]:
 
 def _torchrun(processes: int) -> list[str]:
     return ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port())]  # fmt: skip
+            "--master_port", str(free_port())]  # fmt: skip
 
 
 def _assert_same(losses: list[float], single: list[float], what: str) -> None:
@@ -107,10 +101,10 @@ BF16_PROBE = """
 import json, os, torch, torch.distributed as dist
 from flagdit.configs import get_config
 from flagdit.model import FlagDiT
-from flagdit.train import _wrap
+from flagdit.cli.distributed import wrap
 dist.init_process_group("gloo", rank=0, world_size=1)
 torch.manual_seed(0)
-model = _wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "fsdp", torch.device("cpu"), bf16=True)
+model = wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "fsdp", torch.device("cpu"), bf16=True)
 seen = {}
 def probe(layer, args):
     seen["weight"] = str(layer.attention.wq.weight.dtype)
@@ -122,7 +116,7 @@ out[0].float().square().sum().backward()
 p = model.layers[0].attention.wq.weight
 seen.update(param=str(p.dtype), grad=str(p.grad.dtype), output=str(out[0].dtype))
 torch.manual_seed(0)
-ddp = _wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "ddp", torch.device("cpu"), bf16=True)
+ddp = wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "ddp", torch.device("cpu"), bf16=True)
 def probe_ddp(layer, args, output):
     seen["ddp_residual"] = str(output.dtype)
     seen["ddp_wq_out"] = str(layer.attention.wq(args[0][:1]).dtype)
@@ -138,7 +132,7 @@ dist.destroy_process_group()
 
 def test_bf16_policies_compute_in_bf16_and_keep_fp32_weights_and_gradients():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))  # fmt: skip
+               MASTER_PORT=str(free_port()))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", BF16_PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])

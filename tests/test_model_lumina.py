@@ -13,15 +13,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support.helpers import rel_l2
 
 import flagdit
 from flagdit.configs import FlagDiTConfig
 
 P = 2
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def lumina_shapes(variant, dim, n_layers, n_heads, n_kv, y_dim, ffn, in_c, learn_sigma, qk_norm):
@@ -301,7 +298,7 @@ def test_outputs_match_lumina_forward(name):
         theirs = lumina_forward(sd, cfg, xs, t, cap, mask)
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape
-        assert _rel(a, b) < 1e-4
+        assert rel_l2(a, b) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["flag", "next"])
@@ -327,8 +324,8 @@ def test_extrapolation_matches_lumina(name):
             ours = model(xs, t, cap, mask, **kw)
             plain = model(xs, t, cap, mask)
             for a, b, c in zip(ours, theirs, plain):
-                assert _rel(a, b) < 1e-4
-                assert _rel(c, b) > 1e-4  # the option changed the output
+                assert rel_l2(a, b) < 1e-4
+                assert rel_l2(c, b) > 1e-4  # the option changed the output
 
 
 def test_tensor_input_matches_lumina():
@@ -344,7 +341,7 @@ def test_tensor_input_matches_lumina():
         ours = model(x, t, cap, mask)
         theirs = torch.stack(lumina_forward(sd, cfg, list(x), t, cap, mask))
     assert isinstance(ours, torch.Tensor) and ours.shape == (2, 4, 8, 6)
-    assert _rel(ours, theirs) < 1e-4
+    assert rel_l2(ours, theirs) < 1e-4
 
 
 def test_our_extra_nextframe_token_is_tolerated():

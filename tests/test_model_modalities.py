@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_model import randomized, small_config
+from support.model_fixtures import randomized, small_config
 
 import flagdit
 import flagdit_kernels as fk

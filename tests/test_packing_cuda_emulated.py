@@ -1,5 +1,5 @@
 """The CUDA pack/unpack kernels (csrc/packing_kernels.cuh), run unchanged on the CPU under a thread-level
-emulation (tests/cuda_emulation/emulate_packing.cpp: std::threads per block, a real barrier for
+emulation (tests/support/cuda_emulation/emulate_packing.cpp: std::threads per block, a real barrier for
 __syncthreads, NaN-poisoned shared memory), against the reference. This checks the kernels' indexing,
 tiling, placeholder handling and layout outputs where no GPU is available; the at::Tensor glue in
 csrc/packing_cuda.cu is exercised only by the GPU tests in test_packing_kernels.py.
@@ -11,8 +11,8 @@ import ctypes
 
 import pytest
 import torch
-from cxx_shim import build_shim
-from helpers import fresh
+from support.cxx_shim import build_shim
+from support.helpers import fresh
 
 from flagdit_kernels import reference as ref
 from flagdit_kernels.reference.packing import frames_hw, item_tokens

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, compare_with_reference, fresh, poisoned_allocations
+from support.helpers import (
+    DEVICE,
+    INTERPRETED,
+    ON_GPU,
+    backend_params,
+    compare_with_reference,
+    fresh,
+    poisoned_allocations,
+)
 
-import flagdit_kernels.ops.packing as packing
-from flagdit_kernels import _dispatch
+import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
-from flagdit_kernels.ops.embed import embed_packed
 from flagdit_kernels.reference.embed import embed_packed as embed_packed_reference
 
 P = 2
@@ -23,29 +29,14 @@ MIXED = [(C, 8, 12), (C, 12, 4), (C, 5, 6, 4), (C, P, P), (C, 20, 16), (C, 6, 6)
 FLAGS = [(True, True), (False, False), (True, False), (False, True)]
 
 
-def _backends(op: str) -> list:
-    out = []
-    for name in ("triton", "cpu", "cuda"):
-        if name in _dispatch.available_backends(op, DEVICE):
-            out.append(name)
-        else:
-            reason = {
-                "triton": "triton runs here only on a GPU or under TRITON_INTERPRET=1",
-                "cpu": "no compiled extension / not a CPU run",
-                "cuda": "needs the CUDA build of the extension and a GPU",
-            }[name]
-            out.append(pytest.param(name, marks=pytest.mark.skip(reason=reason)))
-    return out
-
-
-PACK_BACKENDS = _backends("pack")
+PACK_BACKENDS = backend_params("pack", reference=False)
 
 
 def _latents(shapes, dtype=torch.float32, seed=0):
     return [fresh(s, dtype, seed=seed + i) for i, s in enumerate(shapes)]
 
 
-def _assert_packed_equal(a: packing.Packed, b: packing.Packed) -> None:
+def _assert_packed_equal(a: fk.Packed, b: fk.Packed) -> None:
     assert torch.equal(a.patches, b.patches)
     assert torch.equal(a.positions, b.positions) and a.positions.dtype == torch.int32
     assert torch.equal(a.kind, b.kind) and a.kind.dtype == torch.int8
@@ -60,7 +51,7 @@ def _assert_packed_equal(a: packing.Packed, b: packing.Packed) -> None:
 def test_pack_matches_reference(backend, nextline, nextframe, channels_last):
     latents = _latents(MIXED)
     with poisoned_allocations():
-        mine = packing.pack(latents, P, nextline, nextframe, channels_last=channels_last, backend=backend)
+        mine = fk.pack(latents, P, nextline, nextframe, channels_last=channels_last, backend=backend)
     want = ref.pack(latents, P, nextline, nextframe, channels_last)
     _assert_packed_equal(mine, want)
     assert mine.patches.device == DEVICE and mine.cu_seqlens.device == DEVICE and mine.kind.device == DEVICE
@@ -76,7 +67,7 @@ def test_unpack_matches_reference(backend, nextline, nextframe, channels_last):
     wide = fresh((packed.kind.shape[0], P * P * out_channels + 3), torch.float32, seed=7)
     tokens = wide[:, 1 : 1 + P * P * out_channels]
     with poisoned_allocations():
-        mine = packing.unpack(tokens, packed, out_channels, channels_last=channels_last, backend=backend)
+        mine = fk.unpack(tokens, packed, out_channels, channels_last=channels_last, backend=backend)
     want = ref.unpack(tokens, packed, out_channels, channels_last)
     assert len(mine) == len(want)
     for m, w in zip(mine, want):
@@ -88,9 +79,9 @@ def test_unpack_matches_reference(backend, nextline, nextframe, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_round_trip_exact(backend, dtype, channels_last):
     latents = _latents(MIXED, dtype, seed=3)
-    packed = packing.pack(latents, P, channels_last=channels_last, backend=backend)
+    packed = fk.pack(latents, P, channels_last=channels_last, backend=backend)
     assert (packed.patches[packed.kind != 0] == 0).all()
-    back = packing.unpack(packed.patches, packed, C, channels_last=channels_last, backend=backend)
+    back = fk.unpack(packed.patches, packed, C, channels_last=channels_last, backend=backend)
     for b, x in zip(back, latents):
         assert b.dtype == dtype and torch.equal(b, x)
 
@@ -107,9 +98,9 @@ def test_round_trip_exact(backend, dtype, channels_last):
 def test_other_patch_sizes(backend, p, shapes):
     latents = _latents(shapes, seed=11)
     for channels_last in (False, True):
-        mine = packing.pack(latents, p, channels_last=channels_last, backend=backend)
+        mine = fk.pack(latents, p, channels_last=channels_last, backend=backend)
         _assert_packed_equal(mine, ref.pack(latents, p, True, True, channels_last))
-        back = packing.unpack(mine.patches, mine, shapes[0][0], channels_last=channels_last, backend=backend)
+        back = fk.unpack(mine.patches, mine, shapes[0][0], channels_last=channels_last, backend=backend)
         assert all(torch.equal(b, x) for b, x in zip(back, latents))
 
 
@@ -120,9 +111,9 @@ def test_power_of_two_channels(backend, channels, channels_last):
     # Power-of-two channel counts make every token row one unpadded run (the kernels' 2-D row path, both orders).
     shapes = [(channels, *s[1:]) for s in MIXED[:4]]
     latents = _latents(shapes, seed=13)
-    mine = packing.pack(latents, P, channels_last=channels_last, backend=backend)
+    mine = fk.pack(latents, P, channels_last=channels_last, backend=backend)
     _assert_packed_equal(mine, ref.pack(latents, P, True, True, channels_last))
-    back = packing.unpack(mine.patches, mine, channels, channels_last=channels_last, backend=backend)
+    back = fk.unpack(mine.patches, mine, channels, channels_last=channels_last, backend=backend)
     assert all(torch.equal(b, x) for b, x in zip(back, latents))
 
 
@@ -133,7 +124,7 @@ def test_unpack_column_strided_tokens(backend):
     tokens = fresh((P * P * 4, packed.kind.shape[0]), torch.float32, seed=17).t()
     assert tokens.stride(1) != 1
     for channels_last in (False, True):
-        mine = packing.unpack(tokens, packed, 4, channels_last=channels_last, backend=backend)
+        mine = fk.unpack(tokens, packed, 4, channels_last=channels_last, backend=backend)
         for m, w in zip(mine, ref.unpack(tokens, packed, 4, channels_last)):
             assert torch.equal(m, w)
 
@@ -142,9 +133,9 @@ def test_unpack_column_strided_tokens(backend):
 def test_many_channels_span_channel_blocks(backend):
     # 150 channels with p=2 exceed one kernel tile's channel block: the grid's channel axis is exercised.
     latents = _latents([(150, 4, 6), (150, 2, 2, 2)], seed=5)
-    mine = packing.pack(latents, P, channels_last=True, backend=backend)
+    mine = fk.pack(latents, P, channels_last=True, backend=backend)
     _assert_packed_equal(mine, ref.pack(latents, P, True, True, True))
-    back = packing.unpack(mine.patches, mine, 150, channels_last=True, backend=backend)
+    back = fk.unpack(mine.patches, mine, 150, channels_last=True, backend=backend)
     assert all(torch.equal(b, x) for b, x in zip(back, latents))
 
 
@@ -161,10 +152,10 @@ def test_segments_split_rows_and_columns(backend, shapes):
     latents = _latents(shapes, seed=7)
     for channels_last in (False, True):
         with poisoned_allocations():
-            mine = packing.pack(latents, P, channels_last=channels_last, backend=backend)
+            mine = fk.pack(latents, P, channels_last=channels_last, backend=backend)
         _assert_packed_equal(mine, ref.pack(latents, P, True, True, channels_last))
         with poisoned_allocations():
-            back = packing.unpack(mine.patches, mine, shapes[0][0], channels_last=channels_last, backend=backend)
+            back = fk.unpack(mine.patches, mine, shapes[0][0], channels_last=channels_last, backend=backend)
         assert all(torch.equal(b, x) for b, x in zip(back, latents))
 
 
@@ -183,7 +174,7 @@ def _strided_latents():
 def test_strided_latents(backend):
     latents = _strided_latents()
     for channels_last in (False, True):
-        mine = packing.pack(latents, P, channels_last=channels_last, backend=backend)
+        mine = fk.pack(latents, P, channels_last=channels_last, backend=backend)
         _assert_packed_equal(mine, ref.pack([x.contiguous() for x in latents], P, True, True, channels_last))
 
 
@@ -194,7 +185,7 @@ def test_pack_gradients(backend, dtype):
     inputs = {f"x{i}": t for i, t in enumerate(_latents(shapes, dtype, seed=30))}
 
     def mine(**xs):
-        return packing.pack(list(xs.values()), P, channels_last=False, backend=backend).patches
+        return fk.pack(list(xs.values()), P, channels_last=False, backend=backend).patches
 
     def want(**xs):
         return ref.pack(list(xs.values()), P).patches
@@ -205,7 +196,7 @@ def test_pack_gradients(backend, dtype):
     # Exactness of the gradient (placeholder rows give none): compare with the reference in the same dtype.
     xs = [t.detach().clone().requires_grad_() for t in inputs.values()]
     ys = [t.detach().clone().requires_grad_() for t in inputs.values()]
-    out = packing.pack(xs, P, backend=backend).patches
+    out = fk.pack(xs, P, backend=backend).patches
     upstream = fresh(out.shape, dtype, seed=31)
     torch.autograd.backward(out, upstream)
     torch.autograd.backward(ref.pack(ys, P).patches, upstream)
@@ -220,7 +211,7 @@ def test_unpack_gradients(backend, channels_last):
     out_channels = 4
     tokens = fresh((packed.kind.shape[0], P * P * out_channels), torch.float32, seed=40)
     compare_with_reference(
-        lambda tokens: packing.unpack(tokens, packed, out_channels, channels_last=channels_last, backend=backend),
+        lambda tokens: fk.unpack(tokens, packed, out_channels, channels_last=channels_last, backend=backend),
         lambda tokens: ref.unpack(tokens, packed, out_channels, channels_last),
         {"tokens": tokens},
         torch.float32,
@@ -228,7 +219,7 @@ def test_unpack_gradients(backend, channels_last):
     )
     # Only some outputs used: the others count as zero gradient; placeholder rows get exactly zero.
     t = tokens.clone().requires_grad_()
-    outs = packing.unpack(t, packed, out_channels, channels_last=channels_last, backend=backend)
+    outs = fk.unpack(t, packed, out_channels, channels_last=channels_last, backend=backend)
     (outs[1] * fresh(outs[1].shape, torch.float32, seed=41)).sum().backward()
     t_ref = tokens.clone().requires_grad_()
     ref_outs = ref.unpack(t_ref, packed, out_channels, channels_last)
@@ -243,9 +234,9 @@ def test_triton_ops_compile_fullgraph():
     weights = [fresh(x.shape, torch.float32, seed=50 + i) for i, x in enumerate(latents)]
 
     def step(xs):
-        packed = packing.pack(xs, P, backend="triton")
+        packed = fk.pack(xs, P, backend="triton")
         tokens = packed.patches * 2.0
-        outs = packing.unpack(tokens, packed, C, channels_last=False, backend="triton")
+        outs = fk.unpack(tokens, packed, C, channels_last=False, backend="triton")
         return sum((o * w).sum() for o, w in zip(outs, weights)), packed.positions, packed.kind
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -265,42 +256,39 @@ def test_triton_ops_compile_fullgraph():
 def test_pack_bad_input(backend):
     x = fresh((C, 4, 4), torch.float32)
     with pytest.raises(ValueError, match="non-empty list"):
-        packing.pack([], P, backend=backend)
+        fk.pack([], P, backend=backend)
     with pytest.raises(ValueError, match="channels but latents"):
-        packing.pack([x, fresh((C + 1, 4, 4), torch.float32)], P, backend=backend)
+        fk.pack([x, fresh((C + 1, 4, 4), torch.float32)], P, backend=backend)
     with pytest.raises(ValueError, match="multiples of patch_size"):
-        packing.pack([x, fresh((C, 5, 4), torch.float32)], P, backend=backend)
+        fk.pack([x, fresh((C, 5, 4), torch.float32)], P, backend=backend)
     with pytest.raises(ValueError, match="multiples of patch_size"):
-        packing.pack([x, fresh((C, 2, 4, 6), torch.float32)], 4, backend=backend)
+        fk.pack([x, fresh((C, 2, 4, 6), torch.float32)], 4, backend=backend)
     with pytest.raises(TypeError, match="has dtype"):
-        packing.pack([x, fresh((C, 4, 4), torch.float16)], P, backend=backend)
+        fk.pack([x, fresh((C, 4, 4), torch.float16)], P, backend=backend)
     with pytest.raises(ValueError, match="is on meta"):
-        packing.pack([x, torch.empty(C, 4, 4, device="meta")], P, backend=backend)
+        fk.pack([x, torch.empty(C, 4, 4, device="meta")], P, backend=backend)
     with pytest.raises(ValueError, match="3-D or 4-D"):
-        packing.pack([fresh((C, 4), torch.float32)], P, backend=backend)
+        fk.pack([fresh((C, 4), torch.float32)], P, backend=backend)
     with pytest.raises(ValueError, match="patch_size must be a positive int"):
-        packing.pack([x], 0, backend=backend)
+        fk.pack([x], 0, backend=backend)
 
 
 def test_unpack_bad_input():
     packed = ref.pack([fresh((C, 4, 4), torch.float32)], P)
     tokens = fresh((packed.kind.shape[0], P * P * C), torch.float32)
     with pytest.raises(ValueError, match=r"tokens must be \(T, p\*p\*out_channels\)"):
-        packing.unpack(tokens[:-1], packed, C)
+        fk.unpack(tokens[:-1], packed, C)
     with pytest.raises(ValueError, match=r"tokens must be \(T, p\*p\*out_channels\)"):
-        packing.unpack(tokens, packed, C + 1)
+        fk.unpack(tokens, packed, C + 1)
     with pytest.raises(TypeError, match="packed must be a Packed"):
-        packing.unpack(tokens, (tokens,), C)
+        fk.unpack(tokens, (tokens,), C)
     with pytest.raises(ValueError, match="is on meta"):
-        packing.unpack(torch.empty(tokens.shape, device="meta"), packed, C)
+        fk.unpack(torch.empty(tokens.shape, device="meta"), packed, C)
 
 
 # --------------------------------------------------------------------------------------------- embed_packed
 
-EMBED_BACKENDS = [
-    b if b in _dispatch.available_backends("embed_packed", DEVICE) else pytest.param(b, marks=pytest.mark.skip)
-    for b in ("reference", "triton")
-]
+EMBED_BACKENDS = backend_params("embed_packed")
 
 
 @pytest.mark.parametrize("backend", EMBED_BACKENDS)
@@ -316,12 +304,14 @@ def test_embed_packed(backend, dtype, with_bias):
         "table": fresh((2, dim), dtype, seed=63),
     }
     compare_with_reference(
-        lambda patches, weight, bias, table: embed_packed(patches, packed.kind, weight, bias, table, backend=backend),
+        lambda patches, weight, bias, table: fk.embed_packed(
+            patches, packed.kind, weight, bias, table, backend=backend
+        ),
         lambda patches, weight, bias, table: embed_packed_reference(patches, packed.kind, weight, bias, table),
         inputs,
         dtype,
     )
-    out = embed_packed(inputs["patches"], packed.kind, inputs["weight"], inputs["bias"], inputs["table"])
+    out = fk.embed_packed(inputs["patches"], packed.kind, inputs["weight"], inputs["bias"], inputs["table"])
     for k in (1, 2):
         assert torch.equal(out[packed.kind == k], inputs["table"][k - 1].expand_as(out[packed.kind == k]))
 
@@ -332,7 +322,7 @@ def test_embed_packed_placeholder_rows_get_no_gradient(backend):
     patches = fresh(packed.patches.shape, torch.float32, seed=70).requires_grad_()
     weight = fresh((16, P * P * C), torch.float32, seed=71).requires_grad_()
     table = fresh((2, 16), torch.float32, seed=72).requires_grad_()
-    out = embed_packed(patches, packed.kind, weight, None, table, backend=backend)
+    out = fk.embed_packed(patches, packed.kind, weight, None, table, backend=backend)
     upstream = fresh(out.shape, torch.float32, seed=73)
     out.backward(upstream)
     assert (patches.grad[packed.kind != 0] == 0).all()
@@ -345,30 +335,30 @@ def test_embed_packed_bad_input():
     patches, kind = packed.patches, packed.kind
     weight, bias, table = fresh((8, P * P * C), torch.float32), fresh((8,), torch.float32), fresh((2, 8), torch.float32)
     with pytest.raises(ValueError, match="weight must be"):
-        embed_packed(patches, kind, weight[:, 1:], bias, table)
+        fk.embed_packed(patches, kind, weight[:, 1:], bias, table)
     with pytest.raises(ValueError, match="placeholder_embeddings must have shape"):
-        embed_packed(patches, kind, weight, bias, table[:1])
+        fk.embed_packed(patches, kind, weight, bias, table[:1])
     with pytest.raises(ValueError, match="bias must have shape"):
-        embed_packed(patches, kind, weight, bias[1:], table)
+        fk.embed_packed(patches, kind, weight, bias[1:], table)
     with pytest.raises(ValueError, match="kind must have one entry"):
-        embed_packed(patches, kind[1:], weight, bias, table)
+        fk.embed_packed(patches, kind[1:], weight, bias, table)
     with pytest.raises(TypeError, match="kind must have dtype"):
-        embed_packed(patches, kind.long(), weight, bias, table)
+        fk.embed_packed(patches, kind.long(), weight, bias, table)
     with pytest.raises(TypeError, match="weight has dtype"):
-        embed_packed(patches, kind, weight.half(), bias, table)
+        fk.embed_packed(patches, kind, weight.half(), bias, table)
 
 
 @pytest.mark.parametrize("other", ["cpu", "cuda"])
 def test_triton_agrees_with_compiled_backend(other):
-    available = _dispatch.available_backends("pack", DEVICE)
+    available = fk.available_backends("pack", DEVICE)
     if "triton" not in available or other not in available:
         pytest.skip(f"needs both the triton and the {other} backend here")
     latents = _latents(MIXED, seed=80)
-    a = packing.pack(latents, P, backend="triton")
-    b = packing.pack(latents, P, backend=other)
+    a = fk.pack(latents, P, backend="triton")
+    b = fk.pack(latents, P, backend=other)
     _assert_packed_equal(a, b)
     tokens = fresh((a.kind.shape[0], P * P * 2), torch.float32, seed=81)
-    for x, y in zip(packing.unpack(tokens, a, 2, backend="triton"), packing.unpack(tokens, b, 2, backend=other)):
+    for x, y in zip(fk.unpack(tokens, a, 2, backend="triton"), fk.unpack(tokens, b, 2, backend=other)):
         assert torch.equal(x, y)
 
 
@@ -392,8 +382,8 @@ def test_double_backward(backend):
         return gv, gu
 
     mine = second_order(
-        lambda x: packing.pack(x, P, backend=backend).patches,
-        lambda t, packed: packing.unpack(t, packed, C, channels_last=False, backend=backend),
+        lambda x: fk.pack(x, P, backend=backend).patches,
+        lambda t, packed: fk.unpack(t, packed, C, channels_last=False, backend=backend),
     )
     want = second_order(lambda x: ref.pack(x, P).patches, lambda t, packed: ref.unpack(t, packed, C, False))
     assert torch.equal(mine[0], want[0])
@@ -406,7 +396,7 @@ def test_embed_packed_triton_compiles_fullgraph():
     weight = fresh((8, P * P * C), torch.float32, seed=100).requires_grad_()
     table = fresh((2, 8), torch.float32, seed=101).requires_grad_()
     fn = torch.compile(
-        lambda x, w, t: embed_packed(x, packed.kind, w, None, t, backend="triton").sum(),
+        lambda x, w, t: fk.embed_packed(x, packed.kind, w, None, t, backend="triton").sum(),
         fullgraph=True,
         backend="aot_eager",
     )
@@ -432,11 +422,11 @@ def test_embed_packed_out_of_range_kinds_are_patch_rows(backend):
         "table": fresh((2, 24), torch.float32, seed=113),
     }
     compare_with_reference(
-        lambda patches, weight, bias, table: embed_packed(patches, kind, weight, bias, table, backend=backend),
+        lambda patches, weight, bias, table: fk.embed_packed(patches, kind, weight, bias, table, backend=backend),
         lambda patches, weight, bias, table: embed_packed_reference(patches, kind, weight, bias, table),
         inputs,
         torch.float32,
     )
-    out = embed_packed(inputs["patches"], kind, inputs["weight"], inputs["bias"], inputs["table"], backend=backend)
+    out = fk.embed_packed(inputs["patches"], kind, inputs["weight"], inputs["bias"], inputs["table"], backend=backend)
     linear = torch.nn.functional.linear(inputs["patches"], inputs["weight"], inputs["bias"])
     torch.testing.assert_close(out[: odd.numel()], linear[: odd.numel()])

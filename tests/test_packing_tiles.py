@@ -8,8 +8,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from helpers import DEVICE, INTERPRETED, ON_GPU, fresh, poisoned_allocations
-from test_packing_kernels import PACK_BACKENDS
+from support.helpers import DEVICE, INTERPRETED, ON_GPU, backend_params, fresh, poisoned_allocations
 
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
@@ -22,6 +21,7 @@ MIXED = [(C, 8, 12), (C, 12, 4), (C, 5, 6, 4), (C, P, P), (C, 3, 10, 14), (C, 6,
 # Tiles with partial edge tiles, one-patch tiles, a tile bigger than every item, a time-only tile.
 TILES = [(2, 2, 3), (1, 1, 1), (3, 2, 2), (8, 16, 16), (4, 1, 7)]
 FLAGS = [(True, True), (False, False), (True, False), (False, True)]
+PACK_BACKENDS = backend_params("pack", reference=False)
 
 
 def _latents(shapes=MIXED, dtype=torch.float32, seed=0):

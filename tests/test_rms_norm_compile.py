@@ -1,9 +1,9 @@
-"""Compiles the RMSNorm-family Triton kernels for sm_90 (no GPU needed) and checks what the design relies on:
-every variant compiles, none spills, and the persistent forward and backward loops prefetch their rows into
-shared memory with cp.async (the bytes in flight are then not bounded by registers), except the small-D
-backward variants whose multi-row tiles may span samples.
+"""Compiles the norm family's Triton kernels (RMSNorm and LayerNorm) for sm_90 (no GPU needed) and checks what
+the design relies on: every variant compiles, none spills, and the persistent forward and backward loops
+prefetch their rows into shared memory with cp.async (the bytes in flight are then not bounded by registers),
+except the small-D backward variants whose multi-row tiles may span samples.
 
-The host launchers run on CPU tensors with their kernels recorded (flagdit_kernels/tools/recorder.py, which
+The host launchers run on CPU tensors with their kernels recorded (flagdit_kernels/bench/compile/recorder.py, which
 also sizes the persistent grids for an H200); each launch is compiled as the JIT would specialize it. It runs
 as a script in a subprocess without TRITON_INTERPRET.
 """
@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compile_subprocess import compiler_unavailable, run_script
+from support.compile_subprocess import compiler_unavailable, run_script
 
 
 @pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
 def test_norm_kernels_compile_for_sm90():
     out = run_script(__file__)
-    assert "compiled 24" in out, out
+    assert "compiled 36" in out, out
     # Packs of 8 and of 4096 samples launch the same kernels with the same constexprs and get the same
     # binaries: neither the compile time nor the code depends on the number of samples (issue 25, item 4).
     assert "same binaries for 8 and 4096 samples: 4 launches" in out, out
 
 
 def _compile_all() -> None:
-    from flagdit_kernels.tools.recorder import compile_launch, recording
-    from flagdit_kernels.tools.sass import access_widths, resource_usage, sass
-    from flagdit_kernels.triton import rms_norm as K
+    from flagdit_kernels.bench.compile.recorder import compile_launch, recording
+    from flagdit_kernels.bench.compile.sass import access_widths, resource_usage, sass
+    from flagdit_kernels.triton import norms as K
 
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
     with recording(K, names) as launches:
@@ -43,6 +43,9 @@ def _compile_all() -> None:
             x3 = x.view(4, 16, d)
             _, rstd = K.forward(x3, w, 1e-5, mode=K.MODE_GATED, p1=x3, residual=x3, tanh_gate=d != 72)
             K.backward(x3, x3, w, rstd, mode=K.MODE_GATED, p1=x3, tanh_gate=d != 72)
+            layer = dict(norm=K.NORM_LAYER, bias=w, mode=K.MODE_MODULATE, p1=p, p2=p, cu_seqlens=cu)
+            _, rstd = K.forward(x, w, 1e-6, **layer)
+            K.backward(x, x, w, rstd, **layer)
     for launch in launches:
         compiled = compile_launch(launch)
         assert resource_usage(compiled.asm["cubin"])["LOCAL"] == 0, f"{launch.label} spills"
@@ -58,8 +61,8 @@ def _compile_all() -> None:
 
 
 def _same_binaries_for_any_sample_count() -> None:
-    from flagdit_kernels.tools.recorder import compile_launch, recording
-    from flagdit_kernels.triton import rms_norm as K
+    from flagdit_kernels.bench.compile.recorder import compile_launch, recording
+    from flagdit_kernels.triton import norms as K
 
     names = ("_fwd_kernel", "_bwd_kernel", "_segment_sum_kernel")
     d, rows = 2304, 8192

@@ -8,45 +8,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, KERNEL_DTYPES, ON_GPU, compare_with_reference, fresh, make_inputs, poisoned_allocations
+from support.helpers import (
+    DEVICE,
+    KERNEL_DTYPES,
+    ON_GPU,
+    backend_params,
+    compare_with_reference,
+    fresh,
+    make_inputs,
+    offsets_of,
+    poisoned_allocations,
+)
 
 import flagdit_kernels as fk
 from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
-from flagdit_kernels._extension import extension_has_cuda
 
 OPS = ("rms_norm", "rms_norm_modulate", "gated_residual_rms_norm")
 KERNEL_BACKENDS = ("triton", "cuda")
-
-
-def _backends(op: str) -> list:
-    """Every backend the op registers, skipped (with the reason) where it cannot run on DEVICE."""
-    registered = [b for b in _dispatch.BACKENDS if b in _dispatch._OPS[op].impls]
-    runnable = _dispatch.available_backends(op, DEVICE)
-    out = []
-    for b in registered:
-        if b in runnable:
-            out.append(b)
-        else:
-            why = "needs a GPU or TRITON_INTERPRET=1" if b == "triton" else f"not available on {DEVICE.type}"
-            if b == "cuda" and ON_GPU and not extension_has_cuda():
-                why = "the compiled extension has no CUDA"
-            out.append(pytest.param(b, marks=pytest.mark.skip(reason=f"{op}/{b}: {why}")))
-    return out
-
-
-def _cu(lengths: list[int]) -> torch.Tensor:
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=DEVICE)
 
 
 def _layout(row: tuple) -> tuple:
     """(x shape, parameter shape, cu_seqlens or None, flag) of a layout table row; the optional fourth entry (with
     shift, tanh gate) defaults to True."""
     x_shape, p_shape, lengths, flag = (*row, True)[:4]
-    return x_shape, p_shape, _cu(lengths) if lengths is not None else None, flag
+    return x_shape, p_shape, offsets_of(lengths) if lengths is not None else None, flag
 
 
 # ------------------------------------------------------------------------------------------------- rms_norm
@@ -55,7 +41,7 @@ def _layout(row: tuple) -> tuple:
 RMS_SHAPES = [(37, 72), (9, 1000), (3, 2304), (1, 72), (2, 3, 40)]
 
 
-@pytest.mark.parametrize("backend", _backends("rms_norm"))
+@pytest.mark.parametrize("backend", backend_params("rms_norm"))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", RMS_SHAPES, ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["weight", "no_weight"])
@@ -70,7 +56,7 @@ def test_rms_norm(backend, dtype, shape, affine):
     )
 
 
-@pytest.mark.parametrize("backend", _backends("rms_norm"))
+@pytest.mark.parametrize("backend", backend_params("rms_norm"))
 def test_rms_norm_fp32_weight_with_half_input(backend):
     """Mixed precision as trained: fp32 weight, bf16 activations; the gradient comes back in fp32."""
     x = fresh((11, 72), torch.bfloat16)
@@ -83,7 +69,7 @@ def test_rms_norm_fp32_weight_with_half_input(backend):
     )
 
 
-@pytest.mark.parametrize("backend", _backends("rms_norm"))
+@pytest.mark.parametrize("backend", backend_params("rms_norm"))
 def test_rms_norm_strided_rows(backend):
     """Rows with a stride larger than D (a column slice of a fused projection) and permuted leading dims."""
     dtype = torch.float32
@@ -107,7 +93,7 @@ def test_rms_norm_strided_rows(backend):
 def test_triton_reads_strided_rows_in_place():
     """The launchers' (B, L, D) view keeps the storage of strided inputs (no hidden copy)."""
     pytest.importorskip("triton")
-    from flagdit_kernels.triton.rms_norm import _rows_view
+    from flagdit_kernels.triton.norms import _rows_view
 
     buf = torch.randn(13, 3 * 72)
     x = buf[:, 72:144]
@@ -120,7 +106,7 @@ def test_triton_reads_strided_rows_in_place():
 
 @pytest.mark.parametrize("op", OPS)
 def test_zero_rows(op):
-    if "triton" not in _dispatch.available_backends(op, DEVICE):
+    if "triton" not in fk.available_backends(op, DEVICE):
         pytest.skip("triton cannot run here")
     x = fresh((0, 72), torch.float32).requires_grad_()
     w = fresh((72,), torch.float32).requires_grad_()
@@ -152,7 +138,7 @@ MOD_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("backend", _backends("rms_norm_modulate"))
+@pytest.mark.parametrize("backend", backend_params("rms_norm_modulate"))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(MOD_LAYOUTS))
 def test_rms_norm_modulate(backend, dtype, layout):
@@ -173,7 +159,7 @@ def test_rms_norm_modulate(backend, dtype, layout):
     )
 
 
-@pytest.mark.parametrize("backend", _backends("rms_norm_modulate"))
+@pytest.mark.parametrize("backend", backend_params("rms_norm_modulate"))
 def test_rms_norm_modulate_no_weight_strided(backend):
     dtype = torch.float16
     buf = fresh((3, 9, 2 * 72), dtype)
@@ -200,7 +186,7 @@ GATED_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("backend", _backends("gated_residual_rms_norm"))
+@pytest.mark.parametrize("backend", backend_params("gated_residual_rms_norm"))
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", list(GATED_LAYOUTS))
 def test_gated_residual_rms_norm(backend, dtype, layout):
@@ -219,7 +205,7 @@ def test_gated_residual_rms_norm(backend, dtype, layout):
     )
 
 
-@pytest.mark.parametrize("backend", _backends("gated_residual_rms_norm"))
+@pytest.mark.parametrize("backend", backend_params("gated_residual_rms_norm"))
 def test_gated_small_gates(backend):
     """Gates near zero (zero-initialized in Lumina) take the series branch of the kernel's tanh."""
     dtype = torch.float32
@@ -238,7 +224,7 @@ def test_gated_small_gates(backend):
 
 def test_compile_fullgraph_through_custom_ops():
     """A block-like module over all three ops compiles with fullgraph=True (no graph break) and matches eager."""
-    backend = "triton" if "triton" in _dispatch.available_backends("rms_norm", DEVICE) else "reference"
+    backend = "triton" if "triton" in fk.available_backends("rms_norm", DEVICE) else "reference"
 
     class Block(torch.nn.Module):
         def __init__(self, d: int):
@@ -255,7 +241,7 @@ def test_compile_fullgraph_through_custom_ops():
 
     torch._dynamo.reset()
     block = Block(72).to(DEVICE)
-    cu = _cu([5, 1, 7])
+    cu = offsets_of([5, 1, 7])
     x = fresh((13, 72), torch.float32).requires_grad_()
     scale, shift, gate = (fresh((3, 72), torch.float32).requires_grad_() for _ in range(3))
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
@@ -275,7 +261,7 @@ def test_compile_fullgraph_through_custom_ops():
 
 
 def _bad_input_backends() -> list[str]:
-    return ["triton"] if "triton" in _dispatch.available_backends("rms_norm", DEVICE) else ["reference"]
+    return ["triton"] if "triton" in fk.available_backends("rms_norm", DEVICE) else ["reference"]
 
 
 @pytest.mark.parametrize("backend", _bad_input_backends())
@@ -283,7 +269,7 @@ def test_bad_inputs(backend):
     x = fresh((7, 72), torch.float32)
     w = fresh((72,), torch.float32)
     sc = fresh((2, 72), torch.float32)
-    cu = _cu([3, 4])
+    cu = offsets_of([3, 4])
     with pytest.raises(ValueError, match=r"weight must have shape \(72,\)"):
         fk.rms_norm(x, fresh((71,), torch.float32), backend=backend)
     with pytest.raises(ValueError, match="weight must be 1-D"):
@@ -309,7 +295,7 @@ def test_bad_inputs(backend):
         fk.gated_residual_rms_norm(x, x, w, fresh((1, 72), torch.float32), cu_seqlens=cu, backend=backend)
     if DEVICE.type == "cpu":
         with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal"):
-            fk.rms_norm_modulate(x, w, sc, cu_seqlens=_cu([3, 3]), backend=backend)
+            fk.rms_norm_modulate(x, w, sc, cu_seqlens=offsets_of([3, 3]), backend=backend)
         with pytest.raises(ValueError, match="must be non-decreasing"):
             bad = torch.tensor([0, 5, 3, 7], dtype=torch.int32)
             fk.rms_norm_modulate(x, w, fresh((3, 72), torch.float32), cu_seqlens=bad, backend=backend)
@@ -329,7 +315,7 @@ def test_bad_inputs(backend):
 
 
 def test_cuda_backend_unavailable_says_why():
-    if "cuda" in _dispatch.available_backends("rms_norm", DEVICE):
+    if "cuda" in fk.available_backends("rms_norm", DEVICE):
         pytest.skip("the cuda backend runs here")
     with pytest.raises(ValueError, match="backend 'cuda' cannot run here"):
         fk.rms_norm(fresh((3, 72), torch.float32), None, backend="cuda")
@@ -347,10 +333,10 @@ def test_default_backend_on_cuda_prefers_fused_triton():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b in _dispatch.BACKENDS])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("d", [32, 4096, 4095, 16384])
 def test_gpu_wide_rows(backend, d):
-    if backend not in _dispatch.available_backends("rms_norm", DEVICE):
+    if backend not in fk.available_backends("rms_norm", DEVICE):
         pytest.skip(f"{backend} is not available")
     inputs = make_inputs({"x": (257, d), "weight": (d,)}, torch.bfloat16)
     compare_with_reference(
@@ -365,11 +351,11 @@ def test_gpu_wide_rows(backend, d):
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 def test_gpu_packed_many_sequences():
     """Many samples and rows: the segment reduction across hundreds of backward programs."""
-    if "triton" not in _dispatch.available_backends("rms_norm_modulate", DEVICE):
+    if "triton" not in fk.available_backends("rms_norm_modulate", DEVICE):
         pytest.skip("triton is not available")
     gen = torch.Generator().manual_seed(3)
     lengths = torch.randint(0, 300, (40,), generator=gen).tolist()
-    cu = _cu(lengths)
+    cu = offsets_of(lengths)
     t, d = sum(lengths), 2304
     inputs = make_inputs({"x": (t, d), "weight": (d,), "scale": (40, d), "shift": (40, d)}, torch.bfloat16)
     compare_with_reference(
@@ -398,10 +384,10 @@ def test_cpu_backend_traces_under_compile():
 
 
 @pytest.mark.parametrize("op", ["rms_norm_modulate", "gated_residual_rms_norm"])
-@pytest.mark.parametrize("backend", _backends("rms_norm_modulate"))
+@pytest.mark.parametrize("backend", backend_params("rms_norm_modulate"))
 def test_strided_cu_seqlens(op, backend):
     """A cu_seqlens view with stride 2 (a column of a larger tensor) is read as the offsets it holds."""
-    cu = _cu([3, 7, 1, 0, 5])
+    cu = offsets_of([3, 7, 1, 0, 5])
     strided = torch.stack([cu, 0 * cu], -1)[:, 0]
     assert strided.stride(0) == 2 and torch.equal(strided, cu)
     dtype = torch.float32
@@ -426,9 +412,9 @@ def test_strided_cu_seqlens(op, backend):
 def test_bad_offsets_stay_in_bounds(op, bad):
     """Offsets that contradict the rows (what unchecked GPU calls may pass): the kernels stay inside their
     tensors and every output element, gradients included, is written (poisoned allocations stay NaN-free)."""
-    if "triton" not in _dispatch.available_backends(op, DEVICE):
+    if "triton" not in fk.available_backends(op, DEVICE):
         pytest.skip("triton cannot run here")
-    from flagdit_kernels.triton import rms_norm as kernels
+    from flagdit_kernels.triton import norms as kernels
 
     cu = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
     x, dy, res = (fresh((16, 72), torch.float32) for _ in range(3))

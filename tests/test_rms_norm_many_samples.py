@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, compare_with_reference, make_inputs
+from support.helpers import DEVICE, compare_with_reference, make_inputs
 
 import flagdit_kernels as fk
-from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 
 D = 8
@@ -28,7 +27,7 @@ def _lengths(n: int, tokens: int, seed: int) -> list[int]:
 @pytest.mark.parametrize("op", ["rms_norm_modulate", "gated_residual_rms_norm"])
 @pytest.mark.parametrize(("samples", "tokens"), [(1500, 700), (70000, 180)], ids=["1500", "70000"])
 def test_many_samples_in_one_pack(op, samples, tokens):
-    if "triton" not in _dispatch.available_backends(op, DEVICE):
+    if "triton" not in fk.available_backends(op, DEVICE):
         pytest.skip("triton cannot run here")
     lengths = _lengths(samples, tokens, seed=samples)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)

@@ -2,16 +2,17 @@
 
 The interpreter runs kernels as NumPy and never sees Triton's compiler, so a kernel can pass every
 interpreted test and still fail to compile. Here the host wrappers run on CPU tensors with the kernels
-replaced by recorders (flagdit_kernels/tools/recorder.py), and each recorded launch is compiled ahead of time to a cubin
-with Triton's bundled ptxas, specialized as the JIT would. This runs as a script in a subprocess because
-``TRITON_INTERPRET=1`` (set for the other tests) swaps the kernels for interpreted functions at import time.
+replaced by recorders (flagdit_kernels/bench/compile/recorder.py), and each recorded launch is compiled ahead
+of time to a cubin with Triton's bundled ptxas, specialized as the JIT would. This runs as a script in a
+subprocess because ``TRITON_INTERPRET=1`` (set for the other tests) swaps the kernels for interpreted
+functions at import time.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from compile_subprocess import compiler_unavailable, run_script
+from support.compile_subprocess import compiler_unavailable, run_script
 
 
 @pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
@@ -22,8 +23,8 @@ def test_kernels_compile_for_sm90():
 
 def _compile_all() -> None:
     import flagdit_kernels.triton.rope as K
-    from flagdit_kernels.tools.recorder import compile_launch, recording
-    from flagdit_kernels.tools.sass import resource_usage
+    from flagdit_kernels.bench.compile.recorder import compile_launch, recording
+    from flagdit_kernels.bench.compile.sass import resource_usage
 
     names = ("_rope_kernel", "_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel")
     dt = torch.bfloat16

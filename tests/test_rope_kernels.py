@@ -9,10 +9,10 @@ import importlib.util
 
 import pytest
 import torch
+from support.helpers import DEVICE, INTERPRETED, KERNEL_DTYPES, ON_GPU, compare_with_reference, fresh
 
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
-from tests.helpers import DEVICE, INTERPRETED, KERNEL_DTYPES, ON_GPU, compare_with_reference, fresh
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, ON_GPU, compare_with_reference, fresh
+from support.helpers import DEVICE, ON_GPU, compare_with_reference, fresh, offsets_of
 
 import flagdit_kernels as fk
 
@@ -20,16 +20,12 @@ DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
 SKIP = ("reference", "flash_attn")  # the spec itself; a third-party kernel with its own tests
 
 
-def _offsets(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-
-
 def _rms_norm(dtype):
     return "rms_norm", {"x": (65, 72), "weight": (72,)}, lambda b, x, weight: fk.rms_norm(x, weight, backend=b)
 
 
 def _modulate_packed(dtype):
-    cu = _offsets([30, 1, 39])
+    cu = offsets_of([30, 1, 39])
 
     def run(b, x, weight, scale, shift):
         return fk.rms_norm_modulate(x, weight, scale, shift, cu_seqlens=cu, backend=b)
@@ -45,12 +41,22 @@ def _modulate_padded(dtype):
 
 
 def _gated_packed(dtype):
-    cu = _offsets([30, 1, 39])
+    cu = offsets_of([30, 1, 39])
 
     def run(b, residual, h, weight, gate):
         return fk.gated_residual_rms_norm(residual, h, weight, gate, cu_seqlens=cu, backend=b)
 
     return "gated_residual_rms_norm", {"residual": (70, 96), "h": (70, 96), "weight": (96,), "gate": (3, 96)}, run
+
+
+def _layer_modulate_packed(dtype):
+    cu = offsets_of([30, 1, 39])
+
+    def run(b, x, scale, shift, weight, bias):
+        return fk.layer_norm_modulate(x, scale, shift, weight, bias, cu_seqlens=cu, backend=b)
+
+    shapes = {"x": (70, 96), "scale": (3, 96), "shift": (3, 96), "weight": (96,), "bias": (96,)}
+    return "layer_norm_modulate", shapes, run
 
 
 def _rope(interleaved: bool, head_dim: int):
@@ -80,11 +86,11 @@ def _attention(lens, text_lens, heads, kv_heads, head_dim, rope=False):
     def case(dtype):
         shapes = {"q": (sum(lens), heads, head_dim), "k": (sum(lens), kv_heads, head_dim)}
         shapes["v"] = shapes["k"]
-        fixed = {"cu_seqlens": _offsets(lens), "max_seqlen": max(lens)}
+        fixed = {"cu_seqlens": offsets_of(lens), "max_seqlen": max(lens)}
         if text_lens is not None:
             shapes.update(text_k=(sum(text_lens), kv_heads, head_dim), text_v=(sum(text_lens), kv_heads, head_dim))
             shapes["gate"] = (heads,)
-            fixed.update(text_cu_seqlens=_offsets(text_lens), text_max_seqlen=max(text_lens))
+            fixed.update(text_cu_seqlens=offsets_of(text_lens), text_max_seqlen=max(text_lens))
         if rope:
             fixed["freqs"] = fk.rope_freqs(head_dim, torch.cat([torch.arange(n, device=DEVICE) for n in lens]))
         return "varlen_attention", shapes, lambda b, **t: fk.varlen_attention(**t, **fixed, backend=b)
@@ -122,6 +128,7 @@ CASES = {
     "rms_norm_modulate-packed": _modulate_packed,
     "rms_norm_modulate-padded": _modulate_padded,
     "gated_residual_rms_norm-packed": _gated_packed,
+    "layer_norm_modulate-packed": _layer_modulate_packed,
     "apply_rope-interleaved-D64": _rope(True, 64),
     "apply_rope-halves-D72": _rope(False, 72),
     "qk_norm_rope-layer_norm-gqa": _qk_norm_rope("layer_norm"),

@@ -5,7 +5,10 @@ and needs an sm_90 GPU: elsewhere every case is skipped.
 
 Cases: each Gluon forward config at Dh 64 and 128, bf16 and fp16, GQA 4/2, a packed batch with a one-token
 sequence, tails of every kind (odd lengths; a query tile whose second consumer has no row), with and without
-text (an empty caption included); every output (out, lse, o_text, lse_text) poisoned with NaN beforehand.
+text (an empty caption included); every output (out, lse, o_text, lse_text) poisoned with NaN beforehand; and
+the same with non-finite keys and values in the rows a sample's last key tile reads past its end (the next
+sample's, its text's), which must not change that sample's results; and scores that grow along each sequence
+(the lazy rescale taken and skipped).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import math
 
 import pytest
 import torch
+from support.helpers import TOLERANCE, assert_rel_close, fresh, offsets_of
 
 from flagdit_kernels.reference import attention as reference
-from tests.helpers import TOLERANCE, assert_rel_close, fresh
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -39,10 +42,6 @@ def _configs():
                     yield pytest.param(d, config, dtype, text, id=f"D{d}-{config}-{str(dtype)[6:]}-text{int(text)}")
 
 
-def _offsets(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-
-
 def _text_reference(q, tk, tv, lens, text_lens):
     """o_text (T, H, D) and its natural-log LSE (H, T), float64; zeros for a sample without text."""
     T, H, D = q.shape
@@ -62,39 +61,96 @@ def _text_reference(q, tk, tv, lens, text_lens):
     return o, lse
 
 
-@pytest.mark.parametrize(("head_dim", "config", "dtype", "text"), list(_configs()))
-def test_gluon_forward_matches_reference(head_dim, config, dtype, text):
+def _launch(config, head_dim, dtype, text, poison=False, growing=False):
+    """Runs the Gluon forward on fresh inputs (outputs poisoned with NaN first); returns its outputs, the float64
+    references computed from the inputs as drawn, and the token rows whose results must match them. With
+    ``poison``, after the draw, the self keys/values of samples 1 and 3 and the text keys/values of sample 2 are
+    made non-finite (+inf keys, NaN and -inf values): the key tiles of samples 0 and 2 run past their ends into
+    exactly those rows (and sample 0's text tile into sample 2's text), which must not change their results; the
+    poisoned samples' own results are not checked. With ``growing``, q is scaled up and each sequence's keys
+    grow along it (up to 7x), so the row max grows by more than the lazy rescale's threshold many times."""
     from flagdit_kernels.triton.attention import gluon_fwd as gluon_fwd
 
     T, B = sum(LENS), len(LENS)
     q = fresh((T, HEADS, head_dim), dtype)
     k, v = fresh((T, KV_HEADS, head_dim), dtype), fresh((T, KV_HEADS, head_dim), dtype)
-    cu = _offsets(LENS)
+    if growing:
+        q = (q.float() * 4).to(dtype)
+        along = torch.cat([torch.arange(n, device="cuda") / n for n in LENS])
+        k = (k.float() * (1 + 6 * along)[:, None, None]).to(dtype)
+    cu = offsets_of(LENS, "cuda")
     scale = 1 / math.sqrt(head_dim)
     nan = lambda *shape, dt=dtype: torch.full(shape, float("nan"), dtype=dt, device="cuda")
     out, lse = nan(T, HEADS, head_dim), nan(HEADS, T, dt=torch.float32)
     if text:
         tk, tv = fresh((sum(TEXT_LENS), KV_HEADS, head_dim), dtype), fresh((sum(TEXT_LENS), KV_HEADS, head_dim), dtype)
-        tcu, gate = _offsets(TEXT_LENS), fresh((HEADS,), torch.float32, scale=0.5)
+        tcu, gate = offsets_of(TEXT_LENS, "cuda"), fresh((HEADS,), torch.float32, scale=0.5)
         ot, lt = nan(T, HEADS, head_dim), nan(HEADS, T, dt=torch.float32)
         tg = torch.tanh(gate)
     else:
         tk, tv, tcu, ot, lt, tg = k, v, cu, out, lse, lse
-    gluon_fwd.launch(config, q, k, v, tk, tv, tg, out, ot, lse, lt, cu, tcu, scale * LOG2E, LOG2E * scale, T,
-                     HEADS // KV_HEADS, B, text, torch.cuda.get_device_properties(0).multi_processor_count)  # fmt: skip
-    torch.cuda.synchronize()
-
     extra = {}
     if text:
         extra = dict(text_k=tk, text_v=tv, text_cu_seqlens=tcu, text_max_seqlen=max(TEXT_LENS), gate=gate)
-    want, want_lse = reference.varlen_attention(q, k, v, cu, max(LENS), scale, return_lse=True, **extra)
-    tol = TOLERANCE["attention"][dtype]
-    assert_rel_close(out, want, tol, "out")
-    assert_rel_close(lse, want_lse, tol, "lse")
+    want = reference.varlen_attention(q, k, v, cu, max(LENS), scale, return_lse=True, **extra)
     if text:
-        want_ot, want_lt = _text_reference(q, tk, tv, LENS, TEXT_LENS)
-        assert_rel_close(ot, want_ot, tol, "o_text")
-        assert_rel_close(lt, want_lt, tol, "lse_text")
+        want = (*want, *_text_reference(q, tk, tv, LENS, TEXT_LENS))
+    rows = torch.arange(T, device="cuda")
+    if poison:
+        k, v = k.clone(), v.clone()
+        for b in (1, 3):
+            _poison(k, v, cu[b].item(), cu[b + 1].item())
+        checked = [0] if text else [0, 2]  # with text, sample 2's own text keys are poisoned
+        rows = torch.cat([torch.arange(cu[b].item(), cu[b + 1].item(), device="cuda") for b in checked])
+        if text:
+            tk, tv = tk.clone(), tv.clone()
+            tcu_host = tcu.tolist()
+            _poison(tk, tv, tcu_host[2], tcu_host[3])
+    gluon_fwd.launch(config, q, k, v, tk, tv, tg, out, ot, lse, lt, cu, tcu, scale * LOG2E, LOG2E * scale, T,
+                     HEADS // KV_HEADS, B, text, torch.cuda.get_device_properties(0).multi_processor_count)  # fmt: skip
+    torch.cuda.synchronize()
+    got = (out, lse, ot, lt) if text else (out, lse)
+    return got, want, rows
+
+
+def _poison(k, v, lo, hi):
+    """Non-finite keys and values in rows lo..hi: +inf keys, NaN values, -inf in the second half."""
+    mid = (lo + hi) // 2
+    k[lo:hi] = float("inf")
+    v[lo:mid], v[mid:hi] = float("nan"), float("-inf")
+
+
+def _check(got, want, rows, dtype):
+    tol = TOLERANCE["attention"][dtype]
+    for name, g, w in zip(("out", "lse", "o_text", "lse_text"), got, want):
+        if name.startswith("lse"):
+            assert_rel_close(g[:, rows], w[:, rows], tol, name)
+        else:
+            assert_rel_close(g[rows], w[rows], tol, name)
+
+
+@pytest.mark.parametrize(("head_dim", "config", "dtype", "text"), list(_configs()))
+def test_gluon_forward_matches_reference(head_dim, config, dtype, text):
+    got, want, rows = _launch(config, head_dim, dtype, text)
+    _check(got, want, rows, dtype)
+    if text:
         # A sample without text adds exactly nothing.
+        ot, lt = got[2], got[3]
         empty = slice(LENS[0], LENS[0] + LENS[1])
         assert (ot[empty] == 0).all() and (lt[:, empty] == 0).all()
+
+
+@pytest.mark.parametrize(("head_dim", "config", "dtype", "text"), list(_configs()))
+def test_gluon_forward_never_reads_a_neighbours_keys(head_dim, config, dtype, text):
+    """Key tiles past a sequence's end hold the next sequence's rows: non-finite values there (scores masked,
+    P zero) must not reach this sequence's results (0 * NaN in the PV product)."""
+    got, want, rows = _launch(config, head_dim, dtype, text, poison=True)
+    _check(got, want, rows, dtype)
+
+
+@pytest.mark.parametrize(("head_dim", "config", "dtype", "text"), list(_configs()))
+def test_gluon_forward_rescales_when_the_max_grows(head_dim, config, dtype, text):
+    """Scores that grow along every sequence: the lazy rescale (a row's output rescaled only when its max grew by
+    more than 2^8, a warp skipping the products when none of its rows did) is taken and skipped both."""
+    got, want, rows = _launch(config, head_dim, dtype, text, growing=True)
+    _check(got, want, rows, dtype)

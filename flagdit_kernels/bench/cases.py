@@ -20,7 +20,7 @@ import torch
 
 # Looked up when the benchmarks run (the kernel package imports no model): a package that is not installed
 # contributes no family.
-FAMILY_PACKAGES = ("flagdit_kernels.bench", "flagdit.bench")
+FAMILY_PACKAGES = ("flagdit_kernels.bench.families", "flagdit.bench")
 
 
 @dataclass

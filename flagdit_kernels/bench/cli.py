@@ -13,12 +13,22 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from .cases import Case, all_cases, family_names
 from .timing import copy_bandwidth_gbs, matmul_tflops, throughput, time_samples
 
+# flagdit-bench (also ``python -m flagdit_kernels.bench``) is the one entry point of every measurement tool: alone
+# it times the table of this module; ``flagdit-bench SUBCOMMAND`` runs one of these. A tool's module is imported
+# only when it is named, so the table loads neither matplotlib nor the compile tools.
+SUBCOMMANDS = {
+    "report": "benchmark JSON or a GPU check's results log -> a Markdown report and a PNG roofline chart",
+    "warm": "fills the compile caches before a timed run, in parallel processes (nothing is timed)",
+    "compile-report": "what the attention kernels compile to for sm_90, without a GPU",
+    "bandwidth-report": "what the norm, RoPE, packing and embedding kernels compile to for sm_90, without a GPU",
+}
 OURS = ("triton", "cuda", "cpu")
 NOISY = 0.2  # ceilings measured at the start and the end that differ by more than this: the machine is busy
 COLUMNS = (
@@ -146,19 +156,34 @@ def json_path_problem(path: str) -> str | None:
     return None
 
 
+def subcommand(name: str) -> ModuleType:
+    """The module of a subcommand of :data:`SUBCOMMANDS`, whose ``main(argv)`` runs it."""
+    if name == "report":
+        from .results import report as tool
+    elif name == "warm":
+        from . import warm as tool
+    elif name == "compile-report":
+        from .compile import compile_report as tool
+    elif name == "bandwidth-report":
+        from .compile import bandwidth_report as tool
+    else:
+        raise ValueError(f"unknown subcommand {name!r}; choose from {list(SUBCOMMANDS)}")
+    return tool
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
-        from .report import main as report_main
-
-        return report_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return subcommand(argv[0]).main(argv[1:])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    tools = "\n".join(f"  {name:<18}{text}" for name, text in SUBCOMMANDS.items())
     parser = _Parser(
         prog="flagdit-bench",
-        usage="flagdit-bench [options]\n       flagdit-bench report JSON... [--md FILE] [--png FILE]",
+        usage="flagdit-bench [options]\n       flagdit-bench report JSON... [--md FILE] [--png FILE]\n"
+        f"       flagdit-bench {{{','.join(name for name in SUBCOMMANDS if name != 'report')}}} [options]",
         description=__doc__,
-        epilog="flagdit-bench report JSON... turns flagdit-bench --json or pytest-benchmark JSON files into a "
-        "Markdown table and a PNG roofline chart (flagdit-bench report --help)",
+        epilog=f"subcommands (flagdit-bench SUBCOMMAND --help):\n{tools}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", default=default_device, help=f"torch device to run on (default: {default_device})")
     size = parser.add_mutually_exclusive_group()
@@ -228,7 +253,3 @@ def main(argv: list[str] | None = None) -> int:
                 {"device": str(device), "copy_GBps": copy_gbs, "matmul_TFLOPs": mm_tflops, "rows": rows}, f, indent=1
             )
     return 1 if any("error" in r and r["impl"] in OURS for r in rows) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

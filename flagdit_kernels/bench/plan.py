@@ -4,7 +4,7 @@ A short GPU window is spent in order of information per second: our attention ke
 unknowns), then the bandwidth-bound ops with the baselines that cost nothing to set up, then the baselines that
 cost compiles (FlexAttention, cuDNN, ``torch.compile`` chains), then the model step, then everything else.
 ``benchmarks/gpu_check.sh`` gives each group a time budget; ``benchmarks/conftest.py`` (``--bench-plan``)
-selects and orders the pytest-benchmark items by it, and ``python -m flagdit_kernels.bench.warm --plan``
+selects and orders the pytest-benchmark items by it, and ``flagdit-bench warm --plan``
 compiles the same pairs in the same order.
 
 A selector matches a case's op, shape, direction and implementation label with shell-style wildcards
@@ -36,7 +36,7 @@ OURS = "triton|cuda"
 # Ours and the baselines that cost no compile, then the torch.compile baselines (Inductor graphs, warmed).
 CHEAP = f"{OURS}|F.rms_norm|liger*|lumina eager|python loop"
 
-# Full-size shapes on a GPU (the shapes of flagdit_kernels.bench.* without --bench-quick).
+# Full-size shapes on a GPU (the shapes of flagdit_kernels.bench.families.* and flagdit.bench.* without --bench-quick).
 GPU_PLAN: dict[str, tuple[Select, ...]] = {
     "attention": (
         Select("varlen_attention", "packed*-D128*", impl=OURS),
@@ -56,7 +56,7 @@ GPU_PLAN: dict[str, tuple[Select, ...]] = {
         ),
         *(
             Select(op, "packed*x2304", impl=f"{CHEAP}|torch.compile")
-            for op in ("rms_norm_modulate", "gated_residual_rms_norm")
+            for op in ("rms_norm_modulate", "gated_residual_rms_norm", "layer_norm_modulate")
         ),
         Select("apply_rope", impl=f"{CHEAP}|torch.compile"),
         Select("qk_norm_rope", impl=f"{CHEAP}|torch.compile"),

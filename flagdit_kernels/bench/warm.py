@@ -13,7 +13,7 @@ any. Nothing is measured: the timed run that follows (``pytest benchmarks --benc
 first-needed first, so that a warm phase cut short by its time limit has compiled what the timed run needs
 first.
 
-    python -m flagdit_kernels.bench.warm --jobs 8 [--families attention,norms] [--plan attention,bandwidth] [--quick]
+    flagdit-bench warm --jobs 8 [--families attention,norms] [--plan attention,bandwidth] [--quick]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _run_shard(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flagdit_kernels.bench.warm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="flagdit-bench warm", description=__doc__)
     parser.add_argument("--jobs", type=int, default=8, help="parallel processes (1: in this process)")
     parser.add_argument("--families", default=",".join(family_names()), help="comma-separated subset of the families")
     parser.add_argument("--plan", default=None, help="comma-separated plan groups: only their pairs, in plan order")
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # failures are reported, not fatal: the timed run records them per implementation
 
     env = dict(os.environ, FLAGDIT_KERNELS_AUTOTUNE="compile")
-    base = [sys.executable, "-m", "flagdit_kernels.bench.warm", "--jobs", str(args.jobs), "--families", args.families]
+    base = [sys.executable, "-m", "flagdit_kernels.bench", "warm", "--jobs", str(args.jobs)]
+    base += ["--families", args.families]
     base += ["--quick"] if args.quick else []
     base += ["--plan", args.plan, "--plan-set", args.plan_set] if groups else []
     start = time.perf_counter()
@@ -99,7 +100,3 @@ def main(argv: list[str] | None = None) -> int:
     codes = [p.wait() for p in procs]
     print(f"[warm] {args.jobs} processes, {time.perf_counter() - start:.0f} s, exit codes {codes}")
     return max(codes)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

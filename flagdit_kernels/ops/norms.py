@@ -1,11 +1,12 @@
-"""Public RMSNorm family: ``rms_norm``, ``rms_norm_modulate``, ``gated_residual_rms_norm``.
+"""Public norm family: ``rms_norm``, ``rms_norm_modulate``, ``gated_residual_rms_norm``, ``layer_norm_modulate``.
 
-Backends: ``reference`` (PyTorch), ``triton`` (``flagdit_kernels/triton/rms_norm.py``; all three ops) and
+Backends: ``reference`` (PyTorch), ``triton`` (``flagdit_kernels/triton/norms.py``; all four ops) and
 ``cuda`` (``csrc/rms_norm_cuda.cu``; ``rms_norm`` only, when the extension was built with CUDA) and ``cpu``
-(``csrc/rms_norm_cpu.cpp``; ``rms_norm`` only, the default for CPU tensors when the extension is built). The kernels
-are wrapped as ``torch.library`` custom ops (``flagdit_kernels::rms_norm_triton`` and friends, each with a
-fake impl and an autograd formula whose backward is again a custom op) so that ``torch.compile(fullgraph=True)``
-traces through them without graph breaks.
+(``csrc/rms_norm_cpu.cpp``; ``rms_norm`` only, the default for CPU tensors when the extension is built): the
+two kernels of one C++ op, ``flagdit_kernels::rms_norm_fwd`` / ``_bwd``, under its CPU and CUDA dispatch keys.
+The Triton kernels are wrapped as ``torch.library`` custom ops (``flagdit_kernels::rms_norm_triton`` and
+friends, each with a fake impl and an autograd formula whose backward is again a custom op) so that
+``torch.compile(fullgraph=True)`` traces through them without graph breaks.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from .. import reference as ref
 from .._extension import extension_missing
 from .._layout import VarlenLayout, check_layout
 from .._validation import check_cu_seqlens, check_number, check_per_sample, check_shape, check_tensor
-from ..reference.norms import EPS
+from ..reference.norms import EPS, LAYER_NORM_EPS
 
 for _op, _fn in (
     ("rms_norm", ref.rms_norm),
     ("rms_norm_modulate", ref.rms_norm_modulate),
     ("gated_residual_rms_norm", ref.gated_residual_rms_norm),
+    ("layer_norm_modulate", ref.layer_norm_modulate),
 ):
     _dispatch.register(_op, "reference", _fn, devices=("cpu", "cuda"))
 
@@ -132,8 +134,41 @@ def gated_residual_rms_norm(
     return fn(residual, h, weight, gate, eps, tanh_gate, cu)
 
 
+def layer_norm_modulate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = LAYER_NORM_EPS,
+    cu_seqlens: torch.Tensor | VarlenLayout | None = None,
+    *,
+    backend: str | None = None,
+    prefer: str | None = None,
+) -> torch.Tensor:
+    """``LayerNorm(x) [* weight + bias] * (1 + scale) + shift`` with per-sample scale/shift, one fused pass.
+
+    The adaLN-LayerNorm of DiT final layers (Flag-DiT's ``LayerNorm(elementwise_affine=False)`` then
+    ``x * (1 + scale) + shift``; Flux, SD3, Wan, HunyuanVideo) and of their blocks. LayerNorm in fp32, its
+    output rounded to x's dtype (as an ``nn.LayerNorm`` module returns it), then the modulation in fp32,
+    rounded once. ``weight`` / ``bias`` ``(D,)`` are the optional LayerNorm affine. Layouts as in
+    :func:`rms_norm_modulate`: padded ``x (B, L, D)`` with ``scale (B, D)``; packed ``x (T, D)`` with
+    ``scale (B, D)`` and ``cu_seqlens``; or any ``scale`` / ``shift`` that broadcasts to ``x``.
+    """
+    _check_norm_inputs("x", x, weight, eps)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, device=x.device)
+        check_shape("bias", bias, (x.shape[-1],))
+    cu, num_seqs = _check_packed("x", x, cu_seqlens)
+    check_per_sample("scale", scale, x, num_seqs)
+    if shift is not None:
+        check_per_sample("shift", shift, x, num_seqs)
+    fn = _dispatch.resolve("layer_norm_modulate", x, backend, prefer).fn
+    return fn(x, scale, shift, weight, bias, eps, cu)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Triton backend: custom ops over flagdit_kernels/triton/rms_norm.py.
+# Triton backend: custom ops over flagdit_kernels/triton/norms.py.
 # Forward ops return (y, rstd); rstd (fp32, one per row) is saved for the backward and not differentiable.
 # Backward ops return an empty (0,) tensor for a gradient whose input is None (custom ops return tensors).
 
@@ -142,7 +177,7 @@ _NONE = (0,)
 
 
 def _kernels():
-    from ..triton import rms_norm as kernels  # imported on first use: Triton is optional
+    from ..triton import norms as kernels  # imported on first use: Triton is optional
 
     return kernels
 
@@ -172,7 +207,7 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("flagdit_kernels::rms_norm_triton_bwd", mutates_args=())
 def _rms_norm_triton_bwd_op(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    dx, dw, _, _ = _kernels().backward(dy, x, weight, rstd)
+    dx, dw, *_ = _kernels().backward(dy, x, weight, rstd)
     return dx, _or_empty(dw, x)
 
 
@@ -221,7 +256,7 @@ def _modulate_triton_bwd_op(
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     k = _kernels()
-    dx, dw, dscale, dshift = k.backward(
+    dx, dw, dscale, dshift, _ = k.backward(
         dy, x, weight, rstd, mode=k.MODE_MODULATE, p1=scale, p2=shift, cu_seqlens=cu_seqlens
     )
     return dx, _or_empty(dw, x), dscale, _or_empty(dshift, x)
@@ -288,7 +323,7 @@ def _gated_triton_bwd_op(
     cu_seqlens: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     k = _kernels()
-    dh, dw, dgate, _ = k.backward(
+    dh, dw, dgate, *_ = k.backward(
         dy, h, weight, rstd, mode=k.MODE_GATED, p1=gate, tanh_gate=tanh_gate, cu_seqlens=cu_seqlens
     )
     return dh, _or_empty(dw, h), dgate
@@ -318,6 +353,74 @@ def _gated_backward(ctx, dy, _drstd):
 _gated_triton_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
+@torch.library.custom_op("flagdit_kernels::layer_norm_modulate_triton", mutates_args=())
+def _layer_modulate_triton_op(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    k = _kernels()
+    return k.forward(
+        x, weight, eps, norm=k.NORM_LAYER, bias=bias, mode=k.MODE_MODULATE, p1=scale, p2=shift, cu_seqlens=cu_seqlens
+    )
+
+
+@_layer_modulate_triton_op.register_fake
+def _(x, scale, shift, weight, bias, eps, cu_seqlens):
+    return _fake_fwd(x, x.dtype)
+
+
+@torch.library.custom_op("flagdit_kernels::layer_norm_modulate_triton_bwd", mutates_args=())
+def _layer_modulate_triton_bwd_op(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    rstd: Tensor,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    k = _kernels()
+    dx, dw, dscale, dshift, db = k.backward(
+        dy, x, weight, rstd, norm=k.NORM_LAYER, bias=bias, mode=k.MODE_MODULATE, p1=scale, p2=shift,
+        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    return dx, dscale, _or_empty(dshift, x), _or_empty(dw, x), _or_empty(db, x)
+
+
+@_layer_modulate_triton_bwd_op.register_fake
+def _(dy, x, scale, shift, weight, bias, rstd, cu_seqlens):
+    grads = (_fake_grad(shift, x), _fake_grad(weight, x), _fake_grad(bias, x))
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), *grads
+
+
+def _layer_modulate_setup(ctx, inputs, output):
+    x, scale, shift, weight, bias, _, cu_seqlens = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.given = tuple(t is not None for t in (shift, weight, bias, cu_seqlens))
+    ctx.save_for_backward(x, scale, shift, weight, bias, output[1], cu_seqlens)
+
+
+def _layer_modulate_backward(ctx, dy, _drstd):
+    x, scale, shift, weight, bias, rstd, cu_seqlens = ctx.saved_tensors
+    shift, weight, bias, cu_seqlens = (t if g else None for t, g in zip((shift, weight, bias, cu_seqlens), ctx.given))
+    dx, dscale, dshift, dw, db = torch.ops.flagdit_kernels.layer_norm_modulate_triton_bwd(
+        dy, x, scale, shift, weight, bias, rstd, cu_seqlens
+    )
+    has_shift, has_weight, has_bias, _ = ctx.given
+    return (
+        dx, dscale, dshift if has_shift else None, dw if has_weight else None, db if has_bias else None, None, None,
+    )  # fmt: skip
+
+
+_layer_modulate_triton_op.register_autograd(_layer_modulate_backward, setup_context=_layer_modulate_setup)
+
+
 def _rms_norm_triton(x, weight, eps):
     return torch.ops.flagdit_kernels.rms_norm_triton(x, weight, float(eps))[0]
 
@@ -332,55 +435,68 @@ def _gated_residual_rms_norm_triton(residual, h, weight, gate, eps, tanh_gate, c
     )[0]
 
 
+def _layer_norm_modulate_triton(x, scale, shift, weight, bias, eps, cu_seqlens):
+    op = torch.ops.flagdit_kernels.layer_norm_modulate_triton
+    return op(x, scale, shift, weight, bias, float(eps), cu_seqlens)[0]
+
+
 for _op, _fn in (
     ("rms_norm", _rms_norm_triton),
     ("rms_norm_modulate", _rms_norm_modulate_triton),
     ("gated_residual_rms_norm", _gated_residual_rms_norm_triton),
+    ("layer_norm_modulate", _layer_norm_modulate_triton),
 ):
     _dispatch.register(_op, "triton", _fn, dtypes=_dispatch.FP32_MATH_DTYPES, **_dispatch.TRITON)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Compiled C++ backends, rms_norm only: "cuda" (csrc/rms_norm_cuda.cu, schemas only in a CUDA build of _C) and
-# "cpu" (csrc/rms_norm_cpu.cpp). Both ops return (y, rstd) and share one fake / autograd wiring.
+# Compiled C++ backends, rms_norm only (the modulated and gated ops, and layer_norm_modulate, have none: their
+# fusions are Triton's): one op pair, flagdit_kernels::rms_norm_fwd / rms_norm_bwd (csrc/bindings.cpp), with a
+# CPU kernel (csrc/rms_norm_cpu.cpp) and, in a CUDA build, a CUDA kernel (csrc/rms_norm_cuda.cu) under the
+# dispatch keys; registered as the "cpu" and "cuda" backends. Both return (y, rstd) and share one fake and
+# one autograd formula.
 
 
-def _register_compiled_autograd(device: str) -> None:
+def _register_compiled_autograd() -> None:
     lib = torch.library
-    fwd, bwd = f"flagdit_kernels::rms_norm_{device}_fwd", f"flagdit_kernels::rms_norm_{device}_bwd"
-    bwd_op = getattr(torch.ops.flagdit_kernels, f"rms_norm_{device}_bwd")
 
-    @lib.register_fake(fwd)
+    @lib.register_fake("flagdit_kernels::rms_norm_fwd")
     def _(x, weight, eps):
         return _fake_fwd(x, x.dtype)
 
-    @lib.register_fake(bwd)
+    @lib.register_fake("flagdit_kernels::rms_norm_bwd")
     def _(dy, x, weight, rstd):
         return x.new_empty(x.shape), _fake_grad(weight, x)
 
     def backward(ctx, dy, _drstd):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = bwd_op(dy, x, weight if ctx.has_weight else None, rstd)
+        dx, dw = torch.ops.flagdit_kernels.rms_norm_bwd(dy, x, weight if ctx.has_weight else None, rstd)
         return dx, (dw if ctx.has_weight else None), None
 
-    lib.register_autograd(fwd, backward, setup_context=_rms_norm_setup)
+    lib.register_autograd("flagdit_kernels::rms_norm_fwd", backward, setup_context=_rms_norm_setup)
 
 
-def _compiled_rms_norm(device: str):
-    def rms_norm_compiled(x, weight, eps):
-        return getattr(torch.ops.flagdit_kernels, f"rms_norm_{device}_fwd")(x, weight, float(eps))[0]
-
-    return rms_norm_compiled
+def _rms_norm_compiled(x, weight, eps):
+    return torch.ops.flagdit_kernels.rms_norm_fwd(x, weight, float(eps))[0]
 
 
+def _compiled_missing(cuda: bool) -> str:
+    """Why the C++ rms_norm cannot run ("" when it can): no extension, no CUDA in it, or an extension built
+    before the op had its present name (its schemas then lack ``rms_norm_fwd``)."""
+    missing = extension_missing(cuda=cuda)
+    if not missing and not hasattr(torch.ops.flagdit_kernels, "rms_norm_fwd"):
+        missing = "the compiled extension predates rms_norm_fwd: rebuild it (python setup.py build_ext --inplace)"
+    return missing
+
+
+if not _compiled_missing(cuda=False):
+    _register_compiled_autograd()
 for _device in ("cuda", "cpu"):
-    _missing = extension_missing(cuda=_device == "cuda")
-    if not _missing:
-        _register_compiled_autograd(_device)
+    _missing = _compiled_missing(cuda=_device == "cuda")
     _dispatch.register(
         "rms_norm",
         _device,
-        _compiled_rms_norm(_device),
+        _rms_norm_compiled,
         devices=(_device,),
         dtypes=_dispatch.FP32_MATH_DTYPES if _device == "cuda" else None,  # the CPU kernels compute float64 in float64
         missing=lambda m=_missing: m,
@@ -388,7 +504,8 @@ for _device in ("cuda", "cpu"):
 
 # Default order on CUDA tensors. Not measured yet (no GPU in the session that wrote these kernels): the fused
 # Triton kernels go first because they read x once and fuse the modulation / gate; the CUDA C++ rms_norm is
-# the alternative. Revisit with benchmarks/ (flagdit_kernels.bench.norms) on the GPU and reorder if needed.
+# the alternative. Revisit with benchmarks/ (flagdit_kernels.bench.families.norms) on the GPU and reorder if needed.
 _dispatch.set_preference("rms_norm", "cuda", ("triton", "cuda", "reference"))
 _dispatch.set_preference("rms_norm_modulate", "cuda", ("triton", "reference"))
 _dispatch.set_preference("gated_residual_rms_norm", "cuda", ("triton", "reference"))
+_dispatch.set_preference("layer_norm_modulate", "cuda", ("triton", "reference"))

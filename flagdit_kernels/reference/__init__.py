@@ -5,7 +5,7 @@ These functions assume validated inputs; the public wrappers in ``flagdit_kernel
 
 from .attention import proportional_scale, varlen_attention
 from .embed import embed_packed
-from .norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
+from .norms import gated_residual_rms_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
 from .packing import Packed, TileLayout, pack, tile_layout, token_layout, unpack
 from .rope import apply_rope, qk_norm_rope, rope_freqs
 
@@ -15,6 +15,7 @@ __all__ = [
     "apply_rope",
     "embed_packed",
     "gated_residual_rms_norm",
+    "layer_norm_modulate",
     "pack",
     "proportional_scale",
     "qk_norm_rope",

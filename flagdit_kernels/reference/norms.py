@@ -1,14 +1,16 @@
-"""RMSNorm and its DiT fusions, as Lumina-T2X computes them.
+"""The norm family: RMSNorm and its DiT fusions as Lumina-T2X computes them, and LayerNorm's adaLN.
 
-RMSNorm normalizes in fp32 and rounds to the input dtype before the weight multiply; the modulation and the
-gated residual are applied in fp32 to that rounded value and rounded once more at the end.
+RMSNorm normalizes in fp32 and rounds to the input dtype before the weight multiply; LayerNorm computes
+``xhat * weight + bias`` in fp32 (torch's ``layer_norm``) and rounds once. The modulation and the gated
+residual are applied in fp32 to the rounded norm output and rounded once more at the end.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .._conventions import EPS
+from .._conventions import EPS, LAYER_NORM_EPS
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,3 +74,23 @@ def gated_residual_rms_norm(
     if tanh_gate:
         g = torch.tanh(g)
     return (residual.to(acc) + g * rms_norm(h, weight, eps).to(acc)).to(residual.dtype)
+
+
+def layer_norm_modulate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = LAYER_NORM_EPS,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``LayerNorm(x) [* weight + bias] * (1 + scale) + shift``: the adaLN-LayerNorm of DiT final layers."""
+    acc = compute_dtype(x.dtype)
+    w = weight.to(acc) if weight is not None else None
+    b = bias.to(acc) if bias is not None else None
+    normed = F.layer_norm(x.to(acc), (x.shape[-1],), w, b, eps).to(x.dtype)
+    out = normed.to(acc) * (1 + per_token(scale, x, cu_seqlens).to(acc))
+    if shift is not None:
+        out = out + per_token(shift, x, cu_seqlens).to(acc)
+    return out.to(x.dtype)

@@ -1,5 +1,8 @@
 """What the norm, RoPE and packing kernel files share: grid sizing from the device and the compiled kernel,
-warp counts, alignment facts the JIT cannot see, the RoPE rotation and a portable tanh.
+warp counts, alignment facts the JIT cannot see, the RoPE rotation, a portable tanh, and the normalisation
+math of the norm family and the QK-norm kernel (the norm codes, centring and the input gradient; each kernel
+does its own reductions, over rows of a tile or over a token's pair tiles, and its own rstd: the norm family's
+1/sqrt as the reference rounds it, the QK-norm's rsqrt).
 
 Persistent grids. A kernel whose programs walk a contiguous chunk of the work (and keep partial sums in
 registers) wants exactly as many programs as the GPU holds at once: fewer leave SMs idle, more run as a
@@ -19,6 +22,9 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Which normalisation a kernel applies (constexpr NORM): none, LayerNorm (mean and variance) or RMSNorm.
+NORM_NONE, NORM_LAYER, NORM_RMS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 # sm_80/sm_90 limits, used when torch does not report them.
 REGS_PER_SM = 65536
@@ -130,3 +136,21 @@ def tanh(g):
     near = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
     r = tl.where(a < 0.125, near, far)
     return tl.where(g < 0, -r, r)
+
+
+@triton.jit
+def centered(x, mean, mask, NORM: tl.constexpr):
+    """What the norm divides by its root mean square: x - mean for LayerNorm (zeros outside ``mask``, so the
+    variance sums only real values), x itself for RMSNorm (padding already holds zeros)."""
+    if NORM == NORM_LAYER:
+        return tl.where(mask, x - mean, 0.0)
+    return x
+
+
+@triton.jit
+def norm_input_grad(g, xhat, rstd, mean_g, mean_gxhat, NORM: tl.constexpr):
+    """d/dx of xhat = centered(x) * rstd(x) against the gradient g of xhat: rstd * (g - mean(g) - xhat *
+    mean(g * xhat)) for LayerNorm; RMSNorm has no centring, so no mean(g) term."""
+    if NORM == NORM_LAYER:
+        g = g - mean_g
+    return rstd * (g - xhat * mean_gxhat)

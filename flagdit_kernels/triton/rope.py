@@ -32,10 +32,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._helpers import num_warps, persistent_grid, rotate_pairs, whole_vectors
+from ._helpers import (
+    NORM_LAYER,
+    NORM_NONE,
+    NORM_RMS,
+    centered,
+    norm_input_grad,
+    num_warps,
+    persistent_grid,
+    rotate_pairs,
+    whole_vectors,
+)
 
-# Norm codes (constexpr NORM in the kernels).
-NORM_NONE, NORM_LAYER, NORM_RMS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Norm codes (constexpr NORM in the kernels, shared with the norm family: triton/_helpers.py).
 NORM_CODES = {None: NORM_NONE, "none": NORM_NONE, "layer_norm": NORM_LAYER, "rms_norm": NORM_RMS}
 
 # apply_rope: rotary pairs per program (x 2 elements); one program handles heads of one token. 2048 pairs =
@@ -172,10 +181,8 @@ def _normalize(x0, x1, mask, n_row, D, eps, NORM: tl.constexpr):
     """(xhat0, xhat1, rstd): LayerNorm over the whole tile (n_row real values) or RMSNorm per head (row)."""
     if NORM == NORM_LAYER:
         mean = tl.sum(tl.sum(x0 + x1, axis=1), axis=0) / n_row
-        xc0 = tl.where(mask, x0 - mean, 0.0)
-        xc1 = tl.where(mask, x1 - mean, 0.0)
-        var = tl.sum(tl.sum(xc0 * xc0 + xc1 * xc1, axis=1), axis=0) / n_row
-        rstd = tl.rsqrt(var + eps)
+        xc0, xc1 = centered(x0, mean, mask, NORM), centered(x1, mean, mask, NORM)
+        rstd = tl.rsqrt(tl.sum(tl.sum(xc0 * xc0 + xc1 * xc1, axis=1), axis=0) / n_row + eps)
         return xc0 * rstd, xc1 * rstd, rstd
     else:
         # Masked (padding) heads and pairs hold zeros, so they add nothing to the per-head sums.
@@ -345,12 +352,11 @@ def _qk_bwd_rows(
                 n_row = H * D
                 mean_g = tl.sum(tl.sum(g0 + g1, axis=1), axis=0) / n_row
                 mean_gx = tl.sum(tl.sum(g0 * xh0 + g1 * xh1, axis=1), axis=0) / n_row
-                dx0 = rstd * (g0 - mean_g - xh0 * mean_gx)
-                dx1 = rstd * (g1 - mean_g - xh1 * mean_gx)
             else:
+                mean_g = 0.0
                 mean_gx = (tl.sum(g0 * xh0 + g1 * xh1, axis=1) / D)[:, None]
-                dx0 = rstd * (g0 - xh0 * mean_gx)
-                dx1 = rstd * (g1 - xh1 * mean_gx)
+            dx0 = norm_input_grad(g0, xh0, rstd, mean_g, mean_gx, NORM)
+            dx1 = norm_input_grad(g1, xh1, rstd, mean_g, mean_gx, NORM)
         if HAS_B:
             acc_b0 += dn0
             acc_b1 += dn1

@@ -3,7 +3,7 @@
 FLAGDIT_KERNELS_AUTOTUNE picks the mode: ``1`` (the default) times every tile that fits the first time a
 regime is seen and remembers the fastest; ``0`` launches the first tile that fits (one compile per variant, no
 timing: the test suite runs this way, and so does the interpreter, always); ``compile`` runs every tile once
-without timing, to fill Triton's compile cache from parallel processes (``python -m flagdit_kernels.bench.warm``).
+without timing, to fill Triton's compile cache from parallel processes (``flagdit-bench warm``).
 
 A tuning result is keyed by everything that can change the answer: the kernel and its source (Triton's cache
 key), the Triton version, the GPU's name and compute capability, the dtype, head dim, GQA ratio, text and RoPE

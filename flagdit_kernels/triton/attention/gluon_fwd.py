@@ -5,7 +5,7 @@ autotuner offers it only on sm_90 devices with FLAGDIT_KERNELS_GLUON=1, and only
 forward on the same inputs there (candidates.py); nothing Gluon becomes a default without a passing
 GPU record (benchmarks/gpu_check.sh runs tests/test_smoke_gluon.py first; benchmarks/RESULTS.md). What is proven
 without a GPU is that it compiles for sm_90 on Triton 3.6 and 3.9, with the structure the compile shows
-(tests/test_compile_structure.py; ``python -m flagdit_kernels.tools.compile_report --gluon``).
+(tests/test_attention_compile_structure.py; ``flagdit-bench compile-report --gluon``).
 
 Same contract as ``_fwd_kernel`` (fwd.py): packed q ``(T, H, D)``, k/v ``(T, Hkv, D)`` split by
 ``cu_seqlens``, GQA by ``h // GROUP``, Lumina's gated text keys per sample; writes ``out``, ``o_text`` and the
@@ -27,13 +27,21 @@ The text keys of a sample run through the same ring before its self keys, with t
 is written to memory (the backward reads it) and read back by the same threads for ``out = o_self +
 tanh(gate[h]) * o_text`` (exactly 0 for a sample without text).
 
-Not here, against the FA3 plan of issue 22: the output is rescaled every key tile (a lazy rescale needs a
-warpgroup-uniform branch that Gluon does not give without a cross-warp reduction); the QK^T of tile j+1 is not
+The output is rescaled lazily (FA4): a row keeps its running max until a tile raises it by more than 2^8
+(RESCALE_THRESHOLD in log2 units), which is exact (acc, l and the LSE share the stale max, which cancels in
+acc / l; P stays <= 256), and a warp none of whose rows moved skips the accumulator products (_rescale: a vote and
+a warp-uniform branch in inline PTX, since Gluon's branches are uniform over the whole partition only).
+
+Not here, against the FA3 plan of issue 22: the QK^T of tile j+1 is not
 issued before the softmax of tile j (that order carries a wgmma in flight over the loop's back edge, and ptxas
 then serializes every wgmma of the kernel: its C7514 note); head dims that are not powers of two (72, 96) are
 not offered (Gluon register tensors are powers of two, so D72 cannot run as one 80-wide product here); 128-key
-tiles (they spill); key tiles past a sequence's end are read from the next sequence and masked (TMA zero-fills
-only past the end of the whole tensor), so a non-finite value there would reach the output as NaN.
+tiles (they spill).
+
+A key tile past the end of a key range is read from the next sequence's rows (TMA zero-fills only past the end of
+the whole tensor): its scores are masked and its P columns zeroed, and its V is copied, rows past the range
+zeroed, into a tile of the consumer's own before the PV product (_clean_tail, once per key range, outside the
+loop), so a non-finite value in a neighbour's keys or values never reaches this sequence's results.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # Triton 3.6 names the TMA load async_copy_global_to_shared; 3.9 renamed it async_load (the old name raises).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# A barrier of the calling partition's warps (a named barrier inside gl.warp_specialize): 3.6 names it
+# thread_barrier, 3.9 barrier.
+_partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 LN2 = gl.constexpr(0.6931471805599453)
 # Query rows of a work item: two consumers of 64 rows (the wgmma M of one warpgroup).
@@ -61,6 +72,8 @@ BLOCK_M = 128
 # Registers a thread of each worker partition asks for (setmaxnreg): the producer only issues copies.
 PRODUCER_REGS = gl.constexpr(24)
 CONSUMER_REGS = gl.constexpr(240)
+# log2 of the factor a row's max may grow by before its output is rescaled (FA4's lazy rescale): P <= 256.
+RESCALE_THRESHOLD = gl.constexpr(8.0)
 
 
 @gluon.jit
@@ -156,6 +169,41 @@ def _keep(x):
     return gl.inline_asm_elementwise("", "=r,0", [x], dtype=x.dtype, is_pure=False, pack=2)
 
 
+@gluon.constexpr_function
+def _rescale_asm(n):
+    """PTX multiplying a thread's ``n`` accumulator elements by their rows' alpha, skipped by a warp-uniform
+    branch when no row of the warp has alpha != 1. Operands: $0..$n-1 the outputs (tied to the inputs
+    $n..$2n-1), $2n..$3n-1 each element's alpha. Elements 0 and 2 hold the thread's two rows: in the wgmma
+    accumulator layout (64 rows over 4 warps) register bit 0 steps one column, bit 1 eight rows."""
+    a = 2 * n
+    products = "\n".join(f"mul.f32 ${i}, ${i}, ${a + i};" for i in range(n))
+    return (
+        "{\n.reg .pred %lazy_row, %lazy_warp;\n"
+        f"setp.neu.f32 %lazy_row, ${a}, 0f3F800000;\n"
+        f"setp.neu.or.f32 %lazy_row, ${a + 2}, 0f3F800000, %lazy_row;\n"
+        "vote.sync.any.pred %lazy_warp, %lazy_row, -1;\n"
+        "@!%lazy_warp bra.uni lazy_rescale_done_${:uid};\n"
+        f"{products}\n"
+        "lazy_rescale_done_${:uid}:\n}"
+    )
+
+
+@gluon.constexpr_function
+def _rescale_constraints(n):
+    return ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * n)
+
+
+@gluon.jit
+def _rescale(acc, alpha):
+    """acc * alpha[:, None] for one warpgroup's (64, HEAD_DIM) accumulator, a warp at a time: a warp none of whose
+    16 rows has alpha != 1 (the lazy rescale keeps the max of most rows) skips the products."""
+    N: gl.constexpr = acc.shape[0] * acc.shape[1] // 128  # elements per thread
+    gl.static_assert(acc.shape[0] == 64)
+    a, acc = gl.broadcast(gl.expand_dims(alpha, 1), acc)
+    return gl.inline_asm_elementwise(_rescale_asm(N), _rescale_constraints(N), [acc, a], dtype=gl.float32,
+                                     is_pure=True, pack=N)  # fmt: skip
+
+
 @gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, n_valid, MASK: gl.constexpr, s_layout: gl.constexpr):
     """Online-softmax update of one score tile (log2 units, scale folded into one FMA per score): returns
@@ -163,8 +211,12 @@ def _softmax_step(s, m_i, l_i, qk_scale, n_valid, MASK: gl.constexpr, s_layout: 
     if MASK:
         cols = gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
         s = gl.where(gl.expand_dims(cols < n_valid, 0), s, float("-inf"))
-    # Every tile holds at least one real key, so m_new is finite.
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    # Every tile holds at least one real key, so the grown max is finite. Lazy rescale: a row keeps its stale max
+    # unless the new one exceeds it by more than RESCALE_THRESHOLD (the first tile always moves it off -inf), so
+    # alpha is exactly 1 for most rows and tiles and _rescale skips them. Exact: p <= 2^RESCALE_THRESHOLD, and
+    # acc, l and the LSE all use the same max, which cancels in acc / l.
+    m_grown = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_new = gl.where(m_grown - m_i > RESCALE_THRESHOLD, m_grown, m_i)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(gl.fma(s, qk_scale, -gl.expand_dims(m_new, 1)))
     if MASK:
@@ -191,6 +243,28 @@ def _issue_pv(acc, p16, v_ring, v_ready, it, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _clean_tail(v_ring, v_ready, v_tail, it, n_valid, STAGES: gl.constexpr):
+    """``v_tail``, holding V tile ``it`` with its rows at or past ``n_valid`` zeroed: a key tile that runs past
+    the end of its key range was read from the next sequence's rows (TMA zero-fills only past the end of the
+    tensor), and a non-finite value there would give 0 * inf = NaN in the PV product even with P zero there.
+    ``v_tail`` belongs to this consumer; the PV that read it last was waited for before."""
+    BLOCK_N: gl.constexpr = v_tail.shape[0]
+    HEAD_DIM: gl.constexpr = v_tail.shape[1]
+    # 16-byte rows of 8 elements per thread; one warpgroup (4 warps) covers the tile.
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+    slot = it % STAGES
+    mbarrier.wait(v_ready.index(slot), (it // STAGES) & 1)
+    v = v_ring.index(slot).load(layout)
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    v = gl.where(gl.expand_dims(rows < n_valid, 1), v, gl.zeros_like(v))
+    _partition_barrier()  # every warp of this consumer is past the wgmma that read v_tail before
+    v_tail.store(v)
+    fence_async_shared()  # the generic-proxy stores before the wgmma's async-proxy reads
+    _partition_barrier()  # the whole tile is written before any warp issues the wgmma
+    return v_tail
+
+
+@gluon.jit
 def _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, it, n_valid, qk_scale,
           C: gl.constexpr, MASK: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
           orow_layout: gl.constexpr):  # fmt: skip
@@ -208,14 +282,14 @@ def _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns,
     acc = warpgroup_mma_wait(0, deps=[acc])
     p16 = _keep(p16)
     mbarrier.arrive(kv_free.index((it + STAGES - 1) % STAGES), count=1)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+    acc = _rescale(acc, gl.convert_layout(alpha, orow_layout))
     return acc, m_i, l_i, p, turn
 
 
 @gluon.jit
-def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, n_keys, qk_scale, it, C: gl.constexpr,
-                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  num_warps: gl.constexpr):  # fmt: skip
+def _consume_keys(q, k_ring, v_ring, v_tail, k_ready, v_ready, kv_free, turns, turn, n_keys, qk_scale, it,
+                  C: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Online softmax of the Q tile ``q`` (shared memory) over cdiv(n_keys, BLOCK_N) >= 1 ring slots from ``it``:
     returns (acc, m_i, l_i, it, turn). Each tile after the first is a _step: the softmax of tile j runs while the PV
     wgmma of tile j-1 is in flight (a wait with one group outstanding).
@@ -254,11 +328,12 @@ def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, n_k
         acc, m_i, l_i, p, turn = _step(acc, m_i, l_i, p, q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn,
                                        it + n_tiles - 1, n_keys - (n_tiles - 1) * BLOCK_N, qk_scale, C, True, STAGES,
                                        s_layout, p_layout, orow_layout)  # fmt: skip
-    # The PV of the last tile.
+    # The PV of the last tile, from a copy of its V without the rows past the key range.
     last = it + n_tiles - 1
     p16 = gl.convert_layout(p.to(v_ring.dtype), p_layout)
+    v_last = _clean_tail(v_ring, v_ready, v_tail.index(C), last, n_keys - (n_tiles - 1) * BLOCK_N, STAGES)
     turn = _take_turn(turns, turn, C)
-    acc = _issue_pv(acc, p16, v_ring, v_ready, last, STAGES)
+    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
     _pass_turn(turns, C)
     acc = warpgroup_mma_wait(0, deps=[acc])
     p16 = _keep(p16)
@@ -267,8 +342,8 @@ def _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, n_k
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
-              OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
+def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns,
+              TGATE, OUT, OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
               stride_ot, stride_oh,
               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
@@ -301,16 +376,16 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
                 # -inf marks rows without text for the Triton backward, which then applies no gate there.
                 lse_t = gl.full([ROWS], float("-inf"), gl.float32, layout=orow_layout)
                 if t_len > 0:
-                    acc_t, m_t, l_t, it, turn = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns,
-                                                              turn, t_len, text_qk_scale, it, c, ROWS, BLOCK_N,
+                    acc_t, m_t, l_t, it, turn = _consume_keys(q, k_ring, v_ring, v_tail, k_ready, v_ready, kv_free,
+                                                              turns, turn, t_len, text_qk_scale, it, c, ROWS, BLOCK_N,
                                                               HEAD_DIM, STAGES, num_warps)  # fmt: skip
                     o_t = acc_t / gl.expand_dims(l_t, 1)
                     lse_t = (m_t + gl.log2(l_t)) * LN2
                 # Parked in memory (the backward reads it) and read back below by these same threads.
                 gl.store(OTEXT + o_offs, o_t.to(dtype), mask=o_mask)
                 gl.store(LSE_T + lse_offs, lse_t, mask=row_ok)
-            acc, m_i, l_i, it, turn = _consume_keys(q, k_ring, v_ring, k_ready, v_ready, kv_free, turns, turn, seq_len,
-                                                    qk_scale, it, c, ROWS, BLOCK_N, HEAD_DIM, STAGES,
+            acc, m_i, l_i, it, turn = _consume_keys(q, k_ring, v_ring, v_tail, k_ready, v_ready, kv_free, turns, turn,
+                                                    seq_len, qk_scale, it, c, ROWS, BLOCK_N, HEAD_DIM, STAGES,
                                                     num_warps)  # fmt: skip
             # Every QK^T of this item is done: the producer may load the next Q tile.
             mbarrier.arrive(q_free.index(c), count=1)
@@ -325,23 +400,23 @@ def _consumer(c: gl.constexpr, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
 
 
 @gluon.jit
-def _consumer1(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
-               LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
-               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _consumer1(q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT,
+               LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot,
+               stride_oh, HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr):  # fmt: skip
-    _consumer(1, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
-              LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
-              HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
+    _consumer(1, q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT,
+              LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot,
+              stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
 
 
 @gluon.jit
-def _consumer0(q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
-               LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
-               HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _consumer0(q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT,
+               LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot,
+               stride_oh, HEAD_DIM: gl.constexpr, HAS_TEXT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr):  # fmt: skip
-    _consumer(0, q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT, LSE,
-              LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot, stride_oh,
-              HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
+    _consumer(0, q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT, OTEXT,
+              LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items, stride_ot,
+              stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES, 4)  # fmt: skip
 
 
 @gluon.jit
@@ -357,6 +432,7 @@ def _gluon_fwd_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    v_tail = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)  # one per consumer
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -379,10 +455,10 @@ def _gluon_fwd_kernel(
     # fmt: off
     gl.warp_specialize(
         [
-            (_consumer0, (q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
+            (_consumer0, (q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
                           OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
                           stride_ot, stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES)),
-            (_consumer1, (q_smem, k_ring, v_ring, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
+            (_consumer1, (q_smem, k_ring, v_ring, v_tail, q_ready, q_free, k_ready, v_ready, kv_free, turns, TGATE, OUT,
                           OTEXT, LSE, LSE_T, ORDER, TILE_CUM, CU, TCU, qk_scale, text_qk_scale, T, H, n_seqs, n_items,
                           stride_ot, stride_oh, HEAD_DIM, HAS_TEXT, BLOCK_M, BLOCK_N, STAGES)),
             (_producer, (q_desc, k_desc, v_desc, tk_desc, tv_desc, q_smem, k_ring, v_ring, q_ready, q_free, k_ready,
@@ -456,6 +532,12 @@ def schedule(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order.to(torch.int32), cum
 
 
+def item_bound(T: int, batch: int, heads: int) -> int:
+    """An upper bound on the work items (real query tiles x heads), known without a host sync: each sequence has
+    at most one partial tile. A program past the real items (TILE_CUM[B] * heads) skips them at one load."""
+    return (T // BLOCK_M + batch) * heads
+
+
 def launch(
     config: GluonConfig,
     q,
@@ -482,7 +564,7 @@ def launch(
     without text); ``programs``: the persistent grid (the SM count)."""
     H, D = q.shape[1], q.shape[2]
     order, tile_cum = schedule(cu)
-    n_items = (T // BLOCK_M + batch) * H  # an upper bound on the real items, known without a host sync
+    n_items = item_bound(T, batch, H)
     _gluon_fwd_kernel[(max(1, min(programs, n_items)),)](
         _descriptor(q, BLOCK_M // 2), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
         _descriptor(tk, config.block_n), _descriptor(tv, config.block_n), tg, out, ot, lse, lt, order, tile_cum,

@@ -1,8 +1,0 @@
-"""Kernels given offsets and kinds nobody checked stay in bounds, write every output and follow their documented
-rule (tests/unchecked_cases.py), run in a child process so that an out-of-bounds access fails this test."""
-
-from isolated import run_pytest_isolated
-
-
-def test_unchecked_offsets_and_kinds_in_a_child_process():
-    run_pytest_isolated("unchecked_cases.py")
