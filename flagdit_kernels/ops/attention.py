@@ -19,8 +19,11 @@ from .._validation import (
     check_tensor,
     values_checked,
 )
-from . import attention_engines
+from ..reference.packing import TileLayout
+from ..reference.tile_sparsity import tile_sparse_mask
+from . import attention_engines, tile_sparsity
 from .rope import check_freqs
+from .tile_sparsity import TileSparsity
 
 SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
 # The Triton kernels' online softmax computes p = exp2(fma(s, c, -m)), c = scale * log2(e) and m the rounded row
@@ -32,7 +35,18 @@ SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
 # logits); models use 1/sqrt(Dh) (the default) or Lumina's proportional scale, both below 1.
 MAX_SOFTMAX_SCALE = 1e4
 
-_dispatch.register("varlen_attention", "reference", ref.varlen_attention, devices=("cpu", "cuda"))
+
+def _varlen_attention_reference(*args, tiles=None, blocks=None, **kwargs):
+    """The reference; tile-sparse calls as its mask over the packed tokens (reference/tile_sparsity.py)."""
+    if blocks is not None:
+        kwargs["mask"] = tile_sparse_mask(tiles, args[3], blocks)
+    return ref.varlen_attention(*args, **kwargs)
+
+
+_dispatch.register("varlen_attention", "reference", _varlen_attention_reference, devices=("cpu", "cuda"))
+# The backends that run tile-sparse calls (sparsity=): the others take no block lists (flash-attn's and torch's
+# varlen kernels attend whole sequences), so a sparse call never goes to them (nor to the engine choice).
+SPARSE_BACKENDS = ("reference", "triton")
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -137,6 +151,8 @@ def varlen_attention(
     max_seqlen_k: int | None = None,
     backend: str | None = None,
     prefer: str | None = None,
+    sparsity: TileSparsity | None = None,
+    tiles: TileLayout | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention within each packed sequence, plus Lumina's gated text cross-attention.
 
@@ -161,6 +177,15 @@ def varlen_attention(
     to keys ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` (any length, 0 included); ``max_seqlen_k`` is the longest key
     sequence (required with raw offsets, like ``max_seqlen``). A sample without keys gives exactly 0 (before
     the text branch) and an LSE of ``-inf``. RoPE (``freqs``) is for self-attention only.
+
+    Tile-sparse self-attention: with ``sparsity`` (a :class:`~flagdit_kernels.TileSparsity`) and ``tiles`` (the
+    :class:`~flagdit_kernels.TileLayout` of a tile-major pack, ``fk.pack(..., tile=...).tiles``; both or neither)
+    each query tile attends only the key tiles ``sparsity`` lists for it (``fk.tile_sparse_blocks``, built on the
+    device from q and k after RoPE, no host sync); placeholder tokens stay global, the gated text branch dense.
+    The definition is the masked reference (``fk.tile_sparse_attention``); backends ``reference`` and ``triton``
+    run it (the Triton kernels visit only the listed key blocks), the others raise NotImplementedError.
+    ``return_lse`` and ``deterministic`` keep their meaning; not with cross-attention. What the call visited
+    (its ``density``) is :func:`~flagdit_kernels.last_tile_blocks`.
     """
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
@@ -193,19 +218,39 @@ def varlen_attention(
     if freqs is not None:
         check_freqs(freqs, "q", q)
     impl = _dispatch.resolve("varlen_attention", q, backend, prefer)
+    sparse = _sparse_lists(sparsity, tiles, impl.backend, q, k, cu, cross, softmax_scale, freqs)
     args = (q, k, v, cu, max_seqlen, softmax_scale)
     kwargs = dict(
         text_k=text_k, text_v=text_v, text_cu_seqlens=text_cu, text_max_seqlen=text_max_seqlen, gate=gate,
         freqs=freqs, return_lse=return_lse, deterministic=deterministic, **_key_offsets(cu_k, max_seqlen_k),
+        **sparse,
     )  # fmt: skip
     fn = impl.fn
-    chosen_freely = backend is None and prefer is None and _dispatch.forced_backend() is None
+    chosen_freely = backend is None and prefer is None and _dispatch.forced_backend() is None and not sparse
     if chosen_freely and impl.backend == "triton" and q.is_cuda:  # the fastest engine here (attention_engines.py)
         ordered = deterministic or (
             torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
         )
         fn = attention_engines.engine_for(impl, args, kwargs, deterministic=ordered)
     return fn(*args, **kwargs)
+
+
+def _sparse_lists(sparsity, tiles, backend: str, q, k, cu, cross: bool, softmax_scale: float, freqs) -> dict:
+    """The backends' tile-sparse keywords (``tiles``, ``blocks``), or {} for a dense call; checks the arguments."""
+    if sparsity is None and tiles is None:
+        return {}
+    if sparsity is None or tiles is None:
+        given, missing = ("sparsity", "tiles") if tiles is None else ("tiles", "sparsity")
+        raise ValueError(f"{given} is given without {missing}: tile-sparse attention needs both (or neither)")
+    if cross:
+        raise ValueError("sparsity is for self-attention over a tile-major pack, not with cu_seqlens_k")
+    if backend not in SPARSE_BACKENDS:
+        raise NotImplementedError(
+            f"backend {backend!r} does not run tile-sparse attention (sparsity=): its varlen kernel attends whole "
+            f"sequences and takes no block lists; use one of {SPARSE_BACKENDS}"
+        )
+    blocks = tile_sparsity.blocks_for_call(q, k, cu, tiles, sparsity, softmax_scale, freqs)
+    return {"tiles": tiles, "blocks": blocks}
 
 
 def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
@@ -229,6 +274,11 @@ def _key_offsets(cu_seqlens_k: Tensor | None, max_seqlen_k: int | None) -> dict:
     return {} if cu_seqlens_k is None else {"cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k}
 
 
+def _sparse_tables(sparse_lists: Tensor | None, sparse_sizes: list[int] | None) -> dict:
+    """The launchers' tile-sparse keywords, passed only for a tile-sparse call."""
+    return {} if sparse_lists is None else {"sparse_lists": sparse_lists, "sparse_sizes": sparse_sizes}
+
+
 @torch.library.custom_op("flagdit_kernels::varlen_attention_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor,
@@ -246,17 +296,20 @@ def _fwd_op(
     deterministic: bool,
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_k: int | None = None,
+    sparse_lists: Tensor | None = None,
+    sparse_sizes: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, o_text, lse_self, lse_text, q_rot, k_rot), LSEs in natural log; all but out are saved for
     the backward. q_rot / k_rot are q and k rotated by RoPE (empty without ``freqs``): the backward reads them.
     ``lse_returned`` and ``deterministic`` are for the backward: whether lse_self reached the caller (else the
     zero gradient autograd hands an unused output is not read) and which dq path to take. ``cu_seqlens_k`` /
-    ``max_seqlen_k``: the keys' own offsets of a cross-attention call (None: self-attention)."""
+    ``max_seqlen_k``: the keys' own offsets of a cross-attention call (None: self-attention). ``sparse_lists``
+    / ``sparse_sizes``: a tile-sparse call's tables (triton/attention/sparse.py; None: dense)."""
     from ..triton.attention import launch as kernels
 
     out, o_text, lse, lse_t, q_rot, k_rot = kernels.forward(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
-        **_key_offsets(cu_seqlens_k, max_seqlen_k),
+        **_key_offsets(cu_seqlens_k, max_seqlen_k), **_sparse_tables(sparse_lists, sparse_sizes),
     )  # fmt: skip
     if freqs is None:  # q_rot, k_rot are q, k themselves: an output may not alias an input
         q_rot, k_rot = q.new_empty(0), k.new_empty(0)
@@ -265,7 +318,8 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
-              lse_returned, deterministic, cu_seqlens_k=None, max_seqlen_k=None):  # fmt: skip
+              lse_returned, deterministic, cu_seqlens_k=None, max_seqlen_k=None, sparse_lists=None,
+              sparse_sizes=None):  # fmt: skip
     T, H, D = q.shape
     has_text = text_k is not None
     out = q.new_empty((T, H, D))
@@ -300,6 +354,8 @@ def _bwd_op(
     deterministic: bool,
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_k: int | None = None,
+    sparse_lists: Tensor | None = None,
+    sparse_sizes: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
     the gradient of the self-attention LSE (None when the caller did not take it). With ``freqs``, q and k are
@@ -309,6 +365,7 @@ def _bwd_op(
     dq, dk, dv, dtk, dtv, dtg = kernels.backward(
         dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
         text_k, text_v, text_cu_seqlens, tanh_gate, freqs, deterministic, **_key_offsets(cu_seqlens_k, max_seqlen_k),
+        **_sparse_tables(sparse_lists, sparse_sizes),
     )  # fmt: skip
     if text_k is None:
         dtk, dtv, dtg = q.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
@@ -317,7 +374,8 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
-              text_cu_seqlens, tanh_gate, freqs, deterministic, cu_seqlens_k=None, max_seqlen_k=None):  # fmt: skip
+              text_cu_seqlens, tanh_gate, freqs, deterministic, cu_seqlens_k=None, max_seqlen_k=None,
+              sparse_lists=None, sparse_sizes=None):  # fmt: skip
     has_text = text_k is not None
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -331,25 +389,27 @@ def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seql
 
 def _fwd_setup(ctx, inputs, output):
     q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, tanh_gate, freqs, lse_returned, deterministic = inputs[:13]
-    cu_k, max_seqlen_k = inputs[13:]
+    cu_k, max_seqlen_k, sparse_lists, sparse_sizes = inputs[13:]
     out, o_text, lse, lse_t, q_rot, k_rot = output
     if freqs is not None:  # the backward reads the rotated copies, not the inputs
         q, k = q_rot, k_rot
-    ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k)
-    ctx.sizes = (max_seqlen, scale, max_seqlen_k)
+    ctx.save_for_backward(
+        q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k, sparse_lists
+    )
+    ctx.sizes = (max_seqlen, scale, max_seqlen_k, sparse_sizes)
     ctx.lse_returned, ctx.deterministic = lse_returned, deterministic
 
 
 def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t, _d_q_rot, _d_k_rot):
-    q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k = ctx.saved_tensors
-    max_seqlen, scale, max_seqlen_k = ctx.sizes
+    q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k, lists = ctx.saved_tensors
+    max_seqlen, scale, max_seqlen_k, sparse_sizes = ctx.sizes
     dq, dk, dv, dtk, dtv, dtg = _bwd_op(
         dout, d_lse if ctx.lse_returned else None, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
-        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic, cu_k, max_seqlen_k,
+        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic, cu_k, max_seqlen_k, lists, sparse_sizes,
     )  # fmt: skip
     if text_k is None:
         dtk = dtv = dtg = None
-    return dq, dk, dv, None, None, None, dtk, dtv, None, dtg, None, None, None, None, None
+    return dq, dk, dv, None, None, None, dtk, dtv, None, dtg, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -358,11 +418,16 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 def _varlen_attention_triton(
     q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, text_k=None, text_v=None, text_cu_seqlens=None,
     text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False, cu_seqlens_k=None,
-    max_seqlen_k=None,
+    max_seqlen_k=None, tiles=None, blocks=None,
 ):  # fmt: skip
     """The Triton backend: fused self + gated text kernels; see flagdit_kernels/triton/attention/launch.py.
     The backward accumulates dq with atomics unless ``deterministic`` (or torch.use_deterministic_algorithms
     without warn_only) asks for the ordered path."""
+    sparse_lists = sparse_sizes = None
+    if blocks is not None:  # the kernels' tables of the block lists (sparse.py), on the device
+        from ..triton.attention import sparse as sparse_kernels
+
+        sparse_lists, sparse_sizes = sparse_kernels.lists(tiles, cu_seqlens, blocks.keys, blocks.counts)
     scale = float(softmax_scale)
     tanh_gate = None
     if text_k is not None:  # text_max_seqlen is not needed: the kernels' grids come from the tensor shapes
@@ -375,7 +440,7 @@ def _varlen_attention_triton(
     )
     out, _, lse, _, _, _ = _fwd_op(
         q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs, return_lse,
-        deterministic, cu_seqlens_k, max_seqlen_k,
+        deterministic, cu_seqlens_k, max_seqlen_k, sparse_lists, sparse_sizes,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

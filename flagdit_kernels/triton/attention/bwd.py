@@ -33,6 +33,7 @@ import os
 import triton
 import triton.language as tl
 
+from . import sparse
 from .tiles import (
     LN2,
     LOG2E,
@@ -296,6 +297,7 @@ def _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_ba
 def _bwd_dkdv(
     Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs, bisect_steps,
+    LISTS, n_tiles, list_heads, list_width, volume,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -306,7 +308,7 @@ def _bwd_dkdv(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
+    TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order,
     and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch (grid: T_TEXT // BLOCK_N +
@@ -351,8 +353,19 @@ def _bwd_dkdv(
     else:
         k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, KCU
         pid -= n_text
-    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, WS)
-    k_start, k_len = segment(cu_k, b)
+    tl.static_assert(not (SPARSE and (TMA or WS)))  # SPARSE: self key tiles of the transposed lists (sparse.py)
+    if SPARSE:
+        if is_text:
+            b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
+            k_start, k_len = segment(cu_k, b)
+            tile = b * 0 - 1
+        else:
+            b, tile, k_start, k_len = sparse.program(pid, LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_N),
+                                                     BLOCK_N)
+            pid_n = b * 0
+    else:
+        b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, WS)
+        k_start, k_len = segment(cu_k, b)
     q_start, q_len = segment(CU, b)
     if WS:
         q_len = tl.where(pid_n * BLOCK_N < k_len, q_len, 0)  # an idle program: no query loop, nothing stored
@@ -376,7 +389,21 @@ def _bwd_dkdv(
         v0, v1 = load_tile(v_base, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM, D0, D1)
     dk0, dk1 = zeros_tile(BLOCK_N, D0, D1)
     dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
-    if WS:
+    if SPARSE:
+        # Tile-sparse self keys: per query head of the group, the same loop over each query run that visits this
+        # key tile (the transposed lists, sparse.py); a text key tile keeps its whole sample (one run).
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            n_runs = tl.where(is_text, 1, sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile))
+            for j in range(n_runs):
+                q_first, q_rows = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+                q_first = tl.where(is_text, q_start, q_first.to(tl.int64))
+                q_rows = tl.where(is_text, q_len, q_rows)
+                dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base,
+                                                 delta_base, is_text, h, 1, T, q_first, q_rows, stride_qt, stride_qh,
+                                                 stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale, ATOMIC_DQ,
+                                                 TMA, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    elif WS:
         h0 = hk * GROUP
         dk0, dk1, dv0, dv1 = _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + q_start * stride_qt + h0 * stride_qh,
                                       DO + q_start * stride_dot + h0 * stride_doh,
@@ -489,6 +516,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, STATS, CU, TCU, KCU,
     qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs, bisect_steps,
+    LISTS, n_tiles, list_heads, list_width, volume,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -498,23 +526,32 @@ def _bwd_dq(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-    WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
+    WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
 ):
     """dq of one block of queries for one head (self keys through tensor descriptors with TMA, then text keys)
-    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq.
+    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq. SPARSE: the forward's tile-sparse programs
+    and key runs (sparse.py), pointer loads.
 
     WS: the shape Triton 3.6 warp-specializes on sm_90, as the forward's (fwd._fwd_kernel): a counted bisection
     and no early return, q / dO / keys / text keys and the row statistics (STATS, written by _bwd_preprocess)
     through descriptors, one masked loop per key kind (_dq_inner)."""
     tl.static_assert(TMA_OK or not TMA)
     tl.static_assert((TMA and WS_OK) or not WS)
+    tl.static_assert(not (SPARSE and (TMA or WS)))
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
     # The forward's grid. WS: the (at most one per sequence) idle program runs with no keys and stores nothing.
-    if WS:
+    if SPARSE:
+        b, tile, start, seq_len = sparse.program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs,
+                                                 tl.cdiv(volume, BLOCK_M), BLOCK_M)
+        pid_m, h = 0, tl.program_id(1)
+        hk = h // GROUP
+        if seq_len <= 0:
+            return
+    elif WS:
         b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M, bisect_steps, True)
         h = tl.program_id(1)
         hk = h // GROUP
@@ -543,13 +580,22 @@ def _bwd_dq(
         lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
         delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
-    k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
-    k_start = k_start.to(tl.int64)
-    if WS:
-        k_len = tl.where(live, k_len, 0)
-    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
-                         V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
-                         BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS, LSE_COL)
+    if SPARSE:  # the same loop over each key run of the query tile
+        for j in range(sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile)):
+            k_start, k_len = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+            k_start = k_start.to(tl.int64)
+            dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0,
+                                 K + k_start * stride_kt + hk * stride_kh, V + k_start * stride_vt + hk * stride_vh,
+                                 stride_kt, stride_vt, k_len, qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC,
+                                 WS, LSE_COL)
+    else:
+        k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
+        k_start = k_start.to(tl.int64)
+        if WS:
+            k_len = tl.where(live, k_len, 0)
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
+                             V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
+                             BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS, LSE_COL)
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)
         t_start = t_start.to(tl.int64)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import rope as rope_kernels
 from . import autotune as tuning
-from . import candidates
+from . import candidates, sparse
 from .bwd import STATS_WIDTH, _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
 from .fwd import _fwd_kernel
 from .offsets import safe_offsets
@@ -43,13 +43,15 @@ autotune_mode = tuning.autotune_mode
 
 FORWARD = tuning.TunedKernel("forward", _fwd_kernel, tuning.FWD_TILES)
 FORWARD.alternatives = candidates.gluon_forward  # the Gluon forward, sm_90 only, verified first
+# Tile-sparse forward (SPARSE=True): pointer loads (its key runs start anywhere), no Gluon alternative.
+SPARSE_FORWARD = tuning.TunedKernel("sparse forward", _fwd_kernel, tuning.FWD_TILES)
 DKDV = tuning.TunedKernel("dk/dv", _bwd_dkdv, tuning.DKDV_TILES, tuning.dkdv_prune)
 DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES, tuning.backward_prune)
 
 
 def tuned_tiles() -> dict[str, dict[str, str]]:
     """The tiles the autotuner chose so far in this process, per kernel: {tuning key: tile}, for reports."""
-    return {k.name: k.tuned() for k in (FORWARD, DKDV, DQ)}
+    return {k.name: k.tuned() for k in (FORWARD, SPARSE_FORWARD, DKDV, DQ)}
 
 
 def _regime(
@@ -215,6 +217,17 @@ def _query_tiles(T: int, batch: int, heads: int):
     return lambda meta: (T // meta["BLOCK_M"] + batch, heads)
 
 
+def _sparse_launch(lists: torch.Tensor | None, sizes: list[int] | None, stand_in: torch.Tensor, batch: int, block: str):
+    """(programs along the rows as a function of the launch's tile, the kernels' sparse arguments) of a tile-sparse
+    launch (sparse.py: ``sizes`` starts n_tiles, list heads, list width, tile volume, placeholder tokens), or
+    (None, stand-ins no program reads) of a dense one."""
+    if lists is None:
+        return None, (stand_in, 0, 1, 0, 1)
+    n_tiles, heads_listed, width, volume, placeholders = sizes[:5]
+    programs = lambda meta: sparse.grid_programs(n_tiles, volume, placeholders, batch, meta[block])
+    return programs, (lists, n_tiles, heads_listed, width, volume)
+
+
 def _rotated(x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
     """x rotated by RoPE (a contiguous copy in x's dtype, fp32 math) when ``freqs`` is given, else x itself."""
     return x if freqs is None else rope_kernels.apply_rope(x, freqs, interleaved=True)
@@ -235,6 +248,8 @@ def forward(
     *,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
+    sparse_lists: torch.Tensor | None = None,
+    sparse_sizes: list[int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Returns ``(out, o_text, lse_self, lse_text, q_used, k_used)``; LSEs are fp32 ``(H, T)`` in natural log;
     o_text and lse_text are empty without text; q_used / k_used are what the backward must read (q and k
@@ -244,7 +259,10 @@ def forward(
     and sample b's queries attend to key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` (any number, 0 included:
     then the self part of its rows is exactly 0 and their self LSE -inf). ``max_seqlen_k`` is a tuning hint
     only. RoPE (``freqs``) is supported only for self-attention (ValueError otherwise). The text branch and
-    gate work as for self-attention."""
+    gate work as for self-attention.
+
+    Tile-sparse self-attention: ``sparse_lists`` / ``sparse_sizes`` from sparse.lists (the key tiles of every
+    query tile of a tile-major pack); the text branch stays dense."""
     _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
     q, k = _rotated(q, freqs), _rotated(k, freqs)
     q, k, v, text_k, text_v = _unit_head_dim(q, k, v, text_k, text_v)
@@ -271,15 +289,18 @@ def forward(
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
-    FORWARD.launch(
-        _query_tiles(T, batch, H),
+    programs, sparse_args = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, "BLOCK_M")
+    kernel, sparse_consts = (FORWARD, {}) if programs is None else (SPARSE_FORWARD, {"SPARSE": True})
+    kernel.launch(
+        _query_tiles(T, batch, H) if programs is None else lambda meta: (programs(meta), H),
         q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu, kcu,
         softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch, (batch - 1).bit_length(),
+        *sparse_args,
         *_rows(q, k, v, tk, tv, out),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=_dot_precision(q.dtype),
-        TMA_OK=_descriptor_ready(k, v), VEC=_vector_width(q, k, v, tk, tv, out),
-        WS_OK=_warp_specialize_ready(q, k, v, tk, tv),
-        regime=_regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k),
+        TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, out),
+        WS_OK=_warp_specialize_ready(q, k, v, tk, tv) and not sparse_consts,
+        regime=_regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k), **sparse_consts,
     )  # fmt: skip
     return out, o_text, lse, lse_t, q_used, k_used
 
@@ -306,6 +327,8 @@ def backward(
     *,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
+    sparse_lists: torch.Tensor | None = None,
+    sparse_sizes: list[int] | None = None,
 ):
     """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text); ``dlse`` is
     the gradient of the self-attention LSE, fp32 ``(H, T)``, or None. q and k are the forward's ``q_used`` /
@@ -318,7 +341,9 @@ def backward(
     On sm_90 with a Triton in BWD_WS_TRITONS that seven-matmul pair is the default, warp-specialized (bwd.py).
 
     ``cu_seqlens_k`` / ``max_seqlen_k``: cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys
-    of a sample without queries get exactly 0)."""
+    of a sample without queries get exactly 0). ``sparse_lists`` / ``sparse_sizes``: the forward's tile-sparse
+    tables; dq visits the same key runs, dk / dv the query runs of the transposed lists (built here, on the
+    device)."""
     _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
     dout, q, k, v, text_k, text_v = _unit_head_dim(dout, q, k, v, text_k, text_v)
     T, H, D = q.shape
@@ -354,10 +379,13 @@ def backward(
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, _stand_in(k, q), _stand_in(v, q), cu_seqlens)
     # sm_90 with a checked Triton: the warp-specialized kernels, dq by its own kernel (deterministic too), which
     # reads the rows' statistics as one tile (bwd.STATS_WIDTH fp32 a row) and needs a positive scale for it.
-    ws = (
+    ws_ready = (
         tuning.TRITON_VERSION in BWD_WS_TRITONS and softmax_scale > 0
         and _warp_specialize_ready(q, dout, _stand_in(k, q), _stand_in(v, q), tk, tv)
     )  # fmt: skip
+    # A tile-sparse call is never warp-specialized (its loops are pointer loads over runs, sparse.py) but takes
+    # the same dq path: its dk/dv with dq atomics spills and runs ds @ k on mma.sync (compile report).
+    ws = ws_ready and sparse_lists is None
     stats = torch.empty((H, T, STATS_WIDTH) if ws else (0,), dtype=torch.float32, device=dev)
     _bwd_preprocess[(triton.cdiv(T, block_t), H)](
         dout, out, ot, tg, lse, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r,
@@ -372,30 +400,40 @@ def backward(
     # Text key tiles first in the grid (program ids are dispatched in order): they run alongside the self ones.
     t_text = text_k.shape[0] if has_text else 0
     text_tiles = (lambda meta: t_text // meta["BLOCK_N"] + batch) if has_text else (lambda meta: 0)
-    # Then the self key tiles, over the key offsets (the query offsets for self-attention): only real tiles.
-    grid = lambda meta: (text_tiles(meta) + t_keys // meta["BLOCK_N"] + batch, h_kv)
+    # Then the self key tiles, over the key offsets (the query offsets for self-attention): only real tiles; or a
+    # tile-sparse call's key tile chunks, over the transposed lists (per key tile, the query tiles visiting it).
+    transposed = (None, None) if sparse_lists is None else sparse.transposed_lists(sparse_lists, sparse_sizes)
+    key_programs, key_lists = _sparse_launch(*transposed, cu_seqlens, batch, "BLOCK_N")
+    query_programs, query_lists = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, "BLOCK_M")
+    sparse_consts = {} if sparse_lists is None else {"SPARSE": True}  # pointer loads (runs start anywhere)
+    if key_programs is None:
+        grid = lambda meta: (text_tiles(meta) + t_keys // meta["BLOCK_N"] + batch, h_kv)
+    else:
+        grid = lambda meta: (text_tiles(meta) + key_programs(meta), h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk_, dv_)
     regime = _regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k)
-    split_dq = deterministic or ws
+    split_dq = deterministic or ws_ready
     DKDV.launch(
         grid,
         q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
         cu_seqlens, tcu, kcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(),
+        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(), *key_lists,
         *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not split_dq,
-        TMA_OK=_descriptor_ready(q, dout, dq_acc), VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_), WS_OK=ws,
-        regime=regime, reset=dq_acc.zero_ if not split_dq else None,
+        TMA_OK=_descriptor_ready(q, dout, dq_acc) and not sparse_consts,
+        VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_), WS_OK=ws,
+        regime=regime, reset=dq_acc.zero_ if not split_dq else None, **sparse_consts,
     )  # fmt: skip
     if split_dq:
         DQ.launch(
-            _query_tiles(T, batch, H),
+            _query_tiles(T, batch, H) if query_programs is None else lambda meta: (query_programs(meta), H),
             q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
             stats if ws else delta, cu_seqlens, tcu, kcu,
             softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
-            (batch - 1).bit_length(), *_rows(q, k, v, tk, tv, dout, dq_acc),
-            HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
-            VEC=_vector_width(q, k, v, tk, tv, dout), WS_OK=ws, regime=regime,
+            (batch - 1).bit_length(), *query_lists, *_rows(q, k, v, tk, tv, dout, dq_acc),
+            HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec,
+            TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, dout), WS_OK=ws,
+            regime=regime, **sparse_consts,
         )  # fmt: skip
     # dq: the buffer in q's dtype, rotated back with RoPE (the gradient of the rotated q -> the input's).
     table = freqs.contiguous() if freqs is not None else dq_acc
