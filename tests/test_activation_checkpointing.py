@@ -146,7 +146,7 @@ ARGS = ["--steps", "3", "--batch-size", "2", "--set", "n_layers=4", "--no-progre
 
 def _train(out: Path, mode: str) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "flagdit.train", "--out", str(out), *ARGS, "--activation-checkpointing", mode]
+    cmd = [sys.executable, "-m", "flagdit.cli.train", "--out", str(out), *ARGS, "--activation-checkpointing", mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -141,6 +141,17 @@ def test_the_public_api_is_the_only_door(path):
             assert module.split(".")[1] in PUBLIC_SUBPACKAGES, (path, module)
 
 
+# The model library (flagdit) sits below its command lines (flagdit/cli: flagdit-train, flagdit-sample): code that
+# trains or samples from Python uses the library, and nothing in it needs argparse, run directories or logs.
+@pytest.mark.parametrize(
+    "path",
+    [p for p in _sources("flagdit") if p.relative_to(ROOT / "flagdit").parts[0] != "cli"],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_the_model_library_never_imports_its_command_lines(path):
+    assert not _reaches(path, ("flagdit.cli",))
+
+
 def test_importing_the_kernels_loads_neither_the_model_nor_diffusers_nor_the_integrations_nor_the_tools():
     code = (
         "import sys, flagdit_kernels as fk, flagdit_kernels.nn, flagdit_kernels.bench.cli\n"

@@ -13,10 +13,11 @@ from isolated import run_isolated
 from test_model_lumina import make_case
 
 import flagdit
-from flagdit import checkpoint, train
+from flagdit import checkpoint
 from flagdit.checkpoint import CheckpointError
+from flagdit.cli import train
+from flagdit.cli.sample import main as sample_main
 from flagdit.configs import FlagDiTConfig
-from flagdit.sample_cli import main as sample_main
 
 SMALL = FlagDiTConfig(in_channels=3, dim=32, n_layers=1, n_heads=2, multiple_of=16, cap_feat_dim=16, learn_sigma=False)
 

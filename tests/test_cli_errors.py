@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import flagdit_kernels as fk
-from flagdit import checkpoint, train
+from flagdit import checkpoint
+from flagdit.cli import train
+from flagdit.cli.sample import main as sample_main
 from flagdit.data import WordEncoder
-from flagdit.sample_cli import main as sample_main
 from flagdit_kernels.bench import report
 from flagdit_kernels.bench.cli import main as bench_main
 
@@ -134,7 +135,7 @@ def _free_port() -> int:
 def test_every_torchrun_rank_reports_the_same_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "flagdit.train", *SMALL, "--batch-size", "3", "--out",
+           "--master_port", str(_free_port()), "-m", "flagdit.cli.train", *SMALL, "--batch-size", "3", "--out",
            str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("flagdit-train: error: ")]
@@ -278,7 +279,7 @@ def test_sample_mistakes_are_one_line_before_any_sampling(argv, message, run_dir
         Path(argv[i + 1]).mkdir()
         del argv[i : i + 2]
     sampled = []
-    monkeypatch.setattr("flagdit.sample_cli.Sampler.__call__", lambda *a, **k: sampled.append(1))
+    monkeypatch.setattr("flagdit.cli.sample.Sampler.__call__", lambda *a, **k: sampled.append(1))
     before = set(tmp_path.iterdir())
     with pytest.raises(SystemExit) as exit:
         sample_main(["--ckpt", str(run_dir / "ckpt.pt"), "--no-progress", "--steps", "1",

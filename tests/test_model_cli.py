@@ -10,10 +10,11 @@ import wave
 import pytest
 import torch
 
-from flagdit import checkpoint, data, train
+from flagdit import checkpoint, data
+from flagdit.cli import train
+from flagdit.cli.sample import build_parser as sample_parser
+from flagdit.cli.sample import main as sample_main
 from flagdit.data import audio
-from flagdit.sample_cli import build_parser as sample_parser
-from flagdit.sample_cli import main as sample_main
 from flagdit.sampling import sample
 
 # The audio data set needs librosa (the [audio] extra), which the GPU machine's image lacks.

@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 def _run(out: Path, launcher: list[str], extra: list[str], args: list[str] = ARGS) -> list[float]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, *launcher, "-m", "flagdit.train", "--out", str(out), *args, *extra]
+    cmd = [sys.executable, *launcher, "-m", "flagdit.cli.train", "--out", str(out), *args, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -107,7 +107,7 @@ BF16_PROBE = """
 import json, os, torch, torch.distributed as dist
 from flagdit.configs import get_config
 from flagdit.model import FlagDiT
-from flagdit.train import _wrap
+from flagdit.cli.train import _wrap
 dist.init_process_group("gloo", rank=0, world_size=1)
 torch.manual_seed(0)
 model = _wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "fsdp", torch.device("cpu"), bf16=True)

@@ -25,7 +25,7 @@ ARGS = ["--set", "dim=64", "--set", "n_layers=1", "--batch-size", "2", "--warmup
 
 def _train(out, *extra) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    cmd = [sys.executable, "-m", "flagdit.train", *ARGS, "--out", str(out), *extra]
+    cmd = [sys.executable, "-m", "flagdit.cli.train", *ARGS, "--out", str(out), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -1,7 +1,7 @@
 """flagdit-train: flow-matching training of a Flag-DiT on a procedural data set of any modality.
 
 Single process: flagdit-train --modality mixed --out runs/mixed --steps 400. Distributed (CPU with gloo or GPUs
-with NCCL): torchrun --nproc_per_node 2 -m flagdit.train --dist ddp (or --dist fsdp, FSDP2 fully_shard per block).
+with NCCL): torchrun --nproc_per_node 2 -m flagdit.cli.train --dist ddp (or --dist fsdp, FSDP2 fully_shard per block).
 Long context: --sp N spreads each item's tokens over groups of N ranks (flagdit.parallel: a 2D mesh of data
 parallel x sequence parallel; the N ranks of a group train the same items, FSDP2 shards over all ranks).
 
@@ -37,8 +37,7 @@ import torch.distributed as dist
 
 import flagdit_kernels as fk
 
-from . import cli_args as ca
-from .checkpoint import (
+from ..checkpoint import (
     CheckpointError,
     atomic_write,
     check_weights_fit,
@@ -46,12 +45,13 @@ from .checkpoint import (
     save_training_checkpoint,
     training_state,
 )
-from .configs import FlagDiTConfig, get_config, names
-from .data import DATASETS, DEFAULT_VIEWS, WordEncoder, audio, make_item, multiview, shapes
-from .flow import T_DISTS, null_caption, sample_t, training_loss
-from .memory import SavedBytes
-from .modality import MODALITIES
-from .model import CHECKPOINTING, FlagDiT
+from ..configs import FlagDiTConfig, get_config, names
+from ..data import DATASETS, DEFAULT_VIEWS, WordEncoder, audio, make_item, multiview, shapes
+from ..flow import T_DISTS, null_caption, sample_t, training_loss
+from ..memory import SavedBytes
+from ..modality import MODALITIES
+from ..model import CHECKPOINTING, FlagDiT
+from . import args as ca
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlagDiTConfig))
 # flagdit-train builds every model able to take every modality (the config can still turn it off with --set).
@@ -190,7 +190,7 @@ def _world_problem(args, config: FlagDiTConfig) -> str | None:
         if args.dist == "none":
             return f"--sp {args.sp} needs --dist ddp or fsdp (or auto), got --dist none"
         if args.sp_strategy == "ulysses":
-            from .parallel.ulysses import check_heads
+            from ..parallel.ulysses import check_heads
 
             try:
                 check_heads(config.n_heads, config.kv_heads, args.sp)
@@ -274,7 +274,7 @@ def _sequence_parallel_mesh(sp: int, mode: str, device: torch.device):
         return None
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"--sp {sp} needs --dist ddp or fsdp under torchrun, got --dist {mode}")
-    from .parallel import init_mesh
+    from ..parallel import init_mesh
 
     return init_mesh(sp, device.type)
 
@@ -468,7 +468,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         check_weights_fit(model, resume["model"], ckpt_path)
     data_rank, data_ranks, data_group, sp = rank, world, None, ""
     if mesh is not None:
-        from .parallel import parallelize
+        from ..parallel import parallelize
 
         model = parallelize(model, mesh, args.sp_strategy)
         data_rank, data_ranks, data_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()

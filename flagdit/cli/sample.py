@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import cli_args as ca
-from .checkpoint import CheckpointError, load_training_checkpoint, model_from_state
-from .data import DATASETS, WordEncoder, audio, multiview
-from .modality import MODALITIES
-from .sample_outputs import grid, spectrogram_image, to_image, view_ring
-from .sampling import SOLVERS, sample
+from ..checkpoint import CheckpointError, load_training_checkpoint, model_from_state
+from ..data import DATASETS, WordEncoder, audio, multiview
+from ..modality import MODALITIES
+from ..sample_outputs import grid, spectrogram_image, to_image, view_ring
+from ..sampling import SOLVERS, sample
+from . import args as ca
 from .train import conditioning
 
 DEFAULT_CAPTIONS = {
