@@ -17,7 +17,13 @@ from .ops.embed import embed_packed
 from .ops.norms import gated_residual_rms_norm, rms_norm, rms_norm_modulate
 from .ops.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, TileLayout, pack, unpack
 from .ops.rope import apply_rope, qk_norm_rope, rope_freqs
-from .ops.tile_sparsity import TileBlocks, TileSparsity, tile_sparse_attention, tile_sparse_blocks
+from .ops.tile_sparsity import (
+    TileBlocks,
+    TileSparsity,
+    last_tile_blocks,
+    tile_sparse_attention,
+    tile_sparse_blocks,
+)
 
 __version__ = "0.1.0"
 
@@ -37,6 +43,7 @@ __all__ = [
     "embed_packed",
     "gated_residual_rms_norm",
     "integrations",
+    "last_tile_blocks",
     "nn",
     "pack",
     "proportional_scale",

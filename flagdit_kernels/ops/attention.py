@@ -19,8 +19,11 @@ from .._validation import (
     check_tensor,
     values_checked,
 )
-from . import attention_engines
+from ..reference.packing import TileLayout
+from ..reference.tile_sparsity import tile_sparse_mask
+from . import attention_engines, tile_sparsity
 from .rope import check_freqs
+from .tile_sparsity import TileSparsity
 
 SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
 # The Triton kernels' online softmax computes p = exp2(fma(s, c, -m)), c = scale * log2(e) and m the rounded row
@@ -32,7 +35,18 @@ SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
 # logits); models use 1/sqrt(Dh) (the default) or Lumina's proportional scale, both below 1.
 MAX_SOFTMAX_SCALE = 1e4
 
-_dispatch.register("varlen_attention", "reference", ref.varlen_attention, devices=("cpu", "cuda"))
+
+def _varlen_attention_reference(*args, tiles=None, blocks=None, **kwargs):
+    """The reference; tile-sparse calls as its mask over the packed tokens (reference/tile_sparsity.py)."""
+    if blocks is not None:
+        kwargs["mask"] = tile_sparse_mask(tiles, args[3], blocks)
+    return ref.varlen_attention(*args, **kwargs)
+
+
+_dispatch.register("varlen_attention", "reference", _varlen_attention_reference, devices=("cpu", "cuda"))
+# The backends that run tile-sparse calls (sparsity=): the others take no block lists (flash-attn's and torch's
+# varlen kernels attend whole sequences), so a sparse call never goes to them (nor to the engine choice).
+SPARSE_BACKENDS = ("reference", "triton")
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -137,6 +151,8 @@ def varlen_attention(
     max_seqlen_k: int | None = None,
     backend: str | None = None,
     prefer: str | None = None,
+    sparsity: TileSparsity | None = None,
+    tiles: TileLayout | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention within each packed sequence, plus Lumina's gated text cross-attention.
 
@@ -161,6 +177,15 @@ def varlen_attention(
     to keys ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` (any length, 0 included); ``max_seqlen_k`` is the longest key
     sequence (required with raw offsets, like ``max_seqlen``). A sample without keys gives exactly 0 (before
     the text branch) and an LSE of ``-inf``. RoPE (``freqs``) is for self-attention only.
+
+    Tile-sparse self-attention: with ``sparsity`` (a :class:`~flagdit_kernels.TileSparsity`) and ``tiles`` (the
+    :class:`~flagdit_kernels.TileLayout` of a tile-major pack, ``fk.pack(..., tile=...).tiles``; both or neither)
+    each query tile attends only the key tiles ``sparsity`` lists for it (``fk.tile_sparse_blocks``, built on the
+    device from q and k after RoPE, no host sync); placeholder tokens stay global, the gated text branch dense.
+    The definition is the masked reference (``fk.tile_sparse_attention``); backends ``reference`` and ``triton``
+    run it (the Triton kernels visit only the listed key blocks), the others raise NotImplementedError.
+    ``return_lse`` and ``deterministic`` keep their meaning; not with cross-attention. What the call visited
+    (its ``density``) is :func:`~flagdit_kernels.last_tile_blocks`.
     """
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         if not isinstance(flag, bool):
@@ -193,19 +218,39 @@ def varlen_attention(
     if freqs is not None:
         check_freqs(freqs, "q", q)
     impl = _dispatch.resolve("varlen_attention", q, backend, prefer)
+    sparse = _sparse_lists(sparsity, tiles, impl.backend, q, k, cu, cross, softmax_scale, freqs)
     args = (q, k, v, cu, max_seqlen, softmax_scale)
     kwargs = dict(
         text_k=text_k, text_v=text_v, text_cu_seqlens=text_cu, text_max_seqlen=text_max_seqlen, gate=gate,
         freqs=freqs, return_lse=return_lse, deterministic=deterministic, **_key_offsets(cu_k, max_seqlen_k),
+        **sparse,
     )  # fmt: skip
     fn = impl.fn
-    chosen_freely = backend is None and prefer is None and _dispatch.forced_backend() is None
+    chosen_freely = backend is None and prefer is None and _dispatch.forced_backend() is None and not sparse
     if chosen_freely and impl.backend == "triton" and q.is_cuda:  # the fastest engine here (attention_engines.py)
         ordered = deterministic or (
             torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
         )
         fn = attention_engines.engine_for(impl, args, kwargs, deterministic=ordered)
     return fn(*args, **kwargs)
+
+
+def _sparse_lists(sparsity, tiles, backend: str, q, k, cu, cross: bool, softmax_scale: float, freqs) -> dict:
+    """The backends' tile-sparse keywords (``tiles``, ``blocks``), or {} for a dense call; checks the arguments."""
+    if sparsity is None and tiles is None:
+        return {}
+    if sparsity is None or tiles is None:
+        given, missing = ("sparsity", "tiles") if tiles is None else ("tiles", "sparsity")
+        raise ValueError(f"{given} is given without {missing}: tile-sparse attention needs both (or neither)")
+    if cross:
+        raise ValueError("sparsity is for self-attention over a tile-major pack, not with cu_seqlens_k")
+    if backend not in SPARSE_BACKENDS:
+        raise NotImplementedError(
+            f"backend {backend!r} does not run tile-sparse attention (sparsity=): its varlen kernel attends whole "
+            f"sequences and takes no block lists; use one of {SPARSE_BACKENDS}"
+        )
+    blocks = tile_sparsity.blocks_for_call(q, k, cu, tiles, sparsity, softmax_scale, freqs)
+    return {"tiles": tiles, "blocks": blocks}
 
 
 def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
@@ -358,11 +403,13 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 def _varlen_attention_triton(
     q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, text_k=None, text_v=None, text_cu_seqlens=None,
     text_max_seqlen=None, gate=None, freqs=None, return_lse=False, deterministic=False, cu_seqlens_k=None,
-    max_seqlen_k=None,
+    max_seqlen_k=None, tiles=None, blocks=None,
 ):  # fmt: skip
     """The Triton backend: fused self + gated text kernels; see flagdit_kernels/triton/attention/launch.py.
     The backward accumulates dq with atomics unless ``deterministic`` (or torch.use_deterministic_algorithms
     without warn_only) asks for the ordered path."""
+    if blocks is not None:
+        raise NotImplementedError("the Triton tile-sparse kernels are not built yet: use backend='reference'")
     scale = float(softmax_scale)
     tanh_gate = None
     if text_k is not None:  # text_max_seqlen is not needed: the kernels' grids come from the tensor shapes

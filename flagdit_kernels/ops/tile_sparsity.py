@@ -2,9 +2,9 @@
 
 ``fk.TileSparsity(window=..., top_k=...)`` describes the pattern; ``fk.tile_sparse_blocks`` builds the key-tile
 lists per (head, query tile) on the device from a tile-major pack's :class:`TileLayout` (no host sync);
-``fk.tile_sparse_attention`` is the masked reference (any float dtype, float64 included). No kernel consumes
-the lists yet: the Triton attention kernels will, once their restructuring lands (DESIGN.md, Tile-sparse
-attention), so this is reference-only and says so rather than choosing a backend.
+``fk.tile_sparse_attention`` is the masked reference (any float dtype, float64 included). The op that runs it
+on every backend is ``fk.varlen_attention(..., sparsity=, tiles=)`` (reference: this mask; Triton: kernels that
+visit only the listed key tiles); :func:`last_tile_blocks` reports what its latest call visited (``density``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from ..reference import tile_sparsity as ref
 from ..reference.packing import TileLayout
 from ..reference.tile_sparsity import TileBlocks
 
-__all__ = ["TileBlocks", "TileSparsity", "tile_sparse_attention", "tile_sparse_blocks"]
+__all__ = ["TileBlocks", "TileSparsity", "last_tile_blocks", "tile_sparse_attention", "tile_sparse_blocks"]
+
+_last_blocks: TileBlocks | None = None  # what the latest sparse varlen_attention call visited
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,34 @@ def _check(q, k, cu_seqlens, tiles, sparsity) -> None:
         raise ValueError(f"k {tuple(k.shape)} must share q's head_dim and divide its heads, q {tuple(q.shape)}")
     if cu_seqlens.shape[0] != tiles.grid.shape[0] + 1:
         raise ValueError(f"cu_seqlens must have {tiles.grid.shape[0] + 1} entries, got {cu_seqlens.shape[0]}")
+
+
+def last_tile_blocks() -> TileBlocks | None:
+    """The :class:`TileBlocks` of the latest ``fk.varlen_attention(..., sparsity=...)`` call of this process (None
+    before any): its key-tile lists and ``density``, the fraction of the dense self-attention's query-key pairs
+    that call visited (FLOPs visited / dense FLOPs of the self part), a 0-dim float32 tensor on the call's device.
+    The call never syncs; reading ``float(density)`` does."""
+    return _last_blocks
+
+
+def blocks_for_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    tiles: object,
+    sparsity: object,
+    softmax_scale: float,
+    freqs: torch.Tensor | None,
+) -> TileBlocks:
+    """``varlen_attention``'s block lists: ``sparsity`` and ``tiles`` checked (TypeError / ValueError naming
+    them), the lists built from q and k as the attention sees them (rotated by ``freqs``: only top_k reads them)
+    and recorded for :func:`last_tile_blocks`. One selection for every backend, so they agree on it."""
+    global _last_blocks
+    _check(q, k, cu_seqlens, tiles, sparsity)
+    q_seen, k_seen = ref.rotated(q, k, freqs) if sparsity.top_k is not None else (q, k)
+    blocks = ref.tile_sparse_blocks(q_seen, k_seen, tiles, cu_seqlens, sparsity.window, sparsity.top_k, softmax_scale)
+    _last_blocks = blocks
+    return blocks
 
 
 def tile_sparse_blocks(

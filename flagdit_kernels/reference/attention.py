@@ -5,6 +5,7 @@ with RoPE (interleaved) applied to q and k when ``freqs`` is given and never to 
 (fp64 for fp64 inputs), one rounding to q's dtype at the end. This loops over sequences on the host.
 With ``return_lse`` it also returns ``lse (H, T)``: ``logsumexp`` of the scaled self-attention scores of each
 query (natural log; the text branch is not part of it), float32 (float64 for float64 inputs).
+A boolean ``mask`` over the packed tokens restricts the self scores (tile-sparse attention's definition).
 With ``cu_seqlens_k`` the keys are packed by their own offsets (cross-attention); the queries of a sample
 without keys get exactly 0 from the self part and an LSE of ``-inf``.
 """
@@ -24,13 +25,18 @@ def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
     return math.sqrt(math.log(seqlen, base_seqlen) / head_dim)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of q (Lq, H, D) over k, v (Lk, Hkv, D) with GQA head sharing: (out, lse (H, Lq)).
-    Without keys (Lk = 0) the sums are empty: the output is 0 and the LSE -inf, with gradients (zero) as usual."""
+    Without keys (Lk = 0) the sums are empty: the output is 0 and the LSE -inf, with gradients (zero) as usual.
+    ``mask`` (1 or H, Lq, Lk) bool: the scores where it is False are left out (every row keeps one)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v), scores.logsumexp(dim=-1)
 
 
@@ -52,7 +58,10 @@ def varlen_attention(
     deterministic: bool = False,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``mask`` (1 or H, T, T) bool over the packed tokens (self-attention): the self scores where it is False
+    are left out (tile-sparse attention: ``tile_sparsity.tile_sparse_mask``); the text branch stays dense."""
     del deterministic, max_seqlen_k  # deterministic anyway; key lengths come from the offsets
     head_dim = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -76,7 +85,8 @@ def varlen_attention(
             continue
         qb = qa[start:end]
         k0, k1 = key_offsets[b], key_offsets[b + 1]
-        out, lse = _attend(qb, ka[k0:k1], va[k0:k1], scale)
+        block = None if mask is None else mask[:, start:end, k0:k1]
+        out, lse = _attend(qb, ka[k0:k1], va[k0:k1], scale, block)
         if with_text:
             t0, t1 = text_offsets[b], text_offsets[b + 1]
             if t1 > t0:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
 
-from .attention import _attend
+from .attention import varlen_attention
 from .packing import TileLayout
 from .rope import rotate
 
@@ -175,25 +174,23 @@ def tile_sparse_attention(
 ) -> tuple[torch.Tensor, TileBlocks]:
     """``reference.varlen_attention`` with the self part masked by :func:`tile_sparse_mask` (the gated text
     branch dense). Returns ``(out, blocks)``."""
-    head_dim = q.shape[-1]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q_seen, k_seen = rotated(q, k, freqs)
+    blocks = tile_sparse_blocks(q_seen, k_seen, tiles, cu_seqlens, window, top_k, scale)
+    out = varlen_attention(
+        q, k, v, cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()), scale, text_k=text_k, text_v=text_v,
+        text_cu_seqlens=text_cu_seqlens, gate=gate, freqs=freqs, mask=tile_sparse_mask(tiles, cu_seqlens, blocks),
+    )  # fmt: skip
+    return out, blocks
+
+
+def rotated(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as the attention sees them: rotated by RoPE (interleaved, fp32 math, rounded to their dtype) with
+    ``freqs``, as ``varlen_attention`` rotates them; the top-k selection reads these."""
+    if freqs is None:
+        return q, k
     acc = torch.promote_types(q.dtype, torch.float32)
-    if freqs is not None:
-        q = rotate(q.to(acc), freqs, interleaved=True).to(q.dtype)
-        k = rotate(k.to(acc), freqs, interleaved=True).to(k.dtype)
-    blocks = tile_sparse_blocks(q, k, tiles, cu_seqlens, window, top_k, scale)
-    mask = tile_sparse_mask(tiles, cu_seqlens, blocks)  # (Hb, T, T)
-    group = q.shape[1] // k.shape[1]
-    qa, ka, va = q.to(acc), k.to(acc).repeat_interleave(group, 1), v.to(acc).repeat_interleave(group, 1)
-    text_offsets = text_cu_seqlens.tolist() if text_k is not None else None
-    outputs = []
-    for b, (start, end) in enumerate(pairwise(cu_seqlens.tolist())):
-        scores = torch.einsum("qhd,khd->hqk", qa[start:end], ka[start:end]) * scale
-        scores = scores.masked_fill(~mask[:, start:end, start:end], float("-inf"))
-        out = torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), va[start:end])
-        if text_offsets is not None and text_offsets[b + 1] > text_offsets[b]:
-            t0, t1 = text_offsets[b], text_offsets[b + 1]
-            text = _attend(qa[start:end], text_k[t0:t1].to(acc), text_v[t0:t1].to(acc), 1.0 / math.sqrt(head_dim))
-            out = out + torch.tanh(gate.to(acc)).view(1, -1, 1) * text[0]
-        outputs.append(out)
-    return torch.cat(outputs).to(q.dtype), blocks
+    return (
+        rotate(q.to(acc), freqs, interleaved=True).to(q.dtype),
+        rotate(k.to(acc), freqs, interleaved=True).to(k.dtype),
+    )

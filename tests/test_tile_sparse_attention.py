@@ -1,0 +1,104 @@
+"""``fk.varlen_attention(..., sparsity=, tiles=)``: tile-sparse self-attention as an argument of the op. The
+reference backend against ``fk.tile_sparse_attention`` (itself checked by brute force in test_tile_sparsity.py),
+the density each call reports, and the argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import fresh
+
+import flagdit_kernels as fk
+from flagdit_kernels import reference as ref
+from flagdit_kernels.ops import attention as attention_op
+
+P = 2
+C = 3
+# Videos of 5 and 3 frames mixed with images of different aspect ratios, and a one-patch image.
+MIXED = [(C, 8, 12), (C, 5, 6, 8), (C, P, P), (C, 3, 10, 14)]
+TILE = (2, 2, 3)
+WINDOW = fk.TileSparsity(window=(3, 1, 3))
+TOP_K = fk.TileSparsity(top_k=2)
+
+
+def _pack(shapes=MIXED, tile=TILE):
+    latents = [fresh(s, torch.float64, seed=i) for i, s in enumerate(shapes)]
+    return ref.pack(latents, P, tile=tile)
+
+
+def _inputs(packed, dtype=torch.float64, heads=4, kv_heads=2, head_dim=16, seed=0):
+    t = packed.kind.shape[0]
+    q = fresh((t, heads, head_dim), dtype, seed=seed)
+    k = fresh((t, kv_heads, head_dim), dtype, seed=seed + 1)
+    v = fresh((t, kv_heads, head_dim), dtype, seed=seed + 2)
+    samples = packed.cu_seqlens.numel() - 1
+    text_cu = torch.tensor([0, 2, 2, 5, 6][: samples + 1], dtype=torch.int32)
+    text = dict(
+        text_k=fresh((6, kv_heads, head_dim), dtype, seed=seed + 3),
+        text_v=fresh((6, kv_heads, head_dim), dtype, seed=seed + 4),
+        text_cu_seqlens=text_cu,
+        gate=fresh((heads,), dtype, seed=seed + 5),
+    )
+    freqs = fk.rope_freqs(head_dim, packed.positions, axes_dims=(4, 4, 8), theta=100.0)
+    return q, k, v, text, freqs
+
+
+@pytest.mark.parametrize("sparsity", [WINDOW, TOP_K], ids=str)
+def test_reference_backend_is_the_masked_reference(sparsity):
+    """float64: the op's reference backend (with LSE, GQA, RoPE, text) is fk.tile_sparse_attention, its LSE the
+    masked scores' logsumexp, and last_tile_blocks() the call's lists and density."""
+    packed = _pack()
+    q, k, v, text, freqs = _inputs(packed)
+    out, lse = fk.varlen_attention(
+        q, k, v, packed.cu_seqlens, packed.max_seqlen, freqs=freqs, return_lse=True, backend="reference",
+        sparsity=sparsity, tiles=packed.tiles, **text,
+    )  # fmt: skip
+    want, blocks = fk.tile_sparse_attention(q, k, v, packed.cu_seqlens, packed.tiles, sparsity, freqs=freqs, **text)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    recorded = fk.last_tile_blocks()
+    assert torch.equal(recorded.keys, blocks.keys) and torch.equal(recorded.density, blocks.density)
+    assert 0 < recorded.density.item() < 1
+    # The LSE: logsumexp over the visited keys only (the mask from the pattern, rotated q and k).
+    qr, kr = ref.tile_sparsity.rotated(q, k, freqs)
+    mask = ref.tile_sparsity.tile_sparse_mask(packed.tiles, packed.cu_seqlens, blocks)
+    scores = torch.einsum("qhd,khd->hqk", qr, kr.repeat_interleave(2, 1)) / 4.0
+    torch.testing.assert_close(lse, scores.masked_fill(~mask, float("-inf")).logsumexp(-1))
+
+
+def test_dense_window_is_dense_attention():
+    packed = _pack()
+    q, k, v, text, _ = _inputs(packed, seed=10)
+    every_tile = fk.TileSparsity(window=(9, 9, 9))
+    out = fk.varlen_attention(
+        q, k, v, packed.cu_seqlens, packed.max_seqlen, backend="reference", sparsity=every_tile,
+        tiles=packed.tiles, **text,
+    )  # fmt: skip
+    torch.testing.assert_close(out, fk.varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, **text))
+    assert fk.last_tile_blocks().density.item() == pytest.approx(1.0)
+
+
+def test_argument_errors_name_the_argument():
+    packed = _pack()
+    q, k, v, _, _ = _inputs(packed)
+    cu, n = packed.cu_seqlens, packed.max_seqlen
+    with pytest.raises(ValueError, match="sparsity is given without tiles"):
+        fk.varlen_attention(q, k, v, cu, n, sparsity=WINDOW)
+    with pytest.raises(ValueError, match="tiles is given without sparsity"):
+        fk.varlen_attention(q, k, v, cu, n, tiles=packed.tiles)
+    with pytest.raises(TypeError, match="sparsity must be a fk\\.TileSparsity"):
+        fk.varlen_attention(q, k, v, cu, n, sparsity=(3, 3, 3), tiles=packed.tiles)
+    with pytest.raises(TypeError, match="tiles must be the TileLayout"):
+        fk.varlen_attention(q, k, v, cu, n, sparsity=WINDOW, tiles=packed)
+    with pytest.raises(ValueError, match="not with cu_seqlens_k"):
+        fk.varlen_attention(q, k, v, cu, n, cu_seqlens_k=cu, max_seqlen_k=n, sparsity=WINDOW, tiles=packed.tiles)
+    other = _pack(MIXED[:2])  # a layout of other samples
+    with pytest.raises(ValueError, match="q and k must have the pack's"):
+        fk.varlen_attention(q, k, v, cu, n, sparsity=WINDOW, tiles=other.tiles)
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
+def test_backends_without_block_lists_say_why(backend):
+    packed = _pack()
+    q, k, _, _, _ = _inputs(packed)
+    with pytest.raises(NotImplementedError, match=f"backend '{backend}' does not run tile-sparse attention"):
+        attention_op._sparse_lists(WINDOW, packed.tiles, backend, q, k, packed.cu_seqlens, False, 0.25, None)
