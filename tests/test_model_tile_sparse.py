@@ -100,7 +100,7 @@ def test_settings_are_attributes_and_bad_ones_are_refused():
     for bad in ((1, 2), (0, 2, 2), (1, 2.0, 2), (True, 2, 2), "1,2,2"):
         with pytest.raises(ValueError, match="attention_tile must be None or"):
             model.attention_tile = bad
-    with pytest.raises(TypeError, match="attention_sparsity must be None or a fk.TileSparsity"):
+    with pytest.raises(TypeError, match=r"attention_sparsity must be None or a fk\.TileSparsity"):
         flagdit.FlagDiT(small_config(), attention_sparsity=(2, 2, 2))
     assert "attention_sparsity" not in str(model.state_dict().keys())  # not a checkpoint shape property
 
@@ -113,3 +113,40 @@ def test_sequence_parallel_refuses_sparsity():
     xs, t, cap, mask = _mixed()
     with pytest.raises(ValueError, match="does not run sequence-parallel"):
         plan.forward(model, xs, t.float(), cap.float(), mask)
+
+
+def _masked_reference_core(q, k, v, cu_seqlens, max_seqlen, softmax_scale, *, prefer=None, sparsity, tiles, **text):
+    """A block's attention as ``fk.tile_sparse_attention`` (the masked reference) computes it."""
+    cu = lambda layout: layout.cu_seqlens if isinstance(layout, fk.VarlenLayout) else layout
+    text = dict(text, text_cu_seqlens=cu(text["text_cu_seqlens"]))
+    del text["text_max_seqlen"]
+    return fk.tile_sparse_attention(q, k, v, cu(cu_seqlens), tiles, sparsity, softmax_scale, **text)[0]
+
+
+@pytest.mark.parametrize("variant", ["flag", "next"])
+@pytest.mark.parametrize("sparsity", [fk.TileSparsity(window=(2, 1, 2)), fk.TileSparsity(top_k=2)])
+def test_sparse_model_attends_as_the_masked_reference(variant, sparsity, monkeypatch):
+    """Every block gets the sparsity and the pack's tiles: the model equals one whose attention is the masked
+    reference, and differs from the dense model (the pattern really drops keys)."""
+    xs, t, cap, mask = _mixed(seed=3)
+    model = _model(variant, attention_sparsity=sparsity, attention_tile=(1, 2, 2))
+    with torch.no_grad():
+        sparse = model(xs, t, cap, mask)
+        density = float(fk.last_tile_blocks().density)
+        model.attention_sparsity = None
+        dense = model(xs, t, cap, mask)
+        model.attention_sparsity = sparsity
+        for layer in model.layers:
+            monkeypatch.setattr(layer.attention, "core", _masked_reference_core)
+        masked = model(xs, t, cap, mask)
+    assert 0 < density < 1
+    assert all(_rel(a, b) < 1e-12 for a, b in zip(sparse, masked))
+    assert min(_rel(a, b) for a, b in zip(sparse[:3], dense[:3])) > 1e-4  # the three items with several tiles
+
+
+def test_a_window_over_the_whole_grid_is_dense():
+    xs, t, cap, mask = _mixed(seed=4)
+    dense = _model("flag")
+    sparse = _model("flag", attention_sparsity=fk.TileSparsity(window=(8, 8, 8)), attention_tile=(2, 3, 2))
+    with torch.no_grad():
+        assert all(_rel(a, b) < 1e-12 for a, b in zip(sparse(xs, t, cap, mask), dense(xs, t, cap, mask)))
