@@ -73,6 +73,12 @@ TRAIN_ARGUMENTS = [
     (["--sp", "2", "--sp-strategy", "ulysses", "--set", "n_heads=3", "--set", "dim=48"], {"WORLD_SIZE": "2"},
      "--sp-strategy ulysses: n_heads (3) must be divisible by the sequence-parallel group size"),
     (["--batch-size", "3"], {"WORLD_SIZE": "2"}, "--batch-size 3 must be divisible by the 2 data-parallel ranks"),
+    (["--attention-window", "2,2"], {}, "argument --attention-window: expected three integers >= 1 as FRAMES,ROWS"),
+    (["--attention-window", "1,0,1"], {}, "argument --attention-window: expected three integers >= 1"),
+    (["--attention-top-k", "0"], {}, "argument --attention-top-k: expected an integer >= 1, got '0'"),
+    (["--attention-tile", "1,x,2"], {}, "argument --attention-tile: expected three integers >= 1"),
+    (["--attention-top-k", "2", "--sp", "2"], {"WORLD_SIZE": "2"},
+     "--sp 2: tile-sparse attention (--attention-window / --attention-top-k) runs on one rank"),
 ]  # fmt: skip
 
 
@@ -268,6 +274,9 @@ SAMPLE_ARGUMENTS = [
     (["--scale", "100000"], "argument --scale: expected an integer in [1, 16]"),
     (["--modality", "audio", "--duration", "1000"], "--duration 1000: one sample of shape (1, 64, 62500)"),
     (["--modality", "audio", "--duration", "1e300"], "--duration 1e+300: one sample"),
+    (["--attention-window", "1,2,2,2"], "argument --attention-window: expected three integers >= 1"),
+    (["--attention-top-k", "two"], "argument --attention-top-k: expected an integer >= 1"),
+    (["--attention-tile", "0,4,4"], "argument --attention-tile: expected three integers >= 1"),
 ]  # fmt: skip
 
 
@@ -286,6 +295,21 @@ def test_sample_mistakes_are_one_line_before_any_sampling(argv, message, run_dir
                      *(["--out", str(tmp_path / "s.png")] if "--out" not in argv else []), *argv])  # fmt: skip
     _one_line(capsys, exit, 2, "flagdit-sample: error: ", message)
     assert not sampled and set(tmp_path.iterdir()) == before
+
+
+def test_sparse_attention_with_a_backend_that_has_none_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    """--backend flash_attn / torch_varlen would run the attention but have no tile-sparse kernels (on a machine
+    where they run: pretended here)."""
+    monkeypatch.setattr(fk, "available_backends", lambda op, device: list(fk.BACKENDS))
+    message = "--backend torch_varlen has no tile-sparse attention; use one of reference, triton"
+    with pytest.raises(SystemExit) as exit:
+        train.main([*SMALL, "--out", str(tmp_path / "out"), "--backend", "torch_varlen", "--attention-top-k", "2"])
+    _one_line(capsys, exit, 2, "flagdit-train: error: ", message)
+    with pytest.raises(SystemExit) as exit:
+        sample_main(["--ckpt", str(run_dir / "ckpt.pt"), "--out", str(tmp_path / "s.png"), "--backend", "torch_varlen",
+                     "--attention-window", "1,2,2"])  # fmt: skip
+    _one_line(capsys, exit, 2, "flagdit-sample: error: ", message)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.png").exists()
 
 
 @NO_CUDA

@@ -150,3 +150,30 @@ def test_a_window_over_the_whole_grid_is_dense():
     sparse = _model("flag", attention_sparsity=fk.TileSparsity(window=(8, 8, 8)), attention_tile=(2, 3, 2))
     with torch.no_grad():
         assert all(_rel(a, b) < 1e-12 for a, b in zip(sparse(xs, t, cap, mask), dense(xs, t, cap, mask)))
+
+
+def test_a_dense_run_fine_tunes_and_samples_sparse_from_the_command_line(tmp_path, capsys):
+    """flagdit-train --resume with --attention-window: the dense checkpoint trains on sparse (recorded in the log
+    and the checkpoint's args); flagdit-sample takes the sparse options for any checkpoint."""
+    import json
+
+    from flagdit import checkpoint
+    from flagdit.cli import sample, train
+
+    small = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--batch-size", "2", "--warmup", "1",
+             "--no-progress", "--threads", "1", "--log-every", "1", "--modality", "video",
+             "--out", str(tmp_path)]  # fmt: skip
+    dense = train.train(train.parse_args([*small, "--steps", "1"]))
+    sparse_args = ["--attention-window", "2,1,1", "--attention-top-k", "1", "--attention-tile", "1,2,2"]
+    tuned = train.train(train.parse_args([*small, "--steps", "3", "--resume", *sparse_args]))
+    assert len(dense) == 1 and len(tuned) == 2 and all(map(torch.isfinite, torch.tensor(tuned)))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["attention"] for r in records] == ["dense"] + ["window=2,1,1 top_k=1, tile 1,2,2"] * 2
+    args = checkpoint.load_training_checkpoint(tmp_path / "ckpt.pt")["args"]
+    assert (args["attention_window"], args["attention_top_k"], args["attention_tile"]) == ([2, 1, 1], 1, [1, 2, 2])
+    capsys.readouterr()
+    out = tmp_path / "s.png"
+    sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(out), "--steps", "1", "--no-progress",
+                 "--video-caption", "a red circle on black moving down", "--attention-window", "1,2,2"])  # fmt: skip
+    assert "(attention window=1,2,2, tile 4,4,4)" in capsys.readouterr().out
+    assert (tmp_path / "s_video.png").exists()

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", default="none", choices=CHECKPOINTING,
                    help="what each block keeps for the backward: everything (none), its input (block: the block runs "
                         "again in the backward), or the attention's inputs, output and LSE (selective)")  # fmt: skip
+    ca.add_attention_options(p)
     p.add_argument("--save-every", type=ca.positive_int, default=200, help="checkpoint every this many steps")
     p.add_argument("--log-every", type=ca.positive_int, default=10, help="append to log.jsonl every this many steps")
     again = p.add_mutually_exclusive_group()
@@ -150,7 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         config = build_config(args.config, args.set)
     except (ValueError, TypeError) as e:
         p.error(f"--config/--set: {e}")
-    problem = _data_problem(config, args.modality) or _environment_problem(args) or _world_problem(args, config)
+    problem = (
+        _data_problem(config, args.modality)
+        or _environment_problem(args)
+        or ca.attention_problem(args, "cuda" if torch.cuda.is_available() else "cpu")
+        or _world_problem(args, config)
+    )
     if problem:
         p.error(problem)
     return args
@@ -182,6 +188,8 @@ def _world_problem(args, config: FlagDiTConfig) -> str | None:
     arguments: each rank reports the same line and no rank waits for another."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.sp > 1:
+        if args.attention_window is not None or args.attention_top_k is not None:
+            return f"--sp {args.sp}: tile-sparse attention (--attention-window / --attention-top-k) runs on one rank"
         if world % args.sp or world == 1:
             return (
                 f"--sp {args.sp} spreads each item over {args.sp} processes: run under torchrun with a multiple of "
@@ -342,12 +350,13 @@ def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConf
     model_sd, optim_sd = _state_dicts(model, optimizer)
     if rank != 0:
         return
+    plain = (int, float, str, bool, type(None), tuple)  # what a weights_only load reads (tuples as lists)
     payload = {
         "model": model_sd,
         "optimizer": optim_sd,
         "step": step,
         "config": config.to_dict(),
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if isinstance(v, plain)},
     }
     save_training_checkpoint(path, payload)
 
@@ -463,7 +472,10 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
     resume = load_training_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     config, start = training_state(resume, ckpt_path) if resume else (build_config(args.config, args.set), 0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = FlagDiT(config, backend=args.backend, checkpointing=args.activation_checkpointing).to(device)
+    sparsity, tile = ca.attention_settings(args)  # a run's own choice, never the checkpoint's: dense -> sparse works
+    model = FlagDiT(config, backend=args.backend, checkpointing=args.activation_checkpointing,
+                    attention_sparsity=sparsity, attention_tile=tile).to(device)  # fmt: skip
+    attention = ca.describe_attention(model)
     if resume:  # before any wrapping, the same error on every rank
         check_weights_fit(model, resume["model"], ckpt_path)
     data_rank, data_ranks, data_group, sp = rank, world, None, ""
@@ -487,7 +499,8 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         truncate_log(out / "log.jsonl", start)
         n_params = sum(p.numel() for p in model.parameters()) if mode != "fsdp" else config.num_params()
         print(f"flagdit-train: {args.config} ({n_params / 1e6:.2f}M params), {args.modality} data, {mode} x{world}"
-              f"{sp}, steps {start}..{args.steps}, global batch {args.batch_size}", flush=True)  # fmt: skip
+              f"{sp}, steps {start}..{args.steps}, global batch {args.batch_size}, attention {attention}",
+              flush=True)  # fmt: skip
         log = open(out / "log.jsonl", "a")  # noqa: SIM115
     bar = None
     if rank == 0 and not args.no_progress:
@@ -533,7 +546,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         if log is not None and ((step + 1) % args.log_every == 0 or step == start):
             rate = tokens / max(time.time() - t_start, 1e-9)
             log.write(json.dumps({"step": step + 1, "loss": loss, "loss_ema": smooth, "lr": lr,
-                                  "patch_tokens_per_s": rate, **memory}) + "\n")  # fmt: skip
+                                  "patch_tokens_per_s": rate, "attention": attention, **memory}) + "\n")  # fmt: skip
             log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             if not finite_everywhere(model, world):  # never replace a good checkpoint by non-finite weights
