@@ -297,21 +297,6 @@ def test_sample_mistakes_are_one_line_before_any_sampling(argv, message, run_dir
     assert not sampled and set(tmp_path.iterdir()) == before
 
 
-def test_sparse_attention_with_a_backend_that_has_none_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
-    """--backend flash_attn / torch_varlen would run the attention but have no tile-sparse kernels (on a machine
-    where they run: pretended here)."""
-    monkeypatch.setattr(fk, "available_backends", lambda op, device: list(fk.BACKENDS))
-    message = "--backend torch_varlen has no tile-sparse attention; use one of reference, triton"
-    with pytest.raises(SystemExit) as exit:
-        train.main([*SMALL, "--out", str(tmp_path / "out"), "--backend", "torch_varlen", "--attention-top-k", "2"])
-    _one_line(capsys, exit, 2, "flagdit-train: error: ", message)
-    with pytest.raises(SystemExit) as exit:
-        sample_main(["--ckpt", str(run_dir / "ckpt.pt"), "--out", str(tmp_path / "s.png"), "--backend", "torch_varlen",
-                     "--attention-window", "1,2,2"])  # fmt: skip
-    _one_line(capsys, exit, 2, "flagdit-sample: error: ", message)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "s.png").exists()
-
-
 @NO_CUDA
 def test_sample_backend_cuda_without_cuda(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -162,22 +162,6 @@ def attention_settings(args: argparse.Namespace):
     return fk.TileSparsity(window=args.attention_window, top_k=args.attention_top_k), args.attention_tile
 
 
-def attention_problem(args: argparse.Namespace, device_type: str) -> str | None:
-    """Why the --attention-* options cannot run with the chosen --backend on ``device_type``, or None: a backend
-    that would run the attention (``prefer``) but has no tile-sparse kernels (flash-attn's, torch's varlen)."""
-    import flagdit_kernels as fk
-    from flagdit_kernels.ops.attention import SPARSE_BACKENDS
-
-    sparse = args.attention_window is not None or args.attention_top_k is not None
-    runs_attention = args.backend in fk.available_backends("varlen_attention", device_type)
-    if sparse and runs_attention and args.backend not in SPARSE_BACKENDS:
-        return (
-            f"--attention-window / --attention-top-k: --backend {args.backend} has no tile-sparse attention; "
-            f"use one of {', '.join(SPARSE_BACKENDS)} (or leave --backend out)"
-        )
-    return None
-
-
 def describe_attention(model) -> str:
     """The attention a model runs, for logs: "dense", "dense, tile-major 1,2,2" or "window=2,3,3 top_k=4, tile
     1,2,2"."""

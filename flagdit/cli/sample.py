@@ -206,12 +206,11 @@ def output_problem(paths: list[Path]) -> str | None:
 def main(argv=None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
-    ca.run_main("flagdit-sample", lambda: _main(p, args), args.debug)
+    ca.run_main("flagdit-sample", lambda: _main(p, args), args.debug, (NotImplementedError,))
 
 
 def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    # The checkpoint's model is built on the CPU.
-    problem = ca.backend_problem(args.backend, "cpu") or ca.attention_problem(args, "cpu")
+    problem = ca.backend_problem(args.backend, "cpu")  # the checkpoint's model is built on the CPU
     if problem:
         p.error(problem)
     if not Path(args.ckpt).is_file():

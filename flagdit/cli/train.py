@@ -151,12 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         config = build_config(args.config, args.set)
     except (ValueError, TypeError) as e:
         p.error(f"--config/--set: {e}")
-    problem = (
-        _data_problem(config, args.modality)
-        or _environment_problem(args)
-        or ca.attention_problem(args, "cuda" if torch.cuda.is_available() else "cpu")
-        or _world_problem(args, config)
-    )
+    problem = _data_problem(config, args.modality) or _environment_problem(args) or _world_problem(args, config)
     if problem:
         p.error(problem)
     return args
@@ -588,7 +583,7 @@ def _diverged(step: int, what: str, lr: float, ckpt_path: Path, saved: int | Non
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        ca.run_main("flagdit-train", lambda: train(args), args.debug, (RunDirError, DivergedError))
+        ca.run_main("flagdit-train", lambda: train(args), args.debug, (RunDirError, DivergedError, NotImplementedError))
         if dist.is_initialized():
             # Every rank leaves its last collective (FSDP's checkpoint gather) before any tears gloo down: a
             # rank destroying the group while another is still inside one aborts that rank.
