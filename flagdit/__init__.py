@@ -1,8 +1,8 @@
 """The thin Flag-DiT model on flagdit_kernels: configs, model, flow-matching loss, sampler, checkpoints."""
 
 from . import configs, flow
-from .checkpoint import load_lumina
 from .configs import FlagDiTConfig, get_config
+from .lumina import load_lumina
 from .model import FlagDiT, TextContext
 from .sampling import sample
 

@@ -243,7 +243,8 @@ class FlagDiT(nn.Module):
     ``(B, C, H, W)`` tensor, t ``(B,)`` in [0, 1] (0 noise, 1 data), cap_feats ``(B, Lt, cap_feat_dim)``,
     cap_mask ``(B, Lt)``; returns the predicted velocity in the same structure with ``in_channels`` channels
     (the learned-sigma half is dropped). ``backend`` is the model's preference, passed to every
-    ``flagdit_kernels`` op as ``prefer=`` (ops that implement it run it, the others their default).
+    ``flagdit_kernels`` op as ``prefer=`` (ops that implement it run it, the others their default); it is kept
+    at this level (also settable later as the attribute) and handed to the modules below.
 
     ``checkpointing`` (activation checkpointing, ``torch.utils.checkpoint`` without reentrance, also settable
     later as the attribute): ``"none"`` keeps every activation for the backward; ``"block"`` keeps each block's
@@ -304,6 +305,37 @@ class FlagDiT(nn.Module):
         self._checkpointing = mode
         for layer in self.layers:
             layer.checkpointing = mode
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str | None) -> None:
+        """The model's one backend preference: set here (at construction or later), it reaches every module
+        below that passes ``prefer=`` to an op (the ``flagdit_kernels.nn`` modules, the blocks), so no level
+        keeps a preference of its own."""
+        if backend is not None and backend not in fk.BACKENDS:
+            raise ValueError(f"backend must be one of {fk.BACKENDS} or None, got {backend!r}")
+        self._backend = backend
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = backend
+
+    def conditioning_inputs(
+        self, modality: list[str], cameras: list[torch.Tensor | None], device: torch.device | str | None = None
+    ) -> dict:
+        """The ``modality`` / ``cameras`` keywords of :meth:`forward` that this model takes, from what a data set
+        gives for every item (a modality name, a camera table or None): the names when the config has
+        ``n_modalities``, the cameras (on ``device``, by default the model's) when it has ``camera_cond`` and
+        some item has one. Trainers and samplers pass the result on as it is."""
+        c, kwargs = self.config, {}
+        if c.n_modalities:
+            kwargs["modality"] = modality
+        if c.camera_cond and any(cam is not None for cam in cameras):
+            device = self.x_embedder.weight.device if device is None else device
+            kwargs["cameras"] = [None if cam is None else cam.to(device) for cam in cameras]
+        return kwargs
 
     @property
     def attention_sparsity(self) -> fk.TileSparsity | None:

@@ -13,7 +13,7 @@ from isolated import run_isolated
 from test_model_lumina import make_case
 
 import flagdit
-from flagdit import checkpoint
+from flagdit import checkpoint, lumina
 from flagdit.checkpoint import CheckpointError
 from flagdit.cli import train
 from flagdit.cli.sample import main as sample_main
@@ -199,11 +199,11 @@ def test_model_parallel_shards_must_all_be_there(tmp_path):
         flagdit.load_lumina(tmp_path)
     torch.save(sd, tmp_path / "consolidated.01-of-03.pth")
     with pytest.raises(CheckpointError, match=r"mixes shard counts \[2, 3\]"):
-        checkpoint.read_state_dict(tmp_path)
+        lumina.read_state_dict(tmp_path)
     (tmp_path / "consolidated.01-of-03.pth").unlink()
     torch.save({k: v for k, v in sd.items() if k != "pad_token"}, tmp_path / "consolidated.01-of-02.pth")
     with pytest.raises(CheckpointError, match="shard 1 holds other keys than shard 0"):
-        checkpoint.read_state_dict(tmp_path)
+        lumina.read_state_dict(tmp_path)
 
 
 def test_flagdit_sample_names_what_a_foreign_file_is(tmp_path, capsys):

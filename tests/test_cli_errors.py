@@ -17,7 +17,8 @@ import torch
 
 import flagdit_kernels as fk
 from flagdit import checkpoint
-from flagdit.cli import train
+from flagdit.cli import distributed, train
+from flagdit.cli.run_dir import RunDirError
 from flagdit.cli.sample import main as sample_main
 from flagdit.data import WordEncoder
 from flagdit_kernels.bench import report
@@ -122,14 +123,14 @@ def test_train_audio_without_librosa(tmp_path, capsys, monkeypatch):
 
 def test_dist_timeout_reaches_the_process_group(monkeypatch):
     seen = {}
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: seen.update(timeout=timeout))
-    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(train.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, timeout: seen.update(timeout=timeout))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 1)
     monkeypatch.setenv("MASTER_PORT", "1")
-    train._setup_distributed("ddp", 7.5)
+    distributed.setup_distributed("ddp", 7.5)
     assert seen["timeout"].total_seconds() == 7.5
-    assert train.parse_args([]).dist_timeout == train.DEFAULT_DIST_TIMEOUT_S
+    assert train.parse_args([]).dist_timeout == distributed.DEFAULT_DIST_TIMEOUT_S
 
 
 def _free_port() -> int:
@@ -184,7 +185,7 @@ def test_debug_shows_the_traceback(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "ckpt.pt").mkdir()
-    with pytest.raises(train.RunDirError, match="is a directory"):
+    with pytest.raises(RunDirError, match="is a directory"):
         train.main([*SMALL, "--out", str(out), "--resume", "--debug"])
 
 

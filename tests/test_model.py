@@ -174,7 +174,9 @@ def test_text_context_reuse_equals_fresh_encoding():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_every_op_gets_the_model_backend(monkeypatch):
+@pytest.mark.parametrize("when", ["constructed", "assigned"])
+def test_every_op_gets_the_model_backend(monkeypatch, when):
+    """The model's backend reaches every op, given to the constructor or assigned to ``model.backend`` later."""
     seen = []
     real = _dispatch.resolve
 
@@ -184,11 +186,20 @@ def test_every_op_gets_the_model_backend(monkeypatch):
 
     monkeypatch.setattr(_dispatch, "resolve", spy)
     for variant in ("flag", "next"):
-        model = flagdit.FlagDiT(small_config(variant), backend="reference")
+        if when == "constructed":
+            model = flagdit.FlagDiT(small_config(variant), backend="reference")
+        else:
+            model = flagdit.FlagDiT(small_config(variant), backend="cpu")
+            model.backend = "reference"
         model(*batch())
     ops = {op for op, _, _ in seen}
     assert ops >= set(MODEL_OPS) | {"gated_residual_rms_norm", "embed_packed"}
     assert all(b is None and p == "reference" for _, b, p in seen)
+
+
+def test_an_unknown_model_backend_is_an_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flagdit.FlagDiT(small_config(), backend="tritn")
 
 
 def test_bf16_forward_runs():

@@ -9,7 +9,8 @@ import torch
 from test_model_lumina import inputs, make_case
 
 import flagdit
-from flagdit.checkpoint import CheckpointError, infer_config, merge_shards, read_state_dict
+from flagdit.checkpoint import CheckpointError
+from flagdit.lumina import infer_config, merge_shards, read_state_dict
 
 
 def _same_outputs(model, cfg, sd):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flagdit import checkpoint, data
-from flagdit.cli import train
+from flagdit.cli import run_dir, train
 from flagdit.cli.sample import build_parser as sample_parser
 from flagdit.cli.sample import main as sample_main
 from flagdit.data import audio
@@ -56,7 +56,7 @@ def test_every_modality_samples_finite_latents_of_its_shape(trained, modality):
     item = data.make_item(0, 0, modality=modality)
     shape = tuple(item.latent.shape)
     feats, mask = data.WordEncoder(model.config.cap_feat_dim)([item.caption] * 2)
-    kwargs = train.conditioning(model.config, [modality] * 2, [item.cameras] * 2, "cpu")
+    kwargs = model.conditioning_inputs([modality] * 2, [item.cameras] * 2)
     assert set(kwargs) == ({"modality", "cameras"} if modality == "multiview" else {"modality"})
     out = sample(model, [shape, shape], feats, mask, steps=2, cfg_scale=2.0, **kwargs)
     assert [tuple(o.shape) for o in out] == [shape, shape] and all(torch.isfinite(o).all() for o in out)
@@ -114,7 +114,7 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
 def test_a_checkpoint_is_never_silently_overwritten(tmp_path):
     _run(tmp_path, "--steps", "2")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(train.RunDirError, match="pass --resume to continue that run or --overwrite"):
+    with pytest.raises(run_dir.RunDirError, match="pass --resume to continue that run or --overwrite"):
         _run(tmp_path, "--steps", "2")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert _run(tmp_path, "--steps", "1", "--overwrite")
@@ -122,9 +122,9 @@ def test_a_checkpoint_is_never_silently_overwritten(tmp_path):
 
 
 def test_a_second_run_on_one_directory_is_refused(tmp_path, capsys):
-    held = train.lock_run_dir(tmp_path)  # as a first run holds it
+    held = run_dir.lock_run_dir(tmp_path)  # as a first run holds it
     try:
-        with pytest.raises(train.RunDirError, match="in use by another flagdit-train"):
+        with pytest.raises(run_dir.RunDirError, match="in use by another flagdit-train"):
             _run(tmp_path, "--steps", "1")
     finally:
         held.close()

@@ -107,10 +107,10 @@ BF16_PROBE = """
 import json, os, torch, torch.distributed as dist
 from flagdit.configs import get_config
 from flagdit.model import FlagDiT
-from flagdit.cli.train import _wrap
+from flagdit.cli.distributed import wrap
 dist.init_process_group("gloo", rank=0, world_size=1)
 torch.manual_seed(0)
-model = _wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "fsdp", torch.device("cpu"), bf16=True)
+model = wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "fsdp", torch.device("cpu"), bf16=True)
 seen = {}
 def probe(layer, args):
     seen["weight"] = str(layer.attention.wq.weight.dtype)
@@ -122,7 +122,7 @@ out[0].float().square().sum().backward()
 p = model.layers[0].attention.wq.weight
 seen.update(param=str(p.dtype), grad=str(p.grad.dtype), output=str(out[0].dtype))
 torch.manual_seed(0)
-ddp = _wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "ddp", torch.device("cpu"), bf16=True)
+ddp = wrap(FlagDiT(get_config("tiny", dim=64, n_layers=2)), "ddp", torch.device("cpu"), bf16=True)
 def probe_ddp(layer, args, output):
     seen["ddp_residual"] = str(output.dtype)
     seen["ddp_wq_out"] = str(layer.attention.wq(args[0][:1]).dtype)

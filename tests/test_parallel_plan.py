@@ -1,6 +1,6 @@
-"""The long-context plan (flagdit.parallel.plan) checked by arithmetic: the document is what the script writes,
-its FLOP count is torch's count of a real block, its parameter counts agree with the config's, and its memory
-and traffic figures add up."""
+"""The long-context plan checked by arithmetic (the numbers: flagdit.parallel.plan; the document:
+flagdit.cli.long_context_plan): the document is what the script writes, its FLOP count is torch's count of a
+real block, its parameter counts agree with the config's, and its memory and traffic figures add up."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import flagdit
+from flagdit.cli import long_context_plan
 from flagdit.configs import get_config
 from flagdit.parallel import plan
 
@@ -29,8 +30,8 @@ def model7b() -> plan.Model:
 
 
 def test_the_document_is_what_the_script_writes():
-    assert (ROOT / "LONG_CONTEXT.md").read_text() == plan.render(), (
-        "run: python -m flagdit.parallel.plan --write LONG_CONTEXT.md"
+    assert (ROOT / "LONG_CONTEXT.md").read_text() == long_context_plan.render(), (
+        "run: python -m flagdit.cli.long_context_plan --write LONG_CONTEXT.md"
     )
 
 

@@ -27,7 +27,6 @@ from ..modality import MODALITIES
 from ..sample_outputs import grid, spectrogram_image, to_image, view_ring
 from ..sampling import SOLVERS, sample
 from . import args as ca
-from .train import conditioning
 
 DEFAULT_CAPTIONS = {
     "image": (
@@ -149,8 +148,7 @@ class Sampler:
     def __call__(self, modality: str, captions: list[str], shapes: list[tuple], cameras=None) -> list[torch.Tensor]:
         a = self.args
         feats, mask = self.encoder(captions)
-        device = next(self.model.parameters()).device
-        cond = conditioning(self.model.config, [modality] * len(shapes), cameras or [None] * len(shapes), device)
+        cond = self.model.conditioning_inputs([modality] * len(shapes), cameras or [None] * len(shapes))
         return sample(self.model, shapes, feats, mask, steps=a.steps, solver=a.solver, shift=a.shift,
                       cfg_scale=a.cfg, generator=self.generator, progress=not a.no_progress, **cond)  # fmt: skip
 

@@ -24,7 +24,6 @@ import argparse
 import ast
 import contextlib
 import dataclasses
-import datetime
 import importlib.util
 import json
 import math
@@ -39,7 +38,6 @@ import flagdit_kernels as fk
 
 from ..checkpoint import (
     CheckpointError,
-    atomic_write,
     check_weights_fit,
     load_training_checkpoint,
     save_training_checkpoint,
@@ -52,6 +50,16 @@ from ..memory import SavedBytes
 from ..modality import MODALITIES
 from ..model import CHECKPOINTING, FlagDiT
 from . import args as ca
+from .distributed import (
+    DEFAULT_DIST_TIMEOUT_S,
+    finite_everywhere,
+    full_state_dicts,
+    load_full_state_dicts,
+    sequence_parallel_mesh,
+    setup_distributed,
+    wrap,
+)
+from .run_dir import RunDirError, claim_run_dir, truncate_log
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(FlagDiTConfig))
 # flagdit-train builds every model able to take every modality (the config can still turn it off with --set).
@@ -63,11 +71,6 @@ DATA_SIZE_MULTIPLE = math.gcd(
     audio.N_MELS, *audio.FRAME_CHOICES,
 )  # fmt: skip
 VISUAL_CHANNELS = 3  # the image, video and multi-view data are RGB
-DEFAULT_DIST_TIMEOUT_S = 900
-
-
-class RunDirError(RuntimeError):
-    """The output directory cannot be used as asked (in use, or holding a run that would be lost)."""
 
 
 def _config_override(text: str) -> tuple[str, object]:
@@ -237,112 +240,12 @@ def global_batch(args, step: int, encoder: WordEncoder, items: list[int]) -> dic
     return dict(x1=xs, t=torch.cat(ts), x0=noise, feats=feats, mask=mask, modality=modality, cameras=cameras)
 
 
-def conditioning(config: FlagDiTConfig, modality: list[str], cameras: list, device) -> dict:
-    """The modality / camera keyword arguments this config's model takes."""
-    kwargs = {}
-    if config.n_modalities:
-        kwargs["modality"] = modality
-    if config.camera_cond and any(c is not None for c in cameras):
-        kwargs["cameras"] = [None if c is None else c.to(device) for c in cameras]
-    return kwargs
-
-
-def _setup_distributed(mode: str, timeout_s: float = DEFAULT_DIST_TIMEOUT_S):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode == "auto":
-        mode = "ddp" if world > 1 else "none"
-    if world == 1 and mode != "none" and not dist.is_initialized():
-        # Single process with --dist ddp/fsdp still wraps the model (useful to check the wrapping alone).
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-    if mode != "none" and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return mode, rank, world, device
-
-
-def _sequence_parallel_mesh(sp: int, mode: str, device: torch.device):
-    """The (dp, sp) mesh of --sp > 1 (None for 1)."""
-    if sp == 1:
-        return None
-    if mode not in ("ddp", "fsdp"):
-        raise ValueError(f"--sp {sp} needs --dist ddp or fsdp under torchrun, got --dist {mode}")
-    from ..parallel import init_mesh
-
-    return init_mesh(sp, device.type)
-
-
-def _wrap(model: FlagDiT, mode: str, device: torch.device, bf16: bool = False):
-    """DDP or FSDP2 around the model. With ``bf16``, FSDP2 gathers bf16 copies of the fp32 parameters for
-    compute and reduce-scatters fp32 gradients (the optimizer keeps fp32 master weights); the model casts its
-    inputs to its weights' dtype, so the residual stream is bf16 (inputs are not cast by FSDP2: the RoPE table
-    in the layout stays fp32). DDP keeps fp32 parameters, gradients and their all-reduce, and bf16 comes from
-    autocast (matmuls in bf16, the residual stream fp32)."""
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        # pad_token (kept for Lumina checkpoints) and [nextframe] in image-only batches get no gradient.
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=True)  # fmt: skip
-    if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy()  # fp32 throughout
-        if bf16:
-            policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False)
-        for layer in model.layers:  # sharded over the whole world, sequence-parallel ranks too
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-    return model
-
-
-def _state_dicts(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_state_dicts(model, optimizer, model_sd, optim_sd) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
-    # Parameters that never received a gradient (pad_token; [nextframe] before the first video) have no
-    # AdamW state yet, so the optimizer part is loaded non-strictly.
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
 class DivergedError(FloatingPointError):
     """The loss or the weights stopped being finite; nothing of that state was saved."""
 
 
-def finite_everywhere(model, world: int) -> bool:
-    """Whether every rank's parameters (its shards under FSDP) are finite: one all-reduce of a flag, so every
-    rank decides the same."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: this rank's shard
-    ok = torch.tensor([all(bool(torch.isfinite(p).all()) for p in local)], dtype=torch.int32)
-    if world > 1:
-        device = next(model.parameters()).device
-        ok = ok.to(device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
 def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConfig, args, rank: int) -> None:
-    model_sd, optim_sd = _state_dicts(model, optimizer)
+    model_sd, optim_sd = full_state_dicts(model, optimizer)
     if rank != 0:
         return
     plain = (int, float, str, bool, type(None), tuple)  # what a weights_only load reads (tuples as lists)
@@ -356,106 +259,18 @@ def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConf
     save_training_checkpoint(path, payload)
 
 
-def lock_run_dir(out: Path):
-    """An exclusive lock on OUT/.lock, held until the returned file is closed (or the process ends)."""
-    import fcntl
-
-    f = open(out / ".lock", "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunDirError(
-            f"{out} is in use by another flagdit-train (pid {holder} holds {out / '.lock'}); "
-            "wait for it to finish or choose another --out"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keeps the records of log.jsonl up to ``step`` (the checkpoint a run starts from): a run killed after its
-    last checkpoint logged steps that the resumed run trains again. A torn last line is dropped too."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
-
-
-def _check_checkpoint_path(ckpt_path: Path) -> None:
-    """Anything at OUT/ckpt.pt that is not a regular file (or a link to one) is an error, never a fresh start:
-    a dangling link or a loop would otherwise read as "no checkpoint" and be replaced by a run from step 0."""
-    if not os.path.lexists(ckpt_path):
-        return
-    if ckpt_path.is_symlink():
-        try:
-            target = ckpt_path.resolve(strict=True)
-        except (OSError, RuntimeError):  # missing target, or a loop (RuntimeError before Python 3.13)
-            raise RunDirError(
-                f"{ckpt_path} is a symbolic link to {os.readlink(ckpt_path)!r}, which does not resolve (missing, "
-                "or a loop); point it at a checkpoint or remove it"
-            ) from None
-        if not target.is_file():
-            raise RunDirError(f"{ckpt_path} links to {target}, which is not a checkpoint file")
-    elif not ckpt_path.is_file():
-        kind = "a directory" if ckpt_path.is_dir() else "not a regular file"
-        raise RunDirError(f"{ckpt_path} is {kind}, not a checkpoint; move it away or choose another --out")
-    if not os.access(ckpt_path, os.R_OK):
-        raise RunDirError(f"{ckpt_path} is not readable (permissions)")
-
-
-def _claim_run_dir(args, out: Path, ckpt_path: Path, rank: int, world: int):
-    """Rank 0 locks OUT and checks that starting here loses no run; every rank raises the same error if not."""
-    lock, error = None, None
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = lock_run_dir(out)
-            _check_checkpoint_path(ckpt_path)
-            if ckpt_path.exists() and not (args.resume or args.overwrite):
-                lock.close()
-                lock = None
-                raise RunDirError(
-                    f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to start over"
-                )
-        except (RunDirError, OSError) as e:
-            if lock is not None:
-                lock.close()
-                lock = None
-            error = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
-    if world > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise RunDirError(error)
-    return lock
-
-
 def train(args: argparse.Namespace) -> list[float]:
     """Runs the training loop; returns the global-batch loss of every step run."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    mode, rank, world, device = _setup_distributed(args.dist, args.dist_timeout)
-    mesh = _sequence_parallel_mesh(args.sp, mode, device)
+    mode, rank, world, device = setup_distributed(args.dist, args.dist_timeout)
+    mesh = sequence_parallel_mesh(args.sp, mode, device)
     data_ranks = world // args.sp
     if args.batch_size % data_ranks:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {data_ranks} data-parallel ranks")
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
-    lock = _claim_run_dir(args, out, ckpt_path, rank, world)
+    lock = claim_run_dir(out, ckpt_path, args.resume, args.overwrite, rank, world)
     try:
         return _train(args, mode, rank, world, device, out, ckpt_path, mesh)
     finally:
@@ -480,12 +295,13 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         model = parallelize(model, mesh, args.sp_strategy)
         data_rank, data_ranks, data_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()
         sp = f" (sequence-parallel groups of {args.sp}, {model.sequence_parallel.strategy})"
-    model = _wrap(model, mode, device, args.bf16)
+    conditioning_inputs = model.conditioning_inputs  # the FlagDiT's own, before DDP wraps it
+    model = wrap(model, mode, device, args.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     saved = start if resume else None  # the step of the checkpoint on disk that this run must never lose
     if resume:
         try:
-            _load_state_dicts(model, optimizer, resume["model"], resume["optimizer"])
+            load_full_state_dicts(model, optimizer, resume["model"], resume["optimizer"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{ckpt_path}: the checkpoint's optimizer state does not fit the model: {e}") from e
     encoder = WordEncoder(config.cap_feat_dim)
@@ -511,7 +327,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         batch = global_batch(args, step, encoder, mine)
         xs = [x.to(device) for x in batch["x1"]]
         noise = [n.to(device) for n in batch["x0"]]
-        cond = conditioning(config, batch["modality"], batch["cameras"], device)
+        cond = conditioning_inputs(batch["modality"], batch["cameras"], device)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

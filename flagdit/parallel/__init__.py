@@ -13,7 +13,8 @@ Applied to a model, not written into it::
 
 Files: ``mesh.py`` (the 2D mesh, the group), ``sharding.py`` (which tokens a rank holds, the local layout),
 ``collectives.py`` (the differentiable exchanges), ``ulysses.py`` and ``ring.py`` (the two attentions),
-``apply.py`` (the model's forward over a shard), ``plan.py`` (the memory and time plan for Flag-DiT 7B).
+``apply.py`` (the model's forward over a shard), ``plan.py`` (the memory and time plan's arithmetic;
+its document is written by ``flagdit.cli.long_context_plan``).
 """
 
 from .apply import (
