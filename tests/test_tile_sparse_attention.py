@@ -4,9 +4,11 @@ the density each call reports, and the argument checks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from helpers import fresh
+from helpers import DEVICE, INTERPRETED, ON_GPU, compare_with_reference, fresh
 
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
@@ -41,6 +43,15 @@ def _inputs(packed, dtype=torch.float64, heads=4, kv_heads=2, head_dim=16, seed=
     )
     freqs = fk.rope_freqs(head_dim, packed.positions, axes_dims=(4, 4, 8), theta=100.0)
     return q, k, v, text, freqs
+
+
+def _to(x):
+    return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+
+
+def _on_device(tiles):
+    """A TileLayout with its tensors on the test device."""
+    return dataclasses.replace(tiles, **{f.name: _to(getattr(tiles, f.name)) for f in dataclasses.fields(tiles)})
 
 
 @pytest.mark.parametrize("sparsity", [WINDOW, TOP_K], ids=str)
@@ -102,3 +113,41 @@ def test_backends_without_block_lists_say_why(backend):
     q, k, _, _, _ = _inputs(packed)
     with pytest.raises(NotImplementedError, match=f"backend '{backend}' does not run tile-sparse attention"):
         attention_op._sparse_lists(WINDOW, packed.tiles, backend, q, k, packed.cu_seqlens, False, 0.25, None)
+
+
+# The Triton kernels (interpreted on the CPU: fp32 and fp16 dots) against the float64 masked reference. The
+# reference takes the lists the kernel call recorded (fk.last_tile_blocks), so a top-k near-tie that rounds
+# differently in float64 cannot change the pattern under comparison (the selection itself is checked against
+# brute force in test_tile_sparsity.py).
+KERNEL_CASES = [
+    # (sparsity, dtype, text, rope, kv heads, latents)
+    (WINDOW, torch.float32, True, True, 2, MIXED),
+    (TOP_K, torch.float16, True, False, 4, MIXED),
+    (fk.TileSparsity(window=(1, 2, 1), top_k=1), torch.float32, False, True, 1, [(C, 7, 6, 10), (C, 6, 14)]),
+]
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize(("sparsity", "dtype", "text", "rope", "kv_heads", "latents"), KERNEL_CASES,
+                         ids=["window-text-rope-gqa", "topk-fp16-text", "both-odd-grid-mqa"])  # fmt: skip
+def test_triton_matches_the_masked_reference(sparsity, dtype, text, rope, kv_heads, latents):
+    """Odd tile grids (partial edge tiles), mixed images and videos in one pack, GQA / MQA, the dense text branch,
+    RoPE; poisoned allocations (an unwritten row shows), output and LSE against float64."""
+    packed = _pack(latents)
+    q, k, v, text_inputs, freqs = _inputs(packed, dtype, kv_heads=kv_heads, seed=20)
+    cu, n = packed.cu_seqlens.to(DEVICE), packed.max_seqlen
+    tiles = _on_device(packed.tiles)
+    freqs = _to(freqs) if rope else None  # not an input the comparison differentiates
+    lse = dtype == torch.float32  # the LSE is float32 whatever q's dtype: compared (and differentiated) in fp32
+
+    def kernel(q, k, v, **kw):
+        return fk.varlen_attention(q, k, v, cu, n, return_lse=lse, backend="triton", sparsity=sparsity,
+                                   tiles=tiles, freqs=freqs, **kw)  # fmt: skip
+
+    def reference(q, k, v, **kw):
+        mask = ref.tile_sparsity.tile_sparse_mask(tiles, cu, fk.last_tile_blocks())
+        return ref.varlen_attention(q, k, v, cu, n, return_lse=lse, mask=mask, freqs=freqs, **kw)
+
+    inputs = {"q": q, "k": k, "v": v, **(text_inputs if text else {})}
+    compare_with_reference(kernel, reference, {x: _to(t) for x, t in inputs.items()}, dtype, family="attention",
+                           grad=False)  # fmt: skip

@@ -274,6 +274,11 @@ def _key_offsets(cu_seqlens_k: Tensor | None, max_seqlen_k: int | None) -> dict:
     return {} if cu_seqlens_k is None else {"cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k}
 
 
+def _sparse_tables(sparse_lists: Tensor | None, sparse_sizes: list[int] | None) -> dict:
+    """The launchers' tile-sparse keywords, passed only for a tile-sparse call."""
+    return {} if sparse_lists is None else {"sparse_lists": sparse_lists, "sparse_sizes": sparse_sizes}
+
+
 @torch.library.custom_op("flagdit_kernels::varlen_attention_fwd", mutates_args=())
 def _fwd_op(
     q: Tensor,
@@ -291,17 +296,20 @@ def _fwd_op(
     deterministic: bool,
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_k: int | None = None,
+    sparse_lists: Tensor | None = None,
+    sparse_sizes: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, o_text, lse_self, lse_text, q_rot, k_rot), LSEs in natural log; all but out are saved for
     the backward. q_rot / k_rot are q and k rotated by RoPE (empty without ``freqs``): the backward reads them.
     ``lse_returned`` and ``deterministic`` are for the backward: whether lse_self reached the caller (else the
     zero gradient autograd hands an unused output is not read) and which dq path to take. ``cu_seqlens_k`` /
-    ``max_seqlen_k``: the keys' own offsets of a cross-attention call (None: self-attention)."""
+    ``max_seqlen_k``: the keys' own offsets of a cross-attention call (None: self-attention). ``sparse_lists``
+    / ``sparse_sizes``: a tile-sparse call's tables (triton/attention/sparse.py; None: dense)."""
     from ..triton.attention import launch as kernels
 
     out, o_text, lse, lse_t, q_rot, k_rot = kernels.forward(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
-        **_key_offsets(cu_seqlens_k, max_seqlen_k),
+        **_key_offsets(cu_seqlens_k, max_seqlen_k), **_sparse_tables(sparse_lists, sparse_sizes),
     )  # fmt: skip
     if freqs is None:  # q_rot, k_rot are q, k themselves: an output may not alias an input
         q_rot, k_rot = q.new_empty(0), k.new_empty(0)
@@ -310,7 +318,8 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
-              lse_returned, deterministic, cu_seqlens_k=None, max_seqlen_k=None):  # fmt: skip
+              lse_returned, deterministic, cu_seqlens_k=None, max_seqlen_k=None, sparse_lists=None,
+              sparse_sizes=None):  # fmt: skip
     T, H, D = q.shape
     has_text = text_k is not None
     out = q.new_empty((T, H, D))
@@ -345,6 +354,8 @@ def _bwd_op(
     deterministic: bool,
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_k: int | None = None,
+    sparse_lists: Tensor | None = None,
+    sparse_sizes: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
     the gradient of the self-attention LSE (None when the caller did not take it). With ``freqs``, q and k are
@@ -354,6 +365,7 @@ def _bwd_op(
     dq, dk, dv, dtk, dtv, dtg = kernels.backward(
         dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
         text_k, text_v, text_cu_seqlens, tanh_gate, freqs, deterministic, **_key_offsets(cu_seqlens_k, max_seqlen_k),
+        **_sparse_tables(sparse_lists, sparse_sizes),
     )  # fmt: skip
     if text_k is None:
         dtk, dtv, dtg = q.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
@@ -362,7 +374,8 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
-              text_cu_seqlens, tanh_gate, freqs, deterministic, cu_seqlens_k=None, max_seqlen_k=None):  # fmt: skip
+              text_cu_seqlens, tanh_gate, freqs, deterministic, cu_seqlens_k=None, max_seqlen_k=None,
+              sparse_lists=None, sparse_sizes=None):  # fmt: skip
     has_text = text_k is not None
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -376,25 +389,27 @@ def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seql
 
 def _fwd_setup(ctx, inputs, output):
     q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, tanh_gate, freqs, lse_returned, deterministic = inputs[:13]
-    cu_k, max_seqlen_k = inputs[13:]
+    cu_k, max_seqlen_k, sparse_lists, sparse_sizes = inputs[13:]
     out, o_text, lse, lse_t, q_rot, k_rot = output
     if freqs is not None:  # the backward reads the rotated copies, not the inputs
         q, k = q_rot, k_rot
-    ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k)
-    ctx.sizes = (max_seqlen, scale, max_seqlen_k)
+    ctx.save_for_backward(
+        q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k, sparse_lists
+    )
+    ctx.sizes = (max_seqlen, scale, max_seqlen_k, sparse_sizes)
     ctx.lse_returned, ctx.deterministic = lse_returned, deterministic
 
 
 def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t, _d_q_rot, _d_k_rot):
-    q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k = ctx.saved_tensors
-    max_seqlen, scale, max_seqlen_k = ctx.sizes
+    q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k, lists = ctx.saved_tensors
+    max_seqlen, scale, max_seqlen_k, sparse_sizes = ctx.sizes
     dq, dk, dv, dtk, dtv, dtg = _bwd_op(
         dout, d_lse if ctx.lse_returned else None, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
-        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic, cu_k, max_seqlen_k,
+        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic, cu_k, max_seqlen_k, lists, sparse_sizes,
     )  # fmt: skip
     if text_k is None:
         dtk = dtv = dtg = None
-    return dq, dk, dv, None, None, None, dtk, dtv, None, dtg, None, None, None, None, None
+    return dq, dk, dv, None, None, None, dtk, dtv, None, dtg, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -408,8 +423,11 @@ def _varlen_attention_triton(
     """The Triton backend: fused self + gated text kernels; see flagdit_kernels/triton/attention/launch.py.
     The backward accumulates dq with atomics unless ``deterministic`` (or torch.use_deterministic_algorithms
     without warn_only) asks for the ordered path."""
-    if blocks is not None:
-        raise NotImplementedError("the Triton tile-sparse kernels are not built yet: use backend='reference'")
+    sparse_lists = sparse_sizes = None
+    if blocks is not None:  # the kernels' tables of the block lists (sparse.py), on the device
+        from ..triton.attention import sparse as sparse_kernels
+
+        sparse_lists, sparse_sizes = sparse_kernels.lists(tiles, cu_seqlens, blocks.keys, blocks.counts)
     scale = float(softmax_scale)
     tanh_gate = None
     if text_k is not None:  # text_max_seqlen is not needed: the kernels' grids come from the tensor shapes
@@ -422,7 +440,7 @@ def _varlen_attention_triton(
     )
     out, _, lse, _, _, _ = _fwd_op(
         q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs, return_lse,
-        deterministic, cu_seqlens_k, max_seqlen_k,
+        deterministic, cu_seqlens_k, max_seqlen_k, sparse_lists, sparse_sizes,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

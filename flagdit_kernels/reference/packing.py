@@ -37,6 +37,7 @@ class TileLayout:
     patch_end: torch.Tensor  # int32 (B,): first placeholder row of each item (= its end without placeholders)
     token_tile: torch.Tensor  # int32 (T,): the tile of each token, -1 for placeholders
     max_tiles: int  # most tiles of one item (python int)
+    placeholders: int  # placeholder tokens of the whole pack (python int: sizes the sparse kernels' grids)
 
 
 @dataclass
@@ -158,6 +159,7 @@ def tile_layout(shapes: list[tuple[int, ...]], p: int, nextline: bool, nextframe
         patch_end=move(torch.tensor(patch_end)),
         token_tile=token_tile,
         max_tiles=max(counts),
+        placeholders=start - sum(end - first for end, first in zip(patch_end, starts)),  # tokens less patches
     )
 
 

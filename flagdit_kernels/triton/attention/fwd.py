@@ -13,6 +13,7 @@ One program per (block of BLOCK_M queries of one sequence, query head):
 import triton
 import triton.language as tl
 
+from . import sparse
 from .tiles import (
     LN2,
     aligned,
@@ -71,19 +72,32 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
     matmuls and softmax to consumer warpgroups. (A full-tile loop plus a tail step keeps the pass from splitting
     any loop of the kernel.) The interpreter ignores warp_specialize: the numbers are those of the two loops."""
     tl.static_assert(TMA or not WS)
-    # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
-    k_rows = tl.maximum(k_len, 1)
-    k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
-    v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if WS:
+        # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
+        k_rows = tl.maximum(k_len, 1)
+        k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+        v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
         for start_n in tl.range(0, k_len, BLOCK_N, warp_specialize=True):
             acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
                                                 stride_kt, stride_vt, start_n, k_len, qk_scale, True, TMA, BLOCK_N,
                                                 HEAD_DIM, D0, D1, DOT_PREC)
         return acc0, acc1, m_i, l_i
+    return _attend_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA,
+                        BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+
+
+@triton.jit
+def _attend_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale,
+                 TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                 D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The online-softmax state carried over ``k_len`` more keys from ``k_base``: full tiles, then the tail."""
+    # Descriptors need at least one row; with k_len == 0 (cross-attention) the loop never loads through them.
+    k_rows = tl.maximum(k_len, 1)
+    k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, TMA, BLOCK_N, HEAD_DIM, D0, D1)
     n_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
@@ -97,9 +111,27 @@ def _attend(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, qk_scale, TMA: 
 
 
 @triton.jit
+def _attend_runs(q0, q1, K, V, stride_kt, stride_vt, hk_offset_k, hk_offset_v, LISTS, CU, n_tiles, n_seqs,
+                 list_heads, list_width, h, b, tile, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Tile-sparse self keys: the same online softmax, carried over the key runs sparse.run lists."""
+    acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j in range(sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile)):
+        first, k_len = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+        first = first.to(tl.int64)
+        acc0, acc1, m_i, l_i = _attend_keys(acc0, acc1, m_i, l_i, q0, q1, K + first * stride_kt + hk_offset_k,
+                                            V + first * stride_vt + hk_offset_v, stride_kt, stride_vt, k_len,
+                                            qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, T, GROUP, n_seqs, bisect_steps,
+    LISTS, n_tiles, list_heads, list_width, volume,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -108,19 +140,27 @@ def _fwd_kernel(
     stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-    WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
+    WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
 ):
     # TMA_OK: the launcher found K and V fit tensor descriptors (16-byte aligned base and strides, sm_90+).
     # WS: the loops in the shape Triton warp-specializes (see _attend); q, keys, values, text keys and values
     # through descriptors, which WS_OK says the launcher found possible (sm_90, aligned tensors).
     tl.static_assert(TMA_OK or not TMA)
     tl.static_assert((TMA and WS_OK) or not WS)
+    # SPARSE: tile-sparse self keys over a tile-major pack (sparse.py: LISTS, n_tiles, ...; pointer loads).
+    tl.static_assert(not (SPARSE and (TMA or WS)))
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
     stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
     # One program per (query tile, head) over the tiles that hold tokens: grid (T // BLOCK_M + n_seqs, H).
-    if WS:
+    if SPARSE:
+        b, tile, start, seq_len = sparse.program(LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_M), BLOCK_M)
+        pid_m, h = 0, tl.program_id(1)
+        hk = h // GROUP
+        if seq_len <= 0:
+            return
+    elif WS:
         # Triton's warp-specialization pass (3.6) fails on an early return and on any while loop in the kernel:
         # the (at most one per sequence) idle program runs with no keys and stores nothing (its rows are masked).
         b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M, bisect_steps, True)
@@ -162,9 +202,14 @@ def _fwd_kernel(
     k_start = k_start.to(tl.int64)
     if WS:
         k_len = tl.where(live, k_len, 0)
-    acc0, acc1, m_i, l_i = _attend(q0, q1, K + k_start * stride_kt + hk * stride_kh,
-                                   V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
-                                   BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
+    if SPARSE:
+        acc0, acc1, m_i, l_i = _attend_runs(q0, q1, K, V, stride_kt, stride_vt, hk * stride_kh, hk * stride_vh, LISTS,
+                                            CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, qk_scale, BLOCK_M,
+                                            BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    else:
+        acc0, acc1, m_i, l_i = _attend(q0, q1, K + k_start * stride_kt + hk * stride_kh,
+                                       V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len,
+                                       qk_scale, TMA, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
     # A sample without keys (cross-attention): l_i == 0 and acc == 0, so the self part is exactly 0 and its LSE
     # is -inf (m_i = -inf), which merges right by log-sum-exp.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .. import rope as rope_kernels
 from . import autotune as tuning
-from . import candidates
+from . import candidates, sparse
 from .bwd import _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
 from .fwd import _fwd_kernel
 from .offsets import safe_offsets
@@ -43,13 +43,15 @@ autotune_mode = tuning.autotune_mode
 
 FORWARD = tuning.TunedKernel("forward", _fwd_kernel, tuning.FWD_TILES)
 FORWARD.alternatives = candidates.gluon_forward  # the Gluon forward, sm_90 only, verified first
+# Tile-sparse forward (SPARSE=True): pointer loads (its key runs start anywhere), no Gluon alternative.
+SPARSE_FORWARD = tuning.TunedKernel("sparse forward", _fwd_kernel, tuning.FWD_TILES)
 DKDV = tuning.TunedKernel("dk/dv", _bwd_dkdv, tuning.DKDV_TILES, tuning.dkdv_prune)
 DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES)
 
 
 def tuned_tiles() -> dict[str, dict[str, str]]:
     """The tiles the autotuner chose so far in this process, per kernel: {tuning key: tile}, for reports."""
-    return {k.name: k.tuned() for k in (FORWARD, DKDV, DQ)}
+    return {k.name: k.tuned() for k in (FORWARD, SPARSE_FORWARD, DKDV, DQ)}
 
 
 def _regime(
@@ -217,6 +219,18 @@ def _query_tiles(T: int, batch: int, heads: int):
     return lambda meta: (T // meta["BLOCK_M"] + batch, heads)
 
 
+def _sparse_launch(
+    lists: torch.Tensor | None, sizes: list[int] | None, stand_in: torch.Tensor, batch: int, heads: int, block: str
+):
+    """(grid, the kernels' sparse arguments) of a tile-sparse launch (sparse.py: ``sizes`` = n_tiles, list
+    heads, list width, tile volume, placeholder tokens), or (None, stand-ins no program reads) of a dense one."""
+    if lists is None:
+        return None, (stand_in, 0, 1, 0, 1)
+    n_tiles, heads_listed, width, volume, placeholders = sizes[:5]
+    grid = lambda meta: (sparse.grid_programs(n_tiles, volume, placeholders, batch, meta[block]), heads)
+    return grid, (lists, n_tiles, heads_listed, width, volume)
+
+
 def _rotated(x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
     """x rotated by RoPE (a contiguous copy in x's dtype, fp32 math) when ``freqs`` is given, else x itself."""
     return x if freqs is None else rope_kernels.apply_rope(x, freqs, interleaved=True)
@@ -237,6 +251,8 @@ def forward(
     *,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
+    sparse_lists: torch.Tensor | None = None,
+    sparse_sizes: list[int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Returns ``(out, o_text, lse_self, lse_text, q_used, k_used)``; LSEs are fp32 ``(H, T)`` in natural log;
     o_text and lse_text are empty without text; q_used / k_used are what the backward must read (q and k
@@ -246,7 +262,10 @@ def forward(
     and sample b's queries attend to key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` (any number, 0 included:
     then the self part of its rows is exactly 0 and their self LSE -inf). ``max_seqlen_k`` is a tuning hint
     only. RoPE (``freqs``) is supported only for self-attention (ValueError otherwise). The text branch and
-    gate work as for self-attention."""
+    gate work as for self-attention.
+
+    Tile-sparse self-attention: ``sparse_lists`` / ``sparse_sizes`` from sparse.lists (the key tiles of every
+    query tile of a tile-major pack); the text branch stays dense."""
     _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
     q, k = _rotated(q, freqs), _rotated(k, freqs)
     q, k, v, text_k, text_v = _unit_head_dim(q, k, v, text_k, text_v)
@@ -273,15 +292,18 @@ def forward(
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
-    FORWARD.launch(
-        _query_tiles(T, batch, H),
+    sparse_grid, sparse_args = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, H, "BLOCK_M")
+    kernel, sparse_consts = (FORWARD, {}) if sparse_grid is None else (SPARSE_FORWARD, {"SPARSE": True})
+    kernel.launch(
+        sparse_grid or _query_tiles(T, batch, H),
         q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu, kcu,
         softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch, (batch - 1).bit_length(),
+        *sparse_args,
         *_rows(q, k, v, tk, tv, out),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=_dot_precision(q.dtype),
-        TMA_OK=_descriptor_ready(k, v), VEC=_vector_width(q, k, v, tk, tv, out),
-        WS_OK=_warp_specialize_ready(q, k, v, tk, tv),
-        regime=_regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k),
+        TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, out),
+        WS_OK=_warp_specialize_ready(q, k, v, tk, tv) and not sparse_consts,
+        regime=_regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k), **sparse_consts,
     )  # fmt: skip
     return out, o_text, lse, lse_t, q_used, k_used
 
@@ -308,6 +330,8 @@ def backward(
     *,
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
+    sparse_lists: torch.Tensor | None = None,
+    sparse_sizes: list[int] | None = None,
 ):
     """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text); ``dlse`` is
     the gradient of the self-attention LSE, fp32 ``(H, T)``, or None. q and k are the forward's ``q_used`` /
@@ -320,6 +344,8 @@ def backward(
 
     ``cu_seqlens_k`` / ``max_seqlen_k``: cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys
     of a sample without queries get exactly 0)."""
+    if sparse_lists is not None:
+        raise NotImplementedError("the tile-sparse backward kernels are not built yet")
     _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
     dout, q, k, v, text_k, text_v = _unit_head_dim(dout, q, k, v, text_k, text_v)
     T, H, D = q.shape

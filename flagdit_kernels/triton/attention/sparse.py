@@ -1,0 +1,133 @@
+"""Tile-sparse iteration of the varlen attention kernels: which rows a program owns and which key (or query)
+runs it visits, over a tile-major pack (``fk.pack(..., tile=...)``, DESIGN.md: Tile-sparse attention).
+
+A 3-D tile is a contiguous run of tokens, so a tile-sparse pattern is, per (head, tile), a list of whole runs.
+:func:`lists` packs everything the kernels read into one int32 tensor, built on the device with no host sync:
+
+    [ranges (n_tiles, 2) | tile sample (n_tiles) | patch_end (B) | placeholder offsets (B + 1)
+     | counts (heads, n_tiles) | lists (heads, n_tiles, width)]
+
+``lists[h % heads, t, :counts]`` are the tiles program tile t visits for head h: the key tiles of query tile t
+(forward, dq) or, transposed (:func:`transposed`), the query tiles that list key tile t (dk / dv). ``heads`` is
+1 (a window: the same for every head) or the query heads (top_k).
+
+Programs (:func:`program`): ``chunks = cdiv(tile volume, BLOCK)`` per tile (BLOCK rows each, the tile's last
+chunk masked by its range), then one per BLOCK rows of each sample's placeholder run (the grid of ``tile_of``
+over the placeholder offsets). Runs (:func:`run`): a tile program visits its listed tiles, then the sample's
+placeholder run (placeholders are attended by every token of their sample); a placeholder program visits its
+whole sample (placeholders attend densely). Every run holds at least one row, except a sample's empty
+placeholder run (then its loop does not run); every tile lists itself (a window) or k >= 1 tiles (top_k), so
+no row is left without keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import tile_of
+
+# fmt: off
+
+
+def lists(tiles, cu_seqlens: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """(table, sizes): the kernels' table (module docstring) of a TileLayout and per-(head, tile) lists
+    (``keys`` int32 ``(heads, n_tiles, width)``, ``counts`` ``(heads, n_tiles)``), built on their device with no
+    host sync, and its host sizes [n_tiles, heads, width, tile volume, placeholder tokens, most tiles of a
+    sample]."""
+    cu = cu_seqlens.to(torch.int32)
+    slots = cu[1:] - tiles.patch_end
+    slot_cu = torch.cat([cu.new_zeros(1), slots.cumsum(0, dtype=torch.int32)])
+    parts = (tiles.ranges, tiles.sample, tiles.patch_end, slot_cu, counts, keys)
+    table = torch.cat([p.reshape(-1).to(torch.int32) for p in parts])
+    heads, n_tiles, width = keys.shape
+    return table, [n_tiles, heads, width, math.prod(tiles.tile), tiles.placeholders, tiles.max_tiles]
+
+
+def transposed_lists(table: torch.Tensor, sizes: list) -> tuple[torch.Tensor, list]:
+    """The table of :func:`lists` with every tile's list replaced by the tiles that list it (dk / dv)."""
+    n_tiles, heads, width, volume, placeholders, most = sizes
+    samples = (table.numel() - 3 * n_tiles - 1 - heads * n_tiles * (1 + width)) // 2
+    lists_at = 3 * n_tiles + 2 * samples + 1
+    counts_end = lists_at + heads * n_tiles
+    keys = table[counts_end:].view(heads, n_tiles, width)
+    t_keys, t_counts = transposed(keys, most)
+    table = torch.cat([table[:lists_at], t_counts.flatten(), t_keys.flatten()])
+    return table, [n_tiles, heads, most, volume, placeholders, most]
+
+
+def transposed(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lists, counts) of the query tiles that list each key tile, per head (ascending, -1 after ``counts``):
+    ``keys`` int32 ``(heads, n_tiles, K)`` padded with -1; ``width`` a host bound on any tile's count (the most
+    tiles of a sample). One sort and scatters on the device, no host sync."""
+    heads, n, _ = keys.shape
+    device = keys.device
+    valid = keys >= 0
+    head = torch.arange(heads, device=device).view(-1, 1, 1)
+    query = torch.arange(n, device=device).view(1, -1, 1)
+    group = head * n + keys.long()  # (head, key tile) of every entry
+    big = heads * n * n
+    order = torch.where(valid, group * n + query, big).flatten().sort().values  # valid first, by group then query
+    t_counts = torch.zeros(heads * n, dtype=torch.int64, device=device)
+    t_counts.scatter_add_(0, torch.where(valid, group, 0).flatten(), valid.flatten().long())
+    first = t_counts.cumsum(0) - t_counts
+    ok = order < big
+    group_of = torch.where(ok, order // n, heads * n)  # invalid entries go to a dummy row
+    rank = torch.arange(order.numel(), device=device) - torch.cat([first, first.new_zeros(1)])[group_of]
+    table = torch.full((heads * n + 1, width), -1, dtype=torch.int32, device=device)
+    table[group_of, torch.where(ok, rank, 0)] = torch.where(ok, order % n, -1).to(torch.int32)
+    return table[:-1].view(heads, n, width), t_counts.view(heads, n).to(torch.int32)
+
+
+def grid_programs(n_tiles: int, volume: int, placeholders: int, samples: int, block: int) -> int:
+    """Programs along the rows of a sparse launch: ``cdiv(volume, block)`` per tile, then ``tile_of``'s cover of
+    the placeholder runs (at most one idle program per sample)."""
+    return n_tiles * triton.cdiv(volume, block) + placeholders // block + samples
+
+
+@triton.jit
+def program(LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
+    """(sample b, tile (-1: a placeholder program), first row, rows) of this program (module docstring). Rows
+    <= 0: an idle program (the caller returns)."""
+    pid = tl.program_id(0)
+    by_tile = n_tiles * chunks
+    if pid < by_tile:
+        tile = pid // chunks
+        b = tl.load(LISTS + 2 * n_tiles + tile)
+        start = tl.load(LISTS + 2 * tile) + (pid - tile * chunks) * BLOCK
+        end = tl.load(LISTS + 2 * tile + 1)
+    else:
+        b, m = tile_of(pid - by_tile, LISTS + 3 * n_tiles + n_seqs, n_seqs, BLOCK)
+        tile = b * 0 - 1
+        start = tl.load(LISTS + 3 * n_tiles + b) + m * BLOCK
+        end = tl.load(CU + b + 1)
+    return b, tile, start, end - start
+
+
+@triton.jit
+def run_count(LISTS, n_tiles, n_seqs, heads, h, tile):
+    """How many runs a program of ``tile`` visits for head h: its listed tiles plus the placeholder run, or 1
+    (its whole sample) for a placeholder program."""
+    counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
+    is_tile = tile >= 0
+    listed = tl.load(counts + (h % heads) * n_tiles + tile, mask=is_tile, other=0)
+    return tl.where(is_tile, listed + 1, 1)
+
+
+@triton.jit
+def run(LISTS, CU, n_tiles, n_seqs, heads, width, h, b, tile, j):
+    """(first row, rows) of run j of a program of ``tile`` in sample b for head h (see run_count)."""
+    counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
+    table = counts + heads * n_tiles
+    row = (h % heads) * n_tiles + tile
+    is_tile = tile >= 0
+    listed = is_tile & (j < tl.load(counts + row, mask=is_tile, other=0))
+    other = tl.load(table + row * width + j, mask=listed, other=0)
+    seq_end = tl.load(CU + b + 1)
+    first = tl.where(listed, tl.load(LISTS + 2 * other),
+                     tl.where(is_tile, tl.load(LISTS + 3 * n_tiles + b), tl.load(CU + b)))
+    end = tl.where(listed, tl.load(LISTS + 2 * other + 1), seq_end)
+    return first, end - first
