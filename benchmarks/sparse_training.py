@@ -1,6 +1,7 @@
-"""Issue 27's training evidence on the CPU: the tiny video model trained with dense and with tile-sparse (Sliding
-Tile Attention window) self-attention, same seed, data, steps and hyper-parameters; their loss curves, a held-out
-validation loss, and sample film strips side by side.
+"""Issue 27's training evidence on the CPU: the tiny video model trained with dense and with tile-sparse (a Sliding
+Tile Attention window) self-attention, same seed, data, steps and hyper-parameters, and the dense
+checkpoint fine-tuned sparse for a few more steps; their loss curves, a held-out validation loss, and sample film
+strips side by side.
 
     python benchmarks/sparse_training.py --runs runs/issue27 --steps 300 --out benchmarks/samples/issue27
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,11 +27,28 @@ from flagdit.cli import sample as sample_cli
 from flagdit.cli import train
 from flagdit.flow import training_loss
 
-TILE, WINDOW = (1, 2, 2), (2, 2, 2)  # 4x4x4 tiles of a 4x8x8-patch clip; the window covers 1/8 of them
-SPARSE = ["--attention-window", ",".join(map(str, WINDOW)), "--attention-tile", ",".join(map(str, TILE))]
-RUNS = {"dense": [], "sparse": SPARSE}
+TILE = (1, 2, 2)  # 4x4x4 tiles of a 4x8x8-patch clip
+WINDOW = (2, 2, 2)  # 8 of the 64 key tiles per query tile
+FINE_TUNE = 50  # sparse steps after the dense run, from its checkpoint
+
+
+def _options(window: tuple[int, int, int]) -> list[str]:
+    return ["--attention-window", ",".join(map(str, window)), "--attention-tile", ",".join(map(str, TILE))]
+
+
+# run directory -> its flagdit-train options; the last two continue dense's checkpoint for FINE_TUNE steps
+RUNS = {"dense": [], "sparse": _options(WINDOW), "dense_then_sparse": _options(WINDOW), "dense_longer": []}
+CONTINUED = ("dense_then_sparse", "dense_longer")
+# (label, run directory, the window the model runs with (None: dense), whether the run trained that attention)
+MODELS = (
+    ("dense", "dense", None, True),
+    ("sparse 2,2,2", "sparse", WINDOW, True),
+    ("dense, run sparse 2,2,2", "dense", WINDOW, False),
+    (f"dense + {FINE_TUNE} steps sparse 2,2,2", "dense_then_sparse", WINDOW, True),
+    (f"dense + {FINE_TUNE} steps dense", "dense_longer", None, True),
+)
 TRAIN = ["--modality", "video", "--batch-size", "8", "--no-progress", "--threads", "1", "--log-every", "1",
-         "--save-every", "100", "--seed", "0"]  # fmt: skip
+         "--save-every", "50", "--seed", "0"]  # fmt: skip
 VALIDATION_SEED, VALIDATION_ITEMS, VALIDATION_BATCH = 1000, 32, 8
 LAST = 50  # training steps averaged for the final training loss
 
@@ -82,6 +102,7 @@ def loss_plot(logs: dict[str, list[dict]], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
     for name, records in logs.items():
+        records = records[-FINE_TUNE:] if name in CONTINUED else records  # after dense's steps
         ax.plot([r["step"] for r in records], [r["loss_ema"] for r in records], label=f"{name} (EMA 0.95)")
     ax.set(xlabel="step", ylabel="training loss", title="tiny video model: dense vs tile-sparse attention")
     ax.legend()
@@ -89,34 +110,48 @@ def loss_plot(logs: dict[str, list[dict]], out: Path) -> None:
     fig.savefig(out)
 
 
+def train_runs(runs: Path, steps: int) -> None:
+    for name, options in RUNS.items():
+        total = steps
+        if name in CONTINUED:
+            total += FINE_TUNE
+            if not (runs / name).exists():
+                shutil.copytree(runs / "dense", runs / name, ignore=shutil.ignore_patterns(".lock"))
+        train.main([*TRAIN, "--steps", str(total), "--out", str(runs / name), "--resume", *options])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=Path, default=Path("runs/issue27"), help="run directories (dense/, sparse/)")
+    p.add_argument("--runs", type=Path, default=Path("runs/issue27"), help="folder of the run directories")
     p.add_argument("--steps", type=int, default=300, help="training steps of each run")
     p.add_argument("--out", type=Path, default=Path("benchmarks/samples/issue27"), help="folder of the PNGs")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, extra in RUNS.items():
-        train.main([*TRAIN, "--steps", str(args.steps), "--out", str(args.runs / name), "--resume", *extra])
+    train_runs(args.runs, args.steps)
     logs = {n: [json.loads(line) for line in (args.runs / n / "log.jsonl").read_text().splitlines()] for n in RUNS}
-    sparsity = fk.TileSparsity(window=WINDOW)
-    rows, panels = [], {}
-    for name, weights, sparse in (("dense", "dense", False), ("sparse", "sparse", True), ("dense, sampled sparse",
-                                                                                          "dense", True)):  # fmt: skip
-        ckpt = args.runs / weights / "ckpt.pt"
+    results, panels = [], {}
+    for label, run, window, own in MODELS:
+        ckpt = args.runs / run / "ckpt.pt"
         model = checkpoint.model_from_checkpoint(ckpt).eval()
-        model.attention_sparsity, model.attention_tile = (sparsity, TILE) if sparse else (None, None)
+        if window is not None:
+            model.attention_sparsity, model.attention_tile = fk.TileSparsity(window=window), TILE
         val = validation_loss(model)
-        density = float(fk.last_tile_blocks().density) if sparse else 1.0
-        losses = [r["loss"] for r in logs[weights]][-LAST:]
-        trained = f"{sum(losses) / len(losses):.4f}" if weights == name else "-"
-        rows.append(f"| {name} | {density:.3f} | {trained} | {val:.4f} |")
-        stem = name.replace(", ", "_").replace(" ", "_")
-        panels[name] = strips(ckpt, args.out / f"{stem}.png", SPARSE if sparse else [])
+        density = float(fk.last_tile_blocks().density) if window is not None else 1.0
+        trained = [r["loss"] for r in logs[run]][-LAST:]
+        trained = f"{sum(trained) / len(trained):.4f}" if own else "-"
+        results.append((label, len(logs[run]), density, trained, val))
+        stem = re.sub(r"\W+", "_", label).strip("_")
+        panels[label] = strips(ckpt, args.out / f"{stem}.png", [] if window is None else _options(window))
+    dense_at = {steps: val for _, steps, density, _, val in results if density == 1.0}  # dense after that many steps
+    rows = [f"| {label} | {steps} | {density:.3f} | {trained} | {val:.4f} | {100 * (val / dense_at[steps] - 1):+.1f}% |"
+            for label, steps, density, trained, val in results]  # fmt: skip
     side_by_side(panels, args.out / "samples_side_by_side.png")
     loss_plot(logs, args.out / "loss_curves.png")
-    print(f"| model | attention density | training loss, mean of the last {LAST} steps | validation loss |")
-    print("|---|---|---|---|")
+    print(
+        f"| model | steps | attention density | training loss, mean of its last {LAST} steps | validation loss "
+        "| validation vs dense after the same steps |"
+    )
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

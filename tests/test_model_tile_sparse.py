@@ -177,3 +177,21 @@ def test_a_dense_run_fine_tunes_and_samples_sparse_from_the_command_line(tmp_pat
                  "--video-caption", "a red circle on black moving down", "--attention-window", "1,2,2"])  # fmt: skip
     assert "(attention window=1,2,2, tile 4,4,4)" in capsys.readouterr().out
     assert (tmp_path / "s_video.png").exists()
+
+
+@pytest.mark.skipif(
+    "triton" not in fk.available_backends("varlen_attention", "cpu"), reason="Triton runs on the CPU only interpreted"
+)
+def test_sparse_model_on_triton_matches_the_reference_forward():
+    """The model's tile-sparse forward (window and top-k together) on the Triton backend (interpreted: fp32, two
+    small items) against the reference."""
+    sparsity = fk.TileSparsity(window=(2, 1, 2), top_k=1)
+    xs, t, cap, mask = _mixed(seed=5)
+    xs, t, cap, mask = [xs[0].float(), xs[2].float()], t[[0, 2]].float(), cap[[0, 2]].float(), mask[[0, 2]]
+    outs = []
+    for backend in ("reference", "triton"):
+        model = randomized(flagdit.FlagDiT(small_config(n_layers=1), backend=backend), seed=6)
+        model.attention_sparsity, model.attention_tile = sparsity, (1, 2, 2)
+        with torch.no_grad():
+            outs.append(model(xs, t, cap, mask))
+    assert all(_rel(a, b) < 1e-4 for a, b in zip(outs[1], outs[0]))
