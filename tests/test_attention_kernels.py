@@ -149,14 +149,15 @@ def test_descriptor_loads(monkeypatch, dtype):
         # Tails (37 = 32 + 5), a 1-token and an empty sequence, a sample without text; Dh 72 = 64 + 16; GQA.
         ([37, 1, 0, 70], [5, 0, 4, 40], 2, 72, torch.float16),
         # 11 samples: the counted bisection takes 4 steps; idle programs (one per sequence) must store nothing.
-        # No text, no GQA, Dh 64: the dk/dv kernel's WS tile runs too (the launcher offers it only there).
         ([9, 3, 33, 1, 7, 2, 64, 5, 1, 12, 30], None, 4, 64, torch.float32),
     ],
 )
 def test_warp_specialized_tiles(monkeypatch, lens, text_lens, kv_heads, head_dim, dtype):
     # The warp-specialized shapes forced as the only tiles: the forward (one masked loop per key kind; q, k, v,
-    # text through descriptors; counted bisection, no early return) and the deterministic backward's dk/dv (one
-    # masked loop over query tiles, k / v through descriptors); warp_specialize itself only acts on sm_90.
+    # text through descriptors; counted bisection, no early return) and the backward's dk/dv (one masked loop
+    # over the GQA group's (head, query tile) pairs, q / dO / k / v through descriptors, text keys picked by
+    # selects), which takes dq to its own kernel, in the default and the deterministic backward alike;
+    # warp_specialize itself only acts on sm_90.
     from flagdit_kernels.triton.attention import autotune as tuning
     from flagdit_kernels.triton.attention import launch as va
 
@@ -165,16 +166,16 @@ def test_warp_specialized_tiles(monkeypatch, lens, text_lens, kv_heads, head_dim
     if not ON_GPU:
         monkeypatch.setattr(va, "_descriptor_ready", lambda *tensors: True)
         monkeypatch.setattr(va, "_warp_specialize_ready", lambda *tensors: True)
-        monkeypatch.setattr(va, "DKDV_WS_TRITONS", (tuning.TRITON_VERSION,))
+        monkeypatch.setattr(va, "BWD_WS_TRITONS", (tuning.TRITON_VERSION,))
     block = 32 if INTERPRETED else 128
     monkeypatch.setattr(
         va.FORWARD, "tiles", [tuning.Tile(block, block // 2 if ON_GPU else 32, 4, 2, tma=True, ws=True)]
     )
-    fallback = tuning.Tile(32, block, 4, 1, tma=True)  # where the dk/dv WS tile is not offered
-    monkeypatch.setattr(va.DKDV, "tiles", [tuning.Tile(32, block, 4, 1, tma=True, ws=True), fallback])
+    monkeypatch.setattr(va.DKDV, "tiles", [tuning.Tile(32 if INTERPRETED else 64, block, 4, 2, tma=True, ws=True)])
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")
     inputs, mine, reference = _case(lens, text_lens, 4, kv_heads, head_dim, dtype, rope=True)
-    deterministic = lambda **t: mine(**t, deterministic=True)  # the dk/dv WS tiles serve this path only
+    compare_with_reference(mine, reference, inputs, dtype, family="attention")
+    deterministic = lambda **t: mine(**t, deterministic=True)
     compare_with_reference(deterministic, reference, inputs, dtype, family="attention")
 
 

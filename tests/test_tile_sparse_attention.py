@@ -5,6 +5,7 @@ the density each call reports, and the argument checks."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -120,19 +121,20 @@ def test_backends_without_block_lists_say_why(backend):
 # differently in float64 cannot change the pattern under comparison (the selection itself is checked against
 # brute force in test_tile_sparsity.py).
 KERNEL_CASES = [
-    # (sparsity, dtype, text, rope, kv heads, latents)
-    (WINDOW, torch.float32, True, True, 2, MIXED),
-    (TOP_K, torch.float16, True, False, 4, MIXED),
-    (fk.TileSparsity(window=(1, 2, 1), top_k=1), torch.float32, False, True, 1, [(C, 7, 6, 10), (C, 6, 14)]),
+    # (sparsity, dtype, text, rope, kv heads, deterministic backward, latents)
+    (WINDOW, torch.float32, True, True, 2, False, MIXED),
+    (TOP_K, torch.float16, True, False, 4, True, MIXED),
+    (fk.TileSparsity(window=(1, 2, 1), top_k=1), torch.float32, False, True, 1, False, [(C, 7, 6, 10), (C, 6, 14)]),
 ]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="Triton needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize(("sparsity", "dtype", "text", "rope", "kv_heads", "latents"), KERNEL_CASES,
-                         ids=["window-text-rope-gqa", "topk-fp16-text", "both-odd-grid-mqa"])  # fmt: skip
-def test_triton_matches_the_masked_reference(sparsity, dtype, text, rope, kv_heads, latents):
+@pytest.mark.parametrize(("sparsity", "dtype", "text", "rope", "kv_heads", "deterministic", "latents"), KERNEL_CASES,
+                         ids=["window-text-rope-gqa", "topk-fp16-text-ordered-dq", "both-odd-grid-mqa"])  # fmt: skip
+def test_triton_matches_the_masked_reference(sparsity, dtype, text, rope, kv_heads, deterministic, latents):
     """Odd tile grids (partial edge tiles), mixed images and videos in one pack, GQA / MQA, the dense text branch,
-    RoPE; poisoned allocations (an unwritten row shows), output and LSE against float64."""
+    RoPE; poisoned allocations (an unwritten row shows); output, LSE and every gradient (q, k, v, text keys and
+    values, gate; dq by atomics or the ordered dq kernel) against float64."""
     packed = _pack(latents)
     q, k, v, text_inputs, freqs = _inputs(packed, dtype, kv_heads=kv_heads, seed=20)
     cu, n = packed.cu_seqlens.to(DEVICE), packed.max_seqlen
@@ -142,12 +144,37 @@ def test_triton_matches_the_masked_reference(sparsity, dtype, text, rope, kv_hea
 
     def kernel(q, k, v, **kw):
         return fk.varlen_attention(q, k, v, cu, n, return_lse=lse, backend="triton", sparsity=sparsity,
-                                   tiles=tiles, freqs=freqs, **kw)  # fmt: skip
+                                   tiles=tiles, freqs=freqs, deterministic=deterministic, **kw)  # fmt: skip
 
     def reference(q, k, v, **kw):
         mask = ref.tile_sparsity.tile_sparse_mask(tiles, cu, fk.last_tile_blocks())
         return ref.varlen_attention(q, k, v, cu, n, return_lse=lse, mask=mask, freqs=freqs, **kw)
 
     inputs = {"q": q, "k": k, "v": v, **(text_inputs if text else {})}
-    compare_with_reference(kernel, reference, {x: _to(t) for x, t in inputs.items()}, dtype, family="attention",
-                           grad=False)  # fmt: skip
+    compare_with_reference(kernel, reference, {x: _to(t) for x, t in inputs.items()}, dtype, family="attention")
+
+
+@pytest.mark.parametrize("sparsity", [WINDOW, TOP_K], ids=str)
+def test_kernel_tables_are_the_lists(sparsity):
+    """The Triton kernels' tables (built with torch ops on the device, no sync): each list's stretches of
+    consecutive tiles are exactly its tiles, in order, and each stretch is one contiguous token run; the
+    transposed lists hold, per key tile, exactly the query tiles that list it."""
+    from flagdit_kernels.triton.attention import sparse
+
+    packed = _pack()
+    q, k, _, _, _ = _inputs(packed)
+    blocks = fk.tile_sparse_blocks(q, k, packed.cu_seqlens, packed.tiles, sparsity)
+    keys, counts = blocks.keys, blocks.counts
+    run_counts, pairs = sparse.runs(keys)
+    ranges = packed.tiles.ranges.tolist()
+    for h, t in itertools.product(range(keys.shape[0]), range(keys.shape[1])):
+        tiles = keys[h, t, : counts[h, t]].tolist()
+        stretches = pairs[h, t, : run_counts[h, t]].tolist()
+        assert [x for a, b in stretches for x in range(a, b + 1)] == tiles
+        assert all(ranges[x][1] == ranges[x + 1][0] for a, b in stretches for x in range(a, b))
+        assert (pairs[h, t, run_counts[h, t] :] == -1).all()
+    t_keys, t_counts = sparse.transposed(keys, packed.tiles.max_tiles)
+    for h, kt in itertools.product(range(keys.shape[0]), range(keys.shape[1])):
+        want = [t for t in range(keys.shape[1]) if kt in keys[h, t, : counts[h, t]].tolist()]
+        assert t_keys[h, kt, : t_counts[h, kt]].tolist() == want
+        assert (t_keys[h, kt, t_counts[h, kt] :] == -1).all()

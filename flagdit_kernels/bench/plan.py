@@ -43,6 +43,8 @@ GPU_PLAN: dict[str, tuple[Select, ...]] = {
         Select("varlen_attention", "packed*-D72*", impl=OURS),
         Select("attention_dense", impl="triton|SDPA flash"),
         Select("lumina_gated_attention", impl="fk*"),
+        Select("tile_sparse_attention", "video720p*", impl=OURS),  # issue 27: dense vs window vs top-k
+        Select("tile_sparse_attention", impl=OURS),
         # torch's varlen_attn (what users compare us with on packed batches) and the engine choice.
         Select("varlen_attention|attention_dense", impl="torch_varlen|varlen_attn|fk auto|flash_attn"),
     ),
@@ -63,6 +65,7 @@ GPU_PLAN: dict[str, tuple[Select, ...]] = {
     ),
     "baselines": (
         Select("varlen_attention", "packed*", impl="flex docmask"),
+        Select("tile_sparse_attention", impl="flex blockmask"),
         Select("attention_dense", impl="SDPA cudnn"),
         Select("varlen_attention", "packed*", impl="padded SDPA"),
         Select("lumina_gated_attention", impl="lumina eager|torch.compile"),

@@ -430,6 +430,68 @@ def gluon_report(head_dims=(64, 72, 96, 128), arch: int = 90, texts=(False, True
     return rows
 
 
+# Tile-sparse attention (issue 27): a video latent packed tile-major (the kernels compile the same at any length).
+SPARSE_VIDEO = (16, 8, 64, 112)  # (C, F, H, W): 8 frames of 32 x 56 patches, 14,599 tokens
+SPARSE_TILE = (4, 8, 8)
+
+
+def sparse_report(
+    head_dims=(128,), arch: int = 90, texts=(False, True), dtype=torch.bfloat16, deterministic: bool = False
+) -> list[Row]:
+    """One Row per kernel a tile-sparse forward + backward launches (SPARSE=True) on a tile-major video pack,
+    H32, untuned default tiles: a window pattern (one list for every head, ``list_heads`` = 1, a specialized
+    constant) and the same lists per head (what top_k gives: ``list_heads`` = H, a run-time value)."""
+    from ..ops import attention as attn
+    from ..ops.packing import pack
+    from ..reference.tile_sparsity import TileBlocks, tile_sparse_blocks
+    from ..triton.attention import launch as kernels
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
+    packed = pack([torch.zeros(SPARSE_VIDEO)], 2, tile=SPARSE_TILE)
+    T, H = packed.kind.shape[0], 32
+    window = tile_sparse_blocks(
+        torch.empty(T, 1, 16), torch.empty(T, 1, 16), packed.tiles, packed.cu_seqlens, (1, 3, 3)
+    )
+    per_head = TileBlocks(window.keys.expand(H, -1, -1).contiguous(), window.counts.expand(H, -1).contiguous(),
+                          window.density)  # fmt: skip
+    rows: list[Row] = []
+    with kernels.autotune_mode("0"):
+        for d in head_dims:
+            for text in texts:
+                for label, blocks in (("window", window), ("per-head lists", per_head)):
+                    shape = Shape(f"video {T} tok tile {SPARSE_TILE} H{H}, {label}", (T,), H, H, d)
+                    empty = lambda *size: torch.empty(size, dtype=dtype).requires_grad_()
+                    extra = {}
+                    if text:
+                        extra = dict(
+                            text_k=empty(TEXT_TOKENS, H, d),
+                            text_v=empty(TEXT_TOKENS, H, d),
+                            text_cu_seqlens=torch.tensor([0, TEXT_TOKENS], dtype=torch.int32),
+                            text_max_seqlen=TEXT_TOKENS,
+                            gate=torch.zeros(H, dtype=dtype).requires_grad_(),
+                        )
+                    launches: list[_Launch] = []
+                    with _captured_launches(arch, launches, _PTXAS_LOGS), kernels.assume_capability(divmod(arch, 10)):
+                        out = attn._varlen_attention_triton(
+                            empty(T, H, d),
+                            empty(T, H, d),
+                            empty(T, H, d),
+                            packed.cu_seqlens,
+                            packed.max_seqlen,
+                            1 / math.sqrt(d),
+                            deterministic=deterministic,
+                            tiles=packed.tiles,
+                            blocks=blocks,
+                            **extra,
+                        )
+                        out.backward(torch.empty_like(out))
+                    unique = {(launch.kernel.hash, launch.grid): launch for launch in launches}
+                    rows.extend(_row(shape, text, False, launch, _PTXAS_LOGS) for launch in unique.values()
+                                if launch.consts.get("SPARSE"))  # fmt: skip
+    return rows
+
+
 def _partition_text(parts: list[dict]) -> str:
     return " + ".join(f"{p['warps']}w/{p['registers'] if p['registers'] is not None else '?'}r" for p in parts)
 
@@ -492,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the default")
     parser.add_argument("--deterministic", action="store_true", help="the deterministic backward (separate dq)")
     parser.add_argument("--gluon", action="store_true", help="also the Gluon forward (triton/attention/gluon_fwd.py)")
+    parser.add_argument("--sparse", action="store_true", help="also the tile-sparse kernels (SPARSE=True, issue 27)")
     parser.add_argument("--json", metavar="PATH", help="write every row as JSON")
     parser.add_argument("--md", metavar="PATH", help="write the Markdown table here instead of stdout")
     args = parser.parse_args(argv)
@@ -501,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = report(head_dims, args.arch, args.all_configs, deterministic=args.deterministic)
     if args.gluon:
         rows += gluon_report(head_dims, args.arch)
+    if args.sparse:
+        rows += sparse_report(tuple(d for d in head_dims if d in (64, 128)) or (128,), args.arch,
+                              deterministic=args.deterministic)  # fmt: skip
     table = markdown(rows) + "\nStructure (per working inner loop)\n\n" + structure_markdown(rows)
     path = "deterministic backward" if args.deterministic else "default backward (dq by atomics)"
     header = f"Triton {triton.__version__}, sm_{args.arch}, bf16, torch {torch.__version__}, {path}\n\n"

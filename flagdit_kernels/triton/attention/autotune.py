@@ -59,7 +59,7 @@ class Tile:
     warps: int
     stages: int
     tma: bool = False
-    ws: bool = False  # the warp-specialized loop shape (forward only; with tma)
+    ws: bool = False  # the warp-specialized loop shape (with tma)
 
     def consts(self) -> dict:
         return {
@@ -116,7 +116,8 @@ else:
         Tile(32, 64, 8, 2),
         Tile(64, 128, 8, 3, tma=True),
         Tile(64, 128, 8, 1, tma=True),
-        Tile(32, 128, 4, 1, tma=True, ws=True),  # deterministic backward only (see dkdv_prune)
+        Tile(64, 128, 4, 2, tma=True, ws=True),  # the sm_90 default where offered (see backward_prune)
+        Tile(32, 128, 4, 2, tma=True, ws=True),
     ]
 
 
@@ -132,16 +133,23 @@ def prune(tiles: list[Tile], consts: dict) -> list[Tile]:
     return keep or [min(usable, key=lambda t: t.block_m * t.block_n)]
 
 
+def backward_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
+    """prune, with the warp-specialized tiles first where they are offered (WS_OK: the launcher then runs dq in
+    its own kernel, see launch.backward): the untuned default on sm_90 is the split shape."""
+    kept = prune(tiles, consts)
+    return sorted(kept, key=lambda t: not t.ws) if consts.get("WS_OK", False) else kept
+
+
 def dkdv_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
-    """prune, less the pipelined 64x128 dk/dv tile at head dims of 128 columns or more on Triton 3.6, where it
-    spills inside its loop (40 local accesses per iteration at Dh 128; Triton 3.9 holds it in registers), and
-    less the warp-specialized tiles when dq is added by atomics: Triton 3.6's pass fails on that loop (an
-    atomic or descriptor reduce-add in it), so they serve the deterministic backward only."""
+    """backward_prune, less the pipelined 64x128 dk/dv tile at head dims of 128 columns or more on Triton 3.6,
+    where it spills inside its loop (40 local accesses per iteration at Dh 128; Triton 3.9 holds it in
+    registers), and less the warp-specialized tiles when dq is added by atomics: Triton 3.6's pass fails on
+    that loop (an atomic or descriptor reduce-add in it)."""
     if TRITON_VERSION < (3, 7) and consts.get("D0", 128) + consts.get("D1", 0) >= 128:
-        tiles = [t for t in tiles if not (t.block_m == 64 and t.stages > 1)]
+        tiles = [t for t in tiles if not (t.block_m == 64 and t.stages > 1 and not t.ws)]
     if consts.get("ATOMIC_DQ", True):
         tiles = [t for t in tiles if not t.ws]
-    return prune(tiles, consts)
+    return backward_prune(tiles, consts)
 
 
 def seq_bucket(max_seqlen: int) -> int:

@@ -29,6 +29,7 @@ import os
 import triton
 import triton.language as tl
 
+from . import sparse
 from .tiles import (
     LN2,
     LOG2E,
@@ -46,6 +47,7 @@ from .tiles import (
     store_tile,
     tile_of,
     tile_rows,
+    zeros_chunk,
     zeros_tile,
 )
 
@@ -97,19 +99,11 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1, dq_dst0, dq_dst1, lse_ptr,
-               delta_ptr, stride_qt, stride_dot, stride_dqt, start_m, q_len, qk_scale, do_scale,
-               ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, MASK_M: tl.constexpr, BLOCK_M: tl.constexpr,
-               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dv += (do_scale * p)^T dO and dk += ds^T q over BLOCK_M queries, with transposed scores (keys x queries)
-    so nothing big is transposed; with ATOMIC_DQ also dq += ds k into the fp32 dq buffer. ds comes out times
-    qk_scale (see _bwd_dkdv); do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
-    rows, m_mask = loop_tile(start_m, q_len, MASK_M, BLOCK_M)
-    shift = tl.cast(start_m, tl.int64)
-    q0, q1 = load_rows(q_src0, q_src1, start_m, rows, m_mask, stride_qt, TMA, BLOCK_M, HEAD_DIM, D0, D1)
-    do0, do1 = load_rows(do_src0, do_src1, start_m, rows, m_mask, stride_dot, TMA, BLOCK_M, HEAD_DIM, D0, D1)
-    lse = tl.load(lse_ptr + shift + rows, mask=m_mask, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + shift + rows, mask=m_mask, other=0.0) * qk_scale
+def _dkdv_products(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q0, q1, do0, do1, lse, delta, m_mask, qk_scale, do_scale,
+                   MASK_M: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The four dk/dv products of one query tile: dv += (do_scale * p)^T dO and dk += ds^T q, with transposed
+    scores (keys x queries) so nothing big is transposed. lse in log2 units, delta times qk_scale. Returns the
+    accumulators and ds^T (times qk_scale, see _bwd_dkdv) for dq."""
     p_t = tl.exp2(tl.fma(scores(k0, k1, q0, q1, D1, DOT_PREC), qk_scale, -lse[None, :]))
     if MASK_M:
         p_t = tl.where(m_mask[None, :], p_t, 0.0)
@@ -123,6 +117,24 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
     dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PREC)
     if D1 > 0:
         dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
+    return dk0, dk1, dv0, dv1, ds_t
+
+
+@triton.jit
+def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1, dq_dst0, dq_dst1, lse_ptr,
+               delta_ptr, stride_qt, stride_dot, stride_dqt, start_m, q_len, qk_scale, do_scale,
+               ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, MASK_M: tl.constexpr, BLOCK_M: tl.constexpr,
+               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """_dkdv_products over the BLOCK_M queries from ``start_m``; with ATOMIC_DQ also dq += ds k into the fp32 dq
+    buffer. do_scale = tanh(gate[h]) for text keys, 1 for self keys."""
+    rows, m_mask = loop_tile(start_m, q_len, MASK_M, BLOCK_M)
+    shift = tl.cast(start_m, tl.int64)
+    q0, q1 = load_rows(q_src0, q_src1, start_m, rows, m_mask, stride_qt, TMA, BLOCK_M, HEAD_DIM, D0, D1)
+    do0, do1 = load_rows(do_src0, do_src1, start_m, rows, m_mask, stride_dot, TMA, BLOCK_M, HEAD_DIM, D0, D1)
+    lse = tl.load(lse_ptr + shift + rows, mask=m_mask, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + shift + rows, mask=m_mask, other=0.0) * qk_scale
+    dk0, dk1, dv0, dv1, ds_t = _dkdv_products(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q0, q1, do0, do1, lse, delta,
+                                              m_mask, qk_scale, do_scale, MASK_M, D1, DOT_PREC)
     if ATOMIC_DQ:
         ds = tl.trans(ds_t)
         dq0 = tl.dot(ds, k0, input_precision=DOT_PREC)
@@ -145,9 +157,102 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
 
 
 @triton.jit
+def _group_source(base, GROUP, length, stride_h, stride_t, R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  D0: tl.constexpr, D1: tl.constexpr):
+    """Tensor descriptors (one per column chunk) of the rows of a GQA group's ``GROUP`` query heads, one
+    sequence: (head, row, column), so one loop can walk every (head, query tile) of the group."""
+    src0 = tl.make_tensor_descriptor(base, shape=[GROUP, length, HEAD_DIM], strides=[stride_h, stride_t, 1],
+                                     block_shape=[1, R, D0])
+    if D1 > 0:
+        src1 = tl.make_tensor_descriptor(base, shape=[GROUP, length, HEAD_DIM], strides=[stride_h, stride_t, 1],
+                                         block_shape=[1, R, D1])
+    else:
+        src1 = src0
+    return src0, src1
+
+
+@triton.jit
+def _group_rows(src0, src1, g, start, R: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+    """The R rows from ``start`` of head ``g`` of a _group_source (rows past the sequence zero-filled)."""
+    x0 = tl.reshape(src0.load([g, start, 0]), [R, D0])
+    if D1 > 0:
+        x1 = tl.reshape(src1.load([g, start, D0]), [R, D1])
+    else:
+        x1 = zeros_chunk(R, 0).to(x0.dtype)  # dummy, never used
+    return x0, x1
+
+
+@triton.jit
+def _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, gate, is_text, GROUP, T,
+             q_len, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, HAS_TEXT: tl.constexpr,
+             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+             DOT_PREC: tl.constexpr):
+    """dk, dv of one key tile over every (query head of the GQA group, query tile) pair, in the shape Triton's
+    warp specialization splits on sm_90 (as the forward's, fwd._attend): ONE loop, the sequence's tail tile
+    masked inside it (the descriptors zero-fill rows past the sequence), q and dO through tensor descriptors, no
+    branch in it. ``*_base``: the group's first head at the sequence's first query; ``gate``: its tanh(gate)."""
+    q_rows = tl.maximum(q_len, 1)  # descriptors need a row; with q_len == 0 the loop never loads
+    q_src0, q_src1 = _group_source(q_base, GROUP, q_rows, stride_qh, stride_qt, BLOCK_M, HEAD_DIM, D0, D1)
+    do_src0, do_src1 = _group_source(do_base, GROUP, q_rows, stride_doh, stride_dot, BLOCK_M, HEAD_DIM, D0, D1)
+    n_m = tl.cdiv(q_len, BLOCK_M)
+    for i in tl.range(0, GROUP * n_m, warp_specialize=True):
+        g = i // n_m
+        start_m = (i - g * n_m) * BLOCK_M
+        q0, q1 = _group_rows(q_src0, q_src1, g, start_m, BLOCK_M, D0, D1)
+        do0, do1 = _group_rows(do_src0, do_src1, g, start_m, BLOCK_M, D0, D1)
+        rows, m_mask = loop_tile(start_m, q_len, True, BLOCK_M)
+        offs = g.to(tl.int64) * T + start_m + rows
+        lse = tl.load(lse_base + offs, mask=m_mask, other=0.0) * LOG2E
+        delta = tl.load(delta_base + offs, mask=m_mask, other=0.0) * qk_scale
+        do_scale = 1.0
+        if HAS_TEXT:
+            do_scale = tl.where(is_text, tl.load(gate + g), 1.0)
+        dk0, dk1, dv0, dv1, _ = _dkdv_products(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q0, q1, do0, do1, lse, delta,
+                                               m_mask, qk_scale, do_scale, True, D1, DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base, delta_base, is_text, hk, GROUP, T,
+                q_start, q_len, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale,
+                ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dk, dv of one key tile, head by head of the GQA group: the full query tiles, then the masked tail."""
+    m_full = (q_len // BLOCK_M) * BLOCK_M
+    # Descriptors of a sequence's query rows need at least one row; with q_len == 0 (a text key tile of a sample
+    # without queries) the loop below never loads through them, and dk = dv = 0 is stored.
+    q_rows = tl.maximum(q_len, 1)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        do_scale = 1.0
+        if is_text:
+            do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
+        q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_rows, stride_qt, TMA, BLOCK_M,
+                                    HEAD_DIM, D0, D1)
+        do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_rows, stride_dot, TMA, BLOCK_M,
+                                      HEAD_DIM, D0, D1)
+        dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_rows, stride_dqt,
+                                      TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
+        lse_ptr = lse_base + h.to(tl.int64) * T + q_start
+        delta_ptr = delta_base + h.to(tl.int64) * T + q_start
+        for start_m in range(0, m_full, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
+                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                            start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False, BLOCK_M,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+        if m_full < q_len:
+            dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
+                                            dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_dqt,
+                                            m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True, BLOCK_M,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
 def _bwd_dkdv(
     Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs, bisect_steps,
+    LISTS, n_tiles, list_heads, list_width, volume,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -158,7 +263,7 @@ def _bwd_dkdv(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False,
+    TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
 ):
     """dk, dv of one block of keys for one kv head, summed over the GQA group's query heads in a fixed order,
     and with ATOMIC_DQ this block's share of dq. Self keys and text keys share the launch (grid: T_TEXT // BLOCK_N +
@@ -175,9 +280,10 @@ def _bwd_dkdv(
     stride_dtkt, stride_dtkh = aligned(stride_dtkt, VEC), aligned(stride_dtkh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)  # the fp32 dq buffer, contiguous
     tl.static_assert(TMA_OK or not TMA)  # TMA: dq added through tensor descriptors, where the launcher allows it
-    # WS: the query loop in the shape Triton warp-specializes (as the forward's, see fwd._attend): a
-    # counted bisection and no early return, k / v through descriptors, one masked loop per query head.
-    tl.static_assert((TMA and WS_OK) or not WS)
+    # WS: the query loop in the shape Triton warp-specializes (_dkdv_ws): a counted bisection and no early
+    # return, k / v through descriptors, one masked loop over the group's (head, query tile) pairs; dq is left to
+    # _bwd_dq (the pass fails on a loop with an atomic or descriptor reduce-add in it, Triton 3.6).
+    tl.static_assert((TMA and WS_OK and not ATOMIC_DQ) or not WS)
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     if HAS_TEXT:
@@ -186,7 +292,15 @@ def _bwd_dkdv(
     else:
         n_text = 0
         is_text = False  # a compile-time constant: no text branch compiled at all
-    if is_text:
+    if HAS_TEXT and WS:
+        # Selects, not a branch: Triton 3.6's pass splits no loop of a kernel that picks these in an scf.if.
+        k_ptr, v_ptr, cu_k = tl.where(is_text, TK, K), tl.where(is_text, TV, V), tl.where(is_text, TCU, KCU)
+        lse_base, delta_base = tl.where(is_text, LSE_T, LSE), tl.where(is_text, DELTA_T, DELTA)
+        stride_kt, stride_kh = tl.where(is_text, stride_tkt, stride_kt), tl.where(is_text, stride_tkh, stride_kh)
+        stride_vt, stride_vh = tl.where(is_text, stride_tvt, stride_vt), tl.where(is_text, stride_tvh, stride_vh)
+        qk_scale = tl.where(is_text, text_qk_scale, qk_scale)
+        pid = tl.where(is_text, pid, pid - n_text)
+    elif is_text:
         k_ptr, v_ptr, lse_base, delta_base, cu_k = TK, TV, LSE_T, DELTA_T, TCU
         stride_kt, stride_kh = stride_tkt, stride_tkh
         stride_vt, stride_vh = stride_tvt, stride_tvh
@@ -194,8 +308,19 @@ def _bwd_dkdv(
     else:
         k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, KCU
         pid -= n_text
-    b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, WS)
-    k_start, k_len = segment(cu_k, b)
+    tl.static_assert(not (SPARSE and (TMA or WS)))  # SPARSE: self key tiles of the transposed lists (sparse.py)
+    if SPARSE:
+        if is_text:
+            b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
+            k_start, k_len = segment(cu_k, b)
+            tile = b * 0 - 1
+        else:
+            b, tile, k_start, k_len = sparse.program(pid, LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_N),
+                                                     BLOCK_N)
+            pid_n = b * 0
+    else:
+        b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, WS)
+        k_start, k_len = segment(cu_k, b)
     q_start, q_len = segment(CU, b)
     if WS:
         q_len = tl.where(pid_n * BLOCK_N < k_len, q_len, 0)  # an idle program: no query loop, nothing stored
@@ -219,41 +344,37 @@ def _bwd_dkdv(
         v0, v1 = load_tile(v_base, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM, D0, D1)
     dk0, dk1 = zeros_tile(BLOCK_N, D0, D1)
     dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
-    m_full = (q_len // BLOCK_M) * BLOCK_M
-    # Descriptors of a sequence's query rows need at least one row; with q_len == 0 (a text key tile of a sample
-    # without queries) the loop below never loads through them, and dk = dv = 0 is stored.
-    q_rows = tl.maximum(q_len, 1)
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        do_scale = 1.0
-        if is_text:
-            do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
-        q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_rows, stride_qt, TMA, BLOCK_M,
-                                    HEAD_DIM, D0, D1)
-        do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_rows, stride_dot, TMA, BLOCK_M,
-                                      HEAD_DIM, D0, D1)
-        dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_rows, stride_dqt,
-                                      TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
-        lse_ptr = lse_base + h.to(tl.int64) * T + q_start
-        delta_ptr = delta_base + h.to(tl.int64) * T + q_start
-        if WS:
-            for start_m in tl.range(0, q_len, BLOCK_M, warp_specialize=True):
-                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
-                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                                stride_dqt, start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True,
-                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
-        else:
-            for start_m in range(0, m_full, BLOCK_M):
-                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
-                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                                stride_dqt, start_m, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, False,
-                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
-            if m_full < q_len:
-                dk0, dk1, dv0, dv1 = _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0,
-                                                do_src1, dq_dst0, dq_dst1, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                                stride_dqt, m_full, q_len, qk_scale, do_scale, ATOMIC_DQ, TMA, True,
-                                                BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
-    if is_text:
+    if SPARSE:
+        # Tile-sparse self keys: per query head of the group, the same loop over each query run that visits this
+        # key tile (the transposed lists, sparse.py); a text key tile keeps its whole sample (one run).
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            n_runs = tl.where(is_text, 1, sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile))
+            for j in range(n_runs):
+                q_first, q_rows = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+                q_first = tl.where(is_text, q_start, q_first.to(tl.int64))
+                q_rows = tl.where(is_text, q_len, q_rows)
+                dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base,
+                                                 delta_base, is_text, h, 1, T, q_first, q_rows, stride_qt, stride_qh,
+                                                 stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale, ATOMIC_DQ,
+                                                 TMA, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    elif WS:
+        h0 = hk * GROUP
+        dk0, dk1, dv0, dv1 = _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + q_start * stride_qt + h0 * stride_qh,
+                                      DO + q_start * stride_dot + h0 * stride_doh,
+                                      lse_base + h0.to(tl.int64) * T + q_start,
+                                      delta_base + h0.to(tl.int64) * T + q_start, TGATE + h0, is_text, GROUP, T,
+                                      q_len, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, HAS_TEXT,
+                                      BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    else:
+        dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base,
+                                         delta_base, is_text, hk, GROUP, T, q_start, q_len, stride_qt, stride_qh,
+                                         stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale, ATOMIC_DQ, TMA,
+                                         BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    if HAS_TEXT and WS:
+        dk_ptr, dv_ptr = tl.where(is_text, DTK, DK), tl.where(is_text, DTV, DV)
+        stride_dkt, stride_dkh = tl.where(is_text, stride_dtkt, stride_dkt), tl.where(is_text, stride_dtkh, stride_dkh)
+    elif is_text:
         dk_ptr, dv_ptr, stride_dkt, stride_dkh = DTK, DTV, stride_dtkt, stride_dtkh
     else:
         dk_ptr, dv_ptr = DK, DV
@@ -306,6 +427,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs,
+    LISTS, n_tiles, list_heads, list_width, volume,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -315,16 +437,25 @@ def _bwd_dq(
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    SPARSE: tl.constexpr = False,
 ):
     """dq of one block of queries for one head (self keys through tensor descriptors with TMA, then text keys)
-    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq."""
+    into the fp32 dq buffer, in the buffer's unit: log2(e) times dq. SPARSE: the forward's tile-sparse
+    programs and key runs (sparse.py), pointer loads."""
     tl.static_assert(TMA_OK or not TMA)
+    tl.static_assert(not (SPARSE and TMA))
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
-    b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)  # the forward's grid
+    if SPARSE:
+        b, tile, start, seq_len = sparse.program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs,
+                                                 tl.cdiv(volume, BLOCK_M), BLOCK_M)
+        pid_m, h = 0, tl.program_id(1)
+        hk = h // GROUP
+    else:
+        b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)  # the forward's grid
     if pid_m * BLOCK_M >= seq_len:
         return
     start = start.to(tl.int64)
@@ -335,11 +466,19 @@ def _bwd_dq(
     lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
-    k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
-    k_start = k_start.to(tl.int64)
-    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
-                         V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
-                         BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    if SPARSE:  # the same loop over each key run of the query tile
+        for j in range(sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile)):
+            k_start, k_len = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+            k_start = k_start.to(tl.int64)
+            dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0,
+                                 K + k_start * stride_kt + hk * stride_kh, V + k_start * stride_vt + hk * stride_vh,
+                                 stride_kt, stride_vt, k_len, qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    else:
+        k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
+        k_start = k_start.to(tl.int64)
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
+                             V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
+                             BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)
         t_start = t_start.to(tl.int64)

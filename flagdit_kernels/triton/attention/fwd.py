@@ -155,7 +155,8 @@ def _fwd_kernel(
     stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
     # One program per (query tile, head) over the tiles that hold tokens: grid (T // BLOCK_M + n_seqs, H).
     if SPARSE:
-        b, tile, start, seq_len = sparse.program(LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_M), BLOCK_M)
+        b, tile, start, seq_len = sparse.program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs,
+                                                 tl.cdiv(volume, BLOCK_M), BLOCK_M)
         pid_m, h = 0, tl.program_id(1)
         hk = h // GROUP
         if seq_len <= 0:

@@ -148,12 +148,10 @@ def _descriptor_ready(*tensors: torch.Tensor) -> bool:
 # does not handle, so WS tiles are offered only where that check ran: 16-bit dtypes, head dims in WS_HEAD_DIMS.
 WS_TRITON = (3, 6)
 WS_HEAD_DIMS = (64, 72, 96, 128)
-# The deterministic backward's dk/dv loop splits only without text (the run-time text / self key selection keeps
-# the pass from splitting) and without GQA (at the Dh 72, GQA 4 shape the pass fails; GQA or the 64 + 16 split:
-# not isolated), at these head dims, on Triton 3.6
-# (3.9 does not split it, and its 4-warp tile then spills in the loop).
-DKDV_WS_HEAD_DIMS = (64, 96, 128)
-DKDV_WS_TRITONS = ((3, 6),)
+# The backward's warp-specialized shape (bwd._dkdv_ws, and _bwd_dq's WS loops) splits on sm_90 with Triton 3.6
+# at these head dims, with and without text and GQA (tests/test_attention_ws_compile.py); where it is offered it
+# is the default backward: dk/dv and dq in two kernels (no atomics: the pass fails on a loop with one).
+BWD_WS_TRITONS = ((3, 6),)
 
 
 def _warp_specialize_ready(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -219,16 +217,15 @@ def _query_tiles(T: int, batch: int, heads: int):
     return lambda meta: (T // meta["BLOCK_M"] + batch, heads)
 
 
-def _sparse_launch(
-    lists: torch.Tensor | None, sizes: list[int] | None, stand_in: torch.Tensor, batch: int, heads: int, block: str
-):
-    """(grid, the kernels' sparse arguments) of a tile-sparse launch (sparse.py: ``sizes`` = n_tiles, list
-    heads, list width, tile volume, placeholder tokens), or (None, stand-ins no program reads) of a dense one."""
+def _sparse_launch(lists: torch.Tensor | None, sizes: list[int] | None, stand_in: torch.Tensor, batch: int, block: str):
+    """(programs along the rows as a function of the launch's tile, the kernels' sparse arguments) of a tile-sparse
+    launch (sparse.py: ``sizes`` starts n_tiles, list heads, list width, tile volume, placeholder tokens), or
+    (None, stand-ins no program reads) of a dense one."""
     if lists is None:
         return None, (stand_in, 0, 1, 0, 1)
     n_tiles, heads_listed, width, volume, placeholders = sizes[:5]
-    grid = lambda meta: (sparse.grid_programs(n_tiles, volume, placeholders, batch, meta[block]), heads)
-    return grid, (lists, n_tiles, heads_listed, width, volume)
+    programs = lambda meta: sparse.grid_programs(n_tiles, volume, placeholders, batch, meta[block])
+    return programs, (lists, n_tiles, heads_listed, width, volume)
 
 
 def _rotated(x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
@@ -292,10 +289,10 @@ def forward(
     tg = tanh_gate if has_text else lse
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
-    sparse_grid, sparse_args = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, H, "BLOCK_M")
-    kernel, sparse_consts = (FORWARD, {}) if sparse_grid is None else (SPARSE_FORWARD, {"SPARSE": True})
+    programs, sparse_args = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, "BLOCK_M")
+    kernel, sparse_consts = (FORWARD, {}) if programs is None else (SPARSE_FORWARD, {"SPARSE": True})
     kernel.launch(
-        sparse_grid or _query_tiles(T, batch, H),
+        _query_tiles(T, batch, H) if programs is None else lambda meta: (programs(meta), H),
         q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu, kcu,
         softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch, (batch - 1).bit_length(),
         *sparse_args,
@@ -343,9 +340,9 @@ def backward(
     separate dq kernel recomputes the scores (seven matmuls), every sum in a fixed order, bit for bit stable.
 
     ``cu_seqlens_k`` / ``max_seqlen_k``: cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys
-    of a sample without queries get exactly 0)."""
-    if sparse_lists is not None:
-        raise NotImplementedError("the tile-sparse backward kernels are not built yet")
+    of a sample without queries get exactly 0). ``sparse_lists`` / ``sparse_sizes``: the forward's tile-sparse
+    tables; dq visits the same key runs, dk / dv the query runs of the transposed lists (built here, on the
+    device)."""
     _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
     dout, q, k, v, text_k, text_v = _unit_head_dim(dout, q, k, v, text_k, text_v)
     T, H, D = q.shape
@@ -391,30 +388,42 @@ def backward(
     # Text key tiles first in the grid (program ids are dispatched in order): they run alongside the self ones.
     t_text = text_k.shape[0] if has_text else 0
     text_tiles = (lambda meta: t_text // meta["BLOCK_N"] + batch) if has_text else (lambda meta: 0)
-    # Then the self key tiles, over the key offsets (the query offsets for self-attention): only real tiles.
-    grid = lambda meta: (text_tiles(meta) + t_keys // meta["BLOCK_N"] + batch, h_kv)
+    # Then the self key tiles, over the key offsets (the query offsets for self-attention): only real tiles; or a
+    # tile-sparse call's key tile chunks, over the transposed lists (per key tile, the query tiles visiting it).
+    transposed = (None, None) if sparse_lists is None else sparse.transposed_lists(sparse_lists, sparse_sizes)
+    key_programs, key_lists = _sparse_launch(*transposed, cu_seqlens, batch, "BLOCK_N")
+    query_programs, query_lists = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, "BLOCK_M")
+    sparse_consts = {} if sparse_lists is None else {"SPARSE": True}  # pointer loads (runs start anywhere)
+    if key_programs is None:
+        grid = lambda meta: (text_tiles(meta) + t_keys // meta["BLOCK_N"] + batch, h_kv)
+    else:
+        grid = lambda meta: (text_tiles(meta) + key_programs(meta), h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk_, dv_)
     regime = _regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k)
+    # sm_90 with a checked Triton: the warp-specialized kernels, dq by its own kernel (deterministic too).
+    # (Not for a tile-sparse call: its loops are pointer loads over runs; see sparse.py.)
+    ws = tuning.TRITON_VERSION in BWD_WS_TRITONS and _warp_specialize_ready(q, dout, k, v, tk, tv) and not sparse_consts
+    split_dq = deterministic or ws
     DKDV.launch(
         grid,
         q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
         cu_seqlens, tcu, kcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(),
+        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(), *key_lists,
         *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
-        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not deterministic,
-        TMA_OK=_descriptor_ready(q, dout, dq_acc), VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_),
-        WS_OK=not has_text and h_kv == H and D in DKDV_WS_HEAD_DIMS and tuning.TRITON_VERSION in DKDV_WS_TRITONS
-        and _warp_specialize_ready(q, dout, dq_acc, k, v),
-        regime=regime, reset=dq_acc.zero_ if not deterministic else None,
+        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not split_dq,
+        TMA_OK=_descriptor_ready(q, dout, dq_acc) and not sparse_consts,
+        VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_), WS_OK=ws,
+        regime=regime, reset=dq_acc.zero_ if not split_dq else None, **sparse_consts,
     )  # fmt: skip
-    if deterministic:
+    if split_dq:
         DQ.launch(
-            _query_tiles(T, batch, H),
+            _query_tiles(T, batch, H) if query_programs is None else lambda meta: (query_programs(meta), H),
             q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t, cu_seqlens, tcu, kcu,
-            softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
+            softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch, *query_lists,
             *_rows(q, k, v, tk, tv, dout, dq_acc),
-            HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, TMA_OK=_descriptor_ready(k, v),
-            VEC=_vector_width(q, k, v, tk, tv, dout), regime=regime,
+            HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec,
+            TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, dout),
+            regime=regime, **sparse_consts,
         )  # fmt: skip
     # dq: the buffer in q's dtype, rotated back with RoPE (the gradient of the rotated q -> the input's).
     table = freqs.contiguous() if freqs is not None else dq_acc

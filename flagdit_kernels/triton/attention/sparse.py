@@ -5,19 +5,22 @@ A 3-D tile is a contiguous run of tokens, so a tile-sparse pattern is, per (head
 :func:`lists` packs everything the kernels read into one int32 tensor, built on the device with no host sync:
 
     [ranges (n_tiles, 2) | tile sample (n_tiles) | patch_end (B) | placeholder offsets (B + 1)
-     | counts (heads, n_tiles) | lists (heads, n_tiles, width)]
+     | run counts (heads, n_tiles) | runs (heads, n_tiles, width, 2) | counts (heads, n_tiles)
+     | lists (heads, n_tiles, width)]
 
 ``lists[h % heads, t, :counts]`` are the tiles program tile t visits for head h: the key tiles of query tile t
 (forward, dq) or, transposed (:func:`transposed`), the query tiles that list key tile t (dk / dv). ``heads`` is
-1 (a window: the same for every head) or the query heads (top_k).
+1 (a window: the same for every head) or the query heads (top_k). The kernels read ``runs``: the lists'
+stretches of consecutive tiles as (first, last) tile (:func:`runs`), each one contiguous run of tokens; the
+tile lists themselves stay for the backward's transpose.
 
-Programs (:func:`program`): ``chunks = cdiv(tile volume, BLOCK)`` per tile (BLOCK rows each, the tile's last
-chunk masked by its range), then one per BLOCK rows of each sample's placeholder run (the grid of ``tile_of``
-over the placeholder offsets). Runs (:func:`run`): a tile program visits its listed tiles, then the sample's
+Programs (:func:`program`): first one per BLOCK rows of each sample's placeholder run (the grid of ``tile_of``
+over the placeholder offsets), then ``chunks = cdiv(tile volume, BLOCK)`` per tile (BLOCK rows each, the tile's
+last chunk masked by its range). Runs (:func:`run`): a tile program visits its listed tiles, then the sample's
 placeholder run (placeholders are attended by every token of their sample); a placeholder program visits its
-whole sample (placeholders attend densely). Every run holds at least one row, except a sample's empty
-placeholder run (then its loop does not run); every tile lists itself (a window) or k >= 1 tiles (top_k), so
-no row is left without keys.
+whole sample (placeholders attend densely). Every run holds at least one row, except a sample's empty placeholder
+run (then its loop does not run); every tile lists itself (a window) or k >= 1 tiles (top_k), so no row is left
+without keys.
 """
 
 from __future__ import annotations
@@ -35,28 +38,46 @@ from .tiles import tile_of
 
 def lists(tiles, cu_seqlens: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, list]:
     """(table, sizes): the kernels' table (module docstring) of a TileLayout and per-(head, tile) lists
-    (``keys`` int32 ``(heads, n_tiles, width)``, ``counts`` ``(heads, n_tiles)``), built on their device with no
-    host sync, and its host sizes [n_tiles, heads, width, tile volume, placeholder tokens, most tiles of a
-    sample]."""
+    (``keys`` int32 ``(heads, n_tiles, width)`` ascending, -1 after ``counts`` ``(heads, n_tiles)``), built on
+    their device with no host sync, and its host sizes [n_tiles, heads, width, tile volume, placeholder tokens,
+    most tiles of a sample]."""
     cu = cu_seqlens.to(torch.int32)
     slots = cu[1:] - tiles.patch_end
     slot_cu = torch.cat([cu.new_zeros(1), slots.cumsum(0, dtype=torch.int32)])
-    parts = (tiles.ranges, tiles.sample, tiles.patch_end, slot_cu, counts, keys)
+    run_counts, run_pairs = runs(keys)
+    parts = (tiles.ranges, tiles.sample, tiles.patch_end, slot_cu, run_counts, run_pairs, counts, keys)
     table = torch.cat([p.reshape(-1).to(torch.int32) for p in parts])
     heads, n_tiles, width = keys.shape
     return table, [n_tiles, heads, width, math.prod(tiles.tile), tiles.placeholders, tiles.max_tiles]
 
 
+def runs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (heads, n_tiles), pairs (heads, n_tiles, K, 2)): each list's maximal stretches of consecutive
+    tiles as (first, last) tile, -1 padded. Consecutive tiles of a sample are adjacent token runs (tile-major
+    order), so one stretch is one contiguous key run: a window's row of tiles is one loop, not one per tile."""
+    valid = keys >= 0
+    edge = keys.new_full((*keys.shape[:-1], 1), -2)
+    starts = valid & (keys != torch.cat([edge, keys[..., :-1]], dim=-1) + 1)
+    ends = valid & (torch.cat([keys[..., 1:], edge], dim=-1) != keys + 1)
+    width = keys.shape[-1]
+    pairs = []
+    for marks in (starts, ends):  # the k-th start (end) goes to slot k; the rest to a dropped slot
+        slot = torch.where(marks, marks.long().cumsum(-1) - 1, width)
+        out = keys.new_full((*keys.shape[:-1], width + 1), -1)
+        pairs.append(out.scatter_(-1, slot, keys)[..., :width])
+    return starts.sum(-1, dtype=torch.int32), torch.stack(pairs, dim=-1)
+
+
 def transposed_lists(table: torch.Tensor, sizes: list) -> tuple[torch.Tensor, list]:
     """The table of :func:`lists` with every tile's list replaced by the tiles that list it (dk / dv)."""
     n_tiles, heads, width, volume, placeholders, most = sizes
-    samples = (table.numel() - 3 * n_tiles - 1 - heads * n_tiles * (1 + width)) // 2
-    lists_at = 3 * n_tiles + 2 * samples + 1
-    counts_end = lists_at + heads * n_tiles
-    keys = table[counts_end:].view(heads, n_tiles, width)
+    samples = (table.numel() - 3 * n_tiles - 1 - heads * n_tiles * (2 + 3 * width)) // 2  # the table's B
+    layout = 3 * n_tiles + 2 * samples + 1
+    keys = table[table.numel() - heads * n_tiles * width :].view(heads, n_tiles, width)
     t_keys, t_counts = transposed(keys, most)
-    table = torch.cat([table[:lists_at], t_counts.flatten(), t_keys.flatten()])
-    return table, [n_tiles, heads, most, volume, placeholders, most]
+    run_counts, run_pairs = runs(t_keys)
+    parts = (table[:layout], run_counts, run_pairs, t_counts, t_keys)
+    return torch.cat([p.reshape(-1) for p in parts]), [n_tiles, heads, most, volume, placeholders, most]
 
 
 def transposed(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,34 +104,36 @@ def transposed(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def grid_programs(n_tiles: int, volume: int, placeholders: int, samples: int, block: int) -> int:
-    """Programs along the rows of a sparse launch: ``cdiv(volume, block)`` per tile, then ``tile_of``'s cover of
-    the placeholder runs (at most one idle program per sample)."""
+    """Programs along the rows of a sparse launch: ``tile_of``'s cover of the placeholder runs (at most one idle
+    program per sample), then ``cdiv(volume, block)`` per tile."""
     return n_tiles * triton.cdiv(volume, block) + placeholders // block + samples
 
 
 @triton.jit
-def program(LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
-    """(sample b, tile (-1: a placeholder program), first row, rows) of this program (module docstring). Rows
-    <= 0: an idle program (the caller returns)."""
-    pid = tl.program_id(0)
-    by_tile = n_tiles * chunks
-    if pid < by_tile:
+def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
+    """(sample b, tile (-1: a placeholder program), first row, rows) of program ``pid`` (module docstring).
+    Rows <= 0: an idle program (the caller returns). The placeholder programs come first: each visits its whole
+    sample, the longest work of the launch, so it starts in the first wave rather than trailing the last."""
+    slot_cu = LISTS + 3 * n_tiles + n_seqs
+    slot_programs = tl.load(slot_cu + n_seqs) // BLOCK + n_seqs  # tile_of's cover of the placeholder runs
+    if pid < slot_programs:
+        b, m = tile_of(pid, slot_cu, n_seqs, BLOCK)
+        tile = b * 0 - 1
+        start = tl.load(LISTS + 3 * n_tiles + b) + m * BLOCK
+        end = tl.load(CU + b + 1)
+    else:
+        pid -= slot_programs
         tile = pid // chunks
         b = tl.load(LISTS + 2 * n_tiles + tile)
         start = tl.load(LISTS + 2 * tile) + (pid - tile * chunks) * BLOCK
         end = tl.load(LISTS + 2 * tile + 1)
-    else:
-        b, m = tile_of(pid - by_tile, LISTS + 3 * n_tiles + n_seqs, n_seqs, BLOCK)
-        tile = b * 0 - 1
-        start = tl.load(LISTS + 3 * n_tiles + b) + m * BLOCK
-        end = tl.load(CU + b + 1)
     return b, tile, start, end - start
 
 
 @triton.jit
 def run_count(LISTS, n_tiles, n_seqs, heads, h, tile):
-    """How many runs a program of ``tile`` visits for head h: its listed tiles plus the placeholder run, or 1
-    (its whole sample) for a placeholder program."""
+    """How many runs a program of ``tile`` visits for head h: its listed stretches of tiles plus the placeholder
+    run, or 1 (its whole sample) for a placeholder program."""
     counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
     is_tile = tile >= 0
     listed = tl.load(counts + (h % heads) * n_tiles + tile, mask=is_tile, other=0)
@@ -121,13 +144,14 @@ def run_count(LISTS, n_tiles, n_seqs, heads, h, tile):
 def run(LISTS, CU, n_tiles, n_seqs, heads, width, h, b, tile, j):
     """(first row, rows) of run j of a program of ``tile`` in sample b for head h (see run_count)."""
     counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
-    table = counts + heads * n_tiles
+    pairs = counts + heads * n_tiles
     row = (h % heads) * n_tiles + tile
     is_tile = tile >= 0
     listed = is_tile & (j < tl.load(counts + row, mask=is_tile, other=0))
-    other = tl.load(table + row * width + j, mask=listed, other=0)
-    seq_end = tl.load(CU + b + 1)
-    first = tl.where(listed, tl.load(LISTS + 2 * other),
+    pair = pairs + (row * width + j) * 2
+    first_tile = tl.load(pair, mask=listed, other=0)
+    last_tile = tl.load(pair + 1, mask=listed, other=0)
+    first = tl.where(listed, tl.load(LISTS + 2 * first_tile),
                      tl.where(is_tile, tl.load(LISTS + 3 * n_tiles + b), tl.load(CU + b)))
-    end = tl.where(listed, tl.load(LISTS + 2 * other + 1), seq_end)
+    end = tl.where(listed, tl.load(LISTS + 2 * last_tile + 1), tl.load(CU + b + 1))
     return first, end - first
