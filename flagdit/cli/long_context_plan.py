@@ -1,7 +1,6 @@
-"""``python -m flagdit.cli.long_context_plan`` prints the long-context plan for Flag-DiT 7B on H200s (memory and
-time per GPU, by arithmetic: :mod:`flagdit.parallel.plan`); ``--write LONG_CONTEXT.md`` writes the document the
-repository keeps (tests/test_parallel_plan.py checks that the file is what this writes).
-"""
+"""The long-context plan for Flag-DiT 7B on H200s as a Markdown document: memory and time per GPU, by the
+arithmetic of flagdit.parallel.plan. Printed, or written with --write LONG_CONTEXT.md, the document the repository
+keeps (tests/test_parallel_plan.py checks that the file is what this writes)."""
 
 from __future__ import annotations
 
