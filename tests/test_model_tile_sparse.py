@@ -179,19 +179,25 @@ def test_a_dense_run_fine_tunes_and_samples_sparse_from_the_command_line(tmp_pat
     assert (tmp_path / "s_video.png").exists()
 
 
+@pytest.mark.slow  # about a minute interpreted on a CPU
 @pytest.mark.skipif(
     "triton" not in fk.available_backends("varlen_attention", "cpu"), reason="Triton runs on the CPU only interpreted"
 )
-def test_sparse_model_on_triton_matches_the_reference_forward():
-    """The model's tile-sparse forward (window and top-k together) on the Triton backend (interpreted: fp32, two
-    small items) against the reference."""
+def test_sparse_model_on_triton_matches_the_reference():
+    """The model's tile-sparse forward and backward (window and top-k together) on the Triton backend (interpreted:
+    fp32, two small items, one block) against the reference: outputs and every weight's gradient."""
     sparsity = fk.TileSparsity(window=(2, 1, 2), top_k=1)
     xs, t, cap, mask = _mixed(seed=5)
     xs, t, cap, mask = [xs[0].float(), xs[2].float()], t[[0, 2]].float(), cap[[0, 2]].float(), mask[[0, 2]]
-    outs = []
+    results = []
     for backend in ("reference", "triton"):
         model = randomized(flagdit.FlagDiT(small_config(n_layers=1), backend=backend), seed=6)
         model.attention_sparsity, model.attention_tile = sparsity, (1, 2, 2)
-        with torch.no_grad():
-            outs.append(model(xs, t, cap, mask))
-    assert all(_rel(a, b) < 1e-4 for a, b in zip(outs[1], outs[0]))
+        out = model(xs, t, cap, mask)
+        sum((o * o.detach().sin()).sum() for o in out).backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_r, grads_r), (out_t, grads_t) = results
+    assert all(_rel(a, b) < 1e-4 for a, b in zip(out_t, out_r))
+    assert grads_t.keys() == grads_r.keys()
+    scale = max(g.norm() for g in grads_r.values())
+    assert all((grads_t[n] - grads_r[n]).norm() < 1e-4 * scale for n in grads_r)
