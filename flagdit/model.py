@@ -3,7 +3,10 @@ the packed-token ops of ``flagdit_kernels``.
 
 A batch of latents of any ``(C, [F,] H, W)`` is packed once into one token sequence (``fk.pack``: patch rows
 closed by [nextline], frames separated by [nextframe]); every block runs on that ``(T, dim)`` tensor with
-``cu_seqlens`` (no padding, no masks); the final layer's tokens are unpacked back into latents. Parameter names
+``cu_seqlens`` (no padding, no masks); the final layer's tokens are unpacked back into latents. With an
+attention tile the pack is tile-major instead (each 3-D tile of patches a contiguous run of tokens, for
+tile-sparse attention); every op but attention is token-local and the RoPE positions are the raster ones, so
+the order changes nothing else. Parameter names
 and shapes follow Lumina-T2X so its state_dicts load, and the math follows its forward pass.
 """
 
@@ -85,6 +88,8 @@ class TokenLayout:
     seqs: fk.VarlenLayout  # offsets, max_seqlen and the sample of every token, validated once per forward
     freqs: torch.Tensor  # float32 (T, head_dim/2, 2)
     softmax_scale: float | None
+    tiles: fk.TileLayout | None = None  # the tiles of a tile-major pack (FlagDiT.attention_tile)
+    sparsity: fk.TileSparsity | None = None  # tile-sparse self-attention over those tiles; None: dense
 
 
 @dataclass
@@ -123,6 +128,9 @@ class ModelInputs:
 
 # Activation checkpointing (FlagDiT(checkpointing=...)): what a block keeps for its backward.
 CHECKPOINTING = ("none", "block", "selective")
+# The attention tile of FlagDiT(attention_sparsity=...) when none is given: 4 frames x 4 x 4 patches, 64 tokens,
+# one key block of the attention kernels.
+DEFAULT_ATTENTION_TILE = (4, 4, 4)
 
 
 class TransformerBlock(nn.Module):
@@ -170,7 +178,10 @@ class TransformerBlock(nn.Module):
         # modulation, projections, QK norm, RoPE) and after it (wo, residuals, FFN) is recomputed.
         around = _recomputed if self.checkpointing == "selective" else _run
         q, k, v = around(self._qkv, x, mod, layout)
-        out = self.attention.attend(q, k, v, layout.seqs, None, None, text.seqs, None, layout.softmax_scale, kv)
+        out = self.attention.attend(
+            q, k, v, layout.seqs, None, None, text.seqs, None, layout.softmax_scale, kv,
+            sparsity=layout.sparsity, tiles=layout.tiles,
+        )  # fmt: skip
         return around(self._finish, x, out, mod, layout)
 
     def _qkv(self, x: torch.Tensor, mod: torch.Tensor, layout: TokenLayout):
@@ -243,9 +254,23 @@ class FlagDiT(nn.Module):
     input and runs the block again in the backward; ``"selective"`` keeps the attention's q, k, v, output and
     LSE and recomputes the norms, modulation, projections, RoPE and the FFN around it. Same results either way;
     sequence-parallel collectives inside a recomputed part run again, on every rank alike.
+
+    ``attention_sparsity`` (a ``fk.TileSparsity``: ``window=`` Sliding Tile Attention, ``top_k=`` Video Sparse
+    Attention's selection) makes the self-attention tile-sparse over 3-D tiles of ``attention_tile`` patches
+    (frames, rows, cols; :data:`DEFAULT_ATTENTION_TILE` when None); placeholders stay global and the text branch
+    dense. ``attention_tile`` alone packs tile-major with dense attention (the same outputs as raster order, up
+    to float rounding). Neither changes a parameter, so both are also settable later as attributes: a dense
+    checkpoint fine-tunes or samples sparse.
     """
 
-    def __init__(self, config: FlagDiTConfig | str, backend: str | None = None, checkpointing: str = "none"):
+    def __init__(
+        self,
+        config: FlagDiTConfig | str,
+        backend: str | None = None,
+        checkpointing: str = "none",
+        attention_sparsity: fk.TileSparsity | None = None,
+        attention_tile: tuple[int, int, int] | None = None,
+    ):
         super().__init__()
         self.config = c = get_config(config) if isinstance(config, str) else config
         c.validate()  # a config changed in place after construction is checked here
@@ -257,6 +282,8 @@ class FlagDiT(nn.Module):
         self.cap_embedder = nn.Sequential(nn.LayerNorm(c.cap_feat_dim), _zero_linear(c.cap_feat_dim, c.adaln_dim))
         self.layers = nn.ModuleList([TransformerBlock(c, backend) for _ in range(c.n_layers)])
         self.checkpointing = checkpointing
+        self.attention_sparsity = attention_sparsity
+        self.attention_tile = attention_tile
         self.final_layer = FinalLayer(c, backend)
         if c.nextline:
             self.eol_token = nn.Parameter(torch.randn(c.dim) * 0.02)
@@ -313,6 +340,38 @@ class FlagDiT(nn.Module):
             kwargs["cameras"] = [None if cam is None else cam.to(device) for cam in cameras]
         return kwargs
 
+    @property
+    def attention_sparsity(self) -> fk.TileSparsity | None:
+        return self._attention_sparsity
+
+    @attention_sparsity.setter
+    def attention_sparsity(self, sparsity: fk.TileSparsity | None) -> None:
+        if sparsity is not None and not isinstance(sparsity, fk.TileSparsity):
+            raise TypeError(
+                f"attention_sparsity must be None or a fk.TileSparsity(window=..., top_k=...), got {sparsity!r}"
+            )
+        self._attention_sparsity = sparsity
+
+    @property
+    def attention_tile(self) -> tuple[int, int, int] | None:
+        return self._attention_tile
+
+    @attention_tile.setter
+    def attention_tile(self, tile: tuple[int, int, int] | None) -> None:
+        if tile is not None:
+            bad = not isinstance(tile, (tuple, list)) or len(tile) != 3
+            if bad or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in tile):
+                raise ValueError(f"attention_tile must be None or (frames, rows, cols) of patches >= 1, got {tile!r}")
+            tile = tuple(tile)
+        self._attention_tile = tile
+
+    @property
+    def pack_tile(self) -> tuple[int, int, int] | None:
+        """The tile the latents are packed by: ``attention_tile``, its default under sparsity, None for raster."""
+        if self.attention_tile is None and self.attention_sparsity is not None:
+            return DEFAULT_ATTENTION_TILE
+        return self.attention_tile
+
     # ---- inputs -----------------------------------------------------------------------------------------
 
     def encode_text(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor, cache_kv: bool = False) -> TextContext:
@@ -354,17 +413,23 @@ class FlagDiT(nn.Module):
         return x.to(dtype)  # under autocast the Linear computes in bf16; the residual stream stays in dtype
 
     def rope(self, packed: fk.Packed, sample: torch.Tensor, linear_factor: float, ntk_factor: float) -> torch.Tensor:
-        """Flag-DiT: 1D RoPE over the token index in its sample (placeholders included, as Lumina-T2X).
-        Next-DiT: 2D RoPE over (row, col), frames stacked vertically with a one-row gap."""
+        """Flag-DiT: 1D RoPE over the token's index in its sample in raster order (placeholders included, as
+        Lumina-T2X), whatever order the pack has. Next-DiT: 2D RoPE over (row, col), frames stacked vertically
+        with a one-row gap."""
         c = self.config
         kw = dict(theta=c.rope_theta, linear_factor=linear_factor, ntk_factor=ntk_factor, prefer=self.backend)
+        pos = packed.positions.long()
         if c.variant == "flag":
-            index = torch.arange(sample.shape[0], device=sample.device) - packed.cu_seqlens.long()[sample]
+            # The raster index from the (frame, row, col) position: a frame is hp rows of wp (+ [nextline]) tokens
+            # (+ its [nextframe]), which sits at (frame, hp, 0); a tile-major pack keeps the raster positions.
+            row_len = [s[-1] // c.patch_size + packed.nextline for s in packed.shapes]
+            frame_len = [(s[-2] // c.patch_size) * n + packed.nextframe for s, n in zip(packed.shapes, row_len)]
+            strides = torch.tensor([frame_len, row_len], dtype=torch.long).to(sample.device, non_blocking=True)
+            index = pos[:, 0] * strides[0][sample] + pos[:, 1] * strides[1][sample] + pos[:, 2]
             return fk.rope_freqs(c.head_dim, index, **kw)
         rows_per_frame = torch.tensor(
             [s[-2] // c.patch_size + 1 for s in packed.shapes], device=sample.device, dtype=torch.long
         )[sample]
-        pos = packed.positions.long()
         row = pos[:, 0] * rows_per_frame + pos[:, 1]
         return fk.rope_freqs(c.head_dim, torch.stack([row, pos[:, 2]], dim=-1), **kw)
 
@@ -388,7 +453,7 @@ class FlagDiT(nn.Module):
         base = c.base_seqlen if base_seqlen is None else base_seqlen
         # Proportional attention uses the batch's longest sequence, as Lumina uses its padded length.
         scale = fk.proportional_scale(packed.max_seqlen, base, c.head_dim) if base else None
-        return TokenLayout(seqs, freqs, scale)
+        return TokenLayout(seqs, freqs, scale, packed.tiles, self.attention_sparsity)
 
     # ---- forward ----------------------------------------------------------------------------------------
 
@@ -445,7 +510,7 @@ class FlagDiT(nn.Module):
             )
         if self.conditioning is None and (modality is not None or cameras is not None):
             raise ValueError("modality / cameras given, but this config has n_modalities=0 and camera_cond=False")
-        packed = fk.pack(latents, c.patch_size, c.nextline, c.nextframe, prefer=self.backend)
+        packed = fk.pack(latents, c.patch_size, c.nextline, c.nextframe, tile=self.pack_tile, prefer=self.backend)
         layout = self.layout(packed, base_seqlen, linear_factor, ntk_factor)
         adaln_input = self.t_embedder(t) + text.cap_emb
         return ModelInputs(packed, layout, text, adaln_input, as_tensor, channels, modality, cameras)

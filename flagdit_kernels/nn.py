@@ -15,6 +15,7 @@ from ._layout import VarlenLayout
 from .ops.attention import varlen_attention
 from .ops.norms import gated_residual_rms_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
 from .ops.rope import qk_norm_rope
+from .ops.tile_sparsity import TileLayout, TileSparsity
 
 
 class RMSNorm(nn.Module):
@@ -236,16 +237,21 @@ class GatedVarlenAttention(nn.Module):
         y_max_seqlen: int | None = None,
         softmax_scale: float | None = None,
         text_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        sparsity: TileSparsity | None = None,
+        tiles: TileLayout | None = None,
     ) -> torch.Tensor:
-        """:attr:`core` over :meth:`qkv`'s q, k, v and the gated text branch: ``(T, H, Dh)``, the input of wo."""
-        text = {}
+        """:attr:`core` over :meth:`qkv`'s q, k, v and the gated text branch: ``(T, H, Dh)``, the input of wo.
+        ``sparsity`` and ``tiles`` (a tile-major pack's :class:`TileLayout`) make the self part tile-sparse
+        (``varlen_attention``'s arguments of those names; the text branch stays dense)."""
+        options = {} if sparsity is None else dict(sparsity=sparsity, tiles=tiles)
         if self.y_dim > 0 and (y is not None or text_kv is not None):
             ky, vy = text_kv if text_kv is not None else self.text_kv(y)
-            text = dict(
+            options.update(
                 text_k=ky.to(q.dtype),
                 text_v=vy.to(q.dtype),
                 text_cu_seqlens=y_cu_seqlens,
                 text_max_seqlen=y_max_seqlen,
                 gate=self.gate,
             )
-        return self.core(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **text)
+        return self.core(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **options)

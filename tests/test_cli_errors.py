@@ -74,6 +74,12 @@ TRAIN_ARGUMENTS = [
     (["--sp", "2", "--sp-strategy", "ulysses", "--set", "n_heads=3", "--set", "dim=48"], {"WORLD_SIZE": "2"},
      "--sp-strategy ulysses: n_heads (3) must be divisible by the sequence-parallel group size"),
     (["--batch-size", "3"], {"WORLD_SIZE": "2"}, "--batch-size 3 must be divisible by the 2 data-parallel ranks"),
+    (["--attention-window", "2,2"], {}, "argument --attention-window: expected three integers >= 1 as FRAMES,ROWS"),
+    (["--attention-window", "1,0,1"], {}, "argument --attention-window: expected three integers >= 1"),
+    (["--attention-top-k", "0"], {}, "argument --attention-top-k: expected an integer >= 1, got '0'"),
+    (["--attention-tile", "1,x,2"], {}, "argument --attention-tile: expected three integers >= 1"),
+    (["--attention-top-k", "2", "--sp", "2"], {"WORLD_SIZE": "2"},
+     "--sp 2: tile-sparse attention (--attention-window / --attention-top-k) runs on one rank"),
 ]  # fmt: skip
 
 
@@ -263,6 +269,9 @@ SAMPLE_ARGUMENTS = [
     (["--scale", "100000"], "argument --scale: expected an integer in [1, 16]"),
     (["--modality", "audio", "--duration", "1000"], "--duration 1000: one sample of shape (1, 64, 62500)"),
     (["--modality", "audio", "--duration", "1e300"], "--duration 1e+300: one sample"),
+    (["--attention-window", "1,2,2,2"], "argument --attention-window: expected three integers >= 1"),
+    (["--attention-top-k", "two"], "argument --attention-top-k: expected an integer >= 1"),
+    (["--attention-tile", "0,4,4"], "argument --attention-tile: expected three integers >= 1"),
 ]  # fmt: skip
 
 

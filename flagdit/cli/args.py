@@ -116,3 +116,59 @@ def size(text: str) -> tuple[int, int]:
     if hw is None or min(hw) < 1:
         raise argparse.ArgumentTypeError(f"expected HxW with positive integers (e.g. 16x24), got {text!r}")
     return hw
+
+
+def triple(text: str) -> tuple[int, int, int]:
+    """``A,B,C``: three integers >= 1 (frames, rows, cols), e.g. an attention tile or window."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three integers >= 1 as FRAMES,ROWS,COLS (e.g. 2,3,3), got {text!r}")
+    return values
+
+
+triple.__name__ = "FRAMES,ROWS,COLS"
+
+
+def add_attention_options(p: argparse.ArgumentParser) -> None:
+    """--attention-window / --attention-top-k / --attention-tile: tile-sparse self-attention (issue 27). Not a
+    property of the weights: a dense checkpoint trains on or samples sparse."""
+    from ..model import DEFAULT_ATTENTION_TILE
+
+    default_tile = ",".join(map(str, DEFAULT_ATTENTION_TILE))
+    p.add_argument("--attention-window", type=triple, metavar="WT,WH,WW",
+                   help="tile-sparse self-attention (Sliding Tile Attention): each query tile attends the key tiles "
+                        "of this window of tiles around it (frames, rows, cols); placeholders and text stay dense "
+                        "(default: dense attention)")  # fmt: skip
+    p.add_argument("--attention-top-k", type=positive_int, metavar="K",
+                   help="tile-sparse self-attention (Video Sparse Attention's selection): each query tile attends the "
+                        "K key tiles whose mean keys score highest against its mean query; with --attention-window, "
+                        "the union (default: dense attention)")  # fmt: skip
+    p.add_argument("--attention-tile", type=triple, metavar="TT,TH,TW",
+                   help="patches per attention tile (frames, rows, cols): the latents are packed tile-major "
+                        f"(default: {default_tile} under --attention-window / --attention-top-k, else raster "
+                        "order)")  # fmt: skip
+
+
+def attention_settings(args: argparse.Namespace):
+    """``(fk.TileSparsity or None, tile or None)`` of the --attention-* options, for ``FlagDiT``'s
+    ``attention_sparsity`` / ``attention_tile``."""
+    import flagdit_kernels as fk
+
+    if args.attention_window is None and args.attention_top_k is None:
+        return None, args.attention_tile
+    return fk.TileSparsity(window=args.attention_window, top_k=args.attention_top_k), args.attention_tile
+
+
+def describe_attention(model) -> str:
+    """The attention a model runs, for logs: "dense", "dense, tile-major 1,2,2" or "window=2,3,3 top_k=4, tile
+    1,2,2"."""
+    text = lambda values: ",".join(map(str, values))
+    sparsity, tile = model.attention_sparsity, model.pack_tile
+    if sparsity is None:
+        return "dense" if tile is None else f"dense, tile-major {text(tile)}"
+    parts = [f"window={text(sparsity.window)}"] if sparsity.window is not None else []
+    parts += [f"top_k={sparsity.top_k}"] if sparsity.top_k is not None else []
+    return f"{' '.join(parts)}, tile {text(tile)}"

@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=ca.seed, default=0, help="seed of the initial noise")
     p.add_argument("--backend", default=None, choices=_backends(),
                    help="flagdit_kernels backend for every op that has it (default: the fastest per op)")  # fmt: skip
+    ca.add_attention_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p
@@ -203,7 +204,7 @@ def output_problem(paths: list[Path]) -> str | None:
 def main(argv=None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
-    ca.run_main("flagdit-sample", lambda: _main(p, args), args.debug)
+    ca.run_main("flagdit-sample", lambda: _main(p, args), args.debug, (NotImplementedError,))
 
 
 def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -215,6 +216,8 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
         ckpt = load_training_checkpoint(args.ckpt)
         model = model_from_state(ckpt, backend=args.backend, path=args.ckpt).eval()
+        # Not stored in the weights: any checkpoint, dense-trained or not, samples with the attention asked for.
+        model.attention_sparsity, model.attention_tile = ca.attention_settings(args)
         train_args = trained_args(ckpt, args.ckpt)
     except (ValueError, RuntimeError, OSError) as e:
         p.error(f"--ckpt: {e}")
@@ -297,7 +300,7 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         grid([[spectrogram_image(clip, args.scale)] for clip in clips]).save(beside("_audio.png"))
         seconds = audio.samples_for(frames) / audio.SAMPLE_RATE
         written.append(f"{beside('_audio.png')} and {len(clips)} WAVs of {seconds:.2f} s ({beside('_audio_K.wav')})")
-    print("wrote " + "; ".join(written))
+    print(f"wrote {'; '.join(written)} (attention {ca.describe_attention(model)})")
 
 
 if __name__ == "__main__":

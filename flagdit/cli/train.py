@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", default="none", choices=CHECKPOINTING,
                    help="what each block keeps for the backward: everything (none), its input (block: the block runs "
                         "again in the backward), or the attention's inputs, output and LSE (selective)")  # fmt: skip
+    ca.add_attention_options(p)
     p.add_argument("--save-every", type=ca.positive_int, default=200, help="checkpoint every this many steps")
     p.add_argument("--log-every", type=ca.positive_int, default=10, help="append to log.jsonl every this many steps")
     again = p.add_mutually_exclusive_group()
@@ -185,6 +186,8 @@ def _world_problem(args, config: FlagDiTConfig) -> str | None:
     arguments: each rank reports the same line and no rank waits for another."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.sp > 1:
+        if args.attention_window is not None or args.attention_top_k is not None:
+            return f"--sp {args.sp}: tile-sparse attention (--attention-window / --attention-top-k) runs on one rank"
         if world % args.sp or world == 1:
             return (
                 f"--sp {args.sp} spreads each item over {args.sp} processes: run under torchrun with a multiple of "
@@ -245,12 +248,13 @@ def save_checkpoint(path: Path, model, optimizer, step: int, config: FlagDiTConf
     model_sd, optim_sd = full_state_dicts(model, optimizer)
     if rank != 0:
         return
+    plain = (int, float, str, bool, type(None), tuple)  # what a weights_only load reads (tuples as lists)
     payload = {
         "model": model_sd,
         "optimizer": optim_sd,
         "step": step,
         "config": config.to_dict(),
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if isinstance(v, plain)},
     }
     save_training_checkpoint(path, payload)
 
@@ -278,7 +282,10 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
     resume = load_training_checkpoint(ckpt_path) if args.resume and ckpt_path.exists() else None
     config, start = training_state(resume, ckpt_path) if resume else (build_config(args.config, args.set), 0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = FlagDiT(config, backend=args.backend, checkpointing=args.activation_checkpointing).to(device)
+    sparsity, tile = ca.attention_settings(args)  # a run's own choice, never the checkpoint's: dense -> sparse works
+    model = FlagDiT(config, backend=args.backend, checkpointing=args.activation_checkpointing,
+                    attention_sparsity=sparsity, attention_tile=tile).to(device)  # fmt: skip
+    attention = ca.describe_attention(model)
     if resume:  # before any wrapping, the same error on every rank
         check_weights_fit(model, resume["model"], ckpt_path)
     data_rank, data_ranks, data_group, sp = rank, world, None, ""
@@ -303,7 +310,8 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         truncate_log(out / "log.jsonl", start)
         n_params = sum(p.numel() for p in model.parameters()) if mode != "fsdp" else config.num_params()
         print(f"flagdit-train: {args.config} ({n_params / 1e6:.2f}M params), {args.modality} data, {mode} x{world}"
-              f"{sp}, steps {start}..{args.steps}, global batch {args.batch_size}", flush=True)  # fmt: skip
+              f"{sp}, steps {start}..{args.steps}, global batch {args.batch_size}, attention {attention}",
+              flush=True)  # fmt: skip
         log = open(out / "log.jsonl", "a")  # noqa: SIM115
     bar = None
     if rank == 0 and not args.no_progress:
@@ -349,7 +357,7 @@ def _train(args, mode: str, rank: int, world: int, device, out: Path, ckpt_path:
         if log is not None and ((step + 1) % args.log_every == 0 or step == start):
             rate = tokens / max(time.time() - t_start, 1e-9)
             log.write(json.dumps({"step": step + 1, "loss": loss, "loss_ema": smooth, "lr": lr,
-                                  "patch_tokens_per_s": rate, **memory}) + "\n")  # fmt: skip
+                                  "patch_tokens_per_s": rate, "attention": attention, **memory}) + "\n")  # fmt: skip
             log.flush()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             if not finite_everywhere(model, world):  # never replace a good checkpoint by non-finite weights
@@ -391,7 +399,7 @@ def _diverged(step: int, what: str, lr: float, ckpt_path: Path, saved: int | Non
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        ca.run_main("flagdit-train", lambda: train(args), args.debug, (RunDirError, DivergedError))
+        ca.run_main("flagdit-train", lambda: train(args), args.debug, (RunDirError, DivergedError, NotImplementedError))
         if dist.is_initialized():
             # Every rank leaves its last collective (FSDP's checkpoint gather) before any tears gloo down: a
             # rank destroying the group while another is still inside one aborts that rank.

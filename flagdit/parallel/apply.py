@@ -64,6 +64,8 @@ class SequenceParallel:
     def forward(self, model: FlagDiT, x, t, cap_feats=None, cap_mask=None, **kwargs):
         """``model(x, t, cap_feats, cap_mask, **kwargs)`` with the tokens spread over the group (module
         docstring); returns the whole batch's output on every rank."""
+        if model.attention_sparsity is not None:
+            raise ValueError("tile-sparse attention (attention_sparsity) does not run sequence-parallel yet")
         inputs = model.prepare(x, t, cap_feats, cap_mask, **kwargs)
         layout = inputs.layout
         agreement = model_agreement(model, self.shard_kind)
