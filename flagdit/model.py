@@ -139,7 +139,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: FlagDiTConfig, backend: str | None = None, checkpointing: str = "none"):
         super().__init__()
         c = config
-        self.variant, self.backend = c.variant, backend
+        self.variant = c.variant
         self.checkpointing = checkpointing  # one of CHECKPOINTING, checked by FlagDiT
         self.attention = GatedVarlenAttention(
             c.dim, c.n_heads, c.n_kv_heads, qk_norm=c.qk_norm, y_dim=c.cap_feat_dim, backend=backend
