@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import randomized, small_config
+from support.model_fixtures import randomized, small_config
 from test_model_modalities import _inputs, any_config
 
 import flagdit
