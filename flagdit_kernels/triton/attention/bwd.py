@@ -43,7 +43,6 @@ from .tiles import (
     load_rows,
     load_tile,
     loop_tile,
-    query_program,
     query_tile,
     row_source,
     scores,
@@ -544,22 +543,10 @@ def _bwd_dq(
     stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
     stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
     # The forward's grid. WS: the (at most one per sequence) idle program runs with no keys and stores nothing.
-    if SPARSE:
-        b, tile, start, seq_len = sparse.program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs,
-                                                 tl.cdiv(volume, BLOCK_M), BLOCK_M)
-        pid_m, h = 0, tl.program_id(1)
-        hk = h // GROUP
-        if seq_len <= 0:
-            return
-    elif WS:
-        b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M, bisect_steps, True)
-        h = tl.program_id(1)
-        hk = h // GROUP
-        start, seq_len = segment(CU, b)
-        live = pid_m * BLOCK_M < seq_len
-    else:
-        b, pid_m, h, hk, start, seq_len = query_program(CU, n_seqs, GROUP, BLOCK_M)
-        if pid_m * BLOCK_M >= seq_len:
+    b, pid_m, tile, h, hk, start, seq_len, live = sparse.query_program(CU, n_seqs, GROUP, bisect_steps, LISTS,
+                                                                       n_tiles, volume, SPARSE, WS, BLOCK_M)
+    if not WS:  # noqa: SIM102 (a constexpr branch: a WS kernel must hold no return at all)
+        if not live:
             return
     start = start.to(tl.int64)
     rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,

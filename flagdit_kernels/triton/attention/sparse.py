@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import tile_of
+from .tiles import segment, tile_of
 
 # fmt: off
 
@@ -128,6 +128,29 @@ def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
         start = tl.load(LISTS + 2 * tile) + (pid - tile * chunks) * BLOCK
         end = tl.load(LISTS + 2 * tile + 1)
     return b, tile, start, end - start
+
+
+@triton.jit
+def query_program(CU, n_seqs, GROUP, bisect_steps, LISTS, n_tiles, volume, SPARSE: tl.constexpr, WS: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """(sample b, query tile m, sparse tile, query head, kv head, first row, rows, live) of a program of the
+    forward's grid (also dq's): the tile-sparse table's (:func:`program`; m = 0, its rows are the chunk), or one
+    program per BLOCK_M rows of each sequence (``tile_of``: T // BLOCK_M + n_seqs programs, at most one idle per
+    sequence). ``live`` is False for an idle program; the caller returns then, except WS: Triton's
+    warp-specialization pass (3.6) fails on an early return and on a while loop anywhere in the kernel, so a WS
+    program bisects in fixed steps and an idle one runs with its rows masked (no keys, nothing stored)."""
+    h = tl.program_id(1)
+    if SPARSE:
+        b, tile, start, seq_len = program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_M),
+                                          BLOCK_M)
+        pid_m = 0
+        live = seq_len > 0
+    else:
+        b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M, bisect_steps, WS)
+        tile = -1
+        start, seq_len = segment(CU, b)
+        live = pid_m * BLOCK_M < seq_len
+    return b, pid_m, tile, h, h // GROUP, start, seq_len, live
 
 
 @triton.jit

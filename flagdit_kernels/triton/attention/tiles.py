@@ -80,16 +80,6 @@ def tile_of(pid, cu, n_seqs, BLOCK: tl.constexpr, steps=0, FIXED_STEPS: tl.const
 
 
 @triton.jit
-def query_program(CU, n_seqs, GROUP, BLOCK_M: tl.constexpr):
-    """(sequence b, query tile m, query head, kv head, sequence start, length) of a program of a (T // BLOCK_M +
-    n_seqs, H) grid; the caller returns at once when m * BLOCK_M >= length (at most one program per sequence)."""
-    b, pid_m = tile_of(tl.program_id(0), CU, n_seqs, BLOCK_M)
-    h = tl.program_id(1)
-    start, seq_len = segment(CU, b)
-    return b, pid_m, h, h // GROUP, start, seq_len
-
-
-@triton.jit
 def tile_rows(start, n, MASKED: tl.constexpr, R: tl.constexpr):
     """(rows as int64, mask) of the R rows from ``start``: rows < n for a tail tile, a constant all-true mask
     (folded away by the compiler) for a full tile."""
