@@ -415,6 +415,8 @@ def backward(
         sources = [getattr(kernel.fn, "cache_key", "") for kernel in (DKDV, DQ)]
         variants = {BWD_PAIR: lambda: run(True), BWD_ATOMIC_DQ: lambda: run(False)}
         ws = tuning.choose_variant("backward", {**regime, "sources": sources}, variants) == BWD_PAIR
+    elif ws_ok and not deterministic and tuning.AUTOTUNE_MODE == "compile":
+        run(False)  # compiles the other way's tiles too, for the tuned runs to come (the pair still runs last)
     run(ws)
     # dq: the buffer in q's dtype, rotated back with RoPE (the gradient of the rotated q -> the input's).
     table = freqs.contiguous() if freqs is not None else dq_acc
