@@ -13,6 +13,10 @@ FLAGDIT_KERNELS_AUTOTUNE_CACHE (default: ``flagdit_autotune`` in Triton's cache 
 atomically. A file is trusted only if it parses, names exactly this key and names a tile among those offered
 for it; anything else (truncated, empty, foreign, or edited to a tile not offered) is re-tuned and rewritten,
 with one warning. An unwritable directory keeps results in memory for the process, with one warning.
+
+Where a launch can be done in more than one way, each a sequence of tuned kernels (the sm_90 backward: the
+warp-specialized dk/dv + dq pair or one kernel with dq by atomics), ``choose_variant`` times the ways whole
+and keeps the faster per regime, in the same cache with the same rules.
 """
 
 from __future__ import annotations
@@ -250,6 +254,49 @@ def _write(path: str, key: str, tile: Tile, timings: dict[str, float]) -> None:
     # ws only when set: the files of tiles without it stay as they were before warp-specialized tiles existed.
     fields = {name: value for name, value in asdict(tile).items() if name != "ws" or value}
     write_cache(path, {"version": CACHE_VERSION, "key": key, "tile": fields, "timings_ms": timings}, "autotune")
+
+
+_variants: dict[str, str] = {}  # choose_variant's key -> variant, this process
+
+
+def choose_variant(what: str, fields: dict, runs: dict[str, Callable[[], object]]) -> str:
+    """The fastest of ``runs`` (variant name -> a closure running one whole way of doing a launch sequence, each
+    with its own tuned tiles) for the regime ``fields``: this process's choice, else a trusted cache file's (the
+    tile cache's rules), else timed now: each variant runs once first (tuning its tiles), then ``measure``. A
+    variant whose every tile the card cannot hold is left out."""
+    key = json.dumps({"what": what, **fields, "variants": sorted(runs)}, sort_keys=True, default=str)
+    if key in _variants:
+        return _variants[key]
+    path = os.path.join(cache_dir(), f"{what.replace('/', '')}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
+    choice = read_cache(path, key, CACHE_VERSION, lambda data: data["variant"] if data["variant"] in runs else None,
+                        f"{what} variant", "re-timing")  # fmt: skip
+    if choice is None:
+        timings, error = {}, None
+        for name, run in runs.items():
+            try:
+                run()
+            except (OutOfResources, PTXASError) as exc:
+                error = exc
+                continue
+            timings[name] = measure(run)
+        if not timings:
+            raise error
+        choice = min(timings, key=timings.get)
+        write_cache(path, {"version": CACHE_VERSION, "key": key, "variant": choice, "timings_ms": timings},
+                    f"{what} variant")  # fmt: skip
+    _variants[key] = choice
+    return choice
+
+
+def chosen_variants(what: str) -> dict[str, str]:
+    """{regime, readably: variant} of what choose_variant(what, ...) chose in this process."""
+    out = {}
+    for key, variant in _variants.items():
+        fields = json.loads(key)
+        if fields["what"] == what:
+            names = ("device", "dtype", "head_dim", "gqa", "text", "rope", "seq", "seq_k")
+            out[" ".join(str(fields[n]) for n in names if n in fields)] = variant
+    return out
 
 
 class TunedKernel:

@@ -50,8 +50,12 @@ DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES, tuning.backward_prune)
 
 
 def tuned_tiles() -> dict[str, dict[str, str]]:
-    """The tiles the autotuner chose so far in this process, per kernel: {tuning key: tile}, for reports."""
-    return {k.name: k.tuned() for k in (FORWARD, SPARSE_FORWARD, DKDV, DQ)}
+    """The tiles the autotuner chose so far in this process, per kernel: {tuning key: tile}, for reports; and
+    under "backward" the way each regime's backward runs where it was timed (see backward)."""
+    return {
+        **{k.name: k.tuned() for k in (FORWARD, SPARSE_FORWARD, DKDV, DQ)},
+        "backward": tuning.chosen_variants("backward"),
+    }
 
 
 def _regime(
@@ -152,6 +156,8 @@ WS_HEAD_DIMS = (64, 72, 96, 128)
 # and 3.9 at WS_HEAD_DIMS, with and without text and GQA (tests/test_attention_ws_compile.py); where it is
 # offered it is the default backward: dk/dv and dq in two kernels (no atomics: the pass fails on a loop with one).
 BWD_WS_TRITONS = ((3, 6), (3, 9))
+# The two ways of the backward that tuning weighs where the pair may run (backward()).
+BWD_PAIR, BWD_ATOMIC_DQ = "dk/dv + dq kernels", "dk/dv with dq atomics"
 
 
 def _warp_specialize_ready(q: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -338,7 +344,9 @@ def backward(
     Default: five matmuls per (key block, query block), dq added with fp32 atomics by the dk/dv programs, so
     its sums run in whatever order the programs finish. ``deterministic``: the dk/dv kernel skips dq and a
     separate dq kernel recomputes the scores (seven matmuls), every sum in a fixed order, bit for bit stable.
-    On sm_90 with a Triton in BWD_WS_TRITONS that seven-matmul pair is the default, warp-specialized (bwd.py).
+    On sm_90 with a Triton in BWD_WS_TRITONS that seven-matmul pair is the default, warp-specialized (bwd.py);
+    tuned (FLAGDIT_KERNELS_AUTOTUNE=1), a non-deterministic call times the pair against the five-matmul kernel
+    the first time its regime is seen and keeps the faster (the tuning cache; ``tuned_tiles()["backward"]``).
 
     ``cu_seqlens_k`` / ``max_seqlen_k``: cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys
     of a sample without queries get exactly 0). ``sparse_lists`` / ``sparse_sizes``: the forward's tile-sparse
@@ -379,21 +387,13 @@ def backward(
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, _stand_in(k, q), _stand_in(v, q), cu_seqlens)
     # sm_90 with a checked Triton: the warp-specialized kernels, dq by its own kernel (deterministic too), which
     # reads the rows' statistics as one tile (bwd.STATS_WIDTH fp32 a row) and needs a positive scale for it.
-    ws_ready = (
+    ws_ok = (
         tuning.TRITON_VERSION in BWD_WS_TRITONS and softmax_scale > 0
         and _warp_specialize_ready(q, dout, _stand_in(k, q), _stand_in(v, q), tk, tv)
     )  # fmt: skip
-    # A tile-sparse call is never warp-specialized (its loops are pointer loads over runs, sparse.py) but takes
-    # the same dq path: its dk/dv with dq atomics spills and runs ds @ k on mma.sync (compile report).
-    ws = ws_ready and sparse_lists is None
-    stats = torch.empty((H, T, STATS_WIDTH) if ws else (0,), dtype=torch.float32, device=dev)
-    _bwd_preprocess[(triton.cdiv(T, block_t), H)](
-        dout, out, ot, tg, lse, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r,
-        stats if ws else delta, T, softmax_scale * LOG2E, text_scale * LOG2E,
-        *_rows(dout, out),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_TEXT=has_text, HAS_DLSE=dlse is not None, VEC=_vector_width(dout, out, ot),
-        BLOCK_T=block_t, HAS_STATS=ws,
-    )  # fmt: skip
+    stats = torch.empty(
+        (H, T, STATS_WIDTH) if ws_ok and sparse_lists is None else (0,), dtype=torch.float32, device=dev
+    )
     # No key at all (cross-attention): stand-ins no program dereferences (see _stand_in).
     k, v, dk_, dv_ = _stand_in(k, q), _stand_in(v, q), _stand_in(dk, dq), _stand_in(dv, dq)
     prec = _dot_precision(q.dtype)
@@ -412,29 +412,57 @@ def backward(
         grid = lambda meta: (text_tiles(meta) + key_programs(meta), h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk_, dv_)
     regime = _regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k)
-    split_dq = deterministic or ws_ready
-    DKDV.launch(
-        grid,
-        q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
-        cu_seqlens, tcu, kcu,
-        softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(), *key_lists,
-        *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
-        HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not split_dq,
-        TMA_OK=_descriptor_ready(q, dout, dq_acc) and not sparse_consts,
-        VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_), WS_OK=ws,
-        regime=regime, reset=dq_acc.zero_ if not split_dq else None, **sparse_consts,
-    )  # fmt: skip
-    if split_dq:
-        DQ.launch(
-            _query_tiles(T, batch, H) if query_programs is None else lambda meta: (query_programs(meta), H),
-            q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
-            stats if ws else delta, cu_seqlens, tcu, kcu,
-            softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
-            (batch - 1).bit_length(), *query_lists, *_rows(q, k, v, tk, tv, dout, dq_acc),
-            HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec,
-            TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, dout), WS_OK=ws,
-            regime=regime, **sparse_consts,
+
+    def run(pair: bool) -> None:
+        """Everything up to the fp32 dq buffer, one way: every buffer written whole (dq_acc zeroed first for
+        the atomics), so whichever ran last alone decides the result. A tile-sparse call is never
+        warp-specialized (its loops are pointer loads over runs, sparse.py) but takes the pair's dq path where
+        the pair may run: its dk/dv with dq atomics spills and runs ds @ k on mma.sync (compile report)."""
+        split_dq = deterministic or pair
+        ws = pair and sparse_lists is None
+        _bwd_preprocess[(triton.cdiv(T, block_t), H)](
+            dout, out, ot, tg, lse, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r,
+            stats if ws else delta, T, softmax_scale * LOG2E, text_scale * LOG2E,
+            *_rows(dout, out),
+            HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_TEXT=has_text, HAS_DLSE=dlse is not None,
+            VEC=_vector_width(dout, out, ot), BLOCK_T=block_t, HAS_STATS=ws,
         )  # fmt: skip
+        DKDV.launch(
+            grid,
+            q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
+            cu_seqlens, tcu, kcu,
+            softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(),
+            *key_lists, *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
+            HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not split_dq,
+            TMA_OK=_descriptor_ready(q, dout, dq_acc) and not sparse_consts,
+            VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_), WS_OK=ws,
+            regime=regime, reset=dq_acc.zero_ if not split_dq else None, **sparse_consts,
+        )  # fmt: skip
+        if split_dq:
+            DQ.launch(
+                _query_tiles(T, batch, H) if query_programs is None else lambda meta: (query_programs(meta), H),
+                q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
+                stats if ws else delta, cu_seqlens, tcu, kcu,
+                softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
+                (batch - 1).bit_length(), *query_lists, *_rows(q, k, v, tk, tv, dout, dq_acc),
+                HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec,
+                TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, dout),
+                WS_OK=ws, regime=regime, **sparse_consts,
+            )  # fmt: skip
+
+    # Where the pair may run it is the default, but whether it beats the five-matmul kernel (dq by atomics) is
+    # the card's to say: tuned, the first call of a regime times both whole (each with its tuned tiles) and the
+    # tuning cache keeps the faster. Deterministic calls never take the atomics.
+    # (Tile-sparse calls keep the pair's dq path there, untimed.)
+    pair = ws_ok
+    choose = ws_ok and not deterministic and sparse_lists is None
+    if choose and tuning.AUTOTUNE_MODE == "1":
+        sources = [getattr(kernel.fn, "cache_key", "") for kernel in (DKDV, DQ)]
+        variants = {BWD_PAIR: lambda: run(True), BWD_ATOMIC_DQ: lambda: run(False)}
+        pair = tuning.choose_variant("backward", {**regime, "sources": sources}, variants) == BWD_PAIR
+    elif choose and tuning.AUTOTUNE_MODE == "compile":
+        run(False)  # compiles the other way's tiles too, for the tuned runs to come (the pair still runs last)
+    run(pair)
     # dq: the buffer in q's dtype, rotated back with RoPE (the gradient of the rotated q -> the input's).
     table = freqs.contiguous() if freqs is not None else dq_acc
     _bwd_dq_postprocess[(triton.cdiv(T, block_t), H)](
