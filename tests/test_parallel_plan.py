@@ -101,7 +101,6 @@ from flagdit.memory import SavedBytes
 config = get_config("tiny", dim=128, n_heads=4, n_kv_heads=2, n_layers=1, cap_feat_dim=32)
 torch.manual_seed(0)
 model = flagdit.FlagDiT(config, backend="triton").to(torch.bfloat16)
-model.backend = None  # the blocks keep the Triton kernels; packing and the RoPE table take the default
 def saved(side, checkpointing):
     model.checkpointing = checkpointing
     inputs = model.prepare([torch.randn(3, side, side)], torch.rand(1), torch.randn(1, 5, 32), torch.ones(1, 5))
