@@ -8,18 +8,15 @@ varlen_attention.py); its cases are skipped, saying so, while the launchers do n
 
 from __future__ import annotations
 
-import inspect
-import math
-
 import pytest
 import torch
+from support.cross_attention import cross_attention_math, launchers_take_key_offsets
 from support.helpers import (
     DEVICE,
     DOT_DTYPES,
     INTERPRETED,
     ON_GPU,
     TOLERANCE,
-    TRITON_INSTALLED,
     assert_rel_close,
     compare_with_reference,
     offsets_of,
@@ -27,16 +24,6 @@ from support.helpers import (
 
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
-
-
-def launchers_take_key_offsets() -> bool:
-    """Whether flagdit_kernels/triton/attention/launch.py's forward takes ``cu_seqlens_k``."""
-    if not TRITON_INSTALLED:
-        return False
-    from flagdit_kernels.triton.attention import launch as kernels
-
-    return "cu_seqlens_k" in inspect.signature(kernels.forward).parameters
-
 
 TRITON_CROSS = pytest.param(
     "triton",
@@ -46,34 +33,6 @@ TRITON_CROSS = pytest.param(
     ),
 )
 BACKENDS = ["reference", TRITON_CROSS]
-
-
-def _math(q, k, v, q_lens, k_lens, scale, text=None):
-    """float64 cross-attention per sample from the definition: softmax over the sample's keys (GQA by repeating
-    key heads), 0 and LSE -inf without keys; plus tanh(gate) * the text attention when ``text`` is given."""
-    group = q.shape[1] // k.shape[1]
-    outs, lses, qs, ks = [], [], 0, 0
-    for b, (n, m) in enumerate(zip(q_lens, k_lens)):
-        qb = q[qs : qs + n].double()
-        kb = k[ks : ks + m].double().repeat_interleave(group, 1)
-        vb = v[ks : ks + m].double().repeat_interleave(group, 1)
-        if m == 0:
-            out, lse = torch.zeros_like(qb), torch.full((q.shape[1], n), -math.inf, dtype=torch.float64)
-        else:
-            s = torch.einsum("qhd,khd->hqk", qb, kb) * scale
-            out = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vb)
-            lse = torch.log(torch.exp(s - s.amax(-1, keepdim=True)).sum(-1)) + s.amax(-1)
-        if text is not None:
-            tk, tv, t_lens, gate = text
-            t0, t1 = sum(t_lens[:b]), sum(t_lens[: b + 1])
-            if t1 > t0:
-                tkb, tvb = (x[t0:t1].double().repeat_interleave(group, 1) for x in (tk, tv))
-                st = torch.einsum("qhd,khd->hqk", qb, tkb) / math.sqrt(q.shape[-1])
-                out = out + torch.tanh(gate.double())[:, None] * torch.einsum("hqk,khd->qhd", st.softmax(-1), tvb)
-        outs.append(out)
-        lses.append(lse)
-        qs, ks = qs + n, ks + m
-    return torch.cat(outs), torch.cat(lses, dim=1)
 
 
 def _rnd(gen, *shape, dtype=torch.float64):
@@ -90,7 +49,7 @@ def test_reference_matches_the_definition_with_empty_key_and_query_samples():
         q, k, v, offsets_of(q_lens), 9, 0.3, cu_seqlens_k=offsets_of(k_lens), max_seqlen_k=11, return_lse=True,
         text_k=tk, text_v=tv, text_cu_seqlens=offsets_of(t_lens), gate=gate, backend="reference",
     )  # fmt: skip
-    exp_out, exp_lse = _math(q, k, v, q_lens, k_lens, 0.3, (tk, tv, t_lens, gate))
+    exp_out, exp_lse = cross_attention_math(q, k, v, q_lens, k_lens, 0.3, (tk, tv, t_lens, gate))
     assert out.dtype == lse.dtype == torch.float64 and lse.shape == (4, 18)
     torch.testing.assert_close(out, exp_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, exp_lse, rtol=1e-12, atol=1e-12)

@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
+from support.cross_attention import cross_attention_math, launchers_take_key_offsets
 from support.helpers import DEVICE, TRITON_RUNS, assert_rel_close, offsets_of
-from test_attention_cross import _math, launchers_take_key_offsets
 
 from flagdit_kernels import _dispatch
 from flagdit_kernels.ops import attention_torch_flash as tf
@@ -29,7 +29,7 @@ def _rnd(gen, *shape, dtype):
 
 def _grads64(q, k, v, q_lens, k_lens, scale, dout):
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out, lse = _math(*leaves, q_lens, k_lens, scale)
+    out, lse = cross_attention_math(*leaves, q_lens, k_lens, scale)
     return out, lse, torch.autograd.grad(out, leaves, dout.double())
 
 
@@ -78,7 +78,9 @@ def test_dense_and_sdpa_layouts_with_gqa():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (_rnd(gen, 2, 11, h, 16, dtype=torch.float32) for h in (4, 2, 2))
     out, lse, *_ = tf.flash_attention_forward(q, k, v, None, None, 11, 11, 0.0, False, False)
-    exp_out, exp_lse = _math(*(t.reshape(22, -1, 16) for t in (q, k, v)), [11, 11], [11, 11], 1 / math.sqrt(16))
+    exp_out, exp_lse = cross_attention_math(
+        *(t.reshape(22, -1, 16) for t in (q, k, v)), [11, 11], [11, 11], 1 / math.sqrt(16)
+    )
     assert out.shape == q.shape and lse.shape == (2, 4, 11)
     assert_rel_close(out.reshape(22, 4, 16), exp_out, 1e-5)
     assert_rel_close(lse, exp_lse.view(4, 2, 11).transpose(0, 1), 1e-5, "lse")

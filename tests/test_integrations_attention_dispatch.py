@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
+from support.cross_attention import launchers_take_key_offsets
 from support.helpers import DEVICE, assert_rel_close, fresh
 from support.integration_fixtures import backends
-from test_attention_cross import launchers_take_key_offsets
 from torch import nn
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")

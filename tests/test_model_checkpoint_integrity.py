@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 from support.isolated import run_isolated
-from test_model_lumina import make_case
+from support.lumina_checkpoints import make_case
 
 import flagdit
 from flagdit import checkpoint, lumina

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from test_model_lumina import inputs, make_case
+from support.lumina_checkpoints import inputs, make_case
 
 import flagdit
 from flagdit.checkpoint import CheckpointError

@@ -6,31 +6,18 @@ import math
 
 import pytest
 import torch
-from support.model_fixtures import randomized, small_config
+from support.model_fixtures import any_modality_config, modality_inputs, randomized, small_config
 
 import flagdit
 import flagdit_kernels as fk
 from flagdit.data import multiview
-from flagdit.modality import MODALITIES, ModalityConditioning, camera_features, fit_channels
-
-
-def any_config(**kw):
-    return small_config(n_modalities=len(MODALITIES), camera_cond=True, **kw)
-
-
-def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(3, 6, 8, generator=g), torch.randn(3, 4, 6, 6, generator=g), torch.randn(1, 8, 10, generator=g)]
-    cameras = [None, multiview.ring_cameras(4, 0.3, start=0.7), None]
-    cap = torch.randn(3, 4, 16, generator=g)
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]])
-    return xs, torch.rand(3, generator=g), cap, mask, ["image", "multiview", "audio"], cameras
+from flagdit.modality import ModalityConditioning, camera_features, fit_channels
 
 
 @pytest.mark.parametrize("variant", ["flag", "next"])
 def test_a_one_channel_latent_is_padded_in_and_cut_out(variant):
-    model = randomized(flagdit.FlagDiT(any_config(variant=variant), backend="reference"))
-    xs, t, cap, mask, modality, cameras = _inputs()
+    model = randomized(flagdit.FlagDiT(any_modality_config(variant=variant), backend="reference"))
+    xs, t, cap, mask, modality, cameras = modality_inputs()
     out = model(xs, t, cap, mask, modality=modality, cameras=cameras)
     assert [tuple(o.shape) for o in out] == [tuple(x.shape) for x in xs]
     padded = [xs[0], xs[1], torch.cat([xs[2], torch.zeros(2, 8, 10)])]
@@ -39,9 +26,9 @@ def test_a_one_channel_latent_is_padded_in_and_cut_out(variant):
 
 
 def test_conditioning_starts_as_the_identity_and_learns():
-    xs, t, cap, mask, modality, cameras = _inputs()
+    xs, t, cap, mask, modality, cameras = modality_inputs()
     plain = randomized(flagdit.FlagDiT(small_config(), backend="reference"))
-    model = flagdit.FlagDiT(any_config(), backend="reference")
+    model = flagdit.FlagDiT(any_modality_config(), backend="reference")
     assert model.load_state_dict(plain.state_dict(), strict=False).unexpected_keys == []
     ref = plain(xs, t, cap, mask)
     got = model(xs, t, cap, mask, modality=modality, cameras=cameras)
@@ -80,8 +67,8 @@ def test_camera_features_are_periodic_in_azimuth():
 
 
 def test_sampling_conditions_both_guidance_branches():
-    model = randomized(flagdit.FlagDiT(any_config(), backend="reference"))
-    xs, _, cap, mask, modality, cameras = _inputs()
+    model = randomized(flagdit.FlagDiT(any_modality_config(), backend="reference"))
+    xs, _, cap, mask, modality, cameras = modality_inputs()
     shapes = [tuple(x.shape) for x in xs]
     out = flagdit.sample(model, shapes, cap, mask, steps=2, cfg_scale=2.0, modality=modality, cameras=cameras)
     assert [tuple(o.shape) for o in out] == shapes and all(torch.isfinite(o).all() for o in out)
@@ -95,9 +82,9 @@ def test_sampling_conditions_both_guidance_branches():
 
 
 def test_bad_conditioning_is_named():
-    model = flagdit.FlagDiT(any_config(), backend="reference")
+    model = flagdit.FlagDiT(any_modality_config(), backend="reference")
     plain = flagdit.FlagDiT(small_config(), backend="reference")
-    xs, t, cap, mask, modality, _ = _inputs()
+    xs, t, cap, mask, modality, _ = modality_inputs()
     with pytest.raises(ValueError, match="modality must name one of"):
         model(xs, t, cap, mask, modality=["image", "smell", "audio"])
     with pytest.raises(ValueError, match=r"modality indices must be in \[0, 4\)"):
@@ -118,5 +105,5 @@ def test_bad_conditioning_is_named():
 
 
 def test_num_params_counts_the_conditioning():
-    c = any_config()
+    c = any_modality_config()
     assert flagdit.FlagDiT(c).num_params() == c.num_params() > small_config().num_params()

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.model_fixtures import randomized, small_config
-from test_model_modalities import _inputs, any_config
+from support.model_fixtures import any_modality_config, modality_inputs, randomized, small_config
 
 import flagdit
 import flagdit_kernels as fk
@@ -81,10 +80,12 @@ def test_flag_rope_uses_the_raster_index_in_any_order():
 @pytest.mark.parametrize("variant", ["flag", "next"])
 def test_audio_and_multiview_pack_tile_major_too(variant):
     """Any-modality batches (a 1-channel spectrogram, a multi-view item with cameras): the same outputs."""
-    xs, t, cap, mask, modality, cameras = _inputs()
+    xs, t, cap, mask, modality, cameras = modality_inputs()
     outs = []
     for tile in (None, (2, 2, 3)):
-        model = randomized(flagdit.FlagDiT(any_config(variant=variant), backend="reference", attention_tile=tile))
+        model = randomized(
+            flagdit.FlagDiT(any_modality_config(variant=variant), backend="reference", attention_tile=tile)
+        )
         with torch.no_grad():
             outs.append(model(xs, t, cap, mask, modality=modality, cameras=cameras))
     assert all(_rel(a, b) < 1e-5 for a, b in zip(outs[1], outs[0]))
