@@ -8,55 +8,16 @@ or model's backend) and the ``FLAGDIT_KERNELS_BACKEND`` environment variable ove
 ``fk.integrations`` (patching other codebases' modules) is imported on first use.
 """
 
-from . import nn
+from . import nn, ops
 from ._dispatch import BACKENDS, available_backends
 from ._info import backend_info
 from ._layout import VarlenLayout
-from .ops.attention import proportional_scale, varlen_attention
-from .ops.embed import embed_packed
-from .ops.norms import gated_residual_rms_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
-from .ops.packing import NEXTFRAME, NEXTLINE, PATCH, Packed, TileLayout, pack, unpack
-from .ops.rope import apply_rope, qk_norm_rope, rope_freqs
-from .ops.tile_sparsity import (
-    TileBlocks,
-    TileSparsity,
-    last_tile_blocks,
-    tile_sparse_attention,
-    tile_sparse_blocks,
-)
+from .ops import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BACKENDS",
-    "NEXTFRAME",
-    "NEXTLINE",
-    "PATCH",
-    "Packed",
-    "TileBlocks",
-    "TileLayout",
-    "TileSparsity",
-    "VarlenLayout",
-    "apply_rope",
-    "available_backends",
-    "backend_info",
-    "embed_packed",
-    "gated_residual_rms_norm",
-    "integrations",
-    "last_tile_blocks",
-    "layer_norm_modulate",
-    "nn",
-    "pack",
-    "proportional_scale",
-    "qk_norm_rope",
-    "rms_norm",
-    "rms_norm_modulate",
-    "rope_freqs",
-    "tile_sparse_attention",
-    "tile_sparse_blocks",
-    "unpack",
-    "varlen_attention",
-]
+__all__ = ["BACKENDS", "VarlenLayout", "available_backends", "backend_info", "integrations", "nn"]  # noqa: F405 (integrations: __getattr__)
+__all__ += ops.__all__  # every op family's public names (each ops/<family>.py lists its own)
 
 
 def __getattr__(name: str):

@@ -25,6 +25,8 @@ from . import attention_engines, tile_sparsity
 from .rope import check_freqs
 from .tile_sparsity import TileSparsity
 
+__all__ = ["proportional_scale", "varlen_attention"]
+
 SUPPORTED_HEAD_DIMS = "multiples of 8 from 16 to 256"
 # The Triton kernels' online softmax computes p = exp2(fma(s, c, -m)), c = scale * log2(e) and m the rounded row
 # maximum of s * c (flash-attn's trick: one FMA per score). The fma keeps the unrounded product, so even the

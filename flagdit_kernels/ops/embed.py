@@ -17,6 +17,8 @@ from .. import _dispatch
 from .._validation import check_same_dtype, check_shape, check_tensor
 from ..reference.embed import embed_packed as _embed_reference
 
+__all__ = ["embed_packed"]
+
 
 def _embed_forward(patches, kind, weight, bias, placeholder_embeddings):
     from ..triton.embed import write_placeholder_rows

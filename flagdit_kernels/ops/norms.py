@@ -20,6 +20,8 @@ from .._layout import VarlenLayout, check_layout
 from .._validation import check_cu_seqlens, check_number, check_per_sample, check_shape, check_tensor
 from ..reference.norms import EPS, LAYER_NORM_EPS
 
+__all__ = ["gated_residual_rms_norm", "layer_norm_modulate", "rms_norm", "rms_norm_modulate"]
+
 for _op, _fn in (
     ("rms_norm", ref.rms_norm),
     ("rms_norm_modulate", ref.rms_norm_modulate),

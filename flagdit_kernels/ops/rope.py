@@ -11,6 +11,8 @@ from .. import reference as ref
 from .._validation import check_int, check_number, check_same_dtype, check_shape, check_tensor, values_checked
 from ..reference.rope import QK_NORM_EPS
 
+__all__ = ["apply_rope", "qk_norm_rope", "rope_freqs"]
+
 NORMS = ("layer_norm", "rms_norm", None)
 MAX_HEAD_DIM = 256
 

@@ -1,29 +1,14 @@
 """The PyTorch definition of every op: the spec the kernels are tested against and the fallback anywhere.
 
-These functions assume validated inputs; the public wrappers in ``flagdit_kernels`` check them first.
+These functions assume validated inputs; the public wrappers in ``flagdit_kernels`` check them first. The package
+exports what each op family's module lists in its ``__all__`` (a new op is exported by its own module).
 """
 
-from .attention import proportional_scale, varlen_attention
-from .embed import embed_packed
-from .norms import gated_residual_rms_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
-from .packing import Packed, TileLayout, pack, tile_layout, token_layout, unpack
-from .rope import apply_rope, qk_norm_rope, rope_freqs
+from . import attention, embed, norms, packing, rope
+from .attention import *  # noqa: F403
+from .embed import *  # noqa: F403
+from .norms import *  # noqa: F403
+from .packing import *  # noqa: F403
+from .rope import *  # noqa: F403
 
-__all__ = [
-    "Packed",
-    "TileLayout",
-    "apply_rope",
-    "embed_packed",
-    "gated_residual_rms_norm",
-    "layer_norm_modulate",
-    "pack",
-    "proportional_scale",
-    "qk_norm_rope",
-    "rms_norm",
-    "rms_norm_modulate",
-    "rope_freqs",
-    "tile_layout",
-    "token_layout",
-    "unpack",
-    "varlen_attention",
-]
+__all__ = sorted(name for family in (attention, embed, norms, packing, rope) for name in family.__all__)

@@ -19,6 +19,8 @@ import torch
 
 from .rope import rotate
 
+__all__ = ["proportional_scale", "varlen_attention"]
+
 
 def proportional_scale(seqlen: int, base_seqlen: int, head_dim: int) -> float:
     """Lumina-Next's resolution-extrapolation softmax scale ``sqrt(log_base(seqlen) / head_dim)``."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["embed_packed"]
+
 
 def embed_packed(
     patches: torch.Tensor,

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from .._conventions import EPS, LAYER_NORM_EPS
 
+__all__ = ["gated_residual_rms_norm", "layer_norm_modulate", "rms_norm", "rms_norm_modulate"]
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for low-precision inputs, fp64 stays fp64 (so float64 references and gradcheck are exact)."""

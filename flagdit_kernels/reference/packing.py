@@ -20,6 +20,8 @@ import torch
 
 from .._conventions import frames_hw
 
+__all__ = ["Packed", "TileLayout", "pack", "tile_layout", "token_layout", "unpack"]
+
 PATCH, NEXTLINE, NEXTFRAME = 0, 1, 2
 
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from .._conventions import QK_NORM_EPS
 from .norms import compute_dtype
 
+__all__ = ["apply_rope", "qk_norm_rope", "rope_freqs"]
+
 NormParams = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
