@@ -53,6 +53,7 @@ def test_op(benchmark, case, impl, bench_device):
             copy_GBps=copy,
             matmul_TFLOPs=mm,
             device=torch.cuda.get_device_name() if bench_device.type == "cuda" else "cpu",
+            prediction=case.prediction or None,
         )
         tiles = chosen_tiles()  # what the autotuner (and the engine chooser) kept so far
         if tiles:

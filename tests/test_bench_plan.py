@@ -1,5 +1,5 @@
 """The GPU check's measurement plan: group membership, order, and that every row of benchmarks/RESULTS.md's
-per-op record is timed in a planned group (not left to ``rest``)."""
+per-op record and every case the families predict is timed in a planned group (not left to ``rest``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from flagdit_kernels.bench import plan
+from flagdit_kernels.bench.cases import declared_predictions
 from flagdit_kernels.bench.results import record
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
@@ -43,3 +44,11 @@ def test_every_recorded_case_is_planned_before_rest():
         ours = ("triton", "cuda", "fk fused", "fk patched")  # backends, and the fused model-level labels
         groups = {plan.group_of(plan.GPU_PLAN, row.op, row.shape, row.direction, impl)[0] for impl in ours}
         assert groups - {"rest"}, row.key
+
+
+def test_every_predicted_case_is_planned_before_rest():
+    predicted = declared_predictions()
+    assert predicted
+    for op, shape, direction in predicted:
+        groups = {plan.group_of(plan.GPU_PLAN, op, shape, direction, impl)[0] for impl in ("triton", "cuda")}
+        assert groups - {"rest"}, (op, shape, direction)

@@ -212,6 +212,20 @@ def test_record_fills_measured_rows_and_keeps_the_rest(tmp_path):
     assert after.startswith("# Results") and after.rstrip().endswith("tail text")
 
 
+def test_a_new_row_takes_the_prediction_its_case_declared(tmp_path):
+    """A case the record lacks joins it with the prediction its family declared (carried in the run's rows)."""
+    from flagdit_kernels.bench.results import record
+
+    data = synthetic()
+    for bench in data["benchmarks"]:
+        if bench["extra_info"].get("op") == "varlen_attention":
+            bench["extra_info"]["prediction"] = "predicted 1.2x SDPA flash"
+    rows = record.update([], report.load([_write(tmp_path, data)]))
+    by_key = {r.key: r for r in rows}
+    assert by_key[("varlen_attention", "B2 H32 L4096 D128", "fwd")].prediction == "predicted 1.2x SDPA flash"
+    assert by_key[("rms_norm", "32768x4096", "fwd")].prediction == "(none written)"
+
+
 def _write(tmp_path, data) -> str:
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(data))

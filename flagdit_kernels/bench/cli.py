@@ -45,6 +45,8 @@ def measure(case: Case, device: torch.device, rep_ms: float) -> list[dict]:
     rows = []
     for label, build in case.impls.items():
         row = {"op": case.op, "shape": case.shape, "direction": case.direction, "impl": label}
+        if case.prediction:
+            row["prediction"] = case.prediction
         try:
             fn = build()
             samples = time_samples(fn, device, rep_ms=rep_ms)

@@ -8,33 +8,19 @@ selects and orders the pytest-benchmark items by it, and ``flagdit-bench warm --
 compiles the same pairs in the same order.
 
 A selector matches a case's op, shape, direction and implementation label with shell-style wildcards
-(``fnmatch``, case-sensitive; ``a|b`` matches either); a pair belongs to the first group holding a selector that
-matches it and is ordered by that selector's position, then by collection order. ``reference`` (our PyTorch
-spec, no baseline) is timed last, in the ``rest`` group.
+(``fnmatch``, case-sensitive; ``a|b`` matches either; :class:`~flagdit_kernels.bench.cases.Select`); a pair
+belongs to the first group holding a selector that matches it and is ordered by that selector's position, then
+by collection order. An op family may declare where its cases go (``PLAN``: group -> selectors, in its module
+under ``families/``, beside the cases they select); the groups below take them in the order they list the
+families. ``reference`` (our PyTorch spec, no baseline) is timed last, in the ``rest`` group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
-
-@dataclass(frozen=True)
-class Select:
-    op: str
-    shape: str = "*"
-    direction: str = "*"
-    impl: str = "*"
-
-    def matches(self, op: str, shape: str, direction: str, impl: str) -> bool:
-        fields = ((op, self.op), (shape, self.shape), (direction, self.direction), (impl, self.impl))
-        return all(any(fnmatchcase(value, p) for p in pattern.split("|")) for value, pattern in fields)
-
-
-OURS = "triton|cuda"
-# Ours and the baselines that cost no compile, then the torch.compile baselines (Inductor graphs, warmed).
-CHEAP = f"{OURS}|F.rms_norm|liger*|lumina eager|python loop"
+from .cases import OURS, Select
+from .families import norms, packing, rope
 
 # Full-size shapes on a GPU (the shapes of flagdit_kernels.bench.families.* and flagdit.bench.* without --bench-quick).
 GPU_PLAN: dict[str, tuple[Select, ...]] = {
@@ -48,21 +34,8 @@ GPU_PLAN: dict[str, tuple[Select, ...]] = {
         # torch's varlen_attn (what users compare us with on packed batches) and the engine choice.
         Select("varlen_attention|attention_dense", impl="torch_varlen|varlen_attn|fk auto|flash_attn"),
     ),
-    "bandwidth": (
-        *(
-            Select("rms_norm", shape, impl=impl)
-            for shape in ("32768x4096", "32768x2304")
-            for impl in (CHEAP, "torch.compile")
-        ),
-        *(
-            Select(op, "packed*x2304", impl=f"{CHEAP}|torch.compile")
-            for op in ("rms_norm_modulate", "gated_residual_rms_norm", "layer_norm_modulate")
-        ),
-        Select("apply_rope", impl=f"{CHEAP}|torch.compile"),
-        Select("qk_norm_rope", impl=f"{CHEAP}|torch.compile"),
-        *(Select(op, f"{size}*", impl=CHEAP) for size in ("mixed", "large") for op in ("pack", "unpack")),
-        Select("embed_packed", impl=OURS),
-    ),
+    # The memory-bound families place their own cases (each family module's PLAN), in this order.
+    "bandwidth": tuple(select for family in (norms, rope, packing) for select in family.PLAN["bandwidth"]),
     "baselines": (
         Select("varlen_attention", "packed*", impl="flex docmask"),
         Select("tile_sparse_attention", impl="flex blockmask"),

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _dispatch, ops
-from ..cases import Case, backend_impls, forward_backward
+from ..cases import Case, SmokeCase, backend_impls, forward_backward, offsets
 
 FWD_BWD_FACTOR = 3.5
 
@@ -34,10 +34,6 @@ FWD_BWD_FACTOR = 3.5
 def attention_flops(seqlens: list[int], text_lens: list[int], heads: int, head_dim: int) -> int:
     """Useful matmul FLOPs of the forward: 4 * L * Lk * Dh per head (QK^T and PV), self keys plus text keys."""
     return sum(4 * heads * head_dim * L * (L + lt) for L, lt in zip(seqlens, text_lens))
-
-
-def _offsets(lengths: list[int], device) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 def _triton_on(device: torch.device) -> bool:
@@ -155,7 +151,7 @@ def _packed_cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list
     seqlens = [130, 66, 258, 33] if quick else [4160, 2112, 8256, 1056, 1040]
     text_len = 16 if quick else 128
     total = sum(seqlens)
-    cu = _offsets(seqlens, device)
+    cu = offsets(seqlens, device)
     text_cu = torch.arange(len(seqlens) + 1, dtype=torch.int32, device=device) * text_len
     flex = flex_document_attention(seqlens, device) if device.type == "cuda" else None
     out: list[Case] = []
@@ -346,3 +342,28 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
     return (
         _packed_cases(quick, device, dtype) + _dense_cases(quick, device, dtype) + _lumina_cases(quick, device, dtype)
     )
+
+
+def smoke_cases(device: torch.device) -> list[SmokeCase]:
+    """What the kernels branch on: a power-of-two head dim (the descriptor / TMA tiles where the autotuner
+    offers them), Dh 72 as 64 + 16 with GQA, in-kernel RoPE and a sample without text, and Dh 128 with text."""
+
+    def case(name, lens, text_lens, heads, kv_heads, head_dim, rope=False) -> SmokeCase:
+        shapes = {"q": (sum(lens), heads, head_dim), "k": (sum(lens), kv_heads, head_dim)}
+        shapes["v"] = shapes["k"]
+        fixed = {"cu_seqlens": offsets(lens, device), "max_seqlen": max(lens)}
+        if text_lens is not None:
+            text = (sum(text_lens), kv_heads, head_dim)
+            shapes.update(text_k=text, text_v=text, gate=(heads,))
+            fixed.update(text_cu_seqlens=offsets(text_lens, device), text_max_seqlen=max(text_lens))
+        if rope:
+            positions = torch.cat([torch.arange(n, device=device) for n in lens])
+            fixed["freqs"] = ops.rope.rope_freqs(head_dim, positions)
+        run = lambda b, **t: ops.attention.varlen_attention(**t, **fixed, backend=b)
+        return SmokeCase(name, "varlen_attention", shapes, run)
+
+    return [
+        case("varlen_attention-D64-self", [17, 1, 30], None, 2, 2, 64),
+        case("varlen_attention-D72-gqa-text-empty-rope", [17, 1, 30], [5, 0, 9], 4, 2, 72, rope=True),
+        case("varlen_attention-D128-text", [33, 20], [7, 3], 2, 1, 128),
+    ]

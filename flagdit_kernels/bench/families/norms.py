@@ -13,7 +13,33 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops
-from ..cases import Case, backend_impls, forward_backward
+from ..cases import CHEAP, Case, Select, SmokeCase, backend_impls, forward_backward, offsets
+
+# Where the GPU check times these cases (flagdit_kernels.bench.plan): RMSNorm at its two headline shapes, then
+# the packed per-sample norms; ours and the baselines that cost no compile before torch.compile's.
+PLAN = {
+    "bandwidth": (
+        *(
+            Select("rms_norm", shape, impl=impl)
+            for shape in ("32768x4096", "32768x2304")
+            for impl in (CHEAP, "torch.compile")
+        ),
+        *(
+            Select(op, "packed*x2304", impl=f"{CHEAP}|torch.compile")
+            for op in ("rms_norm_modulate", "gated_residual_rms_norm", "layer_norm_modulate")
+        ),
+    )
+}
+
+# What we expect, written before any GPU run (the floor is each case's bytes at the run's copy bandwidth; the
+# rows of the norms measured before this declaration are in benchmarks/RESULTS.md's per-op record already).
+PREDICTIONS = {
+    ("layer_norm_modulate", "packed8x33200x2304", "fwd+bwd"): (
+        "target >= 2x torch.compile of Flag-DiT's eager final layer (LayerNorm then modulation; its compile not "
+        "measured, assumed about the RMS modulate's 0.68 ms: <= ~0.34 ms); predicted 0.26-0.33 ms, 2.1-2.6x: the "
+        "rms_norm_modulate kernels plus one row reduction (the mean) each way"
+    ),
+}
 
 
 def lumina_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -143,3 +169,46 @@ def _packed_cases(tokens: int, seqs: int, d: int, device, dtype, elem: int) -> l
                 )
             )
     return out
+
+
+def smoke_cases(device: torch.device) -> list[SmokeCase]:
+    """Each norm once, the per-sample ones packed (samples of 30, 1 and 39 tokens) and RMS modulate padded too."""
+    cu = offsets([30, 1, 39], device)
+
+    def modulate_packed(b, x, weight, scale, shift):
+        return ops.norms.rms_norm_modulate(x, weight, scale, shift, cu_seqlens=cu, backend=b)
+
+    def gated_packed(b, residual, h, weight, gate):
+        return ops.norms.gated_residual_rms_norm(residual, h, weight, gate, cu_seqlens=cu, backend=b)
+
+    def layer_modulate_packed(b, x, scale, shift, weight, bias):
+        return ops.norms.layer_norm_modulate(x, scale, shift, weight, bias, cu_seqlens=cu, backend=b)
+
+    packed = {"x": (70, 96), "scale": (3, 96), "shift": (3, 96)}
+    return [
+        SmokeCase(
+            "rms_norm",
+            "rms_norm",
+            {"x": (65, 72), "weight": (72,)},
+            lambda b, x, weight: ops.norms.rms_norm(x, weight, backend=b),
+        ),
+        SmokeCase("rms_norm_modulate-packed", "rms_norm_modulate", {**packed, "weight": (96,)}, modulate_packed),
+        SmokeCase(
+            "rms_norm_modulate-padded",
+            "rms_norm_modulate",
+            {"x": (2, 33, 64), "weight": (64,), "scale": (2, 64)},
+            lambda b, x, weight, scale: ops.norms.rms_norm_modulate(x, weight, scale, backend=b),
+        ),
+        SmokeCase(
+            "gated_residual_rms_norm-packed",
+            "gated_residual_rms_norm",
+            {"residual": (70, 96), "h": (70, 96), "weight": (96,), "gate": (3, 96)},
+            gated_packed,
+        ),
+        SmokeCase(
+            "layer_norm_modulate-packed",
+            "layer_norm_modulate",
+            {**packed, "weight": (96,), "bias": (96,)},
+            layer_modulate_packed,
+        ),
+    ]

@@ -23,10 +23,17 @@ import torch
 from ... import ops
 from ..._conventions import frames_hw
 from ...ops import embed as embed_ops
-from ..cases import Case, backend_impls, forward_backward
+from ..cases import CHEAP, OURS, Case, Select, SmokeCase, backend_impls, forward_backward
 
 P = 2
 CHANNELS = 16
+# Where the GPU check times these cases (flagdit_kernels.bench.plan): the launch-bound batch, then the large one.
+PLAN = {
+    "bandwidth": (
+        *(Select(op, f"{size}*", impl=CHEAP) for size in ("mixed", "large") for op in ("pack", "unpack")),
+        Select("embed_packed", impl=OURS),
+    )
+}
 # Tile of the tile-major cases: 2 frames x 8 x 8 patches (128 tokens), 2 x 4 x 4 in quick mode.
 TILE, QUICK_TILE = (2, 8, 8), (2, 4, 4)
 
@@ -211,3 +218,32 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
     out += _tiled_cases(video_shapes(quick), QUICK_TILE if quick else TILE, device, dtype)
     out += _embed_cases(mixed_shapes(quick), device, dtype, dim=256 if quick else 2304)
     return out
+
+
+def smoke_cases(device: torch.device) -> list[SmokeCase]:
+    """Three latents of 4 channels (an image, a 3-frame video, a wide image) at patch size 2: pack, unpack and
+    the patch embedding of their packed rows."""
+    latents = [(4, 6, 8), (4, 3, 4, 6), (4, 2, 10)]
+    packed = ops.packing.pack([torch.zeros(s, device=device) for s in latents], P, backend="reference")
+    rows = tuple(packed.patches.shape)
+
+    def embed(b, patches, weight, bias, table):
+        return embed_ops.embed_packed(patches, packed.kind, weight, bias, table, backend=b)
+
+    return [
+        SmokeCase(
+            "pack",
+            "pack",
+            dict(zip("avc", latents)),
+            lambda b, a, v, c: ops.packing.pack([a, v, c], P, backend=b).patches,
+        ),
+        SmokeCase(
+            "unpack", "unpack", {"tokens": rows}, lambda b, tokens: ops.packing.unpack(tokens, packed, 4, backend=b)
+        ),
+        SmokeCase(
+            "embed_packed",
+            "embed_packed",
+            {"patches": rows, "weight": (40, 16), "bias": (40,), "table": (2, 40)},
+            embed,
+        ),
+    ]

@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ... import ops
-from ..cases import Case, backend_impls, forward_backward
+from ..cases import CHEAP, Case, Select, SmokeCase, backend_impls, forward_backward
+
+# Where the GPU check times these cases (flagdit_kernels.bench.plan).
+PLAN = {"bandwidth": tuple(Select(op, impl=f"{CHEAP}|torch.compile") for op in ("apply_rope", "qk_norm_rope"))}
 
 
 def lumina_rope(x, freqs_cis):
@@ -141,3 +144,28 @@ def _qk_norm_rope_cases(quick: bool, device: torch.device, dtype: torch.dtype) -
 def cases(quick: bool, device: torch.device) -> list[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return _apply_rope_cases(quick, device, dtype) + _qk_norm_rope_cases(quick, device, dtype)
+
+
+def smoke_cases(device: torch.device) -> list[SmokeCase]:
+    """RoPE on 40 tokens, adjacent pairs at Dh 64 and halves at Dh 72; QK-norm + RoPE with GQA (4 query heads,
+    2 key heads), LayerNorm across heads and RMSNorm per head."""
+
+    def rope(interleaved: bool, head_dim: int) -> SmokeCase:
+        freqs = ops.rope.rope_freqs(head_dim, torch.arange(40, device=device))
+        run = lambda b, x: ops.rope.apply_rope(x, freqs, interleaved=interleaved, backend=b)
+        name = f"apply_rope-{'interleaved' if interleaved else 'halves'}-D{head_dim}"
+        return SmokeCase(name, "apply_rope", {"x": (40, 3, head_dim)}, run)
+
+    def qk_norm_rope(norm: str) -> SmokeCase:
+        freqs = ops.rope.rope_freqs(64, torch.arange(40, device=device))
+        width = {"q": 4 * 64, "k": 2 * 64} if norm == "layer_norm" else {"q": 64, "k": 64}
+
+        def run(b, q, k, qw, qb, kw, kb):
+            return ops.rope.qk_norm_rope(q, k, freqs, (qw, qb), (kw, kb), norm=norm, backend=b)
+
+        shapes = {"q": (40, 4, 64), "k": (40, 2, 64), "qw": (width["q"],), "qb": (width["q"],)}
+        return SmokeCase(
+            f"qk_norm_rope-{norm}-gqa", "qk_norm_rope", {**shapes, "kw": (width["k"],), "kb": (width["k"],)}, run
+        )
+
+    return [rope(True, 64), rope(False, 72), qk_norm_rope("layer_norm"), qk_norm_rope("rms_norm")]

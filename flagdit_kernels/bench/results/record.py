@@ -6,7 +6,7 @@ The table sits between ``<!-- record:begin -->`` and ``<!-- record:end -->``; ro
 dir) exactly as the benchmark cases name them. ``flagdit-bench report LOG --record benchmarks/RESULTS.md
 --record-out NEW.md`` fills the measured columns of the rows the run measured, keeps every other row as it
 was (an earlier figure stays until a run measures that case again), and appends measured cases the table
-lacks.
+lacks, with the prediction their family declared (``PREDICTIONS`` in ``bench/families/``) where it did.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def update(rows: list[RecordRow], results: Results) -> list[RecordRow]:
             continue
         row = by_key.get(key)
         if row is None:
-            row = RecordRow(*key, prediction="(none written)")
+            row = RecordRow(*key, prediction=ours.prediction or "(none written)")
             by_key[key] = row
             out.append(row)
         row.floor = row.floor or _floor(ours, results)

@@ -56,6 +56,7 @@ def _add_row(r: dict, figures: tuple[str, str, str], device: str, results: Resul
             _num(r.get(tflops)),
             device,
             r.get("error", ""),
+            r.get("prediction") or "",
         )
     )
 

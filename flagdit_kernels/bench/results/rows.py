@@ -31,6 +31,7 @@ class Row:
     tflops: float | None = None
     device: str = ""
     error: str = ""
+    prediction: str = ""  # the case's, as declared before any GPU run
 
     @property
     def case(self) -> tuple[str, str, str]:
