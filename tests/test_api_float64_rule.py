@@ -14,16 +14,10 @@ import flagdit_kernels as fk
 from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 
-COMPUTING = (
-    "rms_norm",
-    "rms_norm_modulate",
-    "gated_residual_rms_norm",
-    "layer_norm_modulate",
-    "apply_rope",
-    "qk_norm_rope",
-    "varlen_attention",
-)
 COPYING = ("pack", "unpack", "embed_packed")  # copies (and a float64 GEMM): exact in any dtype
+# Every other op with a kernel computes (a new op is held to the rule without being listed here).
+COMPUTING = [op for op in _dispatch.ops() if {"triton", "cuda"} & set(_dispatch.registered_backends(op))]
+COMPUTING = [op for op in COMPUTING if op not in COPYING]
 
 
 def _like(dtype: torch.dtype) -> SimpleNamespace:
