@@ -52,3 +52,17 @@ def test_every_predicted_case_is_planned_before_rest():
     for op, shape, direction in predicted:
         groups = {plan.group_of(plan.GPU_PLAN, op, shape, direction, impl)[0] for impl in ("triton", "cuda")}
         assert groups - {"rest"}, (op, shape, direction)
+
+
+def test_a_case_carries_its_familys_prediction(monkeypatch):
+    from types import SimpleNamespace
+
+    from flagdit_kernels.bench import cases
+
+    family = SimpleNamespace(
+        cases=lambda quick, device: [cases.Case("op", "s", d, {}) for d in ("fwd", "fwd+bwd")],
+        PREDICTIONS={("op", "s", "fwd+bwd"): "predicted 2x"},
+    )
+    monkeypatch.setattr(cases, "_families", lambda packages=cases.FAMILY_PACKAGES: {"fake": family})
+    assert [c.prediction for c in cases.family_cases("fake", True, "cpu")] == ["", "predicted 2x"]
+    assert cases.declared_predictions() == family.PREDICTIONS

@@ -28,7 +28,8 @@ import torch
 
 # Looked up when the benchmarks run (the kernel package imports no model): a package that is not installed
 # contributes no family.
-FAMILY_PACKAGES = ("flagdit_kernels.bench.families", "flagdit.bench")
+OP_FAMILIES = ("flagdit_kernels.bench.families",)  # the op families (smoke cases, predictions)
+FAMILY_PACKAGES = (*OP_FAMILIES, "flagdit.bench")
 
 
 @dataclass
@@ -129,11 +130,7 @@ def family_cases(family: str, quick: bool, device: torch.device) -> list[Case]:
 
 def declared_predictions() -> dict[tuple[str, str, str], str]:
     """Every op family's ``PREDICTIONS``, by (op, shape, direction)."""
-    return {
-        key: text
-        for m in _families(FAMILY_PACKAGES[:1]).values()
-        for key, text in getattr(m, "PREDICTIONS", {}).items()
-    }
+    return {key: text for m in _families(OP_FAMILIES).values() for key, text in getattr(m, "PREDICTIONS", {}).items()}
 
 
 def all_cases(quick: bool, device: torch.device, families: tuple[str, ...] | None = None) -> list[Case]:
@@ -148,7 +145,7 @@ def all_smoke_cases(device: torch.device) -> list[SmokeCase]:
     """The smoke cases of every op family (``flagdit_kernels.bench.families``; the whole-model families have
     none), the attention's last: they compile and autotune longest, so the cheap cases report first."""
     out: list[SmokeCase] = []
-    for module in _families(FAMILY_PACKAGES[:1]).values():
+    for module in _families(OP_FAMILIES).values():
         declare = getattr(module, "smoke_cases", None)
         out.extend(declare(device) if callable(declare) else ())
     return sorted(out, key=lambda case: case.op == "varlen_attention")
