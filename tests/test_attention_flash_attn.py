@@ -119,6 +119,23 @@ def test_declares_half_precision_only(flash_attn):
     assert set(impl.dtypes) == {torch.float16, torch.bfloat16}
 
 
+def _assert_matches_reference(x, run, lse_rows=slice(None)):
+    """``run(fn, leaves)`` (a forward and a backward) with the backend on fp16 leaves and the reference on
+    float64 leaves made from ``x``: the output, the LSE at ``lse_rows`` and every leaf's gradient (finite) within
+    the fp16 attention tolerance. Returns ``(lse, expected lse)`` for the test's own checks."""
+    mine = {n: t.to(torch.float16).requires_grad_() for n, t in x.items()}
+    exp = {n: t.clone().requires_grad_() for n, t in x.items()}
+    out, lse = run(fa._varlen_attention_flash_attn, mine)
+    exp_out, exp_lse = run(ref.varlen_attention, exp)
+    tol = TOLERANCE["attention"][torch.float16]
+    assert (out.double() - exp_out).norm() / exp_out.norm() < tol
+    assert (lse[:, lse_rows].double() - exp_lse[:, lse_rows]).norm() / exp_lse[:, lse_rows].norm() < tol
+    for name in x:
+        g, r = mine[name].grad.double(), exp[name].grad
+        assert torch.isfinite(g).all() and (g - r).norm() / r.norm() < tol, name
+    return lse, exp_lse
+
+
 def test_lse_and_its_gradient(flash_attn):
     # flash-attn's LSE has no gradient of its own; the backend's correction gives the reference's, GQA included.
     gen = torch.Generator().manual_seed(5)
@@ -135,17 +152,8 @@ def test_lse_and_its_gradient(flash_attn):
         ((out.double() * w_out).sum() + (lse.double() * w_lse).sum()).backward()
         return out, lse
 
-    mine = {n: t.to(torch.float16).requires_grad_() for n, t in x.items()}
-    exp = {n: t.clone().requires_grad_() for n, t in x.items()}
-    out, lse = run(fa._varlen_attention_flash_attn, mine)
-    exp_out, exp_lse = run(ref.varlen_attention, exp)
-    tol = TOLERANCE["attention"][torch.float16]
+    lse, _ = _assert_matches_reference(x, run)
     assert lse.dtype == torch.float32 and lse.shape == (heads, T)
-    assert (out.double() - exp_out).norm() / exp_out.norm() < tol
-    assert (lse.double() - exp_lse).norm() / exp_lse.norm() < tol
-    for name in x:
-        g, r = mine[name].grad.double(), exp[name].grad
-        assert (g - r).norm() / r.norm() < tol, name
 
 
 def test_cross_attention_with_a_sample_without_keys(flash_attn):
@@ -171,14 +179,5 @@ def test_cross_attention_with_a_sample_without_keys(flash_attn):
         ((out.double() * w_out).sum() + (lse[:, finite].double() * w_lse[:, finite]).sum()).backward()
         return out, lse
 
-    mine = {n: t.to(torch.float16).requires_grad_() for n, t in x.items()}
-    exp = {n: t.clone().requires_grad_() for n, t in x.items()}
-    out, lse = run(fa._varlen_attention_flash_attn, mine)
-    exp_out, exp_lse = run(ref.varlen_attention, exp)
-    tol = TOLERANCE["attention"][torch.float16]
+    lse, exp_lse = _assert_matches_reference(x, run, lse_rows=finite)
     assert torch.isneginf(lse[:, ~finite]).all() and torch.isneginf(exp_lse[:, ~finite]).all()
-    assert (out.double() - exp_out).norm() / exp_out.norm() < tol
-    assert (lse[:, finite].double() - exp_lse[:, finite]).norm() / exp_lse[:, finite].norm() < tol
-    for name in x:
-        g, r = mine[name].grad.double(), exp[name].grad
-        assert torch.isfinite(g).all() and (g - r).norm() / r.norm() < tol, name
