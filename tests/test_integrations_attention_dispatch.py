@@ -161,13 +161,11 @@ def chroma_model():
 
 
 def chroma_inputs(batch=2, image=6, text=5):
-    # A boolean prompt mask over the joint [text, image] sequence: Chroma's blocks turn it into (B, 1, L, L).
-    inputs = flux_inputs(batch, image, text)
+    # Flux's padded prompt as Chroma takes it: a boolean mask over the joint [text, image] sequence, which
+    # Chroma's blocks turn into (B, 1, L, L); no pooled projections.
+    inputs = flux_inputs(batch, image, text, mask=True)
     del inputs["pooled_projections"]
-    keep = torch.ones(batch, text + image, dtype=torch.bool, device=DEVICE)
-    keep[0, 3:text] = False
-    keep[1, 1] = False
-    inputs["attention_mask"] = keep
+    inputs["attention_mask"] = inputs.pop("joint_attention_kwargs")["attention_mask"]
     return inputs
 
 
