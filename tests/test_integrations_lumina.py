@@ -51,18 +51,23 @@ def _tie_queries(model: nn.Module) -> None:
             block.attn2.norm_q.load_state_dict(block.attn1.norm_q.state_dict())
 
 
-def next_model(dtype=torch.float32, seed=0, layers=2):
-    model = diffusers.LuminaNextDiT2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=64,
-        num_layers=layers,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        multiple_of=16,
-        cross_attention_dim=24,
+# One tiny size for both generations (4 query heads on 2 kv heads); each adds its own caption and RoPE settings.
+TINY = dict(
+    sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_attention_heads=4, num_kv_heads=2, multiple_of=16
+)
+
+
+def _latents_and_captions(dtype, batch, height, width, text, seed) -> dict:
+    """The inputs both generations take alike: latents, timesteps and caption features."""
+    return dict(
+        hidden_states=fresh((batch, 4, height, width), dtype, seed=seed),
+        timestep=torch.rand(batch, generator=torch.Generator().manual_seed(seed)).to(DEVICE),
+        encoder_hidden_states=fresh((batch, text, 24), dtype, seed=seed + 1),
     )
+
+
+def next_model(dtype=torch.float32, seed=0, layers=2):
+    model = diffusers.LuminaNextDiT2DModel(**TINY, num_layers=layers, cross_attention_dim=24)
     _randomize(model, seed)
     _tie_queries(model)
     return model.eval().to(DEVICE, dtype)
@@ -74,10 +79,7 @@ def next_inputs(dtype=torch.float32, batch=3, height=10, width=6, text=7, seed=1
     mask = torch.ones(batch, text, dtype=torch.int64, device=DEVICE)
     mask[1, 4:] = 0  # padded captions; sample 2 keeps a single token
     mask[2, 1:] = 0
-    return dict(
-        hidden_states=fresh((batch, 4, height, width), dtype, seed=seed),
-        timestep=torch.rand(batch, generator=torch.Generator().manual_seed(seed)).to(DEVICE),
-        encoder_hidden_states=fresh((batch, text, 24), dtype, seed=seed + 1),
+    return _latents_and_captions(dtype, batch, height, width, text, seed) | dict(
         encoder_mask=mask,
         image_rotary_emb=get_2d_rotary_pos_embed_lumina(16, 32, 32).to(DEVICE),
         cross_attention_kwargs={} if base_sequence_length is None else {"base_sequence_length": base_sequence_length},
@@ -87,15 +89,9 @@ def next_inputs(dtype=torch.float32, batch=3, height=10, width=6, text=7, seed=1
 
 def lumina2_model(dtype=torch.float32, seed=0, layers=2):
     model = diffusers.Lumina2Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=64,
+        **TINY,
         num_layers=layers,
         num_refiner_layers=1,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        multiple_of=16,
         axes_dim_rope=(4, 6, 6),
         axes_lens=(64, 32, 32),
         cap_feat_dim=24,
@@ -108,12 +104,8 @@ def lumina2_inputs(dtype=torch.float32, batch=3, height=8, width=6, text=7, seed
     mask = torch.ones(batch, text, dtype=torch.bool, device=DEVICE)
     mask[1, 5:] = False  # different caption lengths: the joint layers get a padded mask too
     mask[2, 2:] = False
-    return dict(
-        hidden_states=fresh((batch, 4, height, width), dtype, seed=seed),
-        timestep=torch.rand(batch, generator=torch.Generator().manual_seed(seed)).to(DEVICE),
-        encoder_hidden_states=fresh((batch, text, 24), dtype, seed=seed + 1),
-        encoder_attention_mask=mask,
-        return_dict=False,
+    return _latents_and_captions(dtype, batch, height, width, text, seed) | dict(
+        encoder_attention_mask=mask, return_dict=False
     )
 
 
