@@ -225,13 +225,20 @@ def _rms_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output[1])
 
 
-def _rms_norm_backward(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dw = torch.ops.flagdit_kernels.rms_norm_triton_bwd(dy, x, weight if ctx.has_weight else None, rstd)
-    return dx, (dw if ctx.has_weight else None), None
+def _rms_norm_backward(backward_op):
+    """rms_norm's autograd formula around ``backward_op`` (the Triton one or the C++ one): ``(dx, dweight)``."""
+
+    def backward(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = backward_op(dy, x, weight if ctx.has_weight else None, rstd)
+        return dx, (dw if ctx.has_weight else None), None
+
+    return backward
 
 
-_rms_norm_triton_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+_rms_norm_triton_op.register_autograd(
+    _rms_norm_backward(torch.ops.flagdit_kernels.rms_norm_triton_bwd), setup_context=_rms_norm_setup
+)
 
 
 @torch.library.custom_op("flagdit_kernels::rms_norm_modulate_triton", mutates_args=())
@@ -470,11 +477,7 @@ def _register_compiled_autograd() -> None:
     def _(dy, x, weight, rstd):
         return x.new_empty(x.shape), _fake_grad(weight, x)
 
-    def backward(ctx, dy, _drstd):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.flagdit_kernels.rms_norm_bwd(dy, x, weight if ctx.has_weight else None, rstd)
-        return dx, (dw if ctx.has_weight else None), None
-
+    backward = _rms_norm_backward(torch.ops.flagdit_kernels.rms_norm_bwd)
     lib.register_autograd("flagdit_kernels::rms_norm_fwd", backward, setup_context=_rms_norm_setup)
 
 
