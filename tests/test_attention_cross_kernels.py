@@ -14,17 +14,14 @@ from support.helpers import (
     DEVICE,
     ON_GPU,
     TOLERANCE,
-    TRITON_RUNS,
     assert_rel_close,
     compare_with_reference,
     force_warp_specialized,
+    needs_triton,
     offsets_of,
 )
 
-pytestmark = pytest.mark.skipif(
-    not TRITON_RUNS,
-    reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
-)
+pytestmark = needs_triton
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,10 +16,10 @@ from support.helpers import (
     INTERPRETED,
     ON_GPU,
     TOLERANCE,
-    TRITON_RUNS,
     assert_rel_close,
     compare_with_reference,
     force_warp_specialized,
+    needs_triton,
     offsets_of,
     poisoned_allocations,
 )
@@ -27,10 +27,7 @@ from support.helpers import (
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
 
-pytestmark = pytest.mark.skipif(
-    not TRITON_RUNS,
-    reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
-)
+pytestmark = needs_triton
 
 
 def _case(lens, text_lens, heads, kv_heads, head_dim, dtype, *, rope=False, scale=None, seed=0):

@@ -14,6 +14,7 @@ from support.helpers import (
     TRITON_RUNS,
     assert_rel_close,
     force_warp_specialized,
+    needs_triton,
     offsets_of,
     poisoned_allocations,
 )
@@ -95,7 +96,7 @@ def test_lse_forward_and_gradients_match_float64(backend, dtype):
         assert_rel_close(g, exp_grads[name], tol, f"grad {name}")
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU")
+@needs_triton
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_lse_gradients_through_the_warp_specialized_tiles(monkeypatch, deterministic):
     # The LSE's gradient enters the backward through delta, which the warp-specialized dq kernel reads from its
@@ -185,7 +186,7 @@ def test_two_key_blocks_merged_by_lse_equal_full_attention(backend):
         assert_rel_close(leaf.grad, exp_leaves[name].grad, tol, f"grad {name}")
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU")
+@needs_triton
 def test_lse_with_rope_empty_text_and_torch_compile():
     # RoPE on, a batch whose text is empty everywhere; lse through torch.compile(fullgraph=True) equals eager.
     dtype = torch.float32

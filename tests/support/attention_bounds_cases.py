@@ -17,19 +17,16 @@ import torch
 from support.helpers import (
     DEVICE,
     TOLERANCE,
-    TRITON_RUNS,
     assert_rel_close,
     fresh,
+    needs_triton,
     poisoned_allocations,
 )
 
 from flagdit_kernels import reference as ref
 from flagdit_kernels.ops import attention as attn
 
-pytestmark = pytest.mark.skipif(
-    not TRITON_RUNS,
-    reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
-)
+pytestmark = needs_triton
 
 T, TT, H, HKV, D = 23, 6, 2, 1, 32
 DTYPE = torch.float32

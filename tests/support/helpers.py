@@ -30,6 +30,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # Triton kernels run here: compiled on a GPU, or as NumPy under the interpreter.
 TRITON_RUNS = TRITON_INSTALLED and (ON_GPU or INTERPRETED)
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU")
 # The Triton interpreter gets tl.dot on bf16 wrong (triton-lang/triton#11584): bf16 dots are GPU-only.
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DOT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])

@@ -22,15 +22,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.helpers import TOLERANCE, TRITON_RUNS, assert_rel_close, fresh, poisoned_allocations
+from support.helpers import TOLERANCE, assert_rel_close, fresh, needs_triton, poisoned_allocations
 
 from flagdit_kernels import _dispatch
 from flagdit_kernels import reference as ref
 
-pytestmark = pytest.mark.skipif(
-    not TRITON_RUNS,
-    reason="needs triton on a GPU, or TRITON_INTERPRET=1 on CPU",
-)
+pytestmark = needs_triton
 FEW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 T, D = 19, 24
 
