@@ -10,9 +10,10 @@ A 3-D tile is a contiguous run of tokens, so a tile-sparse pattern is, per (head
 
 ``lists[h % heads, t, :counts]`` are the tiles program tile t visits for head h: the key tiles of query tile t
 (forward, dq) or, transposed (:func:`transposed`), the query tiles that list key tile t (dk / dv). ``heads`` is
-1 (a window: the same for every head) or the query heads (top_k). The kernels read ``runs``: the lists'
+1 (a window: the same for every head) or the query heads (top_k). The pointer loops read ``runs``: the lists'
 stretches of consecutive tiles as (first, last) tile (:func:`runs`), each one contiguous run of tokens; the
-tile lists themselves stay for the backward's transpose.
+descriptor loops (sm_90) read the tile lists themselves (:func:`listed`, :func:`flat_block`), which also stay
+for the backward's transpose.
 
 Programs (:func:`program`): first one per BLOCK rows of each sample's placeholder run (the grid of ``tile_of``
 over the placeholder offsets), then ``chunks = cdiv(tile volume, BLOCK)`` per tile (BLOCK rows each, the tile's
