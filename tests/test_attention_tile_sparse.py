@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from support.helpers import DEVICE, INTERPRETED, ON_GPU, compare_with_reference, fresh
+from support.helpers import DEVICE, INTERPRETED, ON_GPU, compare_with_reference, force_warp_specialized, fresh
 
 import flagdit_kernels as fk
 from flagdit_kernels import reference as ref
@@ -153,6 +153,59 @@ def test_triton_matches_the_masked_reference(sparsity, dtype, text, rope, kv_hea
 
     inputs = {"q": q, "k": k, "v": v, **(text_inputs if text else {})}
     compare_with_reference(kernel, reference, {x: _to(t) for x, t in inputs.items()}, dtype, family="attention")
+
+
+# The descriptor (TMA) and warp-specialized loop shape of the three kernels (fwd._attend_listed, bwd._dq_listed,
+# bwd._dkdv_listed: one loop over the listed tiles in chunks of the block, then the rest run), forced as
+# force_warp_specialized does (the interpreter runs the descriptor code and ignores warp_specialize). Tile
+# volumes of 40 and 36 rows with 32-row blocks: two chunks per tile, a partial tile's second chunk fully masked
+# or partly; images of one tile and of one patch; the rest run (placeholder rows, or a placeholder program's whole
+# sample) ends at the sample's end, where its last block reads past the sample (zero-filled rows) or into the next;
+# per-head top-k lists of different lengths in one MQA group (dk/dv pads the shorter ones); text.
+DESCRIPTOR_CASES = [
+    # (sparsity, dtype, text, kv heads, tile, latents)
+    (WINDOW, torch.float16, True, 2, (2, 4, 5), [(C, 5, 10, 14), (C, 4, 6), (C, P, P), (C, 3, 12, 8)]),
+    (fk.TileSparsity(top_k=2), torch.float32, False, 1, (1, 6, 6), [(C, 2, 14, 26), (C, 12, 12), (C, 8, 18)]),
+]
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize(("sparsity", "dtype", "text", "kv_heads", "tile", "latents"), DESCRIPTOR_CASES,
+                         ids=["window-fp16-text-gqa", "topk-fp32-mqa"])  # fmt: skip
+def test_descriptor_loops_match_the_masked_reference(monkeypatch, sparsity, dtype, text, kv_heads, tile, latents):
+    """The tile-sparse forward, dq and dk/dv kernels on their descriptor / warp-specialized tiles (checked to be
+    the tiles that ran) against the float64 masked reference: output, LSE and every gradient, poisoned outputs."""
+    from flagdit_kernels.triton.attention import launch as va
+
+    if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialized tiles are offered on sm_90 only")
+    force_warp_specialized(monkeypatch)
+    ran = []
+
+    def recorded(kernel):
+        run = kernel._run
+        return lambda tile, grid, args, consts: (ran.append((kernel.name, tile)), run(tile, grid, args, consts))
+
+    for kernel in (va.SPARSE_FORWARD, va.DKDV, va.DQ):
+        monkeypatch.setattr(kernel, "_run", recorded(kernel))
+    packed = _pack(latents, tile)
+    q, k, v, text_inputs, _ = _inputs(packed, dtype, kv_heads=kv_heads, seed=30)
+    cu, n = packed.cu_seqlens.to(DEVICE), packed.max_seqlen
+    tiles = _on_device(packed.tiles)
+    lse = dtype == torch.float32
+
+    def kernel(q, k, v, **kw):
+        return fk.varlen_attention(q, k, v, cu, n, return_lse=lse, backend="triton", sparsity=sparsity, tiles=tiles,
+                                   **kw)  # fmt: skip
+
+    def reference(q, k, v, **kw):
+        mask = ref.tile_sparsity.tile_sparse_mask(tiles, cu, fk.last_tile_blocks())
+        return ref.varlen_attention(q, k, v, cu, n, return_lse=lse, mask=mask, **kw)
+
+    inputs = {"q": q, "k": k, "v": v, **(text_inputs if text else {})}
+    compare_with_reference(kernel, reference, {x: _to(t) for x, t in inputs.items()}, dtype, family="attention")
+    assert {name for name, _ in ran} == {"sparse forward", "dk/dv", "dq"}
+    assert all(t.tma and t.ws for _, t in ran)
 
 
 @pytest.mark.parametrize("sparsity", [WINDOW, TOP_K], ids=str)

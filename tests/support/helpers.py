@@ -181,9 +181,9 @@ def force_warp_specialized(monkeypatch) -> None:
         monkeypatch.setattr(va, "_warp_specialize_ready", lambda *tensors: True)
         monkeypatch.setattr(va, "BWD_WS_TRITONS", (tuning.TRITON_VERSION,))
     block = 32 if INTERPRETED else 128
-    monkeypatch.setattr(
-        va.FORWARD, "tiles", [tuning.Tile(block, block // 2 if ON_GPU else 32, 4, 2, tma=True, ws=True)]
-    )
+    forward_tiles = [tuning.Tile(block, block // 2 if ON_GPU else 32, 4, 2, tma=True, ws=True)]
+    monkeypatch.setattr(va.FORWARD, "tiles", forward_tiles)
+    monkeypatch.setattr(va.SPARSE_FORWARD, "tiles", forward_tiles)  # the tile-sparse descriptor loops
     monkeypatch.setattr(va.DKDV, "tiles", [tuning.Tile(32 if INTERPRETED else 64, block, 4, 2, tma=True, ws=True)])
     monkeypatch.setattr(va.DQ, "tiles", [tuning.Tile(block, 32 if INTERPRETED else 64, 4, 2, tma=True, ws=True)])
     monkeypatch.setattr(tuning, "AUTOTUNE_MODE", "0")

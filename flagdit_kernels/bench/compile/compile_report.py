@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gluon:
         rows += gluon_report(head_dims, args.arch)
     if args.sparse:
-        rows += sparse_report(tuple(d for d in head_dims if d in (64, 128)) or (128,), args.arch,
+        rows += sparse_report(tuple(d for d in head_dims if d in (64, 72, 128)) or (128,), args.arch,
                               deterministic=args.deterministic)  # fmt: skip
     table = markdown(rows) + "\nStructure (per working inner loop)\n\n" + structure_markdown(rows)
     default = "default backward (sm_90, Triton 3.6 / 3.9: warp-specialized dk/dv and dq kernels; else dq by atomics)"

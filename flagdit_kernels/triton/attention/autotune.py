@@ -147,7 +147,16 @@ def backward_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
     """prune, with the warp-specialized tiles first where they are offered (WS_OK: the launcher then runs dq in
     its own kernel, see launch.backward): the untuned default on sm_90 is the split shape."""
     kept = prune(tiles, consts)
+    if consts.get("SPARSE", False):  # the tile-sparse dk/dv and dq kernels read descriptors only in the WS shape
+        kept = [t for t in kept if t.ws or not t.tma]
     return sorted(kept, key=lambda t: not t.ws) if consts.get("WS_OK", False) else kept
+
+
+def sparse_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
+    """prune for the tile-sparse forward, the descriptor tiles first where offered (warp-specialized, then TMA):
+    its descriptor loop runs one copy pipeline across the listed key blocks, where the pointer loop restarts its
+    cp.async pipeline at every key run (fwd._attend_listed; benchmarks/RESULTS.md, issue 27)."""
+    return sorted(prune(tiles, consts), key=lambda t: (not t.ws, not t.tma))
 
 
 def dkdv_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
@@ -161,7 +170,13 @@ def dkdv_prune(tiles: list[Tile], consts: dict) -> list[Tile]:
         tiles = [t for t in tiles if not (t.block_m == 64 and t.stages > 1 and (text or not t.ws))]
     if consts.get("ATOMIC_DQ", True):
         tiles = [t for t in tiles if not t.ws]
-    return backward_prune(tiles, consts)
+    kept = backward_prune(tiles, consts)
+    if consts.get("SPARSE", False) and consts.get("D0", 128) + consts.get("D1", 0) >= 128:
+        # The tile-sparse dk/dv (bwd._dkdv_listed) on the 64x128 WS tile spills in its consumers' loop at Dh 128
+        # (3-5 local accesses per iteration with Triton 3.6; 3-22 with 3.9, per-head lists the most), on 32x128
+        # not at all (compile report, benchmarks/RESULTS.md issue 27): 32x128 is its untuned default there.
+        kept = sorted(kept, key=lambda t: (not t.ws, t.block_m != 32))
+    return kept
 
 
 def seq_bucket(max_seqlen: int) -> int:

@@ -257,6 +257,49 @@ def _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delt
 
 
 @triton.jit
+def _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, gate, is_text, GROUP, T,
+                 q_len, first_query, LISTS, CU, n_tiles, n_seqs, list_heads, list_width, volume, hk, b, tile,
+                 stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, HAS_TEXT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dk, dv of one tile-sparse key tile (or a placeholder or text key tile: ``tile`` -1, no list), _dkdv_ws's
+    shape: ONE loop over (query head of the GQA group, block), the blocks those of sparse.flat_block (the query
+    tiles of the transposed list in chunks of BLOCK_M rows, then the rest: the sample's placeholder rows, or all of
+    its rows for a placeholder or text key tile), q and dO through 3-D descriptors built once per sample
+    (``*_base``: the group's first head at the sample's first query ``first_query``, ``q_len`` rows), each block
+    addressed by its row offset, partial tiles masked in the loop. Per-head lists (top_k) differ in length: every
+    head walks the group's longest, its own past its count padding (masked)."""
+    q_rows = tl.maximum(q_len, 1)  # descriptors need a row; with q_len == 0 the loop never loads
+    q_src0, q_src1 = _group_source(q_base, GROUP, q_rows, stride_qh, stride_qt, BLOCK_M, HEAD_DIM, D0, D1)
+    do_src0, do_src1 = _group_source(do_base, GROUP, q_rows, stride_doh, stride_dot, BLOCK_M, HEAD_DIM, D0, D1)
+    most = 0
+    for g in range(GROUP):
+        count, _ = sparse.listed(LISTS, n_tiles, n_seqs, list_heads, list_width, hk * GROUP + g, tile)
+        most = tl.maximum(most, count)
+    chunks = tl.cdiv(volume, BLOCK_M)
+    r_first, r_len = sparse.rest(LISTS, CU, n_tiles, b, tile)
+    n_listed = most * chunks
+    per_head = tl.where(q_len > 0, n_listed + tl.cdiv(r_len, BLOCK_M), 0)  # an idle program (q_len 0) visits none
+    for i in tl.range(0, GROUP * per_head, warp_specialize=True):
+        g = i // per_head
+        j = i - g * per_head
+        count, entries = sparse.listed(LISTS, n_tiles, n_seqs, list_heads, list_width, hk * GROUP + g, tile)
+        first, rows = sparse.flat_block(LISTS, entries, count, chunks, n_listed, r_first, r_len, j, BLOCK_M)
+        off = (first - first_query).to(tl.int32)  # descriptor offsets are 32-bit
+        q0, q1 = _group_rows(q_src0, q_src1, g, off, BLOCK_M, D0, D1)
+        do0, do1 = _group_rows(do_src0, do_src1, g, off, BLOCK_M, D0, D1)
+        rows, m_mask = loop_tile(off, off + rows, True, BLOCK_M)
+        offs = g.to(tl.int64) * T + off + rows
+        lse = tl.load(lse_base + offs, mask=m_mask, other=0.0) * LOG2E
+        delta = tl.load(delta_base + offs, mask=m_mask, other=0.0) * qk_scale
+        do_scale = 1.0
+        if HAS_TEXT:
+            do_scale = tl.where(is_text, tl.load(gate + g), 1.0)
+        dk0, dk1, dv0, dv1, _ = _dkdv_products(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q0, q1, do0, do1, lse, delta,
+                                               m_mask, qk_scale, do_scale, True, D1, DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
 def _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base, delta_base, is_text, hk, GROUP, T,
                 q_start, q_len, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale,
                 ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -352,8 +395,22 @@ def _bwd_dkdv(
     else:
         k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, KCU
         pid -= n_text
-    tl.static_assert(not (SPARSE and (TMA or WS)))  # SPARSE: self key tiles of the transposed lists (sparse.py)
-    if SPARSE:
+    # SPARSE: self key tiles of the transposed lists (sparse.py); descriptors only in the WS shape (_dkdv_listed).
+    tl.static_assert(not (SPARSE and TMA and not WS))
+    if SPARSE and WS:
+        # Selects, as above: a key tile chunk (tile >= 0), a placeholder key chunk (-1), or a text key tile (-1).
+        tile_pid = pid
+        if HAS_TEXT:
+            tile_pid = tl.where(is_text, 0, pid)  # a text pid may lie past the tile programs
+        b, tile, k_start, k_len = sparse.program(tile_pid, LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_N),
+                                                 BLOCK_N, bisect_steps, True)
+        pid_n = b * 0
+        if HAS_TEXT:
+            b_text, pid_text = tile_of(pid, cu_k, n_seqs, BLOCK_N, bisect_steps, True)
+            t_start, t_len = segment(cu_k, b_text)
+            b, tile, pid_n = tl.where(is_text, b_text, b), tl.where(is_text, -1, tile), tl.where(is_text, pid_text, 0)
+            k_start, k_len = tl.where(is_text, t_start, k_start), tl.where(is_text, t_len, k_len)
+    elif SPARSE:
         if is_text:
             b, pid_n = tile_of(pid, cu_k, n_seqs, BLOCK_N)
             k_start, k_len = segment(cu_k, b)
@@ -388,7 +445,17 @@ def _bwd_dkdv(
         v0, v1 = load_tile(v_base, n_rows, n_mask, stride_vt, BLOCK_N, HEAD_DIM, D0, D1)
     dk0, dk1 = zeros_tile(BLOCK_N, D0, D1)
     dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
-    if SPARSE:
+    if SPARSE and WS:
+        h0 = hk * GROUP
+        dk0, dk1, dv0, dv1 = _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1,
+                                          Q + q_start * stride_qt + h0 * stride_qh,
+                                          DO + q_start * stride_dot + h0 * stride_doh,
+                                          lse_base + h0.to(tl.int64) * T + q_start,
+                                          delta_base + h0.to(tl.int64) * T + q_start, TGATE + h0, is_text, GROUP, T,
+                                          q_len, q_start, LISTS, CU, n_tiles, n_seqs, list_heads, list_width, volume,
+                                          hk, b, tile, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
+                                          HAS_TEXT, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+    elif SPARSE:
         # Tile-sparse self keys: per query head of the group, the same loop over each query run that visits this
         # key tile (the transposed lists, sparse.py); a text key tile keeps its whole sample (one run).
         for g in range(GROUP):
@@ -512,6 +579,31 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 
 
 @triton.jit
+def _dq_listed(dq0, dq1, q0, q1, do0, do1, stats, k_base, v_base, stride_kt, stride_vt, k_len, first_key, LISTS, CU,
+               n_tiles, n_seqs, list_heads, list_width, volume, h, b, tile, qk_scale, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Tile-sparse self keys of the warp-specialized dq kernel, fwd._attend_listed's shape: ONE loop over the
+    program's key blocks (sparse.flat_block) through descriptors built once per sample (``k_base`` at its first
+    key ``first_key``, ``k_len`` rows), each block addressed by its row offset, partial tiles masked in the loop.
+    ``stats``: the row statistics tile (see _dq_inner)."""
+    k_rows = tl.maximum(k_len, 1)
+    k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, True, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
+    pick_lse, pick_delta = _picker(LSE_COL, BLOCK_N), _picker(DELTA_COL, BLOCK_N)
+    count, entries = sparse.listed(LISTS, n_tiles, n_seqs, list_heads, list_width, h, tile)
+    chunks = tl.cdiv(volume, BLOCK_N)
+    r_first, r_len = sparse.rest(LISTS, CU, n_tiles, b, tile)
+    n_listed = count * chunks
+    n_blocks = tl.where(k_len > 0, n_listed + tl.cdiv(r_len, BLOCK_N), 0)  # an idle program (k_len 0) visits none
+    for i in tl.range(0, n_blocks, warp_specialize=True):
+        first, rows = sparse.flat_block(LISTS, entries, count, chunks, n_listed, r_first, r_len, i, BLOCK_N)
+        off = (first - first_key).to(tl.int32)  # descriptor offsets are 32-bit
+        dq0, dq1 = _dq_tile_ws(dq0, dq1, q0, q1, do0, do1, stats, pick_lse, pick_delta, 1.0, k_src0, k_src1, v_src0,
+                               v_src1, off, off + rows, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit
 def _bwd_dq(
     Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, STATS, CU, TCU, KCU,
     qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs, bisect_steps,
@@ -529,14 +621,14 @@ def _bwd_dq(
 ):
     """dq of one block of queries for one head (self keys through tensor descriptors with TMA, then text keys)
     into the fp32 dq buffer, in the buffer's unit: log2(e) times dq. SPARSE: the forward's tile-sparse programs
-    and key runs (sparse.py), pointer loads.
+    and key runs (sparse.py), pointer loads; with WS its listed key blocks in the WS shape (_dq_listed).
 
     WS: the shape Triton 3.6 warp-specializes on sm_90, as the forward's (fwd._fwd_kernel): a counted bisection
     and no early return, q / dO / keys / text keys and the row statistics (STATS, written by _bwd_preprocess)
     through descriptors, one masked loop per key kind (_dq_inner)."""
     tl.static_assert(TMA_OK or not TMA)
     tl.static_assert((TMA and WS_OK) or not WS)
-    tl.static_assert(not (SPARSE and (TMA or WS)))
+    tl.static_assert(not (SPARSE and TMA and not WS))  # sparse descriptors only in the WS shape
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
@@ -567,7 +659,15 @@ def _bwd_dq(
         lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
         delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
-    if SPARSE:  # the same loop over each key run of the query tile
+    if SPARSE and WS:
+        k_start, k_len = segment(KCU, b)
+        k_start = k_start.to(tl.int64)
+        k_len = tl.where(live, k_len, 0)
+        dq0, dq1 = _dq_listed(dq0, dq1, q0, q1, do0, do1, lse, K + k_start * stride_kt + hk * stride_kh,
+                              V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, k_start, LISTS,
+                              CU, n_tiles, n_seqs, list_heads, list_width, volume, h, b, tile, qk_scale, BLOCK_N,
+                              HEAD_DIM, D0, D1, DOT_PREC)
+    elif SPARSE:  # the same loop over each key run of the query tile
         for j in range(sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile)):
             k_start, k_len = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
             k_start = k_start.to(tl.int64)

@@ -126,6 +126,39 @@ def _attend_runs(q0, q1, K, V, stride_kt, stride_vt, hk_offset_k, hk_offset_v, L
 
 
 @triton.jit
+def _attend_listed(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, first_key, LISTS, CU, n_tiles, n_seqs,
+                   list_heads, list_width, volume, h, b, tile, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr,
+                   WS: tl.constexpr):
+    """Tile-sparse self keys through tensor descriptors: ONE loop over the program's key blocks (sparse.flat_block:
+    its listed tiles in chunks of BLOCK_N keys, a partial tile's masked in the loop, then the rest: the placeholder
+    run, or the whole sample for a placeholder program). The K and V descriptors are built once, at the sample's
+    first key ``first_key`` with its ``k_len`` keys as rows (rows past the sample zero-fill), and every block is
+    addressed by its row offset in the sample, so one copy pipeline runs across the tiles (the pointer path,
+    _attend_runs, restarts its cp.async pipeline at each run). WS: ``tl.range(..., warp_specialize=True)``,
+    _attend's shape. A fully masked block (past a partial tile's end) follows the tile's first block, so the
+    running max is finite there (qk_scale > 0: the launcher's condition for this path)."""
+    acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k_rows = tl.maximum(k_len, 1)
+    k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, True, BLOCK_N, HEAD_DIM, D0, D1)
+    v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
+    count, entries = sparse.listed(LISTS, n_tiles, n_seqs, list_heads, list_width, h, tile)
+    chunks = tl.cdiv(volume, BLOCK_N)
+    r_first, r_len = sparse.rest(LISTS, CU, n_tiles, b, tile)
+    n_listed = count * chunks
+    n_blocks = tl.where(k_len > 0, n_listed + tl.cdiv(r_len, BLOCK_N), 0)  # WS: an idle program (k_len 0) visits none
+    for i in tl.range(0, n_blocks, warp_specialize=WS):
+        first, rows = sparse.flat_block(LISTS, entries, count, chunks, n_listed, r_first, r_len, i, BLOCK_N)
+        off = (first - first_key).to(tl.int32)  # descriptor offsets are 32-bit
+        acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
+                                            stride_kt, stride_vt, off, off + rows, qk_scale, True, True, BLOCK_N,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU, KCU,
     qk_scale, text_qk_scale, T, GROUP, n_seqs, bisect_steps,
@@ -145,8 +178,8 @@ def _fwd_kernel(
     # through descriptors, which WS_OK says the launcher found possible (sm_90, aligned tensors).
     tl.static_assert(TMA_OK or not TMA)
     tl.static_assert((TMA and WS_OK) or not WS)
-    # SPARSE: tile-sparse self keys over a tile-major pack (sparse.py: LISTS, n_tiles, ...; pointer loads).
-    tl.static_assert(not (SPARSE and (TMA or WS)))
+    # SPARSE: tile-sparse self keys over a tile-major pack (sparse.py: LISTS, n_tiles, ...): pointer loads over
+    # the key runs, or with TMA (and WS) descriptor loads in one loop over the listed key blocks (_attend_listed).
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
         aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
                        stride_tvt, stride_tvh, VEC))
@@ -187,7 +220,12 @@ def _fwd_kernel(
     k_start = k_start.to(tl.int64)
     if WS:
         k_len = tl.where(live, k_len, 0)
-    if SPARSE:
+    if SPARSE and TMA:
+        acc0, acc1, m_i, l_i = _attend_listed(q0, q1, K + k_start * stride_kt + hk * stride_kh,
+                                              V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len,
+                                              k_start, LISTS, CU, n_tiles, n_seqs, list_heads, list_width, volume, h,
+                                              b, tile, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
+    elif SPARSE:
         acc0, acc1, m_i, l_i = _attend_runs(q0, q1, K, V, stride_kt, stride_vt, hk * stride_kh, hk * stride_vh, LISTS,
                                             CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, qk_scale, BLOCK_M,
                                             BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)

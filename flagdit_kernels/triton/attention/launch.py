@@ -43,8 +43,9 @@ autotune_mode = tuning.autotune_mode
 
 FORWARD = tuning.TunedKernel("forward", _fwd_kernel, tuning.FWD_TILES)
 FORWARD.alternatives = candidates.gluon_forward  # the Gluon forward, sm_90 only, verified first
-# Tile-sparse forward (SPARSE=True): pointer loads (its key runs start anywhere), no Gluon alternative.
-SPARSE_FORWARD = tuning.TunedKernel("sparse forward", _fwd_kernel, tuning.FWD_TILES)
+# Tile-sparse forward (SPARSE=True): pointer loads over key runs, or descriptor loads over the listed key blocks
+# (first where offered, see tuning.sparse_prune); no Gluon alternative.
+SPARSE_FORWARD = tuning.TunedKernel("sparse forward", _fwd_kernel, tuning.FWD_TILES, tuning.sparse_prune)
 DKDV = tuning.TunedKernel("dk/dv", _bwd_dkdv, tuning.DKDV_TILES, tuning.dkdv_prune)
 DQ = tuning.TunedKernel("dq", _bwd_dq, tuning.DQ_TILES, tuning.backward_prune)
 
@@ -297,6 +298,8 @@ def forward(
     lt = lse_t if has_text else lse
     programs, sparse_args = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, "BLOCK_M")
     kernel, sparse_consts = (FORWARD, {}) if programs is None else (SPARSE_FORWARD, {"SPARSE": True})
+    # The sparse descriptor loop's fully masked blocks (past a partial tile) need a positive scale (fwd.py).
+    descriptors_ok = not sparse_consts or softmax_scale > 0
     kernel.launch(
         _query_tiles(T, batch, H) if programs is None else lambda meta: (programs(meta), H),
         q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu, kcu,
@@ -304,8 +307,8 @@ def forward(
         *sparse_args,
         *_rows(q, k, v, tk, tv, out),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=_dot_precision(q.dtype),
-        TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, out),
-        WS_OK=_warp_specialize_ready(q, k, v, tk, tv) and not sparse_consts,
+        TMA_OK=_descriptor_ready(k, v) and descriptors_ok, VEC=_vector_width(q, k, v, tk, tv, out),
+        WS_OK=_warp_specialize_ready(q, k, v, tk, tv) and descriptors_ok,
         regime=_regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k), **sparse_consts,
     )  # fmt: skip
     return out, o_text, lse, lse_t, q_used, k_used
@@ -391,9 +394,7 @@ def backward(
         tuning.TRITON_VERSION in BWD_WS_TRITONS and softmax_scale > 0
         and _warp_specialize_ready(q, dout, _stand_in(k, q), _stand_in(v, q), tk, tv)
     )  # fmt: skip
-    stats = torch.empty(
-        (H, T, STATS_WIDTH) if ws_ok and sparse_lists is None else (0,), dtype=torch.float32, device=dev
-    )
+    stats = torch.empty((H, T, STATS_WIDTH) if ws_ok else (0,), dtype=torch.float32, device=dev)
     # No key at all (cross-attention): stand-ins no program dereferences (see _stand_in).
     k, v, dk_, dv_ = _stand_in(k, q), _stand_in(v, q), _stand_in(dk, dq), _stand_in(dv, dq)
     prec = _dot_precision(q.dtype)
@@ -405,7 +406,7 @@ def backward(
     transposed = (None, None) if sparse_lists is None else sparse.transposed_lists(sparse_lists, sparse_sizes)
     key_programs, key_lists = _sparse_launch(*transposed, cu_seqlens, batch, "BLOCK_N")
     query_programs, query_lists = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, "BLOCK_M")
-    sparse_consts = {} if sparse_lists is None else {"SPARSE": True}  # pointer loads (runs start anywhere)
+    sparse_consts = {} if sparse_lists is None else {"SPARSE": True}
     if key_programs is None:
         grid = lambda meta: (text_tiles(meta) + t_keys // meta["BLOCK_N"] + batch, h_kv)
     else:
@@ -415,11 +416,11 @@ def backward(
 
     def run(pair: bool) -> None:
         """Everything up to the fp32 dq buffer, one way: every buffer written whole (dq_acc zeroed first for
-        the atomics), so whichever ran last alone decides the result. A tile-sparse call is never
-        warp-specialized (its loops are pointer loads over runs, sparse.py) but takes the pair's dq path where
-        the pair may run: its dk/dv with dq atomics spills and runs ds @ k on mma.sync (compile report)."""
+        the atomics), so whichever ran last alone decides the result. A tile-sparse call runs the pair
+        warp-specialized too (descriptor loops over its listed blocks, bwd.py), its descriptors only in that
+        shape (tuning.backward_prune); elsewhere pointer loads over its runs (sparse.py)."""
         split_dq = deterministic or pair
-        ws = pair and sparse_lists is None
+        ws = pair
         _bwd_preprocess[(triton.cdiv(T, block_t), H)](
             dout, out, ot, tg, lse, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r,
             stats if ws else delta, T, softmax_scale * LOG2E, text_scale * LOG2E,
@@ -434,7 +435,7 @@ def backward(
             softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(),
             *key_lists, *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
             HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not split_dq,
-            TMA_OK=_descriptor_ready(q, dout, dq_acc) and not sparse_consts,
+            TMA_OK=_descriptor_ready(q, dout, dq_acc) and (ws or not sparse_consts),
             VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_), WS_OK=ws,
             regime=regime, reset=dq_acc.zero_ if not split_dq else None, **sparse_consts,
         )  # fmt: skip
@@ -446,7 +447,7 @@ def backward(
                 softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
                 (batch - 1).bit_length(), *query_lists, *_rows(q, k, v, tk, tv, dout, dq_acc),
                 HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec,
-                TMA_OK=_descriptor_ready(k, v) and not sparse_consts, VEC=_vector_width(q, k, v, tk, tv, dout),
+                TMA_OK=_descriptor_ready(k, v) and (ws or not sparse_consts), VEC=_vector_width(q, k, v, tk, tv, dout),
                 WS_OK=ws, regime=regime, **sparse_consts,
             )  # fmt: skip
 

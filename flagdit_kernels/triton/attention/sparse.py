@@ -10,9 +10,10 @@ A 3-D tile is a contiguous run of tokens, so a tile-sparse pattern is, per (head
 
 ``lists[h % heads, t, :counts]`` are the tiles program tile t visits for head h: the key tiles of query tile t
 (forward, dq) or, transposed (:func:`transposed`), the query tiles that list key tile t (dk / dv). ``heads`` is
-1 (a window: the same for every head) or the query heads (top_k). The kernels read ``runs``: the lists'
+1 (a window: the same for every head) or the query heads (top_k). The pointer loops read ``runs``: the lists'
 stretches of consecutive tiles as (first, last) tile (:func:`runs`), each one contiguous run of tokens; the
-tile lists themselves stay for the backward's transpose.
+descriptor loops (sm_90) read the tile lists themselves (:func:`listed`, :func:`flat_block`), which also stay
+for the backward's transpose.
 
 Programs (:func:`program`): first one per BLOCK rows of each sample's placeholder run (the grid of ``tile_of``
 over the placeholder offsets), then ``chunks = cdiv(tile volume, BLOCK)`` per tile (BLOCK rows each, the tile's
@@ -110,13 +111,27 @@ def grid_programs(n_tiles: int, volume: int, placeholders: int, samples: int, bl
 
 
 @triton.jit
-def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
+def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr, steps=0, WS: tl.constexpr = False):
     """(sample b, tile (-1: a placeholder program), first row, rows) of program ``pid`` (module docstring).
     Rows <= 0: an idle program (the caller returns). The placeholder programs come first: each visits its whole
-    sample, the longest work of the launch, so it starts in the first wave rather than trailing the last."""
+    sample, the longest work of the launch, so it starts in the first wave rather than trailing the last.
+
+    WS: the same, branch-free (both kinds computed, masked loads, selects) and with ``tile_of``'s counted
+    bisection of ``steps`` halvings: Triton 3.6's warp-specialization pass fails on a while loop anywhere in the
+    kernel and on values picked by an scf.if (fwd._attend)."""
     slot_cu = LISTS + 3 * n_tiles + n_seqs
     slot_programs = tl.load(slot_cu + n_seqs) // BLOCK + n_seqs  # tile_of's cover of the placeholder runs
-    if pid < slot_programs:
+    if WS:
+        is_slot = pid < slot_programs
+        b_slot, m = tile_of(pid, slot_cu, n_seqs, BLOCK, steps, True)
+        t = tl.where(is_slot, 0, pid - slot_programs)
+        tile = t // chunks
+        b = tl.where(is_slot, b_slot, tl.load(LISTS + 2 * n_tiles + tile))
+        start = tl.where(is_slot, tl.load(LISTS + 3 * n_tiles + b) + m * BLOCK,
+                         tl.load(LISTS + 2 * tile) + (t - tile * chunks) * BLOCK)
+        end = tl.where(is_slot, tl.load(CU + b + 1), tl.load(LISTS + 2 * tile + 1))
+        tile = tl.where(is_slot, -1, tile)
+    elif pid < slot_programs:
         b, m = tile_of(pid, slot_cu, n_seqs, BLOCK)
         tile = b * 0 - 1
         start = tl.load(LISTS + 3 * n_tiles + b) + m * BLOCK
@@ -142,7 +157,7 @@ def query_program(CU, n_seqs, GROUP, bisect_steps, LISTS, n_tiles, volume, SPARS
     h = tl.program_id(1)
     if SPARSE:
         b, tile, start, seq_len = program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_M),
-                                          BLOCK_M)
+                                          BLOCK_M, bisect_steps, WS)
         pid_m = 0
         live = seq_len > 0
     else:
@@ -178,3 +193,38 @@ def run(LISTS, CU, n_tiles, n_seqs, heads, width, h, b, tile, j):
                      tl.where(is_tile, tl.load(LISTS + 3 * n_tiles + b), tl.load(CU + b)))
     end = tl.where(listed, tl.load(LISTS + 2 * last_tile + 1), tl.load(CU + b + 1))
     return first, end - first
+
+
+@triton.jit
+def listed(LISTS, n_tiles, n_seqs, heads, width, h, tile):
+    """(count, first entry) of the tiles a program of ``tile`` lists for head h (the table's ``lists``, not its
+    runs): the flat loops of the descriptor kernels walk them tile by tile. Count 0 for a placeholder program."""
+    counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1 + heads * n_tiles * (1 + 2 * width)
+    is_tile = tile >= 0
+    row = (h % heads) * n_tiles + tl.maximum(tile, 0)
+    return tl.load(counts + row, mask=is_tile, other=0), counts + heads * n_tiles + row * width
+
+
+@triton.jit
+def flat_block(LISTS, entries, count, chunks, n_listed, rest_first, rest_len, i, BLOCK: tl.constexpr):
+    """(first row, rows) of block i of a descriptor kernel's ONE loop over a program's blocks: first its listed
+    tiles (see listed) in ``chunks`` = cdiv(tile volume, BLOCK) chunks of BLOCK rows each, i < count * chunks;
+    then padding up to ``n_listed`` (rows 0; dk / dv's heads walk the longest list of the GQA group); then the rest
+    run (see rest) in blocks of BLOCK rows. Rows may exceed BLOCK (the caller masks to BLOCK) and are <= 0 for
+    padding and for a chunk past a partial tile's end: a fully masked block, which follows the tile's first chunk
+    (it holds a row). One loop, not one per kind: Triton 3.6's warp-specialization pass fails (an MLIR dominance
+    assertion) on two such loops in a row whose second carries the first's state."""
+    listed = i < count * chunks
+    slot = tl.where(listed, i, 0) // chunks
+    t = tl.load(entries + slot, mask=listed, other=0)
+    first = tl.where(listed, tl.load(LISTS + 2 * t) + (i - slot * chunks) * BLOCK, rest_first + (i - n_listed) * BLOCK)
+    end = tl.where(listed, tl.load(LISTS + 2 * t + 1), tl.where(i < n_listed, first, rest_first + rest_len))
+    return first, end - first
+
+
+@triton.jit
+def rest(LISTS, CU, n_tiles, b, tile):
+    """(first row, rows) of what a program visits besides its listed tiles (see run): the sample's placeholder
+    run for a tile program, the whole sample for a placeholder program."""
+    first = tl.where(tile >= 0, tl.load(LISTS + 3 * n_tiles + b), tl.load(CU + b))
+    return first, tl.load(CU + b + 1) - first
