@@ -174,10 +174,13 @@ def loss_plot(logs: dict[str, list[dict]], runs: list[Run], out: Path) -> None:
     for run in runs:
         if run.seed != runs[0].seed:
             continue
-        records = logs[run.name]
-        records = records[len(logs[run.start_from]) :] if run.start_from else records  # after dense's steps
+        records, ema, smoothed = logs[run.name], None, []
+        for r in records:  # from the raw losses: the logged loss_ema starts again where a killed run resumed
+            ema = r["loss"] if ema is None else 0.95 * ema + 0.05 * r["loss"]
+            smoothed.append(ema)
+        start = len(logs[run.start_from]) if run.start_from else 0  # a continued run: after dense's steps
         name = run.name
-        ax.plot([r["step"] for r in records], [r["loss_ema"] for r in records], label=f"{name} (EMA 0.95)")
+        ax.plot([r["step"] for r in records[start:]], smoothed[start:], label=f"{name} (EMA 0.95)")
     ax.set(xlabel="step", ylabel="training loss", title="tiny video model: dense vs tile-sparse attention")
     ax.legend()
     fig.tight_layout()
