@@ -1,14 +1,19 @@
-"""Issue 27's training evidence on the CPU: the tiny video model trained with dense and with tile-sparse (a Sliding
-Tile Attention window) self-attention, same seed, data, steps and hyper-parameters, and the dense
-checkpoint fine-tuned sparse for a few more steps; their loss curves, a held-out validation loss, and sample film
-strips side by side.
+"""Issue 27's training evidence on the CPU: the tiny video model trained with dense and with tile-sparse
+self-attention (a Sliding Tile Attention window, Video Sparse Attention's top-k tiles, or their union), same seed,
+data, steps and hyper-parameters, and the dense checkpoint fine-tuned sparse for a few more steps; their loss
+curves, a held-out validation loss, and sample film strips side by side.
 
-    python benchmarks/sparse_training.py --runs runs/issue27 --steps 300 --out benchmarks/samples/issue27
+    python benchmarks/sparse_training.py --runs runs/issue27 --steps 300 --out benchmarks/samples/issue27 \
+        --sparse window=2,2,2 --sparse window=2,3,3 --sparse window=2,2,2+top_k=8 --seeds 0,1
 
-Each run is ``flagdit-train --resume`` (a finished run is reused, a killed one continued). The validation loss is
-the flow-matching loss of fixed held-out clips (another data seed) at fixed times and noise, the same for every
-model; the dense checkpoint is also evaluated and sampled with the sparse attention and no fine-tuning (what
-turning sparsity on costs before any training). Prints the Markdown table of benchmarks/RESULTS.md.
+Each run is ``flagdit-train --resume`` (a finished run is reused, a killed one continued). ``--sparse`` (repeated)
+names the from-scratch sparse configurations, ``window=WT,WH,WW`` and/or ``top_k=K`` joined by ``+``; the first
+one is also the fine-tuning one. ``--seeds``: every from-scratch run (dense and sparse) with each seed (data,
+noise and initial weights), so a second dense seed shows the run-to-run spread a sparse gap is judged against;
+the fine-tuning runs continue the first seed's dense run. The validation loss is the flow-matching loss of fixed
+held-out clips (another data seed) at fixed times and noise, the same for every model; the dense checkpoint is
+also evaluated and sampled with each sparse attention and no fine-tuning (what turning sparsity on costs before
+any training). Prints the Markdown table of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,33 +34,94 @@ from flagdit.cli import train
 from flagdit.flow import training_loss
 
 TILE = (1, 2, 2)  # 4x4x4 tiles of a 4x8x8-patch clip
-WINDOW = (2, 2, 2)  # 8 of the 64 key tiles per query tile
-FINE_TUNE = 50  # sparse steps after the dense run, from its checkpoint
-
-
-def _options(window: tuple[int, int, int]) -> list[str]:
-    return ["--attention-window", ",".join(map(str, window)), "--attention-tile", ",".join(map(str, TILE))]
-
-
-# run directory -> its flagdit-train options; the last two continue dense's checkpoint for FINE_TUNE steps
-RUNS = {"dense": [], "sparse": _options(WINDOW), "dense_then_sparse": _options(WINDOW), "dense_longer": []}
-CONTINUED = ("dense_then_sparse", "dense_longer")
-# (label, run directory, the window the model runs with (None: dense), whether the run trained that attention)
-MODELS = (
-    ("dense", "dense", None, True),
-    ("sparse 2,2,2", "sparse", WINDOW, True),
-    ("dense, run sparse 2,2,2", "dense", WINDOW, False),
-    (f"dense + {FINE_TUNE} steps sparse 2,2,2", "dense_then_sparse", WINDOW, True),
-    (f"dense + {FINE_TUNE} steps dense", "dense_longer", None, True),
-)
 TRAIN = ["--modality", "video", "--batch-size", "8", "--no-progress", "--threads", "1", "--log-every", "1",
-         "--save-every", "50", "--seed", "0"]  # fmt: skip
+         "--save-every", "50"]  # fmt: skip
 VALIDATION_SEED, VALIDATION_ITEMS, VALIDATION_BATCH = 1000, 32, 8
 LAST = 50  # training steps averaged for the final training loss
 
 
-def validation_loss(model) -> float:
-    """Mean flow-matching loss over the held-out clips, time k/(n+1) for clip k and noise seeded by k."""
+def parse_sparsity(spec: str) -> fk.TileSparsity:
+    """``window=2,3,3``, ``top_k=8`` or both joined by ``+`` -> the fk.TileSparsity."""
+    fields = {}
+    for part in spec.split("+"):
+        key, _, value = part.partition("=")
+        if key not in ("window", "top_k") or key in fields or not re.fullmatch(r"\d+(,\d+)*", value):
+            raise argparse.ArgumentTypeError(f"expected window=WT,WH,WW and/or top_k=K joined by '+', got {spec!r}")
+        fields[key] = tuple(map(int, value.split(","))) if key == "window" else int(value)
+    try:
+        return fk.TileSparsity(**fields)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {e}") from None
+
+
+def describe(sparsity: fk.TileSparsity) -> str:
+    window = [f"window {','.join(map(str, sparsity.window))}"] if sparsity.window is not None else []
+    return " + ".join(window + ([f"top-{sparsity.top_k}"] if sparsity.top_k is not None else []))
+
+
+def _options(sparsity: fk.TileSparsity) -> list[str]:
+    window = ["--attention-window", ",".join(map(str, sparsity.window))] if sparsity.window is not None else []
+    top_k = ["--attention-top-k", str(sparsity.top_k)] if sparsity.top_k is not None else []
+    return [*window, *top_k, "--attention-tile", ",".join(map(str, TILE))]
+
+
+@dataclass(frozen=True)
+class Model:
+    """One row of the table: a run's checkpoint, evaluated with ``sparsity`` (None: dense)."""
+
+    label: str
+    run: str  # its run directory under --runs
+    sparsity: fk.TileSparsity | None
+    trained: bool  # whether the run trained with that attention (else: its training loss is not this model's)
+    seed: int
+    strips: bool  # whether it gets film strips (the first seed's models)
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    options: list[str]
+    seed: int
+    steps: int
+    start_from: str | None = None  # a run directory it continues (copied, then resumed)
+
+
+def plan(sparse: list[fk.TileSparsity], seeds: list[int], steps: int, fine_tune: int) -> tuple[list[Run], list[Model]]:
+    """The runs to train and the models to evaluate, in table order."""
+    runs, models = [], []
+    for seed in seeds:
+        first = seed == seeds[0]
+        suffix, note = ("", "") if first else (f"_seed{seed}", f" (seed {seed})")
+        runs.append(Run(f"dense{suffix}", [], seed, steps))
+        models.append(Model(f"dense{note}", f"dense{suffix}", None, True, seed, first))
+        for sparsity in sparse:
+            name = "sparse_" + re.sub(r"\W+", "_", describe(sparsity)).strip("_") + suffix
+            runs.append(Run(name, _options(sparsity), seed, steps))
+            models.append(Model(f"sparse {describe(sparsity)}{note}", name, sparsity, True, seed, first))
+        if first:
+            models += [Model(f"dense, run sparse {describe(s)} (no training)", "dense", s, False, seed, True)
+                       for s in sparse]  # fmt: skip
+    if fine_tune:
+        tuned = sparse[0]
+        for name, sparsity in ((f"dense_then_{runs[1].name}", tuned), ("dense_longer", None)):
+            options = _options(sparsity) if sparsity is not None else []
+            runs.append(Run(name, options, seeds[0], steps + fine_tune, start_from="dense"))
+            what = f"sparse {describe(sparsity)}" if sparsity is not None else "dense"
+            models.append(Model(f"dense + {fine_tune} steps {what}", name, sparsity, True, seeds[0], True))
+    return runs, models
+
+
+def validation_loss(model) -> tuple[float, float]:
+    """Mean flow-matching loss over the held-out clips, time k/(n+1) for clip k and noise seeded by k, and the
+    attention density (``fk.last_tile_blocks().density``) averaged over every layer's call on them (1.0 dense: a
+    top-k pattern's density depends on the queries and keys, a window's does not)."""
+    densities = []
+
+    def record(*_) -> None:
+        if model.attention_sparsity is not None:
+            densities.append(float(fk.last_tile_blocks().density))
+
+    hooks = [layer.register_forward_hook(record) for layer in model.layers]
     encoder = data.WordEncoder(model.config.cap_feat_dim)
     losses = []
     with torch.no_grad():
@@ -69,7 +136,9 @@ def validation_loss(model) -> float:
             kwargs = model.conditioning_inputs(["video"] * len(items), [None] * len(items))
             x1 = [item.latent for item in items]
             losses.append(training_loss(model, x1, feats, mask, t=t, x0=noise, reduction="none", **kwargs))
-    return float(torch.cat(losses).mean())
+    for hook in hooks:
+        hook.remove()
+    return float(torch.cat(losses).mean()), sum(densities) / len(densities) if densities else 1.0
 
 
 def strips(ckpt: Path, out: Path, attention: list[str]) -> Path:
@@ -94,65 +163,97 @@ def side_by_side(panels: dict[str, Path], out: Path) -> None:
     canvas.save(out)
 
 
-def loss_plot(logs: dict[str, list[dict]], out: Path) -> None:
+def loss_plot(logs: dict[str, list[dict]], runs: list[Run], out: Path) -> None:
+    """The training-loss curves of the first seed's runs (a continued run from where it leaves dense's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
-    for name, records in logs.items():
-        records = records[-FINE_TUNE:] if name in CONTINUED else records  # after dense's steps
-        ax.plot([r["step"] for r in records], [r["loss_ema"] for r in records], label=f"{name} (EMA 0.95)")
+    for run in runs:
+        if run.seed != runs[0].seed:
+            continue
+        records, ema, smoothed = logs[run.name], None, []
+        for r in records:  # from the raw losses: the logged loss_ema starts again where a killed run resumed
+            ema = r["loss"] if ema is None else 0.95 * ema + 0.05 * r["loss"]
+            smoothed.append(ema)
+        start = len(logs[run.start_from]) if run.start_from else 0  # a continued run: after dense's steps
+        name = run.name
+        ax.plot([r["step"] for r in records[start:]], smoothed[start:], label=f"{name} (EMA 0.95)")
     ax.set(xlabel="step", ylabel="training loss", title="tiny video model: dense vs tile-sparse attention")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)
 
 
-def train_runs(runs: Path, steps: int) -> None:
-    for name, options in RUNS.items():
-        total = steps
-        if name in CONTINUED:
-            total += FINE_TUNE
-            if not (runs / name).exists():
-                shutil.copytree(runs / "dense", runs / name, ignore=shutil.ignore_patterns(".lock"))
-        train.main([*TRAIN, "--steps", str(total), "--out", str(runs / name), "--resume", *options])
+def train_runs(runs_dir: Path, runs: list[Run]) -> None:
+    for run in runs:
+        out = runs_dir / run.name
+        if run.start_from is not None and not out.exists():
+            shutil.copytree(runs_dir / run.start_from, out, ignore=shutil.ignore_patterns(".lock"))
+        seed = ["--seed", str(run.seed)]
+        train.main([*TRAIN, *seed, "--steps", str(run.steps), "--out", str(out), "--resume", *run.options])
+
+
+def _list(kind):
+    return lambda text: [kind(item) for item in text.split(",")]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=Path, default=Path("runs/issue27"), help="folder of the run directories")
-    p.add_argument("--steps", type=int, default=300, help="training steps of each run")
+    p.add_argument("--steps", type=int, default=300, help="training steps of each from-scratch run")
     p.add_argument("--out", type=Path, default=Path("benchmarks/samples/issue27"), help="folder of the PNGs")
+    p.add_argument("--sparse", type=parse_sparsity, action="append", metavar="SPEC",
+                   help="a from-scratch sparse configuration, window=WT,WH,WW and/or top_k=K joined by '+' "
+                        "(repeatable; the first is also fine-tuned; default: window=2,2,2)")  # fmt: skip
+    p.add_argument(
+        "--seeds", type=_list(int), default=[0], metavar="S,...", help="seeds of the from-scratch runs (default: 0)"
+    )
+    p.add_argument(
+        "--fine-tune",
+        type=int,
+        default=50,
+        metavar="STEPS",
+        help="steps of the dense checkpoint continued sparse and dense (0: none; default 50)",
+    )
     args = p.parse_args(argv)
+    sparse = args.sparse or [fk.TileSparsity(window=(2, 2, 2))]
+    runs, models = plan(sparse, args.seeds, args.steps, args.fine_tune)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_runs(args.runs, args.steps)
-    logs = {n: [json.loads(line) for line in (args.runs / n / "log.jsonl").read_text().splitlines()] for n in RUNS}
+    train_runs(args.runs, runs)
+    logs = {r.name: [json.loads(line) for line in (args.runs / r.name / "log.jsonl").read_text().splitlines()]
+            for r in runs}  # fmt: skip
     results, panels = [], {}
-    for label, run, window, own in MODELS:
-        ckpt = args.runs / run / "ckpt.pt"
+    for m in models:
+        ckpt = args.runs / m.run / "ckpt.pt"
         model = checkpoint.model_from_checkpoint(ckpt).eval()
-        if window is not None:
-            model.attention_sparsity, model.attention_tile = fk.TileSparsity(window=window), TILE
-        val = validation_loss(model)
-        density = float(fk.last_tile_blocks().density) if window is not None else 1.0
-        trained = [r["loss"] for r in logs[run]][-LAST:]
-        trained = f"{sum(trained) / len(trained):.4f}" if own else "-"
-        results.append((label, len(logs[run]), density, trained, val))
-        stem = re.sub(r"\W+", "_", label).strip("_")
-        panels[label] = strips(ckpt, args.out / f"{stem}.png", [] if window is None else _options(window))
-    dense_at = {steps: val for _, steps, density, _, val in results if density == 1.0}  # dense after that many steps
-    rows = [f"| {label} | {steps} | {density:.3f} | {trained} | {val:.4f} | {100 * (val / dense_at[steps] - 1):+.1f}% |"
-            for label, steps, density, trained, val in results]  # fmt: skip
+        model.attention_sparsity, model.attention_tile = m.sparsity, TILE if m.sparsity is not None else None
+        val, density = validation_loss(model)
+        trained = [r["loss"] for r in logs[m.run]][-LAST:]
+        trained = f"{sum(trained) / len(trained):.4f}" if m.trained else "-"
+        results.append((m, len(logs[m.run]), density, trained, val))
+        if m.strips:
+            stem = re.sub(r"\W+", "_", m.label).strip("_")
+            attention = [] if m.sparsity is None else _options(m.sparsity)
+            panels[m.label] = strips(ckpt, args.out / f"{stem}.png", attention)
+    dense_at = {(m.seed, steps): val for m, steps, _, _, val in results if m.sparsity is None}  # dense, same seed
+    rows = [f"| {m.label} | {steps} | {density:.3f} | {trained} | {val:.4f} "
+            f"| {100 * (val / dense_at[m.seed, steps] - 1):+.1f}% |"
+            for m, steps, density, trained, val in results]  # fmt: skip
+    spread = [val for m, steps, _, _, val in results if m.sparsity is None and steps == args.steps]
     side_by_side(panels, args.out / "samples_side_by_side.png")
-    loss_plot(logs, args.out / "loss_curves.png")
+    loss_plot(logs, runs, args.out / "loss_curves.png")
     print(
         f"| model | steps | attention density | training loss, mean of its last {LAST} steps | validation loss "
-        "| validation vs dense after the same steps |"
+        "| validation vs dense (same seed) after the same steps |"
     )
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if len(spread) > 1:
+        print(f"\ndense validation loss over seeds {args.seeds}: {min(spread):.4f} to {max(spread):.4f} "
+              f"({100 * (max(spread) / min(spread) - 1):.1f}% apart)")  # fmt: skip
 
 
 if __name__ == "__main__":
