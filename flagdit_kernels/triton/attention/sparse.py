@@ -110,10 +110,13 @@ def grid_programs(n_tiles: int, volume: int, placeholders: int, samples: int, bl
 
 
 @triton.jit
-def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
-    """(sample b, tile (-1: a placeholder program), first row, rows) of program ``pid`` (module docstring).
-    Rows <= 0: an idle program (the caller returns). The placeholder programs come first: each visits its whole
-    sample, the longest work of the launch, so it starts in the first wave rather than trailing the last."""
+def program(pid, table, CU, n_seqs, chunks, BLOCK: tl.constexpr):
+    """(sample b, tile (-1: a placeholder program), first row, rows) of program ``pid`` (module docstring) of a
+    launch of BLOCK-row programs over ``table`` (the kernels' ``(LISTS, n_tiles, list heads, list width, tile
+    volume)``; ``chunks`` = cdiv(tile volume, BLOCK)). Rows <= 0: an idle program (the caller returns). The
+    placeholder programs come first: each visits its whole sample, the longest work of the launch, so it starts
+    in the first wave rather than trailing the last."""
+    LISTS, n_tiles, _, _, _ = table
     slot_cu = LISTS + 3 * n_tiles + n_seqs
     slot_programs = tl.load(slot_cu + n_seqs) // BLOCK + n_seqs  # tile_of's cover of the placeholder runs
     if pid < slot_programs:
@@ -131,7 +134,7 @@ def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def query_program(CU, n_seqs, GROUP, bisect_steps, LISTS, n_tiles, volume, SPARSE: tl.constexpr, WS: tl.constexpr,
+def query_program(CU, n_seqs, GROUP, bisect_steps, table, SPARSE: tl.constexpr, WS: tl.constexpr,
                   BLOCK_M: tl.constexpr):
     """(sample b, query tile m, sparse tile, query head, kv head, first row, rows, live) of a program of the
     forward's grid (also dq's): the tile-sparse table's (:func:`program`; m = 0, its rows are the chunk), or one
@@ -141,8 +144,7 @@ def query_program(CU, n_seqs, GROUP, bisect_steps, LISTS, n_tiles, volume, SPARS
     program bisects in fixed steps and an idle one runs with its rows masked (no keys, nothing stored)."""
     h = tl.program_id(1)
     if SPARSE:
-        b, tile, start, seq_len = program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_M),
-                                          BLOCK_M)
+        b, tile, start, seq_len = program(tl.program_id(0), table, CU, n_seqs, tl.cdiv(table[4], BLOCK_M), BLOCK_M)
         pid_m = 0
         live = seq_len > 0
     else:
@@ -154,9 +156,10 @@ def query_program(CU, n_seqs, GROUP, bisect_steps, LISTS, n_tiles, volume, SPARS
 
 
 @triton.jit
-def run_count(LISTS, n_tiles, n_seqs, heads, h, tile):
+def run_count(table, n_seqs, h, tile):
     """How many runs a program of ``tile`` visits for head h: its listed stretches of tiles plus the placeholder
     run, or 1 (its whole sample) for a placeholder program."""
+    LISTS, n_tiles, heads, _, _ = table
     counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
     is_tile = tile >= 0
     listed = tl.load(counts + (h % heads) * n_tiles + tile, mask=is_tile, other=0)
@@ -164,8 +167,9 @@ def run_count(LISTS, n_tiles, n_seqs, heads, h, tile):
 
 
 @triton.jit
-def run(LISTS, CU, n_tiles, n_seqs, heads, width, h, b, tile, j):
+def run(table, CU, n_seqs, h, b, tile, j):
     """(first row, rows) of run j of a program of ``tile`` in sample b for head h (see run_count)."""
+    LISTS, n_tiles, heads, width, _ = table
     counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
     pairs = counts + heads * n_tiles
     row = (h % heads) * n_tiles + tile
