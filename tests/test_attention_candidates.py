@@ -160,11 +160,12 @@ def test_gluon_glue_reads_the_triton_forward_arguments_by_name(cand, monkeypatch
     q, k, v = (torch.randn(T, H, D).to(torch.bfloat16) for _ in range(3))
     out, lse = torch.empty_like(q), torch.empty(H, T)
     cu = torch.tensor([0, 100, 256], dtype=torch.int32)
-    values = {"Q": q, "K": k, "V": v, "TK": k, "TV": v, "TGATE": lse, "OUT": out, "OTEXT": out, "LSE": lse,
-              "LSE_T": lse, "CU": cu, "TCU": cu, "qk_scale": 0.1, "text_qk_scale": 0.1, "T": T, "GROUP": 1,
-              "n_seqs": 2}  # fmt: skip
+    view = lambda t: (t, 0, 0)  # the kernel's (tensor, token stride, head stride); strides unread
+    values = {"q": view(q), "k": view(k), "v": view(v), "text_k": view(k), "text_v": view(v), "out": view(out),
+              "o_text": out, "tanh_gate": lse, "lse": lse, "lse_text": lse, "offsets": (cu, cu, cu),
+              "qk_scale": 0.1, "text_qk_scale": 0.1, "T": T, "GROUP": 1, "n_seqs": 2}  # fmt: skip
     names = FORWARD.fn.arg_names
-    args = tuple(values.get(n, 0) for n in names[: names.index("HEAD_DIM")])  # the runtime ones (strides: 0)
+    args = tuple(values.get(n, 0) for n in names[: names.index("HEAD_DIM")])  # the runtime ones
     seen = {}
 
     def fake_launch(config, q_, k_, v_, tk, tv, tg, out_, ot, lse_, lt, cu_, tcu, s, ts, T_, group, batch, text, n):

@@ -55,11 +55,11 @@ class _Launchers(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, text_k, text_v, tanh_gate, cu, cu_k, text_cu, scale, deterministic):
         from flagdit_kernels.triton.attention import launch as va
+        from flagdit_kernels.triton.attention.problem import Problem
 
         max_q, max_k = int((cu[1:] - cu[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
-        out, o_text, lse, lse_t, _, _ = va.forward(
-            q, k, v, cu, max_q, scale, text_k, text_v, text_cu, tanh_gate, None, cu_seqlens_k=cu_k, max_seqlen_k=max_k
-        )
+        problem = Problem(q, k, v, cu, max_q, scale, text_k, text_v, text_cu, tanh_gate, None, cu_k, max_k)
+        out, o_text, lse, lse_t, _, _, _ = va.forward(problem)
         ctx.save_for_backward(q, k, v, text_k, text_v, tanh_gate, cu, cu_k, text_cu, out, o_text, lse, lse_t)
         ctx.args = (max_q, max_k, scale, deterministic)
         ctx.mark_non_differentiable(lse)
@@ -68,13 +68,12 @@ class _Launchers(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         from flagdit_kernels.triton.attention import launch as va
+        from flagdit_kernels.triton.attention.problem import Problem
 
         q, k, v, text_k, text_v, tanh_gate, cu, cu_k, text_cu, out, o_text, lse, lse_t = ctx.saved_tensors
         max_q, max_k, scale, deterministic = ctx.args
-        dq, dk, dv, dtk, dtv, dtg = va.backward(
-            dout, None, q, k, v, out, o_text, lse, lse_t, cu, max_q, scale, text_k, text_v, text_cu, tanh_gate,
-            None, deterministic, cu_seqlens_k=cu_k, max_seqlen_k=max_k,
-        )  # fmt: skip
+        problem = Problem(q, k, v, cu, max_q, scale, text_k, text_v, text_cu, tanh_gate, None, cu_k, max_k)
+        dq, dk, dv, dtk, dtv, dtg = va.backward(problem, dout, None, out, o_text, lse, lse_t, deterministic)
         return dq, dk, dv, dtk, dtv, dtg, None, None, None, None, None
 
 
@@ -166,6 +165,7 @@ def test_cross_attention_lse_and_zero_key_samples():
 
 def test_cross_attention_no_key_at_all_and_rope_refused():
     from flagdit_kernels.triton.attention import launch as va
+    from flagdit_kernels.triton.attention.problem import Problem
 
     dtype = torch.float16
     inputs, offsets = _case([9, 4], [0, 0], [2, 0], 2, 1, 32, dtype, seed=3)
@@ -173,10 +173,10 @@ def test_cross_attention_no_key_at_all_and_rope_refused():
     compare_with_reference(_mine(offsets, scale, False), _ref(offsets, scale), inputs, dtype, family="attention")
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     with pytest.raises(ValueError, match="freqs"):
-        va.forward(q, k, v, offsets["cu"], 9, scale, None, None, None, None, torch.ones(13, 16, 2, device=DEVICE),
-                   cu_seqlens_k=offsets["cu_k"])  # fmt: skip
+        va.forward(Problem(q, k, v, offsets["cu"], 9, scale, freqs=torch.ones(13, 16, 2, device=DEVICE),
+                           cu_seqlens_k=offsets["cu_k"]))  # fmt: skip
     with pytest.raises(ValueError, match="cu_seqlens_k"):
-        va.forward(q, k, v, offsets["cu"], 9, scale, None, None, None, None, None, cu_seqlens_k=offsets["cu_k"][:2])
+        va.forward(Problem(q, k, v, offsets["cu"], 9, scale, cu_seqlens_k=offsets["cu_k"][:2]))
 
 
 def test_cross_attention_through_the_warp_specialized_forward(monkeypatch):

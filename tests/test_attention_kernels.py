@@ -311,10 +311,15 @@ def test_custom_op_schema():
     fwd_args = (q, k, v, cu, 5, 0.2, tk, tv, tcu, tg, freqs, True, False)
     torch.library.opcheck(attn._fwd_op, fwd_args)
     torch.library.opcheck(attn._fwd_op, (q, k, v, cu, 5, 0.2, None, None, None, None, None, False, True))
-    out, o_text, lse, lse_t, q_rot, k_rot = attn._fwd_op(*fwd_args)
+    out, o_text, lse, lse_t, q_rot, k_rot, offsets = attn._fwd_op(*fwd_args)
+    assert offsets.dtype == torch.int32 and offsets[:, :3].tolist() == [cu.tolist(), tcu.tolist()]  # unchanged
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), q_rot, k_rot, v, out, o_text, lse, lse_t, cu, 5, 0.2,
                 tk, tv, tcu, tg, freqs, False)  # fmt: skip
     torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    # As autograd calls it: the forward's repaired offsets, launched as they are.
+    repaired = (*bwd_args[:9], offsets[0, :3], 5, 0.2, tk, tv, offsets[1, :3], tg, freqs, False, None, None, None, None,
+                True)  # fmt: skip
+    torch.library.opcheck(attn._bwd_op, repaired, test_utils=("test_schema", "test_faketensor"))
     assert "triton" in fk.available_backends("varlen_attention", DEVICE)
 
 

@@ -251,7 +251,7 @@ def test_sparse_custom_op_schema():
     n = packed.max_seqlen
     fwd_args = (q, k, v, cu, n, 0.25, None, None, None, None, None, True, False, None, None, lists, sizes)
     torch.library.opcheck(attn._fwd_op, fwd_args, test_utils=("test_schema", "test_faketensor"))
-    out, o_text, lse, lse_t, _, _ = attn._fwd_op(*fwd_args)
+    out, o_text, lse, lse_t, _, _, _ = attn._fwd_op(*fwd_args)
     bwd_args = (torch.randn_like(out), None, q, k, v, out, o_text, lse, lse_t, cu, n, 0.25, None, None, None, None,
                 None, False, None, None, lists, sizes)  # fmt: skip
     torch.library.opcheck(attn._bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))

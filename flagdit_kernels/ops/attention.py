@@ -272,13 +272,8 @@ Tensor = torch.Tensor
 
 
 def _key_offsets(cu_seqlens_k: Tensor | None, max_seqlen_k: int | None) -> dict:
-    """The launchers' cross-attention keywords, passed only for a cross-attention call."""
+    """The backends' cross-attention keywords, passed only for a cross-attention call."""
     return {} if cu_seqlens_k is None else {"cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k}
-
-
-def _sparse_tables(sparse_lists: Tensor | None, sparse_sizes: list[int] | None) -> dict:
-    """The launchers' tile-sparse keywords, passed only for a tile-sparse call."""
-    return {} if sparse_lists is None else {"sparse_lists": sparse_lists, "sparse_sizes": sparse_sizes}
 
 
 @torch.library.custom_op("flagdit_kernels::varlen_attention_fwd", mutates_args=())
@@ -300,22 +295,27 @@ def _fwd_op(
     max_seqlen_k: int | None = None,
     sparse_lists: Tensor | None = None,
     sparse_sizes: list[int] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, o_text, lse_self, lse_text, q_rot, k_rot), LSEs in natural log; all but out are saved for
-    the backward. q_rot / k_rot are q and k rotated by RoPE (empty without ``freqs``): the backward reads them.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, o_text, lse_self, lse_text, q_rot, k_rot, offsets), LSEs in natural log; all but out are
+    saved for the backward. q_rot / k_rot are q and k rotated by RoPE (empty without ``freqs``): the backward
+    reads them. ``offsets``: int32, the offsets as the kernels ran them (repaired, triton/attention/offsets.py)
+    one array a row (padded to 16 bytes): cu_seqlens, then text_cu_seqlens and cu_seqlens_k where given; the
+    backward launches them as they are (one repair per training step).
     ``lse_returned`` and ``deterministic`` are for the backward: whether lse_self reached the caller (else the
     zero gradient autograd hands an unused output is not read) and which dq path to take. ``cu_seqlens_k`` /
     ``max_seqlen_k``: the keys' own offsets of a cross-attention call (None: self-attention). ``sparse_lists``
     / ``sparse_sizes``: a tile-sparse call's tables (triton/attention/sparse.py; None: dense)."""
     from ..triton.attention import launch as kernels
+    from ..triton.attention.problem import Problem
 
-    out, o_text, lse, lse_t, q_rot, k_rot = kernels.forward(
+    problem = Problem(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
-        **_key_offsets(cu_seqlens_k, max_seqlen_k), **_sparse_tables(sparse_lists, sparse_sizes),
+        cu_seqlens_k, max_seqlen_k, sparse_lists, sparse_sizes,
     )  # fmt: skip
+    out, o_text, lse, lse_t, q_rot, k_rot, offsets = kernels.forward(problem)
     if freqs is None:  # q_rot, k_rot are q, k themselves: an output may not alias an input
         q_rot, k_rot = q.new_empty(0), k.new_empty(0)
-    return out, o_text, lse, lse_t, q_rot, k_rot
+    return out, o_text, lse, lse_t, q_rot, k_rot, offsets
 
 
 @_fwd_op.register_fake
@@ -331,7 +331,11 @@ def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, te
     rotated = freqs is not None
     q_rot = q.new_empty(q.shape if rotated else (0,))
     k_rot = k.new_empty(k.shape if rotated else (0,))
-    return out, o_text, lse, lse_t, q_rot, k_rot
+    from ..triton.attention.offsets import padded_length
+
+    rows = 1 + has_text + (cu_seqlens_k is not None)
+    offsets = cu_seqlens.new_empty((rows, padded_length(cu_seqlens.shape[0])), dtype=torch.int32)
+    return out, o_text, lse, lse_t, q_rot, k_rot, offsets
 
 
 @torch.library.custom_op("flagdit_kernels::varlen_attention_bwd", mutates_args=())
@@ -358,17 +362,21 @@ def _bwd_op(
     max_seqlen_k: int | None = None,
     sparse_lists: Tensor | None = None,
     sparse_sizes: list[int] | None = None,
+    offsets_repaired: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, d_text_k, d_text_v, d_tanh_gate); the text ones are empty without text. ``dlse`` is
     the gradient of the self-attention LSE (None when the caller did not take it). With ``freqs``, q and k are
-    the forward's rotated copies and dq, dk come back as the gradients of the unrotated inputs."""
+    the forward's rotated copies and dq, dk come back as the gradients of the unrotated inputs.
+    ``offsets_repaired``: the offsets are rows of the forward's ``offsets`` output, launched as they are (only
+    those may be marked so: the kernels' bounds rest on the repair); else they are repaired here."""
     from ..triton.attention import launch as kernels
+    from ..triton.attention.problem import Problem
 
-    dq, dk, dv, dtk, dtv, dtg = kernels.backward(
-        dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale,
-        text_k, text_v, text_cu_seqlens, tanh_gate, freqs, deterministic, **_key_offsets(cu_seqlens_k, max_seqlen_k),
-        **_sparse_tables(sparse_lists, sparse_sizes),
+    problem = Problem(
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs,
+        cu_seqlens_k, max_seqlen_k, sparse_lists, sparse_sizes, offsets_repaired,
     )  # fmt: skip
+    dq, dk, dv, dtk, dtv, dtg = kernels.backward(problem, dout, dlse, out, o_text, lse, lse_t, deterministic)
     if text_k is None:
         dtk, dtv, dtg = q.new_empty(0), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dtk, dtv, dtg
@@ -377,7 +385,7 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v,
               text_cu_seqlens, tanh_gate, freqs, deterministic, cu_seqlens_k=None, max_seqlen_k=None,
-              sparse_lists=None, sparse_sizes=None):  # fmt: skip
+              sparse_lists=None, sparse_sizes=None, offsets_repaired=False):  # fmt: skip
     has_text = text_k is not None
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -390,24 +398,27 @@ def _bwd_fake(dout, dlse, q, k, v, out, o_text, lse, lse_t, cu_seqlens, max_seql
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, cu, max_seqlen, scale, text_k, text_v, text_cu, tanh_gate, freqs, lse_returned, deterministic = inputs[:13]
+    q, k, v, _, max_seqlen, scale, text_k, text_v, _, tanh_gate, freqs, lse_returned, deterministic = inputs[:13]
     cu_k, max_seqlen_k, sparse_lists, sparse_sizes = inputs[13:]
-    out, o_text, lse, lse_t, q_rot, k_rot = output
+    out, o_text, lse, lse_t, q_rot, k_rot, offsets = output
     if freqs is not None:  # the backward reads the rotated copies, not the inputs
         q, k = q_rot, k_rot
-    ctx.save_for_backward(
-        q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k, sparse_lists
-    )
+    # The repaired offsets, not the inputs: the backward launches them as they are.
+    ctx.save_for_backward(q, k, v, out, o_text, lse, lse_t, offsets, text_k, text_v, tanh_gate, freqs, sparse_lists)
     ctx.sizes = (max_seqlen, scale, max_seqlen_k, sparse_sizes)
-    ctx.lse_returned, ctx.deterministic = lse_returned, deterministic
+    ctx.lse_returned, ctx.deterministic, ctx.cross = lse_returned, deterministic, cu_k is not None
+    ctx.offsets_length = inputs[3].shape[0]
 
 
-def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t, _d_q_rot, _d_k_rot):
-    q, k, v, out, o_text, lse, lse_t, cu, text_k, text_v, text_cu, tanh_gate, freqs, cu_k, lists = ctx.saved_tensors
+def _fwd_backward(ctx, dout, _d_o_text, d_lse, _d_lse_t, _d_q_rot, _d_k_rot, _d_offsets):
+    q, k, v, out, o_text, lse, lse_t, offsets, text_k, text_v, tanh_gate, freqs, lists = ctx.saved_tensors
     max_seqlen, scale, max_seqlen_k, sparse_sizes = ctx.sizes
+    from ..triton.attention.offsets import rows
+
+    cu, text_cu, cu_k = rows(offsets, ctx.offsets_length, text_k is not None, ctx.cross)
     dq, dk, dv, dtk, dtv, dtg = _bwd_op(
         dout, d_lse if ctx.lse_returned else None, q, k, v, out, o_text, lse, lse_t, cu, max_seqlen, scale,
-        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic, cu_k, max_seqlen_k, lists, sparse_sizes,
+        text_k, text_v, text_cu, tanh_gate, freqs, ctx.deterministic, cu_k, max_seqlen_k, lists, sparse_sizes, True,
     )  # fmt: skip
     if text_k is None:
         dtk = dtv = dtg = None
@@ -440,7 +451,7 @@ def _varlen_attention_triton(
     deterministic = deterministic or (
         torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     )
-    out, _, lse, _, _, _ = _fwd_op(
+    out, _, lse, _, _, _, _ = _fwd_op(
         q, k, v, cu_seqlens, max_seqlen, scale, text_k, text_v, text_cu_seqlens, tanh_gate, freqs, return_lse,
         deterministic, cu_seqlens_k, max_seqlen_k, sparse_lists, sparse_sizes,
     )  # fmt: skip

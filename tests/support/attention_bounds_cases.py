@@ -117,3 +117,44 @@ def test_no_sequence_at_all_gives_zeros():
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.zeros_like(lse))
     for name, g in grads.items():
         assert torch.equal(g, torch.zeros_like(g)), name
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_the_backward_takes_the_forwards_repaired_offsets(monkeypatch, cross):
+    # One repair per training step: the forward's custom op returns the offsets it repaired and autograd saves
+    # those for the backward, which launches them as they are. A backward that repaired again (or got the
+    # unrepaired input) calls safe_offsets a second time; one that launched unrepaired offsets leaves the bounds
+    # and the reference (the guard rows and poisoned allocations show it). Cross-attention: three rows (query,
+    # text and key offsets), keys of their own length.
+    from flagdit_kernels.triton.attention import launch
+
+    repairs = []
+
+    def counted(*args, **kwargs):
+        repairs.append(args[0])
+        return real(*args, **kwargs)
+
+    real = launch.safe_offsets
+    monkeypatch.setattr(launch, "safe_offsets", counted)
+    cu, tcu, max_seqlen = CASES["decreasing offsets"]
+    inputs = _inputs(seed=11)
+    kw, fixed = {}, {}
+    if cross:  # keys of their own packing: 17 rows, offsets past the end and out of order
+        inputs["k"], inputs["v"] = fresh((17, HKV, D), DTYPE, seed=21), fresh((17, HKV, D), DTYPE, seed=22)
+        kw = {"cu_seqlens_k": _cu([0, 20, 3, 17]), "max_seqlen_k": 20}
+        fixed = {"cu_seqlens_k": _repaired(kw["cu_seqlens_k"], 17), "max_seqlen_k": 17}
+    upstream = (fresh((T, H, D), torch.float64, seed=1), fresh((H, T), torch.float64, seed=2))
+    leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+    with poisoned_allocations():
+        out, lse, grads = _run(attn._varlen_attention_triton, leaves, cu, tcu, max_seqlen, upstream, guard=True, **kw)
+    assert len(repairs) == 1, f"the offsets were repaired {len(repairs)} times in one forward + backward"
+    exp_leaves = {n: t.double().requires_grad_() for n, t in inputs.items()}
+    exp_out, exp_lse, exp_grads = _run(ref.varlen_attention, exp_leaves, _repaired(cu, T), _repaired(tcu, TT), T,
+                                       upstream, guard=False, **fixed)  # fmt: skip
+    tol = TOLERANCE["attention"][DTYPE]
+    assert_rel_close(out, exp_out, tol)
+    keys = torch.isfinite(exp_lse)  # -inf: a sample without keys (cross), alike in both
+    assert torch.equal(torch.isfinite(lse), keys)
+    assert_rel_close(lse[keys], exp_lse[keys], 1e-5, "lse")
+    for name, g in grads.items():
+        assert_rel_close(g, exp_grads[name], tol, f"grad {name}")

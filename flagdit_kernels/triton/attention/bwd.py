@@ -38,7 +38,8 @@ from .tiles import (
     LN2,
     LOG2E,
     aligned,
-    aligned_inputs,
+    aligned_view,
+    head_rows,
     load_kv_pair,
     load_rows,
     load_tile,
@@ -47,6 +48,7 @@ from .tiles import (
     row_source,
     scores,
     segment,
+    shifted,
     store_tile,
     tile_of,
     tile_rows,
@@ -91,8 +93,9 @@ def _put_terms(tile, cols, COL: tl.constexpr, x):
 
 @triton.jit
 def _bwd_preprocess(
-    DO, OUT, OTEXT, TGATE, LSE, LSE_T, DLSE, DELTA, DELTA_T, R, STATS, T, qk_scale, text_qk_scale,
-    stride_dot, stride_doh, stride_ot, stride_oh,
+    dout, out,  # (pointer, token stride, head stride) views (tiles.py)
+    o_text, tanh_gate, lse, lse_text, dlse, delta, delta_text, r, stats,  # o_text laid out as out; the rest (H, T)
+    T, qk_scale, text_qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TEXT: tl.constexpr, HAS_DLSE: tl.constexpr,
     VEC: tl.constexpr, BLOCK_T: tl.constexpr, HAS_STATS: tl.constexpr = False,
 ):
@@ -103,8 +106,8 @@ def _bwd_preprocess(
     dS_ij = P_ij * (dP_ij - delta_i + g_i): the kernels use delta_i - g_i and need nothing else.
 
     HAS_STATS: also the row statistics tile of the warp-specialized dq kernel (STATS_WIDTH columns per row)."""
-    stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
-    stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
+    DO, stride_dot, stride_doh = aligned_view(dout, VEC)
+    OUT, stride_ot, stride_oh = aligned_view(out, VEC)
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -118,28 +121,28 @@ def _bwd_preprocess(
     out_off = h.to(tl.int64) * T + rows
     if HAS_TEXT:
         # Per row: a NaN or infinite gate never reaches a sample without text (o_text = 0, r = 0 there).
-        has_text = tl.load(LSE_T + out_off, mask=t_mask, other=float("-inf")) > float("-inf")
-        tg = tl.where(has_text, tl.load(TGATE + h), 0.0)
-        o_text = tl.load(OTEXT + o_off, mask=mask, other=0.0).to(tl.float32)
-        o_self = o_self - tg[:, None] * o_text  # out = o_self + tg * o_text
-        r = tl.sum(do * o_text, 1)
-        tl.store(R + out_off, r, mask=t_mask)
-        tl.store(DELTA_T + out_off, tg * r, mask=t_mask)
-    delta = tl.sum(do * o_self, 1)
+        has_text = tl.load(lse_text + out_off, mask=t_mask, other=float("-inf")) > float("-inf")
+        tg = tl.where(has_text, tl.load(tanh_gate + h), 0.0)
+        ot = tl.load(o_text + o_off, mask=mask, other=0.0).to(tl.float32)
+        o_self = o_self - tg[:, None] * ot  # out = o_self + tg * o_text
+        r_rows = tl.sum(do * ot, 1)
+        tl.store(r + out_off, r_rows, mask=t_mask)
+        tl.store(delta_text + out_off, tg * r_rows, mask=t_mask)
+    delta_rows = tl.sum(do * o_self, 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + out_off, mask=t_mask, other=0.0)
-    tl.store(DELTA + out_off, delta, mask=t_mask)
+        delta_rows -= tl.load(dlse + out_off, mask=t_mask, other=0.0)
+    tl.store(delta + out_off, delta_rows, mask=t_mask)
     if HAS_STATS:
         cols = tl.arange(0, STATS_WIDTH)[None, :]
-        stats = tl.zeros([BLOCK_T, STATS_WIDTH], dtype=tl.float32)
-        lse = tl.load(LSE + out_off, mask=t_mask, other=0.0)
-        stats = _put_terms(stats, cols, LSE_COL, lse * (-LOG2E / qk_scale))
-        stats = _put_terms(stats, cols, DELTA_COL, -delta)
+        tile = tl.zeros([BLOCK_T, STATS_WIDTH], dtype=tl.float32)
+        lse_rows = tl.load(lse + out_off, mask=t_mask, other=0.0)
+        tile = _put_terms(tile, cols, LSE_COL, lse_rows * (-LOG2E / qk_scale))
+        tile = _put_terms(tile, cols, DELTA_COL, -delta_rows)
         if HAS_TEXT:
-            lse_t = tl.load(LSE_T + out_off, mask=t_mask, other=0.0)
-            stats = _put_terms(stats, cols, TEXT_LSE_COL, lse_t * (-LOG2E / text_qk_scale))
-            stats = _put_terms(stats, cols, R_COL, -r)
-        tl.store(STATS + out_off[:, None] * STATS_WIDTH + cols, stats, mask=t_mask[:, None])
+            lse_t = tl.load(lse_text + out_off, mask=t_mask, other=0.0)
+            tile = _put_terms(tile, cols, TEXT_LSE_COL, lse_t * (-LOG2E / text_qk_scale))
+            tile = _put_terms(tile, cols, R_COL, -r_rows)
+        tl.store(stats + out_off[:, None] * STATS_WIDTH + cols, tile, mask=t_mask[:, None])
 
 
 @triton.jit
@@ -201,10 +204,12 @@ def _dkdv_tile(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_s
 
 
 @triton.jit
-def _group_source(base, GROUP, length, stride_h, stride_t, R: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  D0: tl.constexpr, D1: tl.constexpr):
+def _group_source(view, GROUP, length, R: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                  D1: tl.constexpr):
     """Tensor descriptors (one per column chunk) of the rows of a GQA group's ``GROUP`` query heads, one
-    sequence: (head, row, column), so one loop can walk every (head, query tile) of the group."""
+    sequence (``view``: from its first row of the group's first head): (head, row, column), so one loop can
+    walk every (head, query tile) of the group."""
+    base, stride_t, stride_h = view
     src0 = tl.make_tensor_descriptor(base, shape=[GROUP, length, HEAD_DIM], strides=[stride_h, stride_t, 1],
                                      block_shape=[1, R, D0])
     if D1 > 0:
@@ -227,17 +232,17 @@ def _group_rows(src0, src1, g, start, R: tl.constexpr, D0: tl.constexpr, D1: tl.
 
 
 @triton.jit
-def _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, gate, is_text, GROUP, T,
-             q_len, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, HAS_TEXT: tl.constexpr,
-             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-             DOT_PREC: tl.constexpr):
+def _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, lse_base, delta_base, gate, is_text, GROUP, T, q_len,
+             qk_scale, HAS_TEXT: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+             D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dk, dv of one key tile over every (query head of the GQA group, query tile) pair, in the shape Triton's
     warp specialization splits on sm_90 (as the forward's, fwd._attend): ONE loop, the sequence's tail tile
     masked inside it (the descriptors zero-fill rows past the sequence), q and dO through tensor descriptors, no
-    branch in it. ``*_base``: the group's first head at the sequence's first query; ``gate``: its tanh(gate)."""
+    branch in it. ``q``, ``dout`` (views), ``*_base``: from the group's first head at the sequence's first query;
+    ``gate``: its tanh(gate)."""
     q_rows = tl.maximum(q_len, 1)  # descriptors need a row; with q_len == 0 the loop never loads
-    q_src0, q_src1 = _group_source(q_base, GROUP, q_rows, stride_qh, stride_qt, BLOCK_M, HEAD_DIM, D0, D1)
-    do_src0, do_src1 = _group_source(do_base, GROUP, q_rows, stride_doh, stride_dot, BLOCK_M, HEAD_DIM, D0, D1)
+    q_src0, q_src1 = _group_source(q, GROUP, q_rows, BLOCK_M, HEAD_DIM, D0, D1)
+    do_src0, do_src1 = _group_source(dout, GROUP, q_rows, BLOCK_M, HEAD_DIM, D0, D1)
     n_m = tl.cdiv(q_len, BLOCK_M)
     for i in tl.range(0, GROUP * n_m, warp_specialize=True):
         g = i // n_m
@@ -257,33 +262,32 @@ def _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delt
 
 
 @triton.jit
-def _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, gate, is_text, GROUP, T,
-                 q_len, first_query, LISTS, CU, n_tiles, n_seqs, list_heads, list_width, volume, hk, b, tile,
-                 stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, HAS_TEXT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, lse_base, delta_base, gate, is_text, GROUP, T, q_len,
+                 first_query, table, CU, n_seqs, hk, b, tile, qk_scale, HAS_TEXT: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """dk, dv of one tile-sparse key tile (or a placeholder or text key tile: ``tile`` -1, no list), _dkdv_ws's
     shape: ONE loop over (query head of the GQA group, block), the blocks those of sparse.flat_block (the query
     tiles of the transposed list in chunks of BLOCK_M rows, then the rest: the sample's placeholder rows, or all of
     its rows for a placeholder or text key tile), q and dO through 3-D descriptors built once per sample
-    (``*_base``: the group's first head at the sample's first query ``first_query``, ``q_len`` rows), each block
-    addressed by its row offset, partial tiles masked in the loop. Per-head lists (top_k) differ in length: every
-    head walks the group's longest, its own past its count padding (masked)."""
+    (``q``, ``dout``: views from the group's first head at the sample's first query ``first_query``, ``q_len``
+    rows), each block addressed by its row offset, partial tiles masked in the loop. Per-head lists (top_k) differ
+    in length: every head walks the group's longest, its own past its count padding (masked)."""
     q_rows = tl.maximum(q_len, 1)  # descriptors need a row; with q_len == 0 the loop never loads
-    q_src0, q_src1 = _group_source(q_base, GROUP, q_rows, stride_qh, stride_qt, BLOCK_M, HEAD_DIM, D0, D1)
-    do_src0, do_src1 = _group_source(do_base, GROUP, q_rows, stride_doh, stride_dot, BLOCK_M, HEAD_DIM, D0, D1)
+    q_src0, q_src1 = _group_source(q, GROUP, q_rows, BLOCK_M, HEAD_DIM, D0, D1)
+    do_src0, do_src1 = _group_source(dout, GROUP, q_rows, BLOCK_M, HEAD_DIM, D0, D1)
     most = 0
     for g in range(GROUP):
-        count, _ = sparse.listed(LISTS, n_tiles, n_seqs, list_heads, list_width, hk * GROUP + g, tile)
+        count, _ = sparse.listed(table, n_seqs, hk * GROUP + g, tile)
         most = tl.maximum(most, count)
-    chunks = tl.cdiv(volume, BLOCK_M)
-    r_first, r_len = sparse.rest(LISTS, CU, n_tiles, b, tile)
+    chunks = tl.cdiv(table[4], BLOCK_M)
+    r_first, r_len = sparse.rest(table, CU, b, tile)
     n_listed = most * chunks
     per_head = tl.where(q_len > 0, n_listed + tl.cdiv(r_len, BLOCK_M), 0)  # an idle program (q_len 0) visits none
     for i in tl.range(0, GROUP * per_head, warp_specialize=True):
         g = i // per_head
         j = i - g * per_head
-        count, entries = sparse.listed(LISTS, n_tiles, n_seqs, list_heads, list_width, hk * GROUP + g, tile)
-        first, rows = sparse.flat_block(LISTS, entries, count, chunks, n_listed, r_first, r_len, j, BLOCK_M)
+        count, entries = sparse.listed(table, n_seqs, hk * GROUP + g, tile)
+        first, rows = sparse.flat_block(table, entries, count, chunks, n_listed, r_first, r_len, j, BLOCK_M)
         off = (first - first_query).to(tl.int32)  # descriptor offsets are 32-bit
         q0, q1 = _group_rows(q_src0, q_src1, g, off, BLOCK_M, D0, D1)
         do0, do1 = _group_rows(do_src0, do_src1, g, off, BLOCK_M, D0, D1)
@@ -300,11 +304,12 @@ def _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, 
 
 
 @triton.jit
-def _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base, delta_base, is_text, hk, GROUP, T,
-                q_start, q_len, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale,
-                ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dk, dv of one key tile, head by head of the GQA group: the full query tiles, then the masked tail."""
+def _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, dq_acc, tanh_gate, lse_base, delta_base, is_text, hk,
+                GROUP, T, q_start, q_len, qk_scale, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dk, dv of one key tile, head by head of the GQA group (``q``, ``dout``, ``dq_acc``: views): the full query
+    tiles, then the masked tail."""
+    stride_qt, stride_dot, stride_dqt = q[1], dout[1], dq_acc[1]
     m_full = (q_len // BLOCK_M) * BLOCK_M
     # Descriptors of a sequence's query rows need at least one row; with q_len == 0 (a text key tile of a sample
     # without queries) the loop below never loads through them, and dk = dv = 0 is stored.
@@ -313,12 +318,11 @@ def _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_ba
         h = hk * GROUP + g
         do_scale = 1.0
         if is_text:
-            do_scale = tl.load(TGATE + h)  # the text branch sees dO * tanh(gate[h])
-        q_src0, q_src1 = row_source(Q + q_start * stride_qt + h * stride_qh, q_rows, stride_qt, TMA, BLOCK_M,
-                                    HEAD_DIM, D0, D1)
-        do_src0, do_src1 = row_source(DO + q_start * stride_dot + h * stride_doh, q_rows, stride_dot, TMA, BLOCK_M,
-                                      HEAD_DIM, D0, D1)
-        dq_dst0, dq_dst1 = row_source(DQ_ACC + q_start * stride_dqt + h * stride_dqh, q_rows, stride_dqt,
+            do_scale = tl.load(tanh_gate + h)  # the text branch sees dO * tanh(gate[h])
+        q_src0, q_src1 = row_source(head_rows(q, q_start, h), q_rows, stride_qt, TMA, BLOCK_M, HEAD_DIM, D0, D1)
+        do_src0, do_src1 = row_source(head_rows(dout, q_start, h), q_rows, stride_dot, TMA, BLOCK_M, HEAD_DIM, D0,
+                                      D1)
+        dq_dst0, dq_dst1 = row_source(head_rows(dq_acc, q_start, h), q_rows, stride_dqt,
                                       TMA and ATOMIC_DQ and _TMA_REDUCE, BLOCK_M, HEAD_DIM, D0, D1)
         lse_ptr = lse_base + h.to(tl.int64) * T + q_start
         delta_ptr = delta_base + h.to(tl.int64) * T + q_start
@@ -337,17 +341,12 @@ def _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_ba
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, TK, TV, TGATE, DO, DK, DV, DTK, DTV, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, CU, TCU, KCU,
+    q, k, v, text_k, text_v, dout, dq_acc,  # (pointer, token stride, head stride) views (tiles.py)
+    dkv, text_dkv,  # (dk pointer, dv pointer, token stride, head stride) of the key and text key gradients
+    tanh_gate, lse, lse_text, delta, delta_text,  # the per-(head, token) ones (H, T) fp32
+    offsets,  # (cu_seqlens, text_cu_seqlens, cu_seqlens_k) as offsets.py repaired them
+    sparse_table,  # (LISTS, n_tiles, list_heads, list_width, volume) of the transposed lists (sparse.py)
     qk_scale, text_qk_scale, T, T_TEXT, GROUP, n_seqs, bisect_steps,
-    LISTS, n_tiles, list_heads, list_width, volume,
-    stride_qt, stride_qh,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_tkt, stride_tkh,
-    stride_tvt, stride_tvh,
-    stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dtkt, stride_dtkh,
-    stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TMA: tl.constexpr, WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
@@ -359,13 +358,18 @@ def _bwd_dkdv(
     only batch * Hkv programs, each looping over all of its sample's queries: on a long sample it runs as long as
     a self key block, on an idle GPU.) Both kinds run the same code on run-time pointers and scales, so the loop
     is compiled once; what only the epilogue needs is selected after the loop, so it holds no registers in it."""
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
-        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
-                       stride_tvt, stride_tvh, VEC))
-    stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
+    q = aligned_view(q, VEC)
+    K, stride_kt, stride_kh = aligned_view(k, VEC)
+    V, stride_vt, stride_vh = aligned_view(v, VEC)
+    TK, stride_tkt, stride_tkh = aligned_view(text_k, VEC)
+    TV, stride_tvt, stride_tvh = aligned_view(text_v, VEC)
+    dout = aligned_view(dout, VEC)
+    DK, DV, stride_dkt, stride_dkh = dkv
+    DTK, DTV, stride_dtkt, stride_dtkh = text_dkv
     stride_dkt, stride_dkh = aligned(stride_dkt, VEC), aligned(stride_dkh, VEC)
     stride_dtkt, stride_dtkh = aligned(stride_dtkt, VEC), aligned(stride_dtkh, VEC)
-    stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)  # the fp32 dq buffer, contiguous
+    dq_acc = aligned_view(dq_acc, 4)  # the fp32 dq buffer, contiguous
+    CU, TCU, KCU = offsets
     tl.static_assert(TMA_OK or not TMA)  # TMA: dq added through tensor descriptors, where the launcher allows it
     # WS: the query loop in the shape Triton warp-specializes (_dkdv_ws): a counted bisection and no early
     # return, k / v through descriptors, one masked loop over the group's (head, query tile) pairs; dq is left to
@@ -382,18 +386,18 @@ def _bwd_dkdv(
     if HAS_TEXT and WS:
         # Selects, not a branch: Triton 3.6's pass splits no loop of a kernel that picks these in an scf.if.
         k_ptr, v_ptr, cu_k = tl.where(is_text, TK, K), tl.where(is_text, TV, V), tl.where(is_text, TCU, KCU)
-        lse_base, delta_base = tl.where(is_text, LSE_T, LSE), tl.where(is_text, DELTA_T, DELTA)
+        lse_base, delta_base = tl.where(is_text, lse_text, lse), tl.where(is_text, delta_text, delta)
         stride_kt, stride_kh = tl.where(is_text, stride_tkt, stride_kt), tl.where(is_text, stride_tkh, stride_kh)
         stride_vt, stride_vh = tl.where(is_text, stride_tvt, stride_vt), tl.where(is_text, stride_tvh, stride_vh)
         qk_scale = tl.where(is_text, text_qk_scale, qk_scale)
         pid = tl.where(is_text, pid, pid - n_text)
     elif is_text:
-        k_ptr, v_ptr, lse_base, delta_base, cu_k = TK, TV, LSE_T, DELTA_T, TCU
+        k_ptr, v_ptr, lse_base, delta_base, cu_k = TK, TV, lse_text, delta_text, TCU
         stride_kt, stride_kh = stride_tkt, stride_tkh
         stride_vt, stride_vh = stride_tvt, stride_tvh
         qk_scale = text_qk_scale
     else:
-        k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, LSE, DELTA, KCU
+        k_ptr, v_ptr, lse_base, delta_base, cu_k = K, V, lse, delta, KCU
         pid -= n_text
     # SPARSE: self key tiles of the transposed lists (sparse.py); descriptors only in the WS shape (_dkdv_listed).
     tl.static_assert(not (SPARSE and TMA and not WS))
@@ -402,7 +406,7 @@ def _bwd_dkdv(
         tile_pid = pid
         if HAS_TEXT:
             tile_pid = tl.where(is_text, 0, pid)  # a text pid may lie past the tile programs
-        b, tile, k_start, k_len = sparse.program(tile_pid, LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_N),
+        b, tile, k_start, k_len = sparse.program(tile_pid, sparse_table, CU, n_seqs, tl.cdiv(sparse_table[4], BLOCK_N),
                                                  BLOCK_N, bisect_steps, True)
         pid_n = b * 0
         if HAS_TEXT:
@@ -416,7 +420,7 @@ def _bwd_dkdv(
             k_start, k_len = segment(cu_k, b)
             tile = b * 0 - 1
         else:
-            b, tile, k_start, k_len = sparse.program(pid, LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_N),
+            b, tile, k_start, k_len = sparse.program(pid, sparse_table, CU, n_seqs, tl.cdiv(sparse_table[4], BLOCK_N),
                                                      BLOCK_N)
             pid_n = b * 0
     else:
@@ -447,40 +451,33 @@ def _bwd_dkdv(
     dv0, dv1 = zeros_tile(BLOCK_N, D0, D1)
     if SPARSE and WS:
         h0 = hk * GROUP
-        dk0, dk1, dv0, dv1 = _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1,
-                                          Q + q_start * stride_qt + h0 * stride_qh,
-                                          DO + q_start * stride_dot + h0 * stride_doh,
-                                          lse_base + h0.to(tl.int64) * T + q_start,
-                                          delta_base + h0.to(tl.int64) * T + q_start, TGATE + h0, is_text, GROUP, T,
-                                          q_len, q_start, LISTS, CU, n_tiles, n_seqs, list_heads, list_width, volume,
-                                          hk, b, tile, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale,
-                                          HAS_TEXT, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+        dk0, dk1, dv0, dv1 = _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1, shifted(q, q_start, h0),
+                                          shifted(dout, q_start, h0), lse_base + h0.to(tl.int64) * T + q_start,
+                                          delta_base + h0.to(tl.int64) * T + q_start, tanh_gate + h0, is_text, GROUP, T,
+                                          q_len, q_start, sparse_table, CU, n_seqs, hk, b, tile, qk_scale, HAS_TEXT,
+                                          BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
     elif SPARSE:
         # Tile-sparse self keys: per query head of the group, the same loop over each query run that visits this
         # key tile (the transposed lists, sparse.py); a text key tile keeps its whole sample (one run).
         for g in range(GROUP):
             h = hk * GROUP + g
-            n_runs = tl.where(is_text, 1, sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile))
+            n_runs = tl.where(is_text, 1, sparse.run_count(sparse_table, n_seqs, h, tile))
             for j in range(n_runs):
-                q_first, q_rows = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+                q_first, q_rows = sparse.run(sparse_table, CU, n_seqs, h, b, tile, j)
                 q_first = tl.where(is_text, q_start, q_first.to(tl.int64))
                 q_rows = tl.where(is_text, q_len, q_rows)
-                dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base,
-                                                 delta_base, is_text, h, 1, T, q_first, q_rows, stride_qt, stride_qh,
-                                                 stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale, ATOMIC_DQ,
-                                                 TMA, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+                dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, dq_acc, tanh_gate,
+                                                 lse_base, delta_base, is_text, h, 1, T, q_first, q_rows, qk_scale,
+                                                 ATOMIC_DQ, TMA, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
     elif WS:
         h0 = hk * GROUP
-        dk0, dk1, dv0, dv1 = _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q + q_start * stride_qt + h0 * stride_qh,
-                                      DO + q_start * stride_dot + h0 * stride_doh,
-                                      lse_base + h0.to(tl.int64) * T + q_start,
-                                      delta_base + h0.to(tl.int64) * T + q_start, TGATE + h0, is_text, GROUP, T,
-                                      q_len, stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, HAS_TEXT,
-                                      BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
+        dk0, dk1, dv0, dv1 = _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, shifted(q, q_start, h0),
+                                      shifted(dout, q_start, h0), lse_base + h0.to(tl.int64) * T + q_start,
+                                      delta_base + h0.to(tl.int64) * T + q_start, tanh_gate + h0, is_text, GROUP, T,
+                                      q_len, qk_scale, HAS_TEXT, BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
     else:
-        dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DO, DQ_ACC, TGATE, lse_base,
-                                         delta_base, is_text, hk, GROUP, T, q_start, q_len, stride_qt, stride_qh,
-                                         stride_dot, stride_doh, stride_dqt, stride_dqh, qk_scale, ATOMIC_DQ, TMA,
+        dk0, dk1, dv0, dv1 = _dkdv_heads(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, dq_acc, tanh_gate, lse_base,
+                                         delta_base, is_text, hk, GROUP, T, q_start, q_len, qk_scale, ATOMIC_DQ, TMA,
                                          BLOCK_M, HEAD_DIM, D0, D1, DOT_PREC)
     if HAS_TEXT and WS:
         dk_ptr, dv_ptr = tl.where(is_text, DTK, DK), tl.where(is_text, DTV, DV)
@@ -579,9 +576,9 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, do_scale, k_base, v_base, 
 
 
 @triton.jit
-def _dq_listed(dq0, dq1, q0, q1, do0, do1, stats, k_base, v_base, stride_kt, stride_vt, k_len, first_key, LISTS, CU,
-               n_tiles, n_seqs, list_heads, list_width, volume, h, b, tile, qk_scale, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dq_listed(dq0, dq1, q0, q1, do0, do1, stats, k_base, v_base, stride_kt, stride_vt, k_len, first_key, table, CU,
+               n_seqs, h, b, tile, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+               D1: tl.constexpr, DOT_PREC: tl.constexpr):
     """Tile-sparse self keys of the warp-specialized dq kernel, fwd._attend_listed's shape: ONE loop over the
     program's key blocks (sparse.flat_block) through descriptors built once per sample (``k_base`` at its first
     key ``first_key``, ``k_len`` rows), each block addressed by its row offset, partial tiles masked in the loop.
@@ -590,13 +587,13 @@ def _dq_listed(dq0, dq1, q0, q1, do0, do1, stats, k_base, v_base, stride_kt, str
     k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, True, BLOCK_N, HEAD_DIM, D0, D1)
     v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
     pick_lse, pick_delta = _picker(LSE_COL, BLOCK_N), _picker(DELTA_COL, BLOCK_N)
-    count, entries = sparse.listed(LISTS, n_tiles, n_seqs, list_heads, list_width, h, tile)
-    chunks = tl.cdiv(volume, BLOCK_N)
-    r_first, r_len = sparse.rest(LISTS, CU, n_tiles, b, tile)
+    count, entries = sparse.listed(table, n_seqs, h, tile)
+    chunks = tl.cdiv(table[4], BLOCK_N)
+    r_first, r_len = sparse.rest(table, CU, b, tile)
     n_listed = count * chunks
     n_blocks = tl.where(k_len > 0, n_listed + tl.cdiv(r_len, BLOCK_N), 0)  # an idle program (k_len 0) visits none
     for i in tl.range(0, n_blocks, warp_specialize=True):
-        first, rows = sparse.flat_block(LISTS, entries, count, chunks, n_listed, r_first, r_len, i, BLOCK_N)
+        first, rows = sparse.flat_block(table, entries, count, chunks, n_listed, r_first, r_len, i, BLOCK_N)
         off = (first - first_key).to(tl.int32)  # descriptor offsets are 32-bit
         dq0, dq1 = _dq_tile_ws(dq0, dq1, q0, q1, do0, do1, stats, pick_lse, pick_delta, 1.0, k_src0, k_src1, v_src0,
                                v_src1, off, off + rows, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
@@ -605,16 +602,11 @@ def _dq_listed(dq0, dq1, q0, q1, do0, do1, stats, k_base, v_base, stride_kt, str
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, TK, TV, TGATE, DO, DQ_ACC, LSE, LSE_T, DELTA, DELTA_T, STATS, CU, TCU, KCU,
+    q, k, v, text_k, text_v, dout, dq_acc,  # (pointer, token stride, head stride) views (tiles.py)
+    tanh_gate, lse, lse_text, delta, delta_text, stats,  # the per-(head, token) ones (H, T) fp32 (stats: see WS)
+    offsets,  # (cu_seqlens, text_cu_seqlens, cu_seqlens_k) as offsets.py repaired them
+    sparse_table,  # (LISTS, n_tiles, list_heads, list_width, volume): the forward's (sparse.py)
     qk_scale, text_qk_scale, sm_scale, text_scale, T, GROUP, n_seqs, bisect_steps,
-    LISTS, n_tiles, list_heads, list_width, volume,
-    stride_qt, stride_qh,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_tkt, stride_tkh,
-    stride_tvt, stride_tvh,
-    stride_dot, stride_doh,
-    stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
     WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
@@ -629,92 +621,89 @@ def _bwd_dq(
     tl.static_assert(TMA_OK or not TMA)
     tl.static_assert((TMA and WS_OK) or not WS)
     tl.static_assert(not (SPARSE and TMA and not WS))  # sparse descriptors only in the WS shape
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
-        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
-                       stride_tvt, stride_tvh, VEC))
-    stride_dot, stride_doh = aligned(stride_dot, VEC), aligned(stride_doh, VEC)
-    stride_dqt, stride_dqh = aligned(stride_dqt, 4), aligned(stride_dqh, 4)
+    q, k, v = aligned_view(q, VEC), aligned_view(k, VEC), aligned_view(v, VEC)
+    text_k, text_v, dout = aligned_view(text_k, VEC), aligned_view(text_v, VEC), aligned_view(dout, VEC)
+    dq_acc = aligned_view(dq_acc, 4)  # fp32
+    stride_dot = dout[1]
+    CU, TCU, KCU = offsets
     # The forward's grid. WS: the (at most one per sequence) idle program runs with no keys and stores nothing.
-    b, pid_m, tile, h, hk, start, seq_len, live = sparse.query_program(CU, n_seqs, GROUP, bisect_steps, LISTS,
-                                                                       n_tiles, volume, SPARSE, WS, BLOCK_M)
+    b, pid_m, tile, h, hk, start, seq_len, live = sparse.query_program(CU, n_seqs, GROUP, bisect_steps, sparse_table,
+                                                                       SPARSE, WS, BLOCK_M)
     if not WS:  # noqa: SIM102 (a constexpr branch: a WS kernel must hold no return at all)
         if not live:
             return
     start = start.to(tl.int64)
-    rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,
-                                               HEAD_DIM, D0, D1, WS)
-    do_base = DO + start * stride_dot + h * stride_doh
+    rows, m_mask, q0, q1, lse_off = query_tile(q, start, seq_len, pid_m, h, T, BLOCK_M, HEAD_DIM, D0, D1, WS)
+    do_base = head_rows(dout, start, h)
     if WS:
         seq_rows = tl.maximum(seq_len, 1)
         do_src0, do_src1 = row_source(do_base, seq_rows, stride_dot, True, BLOCK_M, HEAD_DIM, D0, D1)
         do0, do1 = load_rows(do_src0, do_src1, pid_m * BLOCK_M, rows, m_mask, stride_dot, True, BLOCK_M, HEAD_DIM,
                              D0, D1)
-        stats_src = tl.make_tensor_descriptor(STATS + (h.to(tl.int64) * T + start) * STATS_WIDTH,
+        stats_src = tl.make_tensor_descriptor(stats + (h.to(tl.int64) * T + start) * STATS_WIDTH,
                                               shape=[seq_rows, STATS_WIDTH], strides=[STATS_WIDTH, 1],
                                               block_shape=[BLOCK_M, STATS_WIDTH])
-        lse = stats_src.load([pid_m * BLOCK_M, 0])  # the row statistics tile (see _dq_inner)
-        delta = lse
+        lse_rows = stats_src.load([pid_m * BLOCK_M, 0])  # the row statistics tile (see _dq_inner)
+        delta_rows = lse_rows
     else:
         do0, do1 = load_tile(do_base, rows, m_mask, stride_dot, BLOCK_M, HEAD_DIM, D0, D1)
-        lse = tl.load(LSE + lse_off, mask=m_mask, other=0.0) * LOG2E
-        delta = tl.load(DELTA + lse_off, mask=m_mask, other=0.0)
+        lse_rows = tl.load(lse + lse_off, mask=m_mask, other=0.0) * LOG2E
+        delta_rows = tl.load(delta + lse_off, mask=m_mask, other=0.0)
     dq0, dq1 = zeros_tile(BLOCK_M, D0, D1)
     if SPARSE and WS:
         k_start, k_len = segment(KCU, b)
         k_start = k_start.to(tl.int64)
         k_len = tl.where(live, k_len, 0)
-        dq0, dq1 = _dq_listed(dq0, dq1, q0, q1, do0, do1, lse, K + k_start * stride_kt + hk * stride_kh,
-                              V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, k_start, LISTS,
-                              CU, n_tiles, n_seqs, list_heads, list_width, volume, h, b, tile, qk_scale, BLOCK_N,
-                              HEAD_DIM, D0, D1, DOT_PREC)
+        dq0, dq1 = _dq_listed(dq0, dq1, q0, q1, do0, do1, lse_rows, head_rows(k, k_start, hk),
+                              head_rows(v, k_start, hk), k[1], v[1], k_len, k_start, sparse_table, CU, n_seqs, h, b,
+                              tile, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     elif SPARSE:  # the same loop over each key run of the query tile
-        for j in range(sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile)):
-            k_start, k_len = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+        for j in range(sparse.run_count(sparse_table, n_seqs, h, tile)):
+            k_start, k_len = sparse.run(sparse_table, CU, n_seqs, h, b, tile, j)
             k_start = k_start.to(tl.int64)
-            dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0,
-                                 K + k_start * stride_kt + hk * stride_kh, V + k_start * stride_vt + hk * stride_vh,
-                                 stride_kt, stride_vt, k_len, qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC,
-                                 WS, LSE_COL)
+            dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_rows, delta_rows, 1.0, head_rows(k, k_start, hk),
+                                 head_rows(v, k_start, hk), k[1], v[1], k_len, qk_scale, False, BLOCK_N, HEAD_DIM, D0,
+                                 D1, DOT_PREC, WS, LSE_COL)
     else:
         k_start, k_len = segment(KCU, b)  # KCU is CU for self-attention; a sample without keys adds nothing
         k_start = k_start.to(tl.int64)
         if WS:
             k_len = tl.where(live, k_len, 0)
-        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, 1.0, K + k_start * stride_kt + hk * stride_kh,
-                             V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len, qk_scale, TMA,
-                             BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS, LSE_COL)
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_rows, delta_rows, 1.0, head_rows(k, k_start, hk),
+                             head_rows(v, k_start, hk), k[1], v[1], k_len, qk_scale, TMA, BLOCK_N, HEAD_DIM, D0, D1,
+                             DOT_PREC, WS, LSE_COL)
     if HAS_TEXT:
         t_start, t_len = segment(TCU, b)
         t_start = t_start.to(tl.int64)
         if WS:
             t_len = tl.where(live, t_len, 0)
         else:
-            lse = tl.load(LSE_T + lse_off, mask=m_mask, other=0.0) * LOG2E
-            delta = tl.load(DELTA_T + lse_off, mask=m_mask, other=0.0)
+            lse_rows = tl.load(lse_text + lse_off, mask=m_mask, other=0.0) * LOG2E
+            delta_rows = tl.load(delta_text + lse_off, mask=m_mask, other=0.0)
         # One accumulator pair for both branches: dq = ts * (self * sm / ts + text), scaled once at the end.
         dq0 = dq0 * (sm_scale / text_scale)
         dq1 = dq1 * (sm_scale / text_scale)
-        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, tl.load(TGATE + h),
-                             TK + t_start * stride_tkt + hk * stride_tkh, TV + t_start * stride_tvt + hk * stride_tvh,
-                             stride_tkt, stride_tvt, t_len, text_qk_scale, WS, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS,
-                             TEXT_LSE_COL)
+        dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse_rows, delta_rows, tl.load(tanh_gate + h),
+                             head_rows(text_k, t_start, hk), head_rows(text_v, t_start, hk), text_k[1], text_v[1],
+                             t_len, text_qk_scale, WS, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS, TEXT_LSE_COL)
         unit = text_scale * LOG2E
     else:
         unit = sm_scale * LOG2E
-    store_tile(DQ_ACC + start * stride_dqt + h * stride_dqh, rows, m_mask, stride_dqt, dq0 * unit, dq1 * unit,
-               HEAD_DIM, D0, D1)
+    store_tile(head_rows(dq_acc, start, h), rows, m_mask, dq_acc[1], dq0 * unit, dq1 * unit, HEAD_DIM, D0, D1)
 
 
 @triton.jit
 def _bwd_dq_postprocess(
-    DQ_ACC, FREQS, DQ, T, scale,
-    stride_at, stride_ah, stride_dqt, stride_dqh, stride_ft,
+    dq_acc, dq,  # (pointer, token stride, head stride) views (tiles.py)
+    freqs,  # (pointer, token stride) of the RoPE table
+    T, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """dq = scale * the fp32 buffer, rotated by -angle when ROPE (the buffer holds the gradient of the rotated q;
     the rotation is orthogonal, so its transpose maps it back), rounded once to q's dtype."""
-    stride_at, stride_ah = aligned(stride_at, 4), aligned(stride_ah, 4)
-    stride_dqt, stride_dqh = aligned(stride_dqt, VEC), aligned(stride_dqh, VEC)
+    DQ_ACC, stride_at, stride_ah = aligned_view(dq_acc, 4)
+    DQ, stride_dqt, stride_dqh = aligned_view(dq, VEC)
+    FREQS, stride_ft = freqs
     h = tl.program_id(1)
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)

@@ -5,8 +5,8 @@ One program per (block of BLOCK_M queries of one sequence, query head):
   2. online softmax with scale 1/sqrt(Dh) over the sample's text keys; ``o_text`` is written to memory (the
      backward needs it) and read back in step 4, so it holds no registers during step 3;
   3. online softmax (fp32, exp2 with log2(e) folded into the scale) over the sequence's keys, or with
-     cross-attention the sample's keys by their own offsets (``KCU``; any number, 0 included) (pointer loads, or
-     tensor descriptors / the copy engine where the autotuner picks them on sm_90+);
+     cross-attention the sample's keys by their own offsets (``cu_seqlens_k``; any number, 0 included) (pointer
+     loads, or tensor descriptors / the copy engine where the autotuner picks them on sm_90+);
   4. write ``o_self + tanh(gate[h]) * o_text`` and both log-sum-exps (natural log, the public ``lse`` unit).
 """
 
@@ -16,8 +16,8 @@ import triton.language as tl
 from . import sparse
 from .tiles import (
     LN2,
-    aligned,
-    aligned_inputs,
+    aligned_view,
+    head_rows,
     load_kv_pair,
     load_tile,
     query_tile,
@@ -109,15 +109,19 @@ def _attend_keys(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kt, stride
 
 
 @triton.jit
-def _attend_runs(q0, q1, K, V, stride_kt, stride_vt, hk_offset_k, hk_offset_v, LISTS, CU, n_tiles, n_seqs,
-                 list_heads, list_width, h, b, tile, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Tile-sparse self keys: the same online softmax, carried over the key runs sparse.run lists."""
+def _attend_runs(q0, q1, k, v, hk, table, CU, n_seqs, h, b, tile, qk_scale, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """Tile-sparse self keys: the same online softmax, carried over the key runs sparse.run lists (``table``:
+    the kernel's sparse table; ``k``, ``v``: views)."""
+    K, stride_kt, stride_kh = k
+    V, stride_vt, stride_vh = v
+    hk_offset_k, hk_offset_v = hk * stride_kh, hk * stride_vh
     acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j in range(sparse.run_count(LISTS, n_tiles, n_seqs, list_heads, h, tile)):
-        first, k_len = sparse.run(LISTS, CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, j)
+    for j in range(sparse.run_count(table, n_seqs, h, tile)):
+        first, k_len = sparse.run(table, CU, n_seqs, h, b, tile, j)
         first = first.to(tl.int64)
         acc0, acc1, m_i, l_i = _attend_keys(acc0, acc1, m_i, l_i, q0, q1, K + first * stride_kt + hk_offset_k,
                                             V + first * stride_vt + hk_offset_v, stride_kt, stride_vt, k_len,
@@ -126,10 +130,9 @@ def _attend_runs(q0, q1, K, V, stride_kt, stride_vt, hk_offset_k, hk_offset_v, L
 
 
 @triton.jit
-def _attend_listed(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, first_key, LISTS, CU, n_tiles, n_seqs,
-                   list_heads, list_width, volume, h, b, tile, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr,
-                   WS: tl.constexpr):
+def _attend_listed(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, first_key, table, CU, n_seqs, h, b, tile,
+                   qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                   D1: tl.constexpr, DOT_PREC: tl.constexpr, WS: tl.constexpr):
     """Tile-sparse self keys through tensor descriptors: ONE loop over the program's key blocks (sparse.flat_block:
     its listed tiles in chunks of BLOCK_N keys, a partial tile's masked in the loop, then the rest: the placeholder
     run, or the whole sample for a placeholder program). The K and V descriptors are built once, at the sample's
@@ -144,13 +147,13 @@ def _attend_listed(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, first_ke
     k_rows = tl.maximum(k_len, 1)
     k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, True, BLOCK_N, HEAD_DIM, D0, D1)
     v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
-    count, entries = sparse.listed(LISTS, n_tiles, n_seqs, list_heads, list_width, h, tile)
-    chunks = tl.cdiv(volume, BLOCK_N)
-    r_first, r_len = sparse.rest(LISTS, CU, n_tiles, b, tile)
+    count, entries = sparse.listed(table, n_seqs, h, tile)
+    chunks = tl.cdiv(table[4], BLOCK_N)
+    r_first, r_len = sparse.rest(table, CU, b, tile)
     n_listed = count * chunks
     n_blocks = tl.where(k_len > 0, n_listed + tl.cdiv(r_len, BLOCK_N), 0)  # WS: an idle program (k_len 0) visits none
     for i in tl.range(0, n_blocks, warp_specialize=WS):
-        first, rows = sparse.flat_block(LISTS, entries, count, chunks, n_listed, r_first, r_len, i, BLOCK_N)
+        first, rows = sparse.flat_block(table, entries, count, chunks, n_listed, r_first, r_len, i, BLOCK_N)
         off = (first - first_key).to(tl.int32)  # descriptor offsets are 32-bit
         acc0, acc1, m_i, l_i = _attend_tile(acc0, acc1, m_i, l_i, q0, q1, k_src0, k_src1, v_src0, v_src1,
                                             stride_kt, stride_vt, off, off + rows, qk_scale, True, True, BLOCK_N,
@@ -160,15 +163,11 @@ def _attend_listed(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, first_ke
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, TK, TV, TGATE, OUT, OTEXT, LSE, LSE_T, CU, TCU, KCU,
+    q, k, v, text_k, text_v, out,  # (pointer, token stride, head stride) of each (T, H, Dh) tensor (tiles.py)
+    o_text, tanh_gate, lse, lse_text,  # o_text laid out as out; the LSEs fp32 (H, T)
+    offsets,  # (cu_seqlens, text_cu_seqlens, cu_seqlens_k) as offsets.py repaired them
+    sparse_table,  # (LISTS, n_tiles, list_heads, list_width, volume): a tile-sparse call's table (sparse.py)
     qk_scale, text_qk_scale, T, GROUP, n_seqs, bisect_steps,
-    LISTS, n_tiles, list_heads, list_width, volume,
-    stride_qt, stride_qh,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_tkt, stride_tkh,
-    stride_tvt, stride_tvh,
-    stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_TEXT: tl.constexpr, DOT_PREC: tl.constexpr,
     TMA_OK: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
     WS_OK: tl.constexpr = False, WS: tl.constexpr = False, SPARSE: tl.constexpr = False,
@@ -178,24 +177,23 @@ def _fwd_kernel(
     # through descriptors, which WS_OK says the launcher found possible (sm_90, aligned tensors).
     tl.static_assert(TMA_OK or not TMA)
     tl.static_assert((TMA and WS_OK) or not WS)
-    # SPARSE: tile-sparse self keys over a tile-major pack (sparse.py: LISTS, n_tiles, ...): pointer loads over
-    # the key runs, or with TMA (and WS) descriptor loads in one loop over the listed key blocks (_attend_listed).
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt, stride_tvh = (
-        aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh,
-                       stride_tvt, stride_tvh, VEC))
-    stride_ot, stride_oh = aligned(stride_ot, VEC), aligned(stride_oh, VEC)
+    # SPARSE: tile-sparse self keys over a tile-major pack (sparse.py: sparse_table): pointer loads over the key
+    # runs, or with TMA (and WS) descriptor loads in one loop over the listed key blocks (_attend_listed).
+    q, k, v = aligned_view(q, VEC), aligned_view(k, VEC), aligned_view(v, VEC)
+    text_k, text_v, out = aligned_view(text_k, VEC), aligned_view(text_v, VEC), aligned_view(out, VEC)
+    OUT, stride_ot, stride_oh = out
+    CU, TCU, KCU = offsets
     # One program per (query tile, head) over the tiles that hold tokens: grid (T // BLOCK_M + n_seqs, H).
-    b, pid_m, tile, h, hk, start, seq_len, live = sparse.query_program(CU, n_seqs, GROUP, bisect_steps, LISTS,
-                                                                       n_tiles, volume, SPARSE, WS, BLOCK_M)
+    b, pid_m, tile, h, hk, start, seq_len, live = sparse.query_program(CU, n_seqs, GROUP, bisect_steps, sparse_table,
+                                                                       SPARSE, WS, BLOCK_M)
     if not WS:  # noqa: SIM102 (a constexpr branch: a WS kernel must hold no return at all)
         if not live:
             return
     start = start.to(tl.int64)
-    rows, m_mask, q0, q1, lse_off = query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M,
-                                               HEAD_DIM, D0, D1, WS)
-    o_base = start * stride_ot + h * stride_oh
+    rows, m_mask, q0, q1, lse_off = query_tile(q, start, seq_len, pid_m, h, T, BLOCK_M, HEAD_DIM, D0, D1, WS)
+    o_base = start * stride_ot + h * stride_oh  # of the tile in out and in o_text
 
-    # The text branch runs first and parks its result in OTEXT (the backward needs it anyway), so nothing of it
+    # The text branch runs first and parks its result in o_text (the backward needs it anyway), so nothing of it
     # stays live in registers during the long self loop (keeping it costs ~50-75 registers a thread at 128-row
     # tiles); it is read back for the final sum.
     if HAS_TEXT:
@@ -204,15 +202,15 @@ def _fwd_kernel(
         if WS:
             t_len = tl.where(live, t_len, 0)
         # (WS: text keys through descriptors in the same one-loop shape, else the pass splits no loop at all.)
-        acc0, acc1, m_t, l_t = _attend(q0, q1, TK + t_start * stride_tkt + hk * stride_tkh,
-                                       TV + t_start * stride_tvt + hk * stride_tvh, stride_tkt, stride_tvt, t_len,
-                                       text_qk_scale, WS, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
+        acc0, acc1, m_t, l_t = _attend(q0, q1, head_rows(text_k, t_start, hk), head_rows(text_v, t_start, hk),
+                                       text_k[1], text_v[1], t_len, text_qk_scale, WS, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                       D0, D1, DOT_PREC, WS)
         # A sample without text tokens: l_t == 0 and acc == 0, so o_text is exactly 0 (never 0/0), and its text
         # LSE is -inf, which tells the backward's preprocess that no gate applies to these rows.
         has = l_t > 0
         l_safe = tl.where(has, l_t, 1.0)
-        tl.store(LSE_T + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * LN2, float("-inf")), mask=m_mask)
-        store_tile(OTEXT + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
+        tl.store(lse_text + lse_off, tl.where(has, (m_t + tl.log2(l_safe)) * LN2, float("-inf")), mask=m_mask)
+        store_tile(o_text + o_base, rows, m_mask, stride_ot, acc0 / l_safe[:, None], acc1 / l_safe[:, None],
                    HEAD_DIM, D0, D1)
 
     # Self keys: the sequence's own (KCU is CU) or, for cross-attention, the sample's keys by their offsets.
@@ -221,30 +219,27 @@ def _fwd_kernel(
     if WS:
         k_len = tl.where(live, k_len, 0)
     if SPARSE and TMA:
-        acc0, acc1, m_i, l_i = _attend_listed(q0, q1, K + k_start * stride_kt + hk * stride_kh,
-                                              V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len,
-                                              k_start, LISTS, CU, n_tiles, n_seqs, list_heads, list_width, volume, h,
-                                              b, tile, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
+        acc0, acc1, m_i, l_i = _attend_listed(q0, q1, head_rows(k, k_start, hk), head_rows(v, k_start, hk), k[1], v[1],
+                                              k_len, k_start, sparse_table, CU, n_seqs, h, b, tile, qk_scale, BLOCK_M,
+                                              BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
     elif SPARSE:
-        acc0, acc1, m_i, l_i = _attend_runs(q0, q1, K, V, stride_kt, stride_vt, hk * stride_kh, hk * stride_vh, LISTS,
-                                            CU, n_tiles, n_seqs, list_heads, list_width, h, b, tile, qk_scale, BLOCK_M,
-                                            BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        acc0, acc1, m_i, l_i = _attend_runs(q0, q1, k, v, hk, sparse_table, CU, n_seqs, h, b, tile, qk_scale,
+                                            BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
     else:
-        acc0, acc1, m_i, l_i = _attend(q0, q1, K + k_start * stride_kt + hk * stride_kh,
-                                       V + k_start * stride_vt + hk * stride_vh, stride_kt, stride_vt, k_len,
-                                       qk_scale, TMA, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
+        acc0, acc1, m_i, l_i = _attend(q0, q1, head_rows(k, k_start, hk), head_rows(v, k_start, hk), k[1], v[1],
+                                       k_len, qk_scale, TMA, BLOCK_M, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC, WS)
     # A sample without keys (cross-attention): l_i == 0 and acc == 0, so the self part is exactly 0 and its LSE
     # is -inf (m_i = -inf), which merges right by log-sum-exp.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(LSE + lse_off, tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf")), mask=m_mask)
+    tl.store(lse + lse_off, tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf")), mask=m_mask)
     out0 = acc0 / l_safe[:, None]
     out1 = acc1 / l_safe[:, None]
     if HAS_TEXT:
         # Other threads of this program stored these elements: a CTA barrier makes their writes visible.
         tl.debug_barrier()
         # Nothing is added for a sample without text, whatever the gate (a NaN gate times o_text = 0 is NaN).
-        tg = tl.where(t_len > 0, tl.load(TGATE + h), 0.0)
-        ot0, ot1 = load_tile(OTEXT + o_base, rows, m_mask, stride_ot, BLOCK_M, HEAD_DIM, D0, D1)
+        tg = tl.where(t_len > 0, tl.load(tanh_gate + h), 0.0)
+        ot0, ot1 = load_tile(o_text + o_base, rows, m_mask, stride_ot, BLOCK_M, HEAD_DIM, D0, D1)
         out0 = out0 + tg * ot0.to(tl.float32)
         if D1 > 0:
             out1 = out1 + tg * ot1.to(tl.float32)

@@ -584,13 +584,15 @@ def offer(tuned, grid, args: tuple, consts: dict, regime: dict, offered: list, r
         return False
     a = dict(zip(tuned.fn.arg_names, args))
     has_text = bool(consts["HAS_TEXT"])
-    q, k, v, tk, tv = a["Q"], a["K"], a["V"], a["TK"], a["TV"]
+    # (T, H, Dh) tensors come as (tensor, token stride, head stride) views; this kernel reads them whole.
+    q, k, v, tk, tv, out = (a[name][0] for name in ("q", "k", "v", "text_k", "text_v", "out"))
     if not supported(q, k, v, tk, tv):
         return False
     programs = _helpers.device_limits(q.device)[0]
+    cu, tcu, _ = a["offsets"]
 
     def run(config: GluonConfig) -> None:
-        launch(config, q, k, v, tk, tv, a["TGATE"], a["OUT"], a["OTEXT"], a["LSE"], a["LSE_T"], a["CU"], a["TCU"],
+        launch(config, q, k, v, tk, tv, a["tanh_gate"], out, a["o_text"], a["lse"], a["lse_text"], cu, tcu,
                a["qk_scale"], a["text_qk_scale"], a["T"], a["GROUP"], a["n_seqs"], has_text, programs)  # fmt: skip
 
     def reference() -> None:
@@ -599,7 +601,7 @@ def offer(tuned, grid, args: tuple, consts: dict, regime: dict, offered: list, r
         tuned._run(tile, grid, args, consts)
 
     candidates = {str(c): (lambda c=c: run(c)) for c in CONFIGS[q.shape[-1]]}
-    outputs = [a["OUT"], a["LSE"]] + ([a["OTEXT"], a["LSE_T"]] if has_text else [])
+    outputs = [out, a["lse"]] + ([a["o_text"], a["lse_text"]] if has_text else [])
     key = "gluon forward " + tuned.key(consts, regime)
     choice = verification.choose(key, reference, candidates, outputs, verification.TOLERANCE[q.dtype])
     if choice == verification.TRITON:

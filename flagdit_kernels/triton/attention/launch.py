@@ -6,7 +6,9 @@ Layout (flash-attn varlen convention): q ``(T, H, Dh)``, k/v ``(T, Hkv, Dh)``, s
 their own offsets (same sample count; any key count per sample, 0 included). Tensors are read through their
 token and head strides, so q/k/v may be views of one fused QKV projection (not copied); the head dim is read
 as contiguous (a tensor whose head dim is not is copied).
-Plain tensors in, plain tensors out: autograd lives in flagdit_kernels/ops/attention.py.
+One call comes in as a ``Problem`` (problem.py), plain tensors go out: autograd lives in
+flagdit_kernels/ops/attention.py. The kernels take each (T, H, Dh) tensor as a ``(tensor, token stride, head
+stride)`` view (``_view``; tiles.aligned_view on the kernel side).
 
 The kernels: fwd.py (forward), bwd.py (backward), tiles.py (shared tile code),
 autotune.py (tile choice). RoPE is applied once, outside the attention loops: q and k are rotated
@@ -33,7 +35,8 @@ from . import autotune as tuning
 from . import candidates, sparse
 from .bwd import STATS_WIDTH, _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
 from .fwd import _fwd_kernel
-from .offsets import safe_offsets
+from .offsets import padded_length, safe_offsets
+from .problem import Problem
 
 LOG2E = 1.4426950408889634
 INTERPRETED = tuning.INTERPRETED
@@ -87,10 +90,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _rows(*tensors: torch.Tensor) -> tuple[int, ...]:
-    """(token stride, head stride) of each (T, H, Dh) tensor, whose head dim the kernels read as contiguous; 0
-    for a dim of size 1 (never stepped along, and an odd stride there would cost the vector width)."""
-    return tuple(stride if size > 1 else 0 for t in tensors for size, stride in zip(t.shape[:2], t.stride()[:2]))
+def _rows(t: torch.Tensor) -> tuple[int, int]:
+    """(token stride, head stride) of a (T, H, Dh) tensor, whose head dim the kernels read as contiguous; 0 for a
+    dim of size 1 (never stepped along, and an odd stride there would cost the vector width)."""
+    return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape[:2], t.stride()[:2]))
+
+
+def _view(t: torch.Tensor) -> tuple:
+    """The kernels' ``(pointer, token stride, head stride)`` of a (T, H, Dh) tensor (tiles.aligned_view)."""
+    return (t, *_rows(t))
 
 
 def _aligned16(t: torch.Tensor) -> bool:
@@ -240,27 +248,12 @@ def _rotated(x: torch.Tensor, freqs: torch.Tensor | None) -> torch.Tensor:
     return x if freqs is None else rope_kernels.apply_rope(x, freqs, interleaved=True)
 
 
-def forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    softmax_scale: float,
-    text_k: torch.Tensor | None,
-    text_v: torch.Tensor | None,
-    text_cu_seqlens: torch.Tensor | None,
-    tanh_gate: torch.Tensor | None,
-    freqs: torch.Tensor | None,
-    *,
-    cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_k: int | None = None,
-    sparse_lists: torch.Tensor | None = None,
-    sparse_sizes: list[int] | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """Returns ``(out, o_text, lse_self, lse_text, q_used, k_used)``; LSEs are fp32 ``(H, T)`` in natural log;
-    o_text and lse_text are empty without text; q_used / k_used are what the backward must read (q and k
-    rotated by RoPE with ``freqs``, else q and k). ``tanh_gate`` is fp32 ``(H,)`` (the gate through tanh).
+def forward(p: Problem) -> tuple[torch.Tensor, ...]:
+    """Returns ``(out, o_text, lse_self, lse_text, q_used, k_used, offsets)``; LSEs are fp32 ``(H, T)`` in
+    natural log; o_text and lse_text are empty without text; q_used / k_used are what the backward must read (q
+    and k rotated by RoPE with ``freqs``, else q and k); ``offsets`` the call's offsets as repaired for the
+    kernels (offsets.safe_offsets: cu_seqlens, then text_cu_seqlens and cu_seqlens_k where given), which the
+    backward may take as they are (Problem.offsets_repaired).
 
     Cross-attention: with ``cu_seqlens_k`` (as many entries as ``cu_seqlens``), k and v are ``(Tk, Hkv, Dh)``
     and sample b's queries attend to key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` (any number, 0 included:
@@ -270,13 +263,13 @@ def forward(
 
     Tile-sparse self-attention: ``sparse_lists`` / ``sparse_sizes`` from sparse.lists (the key tiles of every
     query tile of a tile-major pack); the text branch stays dense."""
-    _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
-    q, k = _rotated(q, freqs), _rotated(k, freqs)
-    q, k, v, text_k, text_v = _unit_head_dim(q, k, v, text_k, text_v)
+    _key_offsets(p.cu_seqlens, p.cu_seqlens_k, p.max_seqlen_k, p.freqs)
+    q, k = _rotated(p.q, p.freqs), _rotated(p.k, p.freqs)
+    q, k, v, text_k, text_v = _unit_head_dim(q, k, p.v, p.text_k, p.text_v)
     T, H, D = q.shape
     h_kv = k.shape[1]
-    batch = cu_seqlens.numel() - 1
-    has_text = text_k is not None
+    batch = p.cu_seqlens.numel() - 1
+    has_text = p.has_text
     # No sequence at all (only with unchecked, bad offsets: one entry, yet tokens): nothing covers the tokens,
     # so the outputs are zeros rather than memory no program wrote. Otherwise every row is written (see
     # offsets.py), poisoned-output tests included.
@@ -286,63 +279,56 @@ def forward(
     o_text = alloc((T, H, D) if has_text else (0,), dtype=q.dtype, device=q.device)
     lse_t = alloc((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
     if T == 0 or batch <= 0:
-        return out, o_text, lse, lse_t, q, k
+        rows = 1 + has_text + (p.cu_seqlens_k is not None)  # never read: the backward returns early too
+        offsets = torch.zeros((rows, padded_length(batch + 1)), dtype=torch.int32, device=q.device)
+        return out, o_text, lse, lse_t, q, k, offsets
     q_used, k_used = q, k
-    cu_seqlens, text_cu_seqlens, kcu = safe_offsets(
-        cu_seqlens, T, text_cu_seqlens, text_k.shape[0] if has_text else 0, cu_seqlens_k, k.shape[0]
-    )
+    offsets, cu_seqlens, text_cu_seqlens, kcu = _offsets(p, T, k.shape[0])
     k, v = _stand_in(k, q), _stand_in(v, q)
     tk, tv, tcu = _text_pointers(text_k, text_v, text_cu_seqlens, k, v, cu_seqlens)
-    tg = tanh_gate if has_text else lse
+    tg = p.tanh_gate if has_text else lse
     ot = o_text if has_text else out
     lt = lse_t if has_text else lse
-    programs, sparse_args = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, "BLOCK_M")
+    programs, sparse_table = _sparse_launch(p.sparse_lists, p.sparse_sizes, cu_seqlens, batch, "BLOCK_M")
     kernel, sparse_consts = (FORWARD, {}) if programs is None else (SPARSE_FORWARD, {"SPARSE": True})
     # The sparse descriptor loop's fully masked blocks (past a partial tile) need a positive scale (fwd.py).
-    descriptors_ok = not sparse_consts or softmax_scale > 0
+    descriptors_ok = not sparse_consts or p.softmax_scale > 0
     kernel.launch(
         _query_tiles(T, batch, H) if programs is None else lambda meta: (programs(meta), H),
-        q, k, v, tk, tv, tg, out, ot, lse, lt, cu_seqlens, tcu, kcu,
-        softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch, (batch - 1).bit_length(),
-        *sparse_args,
-        *_rows(q, k, v, tk, tv, out),
+        _view(q), _view(k), _view(v), _view(tk), _view(tv), _view(out), ot, tg, lse, lt, (cu_seqlens, tcu, kcu),
+        sparse_table, p.softmax_scale * LOG2E, LOG2E / math.sqrt(D), T, H // h_kv, batch, (batch - 1).bit_length(),
         HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=_dot_precision(q.dtype),
         TMA_OK=_descriptor_ready(k, v) and descriptors_ok, VEC=_vector_width(q, k, v, tk, tv, out),
         WS_OK=_warp_specialize_ready(q, k, v, tk, tv) and descriptors_ok,
-        regime=_regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k), **sparse_consts,
+        regime=_regime(q, k, has_text, p.freqs is not None, p.max_seqlen, p.max_seqlen_k), **sparse_consts,
     )  # fmt: skip
-    return out, o_text, lse, lse_t, q_used, k_used
+    return out, o_text, lse, lse_t, q_used, k_used, offsets
+
+
+def _offsets(p: Problem, T: int, t_keys: int) -> tuple[torch.Tensor, ...]:
+    """(the repaired offsets' rows, cu_seqlens, text_cu_seqlens, cu_seqlens_k) to launch with: repaired here
+    (offsets.py), or as they are where the forward repaired them already."""
+    if p.offsets_repaired:
+        return (None, p.cu_seqlens, p.text_cu_seqlens, p.cu_seqlens if p.cu_seqlens_k is None else p.cu_seqlens_k)
+    t_text = p.text_k.shape[0] if p.has_text else 0
+    return safe_offsets(p.cu_seqlens, T, p.text_cu_seqlens, t_text, p.cu_seqlens_k, t_keys)
 
 
 def backward(
+    p: Problem,
     dout: torch.Tensor,
     dlse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     out: torch.Tensor,
     o_text: torch.Tensor,
     lse: torch.Tensor,
     lse_t: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    softmax_scale: float,
-    text_k: torch.Tensor | None,
-    text_v: torch.Tensor | None,
-    text_cu_seqlens: torch.Tensor | None,
-    tanh_gate: torch.Tensor | None,
-    freqs: torch.Tensor | None,
     deterministic: bool = False,
-    *,
-    cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_k: int | None = None,
-    sparse_lists: torch.Tensor | None = None,
-    sparse_sizes: list[int] | None = None,
 ):
     """Returns ``(dq, dk, dv, d_text_k, d_text_v, d_tanh_gate)`` (the text ones None without text); ``dlse`` is
-    the gradient of the self-attention LSE, fp32 ``(H, T)``, or None. q and k are the forward's ``q_used`` /
-    ``k_used`` (rotated with ``freqs``), and dq, dk are rotated back to the unrotated inputs' gradients.
-    d_tanh_gate is fp32 ``(H,)``: per-token partial sums written by the preprocess kernel, summed per head.
+    the gradient of the self-attention LSE, fp32 ``(H, T)``, or None; ``out`` ... ``lse_t`` the forward's.
+    ``p.q`` and ``p.k`` are the forward's ``q_used`` / ``k_used`` (rotated with ``freqs``), and dq, dk are
+    rotated back to the unrotated inputs' gradients. d_tanh_gate is fp32 ``(H,)``: per-token partial sums
+    written by the preprocess kernel, summed per head.
 
     Default: five matmuls per (key block, query block), dq added with fp32 atomics by the dk/dv programs, so
     its sums run in whatever order the programs finish. ``deterministic``: the dk/dv kernel skips dq and a
@@ -351,16 +337,16 @@ def backward(
     tuned (FLAGDIT_KERNELS_AUTOTUNE=1), a non-deterministic call times the pair against the five-matmul kernel
     the first time its regime is seen and keeps the faster (the tuning cache; ``tuned_tiles()["backward"]``).
 
-    ``cu_seqlens_k`` / ``max_seqlen_k``: cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys
-    of a sample without queries get exactly 0). ``sparse_lists`` / ``sparse_sizes``: the forward's tile-sparse
-    tables; dq visits the same key runs, dk / dv the query runs of the transposed lists (built here, on the
-    device)."""
-    _key_offsets(cu_seqlens, cu_seqlens_k, max_seqlen_k, freqs)
-    dout, q, k, v, text_k, text_v = _unit_head_dim(dout, q, k, v, text_k, text_v)
+    Cross-attention as in ``forward`` (dk, dv are ``(Tk, Hkv, Dh)``; keys of a sample without queries get
+    exactly 0). Tile-sparse: dq visits the forward's key runs, dk / dv the query runs of the transposed lists
+    (built here, on the device)."""
+    _key_offsets(p.cu_seqlens, p.cu_seqlens_k, p.max_seqlen_k, p.freqs)
+    dout, q, k, v, text_k, text_v = _unit_head_dim(dout, p.q, p.k, p.v, p.text_k, p.text_v)
     T, H, D = q.shape
     h_kv = k.shape[1]
-    batch = cu_seqlens.numel() - 1
-    has_text = text_k is not None
+    batch = p.cu_seqlens.numel() - 1
+    has_text = p.has_text
+    softmax_scale, sparse_lists = p.softmax_scale, p.sparse_lists
     dev = q.device
     alloc = torch.empty if batch > 0 and T > 0 else torch.zeros  # as in forward
     dq = alloc((T, H, D), dtype=q.dtype, device=dev)
@@ -378,11 +364,10 @@ def backward(
         dgate = torch.zeros(H, dtype=torch.float32, device=dev) if has_text else None
         return dq, dk, dv, dtk, dtv, dgate
     t_keys = k.shape[0]
-    cu_seqlens, text_cu_seqlens, kcu = safe_offsets(
-        cu_seqlens, T, text_cu_seqlens, text_k.shape[0] if has_text else 0, cu_seqlens_k, t_keys
-    )
-    tg = tanh_gate if has_text else delta
+    _, cu_seqlens, text_cu_seqlens, kcu = _offsets(p, T, t_keys)
+    tg = p.tanh_gate if has_text else delta
     ot = o_text if has_text else out
+    lt = lse_t if has_text else lse
     block_t = 32  # token-parallel kernels: 32 rows of up to three head-dim tiles stay in registers
     if dlse is not None:
         dlse = dlse.contiguous()
@@ -403,16 +388,18 @@ def backward(
     text_tiles = (lambda meta: t_text // meta["BLOCK_N"] + batch) if has_text else (lambda meta: 0)
     # Then the self key tiles, over the key offsets (the query offsets for self-attention): only real tiles; or a
     # tile-sparse call's key tile chunks, over the transposed lists (per key tile, the query tiles visiting it).
-    transposed = (None, None) if sparse_lists is None else sparse.transposed_lists(sparse_lists, sparse_sizes)
-    key_programs, key_lists = _sparse_launch(*transposed, cu_seqlens, batch, "BLOCK_N")
-    query_programs, query_lists = _sparse_launch(sparse_lists, sparse_sizes, cu_seqlens, batch, "BLOCK_M")
+    transposed = (None, None) if sparse_lists is None else sparse.transposed_lists(sparse_lists, p.sparse_sizes)
+    key_programs, key_table = _sparse_launch(*transposed, cu_seqlens, batch, "BLOCK_N")
+    query_programs, query_table = _sparse_launch(sparse_lists, p.sparse_sizes, cu_seqlens, batch, "BLOCK_M")
     sparse_consts = {} if sparse_lists is None else {"SPARSE": True}
     if key_programs is None:
         grid = lambda meta: (text_tiles(meta) + t_keys // meta["BLOCK_N"] + batch, h_kv)
     else:
         grid = lambda meta: (text_tiles(meta) + key_programs(meta), h_kv)
     dtk_, dtv_ = (dtk, dtv) if has_text and text_k.numel() else (dk_, dv_)
-    regime = _regime(q, k, has_text, freqs is not None, max_seqlen, max_seqlen_k)
+    regime = _regime(q, k, has_text, p.freqs is not None, p.max_seqlen, p.max_seqlen_k)
+    views = (_view(q), _view(k), _view(v), _view(tk), _view(tv), _view(dout), _view(dq_acc))
+    offsets = (cu_seqlens, tcu, kcu)
 
     def run(pair: bool) -> None:
         """Everything up to the fp32 dq buffer, one way: every buffer written whole (dq_acc zeroed first for
@@ -422,18 +409,16 @@ def backward(
         split_dq = deterministic or pair
         ws = pair
         _bwd_preprocess[(triton.cdiv(T, block_t), H)](
-            dout, out, ot, tg, lse, lse_t if has_text else lse, delta if dlse is None else dlse, delta, delta_t, r,
+            _view(dout), _view(out), ot, tg, lse, lt, delta if dlse is None else dlse, delta, delta_t, r,
             stats if ws else delta, T, softmax_scale * LOG2E, text_scale * LOG2E,
-            *_rows(dout, out),
             HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_TEXT=has_text, HAS_DLSE=dlse is not None,
             VEC=_vector_width(dout, out, ot), BLOCK_T=block_t, HAS_STATS=ws,
         )  # fmt: skip
         DKDV.launch(
             grid,
-            q, k, v, tk, tv, tg, dout, dk_, dv_, dtk_, dtv_, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
-            cu_seqlens, tcu, kcu,
-            softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch, (batch - 1).bit_length(),
-            *key_lists, *_rows(q, k, v, tk, tv, dout, dk_, dtk_, dq_acc),
+            *views, (dk_, dv_, *_rows(dk_)), (dtk_, dtv_, *_rows(dtk_)), tg, lse, lt, delta, delta_t, offsets,
+            key_table, softmax_scale * LOG2E, text_scale * LOG2E, T, t_text, H // h_kv, batch,
+            (batch - 1).bit_length(),
             HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec, ATOMIC_DQ=not split_dq,
             TMA_OK=_descriptor_ready(q, dout, dq_acc) and (ws or not sparse_consts),
             VEC=_vector_width(q, k, v, tk, tv, dout, dk_, dtk_), WS_OK=ws,
@@ -442,10 +427,9 @@ def backward(
         if split_dq:
             DQ.launch(
                 _query_tiles(T, batch, H) if query_programs is None else lambda meta: (query_programs(meta), H),
-                q, k, v, tk, tv, tg, dout, dq_acc, lse, lse_t if has_text else lse, delta, delta_t,
-                stats if ws else delta, cu_seqlens, tcu, kcu,
+                *views, tg, lse, lt, delta, delta_t, stats if ws else delta, offsets, query_table,
                 softmax_scale * LOG2E, text_scale * LOG2E, softmax_scale, text_scale, T, H // h_kv, batch,
-                (batch - 1).bit_length(), *query_lists, *_rows(q, k, v, tk, tv, dout, dq_acc),
+                (batch - 1).bit_length(),
                 HEAD_DIM=D, **_chunks(D), HAS_TEXT=has_text, DOT_PREC=prec,
                 TMA_OK=_descriptor_ready(k, v) and (ws or not sparse_consts), VEC=_vector_width(q, k, v, tk, tv, dout),
                 WS_OK=ws, regime=regime, **sparse_consts,
@@ -465,13 +449,12 @@ def backward(
         run(False)  # compiles the other way's tiles too, for the tuned runs to come (the pair still runs last)
     run(pair)
     # dq: the buffer in q's dtype, rotated back with RoPE (the gradient of the rotated q -> the input's).
-    table = freqs.contiguous() if freqs is not None else dq_acc
+    table = p.freqs.contiguous() if p.freqs is not None else dq_acc
     _bwd_dq_postprocess[(triton.cdiv(T, block_t), H)](
-        dq_acc, table, dq, T, 1 / LOG2E,
-        *_rows(dq_acc, dq), table.stride(0),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), ROPE=freqs is not None, VEC=_vector_width(dq), BLOCK_T=block_t,
+        _view(dq_acc), _view(dq), (table, table.stride(0)), T, 1 / LOG2E,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), ROPE=p.freqs is not None, VEC=_vector_width(dq), BLOCK_T=block_t,
     )  # fmt: skip
-    if freqs is not None:
-        dk = rope_kernels.apply_rope(dk, freqs, interleaved=True, inverse=True)
+    if p.freqs is not None:
+        dk = rope_kernels.apply_rope(dk, p.freqs, interleaved=True, inverse=True)
     dgate = r.sum(dim=1) if has_text else None
     return dq, dk, dv, dtk, dtv, dgate

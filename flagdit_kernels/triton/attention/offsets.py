@@ -7,6 +7,8 @@ the start and ``total`` at the end. Valid offsets come out unchanged. Bad ones c
 of the tokens, so every kernel stays inside q/k/v/out (every row it touches lies in [0, total)) and every
 output row is written by exactly one program: bad offsets give wrong numbers (those of the repaired offsets),
 never a wild access or unwritten memory. A non-contiguous ``cu_seqlens`` view is read through its stride.
+The forward's repaired copy (one tensor, a row per offsets array) is saved for the backward, which launches it
+as it is (launch.py, Problem.offsets_repaired): one repair per training step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def _max(a, b):
 
 
 @triton.jit
-def _repair(src, stride, dst, n, total, BLOCK: tl.constexpr):
+def _repair(offsets, n, BLOCK: tl.constexpr):
+    """``offsets``: (source, source stride, destination, total tokens)."""
+    src, stride, dst, total = offsets
     carry = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -37,17 +41,16 @@ def _repair(src, stride, dst, n, total, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _repair_offsets(CU, CU_OUT, n, stride, total, TCU, TCU_OUT, stride_t, text_total, KCU, KCU_OUT, stride_k,
-                    k_total, BLOCK: tl.constexpr):  # fmt: skip
-    """Program 0 repairs cu_seqlens (total tokens ``total``), program 1 text_cu_seqlens (``text_total``),
-    program 2 cu_seqlens_k (``k_total``)."""
+def _repair_offsets(first, second, third, n, BLOCK: tl.constexpr):
+    """Program i repairs the i-th of up to three offsets arrays of ``n`` entries, each given as (source, source
+    stride, destination, total tokens)."""
     pid = tl.program_id(0)
     if pid == 0:
-        _repair(CU, stride, CU_OUT, n, total, BLOCK)
+        _repair(first, n, BLOCK)
     elif pid == 1:
-        _repair(TCU, stride_t, TCU_OUT, n, text_total, BLOCK)
+        _repair(second, n, BLOCK)
     else:
-        _repair(KCU, stride_k, KCU_OUT, n, k_total, BLOCK)
+        _repair(third, n, BLOCK)
 
 
 def safe_offsets(
@@ -57,22 +60,35 @@ def safe_offsets(
     text_total: int = 0,
     cu_seqlens_k: torch.Tensor | None = None,
     k_total: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(cu_seqlens, text_cu_seqlens, cu_seqlens_k) repaired as the module says, int32 and contiguous, in one
-    launch. Without ``cu_seqlens_k`` (self-attention) the third is the repaired cu_seqlens itself; the offsets
-    arrays must have the same length (one sample count)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(repaired, cu_seqlens, text_cu_seqlens, cu_seqlens_k): the given offsets repaired as the module says, in
+    one launch, as the rows of one int32 tensor ``repaired`` (cu_seqlens, then text_cu_seqlens if given, then
+    cu_seqlens_k if given: what the forward hands its backward, see :func:`rows`) and as those rows. Without
+    ``cu_seqlens_k`` (self-attention) the last is the repaired cu_seqlens itself; the offsets arrays must have
+    the same length (one sample count). Rows are padded to whole 16 bytes, so each starts 16-byte aligned, as a
+    tensor of its own does (Triton marks the pointer so)."""
+    given = [(cu_seqlens, total)]
+    if text_cu_seqlens is not None:
+        given.append((text_cu_seqlens, text_total))
+    if cu_seqlens_k is not None:
+        given.append((cu_seqlens_k, k_total))
     n = cu_seqlens.numel()
-    dev = cu_seqlens.device
-    cu = torch.empty(n, dtype=torch.int32, device=dev)
-    has_text, cross = text_cu_seqlens is not None, cu_seqlens_k is not None
-    # Program 1 also runs for cross-attention without text: it then repairs cu_seqlens into a scratch copy.
-    tcu = torch.empty(n, dtype=torch.int32, device=dev) if has_text or cross else cu
-    kcu = torch.empty(n, dtype=torch.int32, device=dev) if cross else cu
-    text_src = text_cu_seqlens if has_text else cu_seqlens
-    k_src = cu_seqlens_k if cross else cu_seqlens
-    block = min(1024, triton.next_power_of_2(n))
-    _repair_offsets[(3 if cross else 2 if has_text else 1,)](
-        cu_seqlens, cu, n, cu_seqlens.stride(0), total, text_src, tcu, text_src.stride(0), text_total,
-        k_src, kcu, k_src.stride(0), k_total, BLOCK=block,
-    )  # fmt: skip
-    return cu, tcu if has_text else None, kcu
+    # Zeros: the padding is never read, but an output of the forward's custom op must not hold garbage.
+    repaired = torch.zeros((len(given), padded_length(n)), dtype=torch.int32, device=cu_seqlens.device)
+    # A slot past the given arrays is never read (its program is not launched): the first one stands in.
+    slots = [(src, src.stride(0), dst, count) for (src, count), dst in zip(given, repaired, strict=True)]
+    slots += slots[:1] * (3 - len(slots))
+    _repair_offsets[(len(given),)](*slots, n, BLOCK=min(1024, triton.next_power_of_2(n)))
+    cu, text_cu, cu_k = rows(repaired, n, text_cu_seqlens is not None, cu_seqlens_k is not None)
+    return repaired, cu, text_cu, cu if cu_k is None else cu_k
+
+
+def padded_length(n: int) -> int:
+    """Entries of a row of :func:`safe_offsets`'s tensor for ``n`` offsets: n rounded up to 16 bytes."""
+    return (n + 3) // 4 * 4
+
+
+def rows(repaired: torch.Tensor, n: int, has_text: bool, cross: bool) -> tuple[torch.Tensor | None, ...]:
+    """(cu_seqlens, text_cu_seqlens, cu_seqlens_k), ``n`` entries each, in the rows of a tensor
+    :func:`safe_offsets` returned (None for what the call did not give)."""
+    return repaired[0, :n], repaired[1, :n] if has_text else None, repaired[-1, :n] if cross else None

@@ -111,14 +111,17 @@ def grid_programs(n_tiles: int, volume: int, placeholders: int, samples: int, bl
 
 
 @triton.jit
-def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr, steps=0, WS: tl.constexpr = False):
-    """(sample b, tile (-1: a placeholder program), first row, rows) of program ``pid`` (module docstring).
-    Rows <= 0: an idle program (the caller returns). The placeholder programs come first: each visits its whole
-    sample, the longest work of the launch, so it starts in the first wave rather than trailing the last.
+def program(pid, table, CU, n_seqs, chunks, BLOCK: tl.constexpr, steps=0, WS: tl.constexpr = False):
+    """(sample b, tile (-1: a placeholder program), first row, rows) of program ``pid`` (module docstring) of a
+    launch of BLOCK-row programs over ``table`` (the kernels' ``(LISTS, n_tiles, list heads, list width, tile
+    volume)``; ``chunks`` = cdiv(tile volume, BLOCK)). Rows <= 0: an idle program (the caller returns). The
+    placeholder programs come first: each visits its whole sample, the longest work of the launch, so it starts
+    in the first wave rather than trailing the last.
 
     WS: the same, branch-free (both kinds computed, masked loads, selects) and with ``tile_of``'s counted
     bisection of ``steps`` halvings: Triton 3.6's warp-specialization pass fails on a while loop anywhere in the
     kernel and on values picked by an scf.if (fwd._attend)."""
+    LISTS, n_tiles, _, _, _ = table
     slot_cu = LISTS + 3 * n_tiles + n_seqs
     slot_programs = tl.load(slot_cu + n_seqs) // BLOCK + n_seqs  # tile_of's cover of the placeholder runs
     if WS:
@@ -146,7 +149,7 @@ def program(pid, LISTS, CU, n_tiles, n_seqs, chunks, BLOCK: tl.constexpr, steps=
 
 
 @triton.jit
-def query_program(CU, n_seqs, GROUP, bisect_steps, LISTS, n_tiles, volume, SPARSE: tl.constexpr, WS: tl.constexpr,
+def query_program(CU, n_seqs, GROUP, bisect_steps, table, SPARSE: tl.constexpr, WS: tl.constexpr,
                   BLOCK_M: tl.constexpr):
     """(sample b, query tile m, sparse tile, query head, kv head, first row, rows, live) of a program of the
     forward's grid (also dq's): the tile-sparse table's (:func:`program`; m = 0, its rows are the chunk), or one
@@ -156,8 +159,8 @@ def query_program(CU, n_seqs, GROUP, bisect_steps, LISTS, n_tiles, volume, SPARS
     program bisects in fixed steps and an idle one runs with its rows masked (no keys, nothing stored)."""
     h = tl.program_id(1)
     if SPARSE:
-        b, tile, start, seq_len = program(tl.program_id(0), LISTS, CU, n_tiles, n_seqs, tl.cdiv(volume, BLOCK_M),
-                                          BLOCK_M, bisect_steps, WS)
+        b, tile, start, seq_len = program(tl.program_id(0), table, CU, n_seqs, tl.cdiv(table[4], BLOCK_M), BLOCK_M,
+                                          bisect_steps, WS)
         pid_m = 0
         live = seq_len > 0
     else:
@@ -169,9 +172,10 @@ def query_program(CU, n_seqs, GROUP, bisect_steps, LISTS, n_tiles, volume, SPARS
 
 
 @triton.jit
-def run_count(LISTS, n_tiles, n_seqs, heads, h, tile):
+def run_count(table, n_seqs, h, tile):
     """How many runs a program of ``tile`` visits for head h: its listed stretches of tiles plus the placeholder
     run, or 1 (its whole sample) for a placeholder program."""
+    LISTS, n_tiles, heads, _, _ = table
     counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
     is_tile = tile >= 0
     listed = tl.load(counts + (h % heads) * n_tiles + tile, mask=is_tile, other=0)
@@ -179,8 +183,9 @@ def run_count(LISTS, n_tiles, n_seqs, heads, h, tile):
 
 
 @triton.jit
-def run(LISTS, CU, n_tiles, n_seqs, heads, width, h, b, tile, j):
+def run(table, CU, n_seqs, h, b, tile, j):
     """(first row, rows) of run j of a program of ``tile`` in sample b for head h (see run_count)."""
+    LISTS, n_tiles, heads, width, _ = table
     counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
     pairs = counts + heads * n_tiles
     row = (h % heads) * n_tiles + tile
@@ -196,9 +201,10 @@ def run(LISTS, CU, n_tiles, n_seqs, heads, width, h, b, tile, j):
 
 
 @triton.jit
-def listed(LISTS, n_tiles, n_seqs, heads, width, h, tile):
+def listed(table, n_seqs, h, tile):
     """(count, first entry) of the tiles a program of ``tile`` lists for head h (the table's ``lists``, not its
     runs): the flat loops of the descriptor kernels walk them tile by tile. Count 0 for a placeholder program."""
+    LISTS, n_tiles, heads, width, _ = table
     counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1 + heads * n_tiles * (1 + 2 * width)
     is_tile = tile >= 0
     row = (h % heads) * n_tiles + tl.maximum(tile, 0)
@@ -206,7 +212,7 @@ def listed(LISTS, n_tiles, n_seqs, heads, width, h, tile):
 
 
 @triton.jit
-def flat_block(LISTS, entries, count, chunks, n_listed, rest_first, rest_len, i, BLOCK: tl.constexpr):
+def flat_block(table, entries, count, chunks, n_listed, rest_first, rest_len, i, BLOCK: tl.constexpr):
     """(first row, rows) of block i of a descriptor kernel's ONE loop over a program's blocks: first its listed
     tiles (see listed) in ``chunks`` = cdiv(tile volume, BLOCK) chunks of BLOCK rows each, i < count * chunks;
     then padding up to ``n_listed`` (rows 0; dk / dv's heads walk the longest list of the GQA group); then the rest
@@ -214,6 +220,7 @@ def flat_block(LISTS, entries, count, chunks, n_listed, rest_first, rest_len, i,
     padding and for a chunk past a partial tile's end: a fully masked block, which follows the tile's first chunk
     (it holds a row). One loop, not one per kind: Triton 3.6's warp-specialization pass fails (an MLIR dominance
     assertion) on two such loops in a row whose second carries the first's state."""
+    LISTS = table[0]
     listed = i < count * chunks
     slot = tl.where(listed, i, 0) // chunks
     t = tl.load(entries + slot, mask=listed, other=0)
@@ -223,8 +230,9 @@ def flat_block(LISTS, entries, count, chunks, n_listed, rest_first, rest_len, i,
 
 
 @triton.jit
-def rest(LISTS, CU, n_tiles, b, tile):
+def rest(table, CU, b, tile):
     """(first row, rows) of what a program visits besides its listed tiles (see run): the sample's placeholder
     run for a tile program, the whole sample for a placeholder program."""
+    LISTS, n_tiles, _, _, _ = table
     first = tl.where(tile >= 0, tl.load(LISTS + 3 * n_tiles + b), tl.load(CU + b))
     return first, tl.load(CU + b + 1) - first

@@ -31,12 +31,25 @@ def aligned(stride, VEC: tl.constexpr):
 
 
 @triton.jit
-def aligned_inputs(stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_tkt, stride_tkh, stride_tvt,
-                   stride_tvh, VEC: tl.constexpr):
-    """The token and head strides of q, k, v, text_k and text_v, each through ``aligned``."""
-    return (aligned(stride_qt, VEC), aligned(stride_qh, VEC), aligned(stride_kt, VEC), aligned(stride_kh, VEC),
-            aligned(stride_vt, VEC), aligned(stride_vh, VEC), aligned(stride_tkt, VEC), aligned(stride_tkh, VEC),
-            aligned(stride_tvt, VEC), aligned(stride_tvh, VEC))
+def aligned_view(view, VEC: tl.constexpr):
+    """A ``(pointer, token stride, head stride)`` view of a (T, H, Dh) tensor with both strides through
+    ``aligned``: how every kernel takes its (T, H, Dh) tensors."""
+    ptr, stride_t, stride_h = view
+    return ptr, aligned(stride_t, VEC), aligned(stride_h, VEC)
+
+
+@triton.jit
+def head_rows(view, start, head):
+    """The pointer to row ``start`` (int64) of head ``head`` of a view."""
+    ptr, stride_t, stride_h = view
+    return ptr + start * stride_t + head * stride_h
+
+
+@triton.jit
+def shifted(view, start, head):
+    """The view moved to row ``start`` of head ``head`` (its rows and heads counted from there)."""
+    _, stride_t, stride_h = view
+    return head_rows(view, start, head), stride_t, stride_h
 
 
 @triton.jit
@@ -211,13 +224,14 @@ def load_kv_pair(k_src0, k_src1, v_src0, v_src1, stride_kt, stride_vt, start_n, 
 
 
 @triton.jit
-def query_tile(Q, start, seq_len, pid_m, h, T, stride_qt, stride_qh, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               D0: tl.constexpr, D1: tl.constexpr, DESC: tl.constexpr = False):
-    """Block ``pid_m`` of the queries of head h in the sequence starting at token ``start`` (int64): (rows,
-    mask, the q chunks, offsets into (H, T) LSE-shaped arrays). DESC: q through tensor descriptors (what
-    Triton's warp specialization needs: with a pointer load of q its pass asserts in WSLowerToken, 3.6)."""
+def query_tile(q, start, seq_len, pid_m, h, T, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+               D1: tl.constexpr, DESC: tl.constexpr = False):
+    """Block ``pid_m`` of the queries of head h in the sequence starting at token ``start`` (int64) of the view
+    ``q``: (rows, mask, the q chunks, offsets into (H, T) LSE-shaped arrays). DESC: q through tensor descriptors
+    (what Triton's warp specialization needs: with a pointer load of q its pass asserts in WSLowerToken, 3.6)."""
+    _, stride_qt, _ = q
     rows, m_mask = tile_rows(pid_m * BLOCK_M, seq_len, True, BLOCK_M)
-    base = Q + start * stride_qt + h * stride_qh
+    base = head_rows(q, start, h)
     if DESC:
         src0, src1 = row_source(base, tl.maximum(seq_len, 1), stride_qt, True, BLOCK_M, HEAD_DIM, D0, D1)
         q0, q1 = load_rows(src0, src1, pid_m * BLOCK_M, rows, m_mask, stride_qt, True, BLOCK_M, HEAD_DIM, D0, D1)
