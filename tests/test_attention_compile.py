@@ -11,12 +11,9 @@ a grid with idle programs shows up without a GPU. On sm_90 the default backward 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
+from support.compile_subprocess import compile_rows
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.backends.nvidia") is None,
@@ -29,18 +26,13 @@ N_SEQS = 5  # the packed benchmark batch
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     code = (
         "import json, dataclasses\n"
         "from flagdit_kernels.bench.compile.compile_report import report\n"
         "rows = report((72, 128), variants=[(False, False), (True, True)])\n"
         "print(json.dumps([dataclasses.asdict(r) for r in rows]))\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return compile_rows(code)
 
 
 def _label(r: dict) -> str:

@@ -9,13 +9,8 @@ barrier of one partition, not a CTA-wide one).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from support.compile_subprocess import ROOT, compiler_unavailable
+from support.compile_subprocess import compile_rows, compiler_unavailable
 
 from flagdit_kernels.bench.compile.sass import barriers, count_classes, wgmma_shapes, wgmma_waits
 
@@ -44,21 +39,12 @@ def test_sass_parsers_on_known_lines():
     assert (c["hgmma"], c["mma_sync"], c["ex2"], c["local"], c["tma_load"]) == (3, 1, 1, 1, 1)
 
 
-def _compile(code: str) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 needs_compiler = pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
 
 
 @needs_compiler
 def test_triton_forward_structure():
-    rows = _compile(
+    rows = compile_rows(
         "import json, dataclasses\n"
         "from flagdit_kernels.bench.compile.compile_report import report\n"
         "rows = [r for r in report((64,), variants=[(False, False)]) if r.kernel == '_fwd_kernel']\n"
@@ -87,7 +73,7 @@ def test_gluon_forward_structure():
     no spill in any loop or anywhere else (the lazy rescale's branch and the tail tile's cleaned V copy keep all
     of that). Dh 72 and 96 have no Gluon config: Gluon register tensors are powers of two, so neither can be one
     80- or 96-wide product, and they are not offered rather than padded."""
-    rows = _compile(
+    rows = compile_rows(
         "import json, dataclasses\n"
         "from flagdit_kernels.bench.compile.compile_report import gluon_report\n"
         "rows = gluon_report((64, 72, 96, 128))\n"

@@ -9,12 +9,9 @@ so the compile runs in a child process.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
+from support.compile_subprocess import compile_rows
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.backends.nvidia") is None,
@@ -49,11 +46,7 @@ print(json.dumps(rows))
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", _CODE], env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return compile_rows(_CODE)
 
 
 def test_forward_splits_into_producer_and_two_consumers(rows):

@@ -1,9 +1,10 @@
-"""Plumbing of the tests that compile kernels for sm_90 without a GPU: whether this machine can, and running
-a test file as a script in a subprocess without ``TRITON_INTERPRET`` (the recorder and compiler are
-``flagdit_kernels.bench.compile.recorder`` and ``flagdit_kernels.bench.compile.sass``)."""
+"""Plumbing of the tests that compile kernels for sm_90 without a GPU: whether this machine can, and running a
+test file as a script, or a snippet (``compile_rows``), in a subprocess without ``TRITON_INTERPRET`` (the
+recorder and compiler are ``flagdit_kernels.bench.compile.recorder`` and ``flagdit_kernels.bench.compile.sass``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +43,14 @@ def run_script(path: str) -> str:
     done = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
     return done.stdout
+
+
+def compile_rows(code: str) -> list[dict]:
+    """Runs ``code`` in a child Python without TRITON_INTERPRET, from the repository root (a compiler abort, such
+    as an MLIR assertion, fails the test, not the run), and returns the JSON list it prints as its last line."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -232,6 +232,26 @@ def _group_rows(src0, src1, g, start, R: tl.constexpr, D0: tl.constexpr, D1: tl.
 
 
 @triton.jit
+def _dkdv_group_block(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1, g, start, end, lse_base,
+                      delta_base, gate, is_text, T, qk_scale, HAS_TEXT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      D0: tl.constexpr, D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One step of the warp-specialized dk/dv loops (_dkdv_ws, _dkdv_listed): query rows [start, end) of head g
+    of the group, at most BLOCK_M, through _group_source descriptors; rows past ``end`` masked."""
+    q0, q1 = _group_rows(q_src0, q_src1, g, start, BLOCK_M, D0, D1)
+    do0, do1 = _group_rows(do_src0, do_src1, g, start, BLOCK_M, D0, D1)
+    rows, m_mask = loop_tile(start, end, True, BLOCK_M)
+    offs = g.to(tl.int64) * T + start + rows
+    lse = tl.load(lse_base + offs, mask=m_mask, other=0.0) * LOG2E
+    delta = tl.load(delta_base + offs, mask=m_mask, other=0.0) * qk_scale
+    do_scale = 1.0
+    if HAS_TEXT:
+        do_scale = tl.where(is_text, tl.load(gate + g), 1.0)
+    dk0, dk1, dv0, dv1, _ = _dkdv_products(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q0, q1, do0, do1, lse, delta, m_mask,
+                                           qk_scale, do_scale, True, D1, DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
 def _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, lse_base, delta_base, gate, is_text, GROUP, T, q_len,
              qk_scale, HAS_TEXT: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
              D1: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -247,17 +267,9 @@ def _dkdv_ws(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, lse_base, delta_base, 
     for i in tl.range(0, GROUP * n_m, warp_specialize=True):
         g = i // n_m
         start_m = (i - g * n_m) * BLOCK_M
-        q0, q1 = _group_rows(q_src0, q_src1, g, start_m, BLOCK_M, D0, D1)
-        do0, do1 = _group_rows(do_src0, do_src1, g, start_m, BLOCK_M, D0, D1)
-        rows, m_mask = loop_tile(start_m, q_len, True, BLOCK_M)
-        offs = g.to(tl.int64) * T + start_m + rows
-        lse = tl.load(lse_base + offs, mask=m_mask, other=0.0) * LOG2E
-        delta = tl.load(delta_base + offs, mask=m_mask, other=0.0) * qk_scale
-        do_scale = 1.0
-        if HAS_TEXT:
-            do_scale = tl.where(is_text, tl.load(gate + g), 1.0)
-        dk0, dk1, dv0, dv1, _ = _dkdv_products(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q0, q1, do0, do1, lse, delta,
-                                               m_mask, qk_scale, do_scale, True, D1, DOT_PREC)
+        dk0, dk1, dv0, dv1 = _dkdv_group_block(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
+                                               g, start_m, q_len, lse_base, delta_base, gate, is_text, T, qk_scale,
+                                               HAS_TEXT, BLOCK_M, D0, D1, DOT_PREC)
     return dk0, dk1, dv0, dv1
 
 
@@ -289,17 +301,9 @@ def _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, lse_base, delta_ba
         count, entries = sparse.listed(table, n_seqs, hk * GROUP + g, tile)
         first, rows = sparse.flat_block(table, entries, count, chunks, n_listed, r_first, r_len, j, BLOCK_M)
         off = (first - first_query).to(tl.int32)  # descriptor offsets are 32-bit
-        q0, q1 = _group_rows(q_src0, q_src1, g, off, BLOCK_M, D0, D1)
-        do0, do1 = _group_rows(do_src0, do_src1, g, off, BLOCK_M, D0, D1)
-        rows, m_mask = loop_tile(off, off + rows, True, BLOCK_M)
-        offs = g.to(tl.int64) * T + off + rows
-        lse = tl.load(lse_base + offs, mask=m_mask, other=0.0) * LOG2E
-        delta = tl.load(delta_base + offs, mask=m_mask, other=0.0) * qk_scale
-        do_scale = 1.0
-        if HAS_TEXT:
-            do_scale = tl.where(is_text, tl.load(gate + g), 1.0)
-        dk0, dk1, dv0, dv1, _ = _dkdv_products(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q0, q1, do0, do1, lse, delta,
-                                               m_mask, qk_scale, do_scale, True, D1, DOT_PREC)
+        dk0, dk1, dv0, dv1 = _dkdv_group_block(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_src0, q_src1, do_src0, do_src1,
+                                               g, off, off + rows, lse_base, delta_base, gate, is_text, T, qk_scale,
+                                               HAS_TEXT, BLOCK_M, D0, D1, DOT_PREC)
     return dk0, dk1, dv0, dv1
 
 
