@@ -331,10 +331,10 @@ def _fwd_fake(q, k, v, cu_seqlens, max_seqlen, softmax_scale, text_k, text_v, te
     rotated = freqs is not None
     q_rot = q.new_empty(q.shape if rotated else (0,))
     k_rot = k.new_empty(k.shape if rotated else (0,))
-    from ..triton.attention.offsets import padded_length
+    from ..triton.attention.offsets import repaired_shape
 
-    rows = 1 + has_text + (cu_seqlens_k is not None)
-    offsets = cu_seqlens.new_empty((rows, padded_length(cu_seqlens.shape[0])), dtype=torch.int32)
+    shape = repaired_shape(cu_seqlens.shape[0], has_text, cu_seqlens_k is not None)
+    offsets = cu_seqlens.new_empty(shape, dtype=torch.int32)
     return out, o_text, lse, lse_t, q_rot, k_rot, offsets
 
 

@@ -35,7 +35,7 @@ from . import autotune as tuning
 from . import candidates, sparse
 from .bwd import STATS_WIDTH, _bwd_dkdv, _bwd_dq, _bwd_dq_postprocess, _bwd_preprocess
 from .fwd import _fwd_kernel
-from .offsets import padded_length, safe_offsets
+from .offsets import repaired_shape, safe_offsets
 from .problem import Problem
 
 LOG2E = 1.4426950408889634
@@ -279,8 +279,9 @@ def forward(p: Problem) -> tuple[torch.Tensor, ...]:
     o_text = alloc((T, H, D) if has_text else (0,), dtype=q.dtype, device=q.device)
     lse_t = alloc((H, T) if has_text else (0,), dtype=torch.float32, device=q.device)
     if T == 0 or batch <= 0:
-        rows = 1 + has_text + (p.cu_seqlens_k is not None)  # never read: the backward returns early too
-        offsets = torch.zeros((rows, padded_length(batch + 1)), dtype=torch.int32, device=q.device)
+        # Never read: the backward returns early too.
+        shape = repaired_shape(batch + 1, has_text, p.cu_seqlens_k is not None)
+        offsets = torch.zeros(shape, dtype=torch.int32, device=q.device)
         return out, o_text, lse, lse_t, q, k, offsets
     q_used, k_used = q, k
     offsets, cu_seqlens, text_cu_seqlens, kcu = _offsets(p, T, k.shape[0])

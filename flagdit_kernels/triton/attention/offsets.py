@@ -73,8 +73,9 @@ def safe_offsets(
     if cu_seqlens_k is not None:
         given.append((cu_seqlens_k, k_total))
     n = cu_seqlens.numel()
+    shape = repaired_shape(n, text_cu_seqlens is not None, cu_seqlens_k is not None)
     # Zeros: the padding is never read, but an output of the forward's custom op must not hold garbage.
-    repaired = torch.zeros((len(given), padded_length(n)), dtype=torch.int32, device=cu_seqlens.device)
+    repaired = torch.zeros(shape, dtype=torch.int32, device=cu_seqlens.device)
     # A slot past the given arrays is never read (its program is not launched): the first one stands in.
     slots = [(src, src.stride(0), dst, count) for (src, count), dst in zip(given, repaired, strict=True)]
     slots += slots[:1] * (3 - len(slots))
@@ -83,9 +84,10 @@ def safe_offsets(
     return repaired, cu, text_cu, cu if cu_k is None else cu_k
 
 
-def padded_length(n: int) -> int:
-    """Entries of a row of :func:`safe_offsets`'s tensor for ``n`` offsets: n rounded up to 16 bytes."""
-    return (n + 3) // 4 * 4
+def repaired_shape(n: int, has_text: bool, cross: bool) -> tuple[int, int]:
+    """The shape of :func:`safe_offsets`'s tensor for ``n`` offsets: a row per offsets array given, each of n
+    entries rounded up to 16 bytes."""
+    return 1 + has_text + cross, (n + 3) // 4 * 4
 
 
 def rows(repaired: torch.Tensor, n: int, has_text: bool, cross: bool) -> tuple[torch.Tensor | None, ...]:
