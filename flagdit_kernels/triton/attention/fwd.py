@@ -149,7 +149,7 @@ def _attend_listed(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, first_ke
     v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
     count, entries = sparse.listed(table, n_seqs, h, tile)
     chunks = tl.cdiv(table[4], BLOCK_N)
-    r_first, r_len = sparse.rest(table, CU, b, tile)
+    r_first, r_len = sparse.rest(table, CU, n_seqs, b, tile)
     n_listed = count * chunks
     n_blocks = tl.where(k_len > 0, n_listed + tl.cdiv(r_len, BLOCK_N), 0)  # WS: an idle program (k_len 0) visits none
     for i in tl.range(0, n_blocks, warp_specialize=WS):

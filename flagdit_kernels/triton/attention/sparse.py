@@ -8,6 +8,9 @@ A 3-D tile is a contiguous run of tokens, so a tile-sparse pattern is, per (head
      | run counts (heads, n_tiles) | runs (heads, n_tiles, width, 2) | counts (heads, n_tiles)
      | lists (heads, n_tiles, width)]
 
+:func:`table_sections` is the one place those sizes are written: the kernels read every section through it
+(:data:`sections`) and the host through its plain Python body (:func:`transposed_lists`).
+
 ``lists[h % heads, t, :counts]`` are the tiles program tile t visits for head h: the key tiles of query tile t
 (forward, dq) or, transposed (:func:`transposed`), the query tiles that list key tile t (dk / dv). ``heads`` is
 1 (a window: the same for every head) or the query heads (top_k). The pointer loops read ``runs``: the lists'
@@ -46,7 +49,7 @@ def lists(tiles, cu_seqlens: torch.Tensor, keys: torch.Tensor, counts: torch.Ten
     slots = cu[1:] - tiles.patch_end
     slot_cu = torch.cat([cu.new_zeros(1), slots.cumsum(0, dtype=torch.int32)])
     run_counts, run_pairs = runs(keys)
-    parts = (tiles.ranges, tiles.sample, tiles.patch_end, slot_cu, run_counts, run_pairs, counts, keys)
+    parts = (tiles.ranges, tiles.sample, tiles.patch_end, slot_cu, run_counts, run_pairs, counts, keys)  # in order
     table = torch.cat([p.reshape(-1).to(torch.int32) for p in parts])
     heads, n_tiles, width = keys.shape
     return table, [n_tiles, heads, width, math.prod(tiles.tile), tiles.placeholders, tiles.max_tiles]
@@ -72,12 +75,13 @@ def runs(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def transposed_lists(table: torch.Tensor, sizes: list) -> tuple[torch.Tensor, list]:
     """The table of :func:`lists` with every tile's list replaced by the tiles that list it (dk / dv)."""
     n_tiles, heads, width, volume, placeholders, most = sizes
-    samples = (table.numel() - 3 * n_tiles - 1 - heads * n_tiles * (2 + 3 * width)) // 2  # the table's B
-    layout = 3 * n_tiles + 2 * samples + 1
-    keys = table[table.numel() - heads * n_tiles * width :].view(heads, n_tiles, width)
+    # The per-head sections come last and their sizes do not depend on B: offsets of a table with no samples
+    *_, run_counts_at, _, _, lists_at, end = table_sections((0, n_tiles, heads, width, volume), 0)
+    shared = table.numel() - (end - run_counts_at)  # the tile and sample sections, which the transpose keeps
+    keys = table[table.numel() - (end - lists_at) :].view(heads, n_tiles, width)
     t_keys, t_counts = transposed(keys, most)
     run_counts, run_pairs = runs(t_keys)
-    parts = (table[:layout], run_counts, run_pairs, t_counts, t_keys)
+    parts = (table[:shared], run_counts, run_pairs, t_counts, t_keys)
     return torch.cat([p.reshape(-1) for p in parts]), [n_tiles, heads, most, volume, placeholders, most]
 
 
@@ -104,6 +108,26 @@ def transposed(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tens
     return table[:-1].view(heads, n, width), t_counts.view(heads, n).to(torch.int32)
 
 
+def table_sections(table, n_seqs):
+    """Where each section of the kernels' table (module docstring) starts, in order, and where it ends: (ranges,
+    tile sample, patch_end, placeholder offsets, run counts, runs, counts, lists, end). ``table``: the kernels'
+    ``(LISTS, n_tiles, list heads, list width, tile volume)``, LISTS the table's pointer in a kernel (through
+    :data:`sections`) or 0 on the host (offsets); ``n_seqs``: the table's B."""
+    LISTS, n_tiles, heads, width, _ = table
+    tile_sample = LISTS + 2 * n_tiles
+    patch_end = tile_sample + n_tiles
+    slot_cu = patch_end + n_seqs
+    run_counts = slot_cu + n_seqs + 1
+    run_pairs = run_counts + heads * n_tiles
+    list_counts = run_pairs + heads * n_tiles * width * 2
+    list_tiles = list_counts + heads * n_tiles
+    end = list_tiles + heads * n_tiles * width
+    return LISTS, tile_sample, patch_end, slot_cu, run_counts, run_pairs, list_counts, list_tiles, end
+
+
+sections = triton.jit(table_sections)  # the same description, for the kernels
+
+
 def grid_programs(n_tiles: int, volume: int, placeholders: int, samples: int, block: int) -> int:
     """Programs along the rows of a sparse launch: ``tile_of``'s cover of the placeholder runs (at most one idle
     program per sample), then ``cdiv(volume, block)`` per tile."""
@@ -121,30 +145,29 @@ def program(pid, table, CU, n_seqs, chunks, BLOCK: tl.constexpr, steps=0, WS: tl
     WS: the same, branch-free (both kinds computed, masked loads, selects) and with ``tile_of``'s counted
     bisection of ``steps`` halvings: Triton 3.6's warp-specialization pass fails on a while loop anywhere in the
     kernel and on values picked by an scf.if (fwd._attend)."""
-    LISTS, n_tiles, _, _, _ = table
-    slot_cu = LISTS + 3 * n_tiles + n_seqs
+    ranges, tile_sample, patch_end, slot_cu, _, _, _, _, _ = sections(table, n_seqs)
     slot_programs = tl.load(slot_cu + n_seqs) // BLOCK + n_seqs  # tile_of's cover of the placeholder runs
     if WS:
         is_slot = pid < slot_programs
         b_slot, m = tile_of(pid, slot_cu, n_seqs, BLOCK, steps, True)
         t = tl.where(is_slot, 0, pid - slot_programs)
         tile = t // chunks
-        b = tl.where(is_slot, b_slot, tl.load(LISTS + 2 * n_tiles + tile))
-        start = tl.where(is_slot, tl.load(LISTS + 3 * n_tiles + b) + m * BLOCK,
-                         tl.load(LISTS + 2 * tile) + (t - tile * chunks) * BLOCK)
-        end = tl.where(is_slot, tl.load(CU + b + 1), tl.load(LISTS + 2 * tile + 1))
+        b = tl.where(is_slot, b_slot, tl.load(tile_sample + tile))
+        start = tl.where(is_slot, tl.load(patch_end + b) + m * BLOCK,
+                         tl.load(ranges + 2 * tile) + (t - tile * chunks) * BLOCK)
+        end = tl.where(is_slot, tl.load(CU + b + 1), tl.load(ranges + 2 * tile + 1))
         tile = tl.where(is_slot, -1, tile)
     elif pid < slot_programs:
         b, m = tile_of(pid, slot_cu, n_seqs, BLOCK)
         tile = b * 0 - 1
-        start = tl.load(LISTS + 3 * n_tiles + b) + m * BLOCK
+        start = tl.load(patch_end + b) + m * BLOCK
         end = tl.load(CU + b + 1)
     else:
         pid -= slot_programs
         tile = pid // chunks
-        b = tl.load(LISTS + 2 * n_tiles + tile)
-        start = tl.load(LISTS + 2 * tile) + (pid - tile * chunks) * BLOCK
-        end = tl.load(LISTS + 2 * tile + 1)
+        b = tl.load(tile_sample + tile)
+        start = tl.load(ranges + 2 * tile) + (pid - tile * chunks) * BLOCK
+        end = tl.load(ranges + 2 * tile + 1)
     return b, tile, start, end - start
 
 
@@ -175,28 +198,27 @@ def query_program(CU, n_seqs, GROUP, bisect_steps, table, SPARSE: tl.constexpr, 
 def run_count(table, n_seqs, h, tile):
     """How many runs a program of ``tile`` visits for head h: its listed stretches of tiles plus the placeholder
     run, or 1 (its whole sample) for a placeholder program."""
-    LISTS, n_tiles, heads, _, _ = table
-    counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
+    _, n_tiles, heads, _, _ = table
+    _, _, _, _, run_counts, _, _, _, _ = sections(table, n_seqs)
     is_tile = tile >= 0
-    listed = tl.load(counts + (h % heads) * n_tiles + tile, mask=is_tile, other=0)
-    return tl.where(is_tile, listed + 1, 1)
+    stretches = tl.load(run_counts + (h % heads) * n_tiles + tile, mask=is_tile, other=0)
+    return tl.where(is_tile, stretches + 1, 1)
 
 
 @triton.jit
 def run(table, CU, n_seqs, h, b, tile, j):
     """(first row, rows) of run j of a program of ``tile`` in sample b for head h (see run_count)."""
-    LISTS, n_tiles, heads, width, _ = table
-    counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1
-    pairs = counts + heads * n_tiles
+    _, n_tiles, heads, width, _ = table
+    ranges, _, _, _, run_counts, run_pairs, _, _, _ = sections(table, n_seqs)
     row = (h % heads) * n_tiles + tile
     is_tile = tile >= 0
-    listed = is_tile & (j < tl.load(counts + row, mask=is_tile, other=0))
-    pair = pairs + (row * width + j) * 2
-    first_tile = tl.load(pair, mask=listed, other=0)
-    last_tile = tl.load(pair + 1, mask=listed, other=0)
-    first = tl.where(listed, tl.load(LISTS + 2 * first_tile),
-                     tl.where(is_tile, tl.load(LISTS + 3 * n_tiles + b), tl.load(CU + b)))
-    end = tl.where(listed, tl.load(LISTS + 2 * last_tile + 1), tl.load(CU + b + 1))
+    stretch = is_tile & (j < tl.load(run_counts + row, mask=is_tile, other=0))  # else the last run: rest
+    pair = run_pairs + (row * width + j) * 2
+    first_tile = tl.load(pair, mask=stretch, other=0)
+    last_tile = tl.load(pair + 1, mask=stretch, other=0)
+    rest_first, rest_len = rest(table, CU, n_seqs, b, tile)
+    first = tl.where(stretch, tl.load(ranges + 2 * first_tile), rest_first)
+    end = tl.where(stretch, tl.load(ranges + 2 * last_tile + 1), rest_first + rest_len)
     return first, end - first
 
 
@@ -204,11 +226,11 @@ def run(table, CU, n_seqs, h, b, tile, j):
 def listed(table, n_seqs, h, tile):
     """(count, first entry) of the tiles a program of ``tile`` lists for head h (the table's ``lists``, not its
     runs): the flat loops of the descriptor kernels walk them tile by tile. Count 0 for a placeholder program."""
-    LISTS, n_tiles, heads, width, _ = table
-    counts = LISTS + 3 * n_tiles + 2 * n_seqs + 1 + heads * n_tiles * (1 + 2 * width)
+    _, n_tiles, heads, width, _ = table
+    _, _, _, _, _, _, list_counts, list_tiles, _ = sections(table, n_seqs)
     is_tile = tile >= 0
     row = (h % heads) * n_tiles + tl.maximum(tile, 0)
-    return tl.load(counts + row, mask=is_tile, other=0), counts + heads * n_tiles + row * width
+    return tl.load(list_counts + row, mask=is_tile, other=0), list_tiles + row * width
 
 
 @triton.jit
@@ -220,19 +242,20 @@ def flat_block(table, entries, count, chunks, n_listed, rest_first, rest_len, i,
     padding and for a chunk past a partial tile's end: a fully masked block, which follows the tile's first chunk
     (it holds a row). One loop, not one per kind: Triton 3.6's warp-specialization pass fails (an MLIR dominance
     assertion) on two such loops in a row whose second carries the first's state."""
-    LISTS = table[0]
-    listed = i < count * chunks
-    slot = tl.where(listed, i, 0) // chunks
-    t = tl.load(entries + slot, mask=listed, other=0)
-    first = tl.where(listed, tl.load(LISTS + 2 * t) + (i - slot * chunks) * BLOCK, rest_first + (i - n_listed) * BLOCK)
-    end = tl.where(listed, tl.load(LISTS + 2 * t + 1), tl.where(i < n_listed, first, rest_first + rest_len))
+    ranges = table[0]  # the table's first section (table_sections)
+    in_list = i < count * chunks
+    slot = tl.where(in_list, i, 0) // chunks
+    t = tl.load(entries + slot, mask=in_list, other=0)
+    first = tl.where(in_list, tl.load(ranges + 2 * t) + (i - slot * chunks) * BLOCK,
+                     rest_first + (i - n_listed) * BLOCK)
+    end = tl.where(in_list, tl.load(ranges + 2 * t + 1), tl.where(i < n_listed, first, rest_first + rest_len))
     return first, end - first
 
 
 @triton.jit
-def rest(table, CU, b, tile):
+def rest(table, CU, n_seqs, b, tile):
     """(first row, rows) of what a program visits besides its listed tiles (see run): the sample's placeholder
     run for a tile program, the whole sample for a placeholder program."""
-    LISTS, n_tiles, _, _, _ = table
-    first = tl.where(tile >= 0, tl.load(LISTS + 3 * n_tiles + b), tl.load(CU + b))
+    _, _, patch_end, _, _, _, _, _, _ = sections(table, n_seqs)
+    first = tl.where(tile >= 0, tl.load(patch_end + b), tl.load(CU + b))
     return first, tl.load(CU + b + 1) - first
