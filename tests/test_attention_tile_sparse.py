@@ -234,6 +234,32 @@ def test_kernel_tables_are_the_lists(sparsity):
         assert (t_keys[h, kt, t_counts[h, kt] :] == -1).all()
 
 
+@pytest.mark.parametrize("sparsity", [WINDOW, TOP_K], ids=str)
+def test_table_sections_locate_every_part(sparsity):
+    """sparse.table_sections, the one description of the table's layout the kernels read (jitted) and the host
+    reads (transposed_lists), puts each section where sparse.lists writes it, for the forward's table and for the
+    transposed one (its lists as wide as the most tiles of a sample)."""
+    from flagdit_kernels.triton.attention import sparse
+
+    packed = _pack()
+    q, k, _, _, _ = _inputs(packed)
+    tiles, cu = packed.tiles, packed.cu_seqlens
+    blocks = fk.tile_sparse_blocks(q, k, cu, tiles, sparsity)
+    table, sizes = sparse.lists(tiles, cu, blocks.keys, blocks.counts)
+    t_table, t_sizes = sparse.transposed_lists(table, sizes)
+    t_keys, t_counts = sparse.transposed(blocks.keys, tiles.max_tiles)
+    slots = torch.cat([cu.new_zeros(1), (cu[1:] - tiles.patch_end).cumsum(0)])
+    shared = [tiles.ranges, tiles.sample, tiles.patch_end, slots]
+    for t, (n_tiles, heads, width, volume, _, _), keys, counts in (
+        (table, sizes, blocks.keys, blocks.counts), (t_table, t_sizes, t_keys, t_counts),
+    ):  # fmt: skip
+        starts = sparse.table_sections((0, n_tiles, heads, width, volume), cu.numel() - 1)
+        assert starts[-1] == t.numel()
+        parts = [*shared, *sparse.runs(keys), counts, keys]
+        for part, first, end in zip(parts, starts[:-1], starts[1:], strict=True):
+            assert torch.equal(t[first:end], part.reshape(-1).to(torch.int32))
+
+
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="Triton needs a GPU or TRITON_INTERPRET=1")
 def test_sparse_custom_op_schema():
     """The custom ops with a tile-sparse call's tables (sparse_lists tensor, sparse_sizes int list): schema and

@@ -8,8 +8,8 @@ A 3-D tile is a contiguous run of tokens, so a tile-sparse pattern is, per (head
      | run counts (heads, n_tiles) | runs (heads, n_tiles, width, 2) | counts (heads, n_tiles)
      | lists (heads, n_tiles, width)]
 
-:func:`table_sections` is the one place those sizes are written: the kernels read every section through it
-(:data:`sections`) and the host through its plain Python body (:func:`transposed_lists`).
+:func:`table_sections` is the one place the code says where each section starts: the kernels' helpers read the
+table through it (jitted: :data:`sections`), the host through its plain Python body (:func:`transposed_lists`).
 
 ``lists[h % heads, t, :counts]`` are the tiles program tile t visits for head h: the key tiles of query tile t
 (forward, dq) or, transposed (:func:`transposed`), the query tiles that list key tile t (dk / dv). ``heads`` is
@@ -20,11 +20,11 @@ for the backward's transpose.
 
 Programs (:func:`program`): first one per BLOCK rows of each sample's placeholder run (the grid of ``tile_of``
 over the placeholder offsets), then ``chunks = cdiv(tile volume, BLOCK)`` per tile (BLOCK rows each, the tile's
-last chunk masked by its range). Runs (:func:`run`): a tile program visits its listed tiles, then the sample's
-placeholder run (placeholders are attended by every token of their sample); a placeholder program visits its
-whole sample (placeholders attend densely). Every run holds at least one row, except a sample's empty placeholder
-run (then its loop does not run); every tile lists itself (a window) or k >= 1 tiles (top_k), so no row is left
-without keys.
+last chunk masked by its range). Runs (:func:`run`): a tile program visits its listed tiles, then (:func:`rest`)
+the sample's placeholder run (placeholders are attended by every token of their sample); a placeholder program
+visits its whole sample (placeholders attend densely). Every run holds at least one row, except a sample's empty
+placeholder run (then its loop does not run); every tile lists itself (a window) or k >= 1 tiles (top_k), so no
+row is left without keys.
 """
 
 from __future__ import annotations
