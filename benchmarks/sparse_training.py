@@ -112,7 +112,7 @@ def plan(sparse: list[Pattern], seeds: list[int], steps: int, fine_tune: int) ->
     runs, models = [], []
     for seed in seeds:
         first = seed == seeds[0]
-        suffix, note = ("", "") if first else (f"_seed{seed}", f" (seed {seed})")
+        suffix, note = ("", "") if seed == 0 else (f"_seed{seed}", f" (seed {seed})")
         runs.append(Run(f"dense{suffix}", [], seed, steps))
         models.append(Model(f"dense{note}", f"dense{suffix}", None, True, seed, first))
         for pattern in sparse:
@@ -243,6 +243,7 @@ def main(argv=None) -> None:
         metavar="STEPS",
         help="steps of the dense checkpoint continued sparse and dense (0: none; default 50)",
     )
+    p.add_argument("--no-strips", action="store_true", help="no film strips, curves or side-by-side PNGs")
     args = p.parse_args(argv)
     sparse = args.sparse or [Pattern(fk.TileSparsity(window=(2, 2, 2)))]
     try:
@@ -261,28 +262,91 @@ def main(argv=None) -> None:
         model.attention_tile = TILE if m.pattern is not None or model.config.coarse_attention else None
         val, density = validation_loss(model)
         trained = [r["loss"] for r in logs[m.run]][-LAST:]
-        trained = f"{sum(trained) / len(trained):.4f}" if m.trained else "-"
-        results.append((m, len(logs[m.run]), density, trained, val))
-        if m.strips:
+        results.append(Result(m, len(logs[m.run]), density, sum(trained) / len(trained) if m.trained else None, val))
+        if m.strips and not args.no_strips:
             stem = re.sub(r"\W+", "_", m.label).strip("_")
             attention = [] if m.pattern is None else _options(m.pattern)
             panels[m.label] = strips(ckpt, args.out / f"{stem}.png", attention)
-    dense_at = {(m.seed, steps): val for m, steps, _, _, val in results if m.pattern is None}  # dense, same seed
-    rows = [f"| {m.label} | {steps} | {density:.3f} | {trained} | {val:.4f} "
-            f"| {100 * (val / dense_at[m.seed, steps] - 1):+.1f}% |"
-            for m, steps, density, trained, val in results]  # fmt: skip
-    spread = [val for m, steps, _, _, val in results if m.pattern is None and steps == args.steps]
-    side_by_side(panels, args.out / "samples_side_by_side.png")
-    loss_plot(logs, runs, args.out / "loss_curves.png")
-    print(
-        f"| model | steps | attention density | training loss, mean of its last {LAST} steps | validation loss "
-        "| validation vs dense (same seed) after the same steps |"
-    )
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    if len(spread) > 1:
-        print(f"\ndense validation loss over seeds {args.seeds}: {min(spread):.4f} to {max(spread):.4f} "
-              f"({100 * (max(spread) / min(spread) - 1):.1f}% apart)")  # fmt: skip
+    if panels:
+        side_by_side(panels, args.out / "samples_side_by_side.png")
+        loss_plot(logs, runs, args.out / "loss_curves.png")
+    print(table(results))
+    print()
+    print(seed_summary(results, args.steps))
+
+
+@dataclass(frozen=True)
+class Result:
+    model: Model
+    steps: int
+    density: float
+    trained: float | None  # mean training loss of its last LAST steps (None: not trained with this attention)
+    val: float
+
+
+def _gaps(results: list[Result]) -> dict[int, tuple[float | None, float]]:
+    """Per result (by index): (training gap, validation gap) in percent against the same seed's dense run after
+    the same steps (the training gap None where it was not trained with this attention)."""
+    dense = {(r.model.seed, r.steps): r for r in results if r.model.pattern is None}
+    gaps = {}
+    for i, r in enumerate(results):
+        ref = dense[r.model.seed, r.steps]
+        train = 100 * (r.trained / ref.trained - 1) if r.trained is not None else None
+        gaps[i] = (train, 100 * (r.val / ref.val - 1))
+    return gaps
+
+
+def table(results: list[Result]) -> str:
+    """The Markdown table of every model."""
+    gaps = _gaps(results)
+    lines = [
+        f"| model | steps | attention density | training loss, mean of its last {LAST} steps | training vs dense "
+        "| validation loss | validation vs dense (same seed) after the same steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(results):
+        train, val = gaps[i]
+        trained = "-" if r.trained is None else f"{r.trained:.4f}"
+        train = "-" if train is None else f"{train:+.1f}%"
+        lines.append(
+            f"| {r.model.label} | {r.steps} | {r.density:.3f} | {trained} | {train} | {r.val:.4f} | {val:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def seed_summary(results: list[Result], steps: int) -> str:
+    """Per from-scratch configuration (dense included), over the seeds: the mean and range of both gaps."""
+    gaps = _gaps(results)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(results):
+        if r.model.trained and r.steps == steps:
+            name = "dense" if r.model.pattern is None else f"sparse {describe(r.model.pattern)}"
+            groups.setdefault(name, []).append(i)
+    lines = [
+        "| from scratch, each seed against its own dense run | density | seeds | training vs dense: mean (range) "
+        "| validation vs dense: mean (range) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, members in groups.items():
+        if name == "dense":
+            continue
+        seeds = ",".join(str(results[i].model.seed) for i in members)
+        cells = []
+        for k in (0, 1):
+            values = [gaps[i][k] for i in members]
+            cells.append(f"{sum(values) / len(values):+.1f}% ({min(values):+.1f}% to {max(values):+.1f}%)")
+        density = sum(results[i].density for i in members) / len(members)
+        lines.append(f"| {name} | {density:.3f} | {seeds} | {cells[0]} | {cells[1]} |")
+    dense = [results[i] for i in groups.get("dense", [])]
+    if len(dense) > 1:
+        lines.append("")
+        for what, values in (("training", [r.trained for r in dense]), ("validation", [r.val for r in dense])):
+            low, high = min(values), max(values)
+            seeds = ",".join(str(r.model.seed) for r in dense)
+            lines.append(
+                f"dense {what} loss over seeds {seeds}: {low:.4f} to {high:.4f} ({100 * (high / low - 1):.1f}% apart)"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
