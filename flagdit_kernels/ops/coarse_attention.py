@@ -18,6 +18,7 @@ from ..reference import tile_sparsity as ref
 from ..reference.packing import TileLayout
 from .attention import varlen_attention
 from .rope import check_freqs
+from .tile_sparsity import check_tiles
 
 __all__ = ["tile_coarse_attention"]
 
@@ -42,13 +43,7 @@ def tile_coarse_attention(
     q, k and v. ``backend`` / ``prefer`` choose the backend of the attention over the means. A model adds the
     result, gated, to its tile-sparse attention output (VSA's ``out = out_fine + gate * out_coarse``).
     """
-    if not isinstance(tiles, TileLayout):
-        raise TypeError(
-            "tiles must be the TileLayout of a tile-major pack (fk.pack(..., tile=...).tiles), "
-            f"got {type(tiles).__name__}"
-        )
-    total = tiles.token_tile.shape[0]
-    check_tensor("q", q, ndim=3, device=tiles.token_tile.device)
+    total = check_tiles(tiles, q)
     for name, x in (("k", k), ("v", v)):
         check_tensor(name, x, ndim=3, device=q.device)
         check_same_dtype(name, x, "q", q)
