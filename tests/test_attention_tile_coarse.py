@@ -166,3 +166,29 @@ def test_sequence_parallel_refuses_the_coarse_branch():
     plan = SequenceParallel.__new__(SequenceParallel)  # the check comes before any collective
     with pytest.raises(ValueError, match=r"coarse attention branch .* does not run sequence-parallel"):
         plan.forward(model, [torch.zeros(3, 8, 8)], torch.zeros(1))
+
+
+def test_a_coarse_run_trains_and_samples_with_its_tiles_from_the_command_line(tmp_path, capsys):
+    """flagdit-train --set coarse_attention=True stores the branch's gates; flagdit-sample packs by the tile the run
+    trained with (the gates learned those tiles' means) unless told otherwise."""
+    from flagdit import checkpoint
+    from flagdit.cli import sample, train
+
+    small = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--batch-size", "2", "--warmup", "1",
+             "--no-progress", "--threads", "1", "--log-every", "1", "--modality", "video", "--out", str(tmp_path),
+             "--set", "coarse_attention=True", "--attention-tile", "1,2,2", "--attention-window", "1,1,2"]  # fmt: skip
+    losses = train.train(train.parse_args([*small, "--steps", "4"]))
+    assert len(losses) == 4 and all(map(math.isfinite, losses))
+    state = checkpoint.load_training_checkpoint(tmp_path / "ckpt.pt")
+    gate = state["model"]["layers.0.attention.coarse_gate"]
+    assert (
+        gate.shape == (2,) and gate.abs().sum() > 0
+    )  # zero-initialized; trained once the zero-initialized layers around it let gradients through
+    capsys.readouterr()
+    out = tmp_path / "s.png"
+    common = ["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(out), "--steps", "1", "--no-progress",
+              "--video-caption", "a red circle on black moving down"]  # fmt: skip
+    sample.main(common)
+    assert "(attention dense + coarse, tile-major 1,2,2)" in capsys.readouterr().out
+    sample.main([*common, "--attention-tile", "2,2,2", "--attention-top-k", "1"])
+    assert "(attention top_k=1 + coarse, tile 2,2,2)" in capsys.readouterr().out
