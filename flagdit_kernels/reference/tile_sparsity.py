@@ -75,7 +75,7 @@ def _window_keys(tiles: TileLayout, window: tuple[int, int, int]) -> tuple[torch
     return (first[:, None] + local)[None], valid[None]
 
 
-def tile_means(x: torch.Tensor, tiles: TileLayout) -> torch.Tensor:
+def _tile_means(x: torch.Tensor, tiles: TileLayout) -> torch.Tensor:
     """(n_tiles, heads, D) mean of x's rows over each tile (placeholder rows excluded); differentiable."""
     n_tiles = tiles.ranges.shape[0]
     is_patch = tiles.token_tile >= 0
@@ -91,8 +91,8 @@ def _top_k_keys(
     """(keys (H, n_tiles, k'), valid) of the VSA selection, k' = min(top_k, most tiles of a sample)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[1] // k.shape[1]
-    q_mean = tile_means(q.to(acc), tiles)
-    k_mean = tile_means(k.to(acc), tiles).repeat_interleave(group, dim=1)
+    q_mean = _tile_means(q.to(acc), tiles)
+    k_mean = _tile_means(k.to(acc), tiles).repeat_interleave(group, dim=1)
     n_samples, width = tiles.grid.shape[0], tiles.max_tiles
     sample = tiles.sample.long()
     local = torch.arange(sample.shape[0], device=sample.device) - tiles.cu_tiles.long()[sample]
@@ -218,7 +218,7 @@ def tile_coarse_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     acc = torch.promote_types(q.dtype, torch.float32)
     q_seen, k_seen = rotated(q, k, freqs)
-    means = [tile_means(x.to(acc), tiles).to(q.dtype) for x in (q_seen, k_seen, v)]
+    means = [_tile_means(x.to(acc), tiles).to(q.dtype) for x in (q_seen, k_seen, v)]
     coarse = attention(*means, tiles.cu_tiles, tiles.max_tiles, scale)  # (n_tiles, H, D)
     is_patch = (tiles.token_tile >= 0).view(-1, 1, 1)
     return coarse[tiles.token_tile.long().clamp(min=0)] * is_patch.to(coarse.dtype)

@@ -10,16 +10,16 @@ Shapes (bf16, H32 Dh128 like Flag-DiT 5B/7B, 16 latent channels, patch 2, tile-m
 
 Per shape three cases: ``-dense`` (our dense kernel; Flex with the document mask), ``-window4x4x6`` (STA:
 4 x 4 x 6 tiles around each query tile, about 20% density on the 720p grid) and ``-top96`` (VSA's selection, 96
-key tiles per query tile, about the same density); placeholders global, no text (Flex has no gated branch).
-``-top96`` also times ``+coarse``: the same call plus VSA's gated coarse branch (``fk.tile_coarse_attention`` on
-the same backend, half-gated), i.e. whole VSA attention; its FLOPs are counted as the sparse call's, so the
-rate it loses against the plain call is the branch's overhead. A
+key tiles per query tile, about the same density); placeholders global, no text (Flex has no gated branch). A
 case's FLOPs are the visited ones (the lists' ``density`` x the dense count, from ``fk.tile_sparse_blocks``
 when the case is built), so its TFLOP/s is the per-visited-block rate the issue's 85% target compares with the
-dense case's. Our timed call includes building the block lists (the coarse top-k pass too); Flex's block mask
-is built once beforehand from the same lists (``create_block_mask`` over a mask_mod that looks the lists up),
-which favours Flex. On the CPU (quick) two small packs run the masked reference only: the Triton kernels and
-Flex are GPU-only (interpreted Triton measures the interpreter, Flex needs its compiled GPU kernels).
+dense case's. ``-top96`` also times ``+coarse``: the same call plus VSA's gated coarse branch
+(``fk.tile_coarse_attention`` on the same backend, half-gated), i.e. VSA's whole attention, with the same FLOPs
+counted, so the rate it loses against the plain call is the branch's overhead. Our timed call includes building
+the block lists (the coarse top-k pass too); Flex's block mask is built once beforehand from the same lists
+(``create_block_mask`` over a mask_mod that looks the lists up), which favours Flex. On the CPU (quick) two small
+packs run the masked reference only (with and without the coarse branch): the Triton kernels and Flex are
+GPU-only (interpreted Triton measures the interpreter, Flex needs its compiled GPU kernels).
 """
 
 from __future__ import annotations
