@@ -194,7 +194,7 @@ def loss_plot(logs: dict[str, list[dict]], runs: list[Run], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    fig, (whole, late) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=120, width_ratios=(1, 1.6))
     for run in runs:
         if run.seed != runs[0].seed:
             continue
@@ -203,10 +203,12 @@ def loss_plot(logs: dict[str, list[dict]], runs: list[Run], out: Path) -> None:
             ema = r["loss"] if ema is None else 0.95 * ema + 0.05 * r["loss"]
             smoothed.append(ema)
         start = len(logs[run.start_from]) if run.start_from else 0  # a continued run: after dense's steps
-        name = run.name
-        ax.plot([r["step"] for r in records[start:]], smoothed[start:], label=f"{name} (EMA 0.95)")
-    ax.set(xlabel="step", ylabel="training loss", title="tiny video model: dense vs tile-sparse attention")
-    ax.legend()
+        steps = [r["step"] for r in records[start:]]
+        for ax in (whole, late):
+            ax.plot(steps, smoothed[start:], label=run.name, linewidth=1)
+    whole.set(xlabel="step", ylabel="training loss (EMA 0.95)", title="tiny video model")
+    late.set(xlabel="step", title="from step 150, where the runs part", xlim=(150, None), ylim=(0.22, 0.45))
+    late.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out)
 
