@@ -64,6 +64,9 @@ class FlagDiTConfig:
     # embedding added to the tokens of multi-view frames. Off (0 / False) in the Lumina configs.
     n_modalities: int = 0
     camera_cond: bool = False
+    # Video Sparse Attention's coarse branch (flagdit_kernels.nn.GatedVarlenAttention(coarse=True)): every block
+    # adds tanh(coarse_gate) x the attention among its tiles' means; the latents are packed tile-major.
+    coarse_attention: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,7 +80,7 @@ class FlagDiTConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         _check_int("n_modalities", self.n_modalities, 0)
-        for name in ("learn_sigma", "qk_norm", "nextline", "nextframe", "camera_cond"):
+        for name in ("learn_sigma", "qk_norm", "nextline", "nextframe", "camera_cond", "coarse_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("norm_eps", "rope_theta", "rope_linear_factor", "rope_ntk_factor", "ffn_dim_multiplier"):
@@ -140,7 +143,7 @@ class FlagDiTConfig:
             attn += 2 * q + 4 * kv
         norms = (2 if self.variant == "flag" else 4) * d + y
         ada = a * (6 if self.variant == "flag" else 4) * d + (6 if self.variant == "flag" else 4) * d
-        block = attn + 3 * d * h + norms + ada
+        block = attn + 3 * d * h + norms + ada + (self.n_heads if self.coarse_attention else 0)
         p2 = self.patch_size**2
         embed = p2 * self.in_channels * d + d + (256 * a + a + a * a + a) + (2 * y + y * a + a)
         final_mod = (2 if self.variant == "flag" else 1) * d

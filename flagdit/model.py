@@ -142,8 +142,9 @@ class TransformerBlock(nn.Module):
         self.variant = c.variant
         self.checkpointing = checkpointing  # one of CHECKPOINTING, checked by FlagDiT
         self.attention = GatedVarlenAttention(
-            c.dim, c.n_heads, c.n_kv_heads, qk_norm=c.qk_norm, y_dim=c.cap_feat_dim, backend=backend
-        )
+            c.dim, c.n_heads, c.n_kv_heads, qk_norm=c.qk_norm, y_dim=c.cap_feat_dim, backend=backend,
+            coarse=c.coarse_attention,
+        )  # fmt: skip
         for name in ("wq", "wk", "wv", "wo", "wk_y", "wv_y"):
             nn.init.xavier_uniform_(getattr(self.attention, name).weight)
         self.feed_forward = FeedForward(c.dim, c.ffn_dim)
@@ -260,7 +261,9 @@ class FlagDiT(nn.Module):
     (frames, rows, cols; :data:`DEFAULT_ATTENTION_TILE` when None); placeholders stay global and the text branch
     dense. ``attention_tile`` alone packs tile-major with dense attention (the same outputs as raster order, up
     to float rounding). Neither changes a parameter, so both are also settable later as attributes: a dense
-    checkpoint fine-tunes or samples sparse.
+    checkpoint fine-tunes or samples sparse. The config's ``coarse_attention`` (a parameter per head and block,
+    so a property of the weights) adds VSA's gated coarse branch to every block's attention and packs
+    tile-major.
     """
 
     def __init__(
@@ -367,8 +370,9 @@ class FlagDiT(nn.Module):
 
     @property
     def pack_tile(self) -> tuple[int, int, int] | None:
-        """The tile the latents are packed by: ``attention_tile``, its default under sparsity, None for raster."""
-        if self.attention_tile is None and self.attention_sparsity is not None:
+        """The tile the latents are packed by: ``attention_tile``, its default under sparsity or with the config's
+        ``coarse_attention`` (which needs tiles), None for raster."""
+        if self.attention_tile is None and (self.attention_sparsity is not None or self.config.coarse_attention):
             return DEFAULT_ATTENTION_TILE
         return self.attention_tile
 

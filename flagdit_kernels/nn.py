@@ -13,6 +13,7 @@ from torch import nn
 from ._conventions import EPS, LAYER_NORM_EPS, QK_NORM_EPS
 from ._layout import VarlenLayout
 from .ops.attention import varlen_attention
+from .ops.coarse_attention import tile_coarse_attention
 from .ops.norms import gated_residual_rms_norm, layer_norm_modulate, rms_norm, rms_norm_modulate
 from .ops.rope import qk_norm_rope
 from .ops.tile_sparsity import TileLayout, TileSparsity
@@ -143,6 +144,9 @@ class GatedVarlenAttention(nn.Module):
     zero-initialized tanh-gated text cross-attention (``wk_y``, ``wv_y``, ``ky_norm``, ``gate``).
 
     Parameter names and shapes follow Lumina-T2X's ``Attention`` so its state_dicts load strictly.
+    ``coarse=True`` adds Video Sparse Attention's coarse branch for tile-major packs: ``tanh(coarse_gate[h])``
+    (zero-initialized, like the text gate) times ``fk.tile_coarse_attention``, added to the output of every
+    call given ``tiles``; a call without tiles (a raster pack) has no tiles to pool and adds nothing.
     ``core`` is the attention over the projected, normalized and rotated q/k/v, called like
     ``fk.varlen_attention``; an instance may replace it (``flagdit.parallel`` puts a sequence-parallel one there,
     which takes a sharded layout as ``cu_seqlens``) without touching the projections or the parameters.
@@ -158,6 +162,7 @@ class GatedVarlenAttention(nn.Module):
         qk_norm: bool = True,
         y_dim: int = 0,
         backend: str | None = None,
+        coarse: bool = False,
     ):
         super().__init__()
         self.n_heads = n_heads
@@ -174,6 +179,7 @@ class GatedVarlenAttention(nn.Module):
             self.wv_y = nn.Linear(y_dim, kv_width, bias=False)
             self.gate = nn.Parameter(torch.zeros(n_heads))
         self.wo = nn.Linear(q_width, dim, bias=False)
+        self.coarse_gate = nn.Parameter(torch.zeros(n_heads)) if coarse else None
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = nn.LayerNorm(q_width)
@@ -243,7 +249,8 @@ class GatedVarlenAttention(nn.Module):
     ) -> torch.Tensor:
         """:attr:`core` over :meth:`qkv`'s q, k, v and the gated text branch: ``(T, H, Dh)``, the input of wo.
         ``sparsity`` and ``tiles`` (a tile-major pack's :class:`TileLayout`) make the self part tile-sparse
-        (``varlen_attention``'s arguments of those names; the text branch stays dense)."""
+        (``varlen_attention``'s arguments of those names; the text branch stays dense); ``tiles`` alone is a
+        dense call over a tile-major pack. With a ``coarse_gate``, ``tiles`` also adds the gated coarse branch."""
         options = {} if sparsity is None else dict(sparsity=sparsity, tiles=tiles)
         if self.y_dim > 0 and (y is not None or text_kv is not None):
             ky, vy = text_kv if text_kv is not None else self.text_kv(y)
@@ -254,4 +261,8 @@ class GatedVarlenAttention(nn.Module):
                 text_max_seqlen=y_max_seqlen,
                 gate=self.gate,
             )
-        return self.core(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **options)
+        out = self.core(q, k, v, cu_seqlens, max_seqlen, softmax_scale, prefer=self.backend, **options)
+        if self.coarse_gate is None or tiles is None:
+            return out
+        coarse = tile_coarse_attention(q, k, v, tiles, softmax_scale, prefer=self.backend)
+        return out + torch.tanh(self.coarse_gate).to(out.dtype).view(1, -1, 1) * coarse

@@ -164,11 +164,12 @@ def attention_settings(args: argparse.Namespace):
 
 def describe_attention(model) -> str:
     """The attention a model runs, for logs: "dense", "dense, tile-major 1,2,2" or "window=2,3,3 top_k=4, tile
-    1,2,2"."""
+    1,2,2" (" + coarse" after the pattern when the config adds the coarse branch)."""
     text = lambda values: ",".join(map(str, values))
     sparsity, tile = model.attention_sparsity, model.pack_tile
+    coarse = " + coarse" if model.config.coarse_attention else ""
     if sparsity is None:
-        return "dense" if tile is None else f"dense, tile-major {text(tile)}"
+        return "dense" if tile is None else f"dense{coarse}, tile-major {text(tile)}"
     parts = [f"window={text(sparsity.window)}"] if sparsity.window is not None else []
     parts += [f"top_k={sparsity.top_k}"] if sparsity.top_k is not None else []
-    return f"{' '.join(parts)}, tile {text(tile)}"
+    return f"{' '.join(parts)}{coarse}, tile {text(tile)}"

@@ -127,6 +127,16 @@ def trained_args(ckpt: dict, path) -> dict:
     return args
 
 
+def trained_tile(train_args: dict, path) -> tuple[int, int, int] | None:
+    """The --attention-tile a run trained with (None: the default tile)."""
+    tile = train_args.get("attention_tile")
+    if tile is None:
+        return None
+    if not isinstance(tile, (list, tuple)) or len(tile) != 3 or not all(isinstance(n, int) and n >= 1 for n in tile):
+        raise CheckpointError(f"{path}: its args hold attention_tile={tile!r}, not three ints >= 1")
+    return tuple(tile)
+
+
 def trained_modalities(train_args: dict) -> list[str]:
     """The modalities a run's data held: mixed -> all; image -> image, plus video when it had clips."""
     data = train_args.get("modality", "image")
@@ -219,6 +229,8 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         # Not stored in the weights: any checkpoint, dense-trained or not, samples with the attention asked for.
         model.attention_sparsity, model.attention_tile = ca.attention_settings(args)
         train_args = trained_args(ckpt, args.ckpt)
+        if model.config.coarse_attention and args.attention_tile is None:
+            model.attention_tile = trained_tile(train_args, args.ckpt)  # the coarse gates learned those tiles
     except (ValueError, RuntimeError, OSError) as e:
         p.error(f"--ckpt: {e}")
     c = model.config

@@ -188,6 +188,8 @@ def _world_problem(args, config: FlagDiTConfig) -> str | None:
     if args.sp > 1:
         if args.attention_window is not None or args.attention_top_k is not None:
             return f"--sp {args.sp}: tile-sparse attention (--attention-window / --attention-top-k) runs on one rank"
+        if config.coarse_attention:
+            return f"--sp {args.sp}: the coarse attention branch (--set coarse_attention=True) runs on one rank"
         if world % args.sp or world == 1:
             return (
                 f"--sp {args.sp} spreads each item over {args.sp} processes: run under torchrun with a multiple of "

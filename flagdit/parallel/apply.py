@@ -66,6 +66,8 @@ class SequenceParallel:
         docstring); returns the whole batch's output on every rank."""
         if model.attention_sparsity is not None:
             raise ValueError("tile-sparse attention (attention_sparsity) does not run sequence-parallel yet")
+        if model.config.coarse_attention:  # each rank's tokens hold only part of a sample's tiles
+            raise ValueError("the coarse attention branch (config coarse_attention) does not run sequence-parallel yet")
         inputs = model.prepare(x, t, cap_feats, cap_mask, **kwargs)
         layout = inputs.layout
         agreement = model_agreement(model, self.shard_kind)

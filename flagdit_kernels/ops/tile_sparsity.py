@@ -49,16 +49,22 @@ class TileSparsity:
             check_int("top_k", self.top_k, 1)
 
 
-def _check(q, k, cu_seqlens, tiles, sparsity) -> None:
-    if not isinstance(sparsity, TileSparsity):
-        raise TypeError(f"sparsity must be a fk.TileSparsity, got {type(sparsity).__name__}")
+def check_tiles(tiles: object, q: object) -> int:
+    """``tiles`` is a :class:`TileLayout` and q a 3-D tensor on its device (TypeError / ValueError naming them);
+    returns the pack's token count."""
     if not isinstance(tiles, TileLayout):
         raise TypeError(
             "tiles must be the TileLayout of a tile-major pack (fk.pack(..., tile=...).tiles), "
             f"got {type(tiles).__name__}"
         )
-    total = tiles.token_tile.shape[0]
     check_tensor("q", q, ndim=3, device=tiles.token_tile.device)
+    return tiles.token_tile.shape[0]
+
+
+def _check(q, k, cu_seqlens, tiles, sparsity) -> None:
+    if not isinstance(sparsity, TileSparsity):
+        raise TypeError(f"sparsity must be a fk.TileSparsity, got {type(sparsity).__name__}")
+    total = check_tiles(tiles, q)
     check_tensor("k", k, ndim=3, device=q.device)
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
     if q.shape[0] != total or k.shape[0] != total:

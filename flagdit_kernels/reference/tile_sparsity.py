@@ -11,7 +11,12 @@ list of whole key tiles. Two patterns, usable together (their union):
 - ``top_k=k`` (Video Sparse Attention's selection): per head, the ``k`` key tiles of the sample whose mean key
   scores highest against the query tile's mean query (``softmax_scale`` applied; GQA: a query head uses its kv
   head's keys). The selection is not differentiable: gradients reach q and k through the fine attention over the
-  selected tiles only (a straight-through choice; VSA's coarse-branch output is not added).
+  selected tiles only (a straight-through choice), and through :func:`tile_coarse_attention` where a model adds it.
+
+:func:`tile_coarse_attention` is VSA's coarse stage: attention among the tiles' mean queries, keys and values,
+broadcast back to every token of the query tile. It gives each token a summary of its whole sample that a sparse
+pattern would otherwise hide; a model adds it, gated, to the tile-sparse output (``flagdit``'s
+``coarse_attention``).
 
 Placeholder tokens ([nextline] / [nextframe]) are global: they attend to their whole sample and every query of
 the sample attends to them. Attention never crosses samples. Block lists are built on the device from the
@@ -71,11 +76,11 @@ def _window_keys(tiles: TileLayout, window: tuple[int, int, int]) -> tuple[torch
 
 
 def _tile_means(x: torch.Tensor, tiles: TileLayout) -> torch.Tensor:
-    """(n_tiles, heads, D) mean of x's rows over each tile (placeholder rows excluded)."""
+    """(n_tiles, heads, D) mean of x's rows over each tile (placeholder rows excluded); differentiable."""
     n_tiles = tiles.ranges.shape[0]
     is_patch = tiles.token_tile >= 0
     index = tiles.token_tile.long().clamp(min=0)
-    sums = x.new_zeros(n_tiles, *x.shape[1:]).index_add_(0, index, x * is_patch.view(-1, 1, 1).to(x.dtype))
+    sums = x.new_zeros(n_tiles, *x.shape[1:]).index_add(0, index, x * is_patch.view(-1, 1, 1).to(x.dtype))
     sizes = (tiles.ranges[:, 1] - tiles.ranges[:, 0]).to(x.dtype)
     return sums / sizes.view(-1, 1, 1)
 
@@ -194,3 +199,26 @@ def rotated(q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor | None) -> tup
         rotate(q.to(acc), freqs, interleaved=True).to(q.dtype),
         rotate(k.to(acc), freqs, interleaved=True).to(k.dtype),
     )
+
+
+def tile_coarse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tiles: TileLayout,
+    softmax_scale: float | None = None,
+    freqs: torch.Tensor | None = None,
+    attention=varlen_attention,
+) -> torch.Tensor:
+    """VSA's coarse stage over a tile-major pack: every patch token gets the attention of its tile's mean query
+    over the mean keys and values of its sample's tiles; placeholder rows get zeros. ``(T, H, D)`` in q's dtype,
+    differentiable in q, k and v (through the means). q and k are rotated by ``freqs`` first, as the attention
+    sees them. The means are taken in float32 (float64 stays) and rounded to q's dtype; ``attention`` (called
+    like ``reference.varlen_attention``) attends them: the ops pass ``fk.varlen_attention``."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q_seen, k_seen = rotated(q, k, freqs)
+    means = [_tile_means(x.to(acc), tiles).to(q.dtype) for x in (q_seen, k_seen, v)]
+    coarse = attention(*means, tiles.cu_tiles, tiles.max_tiles, scale)  # (n_tiles, H, D)
+    is_patch = (tiles.token_tile >= 0).view(-1, 1, 1)
+    return coarse[tiles.token_tile.long().clamp(min=0)] * is_patch.to(coarse.dtype)

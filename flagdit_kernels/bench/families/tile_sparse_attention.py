@@ -13,10 +13,13 @@ Per shape three cases: ``-dense`` (our dense kernel; Flex with the document mask
 key tiles per query tile, about the same density); placeholders global, no text (Flex has no gated branch). A
 case's FLOPs are the visited ones (the lists' ``density`` x the dense count, from ``fk.tile_sparse_blocks``
 when the case is built), so its TFLOP/s is the per-visited-block rate the issue's 85% target compares with the
-dense case's. Our timed call includes building the block lists (the coarse top-k pass too); Flex's block mask
-is built once beforehand from the same lists (``create_block_mask`` over a mask_mod that looks the lists up),
-which favours Flex. On the CPU (quick) two small packs run the masked reference only: the Triton kernels and
-Flex are GPU-only (interpreted Triton measures the interpreter, Flex needs its compiled GPU kernels).
+dense case's. ``-top96`` also times ``+coarse``: the same call plus VSA's gated coarse branch
+(``fk.tile_coarse_attention`` on the same backend, half-gated), i.e. VSA's whole attention, with the same FLOPs
+counted, so the rate it loses against the plain call is the branch's overhead. Our timed call includes building
+the block lists (the coarse top-k pass too); Flex's block mask is built once beforehand from the same lists
+(``create_block_mask`` over a mask_mod that looks the lists up), which favours Flex. On the CPU (quick) two small
+packs run the masked reference only (with and without the coarse branch): the Triton kernels and Flex are
+GPU-only (interpreted Triton measures the interpreter, Flex needs its compiled GPU kernels).
 """
 
 from __future__ import annotations
@@ -103,18 +106,23 @@ def _cases_of(name: str, shapes, patterns, quick: bool, device: torch.device, dt
             def ours(q, k, v, backend, sparse=sparse):
                 return ops.attention.varlen_attention(q, k, v, cu, max_seqlen, backend=backend, **sparse)
 
+            def with_coarse(q, k, v, backend, ours=ours):
+                coarse = ops.coarse_attention.tile_coarse_attention(q, k, v, packed.tiles, backend=backend)
+                return ours(q, k, v, backend) + 0.5 * coarse
+
+            backends = (["triton"] if _triton_on(device) else []) + (["reference"] if quick else [])
             impls = {}
-            if _triton_on(device):
-                impls["triton"] = lambda leaves=leaves, direction=direction, ours=ours: _timed(
-                    lambda *a: ours(*a, backend="triton"), leaves, direction
-                )
+            for backend in backends:
+                variants = {backend: ours}
+                if sparsity is not None and sparsity.top_k is not None:
+                    variants[f"{backend}+coarse"] = with_coarse
+                for impl, fn in variants.items():
+                    impls[impl] = lambda leaves=leaves, direction=direction, fn=fn, backend=backend: _timed(
+                        lambda *a: fn(*a, backend=backend), leaves, direction
+                    )
             if flex is not None:
                 impls["flex blockmask"] = lambda leaves=leaves, direction=direction, flex=flex: _timed(
                     flex, leaves, direction
-                )
-            if quick:
-                impls["reference"] = lambda leaves=leaves, direction=direction, ours=ours: _timed(
-                    lambda *a: ours(*a, backend="reference"), leaves, direction
                 )
             mult = 1.0 if direction == "fwd" else FWD_BWD_FACTOR
             shape = f"{name}-{total}tok-H{heads}-D{head_dim}-{label}"
