@@ -286,15 +286,15 @@ class Result:
     val: float
 
 
-def _gaps(results: list[Result]) -> dict[int, tuple[float | None, float]]:
-    """Per result (by index): (training gap, validation gap) in percent against the same seed's dense run after
-    the same steps (the training gap None where it was not trained with this attention)."""
+def _gaps(results: list[Result]) -> list[tuple[float | None, float]]:
+    """Per result: (training gap, validation gap) in percent against the same seed's dense run after the same
+    steps (the training gap None where it was not trained with this attention)."""
     dense = {(r.model.seed, r.steps): r for r in results if r.model.pattern is None}
-    gaps = {}
-    for i, r in enumerate(results):
+    gaps = []
+    for r in results:
         ref = dense[r.model.seed, r.steps]
         train = 100 * (r.trained / ref.trained - 1) if r.trained is not None else None
-        gaps[i] = (train, 100 * (r.val / ref.val - 1))
+        gaps.append((train, 100 * (r.val / ref.val - 1)))
     return gaps
 
 
