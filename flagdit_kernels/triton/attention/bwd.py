@@ -291,10 +291,7 @@ def _dkdv_listed(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q, dout, lse_base, delta_ba
     for g in range(GROUP):
         count, _ = sparse.listed(table, n_seqs, hk * GROUP + g, tile)
         most = tl.maximum(most, count)
-    chunks = tl.cdiv(table[4], BLOCK_M)
-    r_first, r_len = sparse.rest(table, CU, n_seqs, b, tile)
-    n_listed = most * chunks
-    per_head = tl.where(q_len > 0, n_listed + tl.cdiv(r_len, BLOCK_M), 0)  # an idle program (q_len 0) visits none
+    chunks, n_listed, r_first, r_len, per_head = sparse.flat_loop(table, CU, n_seqs, b, tile, most, q_len, BLOCK_M)
     for i in tl.range(0, GROUP * per_head, warp_specialize=True):
         g = i // per_head
         j = i - g * per_head
@@ -592,10 +589,7 @@ def _dq_listed(dq0, dq1, q0, q1, do0, do1, stats, k_base, v_base, stride_kt, str
     v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
     pick_lse, pick_delta = _picker(LSE_COL, BLOCK_N), _picker(DELTA_COL, BLOCK_N)
     count, entries = sparse.listed(table, n_seqs, h, tile)
-    chunks = tl.cdiv(table[4], BLOCK_N)
-    r_first, r_len = sparse.rest(table, CU, n_seqs, b, tile)
-    n_listed = count * chunks
-    n_blocks = tl.where(k_len > 0, n_listed + tl.cdiv(r_len, BLOCK_N), 0)  # an idle program (k_len 0) visits none
+    chunks, n_listed, r_first, r_len, n_blocks = sparse.flat_loop(table, CU, n_seqs, b, tile, count, k_len, BLOCK_N)
     for i in tl.range(0, n_blocks, warp_specialize=True):
         first, rows = sparse.flat_block(table, entries, count, chunks, n_listed, r_first, r_len, i, BLOCK_N)
         off = (first - first_key).to(tl.int32)  # descriptor offsets are 32-bit

@@ -114,18 +114,15 @@ def _attend_runs(q0, q1, k, v, hk, table, CU, n_seqs, h, b, tile, qk_scale, BLOC
                  DOT_PREC: tl.constexpr):
     """Tile-sparse self keys: the same online softmax, carried over the key runs sparse.run lists (``table``:
     the kernel's sparse table; ``k``, ``v``: views)."""
-    K, stride_kt, stride_kh = k
-    V, stride_vt, stride_vh = v
-    hk_offset_k, hk_offset_v = hk * stride_kh, hk * stride_vh
     acc0, acc1 = zeros_tile(BLOCK_M, D0, D1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j in range(sparse.run_count(table, n_seqs, h, tile)):
         first, k_len = sparse.run(table, CU, n_seqs, h, b, tile, j)
         first = first.to(tl.int64)
-        acc0, acc1, m_i, l_i = _attend_keys(acc0, acc1, m_i, l_i, q0, q1, K + first * stride_kt + hk_offset_k,
-                                            V + first * stride_vt + hk_offset_v, stride_kt, stride_vt, k_len,
-                                            qk_scale, False, BLOCK_N, HEAD_DIM, D0, D1, DOT_PREC)
+        acc0, acc1, m_i, l_i = _attend_keys(acc0, acc1, m_i, l_i, q0, q1, head_rows(k, first, hk),
+                                            head_rows(v, first, hk), k[1], v[1], k_len, qk_scale, False, BLOCK_N,
+                                            HEAD_DIM, D0, D1, DOT_PREC)
     return acc0, acc1, m_i, l_i
 
 
@@ -148,10 +145,7 @@ def _attend_listed(q0, q1, k_base, v_base, stride_kt, stride_vt, k_len, first_ke
     k_src0, k_src1 = row_source(k_base, k_rows, stride_kt, True, BLOCK_N, HEAD_DIM, D0, D1)
     v_src0, v_src1 = row_source(v_base, k_rows, stride_vt, True, BLOCK_N, HEAD_DIM, D0, D1)
     count, entries = sparse.listed(table, n_seqs, h, tile)
-    chunks = tl.cdiv(table[4], BLOCK_N)
-    r_first, r_len = sparse.rest(table, CU, n_seqs, b, tile)
-    n_listed = count * chunks
-    n_blocks = tl.where(k_len > 0, n_listed + tl.cdiv(r_len, BLOCK_N), 0)  # WS: an idle program (k_len 0) visits none
+    chunks, n_listed, r_first, r_len, n_blocks = sparse.flat_loop(table, CU, n_seqs, b, tile, count, k_len, BLOCK_N)
     for i in tl.range(0, n_blocks, warp_specialize=WS):
         first, rows = sparse.flat_block(table, entries, count, chunks, n_listed, r_first, r_len, i, BLOCK_N)
         off = (first - first_key).to(tl.int32)  # descriptor offsets are 32-bit

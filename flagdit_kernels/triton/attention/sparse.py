@@ -234,6 +234,18 @@ def listed(table, n_seqs, h, tile):
 
 
 @triton.jit
+def flat_loop(table, CU, n_seqs, b, tile, count, length, BLOCK: tl.constexpr):
+    """The bounds of a descriptor kernel's ONE loop (see flat_block) for a program of ``tile`` in sample b that
+    walks ``count`` listed tiles: (chunks per tile, n_listed = count * chunks, the rest run's first row and rows,
+    the loop's block count). ``length``: the rows the program's descriptors cover; 0 (an idle program) visits no
+    block."""
+    chunks = tl.cdiv(table[4], BLOCK)
+    rest_first, rest_len = rest(table, CU, n_seqs, b, tile)
+    n_listed = count * chunks
+    return chunks, n_listed, rest_first, rest_len, tl.where(length > 0, n_listed + tl.cdiv(rest_len, BLOCK), 0)
+
+
+@triton.jit
 def flat_block(table, entries, count, chunks, n_listed, rest_first, rest_len, i, BLOCK: tl.constexpr):
     """(first row, rows) of block i of a descriptor kernel's ONE loop over a program's blocks: first its listed
     tiles (see listed) in ``chunks`` = cdiv(tile volume, BLOCK) chunks of BLOCK rows each, i < count * chunks;
